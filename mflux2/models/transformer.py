@@ -1,0 +1,510 @@
+"""The FLUX.2 MM-DiT transformer (klein-4b, klein-9b, dev) in one file.
+
+Layout follows BFL's `flux2/model.py`, so parameter paths equal the official checkpoint keys
+(`double_blocks.0.img_attn.qkv.weight`, `single_blocks.3.linear1.weight`, ...) and LoRA files in
+BFL names (ai-toolkit, ComfyUI) address our modules directly. q/k/v stay fused in one matmul and the
+single blocks keep the fused qkv+MLP input projection. Diffusers checkpoints are mapped on load
+(`sanitize`). Spec: shared/spec/flux2-architecture.md §2–3.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import mlx.nn as nn
+from mlx.utils import tree_flatten, tree_unflatten
+
+from mflux2.weights import WeightsError, check_keys, iter_tensors, read_config, resolve_component, safetensors_files
+
+
+@dataclass
+class TransformerConfig:
+    num_layers: int = 5  # double-stream blocks
+    num_single_layers: int = 20
+    num_attention_heads: int = 24
+    attention_head_dim: int = 128
+    joint_attention_dim: int = 7680  # context dim = 3 x text-encoder hidden size
+    in_channels: int = 128
+    mlp_ratio: float = 3.0
+    axes_dims_rope: tuple[int, ...] = (32, 32, 32, 32)
+    rope_theta: float = 2000.0
+    timestep_guidance_channels: int = 256
+    guidance_embeds: bool = False
+    eps: float = 1e-6
+
+    @property
+    def hidden_size(self) -> int:
+        return self.num_attention_heads * self.attention_head_dim
+
+    @property
+    def mlp_hidden(self) -> int:
+        return int(self.hidden_size * self.mlp_ratio)
+
+    def __post_init__(self):
+        self.axes_dims_rope = tuple(int(a) for a in self.axes_dims_rope)
+        if sum(self.axes_dims_rope) != self.attention_head_dim or any(a % 2 for a in self.axes_dims_rope):
+            raise ValueError(
+                f"axes_dims_rope {self.axes_dims_rope} must be even and sum to attention_head_dim {self.attention_head_dim}"
+            )
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TransformerConfig":
+        """From a diffusers `config.json` (unknown keys such as `_class_name` are ignored)."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["axes_dims_rope"] = list(self.axes_dims_rope)
+        return d
+
+
+PRESETS = {
+    "klein-4b": TransformerConfig(),
+    "klein-9b": TransformerConfig(num_layers=8, num_single_layers=24, num_attention_heads=32, joint_attention_dim=12288),
+    "dev": TransformerConfig(
+        num_layers=8, num_single_layers=48, num_attention_heads=48, joint_attention_dim=15360, guidance_embeds=True
+    ),
+}
+PRESETS["klein-base-4b"] = PRESETS["klein-4b"]
+PRESETS["klein-base-9b"] = PRESETS["klein-9b"]
+
+
+def preset(name: str) -> TransformerConfig:
+    if name not in PRESETS:
+        raise ValueError(f"unknown FLUX.2 variant {name!r}; choose one of {', '.join(PRESETS)}")
+    return TransformerConfig(**asdict(PRESETS[name]))
+
+
+# ----------------------------------------------------------------------------------------------
+# Pieces
+
+
+def timestep_embedding(t: mx.array, dim: int = 256, max_period: float = 10000.0) -> mx.array:
+    """Sinusoidal embedding of t·1000, cos half first, in float32 [BFL `timestep_embedding`]."""
+    half = dim // 2
+    # Frequencies rounded once from float64: t·1000 (and guidance·1000 up to ~4000) amplifies any
+    # ulp difference in exp() into the angle.
+    exponent = -math.log(max_period) * np.arange(half, dtype=np.float32) / half
+    freqs = mx.array(np.exp(exponent.astype(np.float64)).astype(np.float32))
+    args = (t.astype(mx.float32) * 1000.0)[:, None] * freqs[None]
+    return mx.concatenate([mx.cos(args), mx.sin(args)], axis=-1)
+
+
+def rope_table(ids: mx.array, axes_dims: tuple[int, ...], theta: float) -> tuple[mx.array, mx.array]:
+    """cos/sin [B, 1, N, head_dim/2] for 4-axis position ids [B, N, 4] (float32)."""
+    ids = ids.astype(mx.float32)
+    angles = []
+    for axis, dim in enumerate(axes_dims):
+        omega = 1.0 / (theta ** (mx.arange(0, dim, 2, dtype=mx.float32) / dim))
+        angles.append(ids[..., axis : axis + 1] * omega)
+    angles = mx.concatenate(angles, axis=-1)[:, None]  # [B, 1, N, head_dim/2]
+    return mx.cos(angles), mx.sin(angles)
+
+
+def apply_rope(x: mx.array, cos: mx.array, sin: mx.array) -> mx.array:
+    """Rotate adjacent pairs (x[2j], x[2j+1]) of the head dim, in float32 [BFL `apply_rope`]."""
+    shape = x.shape
+    xf = x.astype(mx.float32).reshape(*shape[:-1], -1, 2)
+    x0, x1 = xf[..., 0], xf[..., 1]
+    out = mx.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], axis=-1)
+    return out.reshape(shape).astype(x.dtype)
+
+
+def modulate(x: mx.array, shift: mx.array, scale: mx.array, eps: float) -> mx.array:
+    return mx.fast.layer_norm(x, None, None, eps) * (1 + scale) + shift
+
+
+def attention(q: mx.array, k: mx.array, v: mx.array, cos: mx.array, sin: mx.array) -> mx.array:
+    """RoPE on q/k, SDPA, heads merged back: [B, H, N, d] -> [B, N, H·d]."""
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    out = mx.fast.scaled_dot_product_attention(q, k, v, scale=q.shape[-1] ** -0.5)
+    b, h, n, d = out.shape
+    return out.transpose(0, 2, 1, 3).reshape(b, n, h * d)
+
+
+class RMSNormScale(nn.Module):
+    """RMSNorm whose weight is called `scale` (BFL's name)."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.scale = mx.ones((dim,))
+        self.eps = eps
+
+    def __call__(self, x):
+        return mx.fast.rms_norm(x, self.scale, self.eps)
+
+
+class QKNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.query_norm = RMSNormScale(dim, eps)
+        self.key_norm = RMSNormScale(dim, eps)
+
+
+class SwiGLU(nn.Module):
+    """silu(first half) · second half. Parameter-free; sits at index 1 of the MLP list so the
+    linears keep BFL's `mlp.0` / `mlp.2` names."""
+
+    def __call__(self, x):
+        gate, up = mx.split(x, 2, axis=-1)
+        return nn.silu(gate) * up
+
+
+class MLPEmbedder(nn.Module):
+    def __init__(self, in_dim: int, dim: int):
+        super().__init__()
+        self.in_layer = nn.Linear(in_dim, dim, bias=False)
+        self.out_layer = nn.Linear(dim, dim, bias=False)
+
+    def __call__(self, x):
+        return self.out_layer(nn.silu(self.in_layer(x)))
+
+
+class Modulation(nn.Module):
+    """One of the three shared modulation heads: SiLU, Linear D -> n·D, split into n [B, 1, D]."""
+
+    def __init__(self, dim: int, n: int):
+        super().__init__()
+        self.n = n
+        self.lin = nn.Linear(dim, n * dim, bias=False)
+
+    def __call__(self, vec):
+        return mx.split(self.lin(nn.silu(vec))[:, None, :], self.n, axis=-1)
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, dim: int, heads: int, eps: float):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.norm = QKNorm(dim // heads, eps)
+        self.proj = nn.Linear(dim, dim, bias=False)
+
+    def qkv_heads(self, x):
+        """[B, N, D] -> normalised q, k and v, each [B, H, N, d]."""
+        b, n, _ = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, -1).transpose(2, 0, 3, 1, 4)
+        return self.norm.query_norm(q), self.norm.key_norm(k), v
+
+
+class DoubleStreamBlock(nn.Module):
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        d, m, h = cfg.hidden_size, cfg.mlp_hidden, cfg.num_attention_heads
+        self.eps = cfg.eps
+        self.img_attn = SelfAttention(d, h, cfg.eps)
+        self.txt_attn = SelfAttention(d, h, cfg.eps)
+        self.img_mlp = [nn.Linear(d, 2 * m, bias=False), SwiGLU(), nn.Linear(m, d, bias=False)]
+        self.txt_mlp = [nn.Linear(d, 2 * m, bias=False), SwiGLU(), nn.Linear(m, d, bias=False)]
+
+    def __call__(self, img, txt, mod_img, mod_txt, cos, sin):
+        sh1_i, sc1_i, g1_i, sh2_i, sc2_i, g2_i = mod_img
+        sh1_t, sc1_t, g1_t, sh2_t, sc2_t, g2_t = mod_txt
+        qi, ki, vi = self.img_attn.qkv_heads(modulate(img, sh1_i, sc1_i, self.eps))
+        qt, kt, vt = self.txt_attn.qkv_heads(modulate(txt, sh1_t, sc1_t, self.eps))
+        # Joint attention over [text; image], RoPE applied once to the joint q/k.
+        cat = lambda a, b: mx.concatenate([a, b], axis=2)  # noqa: E731
+        attn = attention(cat(qt, qi), cat(kt, ki), cat(vt, vi), cos, sin)
+        nt = txt.shape[1]
+        attn_txt, attn_img = attn[:, :nt], attn[:, nt:]
+
+        img = img + g1_i * self.img_attn.proj(attn_img)
+        img = img + g2_i * _mlp(self.img_mlp, modulate(img, sh2_i, sc2_i, self.eps))
+        txt = txt + g1_t * self.txt_attn.proj(attn_txt)
+        txt = txt + g2_t * _mlp(self.txt_mlp, modulate(txt, sh2_t, sc2_t, self.eps))
+        return img, txt
+
+
+def _mlp(layers, x):
+    for layer in layers:
+        x = layer(x)
+    return x
+
+
+class SingleStreamBlock(nn.Module):
+    """Parallel attention + MLP: linear1 -> [q|k|v|gate|up], linear2 <- [attn|silu(gate)·up]."""
+
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        d, m = cfg.hidden_size, cfg.mlp_hidden
+        self.heads, self.dim, self.eps = cfg.num_attention_heads, d, cfg.eps
+        self.linear1 = nn.Linear(d, 3 * d + 2 * m, bias=False)
+        self.linear2 = nn.Linear(d + m, d, bias=False)
+        self.norm = QKNorm(cfg.attention_head_dim, cfg.eps)
+        self.mlp_act = SwiGLU()
+
+    def __call__(self, x, mod, cos, sin):
+        shift, scale, gate = mod
+        b, n, _ = x.shape
+        h = self.linear1(modulate(x, shift, scale, self.eps))
+        qkv, mlp = h[..., : 3 * self.dim], h[..., 3 * self.dim :]
+        q, k, v = qkv.reshape(b, n, 3, self.heads, -1).transpose(2, 0, 3, 1, 4)
+        attn = attention(self.norm.query_norm(q), self.norm.key_norm(k), v, cos, sin)
+        return x + gate * self.linear2(mx.concatenate([attn, self.mlp_act(mlp)], axis=-1))
+
+
+class LastLayer(nn.Module):
+    def __init__(self, dim: int, out_channels: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.adaLN_modulation = [nn.SiLU(), nn.Linear(dim, 2 * dim, bias=False)]
+        self.linear = nn.Linear(dim, out_channels, bias=False)
+
+    def __call__(self, x, vec):
+        shift, scale = mx.split(_mlp(self.adaLN_modulation, vec)[:, None, :], 2, axis=-1)  # BFL order
+        return self.linear(modulate(x, shift, scale, self.eps))
+
+
+# ----------------------------------------------------------------------------------------------
+# The model
+
+
+class Flux2Transformer(nn.Module):
+    def __init__(self, config: TransformerConfig):
+        super().__init__()
+        self.config = cfg = config
+        d = cfg.hidden_size
+        self.img_in = nn.Linear(cfg.in_channels, d, bias=False)
+        self.txt_in = nn.Linear(cfg.joint_attention_dim, d, bias=False)
+        self.time_in = MLPEmbedder(cfg.timestep_guidance_channels, d)
+        if cfg.guidance_embeds:
+            self.guidance_in = MLPEmbedder(cfg.timestep_guidance_channels, d)
+        self.double_stream_modulation_img = Modulation(d, 6)
+        self.double_stream_modulation_txt = Modulation(d, 6)
+        self.single_stream_modulation = Modulation(d, 3)
+        self.double_blocks = [DoubleStreamBlock(cfg) for _ in range(cfg.num_layers)]
+        self.single_blocks = [SingleStreamBlock(cfg) for _ in range(cfg.num_single_layers)]
+        self.final_layer = LastLayer(d, cfg.in_channels, cfg.eps)
+
+    @property
+    def dtype(self) -> mx.Dtype:
+        return self.img_in.weight.dtype if hasattr(self.img_in, "weight") else mx.bfloat16
+
+    def __call__(
+        self,
+        hidden_states: mx.array,
+        encoder_hidden_states: mx.array,
+        timestep: mx.array,
+        img_ids: mx.array,
+        txt_ids: mx.array,
+        guidance: mx.array | None = None,
+    ) -> mx.array:
+        """Velocity prediction [B, N, 128] (diffusers' `Flux2Transformer2DModel` conventions).
+
+        hidden_states [B, N, 128] packed latents; encoder_hidden_states [B, L, ctx]; timestep [B]
+        sigma in [0, 1]; img_ids [B, N, 4] / txt_ids [B, L, 4] (or without the batch dim);
+        guidance [B] for dev (guidance-distilled), ignored by klein.
+        """
+        cfg = self.config
+        dtype = hidden_states.dtype
+        b = hidden_states.shape[0]
+        timestep = mx.broadcast_to(mx.array(timestep).reshape(-1), (b,))
+        # Like the reference pipelines, the timestep is quantised to the activation dtype first.
+        vec = self.time_in(timestep_embedding(timestep.astype(dtype), cfg.timestep_guidance_channels).astype(dtype))
+        if cfg.guidance_embeds:
+            if guidance is None:
+                raise ValueError("this FLUX.2 model is guidance-distilled (dev): pass guidance=[B] (e.g. 4.0)")
+            guidance = mx.broadcast_to(mx.array(guidance).reshape(-1), (b,))
+            vec = vec + self.guidance_in(timestep_embedding(guidance.astype(dtype)).astype(dtype))
+
+        mod_img = self.double_stream_modulation_img(vec)
+        mod_txt = self.double_stream_modulation_txt(vec)
+        mod_single = self.single_stream_modulation(vec)
+
+        img = self.img_in(hidden_states)
+        txt = self.txt_in(encoder_hidden_states.astype(dtype))
+        ids = mx.concatenate([_batched(txt_ids, b), _batched(img_ids, b)], axis=1)  # text first
+        cos, sin = rope_table(ids, cfg.axes_dims_rope, cfg.rope_theta)
+
+        for block in self.double_blocks:
+            img, txt = block(img, txt, mod_img, mod_txt, cos, sin)
+        x = mx.concatenate([txt, img], axis=1)
+        for block in self.single_blocks:
+            x = block(x, mod_single, cos, sin)
+        return self.final_layer(x[:, txt.shape[1] :], vec)
+
+
+def _batched(ids: mx.array, b: int) -> mx.array:
+    ids = mx.array(ids)
+    return mx.broadcast_to(ids[None], (b, *ids.shape)) if ids.ndim == 2 else ids
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Counts from shapes only; a lazily built model is never materialised."""
+    return sum(v.size for _, v in tree_flatten(model.parameters()))
+
+
+# ----------------------------------------------------------------------------------------------
+# Weights: diffusers -> BFL (= our) names. Plain renames are regex rules; two transforms remain:
+# q/k/v concatenated into one qkv weight, and the final adaLN halves swapped (diffusers [scale; shift]).
+
+_DIFFUSERS_RULES = [
+    (r"^x_embedder\.", "img_in."),
+    (r"^context_embedder\.", "txt_in."),
+    (r"^time_guidance_embed\.timestep_embedder\.linear_1\.", "time_in.in_layer."),
+    (r"^time_guidance_embed\.timestep_embedder\.linear_2\.", "time_in.out_layer."),
+    (r"^time_guidance_embed\.guidance_embedder\.linear_1\.", "guidance_in.in_layer."),
+    (r"^time_guidance_embed\.guidance_embedder\.linear_2\.", "guidance_in.out_layer."),
+    (r"^(double_stream_modulation_img|double_stream_modulation_txt|single_stream_modulation)\.linear\.", r"\1.lin."),
+    (r"^transformer_blocks\.(\d+)\.attn\.norm_q\.weight$", r"double_blocks.\1.img_attn.norm.query_norm.scale"),
+    (r"^transformer_blocks\.(\d+)\.attn\.norm_k\.weight$", r"double_blocks.\1.img_attn.norm.key_norm.scale"),
+    (r"^transformer_blocks\.(\d+)\.attn\.norm_added_q\.weight$", r"double_blocks.\1.txt_attn.norm.query_norm.scale"),
+    (r"^transformer_blocks\.(\d+)\.attn\.norm_added_k\.weight$", r"double_blocks.\1.txt_attn.norm.key_norm.scale"),
+    (r"^transformer_blocks\.(\d+)\.attn\.to_out\.0\.", r"double_blocks.\1.img_attn.proj."),
+    (r"^transformer_blocks\.(\d+)\.attn\.to_add_out\.", r"double_blocks.\1.txt_attn.proj."),
+    (r"^transformer_blocks\.(\d+)\.ff\.linear_in\.", r"double_blocks.\1.img_mlp.0."),
+    (r"^transformer_blocks\.(\d+)\.ff\.linear_out\.", r"double_blocks.\1.img_mlp.2."),
+    (r"^transformer_blocks\.(\d+)\.ff_context\.linear_in\.", r"double_blocks.\1.txt_mlp.0."),
+    (r"^transformer_blocks\.(\d+)\.ff_context\.linear_out\.", r"double_blocks.\1.txt_mlp.2."),
+    (r"^single_transformer_blocks\.(\d+)\.attn\.to_qkv_mlp_proj\.", r"single_blocks.\1.linear1."),
+    (r"^single_transformer_blocks\.(\d+)\.attn\.to_out\.", r"single_blocks.\1.linear2."),
+    (r"^single_transformer_blocks\.(\d+)\.attn\.norm_q\.weight$", r"single_blocks.\1.norm.query_norm.scale"),
+    (r"^single_transformer_blocks\.(\d+)\.attn\.norm_k\.weight$", r"single_blocks.\1.norm.key_norm.scale"),
+    (r"^norm_out\.linear\.", "final_layer.adaLN_modulation.1."),
+    (r"^proj_out\.", "final_layer.linear."),
+]
+# diffusers split projections that are fused in BFL: (pattern, fused name, part index)
+_DIFFUSERS_QKV = re.compile(r"^transformer_blocks\.(\d+)\.attn\.(to_q|to_k|to_v|add_q_proj|add_k_proj|add_v_proj)\.weight$")
+_QKV_PART = {"to_q": ("img", 0), "to_k": ("img", 1), "to_v": ("img", 2), "add_q_proj": ("txt", 0), "add_k_proj": ("txt", 1), "add_v_proj": ("txt", 2)}
+_BFL_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
+
+
+def is_diffusers_layout(keys) -> bool:
+    return any(k.startswith(("transformer_blocks.", "single_transformer_blocks.", "x_embedder.")) for k in keys)
+
+
+def sanitize(weights: dict[str, mx.array]) -> dict[str, mx.array]:
+    """Map a BFL (optionally prefixed) or diffusers state dict to our (BFL) parameter names."""
+    if not is_diffusers_layout(weights):
+        out = {}
+        for k, v in weights.items():
+            for p in _BFL_PREFIXES:
+                if k.startswith(p):
+                    k = k[len(p) :]
+                    break
+            out[k] = v
+        return out
+    out, qkv_parts = {}, {}
+    for k, v in weights.items():
+        m = _DIFFUSERS_QKV.match(k)
+        if m:
+            stream, i = _QKV_PART[m.group(2)]
+            qkv_parts.setdefault(f"double_blocks.{m.group(1)}.{stream}_attn.qkv.weight", [None] * 3)[i] = v
+            continue
+        for pattern, repl in _DIFFUSERS_RULES:
+            new, n = re.subn(pattern, repl, k)
+            if n:
+                k = new
+                break
+        if k == "final_layer.adaLN_modulation.1.weight":
+            scale, shift = mx.split(v, 2, axis=0)
+            v = mx.concatenate([shift, scale], axis=0)
+        out[k] = v
+    for k, parts in qkv_parts.items():
+        if any(p is None for p in parts):
+            raise WeightsError(f"diffusers checkpoint has only part of the q/k/v projections for {k}")
+        out[k] = mx.concatenate(parts, axis=0)
+    return out
+
+
+def config_from_weights(shapes: dict[str, tuple]) -> TransformerConfig:
+    """Infer the architecture of a BFL-named state dict from its tensor shapes."""
+    try:
+        d, in_ch = shapes["img_in.weight"]
+        ctx = shapes["txt_in.weight"][1]
+        head_dim = shapes["double_blocks.0.img_attn.norm.query_norm.scale"][0]
+        temb = shapes["time_in.in_layer.weight"][1]
+        mlp2 = shapes["double_blocks.0.img_mlp.0.weight"][0]
+    except KeyError as e:
+        raise WeightsError(f"not a FLUX.2 transformer checkpoint: key {e.args[0]} missing") from None
+    depth = lambda prefix: len({int(k.split(".")[1]) for k in shapes if k.startswith(prefix)})  # noqa: E731
+    return TransformerConfig(
+        num_layers=depth("double_blocks."),
+        num_single_layers=depth("single_blocks."),
+        num_attention_heads=d // head_dim,
+        attention_head_dim=head_dim,
+        joint_attention_dim=ctx,
+        in_channels=in_ch,
+        mlp_ratio=mlp2 / 2 / d,
+        axes_dims_rope=(head_dim // 4,) * 4,
+        timestep_guidance_channels=temb,
+        guidance_embeds="guidance_in.in_layer.weight" in shapes,
+    )
+
+
+def variant_of(config: TransformerConfig) -> str | None:
+    """The preset name whose shapes match `config` (klein-base-* share klein's shapes)."""
+    for name in ("klein-4b", "klein-9b", "dev"):
+        if PRESETS[name] == config:
+            return name
+    return None
+
+
+QUANT_BITS = {"int8": 8, "int4": 4}
+
+
+def quantize_predicate(group_size: int):
+    """Quantize Linear layers whose input width the group size divides (all FLUX.2 projections)."""
+    return lambda path, m: isinstance(m, nn.Linear) and m.weight.shape[1] % group_size == 0
+
+
+def load_transformer(
+    path: str | Path,
+    variant: str | None = None,
+    dtype: mx.Dtype = mx.bfloat16,
+    quantize: str | None = None,
+    group_size: int = 64,
+) -> Flux2Transformer:
+    """Load a FLUX.2 transformer from a BFL single file, a diffusers `transformer/` folder, or a
+    model folder holding `transformer/`. Tensors are converted one at a time (mx.load is lazy) and,
+    with `quantize` ('int8'/'int4'), each block is quantised as soon as it is loaded, so peak memory
+    stays near the final model's size."""
+    src = resolve_component(path, "transformer")
+    if src.is_dir() and not (src / "config.json").exists():
+        singles = [f for f in src.glob("*.safetensors") if not f.name.startswith(("ae", "diffusion_pytorch_model", "model-"))]
+        if len(singles) == 1:  # a BFL folder: one transformer file (+ ae.safetensors)
+            src = singles[0]
+    files = safetensors_files(src)
+    raw = {k: (v, f) for k, v, f in iter_tensors(files)}
+    weights = sanitize({k: v for k, (v, _) in raw.items()})
+    shapes = {k: tuple(v.shape) for k, v in weights.items()}
+
+    cfg_json = read_config(src) if src.is_dir() else None
+    config = TransformerConfig.from_dict(cfg_json) if cfg_json else config_from_weights(shapes)
+    if variant is not None:
+        want = preset(variant)
+        if want != config:
+            found = variant_of(config) or "a custom architecture"
+            raise WeightsError(f"{src}: you asked for variant {variant!r} but the weights are {found}")
+
+    model = Flux2Transformer(config)  # lazily initialised: nothing is allocated until replaced
+    expected = {k: tuple(v.shape) for k, v in tree_flatten(model.parameters())}
+    check_keys(expected, shapes, src)
+
+    bits = None
+    if quantize:
+        if quantize not in QUANT_BITS:
+            raise ValueError(f"quantize={quantize!r}: choose int8 or int4 (or None for {dtype})")
+        bits = QUANT_BITS[quantize]
+
+    # Load module by module: top-level layers, then each block (quantised right away if asked).
+    units = [(name, m) for name, m in model.children().items() if isinstance(m, nn.Module)]
+    units += [(f"double_blocks.{i}", b) for i, b in enumerate(model.double_blocks)]
+    units += [(f"single_blocks.{i}", b) for i, b in enumerate(model.single_blocks)]
+    for prefix, module in units:
+        p = prefix + "."
+        part = [(k[len(p) :], weights[k].astype(dtype)) for k in weights if k.startswith(p)]
+        module.update(tree_unflatten(part))
+        mx.eval(module.parameters())
+        if bits and prefix.startswith(("double_blocks", "single_blocks")):
+            nn.quantize(module, group_size=group_size, bits=bits, class_predicate=quantize_predicate(group_size))
+            mx.eval(module.parameters())
+    model.eval()
+    model.quantization = quantize  # recorded for LoRA files and the converter
+    return model
