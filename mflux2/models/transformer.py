@@ -281,6 +281,16 @@ class Flux2Transformer(nn.Module):
         self.double_blocks = [DoubleStreamBlock(cfg) for _ in range(cfg.num_layers)]
         self.single_blocks = [SingleStreamBlock(cfg) for _ in range(cfg.num_single_layers)]
         self.final_layer = LastLayer(d, cfg.in_channels, cfg.eps)
+        self.checkpoint_every = 0  # gradient checkpointing: every n-th block recomputed in backward (0 = off)
+
+    def set_gradient_checkpointing(self, every: int | bool = 1) -> None:
+        """Recompute every n-th block's activations during the backward pass (True = every block).
+        Uses `mlx.nn.utils.checkpoint`, which keeps the gradients of trainable parameters."""
+        self.checkpoint_every = int(every)
+
+    def _blocks(self, blocks):
+        n = self.checkpoint_every
+        return [nn.utils.checkpoint(b) if n and i % n == 0 else b for i, b in enumerate(blocks)]
 
     @property
     def dtype(self) -> mx.Dtype:
@@ -322,10 +332,10 @@ class Flux2Transformer(nn.Module):
         ids = mx.concatenate([_batched(txt_ids, b), _batched(img_ids, b)], axis=1)  # text first
         cos, sin = rope_table(ids, cfg.axes_dims_rope, cfg.rope_theta)
 
-        for block in self.double_blocks:
+        for block in self._blocks(self.double_blocks):
             img, txt = block(img, txt, mod_img, mod_txt, cos, sin)
         x = mx.concatenate([txt, img], axis=1)
-        for block in self.single_blocks:
+        for block in self._blocks(self.single_blocks):
             x = block(x, mod_single, cos, sin)
         return self.final_layer(x[:, txt.shape[1] :], vec)
 
