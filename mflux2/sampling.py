@@ -1,0 +1,103 @@
+"""FLUX.2 sampling maths: the empirical-mu timestep schedule, Euler steps, CFG, initial noise.
+
+Spec: shared/spec/flux2-architecture.md §6. Sources: BFL `flux2/sampling.py` (`get_schedule`,
+`compute_empirical_mu`, `denoise`, `denoise_cfg`) and diffusers `pipeline_flux2*.py` +
+`FlowMatchEulerDiscreteScheduler` (use_dynamic_shifting, time_shift_type "exponential").
+
+Conventions: sigma = t in [0, 1], 1 = pure noise; the transformer predicts the velocity
+v = noise - x0; latents are packed tokens [B, H/16·W/16, 128], row-major (see `mflux2.models.vae`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import mlx.core as mx
+import numpy as np
+
+LATENT_CHANNELS = 128  # packed token width: 32 VAE channels x 2x2 patch
+PIXELS_PER_TOKEN = 16  # 8x VAE downsampling x 2x2 patchify
+
+
+def compute_empirical_mu(image_seq_len: int, num_steps: int) -> float:
+    """FLUX.2's resolution- and step-dependent shift. Below 4300 tokens it interpolates linearly in
+    the step count between a fit for 10 steps and one for 200 steps; above, the 200-step fit."""
+    a1, b1 = 8.73809524e-05, 1.89833333  # 10-step fit
+    a2, b2 = 0.00016927, 0.45666666  # 200-step fit
+    m200 = a2 * image_seq_len + b2
+    if image_seq_len > 4300:
+        return float(m200)
+    m10 = a1 * image_seq_len + b1
+    a = (m200 - m10) / 190.0
+    b = m200 - 200.0 * a
+    return float(a * num_steps + b)
+
+
+def time_shift(mu: float, t: np.ndarray) -> np.ndarray:
+    """Exponential time shift e^mu / (e^mu + (1/t - 1)); maps 1 -> 1 and 0 -> 0."""
+    t = np.asarray(t, dtype=np.float64)
+    with np.errstate(divide="ignore"):
+        shifted = math.exp(mu) / (math.exp(mu) + (1.0 / t - 1.0))
+    return np.where(t <= 0.0, 0.0, shifted)
+
+
+def get_sigmas(num_steps: int, image_seq_len: int, mu: float | None = None) -> list[float]:
+    """The S+1 sigmas of an S-step FLUX.2 schedule, from 1.0 down to 0.0 (float64 maths,
+    like BFL's `get_schedule`; diffusers' float32 table agrees to ~1e-7)."""
+    if num_steps < 1:
+        raise ValueError(f"num_inference_steps must be >= 1, got {num_steps}")
+    if image_seq_len < 1:
+        raise ValueError(f"image_seq_len must be >= 1, got {image_seq_len}")
+    mu = compute_empirical_mu(image_seq_len, num_steps) if mu is None else mu
+    t = np.linspace(1.0, 0.0, num_steps + 1)
+    return [float(s) for s in time_shift(mu, t)]
+
+
+def image_seq_len(height: int, width: int) -> int:
+    """Number of image tokens of a height x width image (refs for editing are not counted)."""
+    check_size(height, width)
+    return (height // PIXELS_PER_TOKEN) * (width // PIXELS_PER_TOKEN)
+
+
+def check_size(height: int, width: int) -> None:
+    if height <= 0 or width <= 0 or height % PIXELS_PER_TOKEN or width % PIXELS_PER_TOKEN:
+        raise ValueError(
+            f"image size {width}x{height} (WxH) is not a positive multiple of 16: FLUX.2 needs width and "
+            f"height divisible by 16, e.g. {max(16, width // 16 * 16)}x{max(16, height // 16 * 16)}"
+        )
+
+
+def euler_step(latents: mx.array, velocity: mx.array, sigma: float, sigma_next: float) -> mx.array:
+    """x <- x + (sigma_next - sigma)·v, in float32 (the latents are kept in float32 throughout)."""
+    return latents.astype(mx.float32) + (sigma_next - sigma) * velocity.astype(mx.float32)
+
+
+def cfg_combine(v_cond: mx.array, v_uncond: mx.array, scale: float) -> mx.array:
+    """Real classifier-free guidance: v_uncond + w·(v_cond − v_uncond)."""
+    return v_uncond + scale * (v_cond - v_uncond)
+
+
+def initial_noise(seed: int, batch: int, height: int, width: int) -> mx.array:
+    """Standard-normal packed latents [batch, H/16·W/16, 128] (float32), reproducible from `seed`.
+    Image i of a batch gets the noise of `seed + i`, so a prompt's image does not depend on the
+    batch it was generated in."""
+    n = image_seq_len(height, width)
+    return mx.stack(
+        [mx.random.normal((n, LATENT_CHANNELS), dtype=mx.float32, key=mx.random.key(seed + i)) for i in range(batch)]
+    )
+
+
+def pack_grid(latents: mx.array) -> mx.array:
+    """Unpacked token grid [B, 128, H/16, W/16] (diffusers' `latents` argument) -> packed
+    tokens [B, H/16·W/16, 128], row-major."""
+    b, c, h, w = latents.shape
+    return latents.reshape(b, c, h * w).transpose(0, 2, 1)
+
+
+def unpack_grid(tokens: mx.array, height: int, width: int) -> mx.array:
+    """Inverse of `pack_grid`: [B, N, 128] -> [B, 128, H/16, W/16]."""
+    b, n, c = tokens.shape
+    h, w = height // PIXELS_PER_TOKEN, width // PIXELS_PER_TOKEN
+    if n != h * w:
+        raise ValueError(f"{n} tokens do not fit a {width}x{height} image ({h}x{w} = {h * w} tokens expected)")
+    return tokens.transpose(0, 2, 1).reshape(b, c, h, w)

@@ -1,0 +1,757 @@
+"""The training config: flux-2-swift-mlx's YAML schema as validated dataclasses.
+
+A user's config file from the Swift trainer runs unchanged: every section and key keeps its name and
+meaning (see /work/shared/spec/training.md). Ours in addition: model.path,
+model.transformer_quantization, training.seed, dataset.skip_bad_images and an int ("every n blocks")
+for memory.gradient_checkpointing.
+
+Defaults live in one place: the dataclass field defaults below. A default of None on a field whose
+comment says "derived" is filled by `_finalize` from the tables MODEL_DEFAULTS / OPTIMIZER_DEFAULTS
+(per-model and per-optimizer defaults) or from another field. Everything wrong in a config raises a
+`ConfigError` whose message is one line naming the file (and line), the key path and the bad value.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import functools
+import hashlib
+import json
+import math
+import re
+import types
+import warnings
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, ClassVar, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+from mflux2.hub import REPOS
+
+
+class ConfigError(ValueError):
+    """A training config is invalid. The message is one line: `<file>[:line]: <key.path>: <problem>`."""
+
+
+class ConfigWarning(UserWarning):
+    """A key is accepted but not honoured (the Swift trainer reads it, mflux2 cannot), or is suspicious."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-model and per-optimizer defaults: the ONE table each.
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelDefaults:
+    repo: str  # Hugging Face repo id used when model.path is not given
+    dop_every_n_steps: int  # DOP every-n when DOP is on and the key is absent (seed guide's advice)
+    validation_steps: int  # sampling steps for the validation images
+    validation_guidance: float  # guidance for the validation images (1.0 = distilled klein, no CFG)
+
+
+# Repo ids come from mflux2.hub.REPOS (the downloader's table), so the short names agree everywhere.
+MODEL_DEFAULTS: dict[str, ModelDefaults] = {
+    "klein-4b": ModelDefaults(REPOS["klein-4b"], 1, 4, 1.0),
+    "klein-9b": ModelDefaults(REPOS["klein-9b"], 4, 4, 1.0),
+    "dev": ModelDefaults(REPOS["dev"], 8, 28, 4.0),
+    "klein-base-4b": ModelDefaults(REPOS["klein-base-4b"], 1, 50, 4.0),
+    "klein-base-9b": ModelDefaults(REPOS["klein-base-9b"], 4, 50, 4.0),
+}
+
+# The Swift trainer's "smart defaults" per optimizer (lion: lr 3e-5, wd 0.1), used when the key is absent.
+OPTIMIZER_DEFAULTS: dict[str, dict[str, float]] = {
+    "adamw": {"learning_rate": 1e-4, "weight_decay": 1e-4},
+    "lion": {"learning_rate": 3e-5, "weight_decay": 0.1},
+}
+
+MIN_RESOLUTION, MAX_RESOLUTION = 64, 4096
+
+
+def _check_resolution(v: int) -> str | None:
+    if v % 16:
+        return f"must be a multiple of 16 (VAE /8 then 2x2 patches), got {v}"
+    if not MIN_RESOLUTION <= v <= MAX_RESOLUTION:
+        return f"must be between {MIN_RESOLUTION} and {MAX_RESOLUTION}, got {v}"
+    return None
+
+
+def _check_nonempty(v: str) -> str | None:
+    return None if v.strip() else "must not be empty"
+
+
+def _f(default: Any = None, **meta: Any):
+    """A dataclass field with validation metadata: choices, aliases, ge/gt/le/lt, check, warn_aliases."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: copy.deepcopy(d), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+# ---------------------------------------------------------------------------------------------
+# The schema. Section classes may declare IGNORED (accepted with a warning, never used) and
+# KEY_ALIASES (another spelling of a key, e.g. the Swift source's name).
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelConfig:
+    # klein-4b | klein-9b | dev | klein-base-4b | klein-base-9b. Derived: klein-4b when neither name
+    # nor path is given (as the Swift trainer); None with a path: the architecture comes from the folder.
+    name: str | None = _f(
+        None,
+        choices=tuple(MODEL_DEFAULTS),
+        aliases={"klein-4b-base": "klein-base-4b", "klein-9b-base": "klein-base-9b"},
+    )
+    path: str | None = _f(None, check=_check_nonempty)  # ours: local model folder / safetensors file
+    # The TEXT ENCODER's precision (as in the Swift trainer, whose default is int8).
+    quantization: str = _f("int8", choices=("bf16", "int8", "int4"), aliases={"nf4": "int4"}, warn_aliases=("nf4",))
+    transformer_quantization: str = _f("auto", choices=("bf16", "int8", "int4", "auto"))  # ours
+
+    IGNORED: ClassVar[dict[str, str]] = {
+        "use_base": "deprecated in the Swift trainer; pick the base model by name (klein-base-4b/klein-base-9b)",
+    }
+
+
+@dataclass
+class LoRAConfig:
+    rank: int = _f(32, gt=0)
+    alpha: float | None = _f(None, gt=0)  # derived: = rank when absent (as the Swift trainer)
+    dropout: float = _f(0.0, ge=0, lt=1)
+    target_layers: str = _f("attention", choices=("attention", "attention_output", "attention_ffn", "all"))
+
+
+@dataclass
+class DatasetConfig:
+    path: str | None = _f(None, check=_check_nonempty)  # required: local folder or HF dataset repo id
+    validation_path: str | None = _f(None, check=_check_nonempty)
+    trigger_word: str | None = _f(None, check=_check_nonempty)
+    caption_format: str = _f("txt", choices=("txt", "jsonl"), aliases={"json": "jsonl"})
+    image_size: int = _f(512, check=_check_resolution)  # square size when bucketing is disabled
+    skip_bad_images: bool = _f(False)  # ours: skip unreadable images with a listed warning
+
+    IGNORED: ClassVar[dict[str, str]] = {
+        "control_path": "image-to-image (control image) training is not supported by mflux2",
+        "control_dropout": "image-to-image (control image) training is not supported by mflux2",
+    }
+
+
+@dataclass
+class TrainingParams:
+    batch_size: int = _f(1, ge=1)
+    gradient_accumulation: int = _f(1, ge=1)
+    epochs: int = _f(10, ge=1)  # used when max_steps is absent
+    max_steps: int | None = _f(None, gt=0)
+    warmup_steps: int = _f(100, ge=0)
+    optimizer: str = _f("adamw", choices=tuple(OPTIMIZER_DEFAULTS))
+    learning_rate: float | None = _f(None, gt=0, lt=1)  # derived: OPTIMIZER_DEFAULTS
+    weight_decay: float | None = _f(None, ge=0)  # derived: OPTIMIZER_DEFAULTS
+    caption_dropout: float = _f(0.0, ge=0, le=1)
+    max_grad_norm: float = _f(1.0, ge=0)  # 0 disables clipping
+    lr_scheduler: str = _f("cosine", choices=("constant", "cosine", "linear"))
+    eval_every_n_steps: int = _f(10, ge=1)
+    log_every_n_steps: int = _f(10, ge=1)
+    seed: int = _f(42, ge=0)  # ours
+
+
+@dataclass
+class LossConfig:
+    weighting: str = _f(
+        "uniform",
+        choices=("uniform", "bell_shaped", "snr_weighted"),
+        aliases={"none": "uniform", "bellshaped": "bell_shaped", "bell-shaped": "bell_shaped",
+                 "weighted": "bell_shaped", "snr": "snr_weighted"},
+    )
+    timestep_sampling: str = _f(
+        "balanced",
+        choices=("uniform", "content", "style", "balanced", "logit_normal", "flux_shift"),
+        aliases={"logit-normal": "logit_normal", "logitnormal": "logit_normal",
+                 "flux-shift": "flux_shift", "fluxshift": "flux_shift"},
+    )
+    logit_normal_mean: float = _f(0.0)
+    logit_normal_std: float = _f(1.0, gt=0)
+    flux_shift: float = _f(1.0, gt=0)  # the shift s of timestep_sampling: flux_shift (1.0 = uniform)
+    diff_output_preservation: bool = _f(False)
+    diff_output_preservation_class: str | None = _f(None, check=_check_nonempty)
+    diff_output_preservation_multiplier: float = _f(1.0, ge=0)
+    diff_output_preservation_every_n_steps: int | None = _f(None, ge=1)  # derived: MODEL_DEFAULTS
+
+
+@dataclass
+class BucketingConfig:
+    enabled: bool = _f(True)
+    resolutions: list[int] | None = _f(None, item_check=_check_resolution)  # derived: [dataset.image_size]
+
+
+@dataclass
+class MemoryConfig:
+    # false/0: off; true: every transformer block; an int n: every n-th block (ours)
+    gradient_checkpointing: Union[bool, int] = _f(False, ge=0)
+    cache_latents: bool = _f(True)
+    cache_text_embeddings: bool = _f(True)
+    cpu_offload: bool = _f(False)
+    compile_training: bool = _f(True)
+    bucketing: BucketingConfig = field(default_factory=BucketingConfig)
+
+    @property
+    def checkpoint_every(self) -> int:
+        """0 = no gradient checkpointing, n = checkpoint every n-th transformer block."""
+        g = self.gradient_checkpointing
+        return int(g) if not isinstance(g, bool) else (1 if g else 0)
+
+
+@dataclass
+class CheckpointsConfig:
+    output: str | None = _f(None, check=_check_nonempty)  # derived: output/<config file stem>
+    save_every: int = _f(125, ge=0)  # 0: only the final checkpoint
+    keep_last: int = _f(0, ge=0)  # 0: keep all
+    learning_curve: bool = _f(True)
+    learning_curve_smoothing_window: int = _f(20, ge=1)
+
+    # The Swift source reads `learning_curve_smoothing`; the spec writes `..._window`. Both work.
+    KEY_ALIASES: ClassVar[dict[str, str]] = {"learning_curve_smoothing": "learning_curve_smoothing_window"}
+
+
+@dataclass
+class ValidationPrompt:
+    prompt: str | None = _f(None, required=True, check=_check_nonempty)
+    apply_trigger: bool = _f(True)  # prepend "<trigger_word>, "
+    is_512: bool = _f(True)
+    is_1024: bool = _f(False)
+    seed: int | None = _f(None, ge=0)  # overrides validation.seed
+
+    IGNORED: ClassVar[dict[str, str]] = {
+        "reference_image": "image-to-image validation is not supported by mflux2",
+    }
+
+
+@dataclass
+class ValidationConfig:
+    prompts: list[ValidationPrompt] = _f([])  # each a mapping or a plain string
+    every_n_steps: int | None = _f(None, ge=0)  # derived: checkpoints.save_every; 0 = never
+    seed: int = _f(42, ge=0)
+    guidance: float | None = _f(None, gt=0)  # derived: MODEL_DEFAULTS
+    steps: int | None = _f(None, ge=1)  # derived: MODEL_DEFAULTS
+
+    IGNORED: ClassVar[dict[str, str]] = {
+        "vlm_scoring": "VLM scoring of validation images is not supported by mflux2",
+        "width": "legacy single-size validation; use is_512/is_1024 per prompt",
+        "height": "legacy single-size validation; use is_512/is_1024 per prompt",
+    }
+
+
+@dataclass
+class EMAConfig:
+    enabled: bool = _f(False)
+    decay: float = _f(0.99, gt=0, lt=1)
+
+
+@dataclass
+class EarlyStopConfig:
+    enabled: bool = _f(False)  # stop when the training loss plateaus
+    patience: int = _f(5, ge=1)
+    min_delta: float = _f(0.01, ge=0)
+    on_overfit: bool = _f(False)  # stop when validation loss - training loss stays above max_gap
+    max_gap: float = _f(0.5, ge=0)
+    gap_patience: int = _f(3, ge=1)
+    on_val_stagnation: bool = _f(False)  # stop when the validation loss stops improving
+    min_val_improvement: float = _f(0.1, ge=0)
+    val_patience: int = _f(2, ge=1)
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    training: TrainingParams = field(default_factory=TrainingParams)
+    loss: LossConfig = field(default_factory=LossConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
+    checkpoints: CheckpointsConfig = field(default_factory=CheckpointsConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+    ema: EMAConfig = field(default_factory=EMAConfig)
+    early_stop: EarlyStopConfig = field(default_factory=EarlyStopConfig)
+    # Not part of the schema: where the config came from and its raw mapping (for apply_overrides).
+    source: str = field(default="<config>", repr=False, compare=False, metadata={"internal": True})
+    raw: dict = field(default_factory=dict, repr=False, compare=False, metadata={"internal": True})
+
+    @property
+    def resolutions(self) -> list[int]:
+        """The training resolutions: the bucketing list, or [dataset.image_size] with bucketing off."""
+        b = self.memory.bucketing
+        return list(b.resolutions) if b.enabled else [self.dataset.image_size]
+
+    @property
+    def model_repo(self) -> str | None:
+        return MODEL_DEFAULTS[self.model.name].repo if self.model.name else None
+
+    def resolve_model_defaults(self, variant: str) -> "TrainConfig":
+        """Fill the still-unset per-model defaults (DOP every-n, validation steps/guidance) for
+        `variant` (a MODEL_DEFAULTS name). load_config does this when model.name is given; with
+        model.path alone the caller does it once the architecture is read from the folder."""
+        if variant not in MODEL_DEFAULTS:
+            raise ConfigError(f"{self.source}: model: unknown model variant {variant!r} (one of {', '.join(MODEL_DEFAULTS)})")
+        d = MODEL_DEFAULTS[variant]
+        if self.loss.diff_output_preservation_every_n_steps is None:
+            self.loss.diff_output_preservation_every_n_steps = d.dop_every_n_steps
+        if self.validation.steps is None:
+            self.validation.steps = d.validation_steps
+        if self.validation.guidance is None:
+            self.validation.guidance = d.validation_guidance
+        return self
+
+    def to_dict(self) -> dict:
+        """The fully resolved config as plain YAML-able data (what --print-config shows)."""
+        return _to_plain(self)
+
+    def dump_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True, width=120)
+
+
+@functools.lru_cache(maxsize=None)
+def _hints(cls) -> dict[str, Any]:
+    return get_type_hints(cls)  # field types are strings under `from __future__ import annotations`
+
+
+def _schema_fields(cls) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in fields(cls) if not f.metadata.get("internal")}
+
+
+SECTIONS: dict[str, type] = {name: _hints(TrainConfig)[name] for name in _schema_fields(TrainConfig)}
+
+
+def _to_plain(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj):
+        return {f.name: _to_plain(getattr(obj, f.name)) for f in fields(obj) if not f.metadata.get("internal")}
+    if isinstance(obj, list):
+        return [_to_plain(x) for x in obj]
+    return obj
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------------------------
+
+
+class _Ctx:
+    """Where we are: the source name and a map from key paths to YAML line numbers."""
+
+    def __init__(self, source: str, lines: dict[tuple, int] | None = None):
+        self.source = source
+        self.lines = lines or {}
+        self.overridden: set[tuple] = set()
+
+    def where(self, path: tuple) -> str:
+        for n in range(len(path), 0, -1):  # the nearest enclosing key that has a line
+            if path[:n] in self.overridden:
+                return f"{self.source} (override)"
+            if path[:n] in self.lines:
+                return f"{self.source}:{self.lines[path[:n]]}"
+        return self.source
+
+    def error(self, path: tuple, msg: str) -> ConfigError:
+        p = _path_str(path)
+        return ConfigError(f"{self.where(path)}: {p + ': ' if p else ''}{msg}")
+
+    def warn(self, path: tuple, msg: str) -> None:
+        warnings.warn(f"{self.where(path)}: {_path_str(path)}: {msg}", ConfigWarning, stacklevel=4)
+
+
+def _path_str(path: tuple) -> str:
+    out = ""
+    for p in path:
+        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
+    return out
+
+
+def _show(v: Any) -> str:
+    s = repr(v)
+    s = s.replace("\n", "\\n")
+    return s if len(s) <= 60 else s[:57] + "..."
+
+
+def _type_name(v: Any) -> str:
+    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "a list",
+            dict: "a mapping", type(None): "empty"}.get(type(v), type(v).__name__)
+
+
+_FLOAT_RE = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
+
+
+def _coerce_scalar(v: Any, typ: type, ctx: _Ctx, path: tuple) -> Any:
+    if typ is bool:
+        if isinstance(v, bool):
+            return v
+        raise ctx.error(path, f"must be true or false, got {_type_name(v)} {_show(v)}")
+    if typ is int:
+        if isinstance(v, int) and not isinstance(v, bool):
+            return v
+        if isinstance(v, float) and math.isfinite(v) and v.is_integer():
+            return int(v)
+        raise ctx.error(path, f"must be an integer, got {_type_name(v)} {_show(v)}")
+    if typ is float:
+        # YAML 1.1 reads `1e-4` (no dot) as a string; the Swift trainer's users write it that way.
+        if isinstance(v, str) and _FLOAT_RE.match(v.strip()):
+            v = float(v)
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            try:
+                f = float(v)
+            except OverflowError:  # an int with hundreds of digits
+                f = math.inf
+            if not math.isfinite(f):
+                raise ctx.error(path, f"must be a finite number, got {_show(v)}")
+            return f
+        raise ctx.error(path, f"must be a number, got {_type_name(v)} {_show(v)}")
+    if typ is str:
+        if isinstance(v, str):
+            return v
+        raise ctx.error(path, f"must be a string, got {_type_name(v)} {_show(v)} (quote it in YAML)")
+    raise AssertionError(typ)
+
+
+def _check_meta(v: Any, meta: dict, ctx: _Ctx, path: tuple) -> Any:
+    if "choices" in meta and isinstance(v, str):
+        key = v.strip().lower()
+        aliases = meta.get("aliases", {})
+        if key in aliases:
+            if key in meta.get("warn_aliases", ()):
+                ctx.warn(path, f"{v!r} is treated as {aliases[key]!r}")
+            key = aliases[key]
+        if key not in meta["choices"]:
+            near = difflib.get_close_matches(key, list(meta["choices"]) + list(aliases), n=1, cutoff=0.5)
+            hint = f" (did you mean {aliases.get(near[0], near[0])!r}?)" if near else ""
+            raise ctx.error(path, f"invalid value {_show(v)}: expected one of {', '.join(meta['choices'])}{hint}")
+        v = key
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        for op, test, word in (("gt", lambda a, b: a > b, ">"), ("ge", lambda a, b: a >= b, ">="),
+                               ("lt", lambda a, b: a < b, "<"), ("le", lambda a, b: a <= b, "<=")):
+            if op in meta and not test(v, meta[op]):
+                raise ctx.error(path, f"must be {word} {meta[op]}, got {_show(v)}")
+    if "check" in meta:
+        msg = meta["check"](v)
+        if msg:
+            raise ctx.error(path, msg)
+    return v
+
+
+def _coerce(v: Any, hint: Any, meta: dict, ctx: _Ctx, path: tuple) -> Any:
+    origin, args = get_origin(hint), get_args(hint)
+    if dataclasses.is_dataclass(hint):
+        return _build_section(hint, v, ctx, path)
+    if origin in (Union, types.UnionType):  # Optional[X], X | None or Union[bool, int]
+        non_none = [a for a in args if a is not type(None)]
+        if non_none == [bool, int] or set(non_none) == {bool, int}:
+            if isinstance(v, bool):
+                return v
+            return _check_meta(_coerce_scalar(v, int, ctx, path), meta, ctx, path)
+        assert len(non_none) == 1
+        return _coerce(v, non_none[0], meta, ctx, path)
+    if origin is list:
+        (item,) = args
+        if item is int and isinstance(v, int) and not isinstance(v, bool):
+            v = [v]  # `resolutions: 512` means [512]
+        if not isinstance(v, list):
+            raise ctx.error(path, f"must be a list, got {_type_name(v)} {_show(v)}")
+        if not v and item is int:
+            raise ctx.error(path, "must not be empty")
+        out = []
+        for i, x in enumerate(v):
+            if item is ValidationPrompt and isinstance(x, str):
+                x = {"prompt": x}  # a plain string is a prompt with the defaults
+            if x is None:
+                raise ctx.error(path + (i,), "empty list item")
+            y = _coerce(x, item, {}, ctx, path + (i,))
+            if "item_check" in meta:
+                msg = meta["item_check"](y)
+                if msg:
+                    raise ctx.error(path + (i,), msg)
+            out.append(y)
+        if item is int:
+            out = sorted(set(out))
+        return out
+    return _check_meta(_coerce_scalar(v, hint, ctx, path), meta, ctx, path)
+
+
+def _all_keys() -> dict[str, list[str]]:
+    """key name -> the section paths that own it (for 'did you mean dataset.trigger_word?')."""
+    owners: dict[str, list[str]] = {}
+
+    def walk(cls, prefix):
+        for name in _schema_fields(cls):
+            owners.setdefault(name, []).append(prefix)
+            if dataclasses.is_dataclass(_hints(cls)[name]):
+                walk(_hints(cls)[name], f"{prefix}.{name}")
+
+    for name, cls in SECTIONS.items():
+        walk(cls, name)
+    return owners
+
+
+def _unknown_key(cls, key: Any, ctx: _Ctx, path: tuple) -> ConfigError:
+    valid = list(_schema_fields(cls)) + list(getattr(cls, "IGNORED", {})) + list(getattr(cls, "KEY_ALIASES", {}))
+    k = str(key)
+    near = difflib.get_close_matches(k.lower(), valid, n=1, cutoff=0.6)
+    if near:
+        hint = f" (did you mean {near[0]!r}?)"
+    elif k in _KEY_OWNERS:
+        hint = f" (it belongs in {' or '.join(o + '.' + k for o in _KEY_OWNERS[k])})"
+    else:
+        hint = f" (valid keys: {', '.join(valid)})"
+    what = "unknown section" if cls is TrainConfig else "unknown key"
+    return ctx.error(path, f"{what} {k!r}{hint}")
+
+
+def _build_section(cls, data: Any, ctx: _Ctx, path: tuple):
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        if path:
+            raise ctx.error(path, f"must be a mapping of keys, got {_type_name(data)} {_show(data)}")
+        raise ctx.error(path, f"the config must be a mapping of sections ({', '.join(SECTIONS)}), got {_type_name(data)}")
+    hints = _hints(cls)
+    fmap = _schema_fields(cls)
+    ignored = getattr(cls, "IGNORED", {})
+    aliases = getattr(cls, "KEY_ALIASES", {})
+    values: dict[str, Any] = {}
+    for key, v in data.items():
+        kpath = path + (key,)
+        if not isinstance(key, str) or key not in fmap:
+            if isinstance(key, str) and key in ignored:
+                ctx.warn(kpath, f"accepted but ignored: {ignored[key]}")
+                continue
+            if isinstance(key, str) and key in aliases:
+                target = aliases[key]
+                if target in data:
+                    raise ctx.error(kpath, f"give either {key!r} or {target!r}, not both")
+                key, kpath = target, path + (key,)
+            else:
+                raise _unknown_key(cls, key, ctx, kpath)
+        if v is None:  # `key:` with no value keeps the default (as the Swift trainer's optional fields)
+            continue
+        values[key] = _coerce(v, hints[key], fmap[key].metadata, ctx, kpath)
+    for name, f in fmap.items():
+        if f.metadata.get("required") and name not in values:
+            raise ctx.error(path + (name,), "is required")
+    return cls(**values)
+
+
+def _line_map(node: yaml.Node) -> tuple[dict[tuple, int], tuple[tuple, int] | None]:
+    """Key path -> 1-based line, from the composed YAML node tree, and the first duplicated key
+    (PyYAML would silently keep the last one)."""
+    lines: dict[tuple, int] = {}
+    dup = None
+    seen_nodes: set[int] = set()  # YAML aliases share nodes (and may be recursive): visit each once
+    stack: list[tuple[yaml.Node, tuple]] = [(node, ())]
+    while stack:
+        n, p = stack.pop()
+        if id(n) in seen_nodes:
+            continue
+        seen_nodes.add(id(n))
+        if isinstance(n, yaml.MappingNode):
+            seen = set()
+            for k, v in n.value:
+                if not isinstance(k, yaml.ScalarNode):
+                    continue
+                if k.value in seen and dup is None:
+                    dup = (p + (k.value,), k.start_mark.line + 1)
+                seen.add(k.value)
+                lines[p + (k.value,)] = k.start_mark.line + 1
+                stack.append((v, p + (k.value,)))
+        elif isinstance(n, yaml.SequenceNode):
+            for i, v in enumerate(n.value):
+                lines[p + (i,)] = v.start_mark.line + 1
+                stack.append((v, p + (i,)))
+    return lines, dup
+
+
+def _read_yaml(path: str | Path) -> tuple[Any, _Ctx]:
+    p = Path(path).expanduser()
+    src = str(path)
+    if not p.exists():
+        raise ConfigError(f"{src}: config file not found")
+    if p.is_dir():
+        raise ConfigError(f"{src}: is a folder, expected a YAML config file")
+    try:
+        data = p.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"{src}: cannot read ({e.strerror or e})") from None
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{src}: not a UTF-8 text file (bad byte at offset {e.start})") from None
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        raw = yaml.safe_load(text)
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        line = f":{mark.line + 1}" if mark else ""
+        problem = " ".join(str(e.problem or e.context or "syntax error").split())
+        raise ConfigError(f"{src}{line}: invalid YAML: {problem}") from None
+    except Exception as e:  # noqa: BLE001 - e.g. ValueError from an impossible timestamp, RecursionError
+        raise ConfigError(f"{src}: invalid YAML: {' '.join(str(e).split()) or type(e).__name__}") from None
+    lines, dup = _line_map(node) if node is not None else ({}, None)
+    if dup is not None:
+        raise ConfigError(f"{src}:{dup[1]}: {_path_str(dup[0])}: key given twice")
+    return raw, _Ctx(src, lines)
+
+
+def _override_path(key: str, source: str) -> tuple[tuple[str, ...], type]:
+    """Check a dotted override key against the schema; return its parts and the owning section
+    class. The error names the override."""
+    parts = tuple(key.split("."))
+    cls: Any = TrainConfig
+    for i, part in enumerate(parts):
+        if cls is None:
+            raise ConfigError(f"{source}: override {key!r}: {_path_str(parts[:i])} is a value, not a section")
+        aliases = getattr(cls, "KEY_ALIASES", {})
+        fmap = _schema_fields(cls)
+        if part not in fmap and part not in aliases:
+            err = _unknown_key(cls, part, _Ctx(source), parts[: i + 1])
+            raise ConfigError(f"{source}: override {key!r}: {str(err).split(': ', 2)[-1]}")
+        owner = cls
+        hint = _hints(cls)[aliases.get(part, part)]
+        cls = hint if dataclasses.is_dataclass(hint) else None
+    if cls is not None:
+        raise ConfigError(f"{source}: override {key!r} names a whole section; name a key inside it")
+    return parts, owner
+
+
+def _apply_raw_overrides(raw: Any, overrides: dict[str, Any] | None, ctx: _Ctx) -> Any:
+    if not overrides:
+        return raw
+    if not isinstance(raw, dict):
+        return raw  # the section check reports it
+    raw = copy.deepcopy(raw)
+    for key, value in overrides.items():
+        if not isinstance(key, str) or not key:
+            raise ConfigError(f"{ctx.source}: override key must be a dotted string like 'training.max_steps', got {_show(key)}")
+        parts, owner = _override_path(key, ctx.source)
+        node = raw
+        for part in parts[:-1]:
+            if not isinstance(node.get(part), dict):
+                node[part] = {}
+            node = node[part]
+        aliases = getattr(owner, "KEY_ALIASES", {})
+        canonical = aliases.get(parts[-1], parts[-1])
+        for spelling in [canonical, *(a for a, t in aliases.items() if t == canonical)]:  # the override's spelling wins
+            node.pop(spelling, None)
+        node[parts[-1]] = value
+        ctx.overridden.add(parts)
+    return raw
+
+
+def _finalize(cfg: TrainConfig, ctx: _Ctx) -> TrainConfig:
+    """Derived defaults and the rules that span several keys."""
+    if cfg.model.name is None and cfg.model.path is None:
+        cfg.model.name = "klein-4b"
+    if cfg.model.path is not None and not Path(cfg.model.path).expanduser().exists():
+        raise ctx.error(("model", "path"), f"no such file or folder: {cfg.model.path}")
+    if cfg.lora.alpha is None:
+        cfg.lora.alpha = float(cfg.lora.rank)
+    opt = OPTIMIZER_DEFAULTS[cfg.training.optimizer]
+    if cfg.training.learning_rate is None:
+        cfg.training.learning_rate = opt["learning_rate"]
+    if cfg.training.weight_decay is None:
+        cfg.training.weight_decay = opt["weight_decay"]
+    if cfg.dataset.path is None:
+        raise ctx.error(("dataset", "path"), "is required (a folder of images or a Hugging Face dataset id)")
+    if cfg.checkpoints.output is None:
+        stem = Path(ctx.source).stem if ctx.source and not ctx.source.startswith("<") else "run"
+        cfg.checkpoints.output = f"output/{stem}"
+    if cfg.memory.bucketing.resolutions is None:  # the spec's [512], or the size the user asked for
+        cfg.memory.bucketing.resolutions = [cfg.dataset.image_size]
+    if cfg.validation.every_n_steps is None:
+        cfg.validation.every_n_steps = cfg.checkpoints.save_every
+    if cfg.loss.diff_output_preservation:
+        if not cfg.dataset.trigger_word:
+            raise ctx.error(("loss", "diff_output_preservation"),
+                            "DOP is on but dataset.trigger_word is not set (DOP replaces the trigger word by the class word); set it or turn DOP off")
+        if not cfg.loss.diff_output_preservation_class:
+            raise ctx.error(("loss", "diff_output_preservation"),
+                            "DOP is on but loss.diff_output_preservation_class is not set (e.g. \"cat\", \"person\"); set it or turn DOP off")
+    if cfg.validation.prompts and not cfg.dataset.trigger_word and any(p.apply_trigger for p in cfg.validation.prompts):
+        ctx.warn(("validation", "prompts"), "apply_trigger is true but dataset.trigger_word is not set: the prompts are used as written")
+    for i, p in enumerate(cfg.validation.prompts):
+        if not (p.is_512 or p.is_1024):
+            ctx.warn(("validation", "prompts", i), "is_512 and is_1024 are both false: this prompt makes no image")
+    if cfg.model.name is not None:
+        cfg.resolve_model_defaults(cfg.model.name)
+    return cfg
+
+
+def _legacy_validation_prompt(raw: Any, ctx: _Ctx) -> Any:
+    """The Swift trainer's legacy `validation.prompt: "..."` becomes one prompt at 512 and 1024."""
+    if not isinstance(raw, dict) or not isinstance(raw.get("validation"), dict) or "prompt" not in raw["validation"]:
+        return raw
+    raw = copy.copy(raw)
+    val = dict(raw["validation"])
+    legacy = val.pop("prompt")
+    if val.get("prompts"):
+        ctx.warn(("validation", "prompt"), "ignored because validation.prompts is given (as in the Swift trainer)")
+    elif legacy is not None:
+        if not isinstance(legacy, str):
+            raise ctx.error(("validation", "prompt"), f"must be a string, got {_type_name(legacy)} {_show(legacy)}")
+        val["prompts"] = [{"prompt": legacy, "is_512": True, "is_1024": True, "apply_trigger": True}]
+    raw["validation"] = val
+    return raw
+
+
+def _build(raw: Any, ctx: _Ctx, overrides: dict[str, Any] | None) -> TrainConfig:
+    raw = _apply_raw_overrides(raw, overrides, ctx)
+    raw_for_rebuild = copy.deepcopy(raw) if isinstance(raw, dict) else {}
+    raw = _legacy_validation_prompt(raw, ctx)
+    cfg = _build_section(TrainConfig, raw, ctx, ())
+    cfg.source, cfg.raw = ctx.source, raw_for_rebuild
+    return _finalize(cfg, ctx)
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """Read, validate and resolve a YAML training config. `overrides` maps dotted key paths to
+    values (`{"training.max_steps": 10}`) and is applied before validation."""
+    raw, ctx = _read_yaml(path)
+    return _build(raw, ctx, overrides)
+
+
+def config_from_dict(data: Any, source: str = "<config>", overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """Validate a config given as a mapping (as YAML would load it)."""
+    return _build(copy.deepcopy(data), _Ctx(source), overrides)
+
+
+def apply_overrides(cfg: TrainConfig, overrides: dict[str, Any]) -> TrainConfig:
+    """A new config: `cfg`'s source mapping with dotted-key overrides, validated like the file.
+    (The file's warnings were given when it was loaded; they are not repeated.)"""
+    raw = cfg.raw if cfg.raw else cfg.to_dict()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConfigWarning)
+        return config_from_dict(raw, source=cfg.source, overrides=overrides)
+
+
+# ---------------------------------------------------------------------------------------------
+# Resume identity
+# ---------------------------------------------------------------------------------------------
+
+
+def resume_signature(cfg: TrainConfig) -> dict[str, Any]:
+    """The fields a run cannot change and still resume its LoRA and optimiser state."""
+    return {
+        "model.name": cfg.model.name,
+        "model.path": cfg.model.path,
+        "lora.rank": cfg.lora.rank,
+        "lora.alpha": cfg.lora.alpha,
+        "lora.target_layers": cfg.lora.target_layers,
+    }
+
+
+def config_hash(cfg: TrainConfig) -> str:
+    """A short hash of `resume_signature(cfg)`, stored in training_state.json."""
+    blob = json.dumps(resume_signature(cfg), sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def dump_yaml(cfg: TrainConfig) -> str:
+    return cfg.dump_yaml()
+
+
+_KEY_OWNERS = _all_keys()

@@ -1,0 +1,508 @@
+"""The training images: discovery, captions, aspect-ratio buckets, robust loading, and batch order.
+
+* `scan_dataset(cfg)` finds the images of `dataset.path` (a local folder, or a Hugging Face dataset
+  repo id fetched once with `snapshot_download(repo_type="dataset")`), reads their captions, checks
+  that every image decodes, and gives each a bucket. A local folder's own files are used (not its
+  subfolders: a `validation/` folder inside stays out); a hub snapshot is searched recursively.
+* Captions (`dataset.caption_format`): `txt` = a same-name .txt beside each image; `jsonl` = a
+  `metadata.jsonl` of {"file_name", "prompt"|"caption"|"text"} lines (the Swift trainer's and the
+  Hugging Face imagefolder layout). `[trigger]`/`{trigger}` become the trigger word, a caption without
+  the trigger word gets it prepended ("<trigger>, <caption>"), a missing caption is the trigger word
+  alone (one warning lists them). The DOP prompt is the caption with every occurrence of the trigger
+  word replaced by `loss.diff_output_preservation_class`.
+* Buckets: with `memory.bucketing.enabled`, each image goes to ONE bucket (W, H), both multiples of 16,
+  with area ≈ res² and the aspect ratio (clamped to [1/3, 3]) nearest the image's, on a grid of widths
+  64 apart. The resolution is the largest configured one the image covers without upscaling; an image
+  smaller than every resolution uses the smallest, and upscaling it by more than MAX_UPSCALE (2x) is
+  warned about. With bucketing off every image is a center crop of dataset.image_size².
+* Images: grayscale, CMYK, palette, 16-bit and alpha (composited on white) are converted to RGB by
+  `mflux2.images.to_rgb`; EXIF orientation is applied; huge JPEGs are decoded at a reduced scale. Unreadable/truncated/empty files raise a one-line `DataError` naming the
+  file, or are skipped with one listed warning when `dataset.skip_bad_images: true`.
+* `BatchSampler` draws batches of sample indices within one bucket, epoch after epoch, in an order
+  fixed by (seed, epoch); its state is a small JSON-able dict, so a resumed run continues exactly.
+"""
+
+from __future__ import annotations
+
+import codecs
+import functools
+import hashlib
+import json
+import math
+import re
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from mflux2.hub import looks_like_repo_id
+from mflux2.images import pil_to_array, to_rgb
+
+if TYPE_CHECKING:
+    from mflux2.training.config import TrainConfig
+
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp")
+MAX_UPSCALE = 2.0  # images needing more than this to fill their bucket are listed in a warning
+MAX_ASPECT = 3.0  # bucket aspect ratios lie in [1/MAX_ASPECT, MAX_ASPECT]; wider images are cropped
+BUCKET_STEP = 64  # bucket widths (heights for portrait) are res, res+64, ... : few buckets, fuller batches
+_HF_PATTERNS = [f"*{e}" for e in IMAGE_EXTS] + [f"*{e.upper()}" for e in IMAGE_EXTS] + ["*.txt", "*.jsonl"]
+
+
+class DataError(ValueError):
+    """A dataset problem: missing folder, no images, an unreadable image or caption. One line, naming the file."""
+
+
+class DataWarning(UserWarning):
+    """Something in the dataset was worked around (missing captions, skipped images, upscaling)."""
+
+
+@dataclass(frozen=True)
+class Sample:
+    path: Path  # the image file
+    caption: str  # final training caption (trigger substituted / prepended)
+    dop_caption: str | None  # the caption with the trigger word replaced by the DOP class word
+    bucket: tuple[int, int]  # (W, H) the image is resized and center-cropped to
+    content_hash: str  # sha256 of the file's bytes (the latent cache key)
+    size: tuple[int, int]  # (w, h) of the image after EXIF orientation
+
+
+# ---------------------------------------------------------------------------------------------
+# Captions
+# ---------------------------------------------------------------------------------------------
+
+
+def read_caption(path: Path) -> str:
+    """A caption file's text as one line: UTF-8 (with or without BOM), UTF-16/32 (BOM, or BOM-less
+    UTF-16 recognised by its zero bytes), else Windows-1252, else Latin-1."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise DataError(f"{path}: cannot read caption ({e.strerror or e})") from None
+    text = _decode_text(data)
+    return " ".join(text.replace("\x00", " ").split())
+
+
+def _decode_text(data: bytes) -> str:
+    for bom, enc in ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"), (codecs.BOM_UTF8, "utf-8-sig"),
+                     (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16")):
+        if data.startswith(bom):
+            try:
+                return data.decode(enc)
+            except UnicodeDecodeError:
+                break
+    if data.count(b"\x00") * 4 >= len(data) > 0 and len(data) % 2 == 0:  # BOM-less UTF-16
+        even_zeros = data[0::2].count(0)
+        odd_zeros = data[1::2].count(0)
+        try:
+            return data.decode("utf-16-le" if odd_zeros >= even_zeros else "utf-16-be")
+        except UnicodeDecodeError:
+            pass
+    for enc in ("utf-8", "cp1252"):
+        try:
+            return data.decode(enc)
+        except UnicodeDecodeError:
+            pass
+    return data.decode("latin-1")
+
+
+def _trigger_re(trigger: str) -> re.Pattern:
+    # The trigger as a whole word (case-insensitive), so "sks" does not match inside "asks".
+    return re.compile(rf"(?<!\w){re.escape(trigger)}(?!\w)", re.IGNORECASE)
+
+
+def apply_trigger(raw: str, trigger: str | None) -> str:
+    """A caption or prompt with the trigger applied: `[trigger]`/`{trigger}` → the trigger word, and
+    "<trigger>, " prepended when the trigger word is absent. Whitespace is collapsed."""
+    text = " ".join(raw.split())
+    if not trigger:
+        return text
+    text = re.sub(r"\[trigger\]|\{trigger\}", lambda _: trigger, text, flags=re.IGNORECASE)
+    if not _trigger_re(trigger).search(text):
+        text = f"{trigger}, {text}" if text else trigger
+    return text
+
+
+def build_dop_caption(caption: str, trigger: str | None, class_word: str | None) -> str | None:
+    """The DOP prompt: the final caption with every occurrence of the trigger word replaced by the class word."""
+    if not trigger or not class_word:
+        return None
+    return _trigger_re(trigger).sub(lambda _: class_word, caption)
+
+
+# ---------------------------------------------------------------------------------------------
+# Buckets
+# ---------------------------------------------------------------------------------------------
+
+
+def _round16(x: float) -> int:
+    return max(16, int(round(x / 16)) * 16)
+
+
+@functools.lru_cache(maxsize=None)
+def bucket_grid(resolution: int) -> tuple[tuple[int, int], ...]:
+    """The buckets of one resolution: (W, H) multiples of 16 with W·H ≈ res², aspect in [1/3, 3]."""
+    area = resolution * resolution
+    out = set()
+    w = resolution
+    while w / _round16(area / w) <= MAX_ASPECT:
+        h = _round16(area / w)
+        out.update({(w, h), (h, w)})
+        w += BUCKET_STEP
+    return tuple(sorted(out, key=lambda b: b[0] / b[1]))
+
+
+def _nearest_bucket(w: int, h: int, resolution: int) -> tuple[int, int]:
+    target = math.log(min(max(w / h, 1 / MAX_ASPECT), MAX_ASPECT))
+    return min(bucket_grid(resolution), key=lambda b: (abs(math.log(b[0] / b[1]) - target), -b[0] * b[1]))
+
+
+def choose_bucket(w: int, h: int, resolutions: Sequence[int], bucketing: bool = True) -> tuple[int, int]:
+    """The (W, H) an image of size (w, h) trains at (policy in the module docstring)."""
+    if not bucketing:
+        s = int(resolutions[0])
+        return (s, s)
+    ordered = sorted(set(int(r) for r in resolutions))
+    for res in reversed(ordered):
+        b = _nearest_bucket(w, h, res)
+        if max(b[0] / w, b[1] / h) <= 1.0 + 1e-9:
+            return b
+    return _nearest_bucket(w, h, ordered[0])
+
+
+def upscale_factor(size: tuple[int, int], bucket: tuple[int, int]) -> float:
+    return max(bucket[0] / size[0], bucket[1] / size[1])
+
+
+# ---------------------------------------------------------------------------------------------
+# Images
+# ---------------------------------------------------------------------------------------------
+
+
+def _first_line(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return text or type(e).__name__
+
+
+def _decode(path: Path, draft: Callable[[Image.Image], tuple[int, int]] | None = None) -> tuple[Image.Image, tuple[int, int]]:
+    """Open and fully decode `path`; return it (no orientation/colour conversion yet) and its
+    EXIF-oriented (w, h). `draft(img)` gives the smallest size a JPEG may be decoded at (libjpeg's
+    DCT scaling: much less work and memory for huge photos, and every byte is still read)."""
+    img = None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(path)
+            size = _oriented_size(img)
+            if size[0] <= 0 or size[1] <= 0:
+                raise DataError(f"{path}: image has no pixels ({size[0]}x{size[1]})")
+            if draft is not None and img.format == "JPEG":
+                img.draft(img.mode, draft(img))
+            img.load()
+            return img, size
+    except Exception as e:  # noqa: BLE001 - truncated data, bad CRC, zlib errors... all mean "this file is broken"
+        if img is not None:
+            img.close()
+        raise _decode_error(path, e) from None
+
+
+def _decode_error(path: Path, e: Exception) -> DataError:
+    if isinstance(e, DataError):
+        return e
+    if isinstance(e, Image.DecompressionBombError):
+        return DataError(f"{path}: image is larger than Pillow's safety limit ({Image.MAX_IMAGE_PIXELS * 2 // 1_000_000} MP); downscale it")
+    if isinstance(e, FileNotFoundError):
+        return DataError(f"{path}: image file not found")
+    if isinstance(e, Image.UnidentifiedImageError):
+        return DataError(f"{path}: not a readable image (unknown format or corrupt header)")
+    return DataError(f"{path}: cannot decode image ({_first_line(e)}); the file is truncated or corrupt")
+
+
+def _rgb(img: Image.Image, path: Path) -> Image.Image:
+    """EXIF orientation applied, then any mode → 8-bit RGB (mflux2.images.to_rgb: alpha on white,
+    16-bit rescaled)."""
+    try:
+        return to_rgb(_orient(img))
+    except ValueError as e:
+        raise DataError(f"{path}: {_first_line(e)}") from None
+
+
+def _oriented_size(img: Image.Image) -> tuple[int, int]:
+    try:
+        orientation = img.getexif().get(0x0112, 1)
+    except Exception:  # noqa: BLE001 - a broken EXIF block: ignore orientation like most viewers
+        orientation = 1
+    return (img.height, img.width) if orientation in (5, 6, 7, 8) else (img.width, img.height)
+
+
+def _orient(img: Image.Image) -> Image.Image:
+    try:
+        return ImageOps.exif_transpose(img)
+    except Exception:  # noqa: BLE001 - a broken EXIF block: keep the pixels as stored
+        return img
+
+
+def probe_image(path: Path) -> tuple[tuple[int, int], str]:
+    """Check that `path` decodes completely; return its oriented (w, h) and the sha256 of its bytes."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise DataError(f"{path}: cannot read image ({e.strerror or e})") from None
+    if not data:
+        raise DataError(f"{path}: empty file (0 bytes)")
+    img, size = _decode(Path(path), draft=lambda im: (max(1, im.width // 8), max(1, im.height // 8)))
+    img.close()
+    return size, hashlib.sha256(data).hexdigest()
+
+
+def load_image_rgb(path: str | Path) -> Image.Image:
+    """The image as 8-bit RGB with EXIF orientation applied."""
+    img, _ = _decode(Path(path))
+    return _rgb(img, Path(path))
+
+
+def load_image_for_bucket(path: str | Path, bucket: tuple[int, int]) -> np.ndarray:
+    """Resize (aspect kept, LANCZOS) so the image covers `bucket` = (W, H), center-crop to it, and
+    return float32 [H, W, 3] in [-1, 1]."""
+    W, H = int(bucket[0]), int(bucket[1])
+
+    def draft(im: Image.Image) -> tuple[int, int]:  # stored (unoriented) size that still covers the bucket
+        ow, oh = _oriented_size(im)
+        s = max(W / ow, H / oh)
+        return math.ceil(im.width * s), math.ceil(im.height * s)
+
+    img, _ = _decode(Path(path), draft=draft)
+    img = _rgb(img, Path(path))
+    w, h = img.size
+    s = max(W / w, H / h)
+    rw, rh = max(W, round(w * s)), max(H, round(h * s))
+    if (rw, rh) != (w, h):
+        img = img.resize((rw, rh), Image.Resampling.LANCZOS, reducing_gap=3.0)
+    left, top = (rw - W) // 2, (rh - H) // 2
+    return np.asarray(pil_to_array(img.crop((left, top, left + W, top + H))))
+
+
+# ---------------------------------------------------------------------------------------------
+# Dataset discovery
+# ---------------------------------------------------------------------------------------------
+
+
+def resolve_dataset_path(spec: str, key: str = "dataset.path") -> tuple[Path, bool]:
+    """(folder, is_hub_snapshot). A path that exists is used as is; `owner/name` that does not exist
+    locally is fetched from the Hugging Face hub as a dataset repo (cached; later runs reuse it)."""
+    p = Path(spec).expanduser()
+    if p.exists():
+        if not p.is_dir():
+            raise DataError(f"{key}: {p} is a file; expected a folder of images")
+        return p, False
+    if not looks_like_repo_id(spec):
+        raise DataError(f"{key}: no such folder: {p.resolve()}")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    try:
+        folder = snapshot_download(repo_id=spec, repo_type="dataset", allow_patterns=_HF_PATTERNS)
+    except GatedRepoError:
+        raise DataError(f"{key}: {spec} is a gated dataset: accept its terms at https://huggingface.co/datasets/{spec} and run `hf auth login`") from None
+    except RepositoryNotFoundError:
+        raise DataError(f"{key}: {spec!r} is neither a local folder (from {Path.cwd()}) nor a dataset on the Hugging Face hub") from None
+    except LocalEntryNotFoundError:
+        raise DataError(f"{key}: {spec!r} is not a local folder, not in the Hugging Face cache, and the hub cannot be reached") from None
+    except Exception as e:  # noqa: BLE001 - network and disk errors
+        raise DataError(f"{key}: downloading the Hugging Face dataset {spec!r} failed ({_first_line(e)})") from None
+    return Path(folder), True
+
+
+def _list_images(folder: Path, recursive: bool) -> list[Path]:
+    it: Iterable[Path] = folder.rglob("*") if recursive else folder.iterdir()
+    out = []
+    for f in it:
+        rel = f.relative_to(folder).parts
+        if any(part.startswith(".") for part in rel):  # hidden files, macOS "._x.jpg" forks, .cache/
+            continue
+        if f.suffix.lower() in IMAGE_EXTS and f.is_file():
+            out.append(f)
+    return sorted(out, key=lambda p: p.relative_to(folder).as_posix())
+
+
+def _jsonl_captions(folder: Path, recursive: bool) -> dict[Path, str]:
+    files = sorted(folder.rglob("metadata.jsonl")) if recursive else [folder / "metadata.jsonl"]
+    files = [f for f in files if f.is_file()]
+    if not files:
+        raise DataError(f"dataset.caption_format: jsonl needs a metadata.jsonl in {folder}")
+    out: dict[Path, str] = {}
+    for f in files:
+        text = _decode_text(f.read_bytes())
+        for n, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{f}:{n}: not valid JSON ({e.msg})") from None
+            if not isinstance(row, dict) or not isinstance(row.get("file_name"), str):
+                raise DataError(f"{f}:{n}: each line needs a \"file_name\" string")
+            cap = next((row[k] for k in ("prompt", "caption", "text") if isinstance(row.get(k), str)), None)
+            if cap is None:
+                raise DataError(f"{f}:{n}: no \"prompt\", \"caption\" or \"text\" string for {row['file_name']}")
+            out[(f.parent / row["file_name"]).resolve()] = cap
+    return out
+
+
+def _listing(items: Sequence[Any], limit: int = 10) -> str:
+    names = [str(x) for x in items[:limit]]
+    more = f" (and {len(items) - limit} more)" if len(items) > limit else ""
+    return ", ".join(names) + more
+
+
+def scan_dataset(cfg: "TrainConfig", *, validation: bool = False) -> list[Sample]:
+    """The samples of `dataset.path` (or `dataset.validation_path` with validation=True), sorted by
+    file path. Every image is decoded once here so that a broken file is reported before training."""
+    ds = cfg.dataset
+    key = "dataset.validation_path" if validation else "dataset.path"
+    spec = ds.validation_path if validation else ds.path
+    if not spec:
+        raise DataError(f"{key}: not set")
+    folder, recursive = resolve_dataset_path(spec, key)
+    images = _list_images(folder, recursive)
+    if not images:
+        where = "the Hugging Face dataset" if recursive else "the folder"
+        raise DataError(f"{key}: no images (png/jpg/jpeg/webp) in {where} {folder}")
+
+    trigger = ds.trigger_word
+    dop_class = cfg.loss.diff_output_preservation_class if cfg.loss.diff_output_preservation else None
+    bucketing = cfg.memory.bucketing.enabled
+    resolutions = cfg.resolutions
+
+    samples: list[Sample] = []
+    no_caption: list[str] = []
+    bad: list[str] = []
+    jsonl = _jsonl_captions(folder, recursive) if ds.caption_format == "jsonl" else None
+    for listed in sorted(p for p in (jsonl or {}) if not p.is_file()):
+        if not ds.skip_bad_images:
+            raise DataError(f"{listed}: listed in metadata.jsonl but the file does not exist")
+        bad.append(f"{listed.name} (listed in metadata.jsonl, missing)")
+
+    upscaled: list[str] = []
+    for img_path in images:
+        rel = img_path.relative_to(folder).as_posix()
+        try:
+            size, digest = probe_image(img_path)
+        except DataError as e:
+            if not ds.skip_bad_images:
+                raise
+            bad.append(f"{rel} ({str(e).split(': ', 1)[-1]})")
+            continue
+        if jsonl is not None:
+            raw = jsonl.get(img_path.resolve())
+        else:
+            txt = img_path.with_suffix(".txt")
+            raw = read_caption(txt) if txt.is_file() else None
+        if raw is None:
+            no_caption.append(rel)
+            raw = ""
+        caption = apply_trigger(raw, trigger)
+        bucket = choose_bucket(size[0], size[1], resolutions, bucketing)
+        if upscale_factor(size, bucket) > MAX_UPSCALE:
+            upscaled.append(f"{rel} ({size[0]}x{size[1]} → {bucket[0]}x{bucket[1]})")
+        samples.append(Sample(img_path, caption, build_dop_caption(caption, trigger, dop_class), bucket, digest, size))
+
+    if bad:
+        warnings.warn(f"{key}: skipped {len(bad)} unreadable image(s) (dataset.skip_bad_images): {_listing(bad)}", DataWarning, stacklevel=2)
+    if not samples:
+        raise DataError(f"{key}: none of the {len(images)} image(s) in {folder} could be read")
+    if no_caption:
+        used = f"the trigger word {trigger!r} alone" if trigger else "an empty caption"
+        hint = ""
+        candidates = folder.rglob("metadata.jsonl") if recursive else [folder / "metadata.jsonl"]
+        if ds.caption_format == "txt" and any(p.is_file() for p in candidates):
+            hint = " (a metadata.jsonl is present: set dataset.caption_format: jsonl to use it)"
+        warnings.warn(f"{key}: {len(no_caption)} image(s) have no caption, using {used}{hint}: {_listing(no_caption)}", DataWarning, stacklevel=2)
+    if upscaled:
+        warnings.warn(f"{key}: {len(upscaled)} image(s) are upscaled more than {MAX_UPSCALE:g}x to fill their bucket "
+                      f"(expect blur; use larger images or a smaller resolution): {_listing(upscaled)}", DataWarning, stacklevel=2)
+    return samples
+
+
+def dataset_fingerprint(samples: Sequence[Sample]) -> str:
+    """A hash of what training sees (content, caption, bucket), for training_state.json."""
+    h = hashlib.sha256()
+    for s in samples:
+        h.update(json.dumps([s.content_hash, s.caption, s.dop_caption, list(s.bucket)]).encode())
+    return h.hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------------------------
+# Batch order
+# ---------------------------------------------------------------------------------------------
+
+
+class BatchSampler:
+    """Infinite iterator of batches (lists of sample indices), each within one bucket.
+
+    Epoch e's order is a function of (seed, e) only: inside each bucket the indices are shuffled and cut
+    into batches of exactly `batch_size` (a short last batch is filled with the bucket's first shuffled
+    indices, so shapes stay fixed for mx.compile), then all batches are shuffled together. The state
+    is (epoch, position); `state_dict()`/`load_state_dict()` carry it through a checkpoint.
+    """
+
+    def __init__(self, samples: Sequence[Sample] | Sequence[tuple[int, int]], batch_size: int, seed: int):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if not samples:
+            raise DataError("no samples to draw batches from")
+        buckets = [tuple(s.bucket) if isinstance(s, Sample) else tuple(s) for s in samples]
+        self.batch_size, self.seed = int(batch_size), int(seed)
+        self._by_bucket: dict[tuple[int, int], list[int]] = {}
+        for i, b in enumerate(buckets):
+            self._by_bucket.setdefault(b, []).append(i)
+        self._fingerprint = hashlib.sha256(json.dumps([list(b) for b in buckets]).encode()).hexdigest()[:16]
+        self.epoch, self.position = 0, 0
+        self._batches = self._epoch_batches(0)
+
+    def _epoch_batches(self, epoch: int) -> list[list[int]]:
+        rng = np.random.default_rng([self.seed, epoch])
+        batches = []
+        for bucket in sorted(self._by_bucket):
+            idx = self._by_bucket[bucket]
+            order = [idx[j] for j in rng.permutation(len(idx))]
+            for start in range(0, len(order), self.batch_size):
+                batches.append([order[(start + j) % len(order)] for j in range(self.batch_size)])
+        return [batches[j] for j in rng.permutation(len(batches))]
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return len(self._batches)
+
+    def __iter__(self) -> "BatchSampler":
+        return self
+
+    def __next__(self) -> list[int]:
+        if self.position >= len(self._batches):
+            self.epoch += 1
+            self.position = 0
+            self._batches = self._epoch_batches(self.epoch)
+        batch = self._batches[self.position]
+        self.position += 1
+        return list(batch)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "position": self.position, "seed": self.seed,
+                "batch_size": self.batch_size, "buckets": self._fingerprint}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        try:
+            epoch, position = int(state["epoch"]), int(state["position"])
+            seed, bs, fp = int(state["seed"]), int(state["batch_size"]), str(state["buckets"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise DataError(f"sampler state is incomplete or malformed ({_first_line(e)})") from None
+        if (seed, bs) != (self.seed, self.batch_size):
+            raise DataError(f"sampler state is for seed {seed}, batch size {bs}; this run has seed {self.seed}, batch size {self.batch_size}")
+        if fp != self._fingerprint:
+            raise DataError("sampler state is for a different dataset (images or their buckets changed since the checkpoint)")
+        if epoch < 0 or not 0 <= position <= self.batches_per_epoch:
+            raise DataError(f"sampler state out of range (epoch {epoch}, position {position})")
+        self.epoch, self.position = epoch, position
+        self._batches = self._epoch_batches(epoch)

@@ -1,0 +1,111 @@
+"""The FLUX.2 schedule (spec §6.2 reference numbers and diffusers' scheduler), Euler/CFG, noise, packing."""
+
+import mlx.core as mx
+import numpy as np
+import pytest
+import torch
+
+from mflux2.sampling import (
+    cfg_combine,
+    check_size,
+    compute_empirical_mu,
+    euler_step,
+    get_sigmas,
+    image_seq_len,
+    initial_noise,
+    pack_grid,
+    unpack_grid,
+)
+
+# Spec §6.2: (image_seq_len, steps) -> (mu, sigmas or (first three, last two))
+REFERENCE = [
+    (4096, 50, 2.023351, [1.0, 0.997309, 0.994521], [0.133719, 0.0]),
+    (4096, 4, 2.291180, [1.0, 0.967384, 0.908144, 0.767200, 0.0], None),
+    (1024, 4, 2.030690, [1.0, 0.958085, 0.883982, 0.717497, 0.0], None),
+    (16, 2, 1.960378, [1.0, 0.876574, 0.0], None),
+]
+
+
+@pytest.mark.parametrize("n, steps, mu, head, tail", REFERENCE)
+def test_schedule_matches_spec_reference_numbers(n, steps, mu, head, tail):
+    assert compute_empirical_mu(n, steps) == pytest.approx(mu, abs=1e-6)
+    sigmas = get_sigmas(steps, n)
+    assert len(sigmas) == steps + 1
+    np.testing.assert_allclose(sigmas[: len(head)], head, atol=1e-6)
+    if tail:
+        np.testing.assert_allclose(sigmas[-2:], tail, atol=1e-6)
+    assert all(a > b for a, b in zip(sigmas, sigmas[1:])), "sigmas must decrease strictly"
+
+
+def test_mu_above_4300_tokens_ignores_steps():
+    # 1360x768 is 85x48 = 4080 tokens (interpolated); 1536x1536 is 9216 tokens (200-step fit only)
+    assert compute_empirical_mu(9216, 4) == compute_empirical_mu(9216, 50) == pytest.approx(0.00016927 * 9216 + 0.45666666)
+    assert compute_empirical_mu(4080, 4) != compute_empirical_mu(4080, 50)
+
+
+@pytest.mark.parametrize("n, steps", [(16, 2), (1024, 4), (4096, 28), (9216, 50), (5, 1)])
+def test_schedule_matches_diffusers_scheduler(n, steps):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers.pipelines.flux2.pipeline_flux2 import compute_empirical_mu as df_mu
+
+    sched = FlowMatchEulerDiscreteScheduler(
+        num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+        time_shift_type="exponential",
+    )
+    mu = df_mu(n, steps)
+    assert compute_empirical_mu(n, steps) == pytest.approx(mu, rel=1e-12)
+    sched.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), mu=mu)
+    np.testing.assert_allclose(get_sigmas(steps, n), sched.sigmas.numpy(), atol=2e-7)
+
+
+def test_euler_step_and_cfg_match_diffusers():
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    rng = np.random.default_rng(0)
+    x, v = rng.standard_normal((2, 6, 128)).astype(np.float32), rng.standard_normal((2, 6, 128)).astype(np.float32)
+    sched = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, time_shift_type="exponential")
+    sigmas = get_sigmas(3, 6)
+    sched.set_timesteps(sigmas=np.linspace(1.0, 1 / 3, 3), mu=compute_empirical_mu(6, 3))
+    sched.set_begin_index(0)
+    ours, ref = mx.array(x), torch.from_numpy(x)
+    for i, t in enumerate(sched.timesteps):
+        ref = sched.step(torch.from_numpy(v), t, ref, return_dict=False)[0]
+        ours = euler_step(ours, mx.array(v), sigmas[i], sigmas[i + 1])
+    np.testing.assert_allclose(np.array(ours), ref.numpy(), rtol=1e-5, atol=1e-5)
+    # after the last step sigma = 0: x0 = x_T - v (the whole path integrates dt = -1)
+    np.testing.assert_allclose(np.array(ours), x - v, atol=1e-5)
+
+    c, u = mx.array(v[0]), mx.array(x[0])
+    np.testing.assert_allclose(np.array(cfg_combine(c, u, 4.0)), x[0] + 4.0 * (v[0] - x[0]), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(np.array(cfg_combine(c, u, 1.0)), v[0], atol=1e-6)
+
+
+def test_initial_noise_is_seeded_per_image():
+    a = initial_noise(7, 2, 32, 48)
+    assert a.shape == (2, 6, 128) and a.dtype == mx.float32
+    np.testing.assert_array_equal(np.array(a), np.array(initial_noise(7, 2, 32, 48)))
+    # image 1 of seed 7 is image 0 of seed 8: independent of the batch it is generated in
+    np.testing.assert_array_equal(np.array(a[1]), np.array(initial_noise(8, 1, 32, 48)[0]))
+    assert not np.allclose(np.array(a[0]), np.array(a[1]))
+    big = np.array(initial_noise(0, 1, 256, 256))
+    assert abs(big.mean()) < 0.02 and abs(big.std() - 1) < 0.02
+
+
+def test_pack_grid_matches_diffusers_pack_and_is_row_major():
+    from diffusers import Flux2KleinPipeline
+
+    grid = np.random.default_rng(1).standard_normal((2, 128, 3, 5)).astype(np.float32)  # non-square: catches h/w swaps
+    packed = pack_grid(mx.array(grid))
+    np.testing.assert_array_equal(np.array(packed), Flux2KleinPipeline._pack_latents(torch.from_numpy(grid)).numpy())
+    np.testing.assert_array_equal(np.array(packed[:, 1 * 5 + 3]), grid[:, :, 1, 3])  # token (row 1, col 3)
+    np.testing.assert_array_equal(np.array(unpack_grid(packed, 48, 80)), grid)
+
+
+def test_bad_sizes_and_steps_are_one_line_errors():
+    with pytest.raises(ValueError, match=r"1000x520 .*multiple of 16.*e.g. 992x512"):
+        check_size(520, 1000)
+    with pytest.raises(ValueError, match="steps must be >= 1"):
+        get_sigmas(0, 16)
+    assert image_seq_len(1024, 768) == 64 * 48
+    with pytest.raises(ValueError, match="do not fit"):
+        unpack_grid(mx.zeros((1, 5, 128)), 32, 32)
