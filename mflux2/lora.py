@@ -1,0 +1,708 @@
+"""LoRA for the FLUX.2 transformer: the MLX layer, target sets, and LoRA files.
+
+`LoRALinear` wraps a frozen `nn.Linear` or `nn.QuantizedLinear` (QLoRA). Module paths are BFL's
+(`double_blocks.0.img_attn.qkv`, `single_blocks.3.linear1`, ...), so a LoRA on a fused projection is
+one (A, B) pair over the whole fused output. Files are written in three layouts and read in every
+common one (ai-toolkit/BFL, diffusers/PEFT, kohya/musubi). The rules for names, alpha and fused q/k/v
+are in docs/lora.md; sources in shared/spec/flux2-architecture.md §3 and §8.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import re
+import warnings
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_unflatten
+
+from mflux2.models.transformer import variant_of
+from mflux2.weights import WeightsError
+
+FORMATS = ("bfl", "diffusers", "kohya")
+
+
+class LoRAError(WeightsError):
+    """A LoRA file or request does not fit the model. The message is one line."""
+
+
+# ----------------------------------------------------------------------------------------------
+# The layer
+
+
+def _dims(layer) -> tuple[int, int]:
+    """(input_dims, output_dims) of a Linear, QuantizedLinear or LoRALinear."""
+    if isinstance(layer, LoRALinear):
+        return layer.input_dims, layer.output_dims
+    if isinstance(layer, nn.QuantizedLinear):
+        out, packed = layer.weight.shape
+        return packed * 32 // layer.bits, out
+    if isinstance(layer, nn.Linear):
+        out, n_in = layer.weight.shape
+        return n_in, out
+    raise LoRAError(f"LoRA needs a Linear layer, got {type(layer).__name__}")
+
+
+class LoRALinear(nn.Module):
+    """y = base(x) + scale · (alpha / rank) · B(A(dropout(x))).
+
+    lora_A [rank, in] starts Kaiming-uniform like PEFT (bound 1/sqrt(in)), lora_B [out, rank] starts
+    at zero, both float32; the two small matmuls run in x's dtype. `out_start/out_stop` restrict the
+    LoRA to a row range of the output (the q/k/v rows of single_blocks.linear1) and
+    `in_start/in_stop` to a column range of the input (the attention columns of linear2): outside
+    the ranges the delta is exactly zero. `enabled` and `scale` are plain Python values read when the
+    forward runs (or is traced by mx.compile)."""
+
+    def __init__(self, base, rank: int, alpha: float | None = None, dropout: float = 0.0, scale: float = 1.0,
+                 out_range: tuple[int, int] | None = None, in_range: tuple[int, int] | None = None,
+                 trainable: bool = True, targets: str | None = None):
+        super().__init__()
+        n_in, n_out = _dims(base)
+        if int(rank) != rank or rank < 1:
+            raise LoRAError(f"LoRA rank must be a positive integer, got {rank!r}")
+        if alpha is not None and not alpha > 0:
+            raise LoRAError(f"LoRA alpha must be > 0, got {alpha!r}")
+        self.base = base
+        self.input_dims, self.output_dims = n_in, n_out
+        self.out_start, self.out_stop = out_range or (0, n_out)
+        self.in_start, self.in_stop = in_range or (0, n_in)
+        if not (0 <= self.out_start < self.out_stop <= n_out and 0 <= self.in_start < self.in_stop <= n_in):
+            raise LoRAError(f"LoRA ranges out={out_range} in={in_range} do not fit a {n_in}->{n_out} layer")
+        self.rank = int(rank)
+        self.alpha = float(alpha) if alpha is not None else float(rank)
+        self.scale = float(scale)
+        self.enabled = True
+        self.trainable = trainable
+        self.targets = targets
+        self.dropout = nn.Dropout(dropout)
+        bound = 1.0 / math.sqrt(self.in_stop - self.in_start)  # kaiming_uniform_(a=sqrt(5)) as in PEFT
+        self.lora_A = mx.random.uniform(-bound, bound, (self.rank, self.in_stop - self.in_start))
+        self.lora_B = mx.zeros((self.out_stop - self.out_start, self.rank))
+        self.train(base.training)  # dropout follows the wrapped model's train/eval mode
+
+    @property
+    def restricted(self) -> bool:
+        return (self.out_start, self.out_stop, self.in_start, self.in_stop) != (0, self.output_dims, 0, self.input_dims)
+
+    def __call__(self, x):
+        y = self.base(x)
+        if not self.enabled or self.scale == 0.0:
+            return y
+        xi = x if (self.in_start, self.in_stop) == (0, self.input_dims) else x[..., self.in_start : self.in_stop]
+        # alpha/rank·scale folded into the small B before the cast; gradients reach the float32 params.
+        b = (self.lora_B * (self.scale * self.alpha / self.rank)).astype(x.dtype)
+        z = (self.dropout(xi) @ self.lora_A.astype(x.dtype).T) @ b.T
+        if (self.out_start, self.out_stop) == (0, self.output_dims):
+            return y + z.astype(y.dtype)
+        parts = [y[..., : self.out_start]] if self.out_start else []
+        parts.append(y[..., self.out_start : self.out_stop] + z.astype(y.dtype))
+        if self.out_stop < self.output_dims:
+            parts.append(y[..., self.out_stop :])
+        return mx.concatenate(parts, axis=-1)
+
+    def full_factors(self) -> tuple[mx.array, mx.array]:
+        """(A [rank, in], B [out, rank]) over the whole layer, zero outside the ranges (file layout)."""
+        a, b = self.lora_A, self.lora_B
+        if (self.in_start, self.in_stop) != (0, self.input_dims):
+            a = mx.pad(a, [(0, 0), (self.in_start, self.input_dims - self.in_stop)])
+        if (self.out_start, self.out_stop) != (0, self.output_dims):
+            b = mx.pad(b, [(self.out_start, self.output_dims - self.out_stop), (0, 0)])
+        return a, b
+
+    def delta(self, with_scale: bool = True) -> mx.array:
+        """The dense weight change [out, in] in float32: (scale·)alpha/rank · B @ A."""
+        a, b = self.full_factors()
+        s = self.alpha / self.rank * (self.scale if with_scale else 1.0)
+        return (b.astype(mx.float32) @ a.astype(mx.float32)) * s
+
+    def _extra_repr(self):
+        ranges = f", out={self.out_start}:{self.out_stop}, in={self.in_start}:{self.in_stop}" if self.restricted else ""
+        return f"rank={self.rank}, alpha={self.alpha}, scale={self.scale}, enabled={self.enabled}{ranges}"
+
+
+# ----------------------------------------------------------------------------------------------
+# Module paths, target sets
+
+
+def _get(model, path: str):
+    cur = model
+    for part in path.split("."):
+        try:
+            cur = cur[int(part)] if isinstance(cur, list) else cur[part]
+        except (KeyError, IndexError, ValueError, TypeError):
+            return None
+    return cur
+
+
+def _set(model, path: str, module) -> None:
+    parent_path, _, last = path.rpartition(".")
+    parent = _get(model, parent_path) if parent_path else model
+    if isinstance(parent, list):
+        parent[int(last)] = module
+    else:
+        parent[last] = module
+
+
+def lora_layers(model) -> list[tuple[str, LoRALinear]]:
+    """Every LoRALinear in the model with its path (stacked ones appear as `<path>.base`)."""
+    return [(p, m) for p, m in model.named_modules() if isinstance(m, LoRALinear)]
+
+
+def _outermost(model) -> list[tuple[str, LoRALinear]]:
+    layers = lora_layers(model)
+    paths = [p for p, _ in layers]
+    return [(p, m) for p, m in layers if not any(p.startswith(q + ".") for q in paths)]
+
+
+def _bfl_name(path: str) -> str:
+    """A stacked LoRA's path `x.qkv.base` is still the module `x.qkv`."""
+    return re.sub(r"(\.base)+$", "", path)
+
+
+TARGETS = {
+    "attention": "Q, K, V and output projections everywhere (single blocks: q/k/v rows of linear1, attention columns of linear2)",
+    "attention_output": "same as attention (flux-2-swift-mlx: attention includes the output projections)",
+    "attention_ffn": "same as all (attention + every feed-forward projection)",
+    "all": "attention + double-block MLPs, single-block linear1/linear2 whole",
+}
+
+
+def target_spec(model, targets: str) -> dict[str, tuple[tuple[int, int] | None, tuple[int, int] | None]]:
+    """{BFL module path: (output row range, input column range)} for a target set (None = whole)."""
+    if targets not in TARGETS:
+        raise LoRAError(f"unknown LoRA target_layers {targets!r}; choose one of {', '.join(TARGETS)}")
+    full = targets in ("all", "attention_ffn")
+    spec = {}
+    for i, _ in enumerate(model.double_blocks):
+        for s in ("img", "txt"):
+            spec[f"double_blocks.{i}.{s}_attn.qkv"] = (None, None)
+            spec[f"double_blocks.{i}.{s}_attn.proj"] = (None, None)
+            if full:
+                spec[f"double_blocks.{i}.{s}_mlp.0"] = (None, None)
+                spec[f"double_blocks.{i}.{s}_mlp.2"] = (None, None)
+    for i, block in enumerate(model.single_blocks):
+        d = block.dim  # linear1 rows = [q|k|v|gate|up], linear2 columns = [attn|mlp]
+        spec[f"single_blocks.{i}.linear1"] = (None, None) if full else ((0, 3 * d), None)
+        spec[f"single_blocks.{i}.linear2"] = (None, None) if full else (None, (0, d))
+    return spec
+
+
+def apply_lora(model, rank: int, alpha: float | None = None, targets: str = "attention", dropout: float = 0.0) -> list[str]:
+    """Wrap the target layers in trainable LoRALinear layers, freeze everything else; returns the paths.
+    A and B are drawn from mx.random: seed it first for a reproducible start."""
+    spec = target_spec(model, targets)
+    if any(m.trainable for _, m in lora_layers(model)):
+        raise LoRAError("the model already has a trainable LoRA: call remove_lora(model) first")
+    for path, (out_range, in_range) in spec.items():
+        layer = _get(model, path)
+        _set(model, path, LoRALinear(layer, rank, alpha, dropout, 1.0, out_range, in_range, trainable=True, targets=targets))
+    freeze_for_lora(model)
+    return list(spec)
+
+
+def freeze_for_lora(model) -> None:
+    """Freeze the model, then unfreeze only the A/B of trainable LoRA layers."""
+    model.freeze()
+    for _, m in lora_layers(model):
+        if m.trainable:
+            m.unfreeze(recurse=False, keys=["lora_A", "lora_B"])
+
+
+def lora_parameters(model) -> dict:
+    """The trainable LoRA parameters as a tree shaped like model.parameters()."""
+    flat = [(f"{p}.{k}", getattr(m, k)) for p, m in lora_layers(model) if m.trainable for k in ("lora_A", "lora_B")]
+    return tree_unflatten(flat)
+
+
+@contextlib.contextmanager
+def swapped_parameters(model, params: dict):
+    """Put `params` (a tree shaped like lora_parameters / trainable_parameters, e.g. EMA weights)
+    into the model for the duration, then restore the current ones; nothing is copied."""
+    saved = lora_parameters(model)
+    model.update(params)
+    try:
+        yield model
+    finally:
+        model.update(saved)
+
+
+def set_lora_enabled(model, enabled: bool) -> None:
+    for _, m in lora_layers(model):
+        m.enabled = bool(enabled)
+
+
+@contextlib.contextmanager
+def lora_disabled(model):
+    """Run the base model for the duration (DOP's prior pass); no weight is copied.
+
+    The flag is a Python value read when the forward runs. Under mx.compile it is read while tracing,
+    so put the `with` INSIDE the compiled function (one compiled function for the prior pass, another
+    for the LoRA passes); never flip it around calls of one compiled function."""
+    layers = lora_layers(model)
+    before = [m.enabled for _, m in layers]
+    for _, m in layers:
+        m.enabled = False
+    try:
+        yield model
+    finally:
+        for (_, m), flag in zip(layers, before):
+            m.enabled = flag
+
+
+def remove_lora(model) -> list[str]:
+    """Replace every LoRALinear (stacked ones too) by its original base layer; returns the paths."""
+    removed = []
+    for path, m in _outermost(model):
+        base = m
+        while isinstance(base, LoRALinear):
+            base = base.base
+        _set(model, path, base)
+        removed.append(path)
+    return removed
+
+
+unload = remove_lora
+
+
+def fuse_lora(model) -> list[str]:
+    """Add every enabled LoRA delta (with its scale) into the base weights and drop the LoRA layers.
+
+    A Linear base keeps its dtype; a QuantizedLinear base is dequantised, summed in float32 and
+    requantised with its own bits/group size, so the fused layer carries a fresh rounding error.
+    The base layer objects are updated in place."""
+    fused = []
+    for path, m in _outermost(model):
+        deltas, base = [], m
+        while isinstance(base, LoRALinear):
+            if base.enabled and base.scale != 0.0:
+                deltas.append(base.delta())
+            base = base.base
+        if deltas:
+            total = deltas[0]
+            for d in deltas[1:]:
+                total = total + d
+            _add_to_weight(base, total)
+        _set(model, path, base)
+        fused.append(path)
+    mx.eval(model.parameters())
+    return fused
+
+
+def _add_to_weight(layer, delta: mx.array) -> None:
+    if isinstance(layer, nn.QuantizedLinear):
+        mode = {"mode": layer.mode} if hasattr(layer, "mode") else {}
+        w = mx.dequantize(layer.weight, layer.scales, layer.get("biases"), layer.group_size, layer.bits, **mode)
+        w = (w.astype(mx.float32) + delta).astype(layer.scales.dtype)
+        layer.weight, layer.scales, *biases = mx.quantize(w, layer.group_size, layer.bits, **mode)
+        layer.biases = biases[0] if biases else None
+    elif isinstance(layer, nn.Linear):
+        layer.weight = (layer.weight.astype(mx.float32) + delta).astype(layer.weight.dtype)
+    else:
+        raise LoRAError(f"cannot fuse a LoRA into a {type(layer).__name__}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Names. One table per naming scheme, `{i}` = block index; kohya names are the same with '.' -> '_'.
+
+_BFL_NAMES = [
+    "double_blocks.{i}.img_attn.qkv", "double_blocks.{i}.img_attn.proj", "double_blocks.{i}.img_mlp.0",
+    "double_blocks.{i}.img_mlp.2", "double_blocks.{i}.txt_attn.qkv", "double_blocks.{i}.txt_attn.proj",
+    "double_blocks.{i}.txt_mlp.0", "double_blocks.{i}.txt_mlp.2", "single_blocks.{i}.linear1", "single_blocks.{i}.linear2",
+    "img_in", "txt_in", "time_in.in_layer", "time_in.out_layer", "guidance_in.in_layer", "guidance_in.out_layer",
+    "double_stream_modulation_img.lin", "double_stream_modulation_txt.lin", "single_stream_modulation.lin",
+    "final_layer.linear", "final_layer.adaLN_modulation.1",
+]
+# diffusers module -> (BFL module, part): part 0/1/2 = q/k/v rows of a fused qkv; "swap" = the final
+# adaLN whose output halves are [scale; shift] in diffusers but [shift; scale] in BFL.
+_DIFFUSERS_NAMES = {
+    "transformer_blocks.{i}.attn.to_q": ("double_blocks.{i}.img_attn.qkv", 0),
+    "transformer_blocks.{i}.attn.to_k": ("double_blocks.{i}.img_attn.qkv", 1),
+    "transformer_blocks.{i}.attn.to_v": ("double_blocks.{i}.img_attn.qkv", 2),
+    "transformer_blocks.{i}.attn.add_q_proj": ("double_blocks.{i}.txt_attn.qkv", 0),
+    "transformer_blocks.{i}.attn.add_k_proj": ("double_blocks.{i}.txt_attn.qkv", 1),
+    "transformer_blocks.{i}.attn.add_v_proj": ("double_blocks.{i}.txt_attn.qkv", 2),
+    "transformer_blocks.{i}.attn.to_out.0": ("double_blocks.{i}.img_attn.proj", None),
+    "transformer_blocks.{i}.attn.to_add_out": ("double_blocks.{i}.txt_attn.proj", None),
+    "transformer_blocks.{i}.ff.linear_in": ("double_blocks.{i}.img_mlp.0", None),
+    "transformer_blocks.{i}.ff.linear_out": ("double_blocks.{i}.img_mlp.2", None),
+    "transformer_blocks.{i}.ff_context.linear_in": ("double_blocks.{i}.txt_mlp.0", None),
+    "transformer_blocks.{i}.ff_context.linear_out": ("double_blocks.{i}.txt_mlp.2", None),
+    "single_transformer_blocks.{i}.attn.to_qkv_mlp_proj": ("single_blocks.{i}.linear1", None),
+    "single_transformer_blocks.{i}.attn.to_out": ("single_blocks.{i}.linear2", None),
+    "x_embedder": ("img_in", None),
+    "context_embedder": ("txt_in", None),
+    "time_guidance_embed.timestep_embedder.linear_1": ("time_in.in_layer", None),
+    "time_guidance_embed.timestep_embedder.linear_2": ("time_in.out_layer", None),
+    "time_guidance_embed.guidance_embedder.linear_1": ("guidance_in.in_layer", None),
+    "time_guidance_embed.guidance_embedder.linear_2": ("guidance_in.out_layer", None),
+    "double_stream_modulation_img.linear": ("double_stream_modulation_img.lin", None),
+    "double_stream_modulation_txt.linear": ("double_stream_modulation_txt.lin", None),
+    "single_stream_modulation.linear": ("single_stream_modulation.lin", None),
+    "proj_out": ("final_layer.linear", None),
+    "norm_out.linear": ("final_layer.adaLN_modulation.1", "swap"),
+}
+
+
+def _pattern(template: str, sep: str = ".") -> re.Pattern:
+    return re.compile("^" + re.escape(template.replace(".", sep)).replace(r"\{i\}", r"(\d+)") + "$")
+
+
+# (regex, BFL template, part); dotted names first, then their kohya underscore forms.
+_NAME_RULES = (
+    [(_pattern(t), t, None) for t in _BFL_NAMES]
+    + [(_pattern(d), b, part) for d, (b, part) in _DIFFUSERS_NAMES.items()]
+    + [(_pattern(t, "_"), t, None) for t in _BFL_NAMES]
+    + [(_pattern(d, "_"), b, part) for d, (b, part) in _DIFFUSERS_NAMES.items()]
+)
+_PREFIXES = ("base_model.model.", "model.diffusion_model.", "diffusion_model.", "transformer.", "unet.",
+             "lora_unet_", "lora_transformer_")
+_KEY = re.compile(r"^(?P<mod>.+?)\.(?P<kind>lora_A|lora_B|lora_down|lora_up)(?:\.(?P<adapter>[^.]+))?\.weight$|^(?P<amod>.+)\.alpha$")
+
+
+def _to_bfl(module: str) -> tuple[str, int | str | None] | None:
+    """File module name (any prefix, dotted or kohya) -> (BFL module, part)."""
+    for p in _PREFIXES:
+        if module.startswith(p):
+            module = module[len(p) :]
+            break
+    for rx, template, part in _NAME_RULES:
+        m = rx.match(module)
+        if m:
+            return template.replace("{i}", m.group(1)) if m.groups() else template, part
+    return None
+
+
+def _from_bfl(name: str) -> tuple[str, str]:
+    """BFL module -> (template, block index or '')."""
+    for t in _BFL_NAMES:
+        m = _pattern(t).match(name)
+        if m:
+            return t, (m.group(1) if m.groups() else "")
+    raise LoRAError(f"{name!r} is not a FLUX.2 transformer linear layer")
+
+
+# ----------------------------------------------------------------------------------------------
+# LoRA weights independent of the model: {BFL module: LoRAWeights}
+
+
+@dataclass
+class LoRAWeights:
+    A: mx.array  # [rank, in] (lora_A / lora_down)
+    B: mx.array  # [out, rank] (lora_B / lora_up)
+    alpha: float  # the effective scale is alpha / rank
+
+    @property
+    def rank(self) -> int:
+        return self.A.shape[0]
+
+    def delta(self) -> mx.array:
+        return (self.B.astype(mx.float32) @ self.A.astype(mx.float32)) * (self.alpha / self.rank)
+
+
+@dataclass
+class LoadedLoRA:
+    """What load_lora put into the model."""
+
+    paths: list[str]
+    rank: int
+    alpha: float
+    targets: str | None
+    metadata: dict = field(default_factory=dict)
+    skipped: list[str] = field(default_factory=list)
+
+
+def lora_weights(model) -> dict[str, LoRAWeights]:
+    """The trainable LoRA of a model in file layout (whole-layer A/B, raw alpha)."""
+    out = {}
+    for path, m in lora_layers(model):
+        if m.trainable:
+            a, b = m.full_factors()
+            out[_bfl_name(path)] = LoRAWeights(a, b, m.alpha)
+    return out
+
+
+def _peft_alphas(metadata: dict) -> tuple[float | None, dict, bool]:
+    """lora_alpha, alpha_pattern and use_rslora from diffusers' `lora_adapter_metadata` JSON."""
+    raw = metadata.get("lora_adapter_metadata")
+    if not raw:
+        return None, {}, False
+    try:
+        cfg = json.loads(raw)
+    except json.JSONDecodeError:
+        raise LoRAError("safetensors metadata 'lora_adapter_metadata' is not valid JSON") from None
+    cfg = {k.removeprefix("transformer."): v for k, v in cfg.items()}
+    if cfg.get("use_dora"):
+        raise LoRAError("this is a DoRA adapter (use_dora=true), which mflux2 does not load")
+    return cfg.get("lora_alpha"), cfg.get("alpha_pattern") or {}, bool(cfg.get("use_rslora"))
+
+
+def _pattern_alpha(module: str, patterns: dict) -> float | None:
+    for pat, a in patterns.items():  # PEFT: a pattern matches the module name or its dotted suffix
+        if re.fullmatch(rf"(.*\.)?{pat}", module):
+            return a
+    return None
+
+
+def parse_lora(tensors: dict[str, mx.array], metadata: dict | None = None, source: str = "LoRA") -> tuple[dict[str, LoRAWeights], list[str]]:
+    """Any supported layout -> ({BFL module: LoRAWeights}, keys not understood).
+
+    Split q/k/v (diffusers) are fused: a shared A (what our diffusers writer and diffusers' own
+    ai-toolkit conversion produce) gives A and concatenated B rows; independent A's (PEFT training on
+    to_q/to_k/to_v) give A stacked [3r, in] and B block-diagonal [3D, 3r]. Alpha comes from `.alpha`
+    keys, else from diffusers' adapter metadata, else alpha = rank (scale 1). mflux2's own files with
+    alpha folded into B are unfolded with the alpha recorded in the metadata."""
+    metadata = dict(metadata or {})
+    meta_alpha, alpha_pattern, rslora = _peft_alphas(metadata)
+    groups: dict[tuple[str, object], dict] = {}
+    unknown = []
+    for key, value in tensors.items():
+        m = _KEY.match(key)
+        module = m and (m.group("mod") or m.group("amod"))
+        target = _to_bfl(module) if module else None
+        if target is None:
+            unknown.append(key)
+            continue
+        g = groups.setdefault(target, {"module": module})
+        kind = m.group("kind") or "alpha"
+        kind = {"lora_down": "lora_A", "lora_up": "lora_B"}.get(kind, kind)
+        if kind in g:
+            raise LoRAError(f"{source}: two tensors for {target[0]} {kind} (e.g. {key}) — several adapters in one file?")
+        g[kind] = value
+    parts: dict[str, dict] = {}
+    for (name, part), g in groups.items():
+        if "lora_A" not in g or "lora_B" not in g:
+            missing = "lora_B/lora_up" if "lora_A" in g else "lora_A/lora_down"
+            raise LoRAError(f"{source}: module {g['module']} has no {missing} tensor")
+        a, b = g["lora_A"].astype(mx.float32), g["lora_B"].astype(mx.float32)
+        if a.ndim != 2 or b.ndim != 2 or b.shape[1] != a.shape[0]:
+            raise LoRAError(f"{source}: {g['module']} has lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)}, which do not multiply")
+        rank = a.shape[0]
+        if "alpha" in g:
+            alpha = float(g["alpha"].astype(mx.float32).reshape(-1)[0].item())
+        else:
+            peft_alpha = _pattern_alpha(g["module"], alpha_pattern)
+            peft_alpha = meta_alpha if peft_alpha is None else peft_alpha
+            # PEFT scale is lora_alpha/r, or lora_alpha/sqrt(r) with rsLoRA; no alpha at all means scale 1
+            alpha = float(rank) if peft_alpha is None else float(peft_alpha) * (math.sqrt(rank) if rslora else 1.0)
+        if part == "swap":
+            top, bottom = mx.split(b, 2, axis=0)
+            b, part = mx.concatenate([bottom, top], axis=0), None
+        parts.setdefault(name, {})[part] = LoRAWeights(a, b, alpha)
+    for name, p in parts.items():
+        if None in p and len(p) > 1:
+            raise LoRAError(f"{source}: {name} has both a fused qkv LoRA and split q/k/v LoRAs — two adapters in one file?")
+    out = {name: (p[None] if None in p else _merge_qkv(p)) for name, p in parts.items()}
+
+    if metadata.get("software") == "mflux2" and metadata.get("alpha_folded") == "true":
+        try:
+            train_alpha = float(metadata.get("alpha", ""))
+        except ValueError:
+            train_alpha = None
+        if train_alpha:  # B was saved as B·alpha/rank: restore the trained B and alpha
+            out = {k: LoRAWeights(w.A, w.B * (w.rank / train_alpha), train_alpha) for k, w in out.items()}
+    return out, unknown
+
+
+def _merge_qkv(parts: dict[int, LoRAWeights]) -> LoRAWeights:
+    ws = [parts[i] for i in sorted(parts)]
+    d = ws[0].B.shape[0]
+    if len(ws) == 3 and all(mx.array_equal(w.A, ws[0].A).item() for w in ws[1:]):
+        if len({w.alpha / w.rank for w in ws}) == 1:
+            return LoRAWeights(ws[0].A, mx.concatenate([w.B for w in ws], axis=0), ws[0].alpha)
+        return LoRAWeights(ws[0].A, mx.concatenate([w.B * (w.alpha / w.rank) for w in ws], axis=0), float(ws[0].rank))
+    # independent A's: stack them and place each B on the diagonal (rank = sum of ranks, scale folded)
+    a = mx.concatenate([w.A for w in ws], axis=0)
+    b = mx.zeros((3 * d, a.shape[0]))
+    col = 0
+    for i in sorted(parts):
+        w = parts[i]
+        b[i * d : (i + 1) * d, col : col + w.rank] = w.B * (w.alpha / w.rank)
+        col += w.rank
+    return LoRAWeights(a, b, float(a.shape[0]))
+
+
+def to_file_tensors(weights: dict[str, LoRAWeights], format: str = "bfl", dtype: mx.Dtype = mx.float32) -> tuple[dict[str, mx.array], bool]:
+    """{BFL module: LoRAWeights} -> (file tensors, alpha folded into B).
+
+    bfl: `diffusion_model.<BFL name>.lora_A/B.weight`; diffusers: `transformer.<diffusers name>...`
+    with q/k/v split (A shared, B rows chunked in 3); both fold alpha/rank into B because their
+    loaders take scale = 1 without an alpha. kohya: `lora_unet_<name with _>.lora_down/up.weight` and
+    `.alpha` (scale = alpha / rank, fused q/k/v kept)."""
+    if format not in FORMATS:
+        raise LoRAError(f"unknown LoRA format {format!r}; choose one of {', '.join(FORMATS)}")
+    out = {}
+    for name, w in weights.items():
+        _from_bfl(name)  # validates the name
+        fold = w.alpha / w.rank
+        if format == "kohya":
+            k = "lora_unet_" + name.replace(".", "_")
+            out[f"{k}.lora_down.weight"] = w.A.astype(dtype)
+            out[f"{k}.lora_up.weight"] = w.B.astype(dtype)
+            out[f"{k}.alpha"] = mx.array(w.alpha, dtype=mx.float32)
+            continue
+        b = w.B * fold if fold != 1.0 else w.B
+        if format == "bfl":
+            out[f"diffusion_model.{name}.lora_A.weight"] = w.A.astype(dtype)
+            out[f"diffusion_model.{name}.lora_B.weight"] = b.astype(dtype)
+            continue
+        template, i = _from_bfl(name)
+        for dname, (btemplate, part) in _DIFFUSERS_NAMES.items():
+            if btemplate != template:
+                continue
+            dname = "transformer." + dname.replace("{i}", i)
+            if part == "swap":
+                top, bottom = mx.split(b, 2, axis=0)
+                bp = mx.concatenate([bottom, top], axis=0)
+            elif part is not None:
+                n = b.shape[0] // 3
+                bp = b[part * n : (part + 1) * n]
+            else:
+                bp = b
+            out[f"{dname}.lora_A.weight"] = w.A.astype(dtype)
+            out[f"{dname}.lora_B.weight"] = bp.astype(dtype)
+    return out, format != "kohya"
+
+
+def _summary(weights: dict[str, LoRAWeights]) -> tuple[str, str]:
+    """rank and alpha for the metadata: the common value, or 'mixed'."""
+    ranks = {w.rank for w in weights.values()}
+    alphas = {w.alpha for w in weights.values()}
+    return (str(ranks.pop()) if len(ranks) == 1 else "mixed"), (repr(alphas.pop()) if len(alphas) == 1 else "mixed")
+
+
+def write_lora(path: str | Path, weights: dict[str, LoRAWeights], format: str = "bfl", metadata: dict | None = None,
+               dtype: mx.Dtype = mx.float32) -> Path:
+    """Write a LoRA file atomically (temp file + os.replace). Metadata values are stored as strings."""
+    if not weights:
+        raise LoRAError("no LoRA layers to save")
+    tensors, folded = to_file_tensors(weights, format, dtype)
+    rank, alpha = _summary(weights)
+    meta = {k: str(v) for k, v in (metadata or {}).items() if v is not None}
+    meta.update({"format": "pt", "software": "mflux2", "lora_format": format, "rank": rank, "alpha": alpha,
+                 "alpha_folded": "true" if folded else "false"})
+    if format == "kohya":
+        meta.update({"ss_network_dim": rank, "ss_network_alpha": alpha})
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.safetensors")  # mlx appends .safetensors otherwise
+    try:
+        mx.save_safetensors(str(tmp), tensors, metadata=meta)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def read_lora(path: str | Path, strict: bool = True) -> tuple[dict[str, LoRAWeights], dict]:
+    """Read any supported LoRA file -> ({BFL module: LoRAWeights}, safetensors metadata)."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise LoRAError(f"{path}: no such LoRA file")
+    try:
+        tensors, metadata = mx.load(str(path), format="safetensors", return_metadata=True)
+    except Exception as e:  # mlx raises RuntimeError/ValueError with a long text
+        raise LoRAError(f"{path}: cannot read safetensors ({str(e).splitlines()[0]})") from None
+    weights, unknown = parse_lora(tensors, metadata, source=str(path))
+    _report(path, unknown, strict, "key(s) not understood", "not a FLUX.2 LoRA, or LoKr/LoHa/DoRA, which mflux2 does not load")
+    if not weights:
+        raise LoRAError(f"{path}: no LoRA tensors found")
+    return weights, metadata
+
+
+def _report(source, keys, strict: bool, what: str, why: str) -> None:
+    if not keys:
+        return
+    keys = sorted(keys)
+    few = ", ".join(keys[:3]) + (f" (+{len(keys) - 3} more)" if len(keys) > 3 else "")
+    if strict:
+        raise LoRAError(f"{source}: {len(keys)} {what}: {few} — {why}; pass strict=False to skip them")
+    warnings.warn(f"{source}: skipping {len(keys)} {what}: {', '.join(keys)}", stacklevel=3)
+
+
+def convert_lora(src: str | Path, dst: str | Path, format: str = "bfl", dtype: mx.Dtype | None = None, strict: bool = True) -> Path:
+    """Rewrite a LoRA file in another layout; no model needed (shapes come from the file)."""
+    weights, metadata = read_lora(src, strict=strict)
+    if dtype is None:  # keep the source precision
+        dtype = next((v.dtype for v in mx.load(str(src), format="safetensors").values() if v.ndim == 2), mx.float32)
+        dtype = dtype if dtype in (mx.float32, mx.float16, mx.bfloat16) else mx.float32
+    # alpha conventions are rewritten by write_lora; drop the source's own alpha records
+    keep = {k: v for k, v in metadata.items() if k not in ("lora_adapter_metadata", "format") and not k.startswith("ss_network_")}
+    return write_lora(dst, weights, format, keep, dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# Model-level save / load
+
+
+def save_lora(path: str | Path, model, format: str = "bfl", metadata: dict | None = None, dtype: mx.Dtype = mx.float32) -> Path:
+    """Save the model's trainable LoRA. `metadata` (e.g. base_model, trigger_word, training_steps) is
+    stored as strings next to rank, alpha and targets. Default layout: BFL names, `diffusion_model.`
+    prefix, lora_A/lora_B, alpha folded into B (ai-toolkit; ComfyUI, diffusers and mflux read it)."""
+    weights = lora_weights(model)
+    if not weights:
+        raise LoRAError("the model has no trainable LoRA layers: call apply_lora or load_lora(trainable=True) first")
+    meta = dict(metadata or {})
+    targets = {m.targets for _, m in lora_layers(model) if m.trainable}
+    meta.setdefault("targets", targets.pop() if len(targets) == 1 and None not in targets else "custom")
+    if "base_model" not in meta and hasattr(model, "config"):
+        meta["base_model"] = variant_of(model.config) or "custom"
+    return write_lora(path, weights, format, meta, dtype)
+
+
+def load_lora(model, path: str | Path, scale: float = 1.0, trainable: bool = False, strict: bool = True) -> LoadedLoRA:
+    """Add a LoRA file to the model (any supported layout). Repeat for several LoRAs: each stacks on
+    top with its own `scale`. `trainable=True` continues training it (restores rank, alpha, targets and
+    the single-block ranges of mflux2's `attention` target). Unknown keys and layers this model lacks
+    raise one line (strict) or are listed in a warning (strict=False); a shape mismatch always raises."""
+    weights, metadata = read_lora(path, strict=strict)
+    if trainable and any(m.trainable for _, m in lora_layers(model)):
+        raise LoRAError("the model already has a trainable LoRA: call remove_lora(model) first")
+    absent = [k for k in weights if _get(model, k) is None]
+    _report(path, absent, strict, "LoRA layer(s) absent from this model", "a LoRA for another FLUX.2 variant?")
+    targets = metadata.get("targets") if metadata.get("software") == "mflux2" else None
+    spec = target_spec(model, targets) if trainable and targets in TARGETS else {}
+    placed = []
+    for name, w in weights.items():
+        layer = _get(model, name)
+        if layer is None:
+            continue
+        n_in, n_out = _dims(layer)
+        if (w.B.shape[0], w.A.shape[1]) != (n_out, n_in):
+            raise LoRAError(f"{path}: shape mismatch for {name}: LoRA delta ({w.B.shape[0]}, {w.A.shape[1]}), "
+                            f"model layer ({n_out}, {n_in}) — a LoRA for another model?")
+        a, b = w.A, w.B
+        out_range, in_range = spec.get(name, (None, None))
+        if out_range:
+            b = _inside(b, 0, out_range, path, name)
+        if in_range:
+            a = _inside(a, 1, in_range, path, name)
+        lora = LoRALinear(layer, w.rank, w.alpha, 0.0, scale, out_range, in_range, trainable=trainable,
+                          targets=targets if trainable else None)
+        lora.lora_A, lora.lora_B = a.astype(mx.float32), b.astype(mx.float32)
+        if not trainable:
+            lora.freeze()
+        _set(model, name, lora)
+        placed.append(name)
+    if trainable:
+        freeze_for_lora(model)
+    mx.eval([m.parameters() for _, m in lora_layers(model)])
+    common = lambda values: Counter(values).most_common(1)[0][0] if placed else 0  # noqa: E731
+    return LoadedLoRA(placed, common(weights[k].rank for k in placed), float(common(weights[k].alpha for k in placed)),
+                      targets, metadata, absent)
+
+
+def _inside(x: mx.array, axis: int, rng: tuple[int, int], path, name) -> mx.array:
+    """Slice a factor to the LoRA's range; what lies outside must be zero (the file pads it)."""
+    lo, hi = rng
+    outside = mx.concatenate([x[:lo], x[hi:]], axis=0) if axis == 0 else mx.concatenate([x[:, :lo], x[:, hi:]], axis=1)
+    if outside.size and mx.any(outside != 0).item():
+        raise LoRAError(f"{path}: {name} changes weights outside its 'attention' range {lo}:{hi}; load it with trainable=False")
+    return x[lo:hi] if axis == 0 else x[:, lo:hi]

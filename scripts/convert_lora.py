@@ -1,0 +1,48 @@
+#!/usr/bin/env python3
+"""Convert a FLUX.2 LoRA file between layouts (no model needed: shapes come from the file).
+
+    python scripts/convert_lora.py in.safetensors out.safetensors --format bfl|diffusers|kohya
+
+Reads ai-toolkit/BFL, diffusers/PEFT, kohya/musubi and mflux2 files. `bfl` (the default) writes
+`diffusion_model.<BFL module>.lora_A/B.weight` with alpha folded into B (ai-toolkit, ComfyUI,
+diffusers, mflux); `diffusers` writes `transformer.*` names with q/k/v split; `kohya` writes
+`lora_unet_*` lora_down/lora_up plus `.alpha`. See docs/lora.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+import mlx.core as mx  # noqa: E402
+
+from mflux2.lora import FORMATS, LoRAError, convert_lora  # noqa: E402
+
+DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("src", help="input LoRA .safetensors")
+    ap.add_argument("dst", help="output .safetensors (written atomically)")
+    ap.add_argument("--format", choices=FORMATS, default="bfl", help="output layout (default: bfl)")
+    ap.add_argument("--dtype", choices=sorted(DTYPES), help="output precision (default: that of the input)")
+    ap.add_argument("--lenient", action="store_true", help="skip keys that are not FLUX.2 LoRA tensors (listed as a warning)")
+    args = ap.parse_args(argv)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            out = convert_lora(args.src, args.dst, args.format, DTYPES.get(args.dtype), strict=not args.lenient)
+    except LoRAError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"wrote {out} ({args.format})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
