@@ -598,22 +598,14 @@ class Flux2Pipeline:
         sigmas = sampling.get_sigmas(steps, n)
         img_ids = image_ids(height, width)
         model = self.transformer
-        dtype = model.dtype
         out = []
         bar = tqdm(total=steps * b, desc="denoising", unit="step", disable=not progress, leave=False)
-        for i in range(b):
-            x = latents[i : i + 1]
-            guid = mx.array([guidance], dtype=mx.float32) if self.guidance_embeds else None
-            for s in range(steps):
-                t = mx.array([sigmas[s]], dtype=mx.float32)
-                v = model(x.astype(dtype), embeds[i : i + 1].astype(dtype), t, img_ids, txt_ids[i : i + 1], guid)
-                if cfg:
-                    v_neg = model(x.astype(dtype), neg_embeds[i : i + 1].astype(dtype), t, img_ids, neg_ids[i : i + 1], None)
-                    v = sampling.cfg_combine(v.astype(mx.float32), v_neg.astype(mx.float32), guidance)
-                x = sampling.euler_step(x, v, sigmas[s], sigmas[s + 1])
-                mx.eval(x)
-                bar.update(1)
-            out.append(x)
+        for i in range(b):  # one image at a time: image i depends only on its own noise
+            neg = (neg_embeds[i : i + 1], neg_ids[i : i + 1]) if cfg else (None, None)
+            out.append(sampling.denoise(
+                model, latents[i : i + 1], embeds[i : i + 1], txt_ids[i : i + 1], img_ids, sigmas,
+                guidance=guidance if self.guidance_embeds else None, neg_embeds=neg[0], neg_txt_ids=neg[1],
+                cfg_scale=guidance if cfg else None, on_step=lambda: bar.update(1)))
         bar.close()
         if output_type == "latent":
             return [x[0] for x in out]

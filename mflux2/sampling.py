@@ -101,3 +101,27 @@ def unpack_grid(tokens: mx.array, height: int, width: int) -> mx.array:
     if n != h * w:
         raise ValueError(f"{n} tokens do not fit a {width}x{height} image ({h}x{w} = {h * w} tokens expected)")
     return tokens.transpose(0, 2, 1).reshape(b, c, h, w)
+
+
+def denoise(model, x: mx.array, embeds: mx.array, txt_ids: mx.array, img_ids: mx.array, sigmas: list[float],
+            guidance: float | None = None, neg_embeds: mx.array | None = None, neg_txt_ids: mx.array | None = None,
+            cfg_scale: float | None = None, on_step=None) -> mx.array:
+    """Euler sampling from packed noise x [B, N, 128] along `sigmas`: one forward per step, with dev's
+    embedded `guidance`, or real CFG (`cfg_scale`) against `neg_embeds`. Latents stay float32; one
+    evaluation per step. Shared by the pipeline and the trainer's validation images."""
+    dtype = model.dtype
+    b = x.shape[0]
+    x = x.astype(mx.float32)
+    guid = mx.full((b,), guidance, dtype=mx.float32) if guidance is not None else None
+    embeds = embeds.astype(dtype)
+    for s in range(len(sigmas) - 1):
+        t = mx.full((b,), sigmas[s], dtype=mx.float32)
+        v = model(x.astype(dtype), embeds, t, img_ids, txt_ids, guid)
+        if cfg_scale is not None:
+            v_neg = model(x.astype(dtype), neg_embeds.astype(dtype), t, img_ids, neg_txt_ids, None)
+            v = cfg_combine(v.astype(mx.float32), v_neg.astype(mx.float32), cfg_scale)
+        x = euler_step(x, v, sigmas[s], sigmas[s + 1])
+        mx.eval(x)
+        if on_step is not None:
+            on_step()
+    return x

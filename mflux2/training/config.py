@@ -221,6 +221,7 @@ class ValidationPrompt:
     is_512: bool = _f(True)
     is_1024: bool = _f(False)
     seed: int | None = _f(None, ge=0)  # overrides validation.seed
+    sizes: list[int] | None = _f(None, item_check=_check_resolution)  # ours: square sizes, replaces is_512/is_1024
 
     IGNORED: ClassVar[dict[str, str]] = {
         "reference_image": "image-to-image validation is not supported by mflux2",

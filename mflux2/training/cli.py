@@ -1,0 +1,108 @@
+"""`mflux2-train config.yaml [overrides]` — the command-line face of the trainer."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import traceback
+import warnings
+
+OVERRIDES = {  # CLI flag -> config key path
+    "max_steps": "training.max_steps",
+    "output": "checkpoints.output",
+    "learning_rate": "training.learning_rate",
+    "batch_size": "training.batch_size",
+    "rank": "lora.rank",
+    "save_every": "checkpoints.save_every",
+    "seed": "training.seed",
+    "model_path": "model.path",
+    "dataset": "dataset.path",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="mflux2-train", description="Train a FLUX.2 LoRA from a YAML config.")
+    ap.add_argument("config", help="the YAML config (see configs/ and docs/training.md)")
+    ap.add_argument("--print-config", action="store_true", help="print the fully resolved config and exit")
+    ap.add_argument("--max-steps", type=int)
+    ap.add_argument("--output", help="output folder (checkpoints.output)")
+    ap.add_argument("--learning-rate", type=float)
+    ap.add_argument("--batch-size", type=int)
+    ap.add_argument("--rank", type=int)
+    ap.add_argument("--save-every", type=int)
+    ap.add_argument("--seed", type=int)
+    ap.add_argument("--model-path", help="local FLUX.2 model folder (model.path)")
+    ap.add_argument("--dataset", help="dataset folder or HF dataset id (dataset.path)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override any config key, e.g. --set loss.weighting=bell_shaped (YAML value syntax)")
+    g = ap.add_mutually_exclusive_group()
+    g.add_argument("--resume", metavar="CHECKPOINT", help="resume from this checkpoint folder")
+    g.add_argument("--no-resume", action="store_true", help="start fresh even if the output folder has checkpoints")
+    ap.add_argument("--debug", action="store_true", help="show full tracebacks")
+    return ap
+
+
+def main(argv=None) -> int:
+    import yaml
+
+    from mflux2.training.config import ConfigError, load_config
+
+    args = build_parser().parse_args(argv)
+    overrides = {key: getattr(args, flag) for flag, key in OVERRIDES.items() if getattr(args, flag) is not None}
+    for item in args.set:
+        if "=" not in item:
+            print(f"mflux2-train: error: --set {item!r}: expected KEY=VALUE", file=sys.stderr)
+            return 2
+        k, v = item.split("=", 1)
+        overrides[k.strip()] = yaml.safe_load(v)
+    warnings.simplefilter("default")
+    warnings.formatwarning = lambda msg, cat, *a, **k: f"warning: {msg}\n"
+    try:
+        cfg = load_config(args.config, overrides)
+        if args.print_config:
+            print(cfg.dump_yaml(), end="")
+            return 0
+        from mflux2.training.trainer import Trainer
+
+        resume = False if args.no_resume else (args.resume or True)
+        Trainer(cfg, resume=resume).run()
+        return 0
+    except KeyboardInterrupt:
+        print("\nmflux2-train: aborted (the last complete checkpoint is kept)", file=sys.stderr)
+        return 130
+    except Exception as e:  # one line for expected problems, a traceback with --debug
+        if args.debug:
+            traceback.print_exc()
+        known = _known_errors()
+        if isinstance(e, known):
+            print(f"mflux2-train: error: {e}", file=sys.stderr)
+            return 1
+        if not args.debug:
+            print(f"mflux2-train: internal error: {type(e).__name__}: {e} (run with --debug for the traceback)", file=sys.stderr)
+        return 1
+
+
+def _known_errors() -> tuple:
+    from mflux2.hub import ModelLoadError
+    from mflux2.training.config import ConfigError
+    from mflux2.training.trainer import TrainingError
+    from mflux2.weights import WeightsError
+
+    errors = [ConfigError, TrainingError, WeightsError, ModelLoadError, FileNotFoundError, PermissionError]
+    try:
+        from mflux2.training.data import DataError
+
+        errors.append(DataError)
+    except ImportError:
+        pass
+    try:
+        from mflux2.lora import LoRAError
+
+        errors.append(LoRAError)
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,195 @@
+"""Everything the trainer writes: atomic files, checkpoints, metrics, the learning curve.
+
+A checkpoint is complete when its folder exists under its final name: it is assembled in
+`checkpoint_NNNNNN.partial/` and renamed in one `os.replace`, so a crash at any moment leaves either
+the previous complete checkpoints or a `.partial` folder that is never taken for a checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+CHECKPOINT_RE = re.compile(r"^checkpoint_(\d{6,})$")
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: str | Path, write) -> None:
+    """Write through `write(tmp_path)` into a temp file beside `path`, fsync, then rename over it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # The temp name keeps the target's suffix: mx.save_safetensors appends ".safetensors" otherwise.
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{path.suffix}", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+def checkpoint_dirs(output: Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints, oldest first."""
+    if not output.is_dir():
+        return []
+    found = []
+    for p in output.iterdir():
+        m = CHECKPOINT_RE.match(p.name)
+        if m and p.is_dir() and (p / "training_state.json").exists():
+            found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def latest_checkpoint(output: Path) -> Path | None:
+    dirs = checkpoint_dirs(output)
+    return dirs[-1][1] if dirs else None
+
+
+def commit_checkpoint(partial: Path, final: Path, keep_last: int | None = None) -> None:
+    """Publish a fully written `.partial` folder under its final name, then prune old ones."""
+    for f in partial.iterdir():
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+    _fsync_dir(partial)
+    if final.exists():  # re-saving the same step (e.g. .checkpoint right after a scheduled save)
+        old = final.with_name(final.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+        os.replace(partial, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(partial, final)
+    _fsync_dir(final.parent)
+    if keep_last:
+        for _, p in checkpoint_dirs(final.parent)[:-keep_last]:
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def clean_partials(output: Path) -> list[Path]:
+    """Remove leftovers of interrupted checkpoint writes."""
+    removed = []
+    if output.is_dir():
+        for p in output.iterdir():
+            if p.is_dir() and (p.name.endswith(".partial") or p.name.endswith(".old")) and p.name.startswith("checkpoint_"):
+                shutil.rmtree(p, ignore_errors=True)
+                removed.append(p)
+    return removed
+
+
+class MetricsLog:
+    """`metrics.jsonl`: one JSON object per logged step. Lines after `step` are dropped on resume so
+    a resumed run's log reads as if it had never stopped."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def truncate_after(self, step: int) -> None:
+        if not self.path.exists():
+            return
+        keep = []
+        for line in self.path.read_text(encoding="utf-8").splitlines():
+            try:
+                if json.loads(line).get("step", 0) <= step:
+                    keep.append(line)
+            except json.JSONDecodeError:
+                continue  # a line cut by a crash
+        atomic_write_text(self.path, "".join(l + "\n" for l in keep))
+
+    def append(self, record: dict) -> None:
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def read(self) -> list[dict]:
+        if not self.path.exists():
+            return []
+        out = []
+        for line in self.path.read_text(encoding="utf-8").splitlines():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                pass
+        return out
+
+
+def moving_average(values: list[float], window: int) -> list[float]:
+    out, acc = [], 0.0
+    for i, v in enumerate(values):
+        acc += v
+        if i >= window:
+            acc -= values[i - window]
+        out.append(acc / min(i + 1, window))
+    return out
+
+
+def learning_curve_svg(series: dict[str, tuple[list[int], list[float]]], window: int = 20, title: str = "loss") -> str:
+    """A self-contained SVG line chart: each series raw (faint) and its moving average (solid)."""
+    w, h, pad_l, pad_r, pad_t, pad_b = 760, 360, 64, 150, 28, 40
+    colours = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e"]
+    pts = [(s, v) for steps, vals in series.values() for s, v in zip(steps, vals) if np.isfinite(v)]
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" viewBox="0 0 {w} {h}" '
+             'font-family="sans-serif" font-size="12">',
+             f'<rect width="{w}" height="{h}" fill="white"/>',
+             f'<text x="{pad_l}" y="18" font-size="14">{title}</text>']
+    if not pts:
+        parts.append(f'<text x="{w / 2}" y="{h / 2}" text-anchor="middle">no data yet</text></svg>')
+        return "\n".join(parts)
+    x0, x1 = min(p[0] for p in pts), max(p[0] for p in pts)
+    vals = np.array([p[1] for p in pts])
+    y0, y1 = float(np.percentile(vals, 1)), float(np.percentile(vals, 99))
+    if y1 <= y0:
+        y0, y1 = y0 - 0.5, y1 + 0.5
+    x1 = x1 if x1 > x0 else x0 + 1
+    sx = lambda s: pad_l + (s - x0) / (x1 - x0) * (w - pad_l - pad_r)  # noqa: E731
+    sy = lambda v: pad_t + (1 - (min(max(v, y0), y1) - y0) / (y1 - y0)) * (h - pad_t - pad_b)  # noqa: E731
+    parts.append(f'<rect x="{pad_l}" y="{pad_t}" width="{w - pad_l - pad_r}" height="{h - pad_t - pad_b}" fill="none" stroke="#999"/>')
+    for i in range(5):
+        v = y0 + (y1 - y0) * i / 4
+        parts.append(f'<text x="{pad_l - 6}" y="{sy(v) + 4:.1f}" text-anchor="end">{v:.4g}</text>')
+        parts.append(f'<line x1="{pad_l}" x2="{w - pad_r}" y1="{sy(v):.1f}" y2="{sy(v):.1f}" stroke="#eee"/>')
+    for i in range(5):
+        s = x0 + (x1 - x0) * i / 4
+        parts.append(f'<text x="{sx(s):.1f}" y="{h - pad_b + 16}" text-anchor="middle">{int(round(s))}</text>')
+    parts.append(f'<text x="{(w - pad_r + pad_l) / 2}" y="{h - 6}" text-anchor="middle">step</text>')
+    for i, (name, (steps, values)) in enumerate(series.items()):
+        c = colours[i % len(colours)]
+        good = [(s, v) for s, v in zip(steps, values) if np.isfinite(v)]
+        if not good:
+            continue
+        raw = " ".join(f"{sx(s):.1f},{sy(v):.1f}" for s, v in good)
+        avg = moving_average([v for _, v in good], window)
+        smooth = " ".join(f"{sx(s):.1f},{sy(v):.1f}" for (s, _), v in zip(good, avg))
+        parts.append(f'<polyline fill="none" stroke="{c}" stroke-opacity="0.25" points="{raw}"/>')
+        parts.append(f'<polyline fill="none" stroke="{c}" stroke-width="2" points="{smooth}"/>')
+        ly = pad_t + 16 + 34 * i
+        parts.append(f'<line x1="{w - pad_r + 10}" x2="{w - pad_r + 30}" y1="{ly}" y2="{ly}" stroke="{c}" stroke-width="2"/>')
+        parts.append(f'<text x="{w - pad_r + 34}" y="{ly + 4}">{name}</text>')
+        parts.append(f'<text x="{w - pad_r + 34}" y="{ly + 18}" fill="#666">avg of {window}</text>')
+    parts.append("</svg>")
+    return "\n".join(parts)

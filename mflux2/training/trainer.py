@@ -1,0 +1,610 @@
+"""`mflux2-train`: the training run from a validated config to `lora_final.safetensors`.
+
+Order of work: resolve the model → scan the data → fill the latent and text caches (the VAE and text
+encoder are loaded only if something is missing, and the text encoder is released afterwards) → load
+the transformer, add LoRA → baseline images → the lazy, compiled loop (one `mx.eval` per step) with
+checkpoints, validation images, control files and early stopping → final LoRA.
+Semantics of every option: shared/spec/training.md; the output tree: docs/training.md.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.optimizers as optim
+import numpy as np
+from mlx.utils import tree_flatten, tree_unflatten
+from tqdm import tqdm
+
+from mflux2 import lora as lora_mod
+from mflux2.training import data as data_mod
+from mflux2.training.cache import DiskCache, weights_identity
+from mflux2.training.config import TrainConfig, config_hash, resume_signature
+from mflux2.training.outputs import (
+    MetricsLog,
+    atomic_write,
+    atomic_write_text,
+    checkpoint_dirs,
+    clean_partials,
+    commit_checkpoint,
+    latest_checkpoint,
+    learning_curve_svg,
+)
+from mflux2.training.step import Batch, StepConfig, TrainStep
+
+MAX_CONSECUTIVE_NONFINITE = 5
+
+
+class TrainingError(RuntimeError):
+    """A run cannot start or continue. One actionable line."""
+
+
+# ------------------------------------------------------------------------------------------------
+# Model
+
+
+def open_model(cfg: TrainConfig, transformer_quantization: str | None = None):
+    """A lazily loading Flux2Pipeline for the configured model (local folder/file, converted folder,
+    or hub id), its variant checked against `model.name`."""
+    from mflux2.pipeline import Flux2Pipeline
+
+    te_quant = None if cfg.model.quantization == "bf16" else cfg.model.quantization
+    return Flux2Pipeline.from_pretrained(
+        cfg.model.path or cfg.model.name, variant=cfg.model.name, dtype=mx.bfloat16,
+        quantize=transformer_quantization, text_encoder_quantize=te_quant, low_memory=True,
+    )
+
+
+def defaults_variant(pipe) -> str:
+    """Whose per-model defaults apply: the preset, or the family's smallest for a custom model."""
+    return pipe.variant or {"klein": "klein-4b", "klein-base": "klein-base-4b", "dev": "dev"}[pipe.family]
+
+
+# ------------------------------------------------------------------------------------------------
+# Prompts
+
+
+@dataclass
+class ValidationItem:
+    index: int
+    prompt: str
+    width: int
+    height: int
+    seed: int
+    with_trigger: bool
+
+
+def validation_items(cfg: TrainConfig) -> list[ValidationItem]:
+    """Each configured prompt at each requested size; prompts with apply_trigger get a trigger and a
+    no-trigger version side by side, so DOP (the class without the trigger) can be judged by eye."""
+    items: list[ValidationItem] = []
+    trigger = cfg.dataset.trigger_word
+    for p in cfg.validation.prompts:
+        variants = [(p.prompt, False)]
+        if p.apply_trigger and trigger:
+            variants = [(data_mod.apply_trigger(p.prompt, trigger), True), (p.prompt, False)]
+        sizes = list(p.sizes) if p.sizes else ([512] if p.is_512 else []) + ([1024] if p.is_1024 else [])
+        for text, with_trigger in variants:
+            for s in sizes:
+                if any(it.prompt == text and it.width == s for it in items):
+                    continue  # the no-trigger twin may also be listed explicitly
+                items.append(ValidationItem(len(items), text, s, s, p.seed if p.seed is not None else cfg.validation.seed, with_trigger))
+    return items
+
+
+# ------------------------------------------------------------------------------------------------
+# The run
+
+
+@dataclass
+class RunState:
+    step: int = 0
+    elapsed_s: float = 0.0
+    skipped_nonfinite: int = 0
+    history: list = field(default_factory=list)  # [step, loss, main, pres]
+    val_history: list = field(default_factory=list)  # [step, val_loss]
+    early_stop: dict = field(default_factory=dict)
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, resume: str | Path | bool | None = True, log=print):
+        self.cfg = cfg
+        self.log = log
+        self.output = Path(cfg.checkpoints.output)
+        self.resume = resume
+        self.counts = {"vae_encode": 0, "text_encode": 0}  # tests check cache reuse with these
+        self._stop_requested = False
+        self._sigint_count = 0
+
+    # ---------------- setup ----------------
+    def _check_output(self):
+        try:
+            self.output.mkdir(parents=True, exist_ok=True)
+            probe = self.output / ".write_probe"
+            probe.write_text("ok")
+            probe.unlink()
+        except OSError as e:
+            raise TrainingError(f"output folder {self.output} is not writable ({e.strerror}); set checkpoints.output") from None
+
+    def _find_resume(self) -> Path | None:
+        if self.resume is False:
+            return None
+        if isinstance(self.resume, (str, Path)):
+            p = Path(self.resume)
+            if not (p / "training_state.json").exists():
+                raise TrainingError(f"--resume {p}: not a complete checkpoint folder (no training_state.json)")
+            return p
+        return latest_checkpoint(self.output)
+
+    def _load_components(self):
+        self.pipe = pipe = open_model(self.cfg)
+        self.cfg.resolve_model_defaults(defaults_variant(pipe))
+        self.vae_id = weights_identity(pipe.source.vae)
+        self.te_id = weights_identity(pipe.source.text_encoder, {"quant": pipe.text_encoder_quantize,
+                                                                  **{k: list(v) if isinstance(v, tuple) else v
+                                                                     for k, v in pipe.text_encoder_options.items()}})
+
+    # ---------------- caches ----------------
+    def _fill_caches(self, samples, val_samples, prompts: list[str]):
+        lat_cache = DiskCache(self.output / ".latent_cache", self.vae_id)
+        txt_cache = DiskCache(self.output / ".text_cache", self.te_id)
+        self.lat_cache, self.txt_cache = lat_cache, txt_cache
+        todo = [s for s in samples + val_samples if not lat_cache.has(self._lat_key(s))]
+        if todo:
+            vae = self.pipe.vae
+            for s in tqdm(todo, desc="caching latents", unit="img", dynamic_ncols=True):
+                img = data_mod.load_image_for_bucket(s.path, s.bucket)
+                tokens = vae.pack(vae.encode(mx.array(img)[None]))[0]
+                self.counts["vae_encode"] += 1
+                lat_cache.put(self._lat_key(s), {"latents": tokens.astype(mx.float32)})
+        missing = [p for p in dict.fromkeys(prompts) if not txt_cache.has(txt_cache.key(p))]
+        if missing:
+            te = self.pipe.text_encoder
+            for p in tqdm(missing, desc="caching text embeddings", unit="prompt", dynamic_ncols=True):
+                embeds, _ = te.encode([p])
+                self.counts["text_encode"] += 1
+                txt_cache.put(txt_cache.key(p), {"prompt_embeds": embeds[0]})
+        self.pipe.release("text_encoder")  # training runs from the cache alone
+
+    def _lat_key(self, s):
+        return self.lat_cache.key(s.content_hash, list(s.bucket))
+
+    def _embeds(self, prompt: str) -> mx.array:
+        got = self.txt_cache.get(self.txt_cache.key(prompt))
+        if got is None:
+            raise TrainingError(f"text cache entry for {prompt!r} vanished from {self.txt_cache.folder}; restart to rebuild it")
+        return got["prompt_embeds"]
+
+    def _latents(self, s) -> mx.array:
+        got = self.lat_cache.get(self._lat_key(s))
+        if got is None:
+            raise TrainingError(f"latent cache entry for {s.path} vanished from {self.lat_cache.folder}; restart to rebuild it")
+        return got["latents"]
+
+    # ---------------- model ----------------
+    def _load_transformer(self):
+        q = self.cfg.model.transformer_quantization
+        if q == "auto":
+            from mflux2.training.memory import choose_quantization
+
+            q = choose_quantization(self.cfg, self.pipe.source, log=self.log)
+        self.pipe.quantize = None if q == "bf16" else q
+        model = self.pipe.transformer
+        self.transformer_quantization = q
+        lcfg = self.cfg.lora
+        lora_mod.apply_lora(model, rank=lcfg.rank, alpha=float(lcfg.alpha), targets=lcfg.target_layers, dropout=lcfg.dropout)
+        lora_mod.freeze_for_lora(model)
+        model.set_gradient_checkpointing(self.cfg.memory.checkpoint_every)
+        model.train()
+        return model
+
+    def _optimizer(self, total_steps: int):
+        t = self.cfg.training
+        warm = min(t.warmup_steps, max(total_steps - 1, 0))
+        lr = t.learning_rate
+        rest = max(total_steps - warm, 1)
+        main = {
+            "constant": lambda: lr,
+            "cosine": lambda: optim.cosine_decay(lr, rest, end=lr * 0.0),
+            "linear": lambda: optim.linear_schedule(lr, 0.0, rest),
+        }[t.lr_scheduler]()
+        if warm > 0:
+            tail = main if callable(main) else (lambda _s, v=main: mx.array(v, mx.float32))
+            schedule = optim.join_schedules([optim.linear_schedule(lr / warm, lr, warm), tail], [warm])
+        else:
+            schedule = main
+        opt_cls = {"adamw": optim.AdamW, "lion": optim.Lion}[t.optimizer]
+        return opt_cls(learning_rate=schedule, weight_decay=t.weight_decay)
+
+    # ---------------- checkpoints ----------------
+    def _lora_metadata(self, step: int) -> dict:
+        return {
+            "rank": str(self.cfg.lora.rank), "alpha": str(self.cfg.lora.alpha), "targets": self.cfg.lora.target_layers,
+            "base_model": self.pipe.variant or "custom", "trigger_word": self.cfg.dataset.trigger_word or "",
+            "training_steps": str(step), "software": "mflux2",
+        }
+
+    def _save_lora(self, path: Path, step: int):
+        """The LoRA file; with EMA on, the averaged weights are what gets saved."""
+        with lora_mod.swapped_parameters(self.model, self.ema) if self.ema is not None else contextlib.nullcontext():
+            lora_mod.save_lora(path, self.model, metadata=self._lora_metadata(step))
+
+    def save_checkpoint(self, state: RunState, with_images: bool = True):
+        name = f"checkpoint_{state.step:06d}"
+        final = self.output / name
+        partial = self.output / (name + ".partial")
+        import shutil
+
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+        self._save_lora(partial / "lora.safetensors", state.step)
+        arrays = {f"optimizer.{k}": v for k, v in tree_flatten(self.optimizer.state)}
+        arrays.update({f"params.{k}": v for k, v in tree_flatten(self.model.trainable_parameters())})
+        if self.ema is not None:
+            arrays.update({f"ema.{k}": v for k, v in tree_flatten(self.ema)})
+        mx.save_safetensors(str(partial / "optimizer_state.safetensors"), arrays)
+        if with_images:
+            self._validation_images(partial, state.step)
+        tstate = {
+            "step": state.step, "elapsed_s": state.elapsed_s, "skipped_nonfinite": state.skipped_nonfinite,
+            "sampler": self.sampler.state_dict(), "rng": _rng_state(self.rng),
+            "history": state.history, "val_history": state.val_history, "early_stop": state.early_stop,
+            "config_hash": config_hash(self.cfg), "resume_signature": resume_signature(self.cfg),
+            "dataset_fingerprint": self.dataset_fingerprint, "transformer_quantization": self.transformer_quantization,
+        }
+        (partial / "training_state.json").write_text(json.dumps(tstate))
+        commit_checkpoint(partial, final, keep_last=self.cfg.checkpoints.keep_last or None)
+        self._write_curve(state)
+        self.log(f"saved {final}")
+        return final
+
+    def _restore(self, ckpt: Path, state: RunState):
+        tstate = json.loads((ckpt / "training_state.json").read_text())
+        if tstate.get("config_hash") != config_hash(self.cfg):
+            old = tstate.get("resume_signature", {})
+            new = resume_signature(self.cfg)
+            diff = [k for k in new if old.get(k) != new.get(k)]
+            raise TrainingError(
+                f"{ckpt}: the config changed in a way that breaks resuming ({', '.join(diff) or 'model/LoRA'}: "
+                f"{', '.join(f'{old.get(k)!r} → {new.get(k)!r}' for k in diff)}); use --no-resume or another checkpoints.output"
+            )
+        arrays = mx.load(str(ckpt / "optimizer_state.safetensors"))
+        pick = lambda prefix: [(k[len(prefix):], v) for k, v in arrays.items() if k.startswith(prefix)]  # noqa: E731
+        self.model.update(tree_unflatten(pick("params.")))
+        opt_state = tree_unflatten(pick("optimizer."))
+        self.optimizer.state = opt_state
+        if self.ema is not None and pick("ema."):
+            self.ema = tree_unflatten(pick("ema."))
+        self.sampler.load_state_dict(tstate["sampler"])
+        _set_rng_state(self.rng, tstate["rng"])
+        state.step = tstate["step"]
+        state.elapsed_s = tstate.get("elapsed_s", 0.0)
+        state.skipped_nonfinite = tstate.get("skipped_nonfinite", 0)
+        state.history = tstate.get("history", [])
+        state.val_history = tstate.get("val_history", [])
+        state.early_stop = tstate.get("early_stop", {})
+        mx.eval(self.model.trainable_parameters(), self.optimizer.state)
+        self.log(f"resumed from {ckpt} at step {state.step}")
+
+    def _write_curve(self, state: RunState):
+        if not self.cfg.checkpoints.learning_curve or not state.history:
+            return
+        h = np.array(state.history, dtype=np.float64)
+        series = {"loss (main)": (h[:, 0].astype(int).tolist(), h[:, 2].tolist())}
+        dop = h[h[:, 3] > 0]
+        if len(dop):
+            series["DOP preservation"] = (dop[:, 0].astype(int).tolist(), dop[:, 3].tolist())
+        if state.val_history:
+            v = np.array(state.val_history)
+            series["validation"] = (v[:, 0].astype(int).tolist(), v[:, 1].tolist())
+        svg = learning_curve_svg(series, self.cfg.checkpoints.learning_curve_smoothing_window, title="training loss")
+        atomic_write_text(self.output / "learning_curve.svg", svg)
+
+    # ---------------- validation ----------------
+    def _validation_images(self, folder: Path, step: int):
+        if not self.val_items:
+            return
+        from mflux2 import sampling
+
+        self.model.eval()
+        for it in self.val_items:
+            n = sampling.image_seq_len(it.height, it.width)
+            neg = self._embeds("")[None] if self.val_cfg_scale else None
+            x = sampling.denoise(self.model, sampling.initial_noise(it.seed, 1, it.height, it.width),
+                                 self._embeds(it.prompt)[None], self.txt_ids, self._img_ids((it.width, it.height)),
+                                 sampling.get_sigmas(self.cfg.validation.steps, n), guidance=self.val_guidance,
+                                 neg_embeds=neg, neg_txt_ids=self.txt_ids, cfg_scale=self.val_cfg_scale)
+            pil = self.pipe.decode(x, it.height, it.width)[0]
+            path = folder / f"prompt_{it.index}_{it.width}x{it.height}.png"
+            atomic_write(path, lambda tmp: pil.save(tmp, format="PNG"))
+        self.model.train()
+        self._update_progression(folder, step)
+
+    def _update_progression(self, folder: Path, step: int):
+        """`progression/prompt_<i>_<W>x<H>.png`: baseline then every checkpoint, left to right."""
+        from PIL import Image, ImageDraw
+
+        prog = self.output / "progression"
+        prog.mkdir(exist_ok=True)
+        for it in self.val_items:
+            name = f"prompt_{it.index}_{it.width}x{it.height}.png"
+            frames = []
+            base = self.output / "baseline" / name
+            if base.exists():
+                frames.append(("base", base))
+            for s, d in checkpoint_dirs(self.output):
+                if (d / name).exists() and s != step:
+                    frames.append((str(s), d / name))
+            if (folder / name).exists() and folder.name != "baseline":
+                frames.append((str(step), folder / name))
+            if not frames:
+                continue
+            thumb = 256 if it.width >= 256 else it.width
+            strip = Image.new("RGB", (thumb * len(frames), thumb + 18), "white")
+            draw = ImageDraw.Draw(strip)
+            for i, (label, p) in enumerate(frames):
+                with Image.open(p) as im:
+                    strip.paste(im.convert("RGB").resize((thumb, thumb)), (i * thumb, 18))
+                draw.text((i * thumb + 4, 3), f"step {label}" if label != "base" else "baseline", fill="black")
+            atomic_write(prog / name, lambda tmp: strip.save(tmp, format="PNG"))
+        listing = [{"index": it.index, "prompt": it.prompt, "trigger": it.with_trigger, "size": [it.width, it.height],
+                    "seed": it.seed} for it in self.val_items]
+        atomic_write_text(prog / "prompts.json", json.dumps(listing, indent=1))
+
+    def _validation_loss(self, step_fn: TrainStep) -> float:
+        """Mean main loss over the validation set at fixed timesteps/noise (same every evaluation)."""
+        losses = []
+        for i, s in enumerate(self.val_samples):
+            batch = Batch(self._latents(s)[None], self._embeds(s.caption)[None], self._img_ids(s.bucket), self.txt_ids)
+            loss, _ = step_fn.plain_loss(self.model, batch, mx.random.key(10_000 + i))
+            losses.append(loss)
+        mx.eval(losses)
+        return float(np.mean([l.item() for l in losses]))
+
+    def _img_ids(self, bucket):
+        from mflux2.models.vae import image_ids
+
+        w, h = bucket
+        if (w, h) not in self._ids_cache:
+            self._ids_cache[(w, h)] = image_ids(h, w)
+        return self._ids_cache[(w, h)]
+
+    # ---------------- control ----------------
+    def _on_sigint(self, signum, frame):
+        self._sigint_count += 1
+        if self._sigint_count >= 2:
+            raise KeyboardInterrupt
+        self._stop_requested = True
+        self.log("\nCtrl-C: stopping after this step with a final checkpoint (press again to abort)")
+
+    def _control(self, state: RunState) -> str | None:
+        """Look at the control files between steps. Returns 'stop' or None."""
+        out = self.output
+        if (out / ".stop").exists() or self._stop_requested:
+            (out / ".stop").unlink(missing_ok=True)
+            return "stop"
+        if (out / ".checkpoint").exists():
+            self.save_checkpoint(state, with_images=True)
+            (out / ".checkpoint").unlink(missing_ok=True)
+        if (out / ".pause").exists():
+            self.save_checkpoint(state, with_images=False)
+            self.log(f"paused: remove {out / '.pause'} to continue")
+            t0 = time.time()
+            while (out / ".pause").exists() and not self._stop_requested:
+                time.sleep(0.5)
+                if (out / ".stop").exists():
+                    break
+            self._pause_s += time.time() - t0
+        return None
+
+    # ---------------- the run ----------------
+    def run(self) -> Path:
+        cfg = self.cfg
+        self._check_output()
+        clean_partials(self.output)
+        ckpt = self._find_resume()
+        self._load_components()
+        self.samples = data_mod.scan_dataset(cfg)
+        self.val_samples = data_mod.scan_dataset(cfg, validation=True) if cfg.dataset.validation_path else []
+        self.dataset_fingerprint = hashlib.sha256(
+            json.dumps(sorted((s.content_hash, s.caption, list(s.bucket)) for s in self.samples)).encode()).hexdigest()[:16]
+        self.val_items = validation_items(cfg)
+        self.val_guidance = cfg.validation.guidance if self.pipe.guidance_embeds else None
+        # real CFG only for klein-base (distilled klein and dev run one pass per step)
+        self.val_cfg_scale = cfg.validation.guidance if self.pipe.family == "klein-base" and cfg.validation.guidance > 1.0 else None
+        dop = cfg.loss.diff_output_preservation
+        prompts = [s.caption for s in self.samples + self.val_samples]
+        if dop:
+            prompts += [s.dop_caption for s in self.samples]
+        prompts += [it.prompt for it in self.val_items]
+        prompts.append("")  # caption dropout and CFG's negative prompt
+        self._fill_caches(self.samples, self.val_samples, prompts)
+        self.txt_ids = _text_ids(self._embeds("").shape[0])
+        self._ids_cache = {}
+
+        total = cfg.training.max_steps or math.ceil(len(self.samples) / cfg.training.batch_size) * cfg.training.epochs
+        self.model = self._load_transformer()
+        self.optimizer = self._optimizer(total)
+        self.ema = None
+        if cfg.ema.enabled:
+            self.ema = _tree_copy(self.model.trainable_parameters())
+        step_fn = TrainStep(self.model, self.optimizer, StepConfig(
+            timestep_sampling=cfg.loss.timestep_sampling, logit_normal_mean=cfg.loss.logit_normal_mean,
+            logit_normal_std=cfg.loss.logit_normal_std, flux_shift=cfg.loss.flux_shift, weighting=cfg.loss.weighting,
+            dop_multiplier=cfg.loss.diff_output_preservation_multiplier,
+            guidance=1.0 if self.pipe.guidance_embeds else None,
+            max_grad_norm=cfg.training.max_grad_norm or None, compile=cfg.memory.compile_training,
+        ), grad_accumulation=cfg.training.gradient_accumulation)
+        self.sampler = data_mod.BatchSampler(self.samples, cfg.training.batch_size, cfg.training.seed)
+        self.rng = np.random.default_rng(cfg.training.seed)
+        state = RunState()
+        metrics = MetricsLog(self.output / "metrics.jsonl")
+        if ckpt is not None:
+            self._restore(ckpt, state)
+            metrics.truncate_after(state.step)
+        elif self.val_items and not (self.output / "baseline").exists():
+            base = self.output / "baseline.partial"
+            base.mkdir(exist_ok=True)
+            self._validation_images(base, 0)
+            import os
+
+            os.replace(base, self.output / "baseline")
+            self._update_progression(self.output / "baseline", 0)
+
+        dop_every = cfg.loss.diff_output_preservation_every_n_steps or 1
+        save_every = cfg.checkpoints.save_every
+        val_every = cfg.validation.every_n_steps if cfg.validation.every_n_steps is not None else save_every
+        log_every = cfg.training.log_every_n_steps
+        eval_every = cfg.training.eval_every_n_steps
+        self._pause_s = 0.0
+        prev_handler = signal.signal(signal.SIGINT, self._on_sigint)
+        bar = tqdm(total=total, initial=state.step, desc="training", unit="step", dynamic_ncols=True)
+        smooth = None
+        consecutive_bad = 0
+        reason = "finished"
+        try:
+            while state.step < total:
+                if self._control(state) == "stop":
+                    reason = "stopped"
+                    break
+                t0 = time.perf_counter()
+                idx = next(self.sampler)
+                chosen = [self.samples[i] for i in idx]
+                captions = [s.caption if self.rng.random() >= cfg.training.caption_dropout else "" for s in chosen]
+                is_dop = dop and state.step % dop_every == 0
+                batch = Batch(
+                    latents=mx.stack([self._latents(s) for s in chosen]),
+                    prompt_embeds=mx.stack([self._embeds(c) for c in captions]),
+                    img_ids=self._img_ids(chosen[0].bucket), txt_ids=self.txt_ids,
+                    dop_embeds=mx.stack([self._embeds(s.dop_caption) for s in chosen]) if is_dop else None,
+                )
+                key = mx.random.key(cfg.training.seed * 1_000_003 + state.step)
+                out = step_fn(batch, key, dop=is_dop)
+                if self.ema is not None and out["applied"]:
+                    d = cfg.ema.decay
+                    self.ema = _tree_lerp(self.ema, self.model.trainable_parameters(), d)
+                mx.eval(out["loss"], out["main"], out["pres"], out["finite"], out["grad_norm"], step_fn.state_arrays(),
+                        self.ema if self.ema is not None else [])
+                dt = time.perf_counter() - t0
+                state.step += 1
+                state.elapsed_s += dt
+                loss = out["loss"].item()
+                if not out["finite"].item():
+                    state.skipped_nonfinite += 1
+                    consecutive_bad += 1
+                    if consecutive_bad >= MAX_CONSECUTIVE_NONFINITE:
+                        state.step -= 1
+                        self.save_checkpoint(state, with_images=False)
+                        raise TrainingError(
+                            f"loss was not finite for {consecutive_bad} steps in a row (step {state.step + 1}); the last good "
+                            f"state is saved. Lower training.learning_rate (now {cfg.training.learning_rate}) or check the data"
+                        )
+                    continue
+                consecutive_bad = 0
+                main, pres = out["main"].item(), out["pres"].item()
+                state.history.append([state.step, loss, main, pres if is_dop else 0.0])
+                smooth = loss if smooth is None else 0.9 * smooth + 0.1 * loss
+                mem = mx.get_active_memory() / 1e9
+                bar.set_postfix(loss=f"{smooth:.4f}", s_it=f"{dt:.2f}", mem=f"{mem:.1f}GB", refresh=False)
+                bar.update(1)
+                if state.step % log_every == 0 or state.step == total:
+                    metrics.append({"step": state.step, "loss": loss, "main_loss": main, "dop_loss": pres if is_dop else None,
+                                    "t_mean": out["t_mean"].item(), "lr": float(self.optimizer.learning_rate.item()),
+                                    "grad_norm": out["grad_norm"].item(), "step_time_s": dt, "memory_gb": round(mem, 3),
+                                    "peak_memory_gb": round(mx.get_peak_memory() / 1e9, 3),
+                                    "skipped_nonfinite": state.skipped_nonfinite})
+                if self.val_samples and state.step % eval_every == 0:
+                    vl = self._validation_loss(step_fn)
+                    state.val_history.append([state.step, vl])
+                    metrics.append({"step": state.step, "val_loss": vl})
+                if self._early_stop(state, eval_every):
+                    reason = "early-stopped"
+                    break
+                if save_every and state.step % save_every == 0 and state.step < total:
+                    self.save_checkpoint(state, with_images=bool(val_every) and state.step % val_every == 0)
+        finally:
+            bar.close()
+            signal.signal(signal.SIGINT, prev_handler)
+        final_ckpt = self.save_checkpoint(state, with_images=bool(self.val_items))
+        final = self.output / "lora_final.safetensors"
+        self._save_lora(final, state.step)
+        self.log(f"{reason} at step {state.step}: {final} (checkpoint {final_ckpt.name}); "
+                 f"{state.skipped_nonfinite} non-finite steps skipped")
+        self.result = {"reason": reason, "step": state.step, "lora": final}
+        return final
+
+    # ---------------- early stopping ----------------
+    def _early_stop(self, state: RunState, eval_every: int) -> bool:
+        es = self.cfg.early_stop
+        if not (es.enabled or es.on_overfit or es.on_val_stagnation) or state.step % eval_every:
+            return False
+        st = state.early_stop
+        window = self.cfg.checkpoints.learning_curve_smoothing_window
+        recent = [h[2] for h in state.history[-window:]]
+        if not recent:
+            return False
+        train = float(np.mean(recent))
+        if es.enabled:
+            best = st.get("best_train", math.inf)
+            if train < best * (1 - es.min_delta):
+                st["best_train"], st["stale"] = train, 0
+            else:
+                st["stale"] = st.get("stale", 0) + 1
+            if st["stale"] >= es.patience:
+                self.log(f"early stop: training loss has not improved by {es.min_delta:.0%} for {es.patience} evaluations")
+                return True
+        if state.val_history and state.val_history[-1][0] == state.step:
+            val = state.val_history[-1][1]
+            if es.on_overfit:
+                st["gap_count"] = st.get("gap_count", 0) + 1 if val - train > es.max_gap else 0
+                if st["gap_count"] >= es.gap_patience:
+                    self.log(f"early stop: validation loss exceeds training loss by more than {es.max_gap} (overfitting)")
+                    return True
+            if es.on_val_stagnation:
+                best = st.get("best_val", math.inf)
+                if val < best * (1 - es.min_val_improvement):
+                    st["best_val"], st["val_stale"] = val, 0
+                else:
+                    st["val_stale"] = st.get("val_stale", 0) + 1
+                if st["val_stale"] >= es.val_patience:
+                    self.log("early stop: validation loss stopped improving")
+                    return True
+        return False
+
+
+# ------------------------------------------------------------------------------------------------
+# helpers
+
+
+def _text_ids(length: int) -> mx.array:
+    ids = np.zeros((length, 4), np.float32)
+    ids[:, 3] = np.arange(length)
+    return mx.array(ids)
+
+
+def _tree_copy(tree):
+    from mlx.utils import tree_map
+
+    return tree_map(lambda x: mx.array(x), tree)
+
+
+def _tree_lerp(ema, params, decay):
+    from mlx.utils import tree_map
+
+    return tree_map(lambda e, p: decay * e + (1 - decay) * p.astype(e.dtype), ema, params)
+
+
+def _rng_state(rng: np.random.Generator) -> dict:
+    return rng.bit_generator.state
+
+
+def _set_rng_state(rng: np.random.Generator, state: dict) -> None:
+    rng.bit_generator.state = state

@@ -1,0 +1,163 @@
+#!/usr/bin/env python3
+"""Time mflux2's real training step (the `TrainStep` the trainer runs) on random weights.
+
+    python scripts/benchmark.py --model klein-4b --resolution 512 --rank 32 --targets attention
+    python scripts/benchmark.py --model dev --base int8 --checkpointing 1 --mode dop-every --dop-every 8
+    python scripts/benchmark.py --tiny          # CPU smoke run (CI)
+
+Weights are random, initialised and quantised block by block, so dev's 32B never needs its 64 GB of
+bf16 at once. Prints one JSON line: median s/step over the timed steps (after warm-up), peak memory
+(mx.get_peak_memory), tokens/s, and achieved TFLOP/s from the FLOP count it prints.
+
+FLOP count: a step of a frozen base needs the forward and the input-gradient half of the backward
+(no weight gradients for the base): 2 × the forward's linear-layer FLOPs + 3 × its attention FLOPs,
+plus the LoRA matmuls (forward, input and weight gradients: 3 × theirs). Each DOP step adds the
+prior forward and the second (preservation) pass.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+from mlx.utils import tree_flatten, tree_map
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from mflux2.lora import apply_lora  # noqa: E402
+from mflux2.models.transformer import QUANT_BITS, Flux2Transformer, TransformerConfig, preset, quantize_predicate  # noqa: E402
+from mflux2.training.step import Batch, StepConfig, TrainStep  # noqa: E402
+
+TINY = TransformerConfig(num_layers=2, num_single_layers=2, num_attention_heads=4, attention_head_dim=32,
+                         joint_attention_dim=96, axes_dims_rope=(8, 8, 8, 8))
+
+
+def random_transformer(config: TransformerConfig, dtype=mx.bfloat16, base: str = "bf16", group_size: int = 64) -> Flux2Transformer:
+    """Random weights (the lazy default init), materialised and quantised one block at a time."""
+    model = Flux2Transformer(config)
+    top = [(m, False) for m in model.children().values() if isinstance(m, nn.Module)]
+    blocks = [(m, base != "bf16") for m in model.double_blocks + model.single_blocks]
+    for unit, quantize in top + blocks:
+        unit.update(tree_map(lambda a: a.astype(dtype), unit.parameters()))
+        if quantize:
+            nn.quantize(unit, group_size=group_size, bits=QUANT_BITS[base], class_predicate=quantize_predicate(group_size))
+        mx.eval(unit.parameters())
+    return model
+
+
+def step_flops(cfg: TransformerConfig, n_img: int, n_txt: int, batch: int, rank: int, n_lora_inputs: int) -> dict:
+    d, m, ctx = cfg.hidden_size, cfg.mlp_hidden, cfg.joint_attention_dim
+    n = n_img + n_txt
+    double_stream = 3 * d * d + d * d + 2 * m * d + m * d  # per token, one stream
+    lin = 2 * batch * (
+        cfg.num_layers * double_stream * n
+        + cfg.num_single_layers * ((3 * d + 2 * m) * d + (d + m) * d) * n
+        + n_img * cfg.in_channels * d + n_txt * ctx * d + n_img * d * cfg.in_channels
+    )
+    attn = 2 * batch * 2 * n * n * d * (cfg.num_layers + cfg.num_single_layers)
+    lora = 2 * batch * n * rank * n_lora_inputs  # n_lora_inputs = Σ (in + out) over LoRA layers, per token
+    forward = lin + attn + lora
+    train = 2 * lin + 3 * attn + 3 * lora
+    return {"forward": forward, "train_plain": train, "train_dop": train * 2 + forward}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="klein-4b", help="klein-4b | klein-9b | dev (and klein-base-*)")
+    ap.add_argument("--tiny", action="store_true", help="a tiny random model, for CPU smoke runs")
+    ap.add_argument("--resolution", type=int, default=512)
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--text-len", type=int, default=512)
+    ap.add_argument("--rank", type=int, default=32)
+    ap.add_argument("--targets", default="attention")
+    ap.add_argument("--mode", default="plain", choices=["plain", "dop", "dop-every"])
+    ap.add_argument("--dop-every", type=int, default=4)
+    ap.add_argument("--dop-unbatched", action="store_true", help="DOP as three passes instead of main+pres batched")
+    ap.add_argument("--checkpointing", type=int, default=0, help="checkpoint every n-th block (0 = off)")
+    ap.add_argument("--base", default="bf16", choices=["bf16", "int8", "int4"])
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+
+    mx.random.seed(args.seed)
+    if args.tiny:
+        cfg, args.resolution, args.text_len = TINY, min(args.resolution, 128), min(args.text_len, 32)
+    else:
+        cfg = preset(args.model)
+    if args.resolution % 16:
+        ap.error("--resolution must be a multiple of 16")
+    dtype = mx.bfloat16
+    t0 = time.perf_counter()
+    model = random_transformer(cfg, dtype, args.base)
+    wrapped = apply_lora(model, rank=args.rank, alpha=float(args.rank), targets=args.targets)
+    model.set_gradient_checkpointing(args.checkpointing)
+    lora_io = sum(sum(p.shape) for k, p in tree_flatten(model.trainable_parameters()) if k.endswith("lora_A") or k.endswith("lora_A.weight"))
+    load_s = time.perf_counter() - t0
+
+    side = args.resolution // 16
+    n_img, b = side * side, args.batch
+    g = (1.0 if cfg.guidance_embeds else None)
+    step = TrainStep(model, optim.AdamW(learning_rate=1e-4, weight_decay=1e-4),
+                     StepConfig(guidance=g, dop_batched=not args.dop_unbatched, compile=not args.no_compile))
+    rows = mx.arange(side, dtype=mx.float32)
+    img_ids = mx.stack(mx.meshgrid(rows, rows, indexing="ij"), -1).reshape(-1, 2)
+    img_ids = mx.concatenate([mx.zeros((n_img, 1)), img_ids, mx.zeros((n_img, 1))], axis=1)
+    txt_ids = mx.concatenate([mx.zeros((args.text_len, 3)), mx.arange(args.text_len, dtype=mx.float32)[:, None]], axis=1)
+    batch = Batch(
+        latents=mx.random.normal((b, n_img, cfg.in_channels)).astype(dtype),
+        prompt_embeds=mx.random.normal((b, args.text_len, cfg.joint_attention_dim)).astype(dtype),
+        img_ids=img_ids, txt_ids=txt_ids,
+        dop_embeds=mx.random.normal((b, args.text_len, cfg.joint_attention_dim)).astype(dtype),
+    )
+    mx.eval(batch.latents, batch.prompt_embeds, batch.dop_embeds)
+
+    def is_dop(i):
+        return args.mode == "dop" or (args.mode == "dop-every" and i % args.dop_every == 0)
+
+    times, losses = [], []
+    mx.reset_peak_memory()
+    key = mx.random.key(args.seed)
+    for i in range(args.warmup + args.steps):
+        key, sub = mx.random.split(key)
+        t = time.perf_counter()
+        out = step(batch, sub, dop=is_dop(i))
+        mx.eval(out["loss"], step.state_arrays())
+        dt = time.perf_counter() - t
+        if i >= args.warmup:
+            times.append(dt)
+            losses.append(out["loss"].item())
+
+    fl = step_flops(cfg, n_img, args.text_len, b, args.rank, lora_io)
+    n_dop = sum(is_dop(i) for i in range(args.warmup, args.warmup + args.steps))
+    flops = (fl["train_plain"] * (args.steps - n_dop) + fl["train_dop"] * n_dop) / args.steps
+    med = statistics.median(times)
+    result = {
+        "model": "tiny" if args.tiny else args.model, "resolution": args.resolution, "batch": b, "rank": args.rank,
+        "targets": args.targets, "mode": args.mode, "dop_every": args.dop_every if args.mode == "dop-every" else None,
+        "dop_batched": not args.dop_unbatched, "checkpointing": args.checkpointing, "base": args.base,
+        "compiled": not args.no_compile, "lora_layers": len(wrapped),
+        "median_s_per_step": round(med, 5), "mean_s_per_step": round(statistics.mean(times), 5),
+        "peak_memory_gb": round(mx.get_peak_memory() / 1e9, 3),
+        "tokens_per_s": round(b * (n_img + args.text_len) / med, 1),
+        "tflop_per_step": round(flops / 1e12, 4), "tflops_achieved": round(flops / med / 1e12, 2),
+        "loss_finite": all(l == l for l in losses), "setup_s": round(load_s, 1),
+        "device": str(mx.default_device()), "mlx": mx.__version__, "machine": platform.machine(),
+        "date": date.today().isoformat(),
+    }
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()
