@@ -126,7 +126,7 @@ class TrainStep:
         return norm, finite
 
     def _build(self, kind: str, dop: bool):
-        state = [self.model.state, self.optimizer.state]
+        state = [self.model.state, self.optimizer.state, mx.random.state]  # random: LoRA dropout
         grad_fn = self._grad_fn(dop)
 
         # mx.compile takes trees of arrays: the Batch travels as a dict.

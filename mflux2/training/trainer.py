@@ -21,7 +21,7 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.optimizers as optim
 import numpy as np
-from mlx.utils import tree_flatten, tree_unflatten
+from mlx.utils import tree_flatten, tree_map_with_path, tree_unflatten
 from tqdm import tqdm
 
 from mflux2 import lora as lora_mod
@@ -115,9 +115,10 @@ class RunState:
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, resume: str | Path | bool | None = True, log=print):
+    def __init__(self, cfg: TrainConfig, resume: str | Path | bool | None = True, log=print, on_step=None):
         self.cfg = cfg
         self.log = log
+        self.on_step = on_step  # called as on_step(trainer, step) after each completed step (tests, tools)
         self.output = Path(cfg.checkpoints.output)
         self.resume = resume
         self.counts = {"vae_encode": 0, "text_encode": 0}  # tests check cache reuse with these
@@ -200,6 +201,7 @@ class Trainer:
         model = self.pipe.transformer
         self.transformer_quantization = q
         lcfg = self.cfg.lora
+        mx.random.seed(self.cfg.training.seed)  # LoRA A's initialisation
         lora_mod.apply_lora(model, rank=lcfg.rank, alpha=float(lcfg.alpha), targets=lcfg.target_layers, dropout=lcfg.dropout)
         lora_mod.freeze_for_lora(model)
         model.set_gradient_checkpointing(self.cfg.memory.checkpoint_every)
@@ -279,10 +281,14 @@ class Trainer:
         arrays = mx.load(str(ckpt / "optimizer_state.safetensors"))
         pick = lambda prefix: [(k[len(prefix):], v) for k, v in arrays.items() if k.startswith(prefix)]  # noqa: E731
         self.model.update(tree_unflatten(pick("params.")))
-        opt_state = tree_unflatten(pick("optimizer."))
-        self.optimizer.state = opt_state
-        if self.ema is not None and pick("ema."):
-            self.ema = tree_unflatten(pick("ema."))
+        # Fill the already-initialised trees path by path (empty sub-trees, e.g. a LoRA layer's frozen
+        # `base`, do not survive a flat file), in place: mx.compile captures these very dicts.
+        opt_flat = dict(pick("optimizer."))
+        for k, v in tree_map_with_path(lambda path, old: opt_flat[path], self.optimizer.state).items():
+            self.optimizer.state[k] = v
+        if self.ema is not None:
+            ema_flat = dict(pick("ema."))
+            self.ema = tree_map_with_path(lambda path, old: ema_flat[path], self.ema)
         self.sampler.load_state_dict(tstate["sampler"])
         _set_rng_state(self.rng, tstate["rng"])
         state.step = tstate["step"]
@@ -486,7 +492,8 @@ class Trainer:
                     img_ids=self._img_ids(chosen[0].bucket), txt_ids=self.txt_ids,
                     dop_embeds=mx.stack([self._embeds(s.dop_caption) for s in chosen]) if is_dop else None,
                 )
-                key = mx.random.key(cfg.training.seed * 1_000_003 + state.step)
+                key = mx.random.key(cfg.training.seed * 1_000_003 + state.step)  # t and noise
+                mx.random.seed(cfg.training.seed * 1_000_003 + state.step + 1)  # LoRA dropout
                 out = step_fn(batch, key, dop=is_dop)
                 if self.ema is not None and out["applied"]:
                     d = cfg.ema.decay
@@ -525,6 +532,8 @@ class Trainer:
                     vl = self._validation_loss(step_fn)
                     state.val_history.append([state.step, vl])
                     metrics.append({"step": state.step, "val_loss": vl})
+                if self.on_step is not None:
+                    self.on_step(self, state.step)
                 if self._early_stop(state, eval_every):
                     reason = "early-stopped"
                     break
