@@ -10,6 +10,7 @@ Semantics of every option: shared/spec/training.md; the output tree: docs/traini
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import math
@@ -135,6 +136,34 @@ class Trainer:
         except OSError as e:
             raise TrainingError(f"output folder {self.output} is not writable ({e.strerror}); set checkpoints.output") from None
 
+    def _check_disk_space(self, n_images: int, n_prompts: int, n_tokens: int, ctx: int, lora_params: int):
+        """Refuse to start when the caches and the checkpoints we will keep cannot fit on the disk."""
+        import shutil
+
+        cache = n_images * n_tokens * 128 * 4 + n_prompts * 512 * ctx * 2
+        keep = self.cfg.checkpoints.keep_last or max(1, self.total_steps // max(self.cfg.checkpoints.save_every or self.total_steps, 1)) + 1
+        ckpt = lora_params * 4 * 5  # lora file + raw params + two optimiser moments (+ EMA)
+        need = int(1.2 * (cache + keep * ckpt + 2 * lora_params * 4))
+        free = shutil.disk_usage(self.output).free
+        if free < need:
+            raise TrainingError(
+                f"not enough free disk space in {self.output}: about {need / 1e9:.2f} GB needed for caches and "
+                f"{keep} checkpoint(s), {free / 1e9:.2f} GB free — free space, lower checkpoints.keep_last, or set checkpoints.output"
+            )
+
+    def _check_disk_space_for(self, prompts: list[str]):
+        from mflux2.models.transformer import TransformerConfig
+        from mflux2.weights import read_config
+
+        tc = read_config(self.pipe.source.transformer) if self.pipe.source.transformer.is_dir() else None
+        t = TransformerConfig.from_dict(tc) if tc else TransformerConfig()
+        r, d = self.cfg.lora.rank, t.hidden_size
+        per = 12 * t.num_layers + 6 * t.num_single_layers  # attention targets: ~r·D·(12 per double, 6 per single)
+        lora_params = int(r * d * per * (2.5 if self.cfg.lora.target_layers in ("all", "attention_ffn") else 1.0))
+        n_tokens = max((s.bucket[0] // 16) * (s.bucket[1] // 16) for s in self.samples)
+        self._check_disk_space(len(self.samples) + len(self.val_samples), len(set(prompts)), n_tokens,
+                               t.joint_attention_dim, lora_params)
+
     def _find_resume(self) -> Path | None:
         if self.resume is False:
             return None
@@ -158,7 +187,8 @@ class Trainer:
         lat_cache = DiskCache(self.output / ".latent_cache", self.vae_id)
         txt_cache = DiskCache(self.output / ".text_cache", self.te_id)
         self.lat_cache, self.txt_cache = lat_cache, txt_cache
-        todo = [s for s in samples + val_samples if not lat_cache.has(self._lat_key(s))]
+        # get() reads each entry: a truncated or corrupt one is deleted and rebuilt here
+        todo = [s for s in samples + val_samples if lat_cache.get(self._lat_key(s)) is None]
         if todo:
             vae = self.pipe.vae
             for s in tqdm(todo, desc="caching latents", unit="img", dynamic_ncols=True):
@@ -166,7 +196,7 @@ class Trainer:
                 tokens = vae.pack(vae.encode(mx.array(img)[None]))[0]
                 self.counts["vae_encode"] += 1
                 lat_cache.put(self._lat_key(s), {"latents": tokens.astype(mx.float32)})
-        missing = [p for p in dict.fromkeys(prompts) if not txt_cache.has(txt_cache.key(p))]
+        missing = [p for p in dict.fromkeys(prompts) if txt_cache.get(txt_cache.key(p)) is None]
         if missing:
             te = self.pipe.text_encoder
             for p in tqdm(missing, desc="caching text embeddings", unit="prompt", dynamic_ncols=True):
@@ -240,6 +270,23 @@ class Trainer:
             lora_mod.save_lora(path, self.model, metadata=self._lora_metadata(step))
 
     def save_checkpoint(self, state: RunState, with_images: bool = True):
+        """Write checkpoint_NNNNNN/ atomically. A full disk or an I/O error removes the partial folder and
+        stops the run with one line; the previous complete checkpoint stays as it was."""
+        try:
+            return self._write_checkpoint(state, with_images)
+        except OSError as e:
+            import shutil
+
+            shutil.rmtree(self.output / f"checkpoint_{state.step:06d}.partial", ignore_errors=True)
+            last = latest_checkpoint(self.output)
+            why = "the disk is full" if e.errno == errno.ENOSPC else (e.strerror or str(e))
+            raise TrainingError(
+                f"cannot write the checkpoint at step {state.step} in {self.output}: {why}; "
+                f"{f'the last complete checkpoint {last.name} is kept' if last else 'no checkpoint was written yet'} "
+                f"— free space (or set checkpoints.output elsewhere) and run the same command to resume"
+            ) from None
+
+    def _write_checkpoint(self, state: RunState, with_images: bool):
         name = f"checkpoint_{state.step:06d}"
         final = self.output / name
         partial = self.output / (name + ".partial")
@@ -432,11 +479,13 @@ class Trainer:
             prompts += [s.dop_caption for s in self.samples]
         prompts += [it.prompt for it in self.val_items]
         prompts.append("")  # caption dropout and CFG's negative prompt
+        total = cfg.training.max_steps or math.ceil(len(self.samples) / cfg.training.batch_size) * cfg.training.epochs
+        self.total_steps = total
+        self._check_disk_space_for(prompts)
         self._fill_caches(self.samples, self.val_samples, prompts)
         self.txt_ids = _text_ids(self._embeds("").shape[0])
         self._ids_cache = {}
 
-        total = cfg.training.max_steps or math.ceil(len(self.samples) / cfg.training.batch_size) * cfg.training.epochs
         self.model = self._load_transformer()
         self.optimizer = self._optimizer(total)
         self.ema = None
@@ -508,10 +557,9 @@ class Trainer:
                     state.skipped_nonfinite += 1
                     consecutive_bad += 1
                     if consecutive_bad >= MAX_CONSECUTIVE_NONFINITE:
-                        state.step -= 1
-                        self.save_checkpoint(state, with_images=False)
+                        self.save_checkpoint(state, with_images=False)  # parameters are the last good ones
                         raise TrainingError(
-                            f"loss was not finite for {consecutive_bad} steps in a row (step {state.step + 1}); the last good "
+                            f"loss was not finite for {consecutive_bad} steps in a row (up to step {state.step}); the last good "
                             f"state is saved. Lower training.learning_rate (now {cfg.training.learning_rate}) or check the data"
                         )
                     continue
