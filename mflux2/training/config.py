@@ -154,6 +154,7 @@ class TrainingParams:
     eval_every_n_steps: int = _f(10, ge=1)
     log_every_n_steps: int = _f(10, ge=1)
     seed: int = _f(42, ge=0)  # ours
+    dtype: str = _f("bf16", choices=("bf16", "float32"))  # ours: activation/base-weight dtype (float32 for debugging)
 
 
 @dataclass

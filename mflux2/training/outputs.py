@@ -107,11 +107,12 @@ class MetricsLog:
     """`metrics.jsonl`: one JSON object per logged step. Lines after `step` are dropped on resume so
     a resumed run's log reads as if it had never stopped."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, enabled: bool = True):
         self.path = path
+        self.enabled = enabled  # only one process of a data-parallel group writes
 
     def truncate_after(self, step: int) -> None:
-        if not self.path.exists():
+        if not self.enabled or not self.path.exists():
             return
         keep = []
         for line in self.path.read_text(encoding="utf-8").splitlines():
@@ -123,6 +124,8 @@ class MetricsLog:
         atomic_write_text(self.path, "".join(l + "\n" for l in keep))
 
     def append(self, record: dict) -> None:
+        if not self.enabled:
+            return
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
 

@@ -32,6 +32,10 @@ class StepConfig:
     guidance: float | None = None  # dev's embedded guidance during training; None for klein
     max_grad_norm: float | None = None
     compile: bool = True
+    # Data parallel (mx.distributed): this process is rank r of n and holds samples [r·B, (r+1)·B) of a
+    # global batch of n·B. Timesteps and noise are drawn for the global batch and sliced, so n
+    # processes reproduce one process with batch n·B exactly; gradients are averaged with all_sum.
+    shard: tuple[int, int] | None = None
 
 
 @dataclass
@@ -48,11 +52,29 @@ class Batch:
 def noisy_inputs(x0: mx.array, key: mx.array, cfg: StepConfig):
     """x_t = (1 - t)·x0 + t·ε, target v = ε - x0, with t and ε drawn from `key`."""
     k_t, k_n = mx.random.split(key)
-    t = sample_timesteps(cfg.timestep_sampling, k_t, x0.shape[0], cfg.logit_normal_mean, cfg.logit_normal_std, cfg.flux_shift)
-    noise = mx.random.normal(x0.shape, dtype=mx.float32, key=k_n)
+    b = x0.shape[0]
+    rank, n = cfg.shard or (0, 1)
+    t = sample_timesteps(cfg.timestep_sampling, k_t, b * n, cfg.logit_normal_mean, cfg.logit_normal_std, cfg.flux_shift)
+    noise = mx.random.normal((b * n, *x0.shape[1:]), dtype=mx.float32, key=k_n)
+    if n > 1:
+        t, noise = t[rank * b : (rank + 1) * b], noise[rank * b : (rank + 1) * b]
     x0 = x0.astype(mx.float32)
     tb = t[:, None, None]
     return ((1 - tb) * x0 + tb * noise), noise - x0, t
+
+
+def average_across_processes(grads, loss, n: int):
+    """Mean of the gradients (and losses) over n processes in ONE all_sum of a flat float32 vector."""
+    from mlx.utils import tree_flatten, tree_unflatten
+
+    flat = tree_flatten(grads)
+    vec = mx.concatenate([g.astype(mx.float32).reshape(-1) for _, g in flat] + [loss.astype(mx.float32).reshape(1)])
+    vec = mx.distributed.all_sum(vec) / n
+    out, i = [], 0
+    for k, g in flat:
+        out.append((k, vec[i : i + g.size].reshape(g.shape).astype(g.dtype)))
+        i += g.size
+    return tree_unflatten(out), vec[-1]
 
 
 def _mse_per_sample(pred: mx.array, target: mx.array) -> mx.array:
@@ -109,7 +131,9 @@ class TrainStep:
     def _update(self, grads, loss):
         """Clip, then update — or keep the old parameters and optimiser state if the loss is not
         finite (decided on the device, no host sync)."""
-        finite = mx.isfinite(loss)
+        if self.cfg.shard and self.cfg.shard[1] > 1:
+            grads, loss = average_across_processes(grads, loss, self.cfg.shard[1])
+        finite = mx.isfinite(loss)  # the same decision on every process
         grads = tree_map(lambda g: mx.where(finite, g, mx.zeros_like(g)), grads)
         if self.cfg.max_grad_norm:
             grads, norm = optim.clip_grad_norm(grads, self.cfg.max_grad_norm)
@@ -123,7 +147,7 @@ class TrainStep:
         kept = tree_map(keep, self.optimizer.state, old_state)
         for k, v in kept.items():  # in place: mx.compile captured this very dict
             self.optimizer.state[k] = v
-        return norm, finite
+        return norm, finite, loss  # loss: averaged over the processes when data parallel
 
     def _build(self, kind: str, dop: bool):
         state = [self.model.state, self.optimizer.state, mx.random.state]  # random: LoRA dropout
@@ -133,7 +157,7 @@ class TrainStep:
         if kind == "step":
             def fn(batch, key):
                 (loss, (main, pres, tm)), grads = grad_fn(self.model, Batch(**batch), key)
-                norm, finite = self._update(grads, loss)
+                norm, finite, loss = self._update(grads, loss)
                 return loss, main, pres, tm, norm, finite
         elif kind == "grad":
             def fn(batch, key):
@@ -165,7 +189,7 @@ class TrainStep:
         self._n_acc += 1
         out = dict(loss=loss, main=main, pres=pres, t_mean=tm, grad_norm=mx.array(0.0), finite=mx.isfinite(loss), applied=False)
         if self._n_acc == self.accum:
-            norm, finite = self._fn("apply", False)(self._grad_acc, self._loss_acc)
+            norm, finite, _ = self._fn("apply", False)(self._grad_acc, self._loss_acc)
             out.update(grad_norm=norm, finite=finite, applied=True)
             self._grad_acc, self._n_acc = None, 0
         return out

@@ -59,7 +59,8 @@ def open_model(cfg: TrainConfig, transformer_quantization: str | None = None):
 
     te_quant = None if cfg.model.quantization == "bf16" else cfg.model.quantization
     return Flux2Pipeline.from_pretrained(
-        cfg.model.path or cfg.model.name, variant=cfg.model.name, dtype=mx.bfloat16,
+        cfg.model.path or cfg.model.name, variant=cfg.model.name,
+        dtype=mx.float32 if cfg.training.dtype == "float32" else mx.bfloat16,
         quantize=transformer_quantization, text_encoder_quantize=te_quant, low_memory=True,
     )
 
@@ -125,6 +126,11 @@ class Trainer:
         self.counts = {"vae_encode": 0, "text_encode": 0}  # tests check cache reuse with these
         self._stop_requested = False
         self._sigint_count = 0
+        # Data parallel across processes launched by `mlx.launch` (a size-1 group otherwise).
+        self.group = mx.distributed.init()
+        self.rank, self.world = self.group.rank(), self.group.size()
+        if self.rank:
+            self.log = lambda *a, **k: None  # rank 0 speaks and writes for the group
 
     # ---------------- setup ----------------
     def _check_output(self):
@@ -272,6 +278,8 @@ class Trainer:
     def save_checkpoint(self, state: RunState, with_images: bool = True):
         """Write checkpoint_NNNNNN/ atomically. A full disk or an I/O error removes the partial folder and
         stops the run with one line; the previous complete checkpoint stays as it was."""
+        if self.rank:
+            return self.output / f"checkpoint_{state.step:06d}"
         try:
             return self._write_checkpoint(state, with_images)
         except OSError as e:
@@ -439,7 +447,14 @@ class Trainer:
         self.log("\nCtrl-C: stopping after this step with a final checkpoint (press again to abort)")
 
     def _control(self, state: RunState) -> str | None:
-        """Look at the control files between steps. Returns 'stop' or None."""
+        """Look at the control files between steps (rank 0 looks, the group follows). 'stop' or None."""
+        decision = self._control_rank0(state) if self.rank == 0 else None
+        if self.world > 1:
+            stop = mx.distributed.all_sum(mx.array(1.0 if decision == "stop" or self._stop_requested else 0.0))
+            decision = "stop" if stop.item() > 0 else None
+        return decision
+
+    def _control_rank0(self, state: RunState) -> str | None:
         out = self.output
         if (out / ".stop").exists() or self._stop_requested:
             (out / ".stop").unlink(missing_ok=True)
@@ -479,10 +494,14 @@ class Trainer:
             prompts += [s.dop_caption for s in self.samples]
         prompts += [it.prompt for it in self.val_items]
         prompts.append("")  # caption dropout and CFG's negative prompt
-        total = cfg.training.max_steps or math.ceil(len(self.samples) / cfg.training.batch_size) * cfg.training.epochs
+        total = cfg.training.max_steps or math.ceil(len(self.samples) / (cfg.training.batch_size * self.world)) * cfg.training.epochs
         self.total_steps = total
         self._check_disk_space_for(prompts)
-        self._fill_caches(self.samples, self.val_samples, prompts)
+        for r in range(self.world):  # rank 0 first; on a shared disk the others then find everything cached
+            if r == self.rank:
+                self._fill_caches(self.samples, self.val_samples, prompts)
+            if self.world > 1:
+                mx.eval(mx.distributed.all_sum(mx.array(0.0)))  # barrier
         self.txt_ids = _text_ids(self._embeds("").shape[0])
         self._ids_cache = {}
 
@@ -497,15 +516,17 @@ class Trainer:
             dop_multiplier=cfg.loss.diff_output_preservation_multiplier,
             guidance=1.0 if self.pipe.guidance_embeds else None,
             max_grad_norm=cfg.training.max_grad_norm or None, compile=cfg.memory.compile_training,
+            shard=(self.rank, self.world) if self.world > 1 else None,
         ), grad_accumulation=cfg.training.gradient_accumulation)
-        self.sampler = data_mod.BatchSampler(self.samples, cfg.training.batch_size, cfg.training.seed)
+        # Every process draws the same global batch of world × batch_size and trains on its slice.
+        self.sampler = data_mod.BatchSampler(self.samples, cfg.training.batch_size * self.world, cfg.training.seed)
         self.rng = np.random.default_rng(cfg.training.seed)
         state = RunState()
-        metrics = MetricsLog(self.output / "metrics.jsonl")
+        metrics = MetricsLog(self.output / "metrics.jsonl", enabled=self.rank == 0)
         if ckpt is not None:
             self._restore(ckpt, state)
             metrics.truncate_after(state.step)
-        elif self.val_items and not (self.output / "baseline").exists():
+        elif self.val_items and not (self.output / "baseline").exists() and self.rank == 0:
             base = self.output / "baseline.partial"
             base.mkdir(exist_ok=True)
             self._validation_images(base, 0)
@@ -521,7 +542,7 @@ class Trainer:
         eval_every = cfg.training.eval_every_n_steps
         self._pause_s = 0.0
         prev_handler = signal.signal(signal.SIGINT, self._on_sigint)
-        bar = tqdm(total=total, initial=state.step, desc="training", unit="step", dynamic_ncols=True)
+        bar = tqdm(total=total, initial=state.step, desc="training", unit="step", dynamic_ncols=True, disable=self.rank != 0)
         smooth = None
         consecutive_bad = 0
         reason = "finished"
@@ -531,9 +552,10 @@ class Trainer:
                     reason = "stopped"
                     break
                 t0 = time.perf_counter()
-                idx = next(self.sampler)
-                chosen = [self.samples[i] for i in idx]
-                captions = [s.caption if self.rng.random() >= cfg.training.caption_dropout else "" for s in chosen]
+                group_batch = [self.samples[i] for i in next(self.sampler)]  # the same on every process
+                dropped = [s.caption if self.rng.random() >= cfg.training.caption_dropout else "" for s in group_batch]
+                lo, hi = self.rank * cfg.training.batch_size, (self.rank + 1) * cfg.training.batch_size
+                chosen, captions = group_batch[lo:hi], dropped[lo:hi]
                 is_dop = dop and state.step % dop_every == 0
                 batch = Batch(
                     latents=mx.stack([self._latents(s) for s in chosen]),
