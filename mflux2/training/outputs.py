@@ -152,47 +152,47 @@ def moving_average(values: list[float], window: int) -> list[float]:
 
 
 def learning_curve_svg(series: dict[str, tuple[list[int], list[float]]], window: int = 20, title: str = "loss") -> str:
-    """A self-contained SVG line chart: each series raw (faint) and its moving average (solid)."""
-    w, h, pad_l, pad_r, pad_t, pad_b = 760, 360, 64, 150, 28, 40
+    """A self-contained SVG: one panel per series (the DOP term is orders of magnitude smaller than
+    the main loss), each with its raw values (faint) and moving average (solid), sharing the step axis."""
     colours = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e"]
-    pts = [(s, v) for steps, vals in series.values() for s, v in zip(steps, vals) if np.isfinite(v)]
+    series = {k: [(s, v) for s, v in zip(*sv) if np.isfinite(v)] for k, sv in series.items()}
+    series = {k: v for k, v in series.items() if v}
+    w, panel_h, pad_l, pad_r, pad_t, gap = 760, 200, 70, 30, 50, 46
+    h = pad_t + max(len(series), 1) * (panel_h + gap)
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" viewBox="0 0 {w} {h}" '
              'font-family="sans-serif" font-size="12">',
              f'<rect width="{w}" height="{h}" fill="white"/>',
-             f'<text x="{pad_l}" y="18" font-size="14">{title}</text>']
-    if not pts:
+             f'<text x="{pad_l}" y="18" font-size="14">{title} (faint: per step, solid: moving average of {window})</text>']
+    if not series:
         parts.append(f'<text x="{w / 2}" y="{h / 2}" text-anchor="middle">no data yet</text></svg>')
         return "\n".join(parts)
-    x0, x1 = min(p[0] for p in pts), max(p[0] for p in pts)
-    vals = np.array([p[1] for p in pts])
-    y0, y1 = float(np.percentile(vals, 1)), float(np.percentile(vals, 99))
-    if y1 <= y0:
-        y0, y1 = y0 - 0.5, y1 + 0.5
+    x0 = min(s for pts in series.values() for s, _ in pts)
+    x1 = max(s for pts in series.values() for s, _ in pts)
     x1 = x1 if x1 > x0 else x0 + 1
     sx = lambda s: pad_l + (s - x0) / (x1 - x0) * (w - pad_l - pad_r)  # noqa: E731
-    sy = lambda v: pad_t + (1 - (min(max(v, y0), y1) - y0) / (y1 - y0)) * (h - pad_t - pad_b)  # noqa: E731
-    parts.append(f'<rect x="{pad_l}" y="{pad_t}" width="{w - pad_l - pad_r}" height="{h - pad_t - pad_b}" fill="none" stroke="#999"/>')
-    for i in range(5):
-        v = y0 + (y1 - y0) * i / 4
-        parts.append(f'<text x="{pad_l - 6}" y="{sy(v) + 4:.1f}" text-anchor="end">{v:.4g}</text>')
-        parts.append(f'<line x1="{pad_l}" x2="{w - pad_r}" y1="{sy(v):.1f}" y2="{sy(v):.1f}" stroke="#eee"/>')
-    for i in range(5):
-        s = x0 + (x1 - x0) * i / 4
-        parts.append(f'<text x="{sx(s):.1f}" y="{h - pad_b + 16}" text-anchor="middle">{int(round(s))}</text>')
-    parts.append(f'<text x="{(w - pad_r + pad_l) / 2}" y="{h - 6}" text-anchor="middle">step</text>')
-    for i, (name, (steps, values)) in enumerate(series.items()):
+    ticks = sorted({int(round(x0 + (x1 - x0) * i / 4)) for i in range(5)})
+    for i, (name, pts) in enumerate(series.items()):
+        top = pad_t + i * (panel_h + gap)
+        vals = np.array([v for _, v in pts])
+        lo, hi = (1, 99) if len(vals) >= 50 else (0, 100)  # clip outliers only when there are enough points
+        y0, y1 = float(np.percentile(vals, lo)), float(np.percentile(vals, hi))
+        if y1 <= y0:
+            y0, y1 = y0 - max(abs(y0), 1e-8) * 0.5, y1 + max(abs(y1), 1e-8) * 0.5
+        sy = lambda v: top + (1 - (min(max(v, y0), y1) - y0) / (y1 - y0)) * panel_h  # noqa: E731
         c = colours[i % len(colours)]
-        good = [(s, v) for s, v in zip(steps, values) if np.isfinite(v)]
-        if not good:
-            continue
-        raw = " ".join(f"{sx(s):.1f},{sy(v):.1f}" for s, v in good)
-        avg = moving_average([v for _, v in good], window)
-        smooth = " ".join(f"{sx(s):.1f},{sy(v):.1f}" for (s, _), v in zip(good, avg))
-        parts.append(f'<polyline fill="none" stroke="{c}" stroke-opacity="0.25" points="{raw}"/>')
+        parts.append(f'<text x="{pad_l}" y="{top - 6}" fill="{c}" font-weight="bold">{name}</text>')
+        parts.append(f'<rect x="{pad_l}" y="{top}" width="{w - pad_l - pad_r}" height="{panel_h}" fill="none" stroke="#999"/>')
+        for j in range(5):
+            v = y0 + (y1 - y0) * j / 4
+            parts.append(f'<text x="{pad_l - 6}" y="{sy(v) + 4:.1f}" text-anchor="end">{v:.4g}</text>')
+            parts.append(f'<line x1="{pad_l}" x2="{w - pad_r}" y1="{sy(v):.1f}" y2="{sy(v):.1f}" stroke="#eee"/>')
+        for s in ticks:
+            parts.append(f'<text x="{sx(s):.1f}" y="{top + panel_h + 15}" text-anchor="middle">{s}</text>')
+        raw = " ".join(f"{sx(s):.1f},{sy(v):.1f}" for s, v in pts)
+        avg = moving_average([v for _, v in pts], window)
+        smooth = " ".join(f"{sx(s):.1f},{sy(v):.1f}" for (s, _), v in zip(pts, avg))
+        parts.append(f'<polyline fill="none" stroke="{c}" stroke-opacity="0.3" points="{raw}"/>')
         parts.append(f'<polyline fill="none" stroke="{c}" stroke-width="2" points="{smooth}"/>')
-        ly = pad_t + 16 + 34 * i
-        parts.append(f'<line x1="{w - pad_r + 10}" x2="{w - pad_r + 30}" y1="{ly}" y2="{ly}" stroke="{c}" stroke-width="2"/>')
-        parts.append(f'<text x="{w - pad_r + 34}" y="{ly + 4}">{name}</text>')
-        parts.append(f'<text x="{w - pad_r + 34}" y="{ly + 18}" fill="#666">avg of {window}</text>')
+    parts.append(f'<text x="{(w - pad_r + pad_l) / 2}" y="{h - 6}" text-anchor="middle">step</text>')
     parts.append("</svg>")
     return "\n".join(parts)

@@ -123,7 +123,8 @@ class Trainer:
         self.on_step = on_step  # called as on_step(trainer, step) after each completed step (tests, tools)
         self.output = Path(cfg.checkpoints.output)
         self.resume = resume
-        self.counts = {"vae_encode": 0, "text_encode": 0}  # tests check cache reuse with these
+        self.counts = {"vae_encode": 0, "text_encode": 0}
+        self._metrics = None  # tests check cache reuse with these
         self._stop_requested = False
         self._sigint_count = 0
         # Data parallel across processes launched by `mlx.launch` (a size-1 group otherwise).
@@ -320,6 +321,7 @@ class Trainer:
         (partial / "training_state.json").write_text(json.dumps(tstate))
         commit_checkpoint(partial, final, keep_last=self.cfg.checkpoints.keep_last or None)
         self._write_curve(state)
+        self._write_report(state)
         self.log(f"saved {final}")
         return final
 
@@ -354,6 +356,23 @@ class Trainer:
         state.early_stop = tstate.get("early_stop", {})
         mx.eval(self.model.trainable_parameters(), self.optimizer.state)
         self.log(f"resumed from {ckpt} at step {state.step}")
+
+    def _write_report(self, state: RunState):
+        from mflux2.training.report import write_report
+
+        hist = state.history
+        step_times = [m["step_time_s"] for m in self._metrics.read() if "step_time_s" in m][-50:] if self._metrics else []
+        summary = {
+            "model": self.pipe.variant or f"custom ({self.pipe.family})", "step": f"{state.step} / {self.total_steps}",
+            "loss (last 20 steps)": f"{np.mean([h[2] for h in hist[-20:]]):.4f}" if hist else "-",
+            "training time": f"{state.elapsed_s / 60:.1f} min",
+            "median step time": f"{np.median(step_times):.3f} s" if step_times else "-",
+            "LoRA": f"rank {self.cfg.lora.rank}, alpha {self.cfg.lora.alpha}, {self.cfg.lora.target_layers}",
+            "transformer": self.transformer_quantization, "DOP": "on" if self.cfg.loss.diff_output_preservation else "off",
+            "trigger word": self.cfg.dataset.trigger_word or "-", "non-finite steps skipped": state.skipped_nonfinite,
+            "peak memory": f"{mx.get_peak_memory() / 1e9:.2f} GB",
+        }
+        write_report(self.output, self.cfg.dump_yaml(), summary)
 
     def _write_curve(self, state: RunState):
         if not self.cfg.checkpoints.learning_curve or not state.history:
@@ -522,7 +541,7 @@ class Trainer:
         self.sampler = data_mod.BatchSampler(self.samples, cfg.training.batch_size * self.world, cfg.training.seed)
         self.rng = np.random.default_rng(cfg.training.seed)
         state = RunState()
-        metrics = MetricsLog(self.output / "metrics.jsonl", enabled=self.rank == 0)
+        metrics = self._metrics = MetricsLog(self.output / "metrics.jsonl", enabled=self.rank == 0)
         if ckpt is not None:
             self._restore(ckpt, state)
             metrics.truncate_after(state.step)

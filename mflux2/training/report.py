@@ -1,0 +1,67 @@
+"""`report.html`: one self-contained page per run (images and the curve inlined), refreshed at each
+checkpoint, so people look at the run instead of reading logs."""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+from pathlib import Path
+
+from mflux2.training.outputs import atomic_write_text, checkpoint_dirs
+
+
+def _img(path: Path, alt: str) -> str:
+    data = base64.b64encode(path.read_bytes()).decode()
+    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
+
+
+def write_report(output: Path, config_yaml: str, summary: dict) -> Path:
+    """Build `<output>/report.html` from what the run has written so far."""
+    prompts_file = output / "progression" / "prompts.json"
+    prompts = json.loads(prompts_file.read_text()) if prompts_file.exists() else []
+    curve = output / "learning_curve.svg"
+    steps = [(s, d) for s, d in checkpoint_dirs(output)]
+
+    rows = []
+    for p in prompts:
+        name = f"prompt_{p['index']}_{p['size'][0]}x{p['size'][1]}.png"
+        cells = []
+        base = output / "baseline" / name
+        if base.exists():
+            cells.append(f"<figure>{_img(base, 'baseline')}<figcaption>baseline</figcaption></figure>")
+        for s, d in steps:
+            if (d / name).exists():
+                cells.append(f"<figure>{_img(d / name, f'step {s}')}<figcaption>step {s}</figcaption></figure>")
+        tag = "with trigger" if p["trigger"] else "without trigger"
+        rows.append(f'<section class="prompt"><h3>{html.escape(p["prompt"])} <span class="tag">{tag}</span></h3>'
+                    f'<div class="strip">{"".join(cells)}</div></section>')
+
+    facts = "".join(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>" for k, v in summary.items())
+    page = f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>mflux2 — {html.escape(output.name)}</title>
+<style>
+body {{ font-family: -apple-system, system-ui, sans-serif; margin: 24px; color: #222; max-width: 1400px; }}
+h1 {{ font-size: 22px; }} h2 {{ font-size: 18px; margin-top: 28px; }} h3 {{ font-size: 14px; margin: 12px 0 6px; }}
+.tag {{ font-weight: normal; color: #777; }}
+.strip {{ display: flex; gap: 8px; overflow-x: auto; }}
+figure {{ margin: 0; text-align: center; }} figure img {{ width: 192px; height: 192px; object-fit: contain;
+  image-rendering: pixelated; border: 1px solid #ddd; }}
+figcaption {{ font-size: 12px; color: #555; }}
+table {{ border-collapse: collapse; font-size: 13px; }} th, td {{ text-align: left; padding: 2px 12px 2px 0; }}
+pre {{ background: #f6f6f6; padding: 12px; font-size: 12px; overflow-x: auto; }}
+#curve svg {{ max-width: 100%; height: auto; }}
+</style></head><body>
+<h1>mflux2 training report — {html.escape(output.name)}</h1>
+<table>{facts}</table>
+<h2>Learning curve</h2>
+<div id="curve">{curve.read_text() if curve.exists() else "<p>no checkpoint yet</p>"}</div>
+<h2>Validation images: baseline → checkpoints</h2>
+{"".join(rows) or "<p>no validation prompts configured</p>"}
+<h2>Config</h2>
+<pre>{html.escape(config_yaml)}</pre>
+</body></html>
+"""
+    target = output / "report.html"
+    atomic_write_text(target, page)
+    return target

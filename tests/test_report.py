@@ -1,0 +1,53 @@
+"""report.html: self-contained, refreshed at each checkpoint, and it really renders (headless Chromium)."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.test_trainer import run, tiny, write_config  # noqa: F401  (fixture)
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+
+
+@pytest.fixture(scope="module")
+def report(tiny, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("report")
+    cfg = write_config(tmp, tiny, training={"max_steps": 4}, checkpoints={"save_every": 2})
+    run(cfg)
+    return tmp / "out" / "report.html"
+
+
+def test_report_is_self_contained_and_complete(report):
+    page = report.read_text()
+    assert "<svg" in page and "polyline" in page  # the learning curve, inlined
+    imgs = re.findall(r'<img alt="([^"]+)" src="data:image/png;base64,', page)
+    # 2 prompts (trigger / no trigger) x (baseline + checkpoints 2 and 4)
+    assert sorted(imgs) == sorted(["baseline", "step 2", "step 4"] * 2)
+    assert not re.search(r'(src|href)="(http|file:|/)', page)  # nothing external
+    assert "with trigger" in page and "without trigger" in page
+    assert "trigger_word: sks" in page  # the config
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (CI installs it)")
+def test_report_renders_in_headless_chromium(report, tmp_path):
+    shot = tmp_path / "shot.png"
+    cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+           "--disable-background-networking", "--disable-component-update", "--disable-sync",
+           f"--user-data-dir={tmp_path / 'profile'}", "--hide-scrollbars", "--window-size=1280,1400",
+           f"--screenshot={shot}", report.as_uri()]
+    subprocess.run(cmd, capture_output=True, timeout=120)
+    assert shot.exists(), "chromium wrote no screenshot"
+    px = np.asarray(Image.open(shot).convert("RGB")).astype(int)
+    # the curve: pixels of its first series colour (#1f77b4)
+    curve = (np.abs(px - np.array([31, 119, 180])).sum(-1) < 40).sum()
+    assert curve > 100, curve
+    # the validation thumbnails: 6 images of 192x192 are far more saturated pixels than text and lines
+    sat = px.max(-1) - px.min(-1)
+    assert (sat > 40).sum() > 6 * 192 * 192 * 0.3, (sat > 40).sum()
