@@ -651,12 +651,7 @@ class Trainer:
             return False
         train = float(np.mean(recent))
         if es.enabled:
-            best = st.get("best_train", math.inf)
-            if train < best * (1 - es.min_delta):
-                st["best_train"], st["stale"] = train, 0
-            else:
-                st["stale"] = st.get("stale", 0) + 1
-            if st["stale"] >= es.patience:
+            if _stalled(st, "train", train, es.min_delta, es.patience):
                 self.log(f"early stop: training loss has not improved by {es.min_delta:.0%} for {es.patience} evaluations")
                 return True
         if state.val_history and state.val_history[-1][0] == state.step:
@@ -667,12 +662,7 @@ class Trainer:
                     self.log(f"early stop: validation loss exceeds training loss by more than {es.max_gap} (overfitting)")
                     return True
             if es.on_val_stagnation:
-                best = st.get("best_val", math.inf)
-                if val < best * (1 - es.min_val_improvement):
-                    st["best_val"], st["val_stale"] = val, 0
-                else:
-                    st["val_stale"] = st.get("val_stale", 0) + 1
-                if st["val_stale"] >= es.val_patience:
+                if _stalled(st, "val", val, es.min_val_improvement, es.val_patience):
                     self.log("early stop: validation loss stopped improving")
                     return True
         return False
@@ -680,6 +670,16 @@ class Trainer:
 
 # ------------------------------------------------------------------------------------------------
 # helpers
+
+
+def _stalled(st: dict, name: str, value: float, min_rel_improvement: float, patience: int) -> bool:
+    """Track the best `value` in `st`; True once it has not improved by `min_rel_improvement`
+    (relative) for `patience` evaluations in a row."""
+    if value < st.get(f"best_{name}", math.inf) * (1 - min_rel_improvement):
+        st[f"best_{name}"], st[f"stale_{name}"] = value, 0
+    else:
+        st[f"stale_{name}"] = st.get(f"stale_{name}", 0) + 1
+    return st[f"stale_{name}"] >= patience
 
 
 def _text_ids(length: int) -> mx.array:
