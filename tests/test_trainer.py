@@ -273,3 +273,36 @@ def test_accumulation_batches_ema_caption_dropout_validation_loss_and_early_stop
     live = lora_mod.lora_weights(t.model)
     k = sorted(saved)[0]
     assert not np.allclose(np.array(saved[k].delta()), np.array(live[k].delta()))
+
+
+def test_print_config_and_cli_overrides(tiny, tmp_path, capsys):
+    cfg = write_config(tmp_path, tiny)
+    assert train_cli([str(cfg), "--print-config", "--max-steps", "9", "--set", "loss.weighting=bell_shaped"]) == 0
+    shown = yaml.safe_load(capsys.readouterr().out)
+    assert shown["training"]["max_steps"] == 9 and shown["loss"]["weighting"] == "bell_shaped"
+    assert shown["lora"]["alpha"] == 4.0  # derived default (= rank), resolved
+    assert not (tmp_path / "out").exists()  # printing trains nothing
+    assert train_cli([str(cfg), "--max-steps", "2", "--output", str(tmp_path / "elsewhere")]) == 0
+    assert (tmp_path / "elsewhere" / "checkpoint_000002").is_dir()
+
+
+def test_ctrl_c_once_stops_cleanly_with_a_final_checkpoint(tiny, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    cfg = write_config(tmp_path, tiny, training={"max_steps": 100000}, checkpoints={"save_every": 0},
+                       validation={"prompts": []})
+    proc = subprocess.Popen([sys.executable, "-m", "mflux2.training.cli", str(cfg)], cwd=root,
+                            env=dict(os.environ, PYTHONPATH=str(root)), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics_file = tmp_path / "out" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics_file.exists() and metrics_file.read_text().count("\n") >= 3):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-1500:]
+    assert (tmp_path / "out" / "lora_final.safetensors").exists()
+    assert "stopped at step" in out
