@@ -14,6 +14,8 @@ import errno
 import hashlib
 import json
 import math
+import os
+import shutil
 import signal
 import time
 from dataclasses import dataclass, field
@@ -145,8 +147,6 @@ class Trainer:
 
     def _check_disk_space(self, n_images: int, n_prompts: int, n_tokens: int, ctx: int, lora_params: int):
         """Refuse to start when the caches and the checkpoints we will keep cannot fit on the disk."""
-        import shutil
-
         cache = n_images * n_tokens * 128 * 4 + n_prompts * 512 * ctx * 2
         keep = self.cfg.checkpoints.keep_last or max(1, self.total_steps // max(self.cfg.checkpoints.save_every or self.total_steps, 1)) + 1
         ckpt = lora_params * 4 * 5  # lora file + raw params + two optimiser moments (+ EMA)
@@ -284,8 +284,6 @@ class Trainer:
         try:
             return self._write_checkpoint(state, with_images)
         except OSError as e:
-            import shutil
-
             shutil.rmtree(self.output / f"checkpoint_{state.step:06d}.partial", ignore_errors=True)
             last = latest_checkpoint(self.output)
             why = "the disk is full" if e.errno == errno.ENOSPC else (e.strerror or str(e))
@@ -299,8 +297,6 @@ class Trainer:
         name = f"checkpoint_{state.step:06d}"
         final = self.output / name
         partial = self.output / (name + ".partial")
-        import shutil
-
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)
         self._save_lora(partial / "lora.safetensors", state.step)
@@ -549,8 +545,6 @@ class Trainer:
             base = self.output / "baseline.partial"
             base.mkdir(exist_ok=True)
             self._validation_images(base, 0)
-            import os
-
             os.replace(base, self.output / "baseline")
             self._update_progression(self.output / "baseline", 0)
 
