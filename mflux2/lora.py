@@ -23,7 +23,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_unflatten
 
-from mflux2.models.transformer import variant_of
+from mflux2.models.transformer import linear, variant_of
 from mflux2.weights import WeightsError
 
 FORMATS = ("bfl", "diffusers", "kohya")
@@ -92,20 +92,24 @@ class LoRALinear(nn.Module):
         return (self.out_start, self.out_stop, self.in_start, self.in_stop) != (0, self.output_dims, 0, self.input_dims)
 
     def __call__(self, x):
-        y = self.base(x)
-        if not self.enabled or self.scale == 0.0:
-            return y
-        xi = x if (self.in_start, self.in_stop) == (0, self.input_dims) else x[..., self.in_start : self.in_stop]
+        # The delta enters the base GEMM as its accumulator (and a quantized base is dequantised
+        # right before it at training token counts): mflux2.models.transformer.linear.
+        return linear(self, x)
+
+    def lora_forward(self, x):
+        """The delta for this layer's input columns x [..., in_stop - in_start] over its output
+        rows: scale · (alpha / rank) · B(A(dropout(x))), in x's dtype."""
         # alpha/rank·scale folded into the small B before the cast; gradients reach the float32 params.
         b = (self.lora_B * (self.scale * self.alpha / self.rank)).astype(x.dtype)
-        z = (self.dropout(xi) @ self.lora_A.astype(x.dtype).T) @ b.T
-        if (self.out_start, self.out_stop) == (0, self.output_dims):
-            return y + z.astype(y.dtype)
-        parts = [y[..., : self.out_start]] if self.out_start else []
-        parts.append(y[..., self.out_start : self.out_stop] + z.astype(y.dtype))
-        if self.out_stop < self.output_dims:
-            parts.append(y[..., self.out_stop :])
-        return mx.concatenate(parts, axis=-1)
+        return (self._dropout(x) @ self.lora_A.astype(x.dtype).T) @ b.T
+
+    def _dropout(self, x):
+        p = self.dropout.p if hasattr(self.dropout, "p") else 1 - self.dropout._p_1
+        if not (_DROPOUT_KEYS and self.training and p > 0):
+            return self.dropout(x)  # mx.random's global state
+        key, _DROPOUT_KEYS[-1] = mx.random.split(_DROPOUT_KEYS[-1])
+        mask = mx.random.bernoulli(1 - p, x.shape, key=key)
+        return (mask * x) * (1 / (1 - p))  # as nn.Dropout
 
     def full_factors(self) -> tuple[mx.array, mx.array]:
         """(A [rank, in], B [out, rank]) over the whole layer, zero outside the ranges (file layout)."""
@@ -125,6 +129,20 @@ class LoRALinear(nn.Module):
     def _extra_repr(self):
         ranges = f", out={self.out_start}:{self.out_stop}, in={self.in_start}:{self.in_stop}" if self.restricted else ""
         return f"rank={self.rank}, alpha={self.alpha}, scale={self.scale}, enabled={self.enabled}{ranges}"
+
+
+_DROPOUT_KEYS: list = []
+
+
+@contextlib.contextmanager
+def dropout_key(key: mx.array):
+    """Draw LoRA dropout masks from `key` — split once per layer, in call order — instead of
+    mx.random's global state, so a recomputation (checkpointed backward) draws the same masks."""
+    _DROPOUT_KEYS.append(key)
+    try:
+        yield
+    finally:
+        _DROPOUT_KEYS.pop()
 
 
 # ----------------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@
     python scripts/benchmark.py --model klein-4b --resolution 512 --rank 32 --targets attention
     python scripts/benchmark.py --model dev --base int8 --checkpointing 1 --mode dop-every --dop-every 8
     python scripts/benchmark.py --tiny          # CPU smoke run (CI)
+    python scripts/benchmark.py --profile       # also time the forward alone and forward+backward alone
 
 Weights are random, initialised and quantised block by block, so dev's 32B never needs its 64 GB of
 bf16 at once. Prints one JSON line: median s/step over the timed steps (after warm-up), peak memory
@@ -12,7 +13,11 @@ bf16 at once. Prints one JSON line: median s/step over the timed steps (after wa
 FLOP count: a step of a frozen base needs the forward and the input-gradient half of the backward
 (no weight gradients for the base): 2 × the forward's linear-layer FLOPs + 3 × its attention FLOPs,
 plus the LoRA matmuls (forward, input and weight gradients: 3 × theirs). Each DOP step adds the
-prior forward and the second (preservation) pass.
+prior forward and the second (preservation) pass. Model FLOPs: a checkpointed step's recomputed
+forward is not counted (tflops_achieved is then lower than the card's real throughput).
+
+Gradient checkpointing (--checkpointing n) runs TrainStep's block-by-block backward by default
+(--no-blockwise: one compiled graph with mlx.nn.utils.checkpoint blocks instead).
 """
 
 from __future__ import annotations
@@ -37,7 +42,9 @@ from mflux2.lora import apply_lora  # noqa: E402
 from mflux2.models.transformer import QUANT_BITS, Flux2Transformer, TransformerConfig, preset, quantize_predicate  # noqa: E402
 from mflux2.training.step import Batch, StepConfig, TrainStep  # noqa: E402
 
-TINY = TransformerConfig(num_layers=2, num_single_layers=2, num_attention_heads=4, attention_head_dim=32,
+# Tiny, but with enough blocks and tokens that activations (not weights) show in peak memory, so the
+# CI test can see checkpointing lower it.
+TINY = TransformerConfig(num_layers=2, num_single_layers=4, num_attention_heads=4, attention_head_dim=32,
                          joint_attention_dim=96, axes_dims_rope=(8, 8, 8, 8))
 
 
@@ -70,6 +77,56 @@ def step_flops(cfg: TransformerConfig, n_img: int, n_txt: int, batch: int, rank:
     return {"forward": forward, "train_plain": train, "train_dop": train * 2 + forward}
 
 
+def time_parts(step: TrainStep, batch: Batch, args) -> dict:
+    """Median seconds of the compiled forward alone (no grad) and of forward+backward alone (no
+    update), plain loss: where the step's time goes."""
+    model = step.model
+    fwd = mx.compile(lambda b, k: step.plain_loss(model, Batch(**b), k)[0], inputs=[model.state], outputs=[model.state])
+    grad_fn = step._grad_fn(False)
+    fb = mx.compile(lambda b, k: grad_fn(model, Batch(**b), k), inputs=[model.state], outputs=[model.state])
+    grads = tree_map(lambda p: mx.random.normal(p.shape) * 1e-3, model.trainable_parameters())
+    mx.eval(grads)
+    update = lambda _b, _k: step._fn("apply", False)(grads, mx.array(1.0))  # noqa: E731
+    out = {}
+    for name, fn in (("forward_s", fwd), ("forward_backward_s", fb), ("update_s", update)):
+        ts = []
+        for i in range(args.warmup + args.steps):
+            t = time.perf_counter()
+            mx.eval(fn(vars(batch), mx.random.key(i)))
+            if i >= args.warmup:
+                ts.append(time.perf_counter() - t)
+        out[name] = round(statistics.median(ts), 5)
+    return out
+
+
+def trace_memory(step: TrainStep, batch: Batch, args, dop: bool) -> list:
+    """One more step with each block-by-block evaluation synchronous: [active, peak] GB after each
+    (embed/prep, forward segments, head, backward segments), then the update's peak."""
+    import mflux2.training.step as step_mod
+
+    rows = []
+
+    class Trace:
+        def push(self, arrays):
+            mx.eval(arrays)
+            rows.append([round(mx.get_active_memory() / 1e9, 3), round(mx.get_peak_memory() / 1e9, 3)])
+            mx.reset_peak_memory()
+
+        def flush(self):
+            pass
+
+    saved, step_mod._Pipeline = step_mod._Pipeline, Trace
+    try:
+        mx.reset_peak_memory()
+        out = step(batch, mx.random.key(12345), dop=dop)
+        rows.append(["update"])
+        mx.eval(out["loss"], out["grad_norm"], step.state_arrays())
+        rows[-1] += [round(mx.get_active_memory() / 1e9, 3), round(mx.get_peak_memory() / 1e9, 3)]
+    finally:
+        step_mod._Pipeline = saved
+    return rows
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="klein-4b", help="klein-4b | klein-9b | dev (and klein-base-*)")
@@ -83,6 +140,13 @@ def main(argv=None):
     ap.add_argument("--dop-every", type=int, default=4)
     ap.add_argument("--dop-unbatched", action="store_true", help="DOP as three passes instead of main+pres batched")
     ap.add_argument("--checkpointing", type=int, default=0, help="checkpoint every n-th block (0 = off)")
+    ap.add_argument("--no-blockwise", action="store_true",
+                    help="checkpointing inside the one compiled graph (mlx.nn.utils.checkpoint) instead of the block-by-block backward")
+    ap.add_argument("--memory-limit", default="auto",
+                    help="StepConfig.memory_limit: auto (calibrated on the first step, GPU), a number of GB, or none")
+    ap.add_argument("--profile", action="store_true", help="also time the compiled forward alone and forward+backward alone")
+    ap.add_argument("--trace-memory", action="store_true",
+                    help="block-by-block path: evaluate each segment synchronously and record active/peak memory per phase")
     ap.add_argument("--base", default="bf16", choices=["bf16", "int8", "int4"])
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
@@ -91,8 +155,10 @@ def main(argv=None):
     args = ap.parse_args(argv)
 
     mx.random.seed(args.seed)
+    limit = {"auto": "auto", "none": None}.get(args.memory_limit.lower())
+    limit = float(args.memory_limit) if limit is None and args.memory_limit.lower() != "none" else limit
     if args.tiny:
-        cfg, args.resolution, args.text_len = TINY, min(args.resolution, 128), min(args.text_len, 32)
+        cfg, args.resolution, args.text_len = TINY, min(args.resolution, 256), min(args.text_len, 32)
     else:
         cfg = preset(args.model)
     if args.resolution % 16:
@@ -104,12 +170,14 @@ def main(argv=None):
     model.set_gradient_checkpointing(args.checkpointing)
     lora_io = sum(sum(p.shape) for k, p in tree_flatten(model.trainable_parameters()) if k.endswith("lora_A") or k.endswith("lora_A.weight"))
     load_s = time.perf_counter() - t0
+    weights = mx.get_active_memory()
 
     side = args.resolution // 16
     n_img, b = side * side, args.batch
     g = (1.0 if cfg.guidance_embeds else None)
     step = TrainStep(model, optim.AdamW(learning_rate=1e-4, weight_decay=1e-4),
-                     StepConfig(guidance=g, dop_batched=not args.dop_unbatched, compile=not args.no_compile))
+                     StepConfig(guidance=g, dop_batched=not args.dop_unbatched, compile=not args.no_compile,
+                                blockwise=not args.no_blockwise, memory_limit=limit))
     rows = mx.arange(side, dtype=mx.float32)
     img_ids = mx.stack(mx.meshgrid(rows, rows, indexing="ij"), -1).reshape(-1, 2)
     img_ids = mx.concatenate([mx.zeros((n_img, 1)), img_ids, mx.zeros((n_img, 1))], axis=1)
@@ -125,19 +193,26 @@ def main(argv=None):
     def is_dop(i):
         return args.mode == "dop" or (args.mode == "dop-every" and i % args.dop_every == 0)
 
-    times, losses = [], []
+    times, dispatch, losses = [], [], []
     mx.reset_peak_memory()
     key = mx.random.key(args.seed)
     for i in range(args.warmup + args.steps):
         key, sub = mx.random.split(key)
         t = time.perf_counter()
         out = step(batch, sub, dop=is_dop(i))
-        mx.eval(out["loss"], step.state_arrays())
+        mx.async_eval(out["loss"], out["grad_norm"], step.state_arrays())
+        host = time.perf_counter() - t  # graph built and handed to the device
+        mx.eval(out["loss"], out["grad_norm"], step.state_arrays())
         dt = time.perf_counter() - t
         if i >= args.warmup:
             times.append(dt)
+            dispatch.append(host)
             losses.append(out["loss"].item())
 
+    peak = mx.get_peak_memory()
+    profile = time_parts(step, batch, args) if args.profile else {}
+    if args.trace_memory:
+        profile["memory_trace_gb"] = trace_memory(step, batch, args, is_dop(0))
     fl = step_flops(cfg, n_img, args.text_len, b, args.rank, lora_io)
     n_dop = sum(is_dop(i) for i in range(args.warmup, args.warmup + args.steps))
     flops = (fl["train_plain"] * (args.steps - n_dop) + fl["train_dop"] * n_dop) / args.steps
@@ -145,13 +220,16 @@ def main(argv=None):
     result = {
         "model": "tiny" if args.tiny else args.model, "resolution": args.resolution, "batch": b, "rank": args.rank,
         "targets": args.targets, "mode": args.mode, "dop_every": args.dop_every if args.mode == "dop-every" else None,
-        "dop_batched": not args.dop_unbatched, "checkpointing": args.checkpointing, "base": args.base,
+        "dop_batched": not args.dop_unbatched, "checkpointing": args.checkpointing,
+        "blockwise": bool(args.checkpointing) and not args.no_blockwise, "base": args.base,
         "compiled": not args.no_compile, "lora_layers": len(wrapped),
         "median_s_per_step": round(med, 5), "mean_s_per_step": round(statistics.mean(times), 5),
-        "peak_memory_gb": round(mx.get_peak_memory() / 1e9, 3),
+        "peak_memory_gb": round(peak / 1e9, 3), "weights_gb": round(weights / 1e9, 3), "peak_memory_bytes": peak,
         "tokens_per_s": round(b * (n_img + args.text_len) / med, 1),
         "tflop_per_step": round(flops / 1e12, 4), "tflops_achieved": round(flops / med / 1e12, 2),
-        "loss_finite": all(l == l for l in losses), "setup_s": round(load_s, 1),
+        "loss_finite": all(l == l for l in losses), "setup_s": round(load_s, 1), **profile,
+        "host_s": round(statistics.median(dispatch), 5),
+        "memory_limit_gb": round(step.memory_limit / 1e9, 3) if step.memory_limit else None,
         "device": str(mx.default_device()), "mlx": mx.__version__, "machine": platform.machine(),
         "date": date.today().isoformat(),
     }

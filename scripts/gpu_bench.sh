@@ -1,36 +1,67 @@
 #!/usr/bin/env bash
 # The GPU measurements behind docs/performance.md, in one command on the lent H100/H200 (after the
-# MLX CUDA wheels are installed: shared/tools/device-mlx-prepare.sh). Each configuration runs in its
-# own process so peak memory is its own. Usage: bash scripts/gpu_bench.sh OUT_DIR [SET]
-#   SET = ours (default) | peers | all | a space-separated list of "name:args" lines via $RUNS
+# MLX CUDA wheels are installed: .gpu/py/stage.sh). Each configuration runs in its own process so
+# peak memory is its own; each prints one JSON line, collected in OUT_DIR/results.jsonl.
+#   bash scripts/gpu_bench.sh OUT_DIR [SET...]
+#   SET: ours (the issue's targets) | extra (no memory limit, checkpointing in one graph, int8/int4,
+#        1024², klein-9b bf16, the profile, the GEMM floor) | before (the committed code, copied to
+#        .gpu/orig) | peers (diffusers+peft, torch.compile, mflux: .gpu/peers, after its
+#        install_wheels.sh) | all (= ours extra before peers)
+# The first run of a fresh machine also compiles MLX's fused kernels (about two minutes).
 set -uo pipefail
-out=${1:-/tmp/bench}; set_=${2:-ours}
+out=${1:-/tmp/bench}; shift || true
+sets=${*:-ours}
+[ "$sets" = all ] && sets="ours extra before peers"
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
-run() {  # name, then the command
-  local name=$1; shift
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$out/gpu.txt"
+python3 -c 'import mlx.core as mx; print("mlx", mx.__version__)' | tee -a "$out/gpu.txt"
+run() {  # name, time limit (s), then the command
+  local name=$1 limit=$2; shift 2
   echo "== $name: $*"
-  timeout 300 "$@" > "$out/$name.log" 2>&1
+  local t0=$SECONDS
+  timeout "$limit" "$@" > "$out/$name.log" 2>&1
   local rc=$?
-  tail -n 1 "$out/$name.log" | grep '^{' | sed "s/^{/{\"run\": \"$name\", /" >> "$out/results.jsonl" || true
-  [ $rc -eq 0 ] || { echo "   rc=$rc"; tail -n 5 "$out/$name.log"; }
+  grep '^{' "$out/$name.log" | tail -n 1 | sed "s/^{/{\"run\": \"$name\", /" >> "$out/results.jsonl" || true
+  echo "   rc=$rc $((SECONDS - t0))s $(grep '^{' "$out/$name.log" | tail -n 1 | cut -c1-300)"
+  [ $rc -eq 0 ] || tail -n 5 "$out/$name.log"
 }
-B="python3 scripts/benchmark.py --steps 10 --warmup 3"
-if [ "$set_" = ours ] || [ "$set_" = all ]; then
-  run k4_plain        $B --model klein-4b
-  run k4_dop          $B --model klein-4b --mode dop
-  run k4_plain_ckpt   $B --model klein-4b --checkpointing 1
-  run k4_int8_ckpt    $B --model klein-4b --base int8 --checkpointing 1
-  run k4_int8         $B --model klein-4b --base int8
-  run k9_int8_ckpt    $B --model klein-9b --base int8 --checkpointing 1
-  run dev_int8_ckpt   $B --model dev --base int8 --checkpointing 1 --steps 5 --warmup 2
-fi
-if [ "$set_" = peers ] || [ "$set_" = all ]; then
+B="python3 scripts/benchmark.py --steps ${STEPS:-10} --warmup ${WARMUP:-3}"
+for s in $sets; do case $s in
+ours)  # memory limit "auto" (TrainStep's default) unless "none"
+  run k4_plain        300 $B --model klein-4b
+  run k4_plain_nolim  120 $B --model klein-4b --memory-limit none
+  run k4_dop          120 $B --model klein-4b --mode dop
+  run k4_dop_nolim    120 $B --model klein-4b --mode dop --memory-limit none
+  run k4_ckpt         120 $B --model klein-4b --checkpointing 1
+  run k4_int8_ckpt    120 $B --model klein-4b --base int8 --checkpointing 1
+  run k9_int8_ckpt    150 $B --model klein-9b --base int8 --checkpointing 1
+  run dev_int8_ckpt   240 python3 scripts/benchmark.py --model dev --base int8 --checkpointing 1 --steps 4 --warmup 3
+  ;;
+extra)
+  run k4_ckpt_nolim   120 $B --model klein-4b --checkpointing 1 --memory-limit none
+  run k4_ckpt_graph   120 $B --model klein-4b --checkpointing 1 --no-blockwise
+  run k4_int8         120 $B --model klein-4b --base int8
+  run k4_int4_ckpt    120 $B --model klein-4b --base int4 --checkpointing 1
+  run k4_1024         150 $B --model klein-4b --resolution 1024
+  run k4_1024_ckpt    150 $B --model klein-4b --resolution 1024 --checkpointing 1
+  run k9_plain        150 $B --model klein-9b
+  run k4_profile      200 $B --model klein-4b --profile --memory-limit none
+  [ -f .gpu/exp/gemm_floor.py ] && run gemm_floor 120 python3 .gpu/exp/gemm_floor.py
+  ;;
+before)  # the committed code (git archive HEAD mflux2 scripts/benchmark.py | tar -x -C .gpu/orig)
+  O="python3 .gpu/orig/scripts/benchmark.py --steps ${STEPS:-10} --warmup ${WARMUP:-3}"
+  run before_k4_plain 150 $O --model klein-4b
+  run before_k4_dop   150 $O --model klein-4b --mode dop
+  ;;
+peers)
   P=.gpu/peers
-  run peer_torch_eager    python3 $P/torch_step.py
-  run peer_torch_compile  python3 $P/torch_step.py --compile-blocks
-  run peer_torch_dop      python3 $P/torch_step.py --dop
-  run peer_mflux          python3 $P/mflux_step.py
-fi
-cat "$out/results.jsonl"
+  run peer_torch_eager    180 python3 $P/torch_step.py
+  run peer_torch_compile  300 python3 $P/torch_step.py --compile-blocks
+  run peer_torch_dop      180 python3 $P/torch_step.py --dop
+  run peer_mflux          180 python3 $P/mflux_step.py
+  run peer_mflux_dop      180 python3 $P/mflux_step.py --dop
+  ;;
+*) echo "unknown set $s" >&2 ;;
+esac; done
+echo; cat "$out/results.jsonl"

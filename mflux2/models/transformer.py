@@ -3,8 +3,10 @@
 Layout follows BFL's `flux2/model.py`, so parameter paths equal the official checkpoint keys
 (`double_blocks.0.img_attn.qkv.weight`, `single_blocks.3.linear1.weight`, ...) and LoRA files in
 BFL names (ai-toolkit, ComfyUI) address our modules directly. q/k/v stay fused in one matmul and the
-single blocks keep the fused qkv+MLP input projection. Diffusers checkpoints are mapped on load
-(`sanitize`). Spec: shared/spec/flux2-architecture.md §2–3.
+single blocks keep the fused qkv+MLP weight (run as two GEMMs on its row slices). Diffusers
+checkpoints are mapped on load (`sanitize`). Spec: shared/spec/flux2-architecture.md §2–3.
+The forward pass is written for training memory and speed (saved activations, copies, quantized
+bases): docs/performance.md.
 """
 
 from __future__ import annotations
@@ -97,35 +99,282 @@ def timestep_embedding(t: mx.array, dim: int = 256, max_period: float = 10000.0)
 
 
 def rope_table(ids: mx.array, axes_dims: tuple[int, ...], theta: float) -> tuple[mx.array, mx.array]:
-    """cos/sin [B, 1, N, head_dim/2] for 4-axis position ids [B, N, 4] (float32)."""
+    """Rotation tables (c, s) [B, N, 1, head_dim/2, 2] (float32) for 4-axis position ids [B, N, 4]:
+    c = (cos, cos) and s = (-sin, +sin) per adjacent pair, so RoPE is two products and a sum."""
     ids = ids.astype(mx.float32)
     angles = []
     for axis, dim in enumerate(axes_dims):
         omega = 1.0 / (theta ** (mx.arange(0, dim, 2, dtype=mx.float32) / dim))
         angles.append(ids[..., axis : axis + 1] * omega)
-    angles = mx.concatenate(angles, axis=-1)[:, None]  # [B, 1, N, head_dim/2]
-    return mx.cos(angles), mx.sin(angles)
+    angles = mx.concatenate(angles, axis=-1)[:, :, None, :, None]  # [B, N, 1, head_dim/2, 1]
+    cos, sin = mx.cos(angles), mx.sin(angles)
+    return mx.concatenate([cos, cos], axis=-1), mx.concatenate([-sin, sin], axis=-1)
 
 
-def apply_rope(x: mx.array, cos: mx.array, sin: mx.array) -> mx.array:
-    """Rotate adjacent pairs (x[2j], x[2j+1]) of the head dim, in float32 [BFL `apply_rope`]."""
+def apply_rope(x: mx.array, rope: tuple[mx.array, mx.array]) -> mx.array:
+    """Rotate adjacent pairs (x[2j], x[2j+1]) of the head dim of x [B, N, H, d], in float32 [BFL
+    `apply_rope`]. Written as x·c + swap(x)·s — elementwise with a strided read, no stack — so
+    mx.compile makes it one kernel whose float32 intermediates never reach memory."""
+    c, s = rope
     shape = x.shape
-    xf = x.astype(mx.float32).reshape(*shape[:-1], -1, 2)
-    x0, x1 = xf[..., 0], xf[..., 1]
-    out = mx.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], axis=-1)
-    return out.reshape(shape).astype(x.dtype)
+    xp = x.reshape(*shape[:-1], -1, 2)
+    xf, xs = xp.astype(mx.float32), xp[..., ::-1].astype(mx.float32)
+    return (xf * c + xs * s).astype(x.dtype).reshape(shape)
 
 
 def modulate(x: mx.array, shift: mx.array, scale: mx.array, eps: float) -> mx.array:
     return mx.fast.layer_norm(x, None, None, eps) * (1 + scale) + shift
 
 
-def attention(q: mx.array, k: mx.array, v: mx.array, cos: mx.array, sin: mx.array) -> mx.array:
-    """RoPE on q/k, SDPA, heads merged back: [B, H, N, d] -> [B, N, H·d]."""
-    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    out = mx.fast.scaled_dot_product_attention(q, k, v, scale=q.shape[-1] ** -0.5)
+def attention(q: mx.array, k: mx.array, v: mx.array, rope) -> mx.array:
+    """RoPE on q/k, SDPA, heads merged back: [B, N, H, d] -> [B, N, H·d].
+
+    q/k/v stay in the token-major layout of the projections; SDPA reads them through transposed
+    views and (on CUDA) writes its output in the same layout, so merging the heads is free."""
+    q, k = apply_rope(q, rope), apply_rope(k, rope)
+    t = lambda a: a.transpose(0, 2, 1, 3)  # noqa: E731  [B, N, H, d] -> [B, H, N, d] (a view)
+    out = mx.fast.scaled_dot_product_attention(t(q), t(k), t(v), scale=q.shape[-1] ** -0.5)
     b, h, n, d = out.shape
     return out.transpose(0, 2, 1, 3).reshape(b, n, h * d)
+
+
+_SPLITS = {}
+
+
+def split_last(y: mx.array, sizes: tuple[int, ...]) -> list[mx.array]:
+    """y split along its last axis into parts of `sizes` (views). Its VJP concatenates the parts'
+    cotangents once; plain slicing would give each part a zero-padded full-size cotangent."""
+    sizes = tuple(int(n) for n in sizes)
+    if sizes not in _SPLITS:
+        edges = [0]
+        for n in sizes:
+            edges.append(edges[-1] + n)
+
+        @mx.custom_function
+        def split(y):
+            return tuple(y[..., a:b] for a, b in zip(edges, edges[1:]))
+
+        @split.vjp
+        def split_vjp(primals, cotangents, outputs):
+            cots = [mx.zeros_like(o) if c is None else c for c, o in zip(cotangents, outputs)]
+            return mx.concatenate(cots, axis=-1)
+
+        _SPLITS[sizes] = split
+    return list(_SPLITS[sizes](y))
+
+
+@mx.custom_function
+def swiglu(gate: mx.array, up: mx.array) -> mx.array:
+    """silu(gate) · up. The custom VJP recomputes the sigmoid from `gate` instead of keeping
+    sigmoid(gate) and silu(gate) alive from the forward pass (1.5 × the MLP width per token)."""
+    return nn.silu(gate) * up
+
+
+@swiglu.vjp
+def _swiglu_vjp(primals, cotangent, output):
+    gate, up = primals
+    g, u, c = gate.astype(mx.float32), up.astype(mx.float32), cotangent.astype(mx.float32)
+    sig = mx.sigmoid(g)
+    d_gate = c * u * sig * (1 + g * (1 - sig))
+    return d_gate.astype(gate.dtype), (c * g * sig).astype(up.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# Linear layers as GEMMs. The blocks call `linear`, `linear_split` and `linear_concat` instead of
+# `layer(x)`: a fused projection's output parts come from separate GEMMs on row slices of its
+# weight (no slicing copies of a wide output; row slices of a weight are contiguous), a LoRA delta
+# enters as the accumulator of the base GEMM (`mx.addmm`) and reads only the input columns it
+# covers (so a concatenated input is not kept for the backward pass), and a quantized base is
+# dequantised to bf16 right before its GEMM at training/generation token counts
+# (`quantized_matmul` is slower there); the dequantised weight is never kept for the backward
+# pass, which dequantises again.
+
+DEQUANTIZE_MIN_ROWS = 256  # below this many tokens, quantized_matmul (small batch generation)
+
+
+def _is_lora(layer) -> bool:
+    return hasattr(layer, "lora_forward")  # a LoRALinear (duck-typed: mflux2.lora imports this module)
+
+
+def _overlap(a0, a1, b0, b1):
+    return max(a0, b0), min(a1, b1)
+
+
+def _project(layer, xs: list, rows: list, accs: list) -> list:
+    """[acc_j + (concat(xs) @ W^T)[..., rows_j]] for the output row ranges `rows`; acc_j may be None."""
+    if _is_lora(layer):
+        if not layer.enabled or layer.scale == 0.0:
+            return _project(layer.base, xs, rows, accs)
+        bounds = [0]
+        for x in xs:
+            bounds.append(bounds[-1] + x.shape[-1])
+        i0, i1 = layer.in_start, layer.in_stop
+        parts = []
+        for (c0, c1), x in zip(zip(bounds, bounds[1:]), xs):  # the input columns the LoRA reads
+            o0, o1 = _overlap(c0, c1, i0, i1)
+            if o0 < o1:
+                parts.append(x if (o0, o1) == (c0, c1) else x[..., o0 - c0 : o1 - c0])
+        z = layer.lora_forward(parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=-1))
+        s0, s1 = layer.out_start, layer.out_stop
+        new = []
+        for (r0, r1), acc in zip(rows, accs):
+            o0, o1 = _overlap(r0, r1, s0, s1)
+            if o0 < o1:
+                part = z if (o0, o1) == (s0, s1) else z[..., o0 - s0 : o1 - s0]
+                if (o0, o1) != (r0, r1):
+                    part = mx.pad(part, [(0, 0)] * (part.ndim - 1) + [(o0 - r0, r1 - o1)])
+                acc = part if acc is None else acc + part
+            new.append(acc)
+        return _project(layer.base, xs, rows, new)
+
+    if isinstance(layer, nn.QuantizedLinear) and xs[0].size // xs[0].shape[-1] >= DEQUANTIZE_MIN_ROWS:
+        return _dequantized_gemm(layer, xs, rows, accs)
+    # A bf16 base: one GEMM per row range on the concatenated input. (A sum of GEMMs over column
+    # slices of W would avoid the concatenation, but MLX's CUDA GEMM copies a column slice.)
+    x = xs[0] if len(xs) == 1 else mx.concatenate(xs, axis=-1)
+    if isinstance(layer, nn.QuantizedLinear):
+        y = layer(x)
+        outs = [y if (r0, r1) == (0, y.shape[-1]) else y[..., r0:r1] for r0, r1 in rows]
+        return [o if a is None else a + o for o, a in zip(outs, accs)]
+    if isinstance(layer, nn.Linear):
+        return _gemms(layer.weight, x, rows, accs, layer.get("bias"))
+    raise TypeError(f"cannot project through a {type(layer).__name__}")
+
+
+def _gemms(w, x, rows, accs, bias=None):
+    outs = []
+    for (r0, r1), acc in zip(rows, accs):
+        wr = (w if (r0, r1) == (0, w.shape[0]) else w[r0:r1]).T
+        y = x @ wr if acc is None else mx.addmm(acc, x, wr)
+        outs.append(y if bias is None else y + bias[r0:r1])
+    return outs
+
+
+_DEQUANT_FNS = {}
+DEQUANTIZE_TILE = 1 << 26  # weights dequantised at most 64M at a time (128 MB of bf16)
+
+
+def _tiles(rows, cols, n_in, bits, group_size):
+    """Output row chunks of each row range, and input column blocks: (row ranges per output, column
+    ranges). Columns follow the input parts when they fall on quantization group boundaries."""
+    step = 32 // bits
+    if not all(c % group_size == 0 and c % step == 0 for c in cols[1:-1]):
+        cols = [0, n_in]
+    max_rows = max(1, DEQUANTIZE_TILE // n_in)
+    chunks = []
+    for r0, r1 in rows:
+        n = -(-(r1 - r0) // max_rows)
+        edges = [r0 + (r1 - r0) * i // n for i in range(n + 1)]
+        chunks.append(list(zip(edges, edges[1:])))
+    return chunks, list(zip(cols, cols[1:]))
+
+
+def _dequantized_gemm(layer, xs, rows, accs):
+    n_in = layer.weight.shape[1] * 32 // layer.bits
+    cols = [0]
+    for x in xs:
+        cols.append(cols[-1] + x.shape[-1])
+    chunks, col_ranges = _tiles(rows, cols, n_in, layer.bits, layer.group_size)
+    if len(col_ranges) != len(xs):
+        xs = [mx.concatenate(xs, axis=-1)]
+    has_acc = tuple(a is not None for a in accs)
+    has_qb = layer.get("biases") is not None
+    has_bias = layer.get("bias") is not None
+    key = (tuple(map(tuple, chunks)), tuple(col_ranges), has_acc, has_qb, has_bias, layer.group_size, layer.bits,
+           getattr(layer, "mode", "affine"))
+    if key not in _DEQUANT_FNS:
+        _DEQUANT_FNS[key] = _make_dequantized_gemm(*key)
+    args = list(xs) + [a for a in accs if a is not None] + [layer.weight, layer.scales]
+    args += [layer.get("biases")] if has_qb else []
+    args += [layer.get("bias")] if has_bias else []
+    return list(_DEQUANT_FNS[key](*args))
+
+
+def _make_dequantized_gemm(chunks, col_ranges, has_acc, has_qb, has_bias, group_size, bits, mode):
+    """A custom function: outputs [acc_j + x @ W[rows_j]^T], W dequantised tile by tile (row chunks
+    × input parts) just before each GEMM, again in the VJP (which needs no x: the base is frozen)."""
+    n_x, n_acc = len(col_ranges), sum(has_acc)
+    step = 32 // bits
+
+    def unpack(args):
+        xs, it = list(args[:n_x]), iter(args[n_x : n_x + n_acc])
+        accs = [next(it) if h else None for h in has_acc]
+        rest = list(args[n_x + n_acc :])
+        return xs, accs, rest[0], rest[1], (rest[2] if has_qb else None), (rest[-1] if has_bias else None)
+
+    def tile(wq, scales, qb, r, c):
+        (r0, r1), (c0, c1) = r, c
+        return mx.dequantize(wq[r0:r1, c0 // step : c1 // step], scales[r0:r1, c0 // group_size : c1 // group_size],
+                             None if qb is None else qb[r0:r1, c0 // group_size : c1 // group_size], group_size, bits, mode=mode)
+
+    @mx.custom_function
+    def fn(*args):
+        xs, accs, wq, scales, qb, bias = unpack(args)
+        outs = []
+        for row_chunks, acc in zip(chunks, accs):
+            parts = []
+            for j, r in enumerate(row_chunks):
+                y = None if acc is None else (acc if len(row_chunks) == 1 else acc[..., r[0] - row_chunks[0][0] : r[1] - row_chunks[0][0]])
+                for x, c in zip(xs, col_ranges):
+                    wt = tile(wq, scales, qb, r, c).T
+                    y = x @ wt if y is None else mx.addmm(y, x, wt)
+                if bias is not None:
+                    y = y + bias[r[0] : r[1]]
+                parts.append(y)
+            outs.append(parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=-1))
+        return tuple(outs)
+
+    @fn.vjp
+    def fn_vjp(primals, cotangents, outputs):
+        xs, accs, wq, scales, qb, bias = unpack(primals)
+        cots = list(cotangents) if isinstance(cotangents, (list, tuple)) else [cotangents]
+        # Dequantise again once the cotangent exists: each bf16 tile lives for one GEMM only.
+        deps = mx.depends([wq, scales] + ([qb] if has_qb else []), cots[:1])
+        wq, scales, qb = deps[0], deps[1], (deps[2] if has_qb else None)
+        dxs = [None] * n_x
+        for row_chunks, cot in zip(chunks, cots):
+            base = row_chunks[0][0]
+            for r in row_chunks:
+                cr = cot if len(row_chunks) == 1 else cot[..., r[0] - base : r[1] - base]
+                for i, c in enumerate(col_ranges):
+                    wt = tile(wq, scales, qb, r, c)
+                    dxs[i] = cr @ wt if dxs[i] is None else mx.addmm(dxs[i], cr, wt)
+        grads = [d.astype(x.dtype) for d, x in zip(dxs, xs)] + [c for c, h in zip(cots, has_acc) if h]
+        grads += [mx.zeros_like(primals[n_x + n_acc]), mx.zeros_like(primals[n_x + n_acc + 1])]
+        grads += [mx.zeros_like(primals[n_x + n_acc + 2])] if has_qb else []
+        if has_bias:  # (the base is frozen; for completeness)
+            gb = mx.zeros_like(bias)
+            for row_chunks, cot in zip(chunks, cots):
+                r0, r1 = row_chunks[0][0], row_chunks[-1][1]
+                gb = gb + mx.pad(cot.reshape(-1, cot.shape[-1]).sum(axis=0).astype(bias.dtype), [(r0, bias.shape[0] - r1)])
+            grads.append(gb)
+        return tuple(grads)
+
+    return fn
+
+
+def linear(layer, x: mx.array) -> mx.array:
+    """layer(x) for a Linear, QuantizedLinear or LoRALinear (stacked ones too)."""
+    return _project(layer, [x], [(0, _out_dims(layer))], [None])[0]
+
+
+def linear_split(layer, x: mx.array, sizes: list[int]) -> list[mx.array]:
+    """layer(x) split along the output into parts of `sizes`, each from its own GEMM."""
+    rows, r0 = [], 0
+    for n in sizes:
+        rows.append((r0, r0 + n))
+        r0 += n
+    return _project(layer, [x], rows, [None] * len(rows))
+
+
+def linear_concat(layer, xs: list[mx.array]) -> mx.array:
+    """layer(concatenate(xs, axis=-1)), the concatenation only a temporary of the base GEMM: a
+    LoRA reads its columns from the parts, so the backward pass keeps no concatenated copy."""
+    return _project(layer, list(xs), [(0, _out_dims(layer))], [None])[0]
+
+
+def _out_dims(layer) -> int:
+    return layer.output_dims if _is_lora(layer) else layer.weight.shape[0]
 
 
 class RMSNormScale(nn.Module):
@@ -152,8 +401,8 @@ class SwiGLU(nn.Module):
     linears keep BFL's `mlp.0` / `mlp.2` names."""
 
     def __call__(self, x):
-        gate, up = mx.split(x, 2, axis=-1)
-        return nn.silu(gate) * up
+        gate, up = split_last(x, (x.shape[-1] // 2,) * 2)
+        return swiglu(gate, up)
 
 
 class MLPEmbedder(nn.Module):
@@ -187,9 +436,9 @@ class SelfAttention(nn.Module):
         self.proj = nn.Linear(dim, dim, bias=False)
 
     def qkv_heads(self, x):
-        """[B, N, D] -> normalised q, k and v, each [B, H, N, d]."""
-        b, n, _ = x.shape
-        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, -1).transpose(2, 0, 3, 1, 4)
+        """[B, N, D] -> normalised q, k and v, each [B, N, H, d] (views of one fused GEMM)."""
+        b, n, d = x.shape
+        q, k, v = (a.reshape(b, n, self.heads, -1) for a in split_last(linear(self.qkv, x), (d, d, d)))
         return self.norm.query_norm(q), self.norm.key_norm(k), v
 
 
@@ -203,28 +452,26 @@ class DoubleStreamBlock(nn.Module):
         self.img_mlp = [nn.Linear(d, 2 * m, bias=False), SwiGLU(), nn.Linear(m, d, bias=False)]
         self.txt_mlp = [nn.Linear(d, 2 * m, bias=False), SwiGLU(), nn.Linear(m, d, bias=False)]
 
-    def __call__(self, img, txt, mod_img, mod_txt, cos, sin):
+    def __call__(self, img, txt, mod_img, mod_txt, rope):
         sh1_i, sc1_i, g1_i, sh2_i, sc2_i, g2_i = mod_img
         sh1_t, sc1_t, g1_t, sh2_t, sc2_t, g2_t = mod_txt
         qi, ki, vi = self.img_attn.qkv_heads(modulate(img, sh1_i, sc1_i, self.eps))
         qt, kt, vt = self.txt_attn.qkv_heads(modulate(txt, sh1_t, sc1_t, self.eps))
         # Joint attention over [text; image], RoPE applied once to the joint q/k.
-        cat = lambda a, b: mx.concatenate([a, b], axis=2)  # noqa: E731
-        attn = attention(cat(qt, qi), cat(kt, ki), cat(vt, vi), cos, sin)
+        cat = lambda a, b: mx.concatenate([a, b], axis=1)  # noqa: E731
+        attn = attention(cat(qt, qi), cat(kt, ki), cat(vt, vi), rope)
         nt = txt.shape[1]
         attn_txt, attn_img = attn[:, :nt], attn[:, nt:]
 
-        img = img + g1_i * self.img_attn.proj(attn_img)
+        img = img + g1_i * linear(self.img_attn.proj, attn_img)
         img = img + g2_i * _mlp(self.img_mlp, modulate(img, sh2_i, sc2_i, self.eps))
-        txt = txt + g1_t * self.txt_attn.proj(attn_txt)
+        txt = txt + g1_t * linear(self.txt_attn.proj, attn_txt)
         txt = txt + g2_t * _mlp(self.txt_mlp, modulate(txt, sh2_t, sc2_t, self.eps))
         return img, txt
 
 
 def _mlp(layers, x):
-    for layer in layers:
-        x = layer(x)
-    return x
+    return linear(layers[2], layers[1](linear(layers[0], x)))
 
 
 class SingleStreamBlock(nn.Module):
@@ -233,20 +480,21 @@ class SingleStreamBlock(nn.Module):
     def __init__(self, cfg: TransformerConfig):
         super().__init__()
         d, m = cfg.hidden_size, cfg.mlp_hidden
-        self.heads, self.dim, self.eps = cfg.num_attention_heads, d, cfg.eps
+        self.heads, self.dim, self.mlp_dim, self.eps = cfg.num_attention_heads, d, m, cfg.eps
         self.linear1 = nn.Linear(d, 3 * d + 2 * m, bias=False)
         self.linear2 = nn.Linear(d + m, d, bias=False)
         self.norm = QKNorm(cfg.attention_head_dim, cfg.eps)
         self.mlp_act = SwiGLU()
 
-    def __call__(self, x, mod, cos, sin):
+    def __call__(self, x, mod, rope):
         shift, scale, gate = mod
         b, n, _ = x.shape
-        h = self.linear1(modulate(x, shift, scale, self.eps))
-        qkv, mlp = h[..., : 3 * self.dim], h[..., 3 * self.dim :]
-        q, k, v = qkv.reshape(b, n, 3, self.heads, -1).transpose(2, 0, 3, 1, 4)
-        attn = attention(self.norm.query_norm(q), self.norm.key_norm(k), v, cos, sin)
-        return x + gate * self.linear2(mx.concatenate([attn, self.mlp_act(mlp)], axis=-1))
+        # linear1's q/k/v rows and MLP rows as two GEMMs (no slicing copies of the wide output);
+        # linear2's concatenated input only a temporary (its LoRA reads the attention part).
+        qkv, mlp = linear_split(self.linear1, modulate(x, shift, scale, self.eps), [3 * self.dim, 2 * self.mlp_dim])
+        q, k, v = (a.reshape(b, n, self.heads, -1) for a in split_last(qkv, (self.dim,) * 3))
+        attn = attention(self.norm.query_norm(q), self.norm.key_norm(k), v, rope)
+        return x + gate * linear_concat(self.linear2, [attn, self.mlp_act(mlp)])
 
 
 class LastLayer(nn.Module):
@@ -257,8 +505,8 @@ class LastLayer(nn.Module):
         self.linear = nn.Linear(dim, out_channels, bias=False)
 
     def __call__(self, x, vec):
-        shift, scale = mx.split(_mlp(self.adaLN_modulation, vec)[:, None, :], 2, axis=-1)  # BFL order
-        return self.linear(modulate(x, shift, scale, self.eps))
+        shift, scale = mx.split(self.adaLN_modulation[1](self.adaLN_modulation[0](vec))[:, None, :], 2, axis=-1)  # BFL order
+        return linear(self.linear, modulate(x, shift, scale, self.eps))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -285,16 +533,63 @@ class Flux2Transformer(nn.Module):
 
     def set_gradient_checkpointing(self, every: int | bool = 1) -> None:
         """Recompute every n-th block's activations during the backward pass (True = every block).
-        Uses `mlx.nn.utils.checkpoint`, which keeps the gradients of trainable parameters."""
+        Uses `mlx.nn.utils.checkpoint`, which keeps the gradients of trainable parameters; the
+        training step can instead run its block-by-block backward (`mflux2.training.step`)."""
         self.checkpoint_every = int(every)
-
-    def _blocks(self, blocks):
-        n = self.checkpoint_every
-        return [nn.utils.checkpoint(b) if n and i % n == 0 else b for i, b in enumerate(blocks)]
 
     @property
     def dtype(self) -> mx.Dtype:
         return self.img_in.weight.dtype if hasattr(self.img_in, "weight") else mx.bfloat16
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.double_blocks) + len(self.single_blocks)
+
+    # The forward pass in three parts — embed, one block at a time, head — so the training step
+    # can run the blocks itself (checkpointed block-by-block backward). __call__ chains them.
+
+    def embed(self, hidden_states, encoder_hidden_states, timestep, img_ids, txt_ids, guidance=None):
+        """Inputs -> (state, ctx): state = (img, txt) streams [B, N|L, D]; ctx = the arrays every
+        block reads: (vec, 6 double-img, 6 double-txt and 3 single modulations, 2 RoPE tables)."""
+        cfg = self.config
+        dtype = hidden_states.dtype
+        b = hidden_states.shape[0]
+        timestep = mx.broadcast_to(mx.array(timestep).reshape(-1), (b,))
+        # Like the reference pipelines, the timestep is quantised to the activation dtype first.
+        vec = self.time_in(timestep_embedding(timestep.astype(dtype), cfg.timestep_guidance_channels).astype(dtype))
+        if cfg.guidance_embeds:
+            if guidance is None:
+                raise ValueError("this FLUX.2 model is guidance-distilled (dev): pass guidance=[B] (e.g. 4.0)")
+            guidance = mx.broadcast_to(mx.array(guidance).reshape(-1), (b,))
+            vec = vec + self.guidance_in(timestep_embedding(guidance.astype(dtype)).astype(dtype))
+
+        mods = (*self.double_stream_modulation_img(vec), *self.double_stream_modulation_txt(vec),
+                *self.single_stream_modulation(vec))
+        img = self.img_in(hidden_states)
+        txt = self.txt_in(encoder_hidden_states.astype(dtype))
+        ids = mx.concatenate([_batched(txt_ids, b), _batched(img_ids, b)], axis=1)  # text first
+        rope = rope_table(ids, cfg.axes_dims_rope, cfg.rope_theta)
+        return (img, txt), (vec, *mods, *rope)
+
+    def block(self, i: int, state: tuple, ctx: tuple, checkpoint: bool = False) -> tuple:
+        """Block i of all (double blocks, then single blocks): state (img, txt) -> (img, txt) for a
+        double block; the first single block joins the streams ([txt; img]) into (x,)."""
+        mod_img, mod_txt, mod_single, rope = ctx[1:7], ctx[7:13], ctx[13:16], ctx[16:18]
+        nd = len(self.double_blocks)
+        if i < nd:
+            blk = self.double_blocks[i]
+            fn = nn.utils.checkpoint(blk) if checkpoint else blk
+            return fn(*state, mod_img, mod_txt, rope)
+        if len(state) == 2:
+            state = (mx.concatenate([state[1], state[0]], axis=1),)
+        blk = self.single_blocks[i - nd]
+        fn = nn.utils.checkpoint(blk) if checkpoint else blk
+        return (fn(state[0], mod_single, rope),)
+
+    def head(self, state: tuple, ctx: tuple, n_img: int) -> mx.array:
+        """The final layer on the image tokens of the last block's state."""
+        img = state[0] if len(state) == 2 else state[0][:, -n_img:]
+        return self.final_layer(img, ctx[0])
 
     def __call__(
         self,
@@ -311,33 +606,12 @@ class Flux2Transformer(nn.Module):
         sigma in [0, 1]; img_ids [B, N, 4] / txt_ids [B, L, 4] (or without the batch dim);
         guidance [B] for dev (guidance-distilled), ignored by klein.
         """
-        cfg = self.config
-        dtype = hidden_states.dtype
-        b = hidden_states.shape[0]
-        timestep = mx.broadcast_to(mx.array(timestep).reshape(-1), (b,))
-        # Like the reference pipelines, the timestep is quantised to the activation dtype first.
-        vec = self.time_in(timestep_embedding(timestep.astype(dtype), cfg.timestep_guidance_channels).astype(dtype))
-        if cfg.guidance_embeds:
-            if guidance is None:
-                raise ValueError("this FLUX.2 model is guidance-distilled (dev): pass guidance=[B] (e.g. 4.0)")
-            guidance = mx.broadcast_to(mx.array(guidance).reshape(-1), (b,))
-            vec = vec + self.guidance_in(timestep_embedding(guidance.astype(dtype)).astype(dtype))
-
-        mod_img = self.double_stream_modulation_img(vec)
-        mod_txt = self.double_stream_modulation_txt(vec)
-        mod_single = self.single_stream_modulation(vec)
-
-        img = self.img_in(hidden_states)
-        txt = self.txt_in(encoder_hidden_states.astype(dtype))
-        ids = mx.concatenate([_batched(txt_ids, b), _batched(img_ids, b)], axis=1)  # text first
-        cos, sin = rope_table(ids, cfg.axes_dims_rope, cfg.rope_theta)
-
-        for block in self._blocks(self.double_blocks):
-            img, txt = block(img, txt, mod_img, mod_txt, cos, sin)
-        x = mx.concatenate([txt, img], axis=1)
-        for block in self._blocks(self.single_blocks):
-            x = block(x, mod_single, cos, sin)
-        return self.final_layer(x[:, txt.shape[1] :], vec)
+        state, ctx = self.embed(hidden_states, encoder_hidden_states, timestep, img_ids, txt_ids, guidance)
+        n, nd = self.checkpoint_every, len(self.double_blocks)
+        for i in range(self.num_blocks):
+            j = i if i < nd else i - nd  # every n-th block of each kind, as nn.utils.checkpoint per list
+            state = self.block(i, state, ctx, checkpoint=bool(n) and j % n == 0)
+        return self.head(state, ctx, hidden_states.shape[1])
 
 
 def _batched(ids: mx.array, b: int) -> mx.array:

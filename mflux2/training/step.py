@@ -3,6 +3,9 @@
 One `TrainStep` owns the compiled functions the trainer (and `scripts/benchmark.py`) call. Everything
 inside a step stays on the device: timesteps and noise are drawn from an explicit key, a non-finite
 loss skips the update with `mx.where` instead of a host check, and the caller evaluates once per step.
+With gradient checkpointing the step runs `BlockwiseBackward` (segments recomputed and differentiated
+one evaluation at a time); on a GPU it also bounds MLX's run-ahead with a calibrated memory limit.
+Measurements and the reasons: docs/performance.md.
 Semantics: shared/spec/training.md (flow matching, timestep sampling, weighting, DOP).
 """
 
@@ -14,9 +17,9 @@ from functools import partial
 import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
-from mlx.utils import tree_map
+from mlx.utils import tree_flatten, tree_map, tree_map_with_path, tree_unflatten
 
-from mflux2.lora import lora_disabled
+from mflux2.lora import dropout_key, lora_disabled
 from mflux2.training.timesteps import loss_weight, sample_timesteps
 
 
@@ -32,6 +35,19 @@ class StepConfig:
     guidance: float | None = None  # dev's embedded guidance during training; None for klein
     max_grad_norm: float | None = None
     compile: bool = True
+    # With gradient checkpointing on (model.set_gradient_checkpointing(n)): True (default) runs the
+    # block-by-block backward below — segments of n blocks, only their inputs kept, each recomputed
+    # and differentiated in its own evaluation; False keeps one compiled graph with
+    # mlx.nn.utils.checkpoint blocks (MLX may then schedule the recomputations together).
+    blockwise: bool = True
+    # MLX's memory limit is also its back-pressure: above it, evaluation waits for the device
+    # instead of encoding further ahead. Buffers the host has released but queued device work still
+    # uses count as active memory until that work completes, so without a limit the host's
+    # run-ahead adds to the peak (on an H100: 12.4 GB live, 20 GB peak for the klein-4b step).
+    # "auto" (on a GPU): the second step of each kind (shapes, DOP) runs fully serialised, so its
+    # peak is the true live set, and the limit is then kept just above that. A number: that many
+    # GB. None: MLX's default (fastest, highest peak).
+    memory_limit: str | float | None = "auto"
     # Data parallel (mx.distributed): this process is rank r of n and holds samples [r·B, (r+1)·B) of a
     # global batch of n·B. Timesteps and noise are drawn for the global batch and sliced, so n
     # processes reproduce one process with batch n·B exactly; gradients are averaged with all_sum.
@@ -67,7 +83,7 @@ def average_across_processes(grads, loss, n: int):
     """Mean of the gradients (and losses) over n processes in ONE all_sum of a flat float32 vector."""
     from mlx.utils import tree_flatten, tree_unflatten
 
-    flat = tree_flatten(grads)
+    flat = tree_flatten(grads)[::-1]  # last block first: the backward pass's order (see global_norm)
     vec = mx.concatenate([g.astype(mx.float32).reshape(-1) for _, g in flat] + [loss.astype(mx.float32).reshape(1)])
     vec = mx.distributed.all_sum(vec) / n
     out, i = [], 0
@@ -77,8 +93,196 @@ def average_across_processes(grads, loss, n: int):
     return tree_unflatten(out), vec[-1]
 
 
+def global_norm(grads) -> mx.array:
+    """The global L2 norm, summed from the LAST gradient of the tree to the first.
+
+    The order matters for memory: MLX evaluates a graph depth-first in input order, so the first
+    gradient it meets is computed first. LoRA gradients flatten in block order, and block 0's
+    needs the whole backward pass: visited first, every block's output cotangents would stay alive
+    until the other blocks' weight gradients were computed at the very end. Summing from the last
+    block computes each block's weight gradients (and frees its cotangents) as the backward pass
+    reaches it."""
+    total = None
+    for _, g in reversed(tree_flatten(grads)):
+        sq = mx.square(g.astype(mx.float32)).sum()
+        total = sq if total is None else total + sq
+    return mx.sqrt(total) if total is not None else mx.array(0.0)
+
+
 def _mse_per_sample(pred: mx.array, target: mx.array) -> mx.array:
     return mx.mean(mx.square(pred.astype(mx.float32) - target), axis=(1, 2))
+
+
+def _on_gpu() -> bool:
+    return mx.default_device().type == mx.gpu
+
+
+def _key_split(key, n: int) -> list:
+    return list(mx.random.split(key, n)) if n > 1 else [key]
+
+
+class BlockwiseBackward:
+    """Gradient checkpointing with the evaluation order under control.
+
+    Forward: the blocks run in segments of `every` blocks, each segment one compiled call, its
+    output evaluated before the host gets more than one segment ahead (`_Pipeline`); only the
+    segments' inputs are kept. Backward: from the last segment to the first, each segment is
+    recomputed and differentiated with `mx.vjp` in one compiled call, evaluated the same way, so
+    about one segment's activations exist at a time (plus the segment inputs). Under one compiled
+    graph with mlx.nn.utils.checkpoint, MLX's depth-first scheduling is free to run recomputations
+    early, and the H100 peak only fell from 21.4 to 17.3 GB. The gradients are the plain
+    path's: the same operations on the same values, summed in the same places. Trainable
+    parameters outside the blocks (the final layer, the embedders) get theirs through the head's
+    VJP and a VJP of `embed` fed with the cotangents of every block's shared inputs.
+
+    LoRA dropout: each segment draws its masks from its own key (`mflux2.lora.dropout_key`), so
+    the recomputation draws the same masks as the forward pass."""
+
+    def __init__(self, model, every: int, compile: bool = True):
+        self.model = model
+        n = model.num_blocks
+        self.blocks = list(model.double_blocks) + list(model.single_blocks)
+        self.segments = [list(range(a, min(a + every, n))) for a in range(0, n, every)]
+        outer = {k: v for k, v in model.trainable_parameters().items() if k not in ("double_blocks", "single_blocks")}
+        self.head_trainable = "final_layer" in outer and bool(tree_flatten(outer["final_layer"]))
+        self.prelude_trainable = any(tree_flatten(v) for k, v in outer.items() if k != "final_layer")
+        c = mx.compile if compile else (lambda f: f)
+        self._fwd = [c(partial(self._segment, k)) for k in range(len(self.segments))]
+        self._bwd = [c(partial(self._segment_vjp, k)) for k in range(len(self.segments))]
+        self._embed = c(self._embed_fn)
+        self._embed_vjp = c(self._embed_vjp_fn)
+        self._compile = c
+        self._heads = {}
+
+    # ---- pure functions of explicit parameters (what gets compiled) ---------------------------
+    def _with_params(self, modules, params, fn):
+        saved = [m.trainable_parameters() for m in modules]
+        for m, p in zip(modules, params):
+            m.update(p)
+        try:
+            return fn()
+        finally:
+            for m, p in zip(modules, saved):
+                m.update(p)
+
+    def _segment(self, k, params, state, ctx, key):
+        idx = self.segments[k]
+
+        def run():
+            with dropout_key(key):  # LoRA dropout: the same masks in the forward and the recompute
+                st = tuple(state)
+                for i in idx:
+                    st = self.model.block(i, st, ctx)
+                return st
+
+        return self._with_params([self.blocks[i] for i in idx], params, run)
+
+    def _segment_vjp(self, k, params, state, ctx, key, cot):
+        flat, ns = tree_flatten(params), len(state)
+        np_ = len(flat)
+
+        def f(*args):
+            p = tree_unflatten([(path, a) for (path, _), a in zip(flat, args[:np_])])
+            c = tuple(args[np_ + ns :]) if self.prelude_trainable else ctx
+            return list(self._segment(k, p if flat else params, args[np_ : np_ + ns], c, key))
+
+        primals = [a for _, a in flat] + list(state) + (list(ctx) if self.prelude_trainable else [])
+        _, vjps = mx.vjp(f, primals, list(cot))
+        grads = tree_unflatten([(path, g) for (path, _), g in zip(flat, vjps[:np_])]) if flat else params
+        d_ctx = tuple(vjps[np_ + ns :]) if self.prelude_trainable else ()
+        return grads, tuple(vjps[np_ : np_ + ns]), d_ctx
+
+    def _embed_fn(self, params, inputs):
+        return self._with_params([self.model], [params], lambda: self.model.embed(*inputs))
+
+    def _embed_vjp_fn(self, params, inputs, cot_state, cot_ctx):
+        flat = tree_flatten(params)
+
+        def f(*args):
+            p = tree_unflatten([(path, a) for (path, _), a in zip(flat, args)])
+            state, ctx = self._with_params([self.model], [p], lambda: self.model.embed(*inputs))
+            return list(state) + list(ctx)
+
+        _, vjps = mx.vjp(f, [a for _, a in flat], list(cot_state) + list(cot_ctx))
+        return tree_unflatten([(path, g) for (path, _), g in zip(flat, vjps)])
+
+    def _head(self, loss_fn, n_img):
+        key = (loss_fn, n_img)
+        if key not in self._heads:
+            model = self.model
+
+            def fn(params, state, ctx, args):
+                def loss(p, st, c):
+                    pred = self._with_params([model.final_layer], [p], lambda: model.head(st, c, n_img))
+                    return loss_fn(pred, *args)
+
+                argnums = (0, 1, 2) if self.prelude_trainable else (0, 1)
+                (value, aux), grads = mx.value_and_grad(loss, argnums=argnums)(params, state, ctx)
+                return value, aux, grads
+
+            self._heads[key] = self._compile(fn)
+        return self._heads[key]
+
+    # ---- the pass -------------------------------------------------------------------------
+    def __call__(self, inputs: tuple, loss_fn, loss_args: tuple, key) -> tuple:
+        """inputs: the model's (hidden_states, encoder_hidden_states, timestep, img_ids, txt_ids,
+        guidance). Returns (loss, aux, grads) with grads shaped like model.trainable_parameters()."""
+        model = self.model
+        prelude = {k: v for k, v in model.trainable_parameters().items()
+                   if k not in ("double_blocks", "single_blocks", "final_layer")}
+        state, ctx = self._embed(prelude, inputs)
+        keys = _key_split(key, len(self.segments))
+        params = [[self.blocks[i].trainable_parameters() for i in seg] for seg in self.segments]
+        saved, pending = [], _Pipeline()
+        for k in range(len(self.segments)):
+            saved.append(state)
+            state = self._fwd[k](params[k], state, ctx, keys[k])
+            pending.push(state)
+        head = model.final_layer.trainable_parameters()
+        value, aux, hgrads = self._head(loss_fn, inputs[0].shape[1])(head, state, ctx, loss_args)
+        cot = hgrads[1]
+        d_ctx = list(hgrads[2]) if self.prelude_trainable else None
+        pending.push(cot)
+        block_grads = [None] * len(self.segments)
+        for k in reversed(range(len(self.segments))):
+            g, cot, dc = self._bwd[k](params[k], saved[k], ctx, keys[k], cot)
+            saved[k] = None
+            block_grads[k] = g
+            if d_ctx is not None:
+                d_ctx = [a + b for a, b in zip(d_ctx, dc)]
+            pending.push([cot, g] + ([d_ctx] if d_ctx is not None else []))
+        pending.flush()
+
+        by_path = {}
+        for k, seg in enumerate(self.segments):
+            for i, g in zip(seg, block_grads[k]):
+                name = f"double_blocks.{i}" if i < len(model.double_blocks) else f"single_blocks.{i - len(model.double_blocks)}"
+                by_path.update({f"{name}.{p}": a for p, a in tree_flatten(g)})
+        by_path.update({f"final_layer.{p}": a for p, a in tree_flatten(hgrads[0])})
+        if self.prelude_trainable:
+            pg = self._embed_vjp(prelude, inputs, cot, d_ctx)
+            by_path.update(dict(tree_flatten(pg)))
+        grads = tree_map_with_path(lambda path, _: by_path[path], model.trainable_parameters())
+        return value, aux, grads
+
+
+class _Pipeline:
+    """async_eval each pushed result, but wait for the one before it: the host stays at most one
+    segment ahead of the device, so segments' temporaries do not pile up in flight."""
+
+    def __init__(self):
+        self.prev = None
+
+    def push(self, arrays):
+        mx.async_eval(arrays)
+        if self.prev is not None:
+            mx.eval(self.prev)
+        self.prev = arrays
+
+    def flush(self):
+        if self.prev is not None:
+            mx.eval(self.prev)
+        self.prev = None
 
 
 class TrainStep:
@@ -92,6 +296,11 @@ class TrainStep:
         self._fns = {}
         self._grad_acc = None
         self._n_acc = 0
+        self._bw, self._bw_every = None, 0
+        self._calibrated, self.memory_limit = {}, None
+        if isinstance(cfg.memory_limit, (int, float)) and not isinstance(cfg.memory_limit, bool):
+            self.memory_limit = int(cfg.memory_limit * 1e9)
+            mx.set_memory_limit(self.memory_limit)
 
     # ---- losses ---------------------------------------------------------------------------
     def _forward(self, model, xt, embeds, t, batch):
@@ -134,11 +343,15 @@ class TrainStep:
         if self.cfg.shard and self.cfg.shard[1] > 1:
             grads, loss = average_across_processes(grads, loss, self.cfg.shard[1])
         finite = mx.isfinite(loss)  # the same decision on every process
-        grads = tree_map(lambda g: mx.where(finite, g, mx.zeros_like(g)), grads)
+        raw_norm = global_norm(grads)
+        # `coef * g`, norm first: evaluation visits the norm — which reads the gradients from the
+        # last block backwards (see global_norm) — before any gradient in block order.
         if self.cfg.max_grad_norm:
-            grads, norm = optim.clip_grad_norm(grads, self.cfg.max_grad_norm)
+            coef = mx.minimum(self.cfg.max_grad_norm / (raw_norm + 1e-6), 1.0)
         else:
-            norm = optim.clip_grad_norm(grads, float("inf"))[1]
+            coef = mx.ones_like(raw_norm)
+        grads = tree_map(lambda g: mx.where(finite, (coef * g).astype(g.dtype), mx.zeros_like(g)), grads)
+        norm = mx.where(finite, raw_norm, mx.zeros_like(raw_norm))
         old_params = self.model.trainable_parameters()
         old_state = tree_map(lambda x: x, self.optimizer.state)  # new containers: update() mutates the dict
         self.optimizer.update(self.model, grads)
@@ -176,13 +389,108 @@ class TrainStep:
             self._fns[(kind, dop)] = self._build(kind, dop)
         return self._fns[(kind, dop)]
 
+    # ---- block-by-block backward (gradient checkpointing) ------------------------------------
+    def _blockwise(self):
+        every = getattr(self.model, "checkpoint_every", 0)
+        if not (self.cfg.blockwise and every):
+            return None
+        if self._bw is None or self._bw_every != every:
+            self._bw, self._bw_every = BlockwiseBackward(self.model, every, self.cfg.compile), every
+        return self._bw
+
+    def _prep_fn(self, dop: bool):
+        """Compiled: noise, timesteps and (DOP) the prior prediction, as the plain path draws them."""
+        if ("prep", dop) not in self._fns:
+            def fn(batch, key):
+                batch = Batch(**batch)
+                xt, target, t = noisy_inputs(batch.latents, key, self.cfg)
+                if not dop:
+                    return xt, target, t
+                with lora_disabled(self.model):
+                    prior = mx.stop_gradient(self._forward(self.model, xt, batch.dop_embeds, t, batch)).astype(mx.float32)
+                return xt, target, t, prior
+
+            if self.cfg.compile:
+                fn = partial(mx.compile, inputs=[self.model.state], outputs=[])(fn)
+            self._fns[("prep", dop)] = fn
+        return self._fns[("prep", dop)]
+
+    def _inputs(self, xt, embeds, t, batch):
+        b = xt.shape[0]
+        g = mx.full((b,), self.cfg.guidance, dtype=mx.float32) if self.cfg.guidance is not None else None
+        return (xt.astype(self.dtype), embeds.astype(self.dtype), t, batch.img_ids, batch.txt_ids, g)
+
+    def _head_main(self, pred, target, t):
+        main = mx.mean(_mse_per_sample(pred, target) * loss_weight(self.cfg.weighting, t))
+        return main, (main, mx.zeros_like(main), t.mean())
+
+    def _head_dop(self, pred, target, t, prior):
+        b = target.shape[0]
+        main = mx.mean(_mse_per_sample(pred[:b], target) * loss_weight(self.cfg.weighting, t))
+        pres = mx.mean(_mse_per_sample(pred[b:], prior)) * self.cfg.dop_multiplier
+        return main + pres, (main, pres, t.mean())
+
+    def _head_pres(self, pred, prior, t):
+        pres = mx.mean(_mse_per_sample(pred, prior)) * self.cfg.dop_multiplier
+        return pres, (mx.zeros_like(pres), pres, t.mean())
+
+    def _blockwise_grads(self, bw, batch: Batch, key, dop: bool):
+        """(loss, main, pres, t_mean), grads — the same values as value_and_grad of plain_loss /
+        dop_loss, computed segment by segment."""
+        drop_key = mx.random.split(key, 3)[2]  # not the noise's keys (split(key) in noisy_inputs)
+        if not dop:
+            xt, target, t = self._prep_fn(False)(vars(batch), key)
+            loss, aux, grads = bw(self._inputs(xt, batch.prompt_embeds, t, batch), self._head_main, (target, t), drop_key)
+            return (loss, *aux), grads
+        xt, target, t, prior = self._prep_fn(True)(vars(batch), key)
+        if self.cfg.dop_batched:
+            inputs = self._inputs(mx.concatenate([xt, xt]), mx.concatenate([batch.prompt_embeds, batch.dop_embeds]),
+                                  mx.concatenate([t, t]), batch)
+            loss, aux, grads = bw(inputs, self._head_dop, (target, t, prior), drop_key)
+            return (loss, *aux), grads
+        k1, k2 = mx.random.split(drop_key)
+        l1, (main, _, tm), g1 = bw(self._inputs(xt, batch.prompt_embeds, t, batch), self._head_main, (target, t), k1)
+        l2, (_, pres, _), g2 = bw(self._inputs(xt, batch.dop_embeds, t, batch), self._head_pres, (prior, t), k2)
+        return (l1 + l2, main, pres, tm), tree_map(mx.add, g1, g2)
+
     def __call__(self, batch: Batch, key: mx.array, dop: bool = False) -> dict:
         if dop and batch.dop_embeds is None:
             raise ValueError("DOP step needs batch.dop_embeds")
-        if self.accum == 1:
+        blockwise = self._blockwise() is not None
+        kind = (dop, blockwise, batch.latents.shape, batch.prompt_embeds.shape)
+        seen = self._calibrated.get(kind, 0)
+        self._calibrated[kind] = seen + 1
+        if self.cfg.memory_limit != "auto" or not _on_gpu() or seen > 1:
+            return self._step(batch, key, dop)
+        if seen == 0:  # compiling: serialised too (unless a limit exists), so it cannot run ahead
+            if self.memory_limit is None:
+                mx.set_memory_limit(1)
+            return self._step(batch, key, dop)
+        # Calibration on the second step of a kind (the first compiles): fully serialised, its
+        # peak is the step's true live set; the limit then goes just above it — 10% above for the
+        # one-graph step, where a tight limit stalls the device, 2% for the block-by-block one.
+        mx.eval(self.state_arrays())
+        mx.set_memory_limit(1)
+        mx.reset_peak_memory()
+        out = self._step(batch, key, dop)
+        mx.eval(out["loss"], out["grad_norm"], self.state_arrays())
+        peak = mx.get_peak_memory()
+        self.memory_limit = max(self.memory_limit or 0, int(peak * (1.02 if blockwise else 1.10)) + (64 << 20))
+        mx.set_memory_limit(self.memory_limit)
+        return out
+
+    def _step(self, batch: Batch, key: mx.array, dop: bool) -> dict:
+        bw = self._blockwise()
+        if self.accum == 1 and bw is None:
             loss, main, pres, tm, norm, finite = self._fn("step", dop)(vars(batch), key)
             return dict(loss=loss, main=main, pres=pres, t_mean=tm, grad_norm=norm, finite=finite, applied=True)
-        (loss, main, pres, tm), grads = self._fn("grad", dop)(vars(batch), key)
+        if bw is None:
+            (loss, main, pres, tm), grads = self._fn("grad", dop)(vars(batch), key)
+        else:
+            (loss, main, pres, tm), grads = self._blockwise_grads(bw, batch, key, dop)
+        if self.accum == 1:
+            norm, finite, loss = self._fn("apply", False)(grads, loss)
+            return dict(loss=loss, main=main, pres=pres, t_mean=tm, grad_norm=norm, finite=finite, applied=True)
         grads = tree_map(lambda g: g / self.accum, grads)
         self._grad_acc = grads if self._grad_acc is None else tree_map(mx.add, self._grad_acc, grads)
         self._loss_acc = loss / self.accum + (self._loss_acc if self._n_acc else 0.0)
@@ -195,5 +503,8 @@ class TrainStep:
         return out
 
     def state_arrays(self):
-        """What one `mx.eval` per step must evaluate besides the returned scalars."""
-        return [self.model.trainable_parameters(), self.optimizer.state]
+        """What one `mx.eval` per step must evaluate besides the returned scalars: the parameters,
+        the optimiser state and, between accumulation steps, the accumulated gradients (else each
+        micro-step's backward graph, with its activations, would wait for the applying step)."""
+        acc = [] if self._grad_acc is None else [tree_flatten(self._grad_acc)[::-1]]  # backward order
+        return acc + [self.model.trainable_parameters(), self.optimizer.state]

@@ -1,0 +1,158 @@
+"""How much memory a LoRA training step needs, and the transformer precision that fits the machine.
+
+`estimate_peak_gb` is a parametric model fitted to peaks measured on an H100 (MLX 0.32.4,
+`scripts/benchmark.py`, TrainStep's default `memory_limit="auto"`; the table is in
+docs/performance.md and tests/test_memory.py): the weights exactly, plus activations linear in
+tokens × hidden size — every block's saved activations without checkpointing, the segment inputs
+and one segment's working set with it — plus a fixed part (LoRA state, optimiser transients, MLX's
+in-flight buffers). `choose_quantization` picks bf16, int8 or int4 for `transformer_quantization:
+auto` from it and the machine's memory.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import mlx.core as mx
+
+from mflux2.models.transformer import PRESETS, TransformerConfig, config_from_weights, preset, sanitize
+
+TEXT_TOKENS = 512  # both text encoders pad prompts to 512 tokens
+BYTES_PER_PARAM = {"bf16": 2.0, "int8": 1 + 4 / 64, "int4": 0.5 + 4 / 64}  # + bf16 scale & bias per 64
+GB = 1e9
+
+# Fitted on the H100 table (docs/performance.md): extra bytes per unit of activation
+# (tokens × hidden × 2 bytes), per byte of float32 LoRA parameters, per byte of one block's
+# weights in bf16 (quantized bases dequantise tiles of them on the fly), and fixed.
+_PLAIN_PER_BLOCK_UNIT = 18.96  # saved activations + transients of one block, in units
+_PLAIN_PER_LORA_BYTE = 19.2
+_PLAIN_PER_TILE_BYTE = 2.22
+_CKPT_PER_UNIT = 1.32  # × (blocks / every: segment inputs + 35 × every: one segment's working set)
+_CKPT_SEGMENT_UNITS = 35
+_CKPT_FIXED = 2.715 * GB
+
+
+def _config(variant_or_config) -> TransformerConfig:
+    if isinstance(variant_or_config, TransformerConfig):
+        return variant_or_config
+    return preset(variant_or_config)
+
+
+def lora_parameters(cfg: TransformerConfig, rank: int, targets: str) -> int:
+    """LoRA parameter count for mflux2.lora's target sets (single blocks restricted to the
+    attention rows/columns unless the MLPs are targets too)."""
+    d, m = cfg.hidden_size, cfg.mlp_hidden
+    if targets in ("all", "attention_ffn"):
+        per_stream = (d + 3 * d) + (d + d) + (d + 2 * m) + (m + d)
+        single = (d + 3 * d + 2 * m) + (d + m + d)
+    else:
+        per_stream = (d + 3 * d) + (d + d)
+        single = (d + 3 * d) + (d + d)
+    return rank * (2 * per_stream * cfg.num_layers + single * cfg.num_single_layers)
+
+
+def weights_bytes(cfg: TransformerConfig, base_quant: str) -> float:
+    """The transformer as loaded: blocks in `base_quant` (group size 64), the rest in bf16."""
+    d, m = cfg.hidden_size, cfg.mlp_hidden
+    double = 2 * (3 * d * d + d * d + 2 * m * d + m * d)
+    single = (3 * d + 2 * m) * d + (d + m) * d
+    blocks = double * cfg.num_layers + single * cfg.num_single_layers
+    embedders = (2 if cfg.guidance_embeds else 1) * (cfg.timestep_guidance_channels * d + d * d)
+    outer = (embedders + (cfg.in_channels + cfg.joint_attention_dim) * d  # img_in, txt_in
+             + 15 * d * d + 2 * d * d + d * cfg.in_channels  # modulations, final layer
+             + (4 * cfg.num_layers + 2 * cfg.num_single_layers) * cfg.attention_head_dim)  # q/k norms
+    if base_quant not in BYTES_PER_PARAM:
+        raise ValueError(f"base_quant={base_quant!r}: choose bf16, int8 or int4")
+    return blocks * BYTES_PER_PARAM[base_quant] + outer * 2
+
+
+def estimate_peak_gb(variant_or_config, base_quant: str = "bf16", resolution: int = 512, batch: int = 1,
+                     rank: int = 32, targets: str = "attention", dop: bool = False, checkpointing: int = 0,
+                     text_tokens: int = TEXT_TOKENS) -> float:
+    """Estimated peak memory (GB) of a training step: `variant_or_config` a preset name or a
+    TransformerConfig; `resolution` the (largest) square training size; `dop` a DOP step (main and
+    preservation passes batched: twice the tokens); `checkpointing` every n blocks (0 = off)."""
+    cfg = _config(variant_or_config)
+    d, nb = cfg.hidden_size, cfg.num_layers + cfg.num_single_layers
+    tokens = (resolution // 16) ** 2 + text_tokens
+    samples = batch * (2 if dop else 1)
+    unit = samples * tokens * d * 2
+    lora = lora_parameters(cfg, rank, targets) * 4
+    tile = 0 if base_quant == "bf16" else (3 * d + 2 * cfg.mlp_hidden + d + cfg.mlp_hidden) * d * 2
+    total = weights_bytes(cfg, base_quant) + lora
+    # Attention falls back to the unfused kernels when the sequence is not a multiple of 128: the
+    # [B, H, N, N] scores then exist (saved per layer without checkpointing).
+    scores = 0 if tokens % 128 == 0 else samples * cfg.num_attention_heads * tokens**2 * 6
+    if checkpointing:
+        n = int(checkpointing)
+        total += _CKPT_PER_UNIT * unit * (math.ceil(nb / n) + _CKPT_SEGMENT_UNITS * n) + _CKPT_FIXED + n * scores
+    else:
+        total += (_PLAIN_PER_BLOCK_UNIT * nb * unit + _PLAIN_PER_LORA_BYTE * lora + _PLAIN_PER_TILE_BYTE * tile
+                  + nb * scores)
+    return total / GB
+
+
+def available_gb() -> float:
+    """Memory a training run may use: Metal's recommended working set where MLX reports it, else
+    90% of the device's (or, on the CPU, the machine's) memory."""
+    info = mx.device_info()
+    if info.get("max_recommended_working_set_size"):
+        return info["max_recommended_working_set_size"] / GB
+    size = info.get("memory_size") or info.get("total_memory")
+    if not size:
+        size = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return 0.9 * size / GB
+
+
+def _source_config(source) -> TransformerConfig:
+    variant = getattr(source, "variant", None)
+    if variant in PRESETS:
+        return preset(variant)
+    path = getattr(source, "transformer", None) or getattr(source, "folder", None)
+    if path is None:
+        raise ValueError(f"cannot tell the transformer's size from {source!r}: it has no variant and no transformer path")
+    from mflux2.weights import iter_tensors, read_config, resolve_component, safetensors_files
+
+    src = resolve_component(Path(path), "transformer")
+    if src.is_dir() and (src / "config.json").exists():
+        return TransformerConfig.from_dict(read_config(src))
+    shapes = {k: tuple(v.shape) for k, v, _ in iter_tensors(safetensors_files(src))}
+    return config_from_weights({k: tuple(v.shape) for k, v in sanitize({k: _Shape(s) for k, s in shapes.items()}).items()})
+
+
+class _Shape:
+    """A stand-in tensor for `sanitize` (only shapes are needed; qkv parts concatenate by rows)."""
+
+    def __init__(self, shape):
+        self.shape = shape
+
+
+def choose_quantization(cfg, source, log=print) -> str:
+    """The transformer precision for `model.transformer_quantization: auto`: the most precise of
+    bf16 / int8 / int4 whose estimated peak fits the machine's memory, for the largest training
+    resolution, the batch size, LoRA rank and targets, DOP and gradient checkpointing of `cfg` (a
+    TrainConfig). Prints the choice and the estimates."""
+    model_cfg = _source_config(source)
+    res = max(cfg.resolutions)
+    every = cfg.memory.checkpoint_every
+    dop = bool(cfg.loss.diff_output_preservation)
+    args = dict(resolution=res, batch=cfg.training.batch_size, rank=cfg.lora.rank, targets=cfg.lora.target_layers, dop=dop)
+    budget = available_gb()
+    est = {q: estimate_peak_gb(model_cfg, q, checkpointing=every, **args) for q in ("bf16", "int8", "int4")}
+    fits = [q for q in ("bf16", "int8", "int4") if est[q] <= budget]
+    choice = fits[0] if fits else "int4"
+    name = getattr(source, "variant", None) or "the transformer"
+    detail = ", ".join(f"{q} {est[q]:.1f} GB" for q in est)
+    log(f"transformer quantization auto: {choice} — estimated peak {est[choice]:.1f} GB of {budget:.1f} GB usable "
+        f"({name}, {res}², batch {cfg.training.batch_size}, rank {cfg.lora.rank}{', DOP' if dop else ''}"
+        f"{f', checkpointing every {every}' if every else ''}; {detail})")
+    if not fits:
+        hint = ""
+        if not every:
+            with_ckpt = estimate_peak_gb(model_cfg, "int4", checkpointing=1, **args)
+            hint = f"; with memory.gradient_checkpointing: true int4 needs about {with_ckpt:.1f} GB"
+        log(f"warning: even int4 may not fit ({est['int4']:.1f} GB > {budget:.1f} GB){hint}; "
+            "lower the resolution or the batch size")
+    return choice

@@ -1,0 +1,49 @@
+"""scripts/benchmark.py --tiny on the CPU: it runs the real TrainStep, prints its JSON line, and
+gradient checkpointing lowers the peak memory."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def bench(*args) -> dict:
+    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "benchmark.py"), "--tiny", "--steps", "3", "--warmup", "1", *args],
+                         capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
+    assert len(lines) == 1, out.stdout
+    return json.loads(lines[0])
+
+
+@pytest.fixture(scope="module")
+def plain():
+    return bench()
+
+
+def test_tiny_benchmark_prints_its_figures(plain):
+    r = plain
+    assert r["model"] == "tiny" and r["mode"] == "plain" and r["checkpointing"] == 0 and r["blockwise"] is False
+    assert r["loss_finite"] is True and r["lora_layers"] == 16
+    assert 0 < r["median_s_per_step"] < 60 and r["host_s"] <= r["mean_s_per_step"] * 3
+    assert r["peak_memory_bytes"] > r["weights_gb"] * 1e9 > 0
+    assert r["tflop_per_step"] > 0 and r["tokens_per_s"] > 0
+    assert r["device"].startswith("Device(cpu") and r["mlx"]
+
+
+def test_checkpointing_lowers_peak_memory(plain):
+    ckpt = bench("--checkpointing", "1")
+    assert ckpt["blockwise"] is True and ckpt["loss_finite"] is True
+    # same weights, less for the activations: the block-by-block backward keeps only segment inputs
+    assert ckpt["weights_gb"] == plain["weights_gb"]
+    assert ckpt["peak_memory_bytes"] < 0.85 * plain["peak_memory_bytes"], (ckpt["peak_memory_bytes"], plain["peak_memory_bytes"])
+
+
+def test_quantized_dop_checkpointed_step_runs():
+    r = bench("--base", "int8", "--mode", "dop-every", "--dop-every", "2", "--checkpointing", "2", "--profile")
+    assert r["base"] == "int8" and r["mode"] == "dop-every" and r["loss_finite"] is True
+    assert r["forward_s"] > 0 and r["forward_backward_s"] > 0 and r["update_s"] > 0

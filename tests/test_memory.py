@@ -1,0 +1,118 @@
+"""The peak-memory model against peaks measured on an H100, and the auto quantization choice."""
+
+import json
+
+import pytest
+
+import mflux2.training.memory as M
+from mflux2.models.transformer import PRESETS, TransformerConfig
+from mflux2.training.config import TrainConfig
+
+# scripts/benchmark.py on one H100 (MLX 0.32.4, 2026-11-25; docs/performance.md), default
+# memory_limit "auto": variant, base, resolution, DOP, checkpoint every n, measured peak GB.
+MEASURED = [
+    ("klein-4b", "bf16", 512, False, 0, 13.657),
+    ("klein-4b", "bf16", 512, True, 0, 18.348),
+    ("klein-4b", "bf16", 1024, False, 0, 22.493),
+    ("klein-9b", "bf16", 512, False, 0, 28.276),
+    ("klein-4b", "int8", 512, False, 0, 10.751),
+    ("klein-4b", "bf16", 512, False, 1, 10.707),
+    ("klein-4b", "bf16", 1024, False, 1, 11.841),
+    ("klein-4b", "int8", 512, False, 1, 8.372),
+    ("klein-4b", "int4", 512, False, 1, 5.507),
+    ("klein-9b", "int8", 512, False, 1, 14.641),
+    ("dev", "int8", 512, False, 1, 41.037),
+]
+
+
+@pytest.mark.parametrize("variant,base,res,dop,every,peak", MEASURED)
+def test_estimate_within_15_percent_of_measured_peaks(variant, base, res, dop, every, peak):
+    est = M.estimate_peak_gb(variant, base, resolution=res, batch=1, rank=32, targets="attention", dop=dop,
+                             checkpointing=every)
+    assert abs(est / peak - 1) <= 0.15, (est, peak)
+
+
+def test_estimate_is_monotonic_in_what_costs_memory():
+    e = M.estimate_peak_gb
+    assert e("klein-4b", "int4") < e("klein-4b", "int8") < e("klein-4b", "bf16") < e("klein-9b", "bf16") < e("dev", "bf16")
+    assert e("klein-4b", resolution=512) < e("klein-4b", resolution=768) < e("klein-4b", resolution=1024)
+    assert e("klein-4b", checkpointing=1) < e("klein-4b") < e("klein-4b", dop=True) < e("klein-4b", batch=2, dop=True)
+    assert e("klein-4b", rank=16) < e("klein-4b", rank=64) and e("klein-4b") < e("klein-4b", targets="all")
+    # a sequence that is not a multiple of 128 tokens falls back to unfused attention: [B, H, N, N] scores
+    assert e("klein-4b", resolution=784) > 1.5 * e("klein-4b", resolution=768)
+    assert e(TransformerConfig(**vars(PRESETS["klein-4b"]))) == e("klein-4b")
+    with pytest.raises(ValueError, match="nf4"):
+        e("klein-4b", "nf4")
+
+
+def test_weights_and_lora_counts_match_the_model():
+    import mlx.core as mx
+    import mlx.nn as nn
+    from mlx.utils import tree_flatten, tree_map
+
+    from mflux2.lora import apply_lora
+    from mflux2.models.transformer import Flux2Transformer
+
+    cfg = TransformerConfig(num_layers=2, num_single_layers=3, num_attention_heads=2, attention_head_dim=64,
+                            joint_attention_dim=40, in_channels=16, axes_dims_rope=(16,) * 4, guidance_embeds=True)
+    model = Flux2Transformer(cfg)  # lazily initialised: shapes only
+    assert M.weights_bytes(cfg, "bf16") == 2 * sum(v.size for _, v in tree_flatten(model.parameters()))
+    for targets in ("attention", "all"):
+        m = Flux2Transformer(cfg)
+        apply_lora(m, rank=4, targets=targets)
+        n = sum(v.size for _, v in tree_flatten(m.trainable_parameters()))
+        assert M.lora_parameters(cfg, 4, targets) == n
+    blk = model.single_blocks[0]
+    blk.update(tree_map(lambda a: a.astype(mx.bfloat16), blk.parameters()))
+    linears = sum(v.size for k, v in tree_flatten(blk.parameters()) if k.startswith("linear"))
+    nn.quantize(blk, group_size=64, bits=8)
+    q = sum(v.nbytes for k, v in tree_flatten(blk.parameters()) if k.startswith("linear"))
+    assert q == linears * M.BYTES_PER_PARAM["int8"]
+
+
+class Source:
+    def __init__(self, variant=None, transformer=None):
+        self.variant, self.transformer = variant, transformer
+
+
+def train_config(**memory):
+    cfg = TrainConfig()
+    cfg.memory.bucketing.resolutions = [512, 768]
+    cfg.memory.gradient_checkpointing = memory.get("checkpointing", False)
+    cfg.loss.diff_output_preservation = memory.get("dop", False)
+    return cfg
+
+
+@pytest.mark.parametrize("budget,expect", [(80.0, "bf16"), (16.0, "int8"), (12.5, "int4")])
+def test_choose_quantization_picks_the_most_precise_that_fits(monkeypatch, budget, expect):
+    monkeypatch.setattr(M, "available_gb", lambda: budget)
+    lines = []
+    cfg = train_config()
+    got = M.choose_quantization(cfg, Source("klein-4b"), log=lines.append)
+    assert got == expect
+    est = M.estimate_peak_gb("klein-4b", got, resolution=768, batch=1, rank=32)
+    assert f"auto: {expect}" in lines[0] and f"{est:.1f} GB of {budget:.1f} GB" in lines[0] and "768²" in lines[0]
+
+
+def test_choose_quantization_warns_when_nothing_fits_and_suggests_checkpointing(monkeypatch):
+    monkeypatch.setattr(M, "available_gb", lambda: 30.0)
+    lines = []
+    assert M.choose_quantization(train_config(dop=True), Source("dev"), log=lines.append) == "int4"
+    assert "DOP" in lines[0] and lines[1].startswith("warning: even int4") and "gradient_checkpointing" in lines[1]
+
+
+def test_choose_quantization_reads_an_unknown_architecture_from_the_folder(tmp_path, monkeypatch):
+    monkeypatch.setattr(M, "available_gb", lambda: 1.0)
+    cfg = TransformerConfig(num_layers=1, num_single_layers=2, num_attention_heads=2, attention_head_dim=64,
+                            joint_attention_dim=32, axes_dims_rope=(16,) * 4)
+    (tmp_path / "transformer").mkdir()
+    (tmp_path / "transformer" / "config.json").write_text(json.dumps({"_class_name": "Flux2Transformer2DModel", **cfg.to_dict()}))
+    lines = []
+    assert M.choose_quantization(train_config(), Source(None, tmp_path / "transformer"), log=lines.append) == "bf16"
+    assert "the transformer" in lines[0]
+    with pytest.raises(ValueError, match="no variant and no transformer path"):
+        M.choose_quantization(train_config(), Source(None, None), log=lines.append)
+
+
+def test_available_memory_is_positive():
+    assert M.available_gb() > 0.1

@@ -1,0 +1,236 @@
+"""The training step's memory machinery: the block-by-block checkpointed backward gives the plain
+path's gradients, the GEMM helpers equal the layers they replace, the update's ordering and the
+memory-limit calibration."""
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten, tree_map
+
+import mflux2.models.transformer as T
+import mflux2.training.step as S
+from mflux2.lora import LoRALinear, apply_lora, dropout_key
+from mflux2.models.transformer import Flux2Transformer, TransformerConfig
+from mflux2.training.step import Batch, StepConfig, TrainStep
+
+CFG = TransformerConfig(num_layers=2, num_single_layers=3, num_attention_heads=2, attention_head_dim=16,
+                        joint_attention_dim=24, in_channels=16, axes_dims_rope=(4, 4, 4, 4))
+
+
+def tiny_model(seed=0, dropout=0.0, guidance=False):
+    mx.random.seed(seed)
+    model = Flux2Transformer(TransformerConfig(**{**vars(CFG), "guidance_embeds": guidance}))
+    apply_lora(model, rank=4, targets="attention", dropout=dropout)
+    # B starts at zero; random B makes every A gradient non-trivial
+    model.update(tree_map(lambda p: mx.random.normal(p.shape) * 0.1, model.trainable_parameters()))
+    mx.eval(model.parameters())
+    return model
+
+
+def tiny_batch(b=2, n=16, l=8, seed=1):
+    mx.random.seed(seed)
+    return Batch(latents=mx.random.normal((b, n, 16)), prompt_embeds=mx.random.normal((b, l, 24)),
+                 img_ids=mx.random.randint(0, 4, (n, 4)).astype(mx.float32),
+                 txt_ids=mx.random.randint(0, 4, (l, 4)).astype(mx.float32), dop_embeds=mx.random.normal((b, l, 24)))
+
+
+def flat(tree):
+    return {k: np.array(v) for k, v in tree_flatten(tree)}
+
+
+def assert_same_grads(g0, g1, rtol=1e-6):
+    f0, f1 = flat(g0), flat(g1)
+    assert f0.keys() == f1.keys() and f0
+    for k in f0:
+        assert np.abs(f0[k]).max() > 0, k
+        np.testing.assert_allclose(f1[k], f0[k], rtol=rtol, atol=rtol * np.abs(f0[k]).max(), err_msg=k)
+
+
+@pytest.mark.parametrize("dop,batched", [(False, True), (True, True), (True, False)])
+@pytest.mark.parametrize("every", [1, 2])
+def test_blockwise_backward_equals_plain_gradients(dop, batched, every):
+    model, batch, key = tiny_model(), tiny_batch(), mx.random.key(3)
+    step = TrainStep(model, optim.AdamW(1e-4), StepConfig(dop_batched=batched, memory_limit=None))
+    (l0, aux0), g0 = step._grad_fn(dop)(model, batch, key)
+    model.set_gradient_checkpointing(every)
+    bw = step._blockwise()
+    assert [len(s) for s in bw.segments] == ([every] * (5 // every) + ([5 % every] if 5 % every else []))
+    (l1, *aux1), g1 = step._blockwise_grads(bw, batch, key, dop)
+    assert float(l0) == pytest.approx(float(l1), rel=1e-6)
+    assert np.allclose([float(a) for a in aux0], [float(a) for a in aux1], rtol=1e-6)
+    assert_same_grads(g0, g1)
+
+
+def test_blockwise_trains_parameters_outside_the_blocks():
+    """Trainable embedders (the prelude) and final layer get their gradients through the VJPs of
+    `embed` (fed with every block's cotangents for the shared modulations) and of the head."""
+    model, batch, key = tiny_model(guidance=True), tiny_batch(), mx.random.key(4)
+    model.img_in.unfreeze()
+    model.double_stream_modulation_txt.unfreeze()
+    model.final_layer.linear.unfreeze()
+    step = TrainStep(model, optim.AdamW(1e-4), StepConfig(guidance=3.0, memory_limit=None))
+    _, g0 = step._grad_fn(False)(model, batch, key)
+    model.set_gradient_checkpointing(2)
+    (_, *_), g1 = step._blockwise_grads(step._blockwise(), batch, key, False)
+    assert {"img_in.weight", "double_stream_modulation_txt.lin.weight", "final_layer.linear.weight"} <= set(flat(g1))
+    assert_same_grads(g0, g1, rtol=1e-5)
+
+
+def test_blockwise_recompute_draws_the_same_dropout_masks():
+    """With LoRA dropout, the checkpointed gradients equal those of one graph over the same
+    segments with the same keys: the recomputation reproduced the forward pass's masks."""
+    model, batch, key = tiny_model(dropout=0.5), tiny_batch(), mx.random.key(5)
+    model.train()
+    model.set_gradient_checkpointing(1)
+    step = TrainStep(model, optim.AdamW(1e-4), StepConfig(memory_limit=None))
+    bw = step._blockwise()
+    (loss, *_), g1 = step._blockwise_grads(bw, batch, key, False)
+
+    xt, target, t = step._prep_fn(False)(vars(batch), key)
+    keys = S._key_split(mx.random.split(key, 3)[2], len(bw.segments))
+
+    def reference(m):
+        state, ctx = m.embed(*step._inputs(xt, batch.prompt_embeds, t, batch))
+        for k, seg in enumerate(bw.segments):
+            with dropout_key(keys[k]):
+                for i in seg:
+                    state = m.block(i, state, ctx)
+        return step._head_main(m.head(state, ctx, xt.shape[1]), target, t)[0]
+
+    l0, g0 = nn.value_and_grad(model, reference)(model)
+    assert float(l0) == pytest.approx(float(loss), rel=1e-6)
+    assert_same_grads(g0, g1)
+    # and the masks are real: another key gives other gradients
+    keys = S._key_split(mx.random.key(99), len(bw.segments))
+    _, g2 = nn.value_and_grad(model, reference)(model)
+    assert not np.allclose(flat(g2)["single_blocks.0.linear1.lora_A"], flat(g1)["single_blocks.0.linear1.lora_A"])
+
+
+def test_checkpointed_step_updates_like_the_plain_step():
+    batch, key = tiny_batch(), mx.random.key(6)
+    params = []
+    for every in (0, 1):
+        model = tiny_model()
+        model.set_gradient_checkpointing(every)
+        step = TrainStep(model, optim.AdamW(1e-2), StepConfig(max_grad_norm=1e-3, memory_limit=None))
+        out = step(batch, key)
+        mx.eval(out["loss"], out["grad_norm"], step.state_arrays())
+        assert bool(out["finite"]) and float(out["grad_norm"]) > 1e-3  # clipping active
+        params.append(flat(model.trainable_parameters()))
+    for k in params[0]:
+        np.testing.assert_allclose(params[1][k], params[0][k], rtol=1e-5, atol=1e-7, err_msg=k)
+
+
+def test_global_norm_and_clipping_match_mlx():
+    grads = {"a": [mx.random.normal((3, 4)), mx.random.normal((5,))], "b": mx.random.normal((2, 2)) * 10}
+    clipped, norm = optim.clip_grad_norm(grads, 1.0)
+    assert float(S.global_norm(grads)) == pytest.approx(float(norm), rel=1e-6)
+    model = tiny_model()
+    step = TrainStep(model, optim.SGD(learning_rate=1.0), StepConfig(max_grad_norm=1.0, compile=False, memory_limit=None))
+    w0 = flat(model.trainable_parameters())
+    g = tree_map(lambda p: mx.random.normal(p.shape), model.trainable_parameters())
+    norm, finite, _ = step._update(g, mx.array(1.0))
+    ref, ref_norm = optim.clip_grad_norm(g, 1.0)
+    assert float(norm) == pytest.approx(float(ref_norm), rel=1e-5) and float(norm) > 1 and bool(finite)
+    w1, ref = flat(model.trainable_parameters()), flat(ref)
+    for k in w0:
+        np.testing.assert_allclose(w1[k], w0[k] - ref[k], rtol=1e-5, atol=1e-6)
+    norm, finite, _ = step._update(g, mx.array(float("nan")))  # skipped: parameters kept, norm 0
+    assert not bool(finite) and float(norm) == 0.0
+    w2 = flat(model.trainable_parameters())
+    assert all(np.array_equal(w2[k], w1[k]) for k in w1)
+
+
+def test_accumulated_gradients_are_evaluated_with_each_micro_step():
+    model, batch = tiny_model(), tiny_batch()
+    step = TrainStep(model, optim.AdamW(1e-4), StepConfig(memory_limit=None), grad_accumulation=2)
+    out = step(batch, mx.random.key(0))
+    assert not out["applied"]
+    arrays = step.state_arrays()
+    assert len(arrays) == 3 and len(arrays[0]) == len(tree_flatten(model.trainable_parameters()))
+    out = step(batch, mx.random.key(1))
+    assert out["applied"] and len(step.state_arrays()) == 2
+
+
+def test_memory_limit_auto_calibrates_on_the_second_step(monkeypatch):
+    monkeypatch.setattr(S, "_on_gpu", lambda: True)
+    before = mx.get_memory_limit()
+    try:
+        model, batch = tiny_model(), tiny_batch()
+        step = TrainStep(model, optim.AdamW(1e-4), StepConfig())
+        for i in range(3):
+            out = step(batch, mx.random.key(i))
+            mx.eval(out["loss"], step.state_arrays())
+            if i == 0:
+                assert step.memory_limit is None and mx.get_memory_limit() == 1  # compiling: serialised
+        assert step.memory_limit and mx.get_memory_limit() == step.memory_limit
+        assert mx.get_active_memory() < step.memory_limit < mx.get_active_memory() + (1 << 30)
+    finally:
+        mx.set_memory_limit(before)
+
+
+# ---- the GEMM helpers ---------------------------------------------------------------------------
+
+
+def test_linear_helpers_equal_the_layer_with_restricted_and_stacked_loras():
+    mx.random.seed(0)
+    base = nn.Linear(48, 40, bias=False)
+    inner = LoRALinear(base, 3, out_range=(8, 30), in_range=(10, 40))  # overlaps both parts of each split
+    outer = LoRALinear(inner, 2, in_range=(0, 20))
+    for m in (inner, outer):
+        m.lora_B = mx.random.normal(m.lora_B.shape)
+    x = mx.random.normal((2, 5, 48))
+    ref = outer(x)
+    got = mx.concatenate(T.linear_split(outer, x, [5, 20, 15]), axis=-1)
+    assert np.allclose(np.array(got), np.array(ref), atol=1e-5)
+    got = T.linear_concat(outer, [x[..., :16], x[..., 16:]])
+    assert np.allclose(np.array(got), np.array(ref), atol=1e-5)
+    # reference without the helpers: base output plus each delta on its ranges
+    y = x @ base.weight.T
+    d = np.zeros(y.shape, np.float32)
+    for m in (inner, outer):
+        z = np.array((x[..., m.in_start : m.in_stop] @ m.lora_A.T) @ (m.lora_B * m.alpha / m.rank).T)
+        d[..., m.out_start : m.out_stop] += z
+    assert np.allclose(np.array(ref), np.array(y) + d, atol=1e-5)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_dequantized_gemm_equals_quantized_matmul(monkeypatch, bits):
+    """Tiles (row chunks x input parts) dequantised just before their GEMMs give quantized_matmul's
+    values and the same input/LoRA gradients."""
+    mx.random.seed(1)
+    q = nn.QuantizedLinear(128, 96, bias=False, group_size=32, bits=bits)
+    lora = LoRALinear(q, 4, out_range=(0, 64), in_range=(0, 64))
+    lora.lora_B = mx.random.normal(lora.lora_B.shape)
+    xa, xb = mx.random.normal((1, 300, 64)), mx.random.normal((1, 300, 64))
+
+    def run(dequant_rows, tile):
+        monkeypatch.setattr(T, "DEQUANTIZE_MIN_ROWS", dequant_rows)
+        monkeypatch.setattr(T, "DEQUANTIZE_TILE", tile)
+
+        def loss(params, xa, xb):
+            lora.update(params)
+            parts = T.linear_split(lora, mx.concatenate([xa, xb], -1), [64, 32])
+            return sum((p * p).sum() for p in parts) + (T.linear_concat(lora, [xa, xb]) ** 3).mean()
+
+        return mx.value_and_grad(loss, argnums=(0, 1, 2))(lora.trainable_parameters(), xa, xb)
+
+    (l0, g0), (l1, g1) = run(10**9, 1 << 26), run(1, 128 * 20)  # quantized_matmul | 20-row tiles
+    assert float(l1) == pytest.approx(float(l0), rel=1e-5)
+    for a, b in zip(tree_flatten(g0), tree_flatten(g1)):
+        np.testing.assert_allclose(np.array(b[1]), np.array(a[1]), rtol=1e-4, atol=1e-4 * float(mx.abs(a[1]).max()))
+
+
+def test_custom_vjps_match_autodiff():
+    g, u = mx.random.normal((3, 8)) * 3, mx.random.normal((3, 8))
+    c = mx.random.normal((3, 8))
+    _, (a0, b0) = mx.vjp(lambda g, u: nn.silu(g) * u, [g, u], [c])
+    _, (a1, b1) = mx.vjp(T.swiglu, [g, u], [c])
+    assert np.allclose(np.array(a1), np.array(a0), atol=1e-5) and np.allclose(np.array(b1), np.array(b0), atol=1e-5)
+    y = mx.random.normal((2, 3, 9))
+    cs = [mx.random.normal((2, 3, n)) for n in (2, 3, 4)]
+    _, (d0,) = mx.vjp(lambda y: [y[..., :2], y[..., 2:5], y[..., 5:]], [y], cs)
+    _, (d1,) = mx.vjp(lambda y: T.split_last(y, (2, 3, 4)), [y], cs)
+    assert np.array_equal(np.array(d1), np.array(d0))
