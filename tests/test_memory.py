@@ -116,3 +116,26 @@ def test_choose_quantization_reads_an_unknown_architecture_from_the_folder(tmp_p
 
 def test_available_memory_is_positive():
     assert M.available_gb() > 0.1
+
+
+def test_check_fit_warns_with_options_when_the_run_does_not_fit(monkeypatch):
+    from types import SimpleNamespace
+
+    from mflux2.training import memory
+    from mflux2.training.config import config_from_dict
+
+    cfg = config_from_dict({"model": {"name": "klein-9b"}, "dataset": {"path": "x", "trigger_word": "sks"},
+                            "loss": {"diff_output_preservation": True, "diff_output_preservation_class": "toy"},
+                            "memory": {"bucketing": {"resolutions": [1024]}}})
+    source = SimpleNamespace(variant="klein-9b", transformer=None, guidance_embeds=False)
+    lines = []
+    monkeypatch.setattr(memory, "available_gb", lambda: 12.0)
+    est = memory.check_fit(cfg, source, "bf16", log=lines.append)
+    assert est > 12.0 and len(lines) == 1
+    msg = lines[0]
+    for option in ("transformer_quantization: int8", "int4", "gradient_checkpointing", "resolutions: [512]", "DOP every n"):
+        assert option in msg, option
+    lines.clear()
+    monkeypatch.setattr(memory, "available_gb", lambda: 1000.0)
+    memory.check_fit(cfg, source, "bf16", log=lines.append)
+    assert lines == []

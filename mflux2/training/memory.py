@@ -156,3 +156,32 @@ def choose_quantization(cfg, source, log=print) -> str:
         log(f"warning: even int4 may not fit ({est['int4']:.1f} GB > {budget:.1f} GB){hint}; "
             "lower the resolution or the batch size")
     return choice
+
+
+def check_fit(cfg, source, quant: str, log=print) -> float:
+    """Before loading: estimate the peak of the configured run and, if it would not fit the machine,
+    warn with the options that would (quantisation, checkpointing, resolution, DOP every n)."""
+    model_cfg = _source_config(source)
+    res, every, dop = max(cfg.resolutions), cfg.memory.checkpoint_every, bool(cfg.loss.diff_output_preservation)
+    base = dict(batch=cfg.training.batch_size, rank=cfg.lora.rank, targets=cfg.lora.target_layers)
+    est = estimate_peak_gb(model_cfg, quant, resolution=res, checkpointing=every, dop=dop, **base)
+    budget = available_gb()
+    if est <= budget:
+        return est
+    options = []
+    for q in ("int8", "int4"):
+        if q != quant and ("bf16", "int8", "int4").index(q) > ("bf16", "int8", "int4").index(quant):
+            e = estimate_peak_gb(model_cfg, q, resolution=res, checkpointing=every, dop=dop, **base)
+            options.append(f"model.transformer_quantization: {q} (~{e:.1f} GB)")
+    if not every:
+        e = estimate_peak_gb(model_cfg, quant, resolution=res, checkpointing=1, dop=dop, **base)
+        options.append(f"memory.gradient_checkpointing: true (~{e:.1f} GB)")
+    if res > 512:
+        e = estimate_peak_gb(model_cfg, quant, resolution=512, checkpointing=every, dop=dop, **base)
+        options.append(f"resolutions: [512] (~{e:.1f} GB)")
+    if dop:
+        e = estimate_peak_gb(model_cfg, quant, resolution=res, checkpointing=every, dop=False, **base)
+        options.append(f"DOP every n steps (plain steps ~{e:.1f} GB)")
+    log(f"warning: this run needs about {est:.1f} GB but about {budget:.1f} GB is usable; options that fit better: "
+        + "; ".join(options or ["a machine with more memory"]))
+    return est

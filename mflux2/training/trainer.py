@@ -234,6 +234,10 @@ class Trainer:
             from mflux2.training.memory import choose_quantization
 
             q = choose_quantization(self.cfg, self.pipe.source, log=self.log)
+        else:
+            from mflux2.training.memory import check_fit
+
+            check_fit(self.cfg, self.pipe.source, q, log=self.log)
         self.pipe.quantize = None if q == "bf16" else q
         model = self.pipe.transformer
         self.transformer_quantization = q
