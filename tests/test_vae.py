@@ -17,6 +17,7 @@ diffusers = pytest.importorskip("diffusers")
 from diffusers import AutoencoderKLFlux2  # noqa: E402
 from diffusers.pipelines.flux2.pipeline_flux2 import Flux2Pipeline  # noqa: E402
 
+import mflux2.models.vae as vae_module  # noqa: E402
 from mflux2.images import array_to_pil, arrays_to_pils, open_rgb, pil_to_array, pils_to_array, to_rgb  # noqa: E402
 from mflux2.models.vae import Flux2VAE, VAEConfig, _tiled, image_ids, load_vae  # noqa: E402
 from mflux2.weights import WeightsError  # noqa: E402
@@ -52,7 +53,7 @@ def make_torch_vae(**cfg):
             elif n.endswith("bias"):
                 p.copy_(0.1 * torch.randn_like(p))
         m.bn.running_mean.copy_(0.5 * torch.randn(128))
-        m.bn.running_var.copy_(10 ** (4 * torch.rand(128) - 3.5))  # 3e-4..3e-1: small enough that eps 1e-4 matters
+        m.bn.running_var.copy_(10 ** (4 * torch.rand(128) - 3.5))  # 3e-4..3: small enough that eps 1e-4 matters
     return m
 
 
@@ -153,6 +154,8 @@ def test_diffusers_layout_parity(models):
     vae = load_vae(models.root / "model_a", dtype=mx.float32)
     assert vae.config.norm_num_groups == 8 and vae.config.block_out_channels == (16, 32, 48, 48)
     check_parity(vae, models.a)
+    for path in (models.root / "model_a" / "vae", models.root / "model_a" / "vae" / "diffusion_pytorch_model.safetensors"):
+        assert load_vae(path, dtype=mx.float32).config == vae.config  # the vae/ folder, the file (config beside it)
 
 
 def test_bfl_layout_parity(models):
@@ -263,11 +266,13 @@ def test_load_errors(models, tmp_path):
         load_vae(tmp_path / "flux1_ae.safetensors")
 
 
-def test_chunked_mid_attention_is_exact(models):
+def test_memory_chunking_is_exact(models, monkeypatch):
+    """Chunked GroupNorm statistics and chunked mid attention give the unchunked result."""
     vae = load_vae(models.root / "model_a", dtype=mx.float32)
     z = mx.random.normal((1, 6, 10, 32))  # 60 tokens at the mid block
     whole = vae.decode(z)
-    vae.decoder.mid.attn_1.query_chunk = 7  # 9 chunks, the last one short
+    monkeypatch.setattr(vae_module, "_STATS_CHUNK", 100)  # GroupNorm sums over many row chunks
+    vae.decoder.mid.attn_1.max_scores = 7 * 60  # 9 query chunks of 7, the last one short
     np.testing.assert_allclose(np.array(vae.decode(z)), np.array(whole), rtol=1e-5, atol=1e-5)
 
 

@@ -10,6 +10,10 @@ statistics (eps 1e-4, no affine). Everything is NHWC inside; the public API is N
     unpack(tokens, height, width)       -> latents [B,H/8,W/8,32]     (exact inverse)
     image_ids(height, width)            -> ids     [H/16*W/16,4]      ((0,row,col,0), row-major)
 
+To bound memory, encode/decode evaluate as they go (GroupNorm statistics and attention chunks,
+see GroupNorm below): intermediate results are evaluated eagerly, so they cannot run inside `mx.compile`. For very
+large images, `tile=` runs them over overlapping tiles.
+
 Internal parameter names follow the BFL layout (`encoder.down.0.block.0.conv1`, `decoder.up.3...`,
 `mid.attn_1.q`); diffusers `vae/` folders are mapped onto it by `sanitize`. Sources:
 black-forest-labs/flux2 `autoencoder.py`, diffusers `autoencoder_kl_flux2.py` and
@@ -76,14 +80,41 @@ class VAEConfig:
 # Modules (BFL names)
 
 
-@partial(mx.compile, shapeless=True)
-def _group_mean(g):
-    return mx.mean(g.astype(mx.float32), axis=(1, 3), keepdims=True)
+# GroupNorm is the memory hot spot of this VAE at high resolution: nn.GroupNorm(pytorch_compatible=
+# True) transposes the activation twice (and its CPU fallback holds ~9 float32 copies), and a plain
+# float32 mean/var makes two whole-tensor float32 temporaries that MLX keeps alive across layers.
+# So the statistics are float32 sums over row chunks of at most _STATS_CHUNK elements, each chunk
+# evaluated before the next. Measured on a 1024x1024 bf16 decode: 10 GiB -> 1.4 GiB (docs/vae.md).
+# Side effect: encode/decode evaluate eagerly and cannot run inside mx.compile.
+_STATS_CHUNK = 1 << 22
 
 
 @partial(mx.compile, shapeless=True)
-def _group_var(g, mean):
-    return mx.mean(mx.square(g.astype(mx.float32) - mean), axis=(1, 3), keepdims=True)
+def _sum_f32(g):
+    return mx.sum(g.astype(mx.float32), axis=(1, 3), keepdims=True)
+
+
+@partial(mx.compile, shapeless=True)
+def _sum_sq_dev_f32(g, mean):
+    return mx.sum(mx.square(g.astype(mx.float32) - mean), axis=(1, 3), keepdims=True)
+
+
+def _group_stats(g):
+    """Two-pass float32 mean and variance of g [B, N, G, gs] over (N, gs), evaluated now."""
+    B, N, G, gs = g.shape
+    rows = max(1, _STATS_CHUNK // (G * gs))
+    total = None
+    for i in range(0, N, rows):
+        part = _sum_f32(g[:, i : i + rows])
+        total = part if total is None else total + part
+        mx.eval(total)
+    mean = total / (N * gs)
+    total = None
+    for i in range(0, N, rows):
+        part = _sum_sq_dev_f32(g[:, i : i + rows], mean)
+        total = part if total is None else total + part
+        mx.eval(total)
+    return mean, total / (N * gs)
 
 
 @partial(mx.compile, shapeless=True)
@@ -92,10 +123,7 @@ def _group_apply(g, mean, rstd, weight, bias):
 
 
 class GroupNorm(nn.Module):
-    """torch.nn.GroupNorm on NHWC (groups = contiguous channel ranges), statistics in float32.
-    Written out instead of nn.GroupNorm(pytorch_compatible=True) for memory: that one transposes
-    the activation twice and its CPU fallback holds ~11 copies of it; this one needs ~2 (measured
-    on a 1024x1024 decode, docs/vae.md)."""
+    """torch.nn.GroupNorm on NHWC (groups = contiguous channel ranges), float32 statistics."""
 
     def __init__(self, groups: int, channels: int, eps: float = 1e-6):
         super().__init__()
@@ -109,8 +137,8 @@ class GroupNorm(nn.Module):
     def __call__(self, x):
         B, H, W, C = x.shape
         g = x.reshape(B, H * W, self.groups, C // self.groups)
-        mean = _group_mean(g)
-        rstd = mx.rsqrt(_group_var(g, mean) + self.eps)
+        mean, var = _group_stats(g)  # evaluated eagerly, chunk by chunk (bounded memory)
+        rstd = mx.rsqrt(var + self.eps)
         shape = (1, 1, self.groups, C // self.groups)
         return _group_apply(g, mean, rstd, self.weight.reshape(shape), self.bias.reshape(shape)).reshape(B, H, W, C)
 
@@ -141,9 +169,10 @@ class AttnBlock(nn.Module):
     """Single-head self-attention over all H*W positions. BFL stores q/k/v/proj_out as 1x1 convs;
     they are Linear layers here (the loader squeezes them)."""
 
-    # Queries are processed in chunks so the N x N score matrix never exists at once
-    # (N = 16384 for a 1024x1024 image; one full fp32 score matrix would be 1 GiB).
-    query_chunk = 4096
+    # Queries run in chunks, each evaluated before the next, so that at most `max_scores` attention
+    # scores exist at once (N x N is 16384^2 for a 1024x1024 image: 1 GiB in float32; no fused
+    # kernel takes head_dim 512, so the scores are materialised).
+    max_scores = 1 << 26
 
     def __init__(self, config: VAEConfig, channels: int):
         super().__init__()
@@ -157,18 +186,16 @@ class AttnBlock(nn.Module):
         B, H, W, C = x.shape
         h = self.norm(x).reshape(B, 1, H * W, C)
         q, k, v = self.q(h), self.k(h), self.v(h)
-        scale = C**-0.5
-        n = H * W
-        if n <= self.query_chunk:
+        n, scale = H * W, C**-0.5
+        chunk = max(1, self.max_scores // (B * n))
+        if chunk >= n:
             out = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale)
         else:
-            out = mx.concatenate(
-                [
-                    mx.fast.scaled_dot_product_attention(q[:, :, i : i + self.query_chunk], k, v, scale=scale)
-                    for i in range(0, n, self.query_chunk)
-                ],
-                axis=2,
-            )
+            parts = []
+            for i in range(0, n, chunk):
+                parts.append(mx.fast.scaled_dot_product_attention(q[:, :, i : i + chunk], k, v, scale=scale))
+                mx.eval(parts[-1])
+            out = mx.concatenate(parts, axis=2)
         return x + self.proj_out(out).reshape(B, H, W, C)
 
 
