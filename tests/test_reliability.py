@@ -197,31 +197,44 @@ def _check_checkpoints(out: Path):
                 assert len(list(fh.keys())) > 0
 
 
+def _latest_step(out: Path) -> int:
+    dirs = checkpoint_dirs(out) if out.exists() else []
+    return max((s for s, _ in dirs), default=0)
+
+
 def test_sigkill_at_random_moments_never_loses_a_checkpoint(tiny, tmp_path):
-    cfg = write_config(tmp_path, tiny, training={"max_steps": 30}, checkpoints={"save_every": 1, "keep_last": 3},
-                       validation={"prompts": []})
+    # Each run is killed at a random moment *after* it has made progress (a new checkpoint), so the kills
+    # land mid-training, often mid-write, however fast or slow the machine is.
+    max_steps = 120
+    cfg = write_config(tmp_path, tiny, training={"max_steps": max_steps},
+                       checkpoints={"save_every": 1, "keep_last": 3}, validation={"prompts": []})
     out = tmp_path / "out"
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     rng = random.Random(1234)
     kills = 0
     for i in range(6):
+        before = _latest_step(out)
         proc = subprocess.Popen([sys.executable, "-m", "mflux2.training.cli", str(cfg)], cwd=ROOT, env=env,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(rng.uniform(3.0, 8.0))
+        deadline = time.monotonic() + 180
+        while proc.poll() is None and _latest_step(out) <= before and time.monotonic() < deadline:
+            time.sleep(0.02)
+        time.sleep(rng.uniform(0.0, 0.4))
         if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
             kills += 1
         proc.wait()
         _check_checkpoints(out)
+        assert _latest_step(out) < max_steps, "the run finished before it could be killed: raise max_steps"
         if i == 2 and (out / ".latent_cache").exists():  # a half-written cache entry is detected and rebuilt
             entry = next((out / ".latent_cache").glob("*.safetensors"))
             entry.write_bytes(entry.read_bytes()[:50])
-    assert kills >= 3
+    assert kills == 6
     done = subprocess.run([sys.executable, "-m", "mflux2.training.cli", str(cfg)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     _check_checkpoints(out)
     assert (out / "lora_final.safetensors").exists()
-    assert latest_checkpoint(out).name == "checkpoint_000030"
+    assert latest_checkpoint(out).name == f"checkpoint_{max_steps:06d}"
     steps = [m["step"] for m in metrics(out) if "loss" in m]
-    assert steps == sorted(set(steps)) and steps[-1] == 30  # the log reads as one uninterrupted run
+    assert steps == sorted(set(steps)) and steps[-1] == max_steps  # the log reads as one uninterrupted run
