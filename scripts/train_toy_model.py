@@ -355,7 +355,7 @@ def preview(model, vae, table, index, text_len: int, combos, seed: int = 0, step
 def preview_combos(split: str) -> list[tuple[str, str, str]]:
     """The 9 held-out combinations, or 9 training ones spread over shapes and colours."""
     combos = toy.combos_for(split)
-    return combos if split == "heldout" else combos[:: len(combos) // 9][:9]
+    return combos if split == "heldout" else [combos[(i * 37) % len(combos)] for i in range(9)]  # 37 ⟂ 81: spread
 
 
 def generic_caption(caption: str) -> str:
@@ -412,6 +412,22 @@ def evaluate(model_dir: Path, combos, seeds, steps: int = STEPS, guidance: float
     return result, images
 
 
+def labelled_grid(images, prompts: list[str], per_row: int, scale: int = 2):
+    """One row per prompt: its text, then its `per_row` images (consecutive in `images`)."""
+    from PIL import Image, ImageDraw
+
+    s, label, gap = SIZE * scale, 300, 2
+    rows = len(images) // per_row
+    grid = Image.new("RGB", (label + per_row * (s + gap), rows * (s + gap)), "white")
+    draw = ImageDraw.Draw(grid)
+    for r in range(rows):
+        draw.text((6, r * (s + gap) + s // 2 - 6), prompts[r * per_row], fill="black")
+        for c in range(per_row):
+            im = images[r * per_row + c].resize((s, s), Image.Resampling.NEAREST)
+            grid.paste(im, (label + c * (s + gap), r * (s + gap)))
+    return grid
+
+
 def guidance_sweep(model_dir: Path, seeds) -> dict:
     """Held-out accuracy (all three attributes right) against the CFG scale, sampled in PyTorch (fast,
     batched; the MLX pipeline agrees with diffusers to float precision)."""
@@ -433,6 +449,37 @@ def guidance_sweep(model_dir: Path, seeds) -> dict:
     return out
 
 
+def score_lora(model_dir: Path, lora: Path, trigger: str = TRIGGER, seeds=(0, 1)) -> dict:
+    """What a subject LoRA (configs/quickstart.yaml) did, per prompt word: with the trigger ("a red sks
+    on a blue background") and with the DOP class word ("a red shape on ..."), base model vs LoRA on
+    the same seeds — how often the classifier sees a star, how often the LoRA keeps the base model's
+    shape, and the mean absolute pixel change (0-255)."""
+    from mflux2.pipeline import Flux2Pipeline
+    from tests import toy_shapes
+
+    pairs = [("red", "blue"), ("yellow", "purple"), ("green", "white"), ("white", "red")]
+    base = Flux2Pipeline.from_pretrained(model_dir)
+    tuned = Flux2Pipeline.from_pretrained(model_dir)
+    tuned.load_lora(lora)
+    out = {}
+    for word in (trigger, toy.CLASS_WORD):
+        shapes, diffs = {"base": [], "lora": []}, []
+        for c, b in pairs:
+            for seed in seeds:
+                ims = [p.generate(toy.caption(c, word, b), width=SIZE, height=SIZE, seed=seed, num_inference_steps=STEPS,
+                                  guidance_scale=GUIDANCE, progress=False)[0] for p in (base, tuned)]
+                shapes["base"].append(toy_shapes.classify(ims[0]).shape)
+                shapes["lora"].append(toy_shapes.classify(ims[1]).shape)
+                diffs.append(float(np.abs(np.asarray(ims[0], np.float32) - np.asarray(ims[1], np.float32)).mean()))
+        n = len(diffs)
+        out[word] = {"star_base": sum(x == "star" for x in shapes["base"]) / n,
+                     "star_lora": sum(x == "star" for x in shapes["lora"]) / n,
+                     "same_shape_as_base": sum(x == y for x, y in zip(shapes["base"], shapes["lora"])) / n,
+                     "pixel_change": round(float(np.mean(diffs)), 1), "n": n, **shapes}
+        log(f"{word}: {out[word]}")
+    return out
+
+
 def sample_grid(images, cols: int, scale: int = 2):
     from PIL import Image
 
@@ -451,7 +498,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=str(ROOT / "models" / "toy"), help="the model folder to write")
     ap.add_argument("--work", default=str(ROOT / "output" / "toy_train"), help="intermediate files")
-    ap.add_argument("--stage", default="all", choices=("all", "vae", "transformer", "eval"))
+    ap.add_argument("--stage", default="all", choices=("all", "vae", "transformer", "eval", "score-lora"))
+    ap.add_argument("--lora", help="--stage score-lora: the subject LoRA to score (e.g. output/quickstart/lora_final.safetensors)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--vae-steps", type=int, default=2500)
     ap.add_argument("--vae-batch", type=int, default=8)
@@ -544,9 +592,15 @@ def main(argv=None) -> int:
                   "guidance_sweep": guidance_sweep(out, seeds), "times": times, "eval_s": round(time.time() - t0)}
         (work / "eval.json").write_text(json.dumps({**report, "heldout_predictions": held["predictions"],
                                                     "heldout_prompts": held["prompts"]}, indent=1))
-        sample_grid(held_images, cols=2 * a.eval_seeds).save(work / "samples_heldout.png")
-        sample_grid(seen_images, cols=2 * a.eval_seeds).save(work / "samples_train.png")
+        labelled_grid(held_images, held["prompts"], a.eval_seeds).save(work / "samples_heldout.png")
+        labelled_grid(seen_images, seen["prompts"], a.eval_seeds).save(work / "samples_train.png")
         log(json.dumps(report))
+
+    if a.stage == "score-lora":
+        if not a.lora:
+            ap.error("--stage score-lora needs --lora PATH")
+        result = score_lora(out, Path(a.lora))
+        (work / "score_lora.json").write_text(json.dumps(result, indent=1))
     return 0
 
 
