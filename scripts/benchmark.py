@@ -39,7 +39,7 @@ from mlx.utils import tree_flatten, tree_map
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mflux2.lora import apply_lora  # noqa: E402
-from mflux2.models.transformer import QUANT_BITS, Flux2Transformer, TransformerConfig, preset, quantize_predicate  # noqa: E402
+from mflux2.models.transformer import QUANT_BITS, Flux2Transformer, TransformerConfig, preset, quantize_outside_blocks, quantize_predicate  # noqa: E402
 from mflux2.training.step import Batch, StepConfig, TrainStep  # noqa: E402
 
 # Tiny, but with enough blocks and tokens that activations (not weights) show in peak memory, so the
@@ -58,6 +58,9 @@ def random_transformer(config: TransformerConfig, dtype=mx.bfloat16, base: str =
         if quantize:
             nn.quantize(unit, group_size=group_size, bits=QUANT_BITS[base], class_predicate=quantize_predicate(group_size))
         mx.eval(unit.parameters())
+        if base != "bf16" and unit is top[-1][0]:  # as load_transformer does
+            quantize_outside_blocks(model, QUANT_BITS[base], group_size)
+            mx.eval({k: m.parameters() for k, m in model.children().items() if isinstance(m, nn.Module)})
     return model
 
 

@@ -276,6 +276,28 @@ def test_quantized_load(saved, bits):
     assert err <= (0.03 if bits == "int8" else 0.3)
 
 
+def test_quantized_load_also_quantizes_the_large_layers_outside_the_blocks(saved, monkeypatch):
+    import mlx.nn as nn
+
+    import mflux2.models.transformer as tmod
+
+    ref, root, guidance = saved
+    path = root / "wide-top"
+    ref64 = make_reference(guidance, seed=3, num_attention_heads=4, joint_attention_dim=64)
+    ref64.save_pretrained(path / "transformer")
+    plain = load_transformer(path, dtype=mx.float32, quantize="int8", group_size=32)
+    assert isinstance(plain.txt_in, nn.Linear) and not isinstance(plain.txt_in, nn.QuantizedLinear)  # tiny: below the size floor
+    monkeypatch.setattr(tmod, "OUTSIDE_BLOCKS_MIN_WEIGHTS", 0)
+    model = load_transformer(path, dtype=mx.float32, quantize="int8", group_size=32)
+    for layer in (model.txt_in, model.double_stream_modulation_img.lin, model.single_stream_modulation.lin,
+                  model.final_layer.adaLN_modulation[1], model.time_in.out_layer):
+        assert isinstance(layer, nn.QuantizedLinear)
+    assert model.dtype == mx.float32
+    inputs = make_inputs(ctx=64)
+    g = np.array([3.5, 1.0], np.float32) if guidance else None
+    assert rel_err(mlx_output(model, *inputs, g), reference_output(ref64, *inputs, guidance=g)) <= 0.08  # every layer int8 at width 64
+
+
 @pytest.mark.parametrize("every", [1, 2])
 def test_gradient_checkpointing_keeps_exact_gradients(saved, every):
     import mlx.nn as nn
