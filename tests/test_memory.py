@@ -139,3 +139,43 @@ def test_check_fit_warns_with_options_when_the_run_does_not_fit(monkeypatch):
     monkeypatch.setattr(memory, "available_gb", lambda: 1000.0)
     memory.check_fit(cfg, source, "bf16", log=lines.append)
     assert lines == []
+
+
+def test_weights_bytes_counts_what_load_time_quantization_keeps(monkeypatch):
+    """An int8 base quantizes the blocks and the large layers outside them, exactly as
+    quantize_outside_blocks does (its size floor lowered so this tiny model has such layers)."""
+    import mlx.core as mx
+    import mlx.nn as nn
+    from mlx.utils import tree_flatten, tree_map
+
+    import mflux2.models.transformer as T
+
+    monkeypatch.setattr(T, "OUTSIDE_BLOCKS_MIN_WEIGHTS", 128 * 128)
+    cfg = TransformerConfig(num_layers=1, num_single_layers=2, num_attention_heads=2, attention_head_dim=64,
+                            joint_attention_dim=128, in_channels=16, axes_dims_rope=(16,) * 4)
+    model = T.Flux2Transformer(cfg)
+    model.update(tree_map(lambda a: a.astype(mx.bfloat16), model.parameters()))
+    for blk in model.double_blocks + model.single_blocks:
+        nn.quantize(blk, group_size=64, bits=8, class_predicate=T.quantize_predicate(64))
+    T.quantize_outside_blocks(model, 8, 64)
+    assert isinstance(model.txt_in, nn.QuantizedLinear) and not isinstance(model.img_in, nn.QuantizedLinear)
+    actual = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+    assert M.weights_bytes(cfg, "int8") == actual
+    assert M.weights_bytes(cfg, "int8") < M.weights_bytes(cfg, "bf16")
+
+
+def test_synchronous_segments_are_chosen_only_when_they_alone_fit(monkeypatch):
+    cfg = train_config(checkpointing=True)
+    args = dict(resolution=768, batch=1, rank=32, targets="attention", checkpointing=1)
+    ahead = M.estimate_peak_gb("klein-4b", "bf16", **args)
+    sync = M.estimate_peak_gb("klein-4b", "bf16", synchronous=True, **args)
+    assert sync < ahead - 1.0
+    for budget, expect in ((ahead + 1, 1), ((ahead + sync) / 2, 0), (sync - 1, 1)):
+        monkeypatch.setattr(M, "available_gb", lambda: budget)
+        lines = []
+        assert M.run_ahead(cfg, Source("klein-4b"), "bf16", log=lines.append) == expect
+        assert bool(lines) == (expect == 0) and (not lines or f"{sync:.1f} GB instead of {ahead:.1f} GB" in lines[0])
+    # ... and auto quantization counts on it: bf16 stays the choice where only synchronous bf16 fits
+    monkeypatch.setattr(M, "available_gb", lambda: (ahead + sync) / 2)
+    assert M.choose_quantization(cfg, Source("klein-4b"), log=lambda *a: None) == "bf16"
+    assert M.run_ahead(train_config(), Source("klein-4b"), "bf16", log=print) == 1  # no checkpointing: nothing to choose

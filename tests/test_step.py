@@ -63,6 +63,30 @@ def test_blockwise_backward_equals_plain_gradients(dop, batched, every):
     assert_same_grads(g0, g1)
 
 
+@pytest.mark.parametrize("ahead", [0, 2])
+def test_blockwise_host_run_ahead_changes_order_not_gradients(ahead, monkeypatch):
+    import mflux2.training.step as step_mod
+
+    model, batch, key = tiny_model(), tiny_batch(), mx.random.key(3)
+    step = TrainStep(model, optim.AdamW(1e-4), StepConfig(memory_limit=None, blockwise_ahead=ahead))
+    (l0, _), g0 = step._grad_fn(False)(model, batch, key)
+    model.set_gradient_checkpointing(1)
+    bw = step._blockwise()
+    assert bw.ahead == ahead
+    in_flight = []
+    real_push = step_mod._Pipeline.push
+
+    def push(self, arrays):
+        real_push(self, arrays)
+        in_flight.append(len(self.queue))
+
+    monkeypatch.setattr(step_mod._Pipeline, "push", push)
+    (l1, *_), g1 = step._blockwise_grads(bw, batch, key, False)
+    assert max(in_flight) == ahead and len(in_flight) == 2 * len(bw.segments) + 1  # fwd, head, bwd
+    assert float(l0) == pytest.approx(float(l1), rel=1e-6)
+    assert_same_grads(g0, g1)
+
+
 def test_blockwise_trains_parameters_outside_the_blocks():
     """Trainable embedders (the prelude) and final layer get their gradients through the VJPs of
     `embed` (fed with every block's cotangents for the shared modulations) and of the head."""

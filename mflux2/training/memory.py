@@ -32,6 +32,10 @@ _PLAIN_PER_TILE_BYTE = 2.22
 _CKPT_PER_UNIT = 1.32  # × (blocks / every: segment inputs + 35 × every: one segment's working set)
 _CKPT_SEGMENT_UNITS = 35
 _CKPT_FIXED = 2.715 * GB
+# Segments run synchronously (TrainStep's blockwise_ahead=0): nothing in flight but the current
+# segment. One measurement so far (klein-4b bf16 512², checkpointing every block: 8.99 GB against
+# 9.75 GB with the host one segment ahead and no memory limit).
+_CKPT_SYNC_FIXED = 0.42 * GB
 
 
 def _config(variant_or_config) -> TransformerConfig:
@@ -53,27 +57,39 @@ def lora_parameters(cfg: TransformerConfig, rank: int, targets: str) -> int:
     return rank * (2 * per_stream * cfg.num_layers + single * cfg.num_single_layers)
 
 
-def weights_bytes(cfg: TransformerConfig, base_quant: str) -> float:
-    """The transformer as loaded: blocks in `base_quant` (group size 64), the rest in bf16."""
-    d, m = cfg.hidden_size, cfg.mlp_hidden
-    double = 2 * (3 * d * d + d * d + 2 * m * d + m * d)
-    single = (3 * d + 2 * m) * d + (d + m) * d
-    blocks = double * cfg.num_layers + single * cfg.num_single_layers
-    embedders = (2 if cfg.guidance_embeds else 1) * (cfg.timestep_guidance_channels * d + d * d)
-    outer = (embedders + (cfg.in_channels + cfg.joint_attention_dim) * d  # img_in, txt_in
-             + 15 * d * d + 2 * d * d + d * cfg.in_channels  # modulations, final layer
-             + (4 * cfg.num_layers + 2 * cfg.num_single_layers) * cfg.attention_head_dim)  # q/k norms
+def weights_bytes(cfg: TransformerConfig, base_quant: str, group_size: int = 64) -> float:
+    """The transformer as `load_transformer` leaves it: with an int8/int4 base, the blocks' linear
+    layers and the large ones outside them (`quantize_outside_blocks`) quantized, the rest bf16.
+    Counted on a lazily built model (shapes only, nothing allocated)."""
     if base_quant not in BYTES_PER_PARAM:
         raise ValueError(f"base_quant={base_quant!r}: choose bf16, int8 or int4")
-    return blocks * BYTES_PER_PARAM[base_quant] + outer * 2
+    from mlx.nn import Linear
+    from mlx.utils import tree_flatten
+
+    import mflux2.models.transformer as T
+
+    model = T.Flux2Transformer(cfg)
+    total = 2.0 * sum(v.size for _, v in tree_flatten(model.parameters()))
+    if base_quant == "bf16":
+        return total
+    fits = T.quantize_predicate(group_size)
+    saved = 2.0 - BYTES_PER_PARAM[base_quant]
+    for path, m in model.named_modules():
+        if not isinstance(m, Linear) or not fits(path, m):
+            continue
+        in_blocks = path.startswith(("double_blocks", "single_blocks"))
+        if in_blocks or m.weight.size >= T.OUTSIDE_BLOCKS_MIN_WEIGHTS:
+            total -= saved * m.weight.size
+    return total
 
 
 def estimate_peak_gb(variant_or_config, base_quant: str = "bf16", resolution: int = 512, batch: int = 1,
                      rank: int = 32, targets: str = "attention", dop: bool = False, checkpointing: int = 0,
-                     text_tokens: int = TEXT_TOKENS) -> float:
+                     text_tokens: int = TEXT_TOKENS, synchronous: bool = False) -> float:
     """Estimated peak memory (GB) of a training step: `variant_or_config` a preset name or a
     TransformerConfig; `resolution` the (largest) square training size; `dop` a DOP step (main and
-    preservation passes batched: twice the tokens); `checkpointing` every n blocks (0 = off)."""
+    preservation passes batched: twice the tokens); `checkpointing` every n blocks (0 = off);
+    `synchronous` the checkpointed segments run one at a time (blockwise_ahead=0)."""
     cfg = _config(variant_or_config)
     d, nb = cfg.hidden_size, cfg.num_layers + cfg.num_single_layers
     tokens = (resolution // 16) ** 2 + text_tokens
@@ -87,7 +103,8 @@ def estimate_peak_gb(variant_or_config, base_quant: str = "bf16", resolution: in
     scores = 0 if tokens % 128 == 0 else samples * cfg.num_attention_heads * tokens**2 * 6
     if checkpointing:
         n = int(checkpointing)
-        total += _CKPT_PER_UNIT * unit * (math.ceil(nb / n) + _CKPT_SEGMENT_UNITS * n) + _CKPT_FIXED + n * scores
+        fixed = _CKPT_SYNC_FIXED if synchronous else _CKPT_FIXED
+        total += _CKPT_PER_UNIT * unit * (math.ceil(nb / n) + _CKPT_SEGMENT_UNITS * n) + fixed + n * scores
     else:
         total += (_PLAIN_PER_BLOCK_UNIT * nb * unit + _PLAIN_PER_LORA_BYTE * lora + _PLAIN_PER_TILE_BYTE * tile
                   + nb * scores)
@@ -140,7 +157,11 @@ def choose_quantization(cfg, source, log=print) -> str:
     dop = bool(cfg.loss.diff_output_preservation)
     args = dict(resolution=res, batch=cfg.training.batch_size, rank=cfg.lora.rank, targets=cfg.lora.target_layers, dop=dop)
     budget = available_gb()
-    est = {q: estimate_peak_gb(model_cfg, q, checkpointing=every, **args) for q in ("bf16", "int8", "int4")}
+    # With checkpointing, a precision also fits if it does with the segments run synchronously
+    # (`run_ahead` then picks that mode).
+    est = {q: estimate_peak_gb(model_cfg, q, checkpointing=every, synchronous=bool(every) and
+                               estimate_peak_gb(model_cfg, q, checkpointing=every, **args) > budget, **args)
+           for q in ("bf16", "int8", "int4")}
     fits = [q for q in ("bf16", "int8", "int4") if est[q] <= budget]
     choice = fits[0] if fits else "int4"
     name = getattr(source, "variant", None) or "the transformer"
@@ -166,8 +187,9 @@ def check_fit(cfg, source, quant: str, log=print) -> float:
     base = dict(batch=cfg.training.batch_size, rank=cfg.lora.rank, targets=cfg.lora.target_layers)
     est = estimate_peak_gb(model_cfg, quant, resolution=res, checkpointing=every, dop=dop, **base)
     budget = available_gb()
-    if est <= budget:
-        return est
+    if est <= budget or (every and estimate_peak_gb(model_cfg, quant, resolution=res, checkpointing=every, dop=dop,
+                                                    synchronous=True, **base) <= budget):
+        return est  # (the synchronous mode's lower peak fits: run_ahead chooses it)
     options = []
     for q in ("int8", "int4"):
         if q != quant and ("bf16", "int8", "int4").index(q) > ("bf16", "int8", "int4").index(quant):
@@ -185,3 +207,23 @@ def check_fit(cfg, source, quant: str, log=print) -> float:
     log(f"warning: this run needs about {est:.1f} GB but about {budget:.1f} GB is usable; options that fit better: "
         + "; ".join(options or ["a machine with more memory"]))
     return est
+
+
+def run_ahead(cfg, source, quant: str, log=print) -> int:
+    """TrainStep's `blockwise_ahead` for this run: 1 (the host encodes the next checkpointed segment
+    while the device runs the current one), or 0 when only the synchronous mode's lower peak fits
+    the machine (about 1.6× slower per step: docs/performance.md)."""
+    every = cfg.memory.checkpoint_every
+    if not every:
+        return 1
+    model_cfg = _source_config(source)
+    args = dict(resolution=max(cfg.resolutions), batch=cfg.training.batch_size, rank=cfg.lora.rank,
+                targets=cfg.lora.target_layers, dop=bool(cfg.loss.diff_output_preservation), checkpointing=every)
+    budget = available_gb()
+    ahead, sync = estimate_peak_gb(model_cfg, quant, **args), estimate_peak_gb(model_cfg, quant, synchronous=True, **args)
+    if ahead <= budget or sync > budget:
+        return 1
+    log(f"memory: running the checkpointed blocks one segment at a time — estimated peak {sync:.1f} GB instead of "
+        f"{ahead:.1f} GB ({budget:.1f} GB usable); slower per step")
+    return 0
+

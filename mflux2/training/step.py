@@ -11,6 +11,7 @@ Semantics: shared/spec/training.md (flow matching, timestep sampling, weighting,
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass
 from functools import partial
 
@@ -40,6 +41,10 @@ class StepConfig:
     # and differentiated in its own evaluation; False keeps one compiled graph with
     # mlx.nn.utils.checkpoint blocks (MLX may then schedule the recomputations together).
     blockwise: bool = True
+    # ... and how many segments the host may encode ahead of the device: 1 overlaps encoding with
+    # running; 0 runs each segment to completion first, so only one segment's temporaries exist at a
+    # time (the lowest peak, at the cost of the overlap).
+    blockwise_ahead: int = 1
     # MLX's memory limit is also its back-pressure: above it, evaluation waits for the device
     # instead of encoding further ahead. Buffers the host has released but queued device work still
     # uses count as active memory until that work completes, so without a limit the host's
@@ -138,8 +143,8 @@ class BlockwiseBackward:
     LoRA dropout: each segment draws its masks from its own key (`mflux2.lora.dropout_key`), so
     the recomputation draws the same masks as the forward pass."""
 
-    def __init__(self, model, every: int, compile: bool = True):
-        self.model = model
+    def __init__(self, model, every: int, compile: bool = True, ahead: int = 1):
+        self.model, self.ahead = model, ahead
         n = model.num_blocks
         self.blocks = list(model.double_blocks) + list(model.single_blocks)
         self.segments = [list(range(a, min(a + every, n))) for a in range(0, n, every)]
@@ -233,7 +238,7 @@ class BlockwiseBackward:
         state, ctx = self._embed(prelude, inputs)
         keys = _key_split(key, len(self.segments))
         params = [[self.blocks[i].trainable_parameters() for i in seg] for seg in self.segments]
-        saved, pending = [], _Pipeline()
+        saved, pending = [], _Pipeline(self.ahead)
         for k in range(len(self.segments)):
             saved.append(state)
             state = self._fwd[k](params[k], state, ctx, keys[k])
@@ -267,22 +272,22 @@ class BlockwiseBackward:
 
 
 class _Pipeline:
-    """async_eval each pushed result, but wait for the one before it: the host stays at most one
-    segment ahead of the device, so segments' temporaries do not pile up in flight."""
+    """async_eval each pushed result, and wait for the results pushed more than `ahead` pushes ago:
+    the host stays at most `ahead` segments ahead of the device, so segments' temporaries do not pile
+    up in flight (0: every segment is finished before the next is encoded)."""
 
-    def __init__(self):
-        self.prev = None
+    def __init__(self, ahead: int = 1):
+        self.ahead, self.queue = ahead, deque()
 
     def push(self, arrays):
         mx.async_eval(arrays)
-        if self.prev is not None:
-            mx.eval(self.prev)
-        self.prev = arrays
+        self.queue.append(arrays)
+        while len(self.queue) > self.ahead:
+            mx.eval(self.queue.popleft())
 
     def flush(self):
-        if self.prev is not None:
-            mx.eval(self.prev)
-        self.prev = None
+        while self.queue:
+            mx.eval(self.queue.popleft())
 
 
 class TrainStep:
@@ -395,7 +400,7 @@ class TrainStep:
         if not (self.cfg.blockwise and every):
             return None
         if self._bw is None or self._bw_every != every:
-            self._bw, self._bw_every = BlockwiseBackward(self.model, every, self.cfg.compile), every
+            self._bw, self._bw_every = BlockwiseBackward(self.model, every, self.cfg.compile, self.cfg.blockwise_ahead), every
         return self._bw
 
     def _prep_fn(self, dop: bool):

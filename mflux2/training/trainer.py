@@ -238,6 +238,9 @@ class Trainer:
             from mflux2.training.memory import check_fit
 
             check_fit(self.cfg, self.pipe.source, q, log=self.log)
+        from mflux2.training.memory import run_ahead
+
+        self.blockwise_ahead = run_ahead(self.cfg, self.pipe.source, q, log=self.log)
         self.pipe.quantize = None if q == "bf16" else q
         model = self.pipe.transformer
         self.transformer_quantization = q
@@ -535,7 +538,7 @@ class Trainer:
             dop_multiplier=cfg.loss.diff_output_preservation_multiplier,
             guidance=1.0 if self.pipe.guidance_embeds else None,
             max_grad_norm=cfg.training.max_grad_norm or None, compile=cfg.memory.compile_training,
-            shard=(self.rank, self.world) if self.world > 1 else None,
+            shard=(self.rank, self.world) if self.world > 1 else None, blockwise_ahead=self.blockwise_ahead,
         ), grad_accumulation=cfg.training.gradient_accumulation)
         # Every process draws the same global batch of world × batch_size and trains on its slice.
         self.sampler = data_mod.BatchSampler(self.samples, cfg.training.batch_size * self.world, cfg.training.seed)
