@@ -3,11 +3,13 @@
 # MLX CUDA wheels are installed: .gpu/py/stage.sh). Each configuration runs in its own process so
 # peak memory is its own; each prints one JSON line, collected in OUT_DIR/results.jsonl.
 #   bash scripts/gpu_bench.sh OUT_DIR [SET...]
-#   SET: ours (the targets) | extra (no memory limit, checkpointing in one graph, int8/int4,
+#   SET: ours (the targets) | sync (synchronous checkpointed segments) | graphs (CUDA-graph
+#        env knobs; run after ours, whose first row warms the kernel cache) | extra (no memory limit, checkpointing in one graph, int8/int4,
 #        1024², klein-9b bf16, the profile, the GEMM floor) | before (the committed code, copied to
 #        .gpu/orig) | peers (diffusers+peft, torch.compile, mflux: .gpu/peers, after its
 #        install_wheels.sh) | all (= ours extra before peers)
-# The first run of a fresh machine also compiles MLX's fused kernels (about two minutes).
+# The first run of a fresh machine also compiles MLX's fused kernels (about two minutes, more than a
+# 130 s limit: the first row gets 300 s).
 set -uo pipefail
 out=${1:-/tmp/bench}; shift || true
 sets=${*:-ours}
@@ -37,6 +39,17 @@ ours)  # memory limit "auto" (TrainStep's default) unless "none"
   run k4_int8_ckpt    120 $B --model klein-4b --base int8 --checkpointing 1
   run k9_int8_ckpt    150 $B --model klein-9b --base int8 --checkpointing 1
   run dev_int8_ckpt   240 python3 scripts/benchmark.py --model dev --base int8 --checkpointing 1 --steps 4 --warmup 3
+  ;;
+sync)  # checkpointed segments run one at a time (what the trainer picks when only that fits)
+  run k4_ckpt_sync      120 $B --model klein-4b --checkpointing 1 --ahead 0
+  run k4_int8_ckpt_sync 120 $B --model klein-4b --base int8 --checkpointing 1 --ahead 0
+  run k9_int8_ckpt_sync 150 $B --model klein-9b --base int8 --checkpointing 1 --ahead 0
+  run dev_int8_ckpt_sync 300 python3 scripts/benchmark.py --model dev --base int8 --checkpointing 1 --ahead 0 --steps 4 --warmup 3
+  ;;
+graphs)  # MLX's CUDA-graph knobs on the host-bound plain step (env vars read once per process)
+  run k4_gc1000      120 env MLX_CUDA_GRAPH_CACHE_SIZE=1000 $B --model klein-4b --memory-limit none
+  run k4_gc1000_o60  120 env MLX_CUDA_GRAPH_CACHE_SIZE=1000 MLX_MAX_OPS_PER_BUFFER=60 $B --model klein-4b --memory-limit none
+  run k4_gc1000_o200 120 env MLX_CUDA_GRAPH_CACHE_SIZE=1000 MLX_MAX_OPS_PER_BUFFER=200 $B --model klein-4b --memory-limit none
   ;;
 extra)
   run k4_ckpt_nolim   120 $B --model klein-4b --checkpointing 1 --memory-limit none
