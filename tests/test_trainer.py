@@ -306,3 +306,22 @@ def test_ctrl_c_once_stops_cleanly_with_a_final_checkpoint(tiny, tmp_path):
     assert proc.returncode == 0, err[-1500:]
     assert (tmp_path / "out" / "lora_final.safetensors").exists()
     assert "stopped at step" in out
+
+
+def test_apple_silicon_wires_the_working_set_and_tight_memory_runs_segments_synchronously(tiny, tmp_path, monkeypatch):
+    """Where MLX reports a recommended working set (Metal), training wires it for the run and
+    restores the old limit; with checkpointing and a machine where only the synchronous segments'
+    estimate fits, the step runs them synchronously (and still trains)."""
+    import mflux2.training.memory as memory
+
+    real_info = mx.device_info()
+    monkeypatch.setattr(mx, "device_info", lambda: {**real_info, "max_recommended_working_set_size": 64 * 10**9})
+    calls = []
+    monkeypatch.setattr(mx, "set_wired_limit", lambda n: calls.append(n) or 123)
+    monkeypatch.setattr(memory, "available_gb", lambda: 1.5)  # tiny model: ahead ≈ 2.7 GB, synchronous ≈ 0.4 GB
+    cfg = write_config(tmp_path, tiny, training={"max_steps": 2}, validation={"prompts": []},
+                       memory={"gradient_checkpointing": True})
+    t = run(cfg)
+    assert calls == [64 * 10**9, 123]
+    assert t.blockwise_ahead == 0 and t.result["step"] == 2
+    assert all(m["loss"] == m["loss"] for m in metrics(tmp_path / "out") if "loss" in m)

@@ -562,6 +562,12 @@ class Trainer:
         eval_every = cfg.training.eval_every_n_steps
         self._pause_s = 0.0
         prev_handler = signal.signal(signal.SIGINT, self._on_sigint)
+        # Apple Silicon: wire the recommended working set so the weights stay resident between
+        # steps (mlx-lm's context manager; a no-op where there is no Metal device).
+        from mlx_lm.generate import wired_limit
+
+        resident = contextlib.ExitStack()
+        resident.enter_context(wired_limit(self.model))
         bar = tqdm(total=total, initial=state.step, desc="training", unit="step", dynamic_ncols=True, disable=self.rank != 0)
         smooth = None
         consecutive_bad = 0
@@ -631,6 +637,7 @@ class Trainer:
                     self.save_checkpoint(state, with_images=bool(val_every) and state.step % val_every == 0)
         finally:
             bar.close()
+            resident.close()
             signal.signal(signal.SIGINT, prev_handler)
         final_ckpt = self.save_checkpoint(state, with_images=bool(self.val_items))
         final = self.output / "lora_final.safetensors"
