@@ -83,22 +83,36 @@ def train_config(**memory):
     return cfg
 
 
-@pytest.mark.parametrize("budget,expect", [(80.0, "bf16"), (16.0, "int8"), (12.5, "int4")])
-def test_choose_quantization_picks_the_most_precise_that_fits(monkeypatch, budget, expect):
+# klein-4b at 768² (estimates: bf16 17.4 GB; with checkpointing bf16 11.9 / synchronous 9.6, int8
+# 8.3 / 6.0, int4 6.3 / 4.0): precision first, then checkpointing turned on, then synchronous segments.
+@pytest.mark.parametrize("budget,expect,every,preset_every", [
+    (80.0, "bf16", 0, False), (12.5, "bf16", 1, False), (10.0, "bf16", 1, False), (7.0, "int8", 1, False),
+    (9.0, "int8", 1, True), (4.5, "int4", 1, True),
+])
+def test_choose_quantization_picks_the_most_precise_that_fits(monkeypatch, budget, expect, every, preset_every):
     monkeypatch.setattr(M, "available_gb", lambda: budget)
     lines = []
-    cfg = train_config()
+    cfg = train_config(checkpointing=preset_every)
     got = M.choose_quantization(cfg, Source("klein-4b"), log=lines.append)
-    assert got == expect
-    est = M.estimate_peak_gb("klein-4b", got, resolution=768, batch=1, rank=32)
+    assert (got, cfg.memory.checkpoint_every) == (expect, every)
+    est = M.estimate_peak_gb("klein-4b", got, resolution=768, batch=1, rank=32, checkpointing=every)
+    if est > budget:  # fits only with the segments run synchronously, which run_ahead then picks
+        est = M.estimate_peak_gb("klein-4b", got, resolution=768, batch=1, rank=32, checkpointing=every, synchronous=True)
+        assert M.run_ahead(cfg, Source("klein-4b"), got, log=lambda *a: None) == 0
     assert f"auto: {expect}" in lines[0] and f"{est:.1f} GB of {budget:.1f} GB" in lines[0] and "768²" in lines[0]
+    assert ("gradient_checkpointing turned on" in "\n".join(lines)) == (every == 1 and not preset_every)
 
 
-def test_choose_quantization_warns_when_nothing_fits_and_suggests_checkpointing(monkeypatch):
+def test_choose_quantization_turns_checkpointing_on_and_warns_when_nothing_fits(monkeypatch):
     monkeypatch.setattr(M, "available_gb", lambda: 30.0)
     lines = []
+    cfg = train_config(dop=True)
+    assert M.choose_quantization(cfg, Source("dev"), log=lines.append) == "int4"  # dev + DOP at 768²: 29.5 GB
+    assert cfg.memory.checkpoint_every == 1 and "DOP" in lines[0] and "turned on" in lines[1] and len(lines) == 2
+    monkeypatch.setattr(M, "available_gb", lambda: 20.0)
+    lines.clear()
     assert M.choose_quantization(train_config(dop=True), Source("dev"), log=lines.append) == "int4"
-    assert "DOP" in lines[0] and lines[1].startswith("warning: even int4") and "gradient_checkpointing" in lines[1]
+    assert lines[-1].startswith("warning: even int4 with checkpointing may not fit")
 
 
 def test_choose_quantization_reads_an_unknown_architecture_from_the_folder(tmp_path, monkeypatch):
