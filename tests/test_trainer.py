@@ -325,3 +325,18 @@ def test_apple_silicon_wires_the_working_set_and_tight_memory_runs_segments_sync
     assert calls == [64 * 10**9, 123]
     assert t.blockwise_ahead == 0 and t.result["step"] == 2
     assert all(m["loss"] == m["loss"] for m in metrics(tmp_path / "out") if "loss" in m)
+
+
+def test_validation_prompts_that_name_the_trigger_are_tagged_as_trigger_prompts():
+    from mflux2.training.config import config_from_dict
+    from mflux2.training.trainer import validation_items
+
+    cfg = config_from_dict({"model": {"name": "klein-4b"}, "dataset": {"path": "x", "trigger_word": "sks"},
+                            "validation": {"prompts": [
+                                {"prompt": "a red sks on blue", "apply_trigger": False, "sizes": [64]},
+                                {"prompt": "a red shape on blue", "apply_trigger": False, "sizes": [64]},
+                                {"prompt": "a dog", "apply_trigger": True, "sizes": [64]},
+                                {"prompt": "the sksx word is not the trigger", "apply_trigger": False, "sizes": [64]}]}})
+    got = [(it.prompt, it.with_trigger) for it in validation_items(cfg)]
+    assert got == [("a red sks on blue", True), ("a red shape on blue", False), ("sks, a dog", True), ("a dog", False),
+                   ("the sksx word is not the trigger", False)]
