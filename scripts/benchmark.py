@@ -49,18 +49,26 @@ TINY = TransformerConfig(num_layers=2, num_single_layers=4, num_attention_heads=
 
 
 def random_transformer(config: TransformerConfig, dtype=mx.bfloat16, base: str = "bf16", group_size: int = 64) -> Flux2Transformer:
-    """Random weights (the lazy default init), materialised and quantised one block at a time."""
+    """Random weights (the lazy default init), materialised and quantised one block at a time (the
+    order load_transformer uses)."""
     model = Flux2Transformer(config)
-    top = [(m, False) for m in model.children().values() if isinstance(m, nn.Module)]
-    blocks = [(m, base != "bf16") for m in model.double_blocks + model.single_blocks]
-    for unit, quantize in top + blocks:
+    bits = QUANT_BITS.get(base)
+
+    def materialise(unit):
         unit.update(tree_map(lambda a: a.astype(dtype), unit.parameters()))
-        if quantize:
-            nn.quantize(unit, group_size=group_size, bits=QUANT_BITS[base], class_predicate=quantize_predicate(group_size))
         mx.eval(unit.parameters())
-        if base != "bf16" and unit is top[-1][0]:  # as load_transformer does
-            quantize_outside_blocks(model, QUANT_BITS[base], group_size)
-            mx.eval({k: m.parameters() for k, m in model.children().items() if isinstance(m, nn.Module)})
+
+    top = {name: m for name, m in model.children().items() if isinstance(m, nn.Module)}
+    for unit in top.values():
+        materialise(unit)
+    if bits:
+        quantize_outside_blocks(model, bits, group_size)
+        mx.eval({name: model[name].parameters() for name in top})
+    for block in model.double_blocks + model.single_blocks:
+        materialise(block)
+        if bits:
+            nn.quantize(block, group_size=group_size, bits=bits, class_predicate=quantize_predicate(group_size))
+            mx.eval(block.parameters())
     return model
 
 

@@ -795,22 +795,25 @@ def load_transformer(
             raise ValueError(f"quantize={quantize!r}: choose int8 or int4 (or None for {dtype})")
         bits = QUANT_BITS[quantize]
 
-    # Load module by module: top-level layers, then each block (quantised right away if asked).
-    top = [(name, m) for name, m in model.children().items() if isinstance(m, nn.Module)]
-    blocks = [(f"double_blocks.{i}", b) for i, b in enumerate(model.double_blocks)]
-    blocks += [(f"single_blocks.{i}", b) for i, b in enumerate(model.single_blocks)]
-    for group in (top, blocks):
-        for prefix, module in group:
-            p = prefix + "."
-            part = [(k[len(p) :], weights[k].astype(dtype)) for k in weights if k.startswith(p)]
-            module.update(tree_unflatten(part))
-            mx.eval(module.parameters())
-            if bits and group is blocks:
-                nn.quantize(module, group_size=group_size, bits=bits, class_predicate=quantize_predicate(group_size))
-                mx.eval(module.parameters())
-        if bits and group is top:
-            quantize_outside_blocks(model, bits, group_size)
-            mx.eval({k: m.parameters() for k, m in model.children().items() if isinstance(m, nn.Module)})
+    def load(prefix: str, module: nn.Module) -> None:
+        p = prefix + "."
+        module.update(tree_unflatten([(k[len(p) :], weights[k].astype(dtype)) for k in weights if k.startswith(p)]))
+        mx.eval(module.parameters())
+
+    # Module by module: the top-level layers (their large ones then quantised), then each block
+    # (quantised as soon as it is loaded), so peak memory stays near the final model's size.
+    top = {name: m for name, m in model.children().items() if isinstance(m, nn.Module)}
+    for name, module in top.items():
+        load(name, module)
+    if bits:
+        quantize_outside_blocks(model, bits, group_size)
+        mx.eval({name: model[name].parameters() for name in top})
+    for kind in ("double_blocks", "single_blocks"):
+        for i, block in enumerate(model[kind]):
+            load(f"{kind}.{i}", block)
+            if bits:
+                nn.quantize(block, group_size=group_size, bits=bits, class_predicate=quantize_predicate(group_size))
+                mx.eval(block.parameters())
     model.eval()
     model.quantization = quantize  # recorded for LoRA files and the converter
     return model

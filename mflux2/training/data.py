@@ -113,6 +113,11 @@ def _trigger_re(trigger: str) -> re.Pattern:
     return re.compile(rf"(?<!\w){re.escape(trigger)}(?!\w)", re.IGNORECASE)
 
 
+def names_trigger(text: str, trigger: str | None) -> bool:
+    """Whether `text` contains the trigger word (as a whole word, case-insensitive)."""
+    return bool(trigger) and _trigger_re(trigger).search(text) is not None
+
+
 def apply_trigger(raw: str, trigger: str | None) -> str:
     """A caption or prompt with the trigger applied: `[trigger]`/`{trigger}` → the trigger word, and
     "<trigger>, " prepended when the trigger word is absent. Whitespace is collapsed."""
@@ -120,7 +125,7 @@ def apply_trigger(raw: str, trigger: str | None) -> str:
     if not trigger:
         return text
     text = re.sub(r"\[trigger\]|\{trigger\}", lambda _: trigger, text, flags=re.IGNORECASE)
-    if not _trigger_re(trigger).search(text):
+    if not names_trigger(text, trigger):
         text = f"{trigger}, {text}" if text else trigger
     return text
 

@@ -146,6 +146,21 @@ class _Shape:
         self.shape = shape
 
 
+def _run_args(cfg) -> dict:
+    """estimate_peak_gb's arguments for a TrainConfig's run (its largest resolution)."""
+    return dict(resolution=max(cfg.resolutions), batch=cfg.training.batch_size, rank=cfg.lora.rank,
+                targets=cfg.lora.target_layers, dop=bool(cfg.loss.diff_output_preservation))
+
+
+def _fitting_peak(model_cfg, quant: str, every: int, args: dict, budget: float) -> tuple[float, bool]:
+    """(estimated peak, synchronous): with checkpointing, the synchronous segments' lower peak when
+    the host-ahead one does not fit the budget (`run_ahead` then picks that mode)."""
+    peak = estimate_peak_gb(model_cfg, quant, checkpointing=every, **args)
+    if every and peak > budget:
+        return estimate_peak_gb(model_cfg, quant, checkpointing=every, synchronous=True, **args), True
+    return peak, False
+
+
 def choose_quantization(cfg, source, log=print) -> str:
     """The transformer precision for `model.transformer_quantization: auto`: the most precise of
     bf16 / int8 / int4 whose estimated peak fits the machine's memory, for the largest training
@@ -155,18 +170,10 @@ def choose_quantization(cfg, source, log=print) -> str:
     a coarser base (on the H100, klein-4b bf16 + checkpointing is also faster than int8 without).
     Prints the choice and the estimates."""
     model_cfg = _source_config(source)
-    res = max(cfg.resolutions)
-    every = cfg.memory.checkpoint_every
-    dop = bool(cfg.loss.diff_output_preservation)
-    args = dict(resolution=res, batch=cfg.training.batch_size, rank=cfg.lora.rank, targets=cfg.lora.target_layers, dop=dop)
-    budget = available_gb()
-
-    def peak(q, n):  # checkpointed: also fits if it does with synchronous segments (run_ahead picks them)
-        e = estimate_peak_gb(model_cfg, q, checkpointing=n, **args)
-        return estimate_peak_gb(model_cfg, q, checkpointing=n, synchronous=True, **args) if n and e > budget else e
-
+    args, every, budget = _run_args(cfg), cfg.memory.checkpoint_every, available_gb()
+    res, dop = args["resolution"], args["dop"]
     options = [(q, n) for q in ("bf16", "int8", "int4") for n in ([every] if every else [0, 1])]
-    est = {o: peak(*o) for o in options}
+    est = {(q, n): _fitting_peak(model_cfg, q, n, args, budget)[0] for q, n in options}
     fits = [o for o in options if est[o] <= budget]
     choice, n = fits[0] if fits else options[-1]
     name = getattr(source, "variant", None) or "the transformer"
@@ -187,26 +194,23 @@ def check_fit(cfg, source, quant: str, log=print) -> float:
     """Before loading: estimate the peak of the configured run and, if it would not fit the machine,
     warn with the options that would (quantisation, checkpointing, resolution, DOP every n)."""
     model_cfg = _source_config(source)
-    res, every, dop = max(cfg.resolutions), cfg.memory.checkpoint_every, bool(cfg.loss.diff_output_preservation)
-    base = dict(batch=cfg.training.batch_size, rank=cfg.lora.rank, targets=cfg.lora.target_layers)
-    est = estimate_peak_gb(model_cfg, quant, resolution=res, checkpointing=every, dop=dop, **base)
-    budget = available_gb()
-    if est <= budget or (every and estimate_peak_gb(model_cfg, quant, resolution=res, checkpointing=every, dop=dop,
-                                                    synchronous=True, **base) <= budget):
-        return est  # (the synchronous mode's lower peak fits: run_ahead chooses it)
+    args, every, budget = _run_args(cfg), cfg.memory.checkpoint_every, available_gb()
+    est = estimate_peak_gb(model_cfg, quant, checkpointing=every, **args)
+    if _fitting_peak(model_cfg, quant, every, args, budget)[0] <= budget:
+        return est  # (with checkpointing, maybe only the synchronous mode fits: run_ahead chooses it)
     options = []
     for q in ("int8", "int4"):
         if q != quant and ("bf16", "int8", "int4").index(q) > ("bf16", "int8", "int4").index(quant):
-            e = estimate_peak_gb(model_cfg, q, resolution=res, checkpointing=every, dop=dop, **base)
+            e = estimate_peak_gb(model_cfg, q, checkpointing=every, **args)
             options.append(f"model.transformer_quantization: {q} (~{e:.1f} GB)")
     if not every:
-        e = estimate_peak_gb(model_cfg, quant, resolution=res, checkpointing=1, dop=dop, **base)
+        e = estimate_peak_gb(model_cfg, quant, checkpointing=1, **args)
         options.append(f"memory.gradient_checkpointing: true (~{e:.1f} GB)")
-    if res > 512:
-        e = estimate_peak_gb(model_cfg, quant, resolution=512, checkpointing=every, dop=dop, **base)
+    if args["resolution"] > 512:
+        e = estimate_peak_gb(model_cfg, quant, checkpointing=every, **{**args, "resolution": 512})
         options.append(f"resolutions: [512] (~{e:.1f} GB)")
-    if dop:
-        e = estimate_peak_gb(model_cfg, quant, resolution=res, checkpointing=every, dop=False, **base)
+    if args["dop"]:
+        e = estimate_peak_gb(model_cfg, quant, checkpointing=every, **{**args, "dop": False})
         options.append(f"DOP every n steps (plain steps ~{e:.1f} GB)")
     log(f"warning: this run needs about {est:.1f} GB but about {budget:.1f} GB is usable; options that fit better: "
         + "; ".join(options or ["a machine with more memory"]))
@@ -221,13 +225,12 @@ def run_ahead(cfg, source, quant: str, log=print) -> int:
     if not every:
         return 1
     model_cfg = _source_config(source)
-    args = dict(resolution=max(cfg.resolutions), batch=cfg.training.batch_size, rank=cfg.lora.rank,
-                targets=cfg.lora.target_layers, dop=bool(cfg.loss.diff_output_preservation), checkpointing=every)
-    budget = available_gb()
-    ahead, sync = estimate_peak_gb(model_cfg, quant, **args), estimate_peak_gb(model_cfg, quant, synchronous=True, **args)
-    if ahead <= budget or sync > budget:
+    args, budget = _run_args(cfg), available_gb()
+    peak, synchronous = _fitting_peak(model_cfg, quant, every, args, budget)
+    if not synchronous or peak > budget:
         return 1
-    log(f"memory: running the checkpointed blocks one segment at a time — estimated peak {sync:.1f} GB instead of "
+    ahead = estimate_peak_gb(model_cfg, quant, checkpointing=every, **args)
+    log(f"memory: running the checkpointed blocks one segment at a time — estimated peak {peak:.1f} GB instead of "
         f"{ahead:.1f} GB ({budget:.1f} GB usable); slower per step")
     return 0
 

@@ -15,7 +15,6 @@ import hashlib
 import json
 import math
 import os
-import re
 import shutil
 import signal
 import time
@@ -94,7 +93,7 @@ def validation_items(cfg: TrainConfig) -> list[ValidationItem]:
     trigger = cfg.dataset.trigger_word
     for p in cfg.validation.prompts:
         # A prompt that already names the trigger word counts as a trigger prompt (the report tags it so)
-        variants = [(p.prompt, bool(trigger) and re.search(rf"(?<!\w){re.escape(trigger)}(?!\w)", p.prompt) is not None)]
+        variants = [(p.prompt, data_mod.names_trigger(p.prompt, trigger))]
         if p.apply_trigger and trigger:
             variants = [(data_mod.apply_trigger(p.prompt, trigger), True), (p.prompt, False)]
         sizes = list(p.sizes) if p.sizes else ([512] if p.is_512 else []) + ([1024] if p.is_1024 else [])
