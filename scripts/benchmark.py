@@ -93,9 +93,15 @@ def time_parts(step: TrainStep, batch: Batch, args) -> dict:
     update), plain loss: where the step's time goes."""
     model = step.model
     fwd = mx.compile(lambda b, k: step.plain_loss(model, Batch(**b), k)[0], inputs=[model.state], outputs=[model.state])
-    grad_fn = step._grad_fn(False)
-    fb = mx.compile(lambda b, k: grad_fn(model, Batch(**b), k), inputs=[model.state], outputs=[model.state])
-    grads = tree_map(lambda p: mx.random.normal(p.shape) * 1e-3, model.trainable_parameters())
+    grad_fn = step._flat_grad_fn(False)
+
+    def forward_backward(b, k):  # the step's own gradient (flat), the model's views put back after
+        out = grad_fn(dict(step.flat), Batch(**b), k)
+        step._install(step.flat)
+        return out
+
+    fb = mx.compile(forward_backward, inputs=[model.state, step.flat], outputs=[model.state])
+    grads = {name: mx.random.normal(a.shape) * 1e-3 for name, a in step.flat.items()}
     mx.eval(grads)
     update = lambda _b, _k: step._fn("apply", False)(grads, mx.array(1.0))  # noqa: E731
     out = {}

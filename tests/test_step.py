@@ -173,7 +173,8 @@ def test_accumulated_gradients_are_evaluated_with_each_micro_step():
     out = step(batch, mx.random.key(0))
     assert not out["applied"]
     arrays = step.state_arrays()
-    assert len(arrays) == 3 and len(arrays[0]) == len(tree_flatten(model.trainable_parameters()))
+    assert len(arrays) == 3 and arrays[0].keys() == step.flat.keys()  # the flat accumulated gradient
+    assert sum(a.size for a in arrays[0].values()) == sum(p.size for _, p in tree_flatten(model.trainable_parameters()))
     out = step(batch, mx.random.key(1))
     assert out["applied"] and len(step.state_arrays()) == 2
 
@@ -258,3 +259,87 @@ def test_custom_vjps_match_autodiff():
     _, (d0,) = mx.vjp(lambda y: [y[..., :2], y[..., 2:5], y[..., 5:]], [y], cs)
     _, (d1,) = mx.vjp(lambda y: T.split_last(y, (2, 3, 4)), [y], cs)
     assert np.array_equal(np.array(d1), np.array(d0))
+    # along another axis (the double blocks' text | image split of the attention output)
+    cs = [mx.random.normal((2, n, 9)) for n in (1, 2)]
+    _, (d0,) = mx.vjp(lambda y: [y[:, :1], y[:, 1:]], [y], cs)
+    _, (d1,) = mx.vjp(lambda y: T.split_last(y, (1, 2), axis=1), [y], cs)
+    assert np.array_equal(np.array(d1), np.array(d0))
+    # RoPE: the one-kernel VJP equals autodiff of the rotation
+    rope = T.rope_table(mx.random.randint(0, 50, (2, 10, 4)).astype(mx.float32), (8, 8, 8, 8), 2000.0)
+    x, cot = mx.random.normal((2, 10, 3, 32)), mx.random.normal((2, 10, 3, 32))
+
+    def rotate(x):
+        xp = x.reshape(2, 10, 3, 16, 2)
+        return (xp * rope[0] + xp[..., ::-1] * rope[1]).reshape(x.shape)
+
+    _, (r0,) = mx.vjp(rotate, [x], [cot])
+    _, (r1,) = mx.vjp(lambda x: T.apply_rope(x, rope), [x], [cot])
+    assert np.abs(np.array(r0)).max() > 1 and np.allclose(np.array(r1), np.array(r0), atol=1e-6)
+
+
+def test_optimizer_updates_flat_parameters_like_per_parameter_updates():
+    """TrainStep keeps the trainable parameters in one flat array per dtype (the model holds
+    views): two AdamW steps with clipping equal mlx.optimizers applied per parameter."""
+    batch, keys = tiny_batch(), [mx.random.key(11), mx.random.key(12)]
+    model, ref = tiny_model(), tiny_model()
+    step = TrainStep(model, optim.AdamW(1e-2, weight_decay=0.1), StepConfig(max_grad_norm=1e-3, memory_limit=None))
+    assert list(step.flat) == ["float32"] and step.flat["float32"].size == sum(
+        p.size for _, p in tree_flatten(model.trainable_parameters()))
+    ref_step = TrainStep(ref, optim.AdamW(1e-2), StepConfig(memory_limit=None))
+    opt = optim.AdamW(1e-2, weight_decay=0.1)
+    for key in keys:
+        out = step(batch, key)
+        mx.eval(out["loss"], step.state_arrays())
+        (loss, _), g = ref_step._grad_fn(False)(ref, batch, key)
+        g, norm = optim.clip_grad_norm(g, 1e-3)
+        opt.update(ref, g)
+        mx.eval(ref.parameters(), opt.state)
+        assert float(out["loss"]) == pytest.approx(float(loss), rel=1e-6)
+        assert float(out["grad_norm"]) == pytest.approx(float(norm), rel=1e-5)
+    got, want = flat(model.trainable_parameters()), flat(ref.trainable_parameters())
+    for k in want:
+        np.testing.assert_allclose(got[k], want[k], rtol=1e-5, atol=1e-7, err_msg=k)
+
+
+def test_replaced_model_arrays_become_the_flat_parameters():
+    """A resume (or anything else) that puts new arrays into the model is picked up by the next step."""
+    model, batch = tiny_model(), tiny_batch()
+    step = TrainStep(model, optim.SGD(learning_rate=0.0), StepConfig(memory_limit=None))
+    mx.eval(step(batch, mx.random.key(0))["loss"], step.state_arrays())
+    new = tree_map(lambda p: mx.random.normal(p.shape), model.trainable_parameters())
+    model.update(new)
+    mx.eval(step(batch, mx.random.key(1))["loss"], step.state_arrays())
+    got, want = flat(model.trainable_parameters()), flat(new)
+    assert all(np.array_equal(got[k], want[k]) for k in want)
+
+
+def test_lora_matrices_are_cast_once_for_a_bf16_model(tmp_path):
+    """With a bf16 base the float32 LoRA matrices form their own flat group, cast to bf16 once for
+    the forward pass; the gradient equals the per-matrix casts' within bf16 precision, and the
+    step's graph holds a few optimiser ops, not a few per LoRA matrix."""
+    import re
+
+    mx.random.seed(0)
+    model = Flux2Transformer(CFG)
+    model.set_dtype(mx.bfloat16)
+    apply_lora(model, rank=4, targets="attention")
+    model.update(tree_map(lambda p: mx.random.normal(p.shape) * 0.1, model.trainable_parameters()))
+    batch = Batch(**{k: (v.astype(mx.bfloat16) if k in ("latents", "prompt_embeds", "dop_embeds") else v)
+                     for k, v in vars(tiny_batch()).items()})
+    step = TrainStep(model, optim.AdamW(1e-4), StepConfig(memory_limit=None))
+    assert list(step.flat) == ["float32_lora"] and step.params.casts["float32_lora"] == mx.bfloat16
+    key = mx.random.key(4)
+    (_, _), g_tree = step._grad_fn(False)(model, batch, key)
+    (_, _), g_flat = step._flat_grad_fn(False)(dict(step.flat), batch, key)
+    step._install(step.flat)
+    want = np.array(step.params.flatten(g_tree)["float32_lora"])
+    got = np.array(g_flat["float32_lora"])
+    assert np.abs(want).max() > 0
+    np.testing.assert_allclose(got, want, atol=2e-2 * np.abs(want).max())
+    out = step(batch, key)
+    graph = tmp_path / "step.dot"
+    mx.export_to_dot(str(graph), out["loss"], out["grad_norm"], *[a for _, a in tree_flatten(step.state_arrays())])
+    selects = [label for label in re.findall(r'label ="([^"]*)"', graph.read_text()) if "Select" in label]
+    assert 0 < len(selects) <= 12  # the NaN guard on a few flat arrays (per parameter it was 3 × 28)
+    mx.eval(out["loss"], step.state_arrays())
+    assert bool(out["finite"])

@@ -139,6 +139,21 @@ def test_resume_refuses_a_changed_lora_rank(tiny, tmp_path):
         run(changed)
 
 
+def test_resume_refuses_an_optimizer_state_of_another_layout(tiny, tmp_path):
+    cfg = write_config(tmp_path, tiny, training={"max_steps": 3}, validation={"prompts": []})
+    run(cfg)
+    ck = sorted((tmp_path / "out").glob("checkpoint_*"))[-1]
+    state = dict(mx.load(str(ck / "optimizer_state.safetensors")))
+    gone = [k for k in state if k.startswith("optimizer.") and k.endswith(".m")]
+    assert gone
+    for k in gone:  # as written by a version that kept one state entry per LoRA matrix
+        del state[k]
+    mx.save_safetensors(str(ck / "optimizer_state.safetensors"), state)
+    more = write_config(tmp_path, tiny, training={"max_steps": 6}, validation={"prompts": []})
+    with pytest.raises(TrainingError, match=r"optimizer_state.safetensors: no optimizer\.\S+\.m .*--no-resume"):
+        run(more)
+
+
 def test_control_files_checkpoint_and_pause(tiny, tmp_path):
     cfg = write_config(tmp_path, tiny, training={"max_steps": 5}, checkpoints={"save_every": 0}, validation={"prompts": []})
     out = tmp_path / "out"

@@ -115,11 +115,28 @@ def apply_rope(x: mx.array, rope: tuple[mx.array, mx.array]) -> mx.array:
     """Rotate adjacent pairs (x[2j], x[2j+1]) of the head dim of x [B, N, H, d], in float32 [BFL
     `apply_rope`]. Written as x·c + swap(x)·s — elementwise with a strided read, no stack — so
     mx.compile makes it one kernel whose float32 intermediates never reach memory."""
-    c, s = rope
+    return _rope(x, *rope)
+
+
+@mx.custom_function
+def _rope(x, c, s):
     shape = x.shape
     xp = x.reshape(*shape[:-1], -1, 2)
     xf, xs = xp.astype(mx.float32), xp[..., ::-1].astype(mx.float32)
     return (xf * c + xs * s).astype(x.dtype).reshape(shape)
+
+
+@_rope.vjp
+def _rope_vjp(primals, cotangent, output):
+    """dx = g·c + swap(g·s) = g·c − swap(g)·s (s holds (−sin, +sin) per pair, so swap(s) = −s):
+    one elementwise kernel with a strided read, like the forward. (Autodiff's VJP of the strided
+    read fills a zero array and scatters into it, per q and k of every block.) The tables get no
+    gradient."""
+    x, c, s = primals
+    shape = x.shape
+    gp = cotangent.reshape(*shape[:-1], -1, 2)
+    dx = gp.astype(mx.float32) * c - gp[..., ::-1].astype(mx.float32) * s
+    return dx.astype(x.dtype).reshape(shape), mx.zeros_like(c), mx.zeros_like(s)
 
 
 def modulate(x: mx.array, shift: mx.array, scale: mx.array, eps: float) -> mx.array:
@@ -141,26 +158,27 @@ def attention(q: mx.array, k: mx.array, v: mx.array, rope) -> mx.array:
 _SPLITS = {}
 
 
-def split_last(y: mx.array, sizes: tuple[int, ...]) -> list[mx.array]:
-    """y split along its last axis into parts of `sizes` (views). Its VJP concatenates the parts'
-    cotangents once; plain slicing would give each part a zero-padded full-size cotangent."""
-    sizes = tuple(int(n) for n in sizes)
-    if sizes not in _SPLITS:
+def split_last(y: mx.array, sizes: tuple[int, ...], axis: int = -1) -> list[mx.array]:
+    """y split along its last axis (or `axis`) into parts of `sizes` (views). Its VJP concatenates
+    the parts' cotangents once; plain slicing would give each part a zero-padded full-size cotangent."""
+    sizes, axis = tuple(int(n) for n in sizes), axis % y.ndim
+    if (sizes, axis) not in _SPLITS:
         edges = [0]
         for n in sizes:
             edges.append(edges[-1] + n)
+        lead = (slice(None),) * axis
 
         @mx.custom_function
         def split(y):
-            return tuple(y[..., a:b] for a, b in zip(edges, edges[1:]))
+            return tuple(y[lead + (slice(a, b),)] for a, b in zip(edges, edges[1:]))
 
         @split.vjp
         def split_vjp(primals, cotangents, outputs):
             cots = [mx.zeros_like(o) if c is None else c for c, o in zip(cotangents, outputs)]
-            return mx.concatenate(cots, axis=-1)
+            return mx.concatenate(cots, axis=axis)
 
-        _SPLITS[sizes] = split
-    return list(_SPLITS[sizes](y))
+        _SPLITS[(sizes, axis)] = split
+    return list(_SPLITS[(sizes, axis)](y))
 
 
 @mx.custom_function
@@ -460,8 +478,7 @@ class DoubleStreamBlock(nn.Module):
         # Joint attention over [text; image], RoPE applied once to the joint q/k.
         cat = lambda a, b: mx.concatenate([a, b], axis=1)  # noqa: E731
         attn = attention(cat(qt, qi), cat(kt, ki), cat(vt, vi), rope)
-        nt = txt.shape[1]
-        attn_txt, attn_img = attn[:, :nt], attn[:, nt:]
+        attn_txt, attn_img = split_last(attn, (txt.shape[1], img.shape[1]), axis=1)
 
         img = img + g1_i * linear(self.img_attn.proj, attn_img)
         img = img + g2_i * _mlp(self.img_mlp, modulate(img, sh2_i, sc2_i, self.eps))

@@ -290,6 +290,97 @@ class _Pipeline:
             mx.eval(self.queue.popleft())
 
 
+class FlatParameters:
+    """The trainable parameters as one flat array per dtype; the model's arrays are views into it.
+
+    The optimiser then updates one array per dtype instead of one per LoRA matrix (klein-4b: 120),
+    and gradient clipping reads one array: about 900 fewer kernels a step, which matters because
+    the step is close to host-bound (docs/performance.md). Elementwise optimisers (AdamW, Lion, SGD)
+    give exactly what they give per parameter. The layout runs from the last block to the first —
+    the backward pass's order, so concatenating the gradients never waits on block 0's (see
+    global_norm). LoRA matrices whose dtype differs from the model's are cast once, as a whole,
+    for the forward pass (`split`), instead of one cast per matrix in each LoRA layer."""
+
+    def __init__(self, model, compute_dtype):
+        leaves = tree_flatten(model.trainable_parameters())[::-1]
+        self.paths = [p for p, _ in leaves]
+        self.owners = [_owner(model, p) for p in self.paths]
+        self.groups = {}  # name -> [(index, offset, size, shape)]
+        self.casts = {}  # name -> dtype the forward pass reads it in
+        self.dtypes = {}  # name -> dtype of the flat array
+        for i, (path, a) in enumerate(leaves):
+            name = str(a.dtype).split(".")[-1]
+            if path.rsplit(".", 1)[-1] in ("lora_A", "lora_B") and a.dtype != compute_dtype:
+                name += "_lora"
+                self.casts[name] = compute_dtype
+            self.dtypes[name] = a.dtype
+            entries = self.groups.setdefault(name, [])
+            offset = entries[-1][1] + entries[-1][2] if entries else 0
+            entries.append((i, offset, a.size, a.shape))
+        self.installed = None
+
+    def gather(self) -> dict:
+        """The model's current values, flattened."""
+        current = self.current()
+        return {name: mx.concatenate([current[i].reshape(-1) for i, _, _, _ in entries])
+                for name, entries in self.groups.items()}
+
+    def current(self) -> list:
+        return [owner[key] for owner, key in self.owners]
+
+    def changed(self) -> bool:
+        """Whether something replaced the model's arrays since the last `install` (a resume, a test)."""
+        return self.installed is None or any(a is not b for a, b in zip(self.current(), self.installed))
+
+    def views(self, flat: dict, cast: bool = False) -> list:
+        out = [None] * len(self.paths)
+        for name, entries in self.groups.items():
+            src = flat[name].astype(self.casts[name]) if cast and name in self.casts else flat[name]
+            for i, off, size, shape in entries:
+                out[i] = src[off : off + size].reshape(shape)
+        return out
+
+    def install(self, arrays: list):
+        for (owner, key), a in zip(self.owners, arrays):
+            owner[key] = a
+
+    def remember(self):
+        self.installed = self.current()
+
+    def flatten(self, grads) -> dict:
+        """A gradient tree shaped like trainable_parameters(), as flat arrays in this layout."""
+        by_path = dict(tree_flatten(grads))
+        return {name: mx.concatenate([by_path[self.paths[i]].astype(self.dtypes[name]).reshape(-1)
+                                      for i, _, _, _ in entries])
+                for name, entries in self.groups.items()}
+
+    def split(self, flat: dict) -> list:
+        """Differentiable views for the forward pass (LoRA groups cast): the VJP concatenates the
+        views' cotangents once per group instead of zero-padding each to the full size."""
+        names = list(self.groups)
+        if not hasattr(self, "_split"):
+            @mx.custom_function
+            def split(*arrays):
+                return tuple(self.views(dict(zip(names, arrays)), cast=True))
+
+            @split.vjp
+            def split_vjp(primals, cotangents, outputs):
+                cots = [mx.zeros_like(o) if c is None else c for c, o in zip(cotangents, outputs)]
+                return tuple(mx.concatenate([cots[i].reshape(-1) for i, _, _, _ in self.groups[n]]).astype(p.dtype)
+                             for n, p in zip(names, primals))
+
+            self._split = split
+        return list(self._split(*[flat[n] for n in names]))
+
+
+def _owner(model, path: str):
+    """(container, key) holding the array at `path` of a module tree."""
+    obj, parts = model, path.split(".")
+    for part in parts[:-1]:
+        obj = obj[int(part)] if isinstance(obj, (list, tuple)) else obj[part]
+    return obj, parts[-1]
+
+
 class TrainStep:
     """`step(batch, key, dop=False)` → dict of lazy scalars (loss, main, pres, grad_norm, t_mean, finite)."""
 
@@ -297,7 +388,11 @@ class TrainStep:
         self.model, self.optimizer, self.cfg = model, optimizer, cfg
         self.accum = grad_accumulation
         self.dtype = model.dtype
-        optimizer.init(model.trainable_parameters())  # state must exist before it is captured by mx.compile
+        # The trainable parameters live in `self.flat` (one array per dtype); the model holds views.
+        self.params = FlatParameters(model, self.dtype)
+        self.flat = self.params.gather()
+        self._install(self.flat)
+        optimizer.init(self.flat)  # state must exist before it is captured by mx.compile
         self._fns = {}
         self._grad_acc = None
         self._n_acc = 0
@@ -339,12 +434,31 @@ class TrainStep:
 
     # ---- compiled functions ---------------------------------------------------------------
     def _grad_fn(self, dop: bool):
+        """value_and_grad of the loss over the model's trainable parameters (a tree)."""
         loss = self.dop_loss if dop else self.plain_loss
         return nn.value_and_grad(self.model, lambda model, batch, key: loss(model, batch, key))
 
+    def _flat_grad_fn(self, dop: bool):
+        """The same over `self.flat`: the model reads differentiable views of it (FlatParameters.split),
+        so the gradient arrives flat. The caller installs plain views again afterwards."""
+        loss = self.dop_loss if dop else self.plain_loss
+
+        def fn(flat, batch, key):
+            self.params.install(self.params.split(flat))
+            return loss(self.model, batch, key)
+
+        return mx.value_and_grad(fn)
+
+    def _install(self, flat: dict):
+        self.params.install(self.params.views(flat))
+
     def _update(self, grads, loss):
-        """Clip, then update — or keep the old parameters and optimiser state if the loss is not
-        finite (decided on the device, no host sync)."""
+        """`_apply` for a gradient tree shaped like model.trainable_parameters()."""
+        return self._apply(self.params.flatten(grads), loss)
+
+    def _apply(self, grads: dict, loss):
+        """Clip, then update the flat parameters (grads: flat, like `self.flat`) — or keep the old
+        parameters and optimiser state if the loss is not finite (decided on the device, no host sync)."""
         if self.cfg.shard and self.cfg.shard[1] > 1:
             grads, loss = average_across_processes(grads, loss, self.cfg.shard[1])
         finite = mx.isfinite(loss)  # the same decision on every process
@@ -357,33 +471,37 @@ class TrainStep:
             coef = mx.ones_like(raw_norm)
         grads = tree_map(lambda g: mx.where(finite, (coef * g).astype(g.dtype), mx.zeros_like(g)), grads)
         norm = mx.where(finite, raw_norm, mx.zeros_like(raw_norm))
-        old_params = self.model.trainable_parameters()
         old_state = tree_map(lambda x: x, self.optimizer.state)  # new containers: update() mutates the dict
-        self.optimizer.update(self.model, grads)
+        new = self.optimizer.apply_gradients(grads, dict(self.flat))
         keep = lambda new, old: mx.where(finite, new, old)  # noqa: E731
-        self.model.update(tree_map(keep, self.model.trainable_parameters(), old_params))
+        self.flat.update(tree_map(keep, new, dict(self.flat)))  # in place: mx.compile captured these dicts
         kept = tree_map(keep, self.optimizer.state, old_state)
-        for k, v in kept.items():  # in place: mx.compile captured this very dict
+        for k, v in kept.items():
             self.optimizer.state[k] = v
+        self._install(self.flat)
         return norm, finite, loss  # loss: averaged over the processes when data parallel
 
     def _build(self, kind: str, dop: bool):
-        state = [self.model.state, self.optimizer.state, mx.random.state]  # random: LoRA dropout
-        grad_fn = self._grad_fn(dop)
+        state = [self.model.state, self.optimizer.state, self.flat, mx.random.state]  # random: LoRA dropout
+        grad_fn = self._flat_grad_fn(dop)
 
-        # mx.compile takes trees of arrays: the Batch travels as a dict.
+        # mx.compile takes trees of arrays: the Batch travels as a dict. Gradients are flat (FlatParameters).
         if kind == "step":
             def fn(batch, key):
-                (loss, (main, pres, tm)), grads = grad_fn(self.model, Batch(**batch), key)
-                norm, finite, loss = self._update(grads, loss)
+                (loss, (main, pres, tm)), grads = grad_fn(dict(self.flat), Batch(**batch), key)
+                norm, finite, loss = self._apply(grads, loss)
                 return loss, main, pres, tm, norm, finite
         elif kind == "grad":
             def fn(batch, key):
-                (loss, (main, pres, tm)), grads = grad_fn(self.model, Batch(**batch), key)
+                (loss, (main, pres, tm)), grads = grad_fn(dict(self.flat), Batch(**batch), key)
+                self._install(self.flat)
                 return (loss, main, pres, tm), grads
-        else:  # "apply": accumulated gradients
+        elif kind == "flatten":  # the block-by-block backward's gradient tree
+            def fn(grads):
+                return self.params.flatten(grads)
+        else:  # "apply": flat (accumulated) gradients
             def fn(grads, loss):
-                return self._update(grads, loss)
+                return self._apply(grads, loss)
 
         if self.cfg.compile:
             fn = partial(mx.compile, inputs=state, outputs=state)(fn)
@@ -485,6 +603,16 @@ class TrainStep:
         return out
 
     def _step(self, batch: Batch, key: mx.array, dop: bool) -> dict:
+        if self.params.changed():  # the model's arrays were replaced (a resume): they are the truth
+            self.flat.update(self.params.gather())
+            self._install(self.flat)
+            self.params.remember()
+        try:
+            return self._step_flat(batch, key, dop)
+        finally:
+            self.params.remember()
+
+    def _step_flat(self, batch: Batch, key: mx.array, dop: bool) -> dict:
         bw = self._blockwise()
         if self.accum == 1 and bw is None:
             loss, main, pres, tm, norm, finite = self._fn("step", dop)(vars(batch), key)
@@ -493,6 +621,7 @@ class TrainStep:
             (loss, main, pres, tm), grads = self._fn("grad", dop)(vars(batch), key)
         else:
             (loss, main, pres, tm), grads = self._blockwise_grads(bw, batch, key, dop)
+            grads = self._fn("flatten", False)(grads)
         if self.accum == 1:
             norm, finite, loss = self._fn("apply", False)(grads, loss)
             return dict(loss=loss, main=main, pres=pres, t_mean=tm, grad_norm=norm, finite=finite, applied=True)
@@ -511,5 +640,5 @@ class TrainStep:
         """What one `mx.eval` per step must evaluate besides the returned scalars: the parameters,
         the optimiser state and, between accumulation steps, the accumulated gradients (else each
         micro-step's backward graph, with its activations, would wait for the applying step)."""
-        acc = [] if self._grad_acc is None else [tree_flatten(self._grad_acc)[::-1]]  # backward order
-        return acc + [self.model.trainable_parameters(), self.optimizer.state]
+        acc = [] if self._grad_acc is None else [self._grad_acc]
+        return acc + [self.flat, self.optimizer.state]

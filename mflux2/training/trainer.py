@@ -345,6 +345,12 @@ class Trainer:
         # Fill the already-initialised trees path by path (empty sub-trees, e.g. a LoRA layer's frozen
         # `base`, do not survive a flat file), in place: mx.compile captures these very dicts.
         opt_flat = dict(pick("optimizer."))
+        missing = [path for path, _ in tree_flatten(self.optimizer.state) if path not in opt_flat]
+        if missing:
+            raise TrainingError(
+                f"{ckpt / 'optimizer_state.safetensors'}: no optimizer.{missing[0]} (the optimiser state of another "
+                f"mflux2 version or optimiser); use --no-resume or another checkpoints.output"
+            )
         for k, v in tree_map_with_path(lambda path, old: opt_flat[path], self.optimizer.state).items():
             self.optimizer.state[k] = v
         if self.ema is not None:
