@@ -163,6 +163,8 @@ def main(argv=None):
     ap.add_argument("--no-blockwise", action="store_true",
                     help="checkpointing inside the one compiled graph (mlx.nn.utils.checkpoint) instead of the block-by-block backward")
     ap.add_argument("--ahead", type=int, default=1, help="block-by-block backward: segments the host may run ahead (0 = synchronous)")
+    ap.add_argument("--pipeline-ahead", default="2",
+                    help="StepConfig.pipeline_ahead: the one-graph step evaluated in pieces, the host this many ahead (none = one evaluation)")
     ap.add_argument("--memory-limit", default="auto",
                     help="StepConfig.memory_limit: auto (calibrated on the first step, GPU), a number of GB, or none")
     ap.add_argument("--profile", action="store_true", help="also time the compiled forward alone and forward+backward alone")
@@ -198,7 +200,8 @@ def main(argv=None):
     g = (1.0 if cfg.guidance_embeds else None)
     step = TrainStep(model, optim.AdamW(learning_rate=1e-4, weight_decay=1e-4),
                      StepConfig(guidance=g, dop_batched=not args.dop_unbatched, compile=not args.no_compile,
-                                blockwise=not args.no_blockwise, blockwise_ahead=args.ahead, memory_limit=limit))
+                                blockwise=not args.no_blockwise, blockwise_ahead=args.ahead, memory_limit=limit,
+                                pipeline_ahead=None if args.pipeline_ahead.lower() == "none" else int(args.pipeline_ahead)))
     rows = mx.arange(side, dtype=mx.float32)
     img_ids = mx.stack(mx.meshgrid(rows, rows, indexing="ij"), -1).reshape(-1, 2)
     img_ids = mx.concatenate([mx.zeros((n_img, 1)), img_ids, mx.zeros((n_img, 1))], axis=1)
@@ -243,6 +246,7 @@ def main(argv=None):
         "targets": args.targets, "mode": args.mode, "dop_every": args.dop_every if args.mode == "dop-every" else None,
         "dop_batched": not args.dop_unbatched, "checkpointing": args.checkpointing,
         "blockwise": bool(args.checkpointing) and not args.no_blockwise, "ahead": args.ahead, "base": args.base,
+        "pipeline_ahead": args.pipeline_ahead,
         "compiled": not args.no_compile, "lora_layers": len(wrapped),
         "median_s_per_step": round(med, 5), "mean_s_per_step": round(statistics.mean(times), 5),
         "peak_memory_gb": round(peak / 1e9, 3), "weights_gb": round(weights / 1e9, 3), "peak_memory_bytes": peak,

@@ -182,19 +182,27 @@ def split_last(y: mx.array, sizes: tuple[int, ...], axis: int = -1) -> list[mx.a
 
 
 @mx.custom_function
-def swiglu(gate: mx.array, up: mx.array) -> mx.array:
-    """silu(gate) · up. The custom VJP recomputes the sigmoid from `gate` instead of keeping
-    sigmoid(gate) and silu(gate) alive from the forward pass (1.5 × the MLP width per token)."""
-    return nn.silu(gate) * up
+def swiglu(h: mx.array) -> mx.array:
+    """silu(gate) · up for h = [gate | up] (the fused MLP projection, last axis). The custom VJP
+    recomputes the sigmoid from `gate` instead of keeping sigmoid(gate) and silu(gate) alive from
+    the forward pass (1.5 × the MLP width per token), and writes the gradient of h in one pass:
+    both halves come out of one elementwise kernel (no concatenation of two halves)."""
+    m = h.shape[-1] // 2
+    return nn.silu(h[..., :m]) * h[..., m:]
 
 
 @swiglu.vjp
 def _swiglu_vjp(primals, cotangent, output):
-    gate, up = primals
-    g, u, c = gate.astype(mx.float32), up.astype(mx.float32), cotangent.astype(mx.float32)
+    h = primals[0] if isinstance(primals, (list, tuple)) else primals
+    m = h.shape[-1] // 2
+    hv = h.reshape(*h.shape[:-1], 2, m)
+    g, u = hv[..., :1, :].astype(mx.float32), hv[..., 1:, :].astype(mx.float32)
+    c = cotangent[..., None, :].astype(mx.float32)
     sig = mx.sigmoid(g)
     d_gate = c * u * sig * (1 + g * (1 - sig))
-    return d_gate.astype(gate.dtype), (c * g * sig).astype(up.dtype)
+    d_up = c * g * sig
+    first = (mx.arange(2) == 0)[:, None]  # [2, 1]: row 0 the gate half, row 1 the up half
+    return mx.where(first, d_gate, d_up).astype(h.dtype).reshape(h.shape)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -419,8 +427,7 @@ class SwiGLU(nn.Module):
     linears keep BFL's `mlp.0` / `mlp.2` names."""
 
     def __call__(self, x):
-        gate, up = split_last(x, (x.shape[-1] // 2,) * 2)
-        return swiglu(gate, up)
+        return swiglu(x)
 
 
 class MLPEmbedder(nn.Module):

@@ -53,6 +53,11 @@ class StepConfig:
     # peak is the true live set, and the limit is then kept just above that. A number: that many
     # GB. None: MLX's default (fastest, highest peak).
     memory_limit: str | float | None = "auto"
+    # The one-graph step (no checkpointing) is evaluated in pieces — the forward pass, then the
+    # backward pass block by block — with the host at most `pipeline_ahead` pieces ahead of the
+    # device, so run-ahead cannot pile up released-but-in-flight buffers (same values, same graph).
+    # None: one evaluation (the caller's).
+    pipeline_ahead: int | None = 2
     # Data parallel (mx.distributed): this process is rank r of n and holds samples [r·B, (r+1)·B) of a
     # global batch of n·B. Timesteps and noise are drawn for the global batch and sliced, so n
     # processes reproduce one process with batch n·B exactly; gradients are averaged with all_sum.
@@ -318,6 +323,11 @@ class FlatParameters:
             offset = entries[-1][1] + entries[-1][2] if entries else 0
             entries.append((i, offset, a.size, a.shape))
         self.installed = None
+        # In layout order, the last entry of each block (its gradient is computed last in the
+        # block's backward pass): what the one-graph step evaluates piece by piece.
+        block = [".".join(p.split(".")[:2]) if p.startswith(("double_blocks.", "single_blocks.")) else "" for p in self.paths]
+        self.block_ends = [i for i in range(len(self.paths)) if block[i] and (i + 1 == len(self.paths) or block[i + 1] != block[i])]
+        self.collect = None  # a list while a step is traced: the cotangents at block_ends
 
     def gather(self) -> dict:
         """The model's current values, flattened."""
@@ -366,6 +376,8 @@ class FlatParameters:
             @split.vjp
             def split_vjp(primals, cotangents, outputs):
                 cots = [mx.zeros_like(o) if c is None else c for c, o in zip(cotangents, outputs)]
+                if self.collect is not None:
+                    self.collect.extend(cots[i] for i in self.block_ends)
                 return tuple(mx.concatenate([cots[i].reshape(-1) for i, _, _, _ in self.groups[n]]).astype(p.dtype)
                              for n, p in zip(names, primals))
 
@@ -486,16 +498,17 @@ class TrainStep:
         grad_fn = self._flat_grad_fn(dop)
 
         # mx.compile takes trees of arrays: the Batch travels as a dict. Gradients are flat (FlatParameters).
+        # Both also return the backward pass's pieces (`_evaluate_in_pieces`).
         if kind == "step":
             def fn(batch, key):
-                (loss, (main, pres, tm)), grads = grad_fn(dict(self.flat), Batch(**batch), key)
+                (loss, (main, pres, tm)), grads, pieces = self._traced_grads(grad_fn, batch, key)
                 norm, finite, loss = self._apply(grads, loss)
-                return loss, main, pres, tm, norm, finite
+                return loss, main, pres, tm, norm, finite, pieces
         elif kind == "grad":
             def fn(batch, key):
-                (loss, (main, pres, tm)), grads = grad_fn(dict(self.flat), Batch(**batch), key)
+                (loss, (main, pres, tm)), grads, pieces = self._traced_grads(grad_fn, batch, key)
                 self._install(self.flat)
-                return (loss, main, pres, tm), grads
+                return (loss, main, pres, tm), grads, pieces
         elif kind == "flatten":  # the block-by-block backward's gradient tree
             def fn(grads):
                 return self.params.flatten(grads)
@@ -506,6 +519,24 @@ class TrainStep:
         if self.cfg.compile:
             fn = partial(mx.compile, inputs=state, outputs=state)(fn)
         return fn
+
+    def _traced_grads(self, grad_fn, batch, key):
+        self.params.collect = []
+        try:
+            out, grads = grad_fn(dict(self.flat), Batch(**batch), key)
+            return out, grads, list(self.params.collect)
+        finally:
+            self.params.collect = None
+
+    def _evaluate_in_pieces(self, loss, pieces):
+        """Start evaluating the step in pieces, in the order the device runs them: the forward pass
+        (the loss), then the backward pass from the last block to the first. The host waits while
+        it is more than `pipeline_ahead` pieces ahead; the rest is left to the caller's evaluation."""
+        if self.cfg.pipeline_ahead is None:
+            return
+        pending = _Pipeline(self.cfg.pipeline_ahead)
+        for x in [loss] + pieces:
+            pending.push(x)
 
     def _fn(self, kind, dop):
         if (kind, dop) not in self._fns:
@@ -615,10 +646,12 @@ class TrainStep:
     def _step_flat(self, batch: Batch, key: mx.array, dop: bool) -> dict:
         bw = self._blockwise()
         if self.accum == 1 and bw is None:
-            loss, main, pres, tm, norm, finite = self._fn("step", dop)(vars(batch), key)
+            loss, main, pres, tm, norm, finite, pieces = self._fn("step", dop)(vars(batch), key)
+            self._evaluate_in_pieces(loss, pieces)
             return dict(loss=loss, main=main, pres=pres, t_mean=tm, grad_norm=norm, finite=finite, applied=True)
         if bw is None:
-            (loss, main, pres, tm), grads = self._fn("grad", dop)(vars(batch), key)
+            (loss, main, pres, tm), grads, pieces = self._fn("grad", dop)(vars(batch), key)
+            self._evaluate_in_pieces(loss, pieces)
         else:
             (loss, main, pres, tm), grads = self._blockwise_grads(bw, batch, key, dop)
             grads = self._fn("flatten", False)(grads)
