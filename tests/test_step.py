@@ -362,7 +362,27 @@ def test_one_graph_step_evaluated_in_pieces_gives_the_same_update(dop, monkeypat
         out = step(batch, key, dop=dop)
         mx.eval(out["loss"], step.state_arrays())
         results.append((float(out["loss"]), flat(model.trainable_parameters())))
-    assert len(pushed) == 1 + 5  # the loss, then one piece per block (2 double + 3 single)
+    # every block's output (with DOP: the prior pass's, then the batched main + preservation pass's),
+    # the loss, then one piece per block backwards
+    assert len(pushed) == 5 * (2 if dop else 1) + 1 + 5
     assert results[1][0] == results[0][0]
     for k in results[0][1]:
         assert np.array_equal(results[1][1][k], results[0][1][k]), k
+
+
+@pytest.mark.skipif(not mx.cuda.is_available(), reason="the RoPE kernel is CUDA's (run on the GPU machine)")
+@pytest.mark.parametrize("dtype,batch_tables", [(mx.float32, 2), (mx.bfloat16, 1)])
+def test_cuda_rope_kernel_equals_the_elementwise_formula(dtype, batch_tables):
+    rope = T.rope_table(mx.random.randint(0, 50, (batch_tables, 40, 4)).astype(mx.float32), (8, 8, 8, 8), 2000.0)
+    x, cot = mx.random.normal((2, 40, 3, 32)).astype(dtype), mx.random.normal((2, 40, 3, 32)).astype(dtype)
+
+    def rotate(x):
+        xp = x.astype(mx.float32).reshape(2, 40, 3, 16, 2)
+        return (xp * rope[0] + xp[..., ::-1] * rope[1]).reshape(x.shape)
+
+    assert T._rope_on_cuda(x)
+    tol = 1e-6 if dtype == mx.float32 else 1e-2
+    y0, (d0,) = rotate(x), mx.vjp(rotate, [x.astype(mx.float32)], [cot.astype(mx.float32)])[1]
+    y1, (d1,) = T.apply_rope(x, rope), mx.vjp(lambda x: T.apply_rope(x, rope), [x], [cot])[1]
+    assert np.allclose(np.array(y1.astype(mx.float32)), np.array(y0), atol=tol, rtol=tol)
+    assert np.allclose(np.array(d1.astype(mx.float32)), np.array(d0), atol=tol, rtol=tol)

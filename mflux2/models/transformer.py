@@ -120,6 +120,8 @@ def apply_rope(x: mx.array, rope: tuple[mx.array, mx.array]) -> mx.array:
 
 @mx.custom_function
 def _rope(x, c, s):
+    if _rope_on_cuda(x):
+        return _rope_cuda(x, c, s, 1)
     shape = x.shape
     xp = x.reshape(*shape[:-1], -1, 2)
     xf, xs = xp.astype(mx.float32), xp[..., ::-1].astype(mx.float32)
@@ -129,14 +131,58 @@ def _rope(x, c, s):
 @_rope.vjp
 def _rope_vjp(primals, cotangent, output):
     """dx = g·c + swap(g·s) = g·c − swap(g)·s (s holds (−sin, +sin) per pair, so swap(s) = −s):
-    one elementwise kernel with a strided read, like the forward. (Autodiff's VJP of the strided
-    read fills a zero array and scatters into it, per q and k of every block.) The tables get no
-    gradient."""
+    the rotation by the opposite angle, one elementwise pass like the forward. (Autodiff's VJP of
+    the strided read fills a zero array and scatters into it, per q and k of every block.) The
+    tables get no gradient."""
     x, c, s = primals
+    if _rope_on_cuda(cotangent):
+        return _rope_cuda(cotangent, c, s, -1), mx.zeros_like(c), mx.zeros_like(s)
     shape = x.shape
     gp = cotangent.reshape(*shape[:-1], -1, 2)
     dx = gp.astype(mx.float32) * c - gp[..., ::-1].astype(mx.float32) * s
     return dx.astype(x.dtype).reshape(shape), mx.zeros_like(c), mx.zeros_like(s)
+
+
+# On CUDA, RoPE is one custom kernel: MLX's fused elementwise kernel for x·c + swap(x)·s has to use
+# its general strided indexing (the swapped read and the tables broadcast over heads) and took
+# 55 µs per q or k of klein-4b at 512² on an H100, ~4× a plain read-and-write pass
+# (docs/performance.md). One thread per (even, odd) pair; float32 arithmetic; the tables are
+# rope_table's (c, s) as they are, read at their token (modulo their count: a batch may share one).
+_ROPE_KERNEL = []
+_ROPE_SOURCE = """
+    size_t p = cooperative_groups::this_grid().thread_rank();
+    if (p >= NP) return;
+    size_t j = ((p / PT) % NT) * PH + p % PH;
+    float c = tc[2 * j];
+    float s = SIGN * ts[2 * j + 1];
+    float a = static_cast<float>(x[2 * p]);
+    float b = static_cast<float>(x[2 * p + 1]);
+    out[2 * p] = static_cast<T>(a * c - b * s);
+    out[2 * p + 1] = static_cast<T>(b * c + a * s);
+"""
+
+
+def _rope_on_cuda(x) -> bool:
+    return mx.default_device() == mx.gpu and mx.cuda.is_available() and x.dtype in (mx.bfloat16, mx.float16, mx.float32)
+
+
+def _rope_cuda(x: mx.array, c: mx.array, s: mx.array, sign: int) -> mx.array:
+    """Rotate the pairs of x [B, N, H, d] by the angles of the tables (sign -1: the opposite angle)."""
+    if not _ROPE_KERNEL:
+        _ROPE_KERNEL.append(mx.fast.cuda_kernel(name="mflux2_rope", input_names=["x", "tc", "ts"],
+                                                output_names=["out"], source=_ROPE_SOURCE))
+    b, n, h, d = x.shape
+    pairs_per_token, pairs_per_head = h * d // 2, d // 2
+    table_tokens = c.size // d
+    if (b * n) % table_tokens or c.size != table_tokens * d or s.size != c.size:
+        raise ValueError(f"RoPE tables {c.shape} do not fit x {x.shape}")
+    n_pairs = x.size // 2
+    return _ROPE_KERNEL[0](
+        inputs=[x, c, s], output_shapes=[x.shape], output_dtypes=[x.dtype],
+        template=[("T", x.dtype), ("NP", n_pairs), ("PT", pairs_per_token), ("PH", pairs_per_head),
+                  ("NT", table_tokens), ("SIGN", sign)],
+        grid=(n_pairs, 1, 1), threadgroup=(256, 1, 1),
+    )[0]
 
 
 def modulate(x: mx.array, shift: mx.array, scale: mx.array, eps: float) -> mx.array:
@@ -636,7 +682,14 @@ class Flux2Transformer(nn.Module):
         for i in range(self.num_blocks):
             j = i if i < nd else i - nd  # every n-th block of each kind, as nn.utils.checkpoint per list
             state = self.block(i, state, ctx, checkpoint=bool(n) and j % n == 0)
+            if BLOCK_OUTPUTS is not None:
+                BLOCK_OUTPUTS.append(state[0])
         return self.head(state, ctx, hidden_states.shape[1])
+
+
+# A list while a training step is traced (mflux2.training.step): every block's output, in order,
+# so the step can be evaluated block by block.
+BLOCK_OUTPUTS: list | None = None
 
 
 def _batched(ids: mx.array, b: int) -> mx.array:

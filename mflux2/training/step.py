@@ -21,6 +21,7 @@ import mlx.optimizers as optim
 from mlx.utils import tree_flatten, tree_map, tree_map_with_path, tree_unflatten
 
 from mflux2.lora import dropout_key, lora_disabled
+from mflux2.models import transformer
 from mflux2.training.timesteps import loss_weight, sample_timesteps
 
 
@@ -521,21 +522,24 @@ class TrainStep:
         return fn
 
     def _traced_grads(self, grad_fn, batch, key):
-        self.params.collect = []
+        """grad_fn's (value, grads), and the pieces to evaluate the step by: every block's output
+        (forward) and the block ends' gradients (backward, last block first)."""
+        self.params.collect, transformer.BLOCK_OUTPUTS = [], []
         try:
             out, grads = grad_fn(dict(self.flat), Batch(**batch), key)
-            return out, grads, list(self.params.collect)
+            return out, grads, (list(transformer.BLOCK_OUTPUTS), list(self.params.collect))
         finally:
-            self.params.collect = None
+            self.params.collect, transformer.BLOCK_OUTPUTS = None, None
 
     def _evaluate_in_pieces(self, loss, pieces):
         """Start evaluating the step in pieces, in the order the device runs them: the forward pass
-        (the loss), then the backward pass from the last block to the first. The host waits while
-        it is more than `pipeline_ahead` pieces ahead; the rest is left to the caller's evaluation."""
+        block by block, the loss, then the backward pass from the last block to the first. The host
+        waits while it is more than `pipeline_ahead` pieces ahead; the rest is left to the caller."""
         if self.cfg.pipeline_ahead is None:
             return
+        forward, backward = pieces
         pending = _Pipeline(self.cfg.pipeline_ahead)
-        for x in [loss] + pieces:
+        for x in forward + [loss] + backward:
             pending.push(x)
 
     def _fn(self, kind, dop):
