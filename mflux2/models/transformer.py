@@ -12,6 +12,7 @@ bases): docs/performance.md.
 from __future__ import annotations
 
 import math
+import os
 import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -163,7 +164,9 @@ _ROPE_SOURCE = """
 
 
 def _rope_on_cuda(x) -> bool:
-    return mx.default_device() == mx.gpu and mx.cuda.is_available() and x.dtype in (mx.bfloat16, mx.float16, mx.float32)
+    """The CUDA kernel, unless MFLUX2_CUDA_ROPE=0 (then the elementwise formula, as elsewhere)."""
+    return (mx.default_device() == mx.gpu and mx.cuda.is_available() and os.environ.get("MFLUX2_CUDA_ROPE", "1") != "0"
+            and x.dtype in (mx.bfloat16, mx.float16, mx.float32))
 
 
 def _rope_cuda(x: mx.array, c: mx.array, s: mx.array, sign: int) -> mx.array:
