@@ -184,7 +184,13 @@ def test_memory_limit_auto_calibrates_on_the_second_step(monkeypatch):
     before = mx.get_memory_limit()
     try:
         model, batch = tiny_model(), tiny_batch()
+        # evaluated in pieces, the one-graph step needs no limit
         step = TrainStep(model, optim.AdamW(1e-4), StepConfig())
+        for i in range(3):
+            mx.eval(step(batch, mx.random.key(i))["loss"], step.state_arrays())
+        assert step.memory_limit is None and mx.get_memory_limit() == before
+        # evaluated at once, it gets one
+        step = TrainStep(model, optim.AdamW(1e-4), StepConfig(pipeline_ahead=None))
         for i in range(3):
             out = step(batch, mx.random.key(i))
             mx.eval(out["loss"], step.state_arrays())

@@ -155,7 +155,7 @@ _ROPE_SOURCE = """
     if (p >= NP) return;
     size_t j = ((p / PT) % NT) * PH + p % PH;
     float c = tc[2 * j];
-    float s = SIGN * ts[2 * j + 1];
+    float s = NEG ? -ts[2 * j + 1] : ts[2 * j + 1];
     float a = static_cast<float>(x[2 * p]);
     float b = static_cast<float>(x[2 * p + 1]);
     out[2 * p] = static_cast<T>(a * c - b * s);
@@ -183,7 +183,7 @@ def _rope_cuda(x: mx.array, c: mx.array, s: mx.array, sign: int) -> mx.array:
     return _ROPE_KERNEL[0](
         inputs=[x, c, s], output_shapes=[x.shape], output_dtypes=[x.dtype],
         template=[("T", x.dtype), ("NP", n_pairs), ("PT", pairs_per_token), ("PH", pairs_per_head),
-                  ("NT", table_tokens), ("SIGN", sign)],
+                  ("NT", table_tokens), ("NEG", int(sign < 0))],  # (template values name the kernel: no minus sign)
         grid=(n_pairs, 1, 1), threadgroup=(256, 1, 1),
     )[0]
 
