@@ -3,8 +3,8 @@
 # MLX CUDA wheels are installed: .gpu/py/stage.sh). Each configuration runs in its own process so
 # peak memory is its own; each prints one JSON line, collected in OUT_DIR/results.jsonl.
 #   bash scripts/gpu_bench.sh OUT_DIR [SET...]
-#   SET: ours (the targets) | sync (synchronous checkpointed segments) | graphs (CUDA-graph
-#        env knobs; run after ours, whose first row warms the kernel cache) | extra (no memory limit, checkpointing in one graph, int8/int4,
+#   SET: ours (the targets) | sync (synchronous checkpointed segments) | extra (no memory
+#        limit, one evaluation, the elementwise RoPE, checkpointing in one graph, int8/int4,
 #        1024², klein-9b bf16, the profile, the GEMM floor) | before (the committed code, copied to
 #        .gpu/orig) | peers (diffusers+peft, torch.compile, mflux: .gpu/peers, after its
 #        install_wheels.sh) | all (= ours extra before peers)
@@ -46,13 +46,10 @@ sync)  # checkpointed segments run one at a time (what the trainer picks when on
   run k9_int8_ckpt_sync 150 $B --model klein-9b --base int8 --checkpointing 1 --ahead 0
   run dev_int8_ckpt_sync 300 python3 scripts/benchmark.py --model dev --base int8 --checkpointing 1 --ahead 0 --steps 4 --warmup 3
   ;;
-graphs)  # MLX's CUDA-graph knobs on the host-bound plain step (env vars read once per process)
-  run k4_gc1000      120 env MLX_CUDA_GRAPH_CACHE_SIZE=1000 $B --model klein-4b --memory-limit none
-  run k4_gc1000_o60  120 env MLX_CUDA_GRAPH_CACHE_SIZE=1000 MLX_MAX_OPS_PER_BUFFER=60 $B --model klein-4b --memory-limit none
-  run k4_gc1000_o200 120 env MLX_CUDA_GRAPH_CACHE_SIZE=1000 MLX_MAX_OPS_PER_BUFFER=200 $B --model klein-4b --memory-limit none
-  ;;
 extra)
   run k4_ckpt_nolim   120 $B --model klein-4b --checkpointing 1 --memory-limit none
+  run k4_onepiece     120 $B --model klein-4b --pipeline-ahead none
+  run k4_rope_formula 120 env MFLUX2_CUDA_ROPE=0 $B --model klein-4b
   run k4_ckpt_graph   120 $B --model klein-4b --checkpointing 1 --no-blockwise
   run k4_int8         120 $B --model klein-4b --base int8
   run k4_int4_ckpt    120 $B --model klein-4b --base int4 --checkpointing 1

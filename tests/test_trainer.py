@@ -333,7 +333,7 @@ def test_apple_silicon_wires_the_working_set_and_tight_memory_runs_segments_sync
     monkeypatch.setattr(mx, "device_info", lambda: {**real_info, "max_recommended_working_set_size": 64 * 10**9})
     calls = []
     monkeypatch.setattr(mx, "set_wired_limit", lambda n: calls.append(n) or 123)
-    monkeypatch.setattr(memory, "available_gb", lambda: 1.5)  # tiny model: ahead ≈ 2.7 GB, synchronous ≈ 0.4 GB
+    monkeypatch.setattr(memory, "available_gb", lambda: 0.4)  # tiny model: ahead ≈ 0.75 GB, synchronous ≈ 0.05 GB
     cfg = write_config(tmp_path, tiny, training={"max_steps": 2}, validation={"prompts": []},
                        memory={"gradient_checkpointing": True})
     t = run(cfg)
