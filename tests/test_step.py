@@ -376,7 +376,7 @@ def test_one_graph_step_evaluated_in_pieces_gives_the_same_update(dop, monkeypat
         assert np.array_equal(results[1][1][k], results[0][1][k]), k
 
 
-@pytest.mark.skipif(not mx.cuda.is_available(), reason="the RoPE kernel is CUDA's (run on the GPU machine)")
+@pytest.mark.skipif(not T.cuda_available(), reason="the RoPE kernel is CUDA's (run on the GPU machine)")
 @pytest.mark.parametrize("dtype,batch_tables", [(mx.float32, 2), (mx.bfloat16, 1)])
 def test_cuda_rope_kernel_equals_the_elementwise_formula(dtype, batch_tables):
     rope = T.rope_table(mx.random.randint(0, 50, (batch_tables, 40, 4)).astype(mx.float32), (8, 8, 8, 8), 2000.0)

@@ -163,9 +163,14 @@ _ROPE_SOURCE = """
 """
 
 
+def cuda_available() -> bool:
+    cuda = getattr(mx, "cuda", None)  # (MLX builds before the CUDA backend have no mx.cuda)
+    return cuda is not None and cuda.is_available() and hasattr(mx.fast, "cuda_kernel")
+
+
 def _rope_on_cuda(x) -> bool:
     """The CUDA kernel, unless MFLUX2_CUDA_ROPE=0 (then the elementwise formula, as elsewhere)."""
-    return (mx.default_device() == mx.gpu and mx.cuda.is_available() and os.environ.get("MFLUX2_CUDA_ROPE", "1") != "0"
+    return (mx.default_device() == mx.gpu and cuda_available() and os.environ.get("MFLUX2_CUDA_ROPE", "1") != "0"
             and x.dtype in (mx.bfloat16, mx.float16, mx.float32))
 
 
