@@ -392,3 +392,20 @@ def test_cuda_rope_kernel_equals_the_elementwise_formula(dtype, batch_tables):
     y1, (d1,) = T.apply_rope(x, rope), mx.vjp(lambda x: T.apply_rope(x, rope), [x], [cot])[1]
     assert np.allclose(np.array(y1.astype(mx.float32)), np.array(y0), atol=tol, rtol=tol)
     assert np.allclose(np.array(d1.astype(mx.float32)), np.array(d0), atol=tol, rtol=tol)
+
+
+def test_accumulated_checkpointed_steps_update_like_plain_ones():
+    """Gradient accumulation over the block-by-block backward (its gradient trees flattened into the
+    flat layout) gives the update of accumulation over the one-graph step."""
+    batch, keys = tiny_batch(), [mx.random.key(21), mx.random.key(22)]
+    params = []
+    for every in (0, 1):
+        model = tiny_model()
+        model.set_gradient_checkpointing(every)
+        step = TrainStep(model, optim.AdamW(1e-2), StepConfig(max_grad_norm=1.0, memory_limit=None), grad_accumulation=2)
+        outs = [step(batch, k) for k in keys]
+        mx.eval(outs[-1]["loss"], step.state_arrays())
+        assert [o["applied"] for o in outs] == [False, True]
+        params.append(flat(model.trainable_parameters()))
+    for k in params[0]:
+        np.testing.assert_allclose(params[1][k], params[0][k], rtol=1e-5, atol=1e-7, err_msg=k)
