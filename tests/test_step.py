@@ -265,12 +265,12 @@ def test_custom_vjps_match_autodiff():
     y = mx.random.normal((2, 3, 9))
     cs = [mx.random.normal((2, 3, n)) for n in (2, 3, 4)]
     _, (d0,) = mx.vjp(lambda y: [y[..., :2], y[..., 2:5], y[..., 5:]], [y], cs)
-    _, (d1,) = mx.vjp(lambda y: T.split_last(y, (2, 3, 4)), [y], cs)
+    _, (d1,) = mx.vjp(lambda y: T.split_views(y, (2, 3, 4)), [y], cs)
     assert np.array_equal(np.array(d1), np.array(d0))
     # along another axis (the double blocks' text | image split of the attention output)
     cs = [mx.random.normal((2, n, 9)) for n in (1, 2)]
     _, (d0,) = mx.vjp(lambda y: [y[:, :1], y[:, 1:]], [y], cs)
-    _, (d1,) = mx.vjp(lambda y: T.split_last(y, (1, 2), axis=1), [y], cs)
+    _, (d1,) = mx.vjp(lambda y: T.split_views(y, (1, 2), axis=1), [y], cs)
     assert np.array_equal(np.array(d1), np.array(d0))
     # RoPE: the one-kernel VJP equals autodiff of the rotation
     rope = T.rope_table(mx.random.randint(0, 50, (2, 10, 4)).astype(mx.float32), (8, 8, 8, 8), 2000.0)

@@ -115,7 +115,8 @@ def rope_table(ids: mx.array, axes_dims: tuple[int, ...], theta: float) -> tuple
 def apply_rope(x: mx.array, rope: tuple[mx.array, mx.array]) -> mx.array:
     """Rotate adjacent pairs (x[2j], x[2j+1]) of the head dim of x [B, N, H, d], in float32 [BFL
     `apply_rope`]. Written as x·c + swap(x)·s — elementwise with a strided read, no stack — so
-    mx.compile makes it one kernel whose float32 intermediates never reach memory."""
+    mx.compile makes it one kernel whose float32 intermediates never reach memory; on CUDA a
+    custom kernel instead (below)."""
     return _rope(x, *rope)
 
 
@@ -146,7 +147,7 @@ def _rope_vjp(primals, cotangent, output):
 
 # On CUDA, RoPE is one custom kernel: MLX's fused elementwise kernel for x·c + swap(x)·s has to use
 # its general strided indexing (the swapped read and the tables broadcast over heads) and took
-# 55 µs per q or k of klein-4b at 512² on an H100, ~4× a plain read-and-write pass
+# 55 µs per q or k of klein-4b at 512² on an H100; this kernel saved 3.7 ms of a 68 ms step
 # (docs/performance.md). One thread per (even, odd) pair; float32 arithmetic; the tables are
 # rope_table's (c, s) as they are, read at their token (modulo their count: a batch may share one).
 _ROPE_KERNEL = []
@@ -212,8 +213,8 @@ def attention(q: mx.array, k: mx.array, v: mx.array, rope) -> mx.array:
 _SPLITS = {}
 
 
-def split_last(y: mx.array, sizes: tuple[int, ...], axis: int = -1) -> list[mx.array]:
-    """y split along its last axis (or `axis`) into parts of `sizes` (views). Its VJP concatenates
+def split_views(y: mx.array, sizes: tuple[int, ...], axis: int = -1) -> list[mx.array]:
+    """y split along `axis` (the last by default) into parts of `sizes` (views). Its VJP concatenates
     the parts' cotangents once; plain slicing would give each part a zero-padded full-size cotangent."""
     sizes, axis = tuple(int(n) for n in sizes), axis % y.ndim
     if (sizes, axis) not in _SPLITS:
@@ -517,7 +518,7 @@ class SelfAttention(nn.Module):
     def qkv_heads(self, x):
         """[B, N, D] -> normalised q, k and v, each [B, N, H, d] (views of one fused GEMM)."""
         b, n, d = x.shape
-        q, k, v = (a.reshape(b, n, self.heads, -1) for a in split_last(linear(self.qkv, x), (d, d, d)))
+        q, k, v = (a.reshape(b, n, self.heads, -1) for a in split_views(linear(self.qkv, x), (d, d, d)))
         return self.norm.query_norm(q), self.norm.key_norm(k), v
 
 
@@ -539,7 +540,7 @@ class DoubleStreamBlock(nn.Module):
         # Joint attention over [text; image], RoPE applied once to the joint q/k.
         cat = lambda a, b: mx.concatenate([a, b], axis=1)  # noqa: E731
         attn = attention(cat(qt, qi), cat(kt, ki), cat(vt, vi), rope)
-        attn_txt, attn_img = split_last(attn, (txt.shape[1], img.shape[1]), axis=1)
+        attn_txt, attn_img = split_views(attn, (txt.shape[1], img.shape[1]), axis=1)
 
         img = img + g1_i * linear(self.img_attn.proj, attn_img)
         img = img + g2_i * _mlp(self.img_mlp, modulate(img, sh2_i, sc2_i, self.eps))
@@ -570,7 +571,7 @@ class SingleStreamBlock(nn.Module):
         # linear1's q/k/v rows and MLP rows as two GEMMs (no slicing copies of the wide output);
         # linear2's concatenated input only a temporary (its LoRA reads the attention part).
         qkv, mlp = linear_split(self.linear1, modulate(x, shift, scale, self.eps), [3 * self.dim, 2 * self.mlp_dim])
-        q, k, v = (a.reshape(b, n, self.heads, -1) for a in split_last(qkv, (self.dim,) * 3))
+        q, k, v = (a.reshape(b, n, self.heads, -1) for a in split_views(qkv, (self.dim,) * 3))
         attn = attention(self.norm.query_norm(q), self.norm.key_norm(k), v, rope)
         return x + gate * linear_concat(self.linear2, [attn, self.mlp_act(mlp)])
 
