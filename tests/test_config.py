@@ -577,3 +577,12 @@ def test_random_yaml_text_raises_only_config_error(tmp_path_factory, text):
             load_config(path)
         except ConfigError as e:
             assert "\n" not in str(e)
+
+
+def test_dump_yaml_round_trips_line_break_characters():
+    """PyYAML writes U+0085 raw with allow_unicode and reads it back as a space (found by the
+    property test above): such a config is dumped escaped."""
+    for path in ("0\x85", "a\u2028b", "café"):
+        cfg = config_from_dict({"dataset": {"path": path}})
+        assert config_from_dict(yaml.safe_load(cfg.dump_yaml())).dataset.path == path
+    assert "café" in config_from_dict({"dataset": {"path": "café"}}).dump_yaml()  # readable where it can be

@@ -200,3 +200,24 @@ def test_synchronous_segments_are_chosen_only_when_they_alone_fit(monkeypatch):
     monkeypatch.setattr(M, "available_gb", lambda: (ahead + sync) / 2)
     assert M.choose_quantization(cfg, Source("klein-4b"), log=lambda *a: None) == "bf16"
     assert M.run_ahead(train_config(), Source("klein-4b"), "bf16", log=print) == 1  # no checkpointing: nothing to choose
+
+
+def test_text_encoder_quantization_auto_picks_the_most_precise_that_fits(tmp_path, monkeypatch):
+    import types
+
+    import mlx.core as mx
+
+    te = tmp_path / "text_encoder"
+    te.mkdir()
+    with open(te / "model.safetensors", "wb") as f:
+        f.truncate(8 * 10**9)  # (sparse) 8 GB of bf16 weights: Qwen3-4B, klein-4b's text encoder
+    pipe = types.SimpleNamespace(source=types.SimpleNamespace(text_encoder=te, layout="diffusers"), dtype=mx.bfloat16)
+    for budget, expect in ((16.0, "bf16"), (8.0, "int8"), (4.0, "int4"), (2.0, "int4")):
+        monkeypatch.setattr(M, "available_gb", lambda: budget)
+        lines = []
+        assert M.choose_text_encoder_quantization(pipe, log=lines.append) == expect
+        assert lines[0].startswith(f"text encoder quantization auto: {expect} — estimated")
+        assert ("warning: even the int4 text encoder" in lines[-1]) == (budget == 2.0)
+    pipe.source.layout = "mflux2"  # converted (maybe already quantized): loads as stored
+    assert M.choose_text_encoder_quantization(pipe, log=lines.append) == "bf16" and "as stored" in lines[-1]
+    assert TrainConfig().model.quantization == "auto"  # the default

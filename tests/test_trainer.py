@@ -131,6 +131,15 @@ def test_second_run_uses_the_caches(tiny, tmp_path):
     assert second.counts == {"vae_encode": 0, "text_encode": 0}
 
 
+def test_text_encoder_quantization_auto_is_decided_before_the_text_encoder_loads(tiny, tmp_path):
+    cfg = write_config(tmp_path, tiny, training={"max_steps": 1}, validation={"prompts": []}, model={"quantization": "auto"})
+    lines = []
+    t = Trainer(load_config(cfg), log=lines.append)
+    t.run()
+    assert t.result["step"] == 1 and t.pipe.text_encoder_quantize is None
+    assert any(line.startswith("text encoder quantization auto: bf16") for line in lines)  # the tiny one fits anywhere
+
+
 def test_resume_refuses_a_changed_lora_rank(tiny, tmp_path):
     cfg = write_config(tmp_path, tiny, training={"max_steps": 3}, validation={"prompts": []})
     run(cfg)

@@ -106,8 +106,9 @@ class ModelConfig:
         aliases={"klein-4b-base": "klein-base-4b", "klein-9b-base": "klein-base-9b"},
     )
     path: str | None = _f(None, check=_check_nonempty)  # ours: local model folder / safetensors file
-    # The TEXT ENCODER's precision (as in the Swift trainer, whose default is int8).
-    quantization: str = _f("int8", choices=("bf16", "int8", "int4"), aliases={"nf4": "int4"}, warn_aliases=("nf4",))
+    # The TEXT ENCODER's precision (the Swift trainer's key; its default is int8). auto (ours, the
+    # default): the most precise that fits the machine while the embedding cache is filled.
+    quantization: str = _f("auto", choices=("bf16", "int8", "int4", "auto"), aliases={"nf4": "int4"}, warn_aliases=("nf4",))
     transformer_quantization: str = _f("auto", choices=("bf16", "int8", "int4", "auto"))  # ours
 
     IGNORED: ClassVar[dict[str, str]] = {
@@ -309,7 +310,11 @@ class TrainConfig:
         return _to_plain(self)
 
     def dump_yaml(self) -> str:
-        return yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True, width=120)
+        d = self.to_dict()
+        text = yaml.safe_dump(d, sort_keys=False, allow_unicode=True, width=120)
+        if yaml.safe_load(text) != d:  # PyYAML writes some line breaks (U+0085, U+2028) raw: escape them
+            text = yaml.safe_dump(d, sort_keys=False, allow_unicode=False, width=120)
+        return text
 
 
 @functools.lru_cache(maxsize=None)

@@ -59,7 +59,7 @@ def open_model(cfg: TrainConfig, transformer_quantization: str | None = None):
     or hub id), its variant checked against `model.name`."""
     from mflux2.pipeline import Flux2Pipeline
 
-    te_quant = None if cfg.model.quantization == "bf16" else cfg.model.quantization
+    te_quant = None if cfg.model.quantization in ("bf16", "auto") else cfg.model.quantization  # auto: Trainer
     return Flux2Pipeline.from_pretrained(
         cfg.model.path or cfg.model.name, variant=cfg.model.name,
         dtype=mx.float32 if cfg.training.dtype == "float32" else mx.bfloat16,
@@ -184,6 +184,11 @@ class Trainer:
 
     def _load_components(self):
         self.pipe = pipe = open_model(self.cfg)
+        if self.cfg.model.quantization == "auto":  # decided before the text encoder loads (lazily)
+            from mflux2.training.memory import choose_text_encoder_quantization
+
+            q = choose_text_encoder_quantization(pipe, log=self.log)
+            pipe.text_encoder_quantize = None if q == "bf16" else q
         self.cfg.resolve_model_defaults(defaults_variant(pipe))
         self.vae_id = weights_identity(pipe.source.vae)
         self.te_id = weights_identity(pipe.source.text_encoder, {"quant": pipe.text_encoder_quantize,
