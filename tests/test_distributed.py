@@ -18,6 +18,23 @@ from tests.test_trainer import metrics, run, tiny, write_config  # noqa: F401  (
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _free_port_pair() -> int:
+    """A port p with p and p + 1 free on localhost (the ring backend listens on one per rank)."""
+    import socket
+
+    for _ in range(100):
+        with socket.socket() as a:
+            a.bind(("127.0.0.1", 0))
+            port = a.getsockname()[1]
+            try:
+                with socket.socket() as b:
+                    b.bind(("127.0.0.1", port + 1))
+                return port
+            except OSError:
+                continue
+    raise RuntimeError("no two consecutive free ports on localhost")
+
+
 @pytest.mark.skipif(shutil.which("mlx.launch") is None, reason="mlx.launch not on PATH")
 def test_two_processes_equal_one_process_with_the_global_batch(tiny, tmp_path):
     common = dict(validation={"prompts": []}, checkpoints={"save_every": 2},
@@ -30,7 +47,9 @@ def test_two_processes_equal_one_process_with_the_global_batch(tiny, tmp_path):
     run(single)
 
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    proc = subprocess.run(["mlx.launch", "--backend", "ring", "-n", "2", sys.executable, "-m", "mflux2.training.cli", str(dist)],
+    port = _free_port_pair()  # not a fixed default a lingering socket of an earlier run may hold
+    proc = subprocess.run(["mlx.launch", "--backend", "ring", "-n", "2", "--starting-port", str(port),
+                           sys.executable, "-m", "mflux2.training.cli", str(dist)],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
 
