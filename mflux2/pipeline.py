@@ -412,15 +412,16 @@ class Flux2Pipeline:
         budget = _available_memory()
         if budget is None:
             return False
-        # Weights in memory relative to the files (bf16, or already quantised in a converted
-        # folder): int8 ~0.53x, int4 ~0.28x of bf16 (scales included); float32 doubles them.
-        def scale(q):
-            bits = None if self.source.layout == "mflux2" else _quant_bits(q, "quantize")
-            return {None: self.dtype.size / 2, 8: 0.53, 4: 0.28}[bits]
-
-        need = (scale(self.quantize) * _weights_bytes(self.source.transformer)
-                + scale(self.text_encoder_quantize) * _weights_bytes(self.source.text_encoder))
+        need = (self.loaded_bytes(self.source.transformer, self.quantize)
+                + self.loaded_bytes(self.source.text_encoder, self.text_encoder_quantize))
         return need > 0.66 * budget  # leave a third for activations, the VAE and the OS
+
+    def loaded_bytes(self, path, quantize: str | None) -> float:
+        """A component's weights in memory once loaded with `quantize`, from its files (bf16, or
+        already quantised in a converted folder, which loads as stored): int8 ~0.53×, int4 ~0.28×
+        of bf16 (scales included); float32 doubles them."""
+        bits = None if self.source.layout == "mflux2" else _quant_bits(quantize, "quantize")
+        return {None: self.dtype.size / 2, 8: 0.53, 4: 0.28}[bits] * _weights_bytes(Path(path))
 
     # -- components -------------------------------------------------------------------------
 

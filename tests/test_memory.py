@@ -211,7 +211,10 @@ def test_text_encoder_quantization_auto_picks_the_most_precise_that_fits(tmp_pat
     te.mkdir()
     with open(te / "model.safetensors", "wb") as f:
         f.truncate(8 * 10**9)  # (sparse) 8 GB of bf16 weights: Qwen3-4B, klein-4b's text encoder
+    from mflux2.pipeline import Flux2Pipeline
+
     pipe = types.SimpleNamespace(source=types.SimpleNamespace(text_encoder=te, layout="diffusers"), dtype=mx.bfloat16)
+    pipe.loaded_bytes = types.MethodType(Flux2Pipeline.loaded_bytes, pipe)  # the pipeline's own size rule
     for budget, expect in ((16.0, "bf16"), (8.0, "int8"), (4.0, "int4"), (2.0, "int4")):
         monkeypatch.setattr(M, "available_gb", lambda: budget)
         lines = []

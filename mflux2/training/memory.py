@@ -197,17 +197,14 @@ TEXT_ENCODER_WORKING_GB = 1.5  # while caching: one prompt's activations, the VA
 def choose_text_encoder_quantization(pipe, log=print) -> str:
     """`model.quantization: auto`, the text encoder's precision. The text encoder runs alone (before
     the transformer loads) to fill the embedding cache and is released after, so only it has to
-    fit: the most precise of bf16 / int8 / int4 whose weights (from its files: bf16 in the hub's
-    layouts; int8 ~0.53×, int4 ~0.28× of that) + TEXT_ENCODER_WORKING_GB fit the usable memory.
-    A folder written by scripts/convert.py loads as stored ("bf16": nothing more to do)."""
-    from mflux2.pipeline import _weights_bytes
-
-    size = _weights_bytes(Path(pipe.source.text_encoder)) * pipe.dtype.size / 2 / GB
-    budget = available_gb()
+    fit: the most precise of bf16 / int8 / int4 whose weights (`pipe.loaded_bytes`, from its files)
+    + TEXT_ENCODER_WORKING_GB fit the usable memory. A folder written by scripts/convert.py loads as
+    stored ("bf16": nothing more to do)."""
+    te, budget = pipe.source.text_encoder, available_gb()
     if pipe.source.layout == "mflux2":
-        log(f"text encoder quantization auto: as stored in the converted folder ({size:.1f} GB)")
+        log(f"text encoder quantization auto: as stored in the converted folder ({pipe.loaded_bytes(te, None) / GB:.1f} GB)")
         return "bf16"
-    est = {q: size * f + TEXT_ENCODER_WORKING_GB for q, f in (("bf16", 1.0), ("int8", 0.53), ("int4", 0.28))}
+    est = {q: pipe.loaded_bytes(te, None if q == "bf16" else q) / GB + TEXT_ENCODER_WORKING_GB for q in ("bf16", "int8", "int4")}
     fits = [q for q, e in est.items() if e <= budget]
     choice = fits[0] if fits else "int4"
     log(f"text encoder quantization auto: {choice} — estimated {est[choice]:.1f} GB of {budget:.1f} GB usable "

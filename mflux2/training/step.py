@@ -332,11 +332,15 @@ class FlatParameters:
         self.collect = None  # a list while a step is traced: the cotangents at block_ends
         self._split = None
 
+    def concat(self, arrays: list) -> dict:
+        """Arrays in path order (parameters, gradients, cotangents), as this layout's flat arrays:
+        one concatenation per group, then one cast to the group's dtype."""
+        return {name: mx.concatenate([arrays[i].reshape(-1) for i, _, _, _ in entries]).astype(self.dtypes[name])
+                for name, entries in self.groups.items()}
+
     def gather(self) -> dict:
         """The model's current values, flattened."""
-        current = self.current()
-        return {name: mx.concatenate([current[i].reshape(-1) for i, _, _, _ in entries])
-                for name, entries in self.groups.items()}
+        return self.concat(self.current())
 
     def current(self) -> list:
         return [owner[key] for owner, key in self.owners]
@@ -363,9 +367,7 @@ class FlatParameters:
     def flatten(self, grads) -> dict:
         """A gradient tree shaped like trainable_parameters(), as flat arrays in this layout."""
         by_path = dict(tree_flatten(grads))
-        return {name: mx.concatenate([by_path[self.paths[i]].astype(self.dtypes[name]).reshape(-1)
-                                      for i, _, _, _ in entries])
-                for name, entries in self.groups.items()}
+        return self.concat([by_path[p] for p in self.paths])
 
     def split(self, flat: dict) -> list:
         """Differentiable views for the forward pass (LoRA groups cast): the VJP concatenates the
@@ -381,8 +383,8 @@ class FlatParameters:
                 cots = [mx.zeros_like(o) if c is None else c for c, o in zip(cotangents, outputs)]
                 if self.collect is not None:
                     self.collect.extend(cots[i] for i in self.block_ends)
-                return tuple(mx.concatenate([cots[i].reshape(-1) for i, _, _, _ in self.groups[n]]).astype(p.dtype)
-                             for n, p in zip(names, primals))
+                flat_cots = self.concat(cots)
+                return tuple(flat_cots[n] for n in names)
 
             self._split = split
         return list(self._split(*[flat[n] for n in names]))
