@@ -296,12 +296,13 @@ def load_component(module: nn.Module, folder: Path, dtype: mx.Dtype, quantizatio
     files = safetensors_files(folder)
     weights = {k: v for k, v, _ in iter_tensors(files)}
     if quantization:
-        nn.quantize(
-            module,
-            group_size=quantization["group_size"],
-            bits=quantization["bits"],
-            class_predicate=lambda p, m: hasattr(m, "to_quantized") and f"{p}.scales" in weights,
-        )
+        def quantized_as_stored(p, m):  # each layer's group size from its stored shapes (they may differ)
+            if not hasattr(m, "to_quantized") or f"{p}.scales" not in weights:
+                return False
+            group = m.weight.shape[-1] // weights[f"{p}.scales"].shape[-1]
+            return {"group_size": group, "bits": quantization["bits"], "mode": "affine"}
+
+        nn.quantize(module, class_predicate=quantized_as_stored)
     expected = {k: tuple(v.shape) for k, v in tree_flatten(module.parameters())}
     check_keys(expected, {k: tuple(v.shape) for k, v in weights.items()}, folder)
     loaded = [

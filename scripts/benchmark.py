@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
@@ -39,7 +40,8 @@ from mlx.utils import tree_flatten, tree_map
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mflux2.lora import apply_lora  # noqa: E402
-from mflux2.models.transformer import QUANT_BITS, Flux2Transformer, TransformerConfig, preset, quantize_outside_blocks, quantize_predicate  # noqa: E402
+from mflux2.models.transformer import QUANT_BITS, QUANT_GROUP_SIZE, Flux2Transformer, TransformerConfig, preset, quantize_outside_blocks, quantize_predicate  # noqa: E402
+from mflux2.training.memory import limit_command_batches  # noqa: E402
 from mflux2.training.step import Batch, StepConfig, TrainStep  # noqa: E402
 
 # Tiny, but with enough blocks and tokens that activations (not weights) show in peak memory, so the
@@ -48,11 +50,12 @@ TINY = TransformerConfig(num_layers=2, num_single_layers=4, num_attention_heads=
                          joint_attention_dim=96, axes_dims_rope=(8, 8, 8, 8))
 
 
-def random_transformer(config: TransformerConfig, dtype=mx.bfloat16, base: str = "bf16", group_size: int = 64) -> Flux2Transformer:
+def random_transformer(config: TransformerConfig, dtype=mx.bfloat16, base: str = "bf16", group_size: int | None = None) -> Flux2Transformer:
     """Random weights (the lazy default init), materialised and quantised one block at a time (the
-    order load_transformer uses)."""
+    order and group sizes load_transformer uses)."""
     model = Flux2Transformer(config)
     bits = QUANT_BITS.get(base)
+    group_size = group_size or QUANT_GROUP_SIZE.get(base)
 
     def materialise(unit):
         unit.update(tree_map(lambda a: a.astype(dtype), unit.parameters()))
@@ -67,7 +70,7 @@ def random_transformer(config: TransformerConfig, dtype=mx.bfloat16, base: str =
     for block in model.double_blocks + model.single_blocks:
         materialise(block)
         if bits:
-            nn.quantize(block, group_size=group_size, bits=bits, class_predicate=quantize_predicate(group_size))
+            nn.quantize(block, class_predicate=quantize_predicate(group_size, bits))
             mx.eval(block.parameters())
     return model
 
@@ -151,6 +154,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="klein-4b", help="klein-4b | klein-9b | dev (and klein-base-*)")
     ap.add_argument("--tiny", action="store_true", help="a tiny random model, for CPU smoke runs")
+    ap.add_argument("--blocks", default=None,
+                    help="DOUBLE,SINGLE: the preset's width with only this many blocks (per-block memory probes on a CPU)")
     ap.add_argument("--resolution", type=int, default=512)
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--text-len", type=int, default=512)
@@ -171,12 +176,16 @@ def main(argv=None):
     ap.add_argument("--trace-memory", action="store_true",
                     help="block-by-block path: evaluate each segment synchronously and record active/peak memory per phase")
     ap.add_argument("--base", default="bf16", choices=["bf16", "int8", "int4"])
+    ap.add_argument("--group-size", type=int, default=None, help="quantization group size (default: load_transformer's for --base)")
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
+                    help="the model's compute dtype (float32: fast BLAS GEMMs for CPU probes)")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
 
+    limit_command_batches(args.checkpointing, log=lambda *a: None)  # as the trainer does (before anything runs)
     mx.random.seed(args.seed)
     limit = {"auto": "auto", "none": None}.get(args.memory_limit.lower())
     limit = float(args.memory_limit) if limit is None and args.memory_limit.lower() != "none" else limit
@@ -184,11 +193,14 @@ def main(argv=None):
         cfg, args.resolution, args.text_len = TINY, min(args.resolution, 256), min(args.text_len, 32)
     else:
         cfg = preset(args.model)
+    if args.blocks:
+        n_double, n_single = (int(n) for n in args.blocks.split(","))
+        cfg = TransformerConfig(**{**cfg.to_dict(), "num_layers": n_double, "num_single_layers": n_single})
     if args.resolution % 16:
         ap.error("--resolution must be a multiple of 16")
-    dtype = mx.bfloat16
+    dtype = getattr(mx, args.dtype)
     t0 = time.perf_counter()
-    model = random_transformer(cfg, dtype, args.base)
+    model = random_transformer(cfg, dtype, args.base, args.group_size)
     wrapped = apply_lora(model, rank=args.rank, alpha=float(args.rank), targets=args.targets)
     model.set_gradient_checkpointing(args.checkpointing)
     lora_io = sum(sum(p.shape) for k, p in tree_flatten(model.trainable_parameters()) if k.endswith("lora_A") or k.endswith("lora_A.weight"))
@@ -242,10 +254,10 @@ def main(argv=None):
     flops = (fl["train_plain"] * (args.steps - n_dop) + fl["train_dop"] * n_dop) / args.steps
     med = statistics.median(times)
     result = {
-        "model": "tiny" if args.tiny else args.model, "resolution": args.resolution, "batch": b, "rank": args.rank,
+        "model": "tiny" if args.tiny else args.model, "blocks": args.blocks, "resolution": args.resolution, "batch": b, "rank": args.rank,
         "targets": args.targets, "mode": args.mode, "dop_every": args.dop_every if args.mode == "dop-every" else None,
         "dop_batched": not args.dop_unbatched, "checkpointing": args.checkpointing,
-        "blockwise": bool(args.checkpointing) and not args.no_blockwise, "ahead": args.ahead, "base": args.base,
+        "blockwise": bool(args.checkpointing) and not args.no_blockwise, "ahead": args.ahead, "base": args.base, "group_size": args.group_size or QUANT_GROUP_SIZE.get(args.base), "dtype": args.dtype,
         "pipeline_ahead": args.pipeline_ahead,
         "compiled": not args.no_compile, "lora_layers": len(wrapped),
         "median_s_per_step": round(med, 5), "mean_s_per_step": round(statistics.mean(times), 5),
@@ -255,6 +267,7 @@ def main(argv=None):
         "loss_finite": all(l == l for l in losses), "setup_s": round(load_s, 1), **profile,
         "host_s": round(statistics.median(dispatch), 5),
         "memory_limit_gb": round(step.memory_limit / 1e9, 3) if step.memory_limit else None,
+        "mlx_max_ops_per_buffer": os.environ.get("MLX_MAX_OPS_PER_BUFFER"),
         "device": str(mx.default_device()), "mlx": mx.__version__, "machine": platform.machine(),
         "date": date.today().isoformat(),
     }

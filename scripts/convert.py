@@ -35,11 +35,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from mflux2 import __version__  # noqa: E402
 from mflux2.hub import ModelLoadError  # noqa: E402
+from mflux2.models.transformer import QUANT_GROUP_SIZE  # noqa: E402
 from mflux2.pipeline import MFLUX2_CONFIG, MFLUX2_FORMAT_VERSION, Flux2Pipeline, save_component  # noqa: E402
 from mflux2.weights import WeightsError  # noqa: E402
 
 DTYPES = {"bfloat16": mx.bfloat16, "float16": mx.float16, "float32": mx.float32}
-GROUP_SIZE = 64  # load_transformer's default; recorded in mflux2.json
+GROUP_SIZE = 64  # the text encoder's (mlx-lm's default); the transformer's: QUANT_GROUP_SIZE
 # files of a text-encoder folder that are not tokenizer files (when the tokenizer lives inside it)
 _NOT_TOKENIZER = ("config.json", "generation_config.json", "model.safetensors.index.json")
 
@@ -63,8 +64,8 @@ def _checksums(named: list[tuple[str, mx.array]]) -> dict[str, list]:
     return out
 
 
-def _quant_record(name: str | None) -> dict | None:
-    return None if not name else {"name": name, "bits": int(name[3:]), "group_size": GROUP_SIZE}
+def _quant_record(name: str | None, group_size: int = GROUP_SIZE) -> dict | None:
+    return None if not name else {"name": name, "bits": int(name[3:]), "group_size": group_size}
 
 
 def _text_encoder_prefix(family: str) -> str:
@@ -136,7 +137,7 @@ def convert(source: str, output: str | Path, variant: str | None = None, quantiz
         model = pipe.transformer
         with _bar(_nbytes(model), "transformer", progress) as bar:
             save_component(model, tmp / "transformer", model.config.to_dict(), progress=bar)
-        tr_quant = _quant_record(getattr(model, "quantization", None))
+        tr_quant = _quant_record(getattr(model, "quantization", None), QUANT_GROUP_SIZE.get(getattr(model, "quantization", None)))
         sums["transformer"] = _checksums(tree_flatten(model.parameters()))
         pipe.release("transformer")
         del model

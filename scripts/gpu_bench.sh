@@ -3,7 +3,8 @@
 # MLX CUDA wheels are installed: .gpu/py/stage.sh). Each configuration runs in its own process so
 # peak memory is its own; each prints one JSON line, collected in OUT_DIR/results.jsonl.
 #   bash scripts/gpu_bench.sh OUT_DIR [SET...]
-#   SET: ours (the targets) | sync (synchronous checkpointed segments) | extra (no memory
+#   SET: ours (the targets; checkpointed runs use MLX command batches of 4 on CUDA, as the
+#        trainer does) | sync (synchronous checkpointed segments) | extra (no memory
 #        limit, one evaluation, the elementwise RoPE, checkpointing in one graph, int8/int4,
 #        1024², klein-9b bf16, the profile, the GEMM floor) | before (the committed code, copied to
 #        .gpu/orig) | peers (diffusers+peft, torch.compile, mflux: .gpu/peers, after its
@@ -37,8 +38,9 @@ ours)  # memory limit "auto" (TrainStep's default) unless "none"
   run k4_dop_nolim    120 $B --model klein-4b --mode dop --memory-limit none
   run k4_ckpt         120 $B --model klein-4b --checkpointing 1
   run k4_int8_ckpt    120 $B --model klein-4b --base int8 --checkpointing 1
-  run k9_int8_ckpt    150 $B --model klein-9b --base int8 --checkpointing 1
-  run dev_int8_ckpt   240 python3 scripts/benchmark.py --model dev --base int8 --checkpointing 1 --steps 4 --warmup 3
+  run k4_int8_ckpt_sync 120 $B --model klein-4b --base int8 --checkpointing 1 --ahead 0
+  run k9_int8_ckpt_sync 150 python3 scripts/benchmark.py --model klein-9b --base int8 --checkpointing 1 --ahead 0 --steps 4 --warmup 2
+  run dev_int8_ckpt_sync 240 python3 scripts/benchmark.py --model dev --base int8 --checkpointing 1 --ahead 0 --steps 3 --warmup 2
   ;;
 sync)  # checkpointed segments run one at a time (what the trainer picks when only that fits)
   run k4_ckpt_sync      120 $B --model klein-4b --checkpointing 1 --ahead 0
@@ -47,6 +49,9 @@ sync)  # checkpointed segments run one at a time (what the trainer picks when on
   run dev_int8_ckpt_sync 300 python3 scripts/benchmark.py --model dev --base int8 --checkpointing 1 --ahead 0 --steps 4 --warmup 3
   ;;
 extra)
+  run k4_ckpt_ops20   120 env MLX_MAX_OPS_PER_BUFFER=20 $B --model klein-4b --checkpointing 1
+  run k4_int8_ckpt_g64 120 $B --model klein-4b --base int8 --checkpointing 1 --group-size 64
+  run quant_gemm      120 python3 scripts/quant_gemm_bench.py
   run k4_ckpt_nolim   120 $B --model klein-4b --checkpointing 1 --memory-limit none
   run k4_onepiece     120 $B --model klein-4b --pipeline-ahead none
   run k4_rope_formula 120 env MFLUX2_CUDA_ROPE=0 $B --model klein-4b

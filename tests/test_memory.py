@@ -1,15 +1,18 @@
 """The peak-memory model against peaks measured on an H100, and the auto quantization choice."""
 
 import json
+import os
 
 import pytest
 
+import mflux2.models.transformer as T
 import mflux2.training.memory as M
 from mflux2.models.transformer import PRESETS, TransformerConfig
 from mflux2.training.config import TrainConfig
 
-# scripts/benchmark.py on one H100 (MLX 0.32.4, 2026-11-25, session 3; docs/performance.md), default
-# settings: variant, base, resolution, DOP, checkpoint every n, measured peak GB.
+# scripts/benchmark.py on one H100 (MLX 0.32.4, 2026-11-25, session 3; docs/performance.md), that
+# session's defaults (MLX's command batches of 20 operations, int8 in groups of 64): variant, base,
+# resolution, DOP, checkpoint every n, measured peak GB.
 MEASURED = [
     ("klein-4b", "bf16", 512, False, 0, 12.334),
     ("klein-4b", "bf16", 512, True, 0, 16.942),
@@ -24,18 +27,36 @@ MEASURED = [
 ]
 # ... with synchronous checkpointed segments (--ahead 0)
 MEASURED_SYNC = [("klein-4b", "bf16", 8.700), ("klein-4b", "int8", 5.862), ("klein-9b", "int8", 12.346)]
+# Checkpointed, MLX's command batches of 4 operations (memory.limit_command_batches), int8 in groups of
+# 128: one H200 (MLX 0.32.4, 2026-12-02, session 4): variant, base, synchronous segments, peak GB.
+# (klein-9b and dev synchronous were measured with the limit's former 2% + 64 MB of slack.)
+MEASURED_SMALL_BATCHES = [
+    ("klein-4b", "bf16", False, 8.764),
+    ("klein-4b", "int8", False, 5.148),
+    ("klein-4b", "int8", True, 5.005),
+    ("klein-9b", "int8", True, 11.111),
+    ("dev", "int8", True, 37.018),
+]
 
 
 @pytest.mark.parametrize("variant,base,peak", MEASURED_SYNC)
 def test_synchronous_estimate_within_15_percent_of_measured_peaks(variant, base, peak):
-    est = M.estimate_peak_gb(variant, base, checkpointing=1, synchronous=True)
+    est = M.estimate_peak_gb(variant, base, checkpointing=1, synchronous=True, small_batches=False)
     assert abs(est / peak - 1) <= 0.15, (est, peak)
+
+
+@pytest.mark.parametrize("variant,base,synchronous,peak", MEASURED_SMALL_BATCHES)
+def test_small_batch_estimate_within_15_percent_of_measured_peaks(variant, base, synchronous, peak):
+    est = M.estimate_peak_gb(variant, base, checkpointing=1, synchronous=synchronous, small_batches=True)
+    assert abs(est / peak - 1) <= 0.15, (est, peak)
+    # ... and lower than with MLX's default batches
+    assert est < M.estimate_peak_gb(variant, base, checkpointing=1, synchronous=synchronous, small_batches=False)
 
 
 @pytest.mark.parametrize("variant,base,res,dop,every,peak", MEASURED)
 def test_estimate_within_15_percent_of_measured_peaks(variant, base, res, dop, every, peak):
     est = M.estimate_peak_gb(variant, base, resolution=res, batch=1, rank=32, targets="attention", dop=dop,
-                             checkpointing=every)
+                             checkpointing=every, small_batches=False)
     assert abs(est / peak - 1) <= 0.15, (est, peak)
 
 
@@ -72,7 +93,7 @@ def test_weights_and_lora_counts_match_the_model():
     blk = model.single_blocks[0]
     blk.update(tree_map(lambda a: a.astype(mx.bfloat16), blk.parameters()))
     linears = sum(v.size for k, v in tree_flatten(blk.parameters()) if k.startswith("linear"))
-    nn.quantize(blk, group_size=64, bits=8)
+    nn.quantize(blk, group_size=T.QUANT_GROUP_SIZE["int8"], bits=8)
     q = sum(v.nbytes for k, v in tree_flatten(blk.parameters()) if k.startswith("linear"))
     assert q == linears * M.BYTES_PER_PARAM["int8"]
 
@@ -177,8 +198,9 @@ def test_weights_bytes_counts_what_load_time_quantization_keeps(monkeypatch):
     model = T.Flux2Transformer(cfg)
     model.update(tree_map(lambda a: a.astype(mx.bfloat16), model.parameters()))
     for blk in model.double_blocks + model.single_blocks:
-        nn.quantize(blk, group_size=64, bits=8, class_predicate=T.quantize_predicate(64))
-    T.quantize_outside_blocks(model, 8, 64)
+        g = T.QUANT_GROUP_SIZE["int8"]
+        nn.quantize(blk, class_predicate=T.quantize_predicate(g, 8))
+    T.quantize_outside_blocks(model, 8, T.QUANT_GROUP_SIZE["int8"])
     assert isinstance(model.txt_in, nn.QuantizedLinear) and not isinstance(model.img_in, nn.QuantizedLinear)
     actual = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
     assert M.weights_bytes(cfg, "int8") == actual
@@ -224,3 +246,20 @@ def test_text_encoder_quantization_auto_picks_the_most_precise_that_fits(tmp_pat
     pipe.source.layout = "mflux2"  # converted (maybe already quantized): loads as stored
     assert M.choose_text_encoder_quantization(pipe, log=lines.append) == "bf16" and "as stored" in lines[-1]
     assert TrainConfig().model.quantization == "auto"  # the default
+
+
+def test_checkpointed_cuda_runs_use_small_command_batches(monkeypatch):
+    """MLX_MAX_OPS_PER_BUFFER=4 for checkpointed runs on CUDA only, and never over the user's value."""
+    import mflux2.models.transformer as T
+
+    monkeypatch.setenv("MLX_MAX_OPS_PER_BUFFER", "")  # recorded, so the value the code sets is undone after
+    monkeypatch.delenv("MLX_MAX_OPS_PER_BUFFER")
+    lines = []
+    monkeypatch.setattr(T, "cuda_available", lambda: False)
+    assert not M.limit_command_batches(1, log=lines.append) and "MLX_MAX_OPS_PER_BUFFER" not in os.environ
+    monkeypatch.setattr(T, "cuda_available", lambda: True)
+    assert not M.limit_command_batches(0, log=lines.append) and "MLX_MAX_OPS_PER_BUFFER" not in os.environ
+    assert M.limit_command_batches(1, log=lines.append)
+    assert os.environ["MLX_MAX_OPS_PER_BUFFER"] == "4" and len(lines) == 1 and "4 operations" in lines[0]
+    monkeypatch.setenv("MLX_MAX_OPS_PER_BUFFER", "20")
+    assert not M.limit_command_batches(1, log=lines.append) and os.environ["MLX_MAX_OPS_PER_BUFFER"] == "20"

@@ -414,7 +414,7 @@ def test_convert_prequantized_equals_quantize_on_load(models, tmp_path):
     out = conv.convert(str(models["klein"]), tmp_path / "q", quantize="int8", text_encoder_quantize="int4",
                        dtype="float32", progress=False, **te_opts)
     record = json.loads((out / "mflux2.json").read_text())
-    assert record["transformer"]["quantization"] == {"name": "int8", "bits": 8, "group_size": 64}
+    assert record["transformer"]["quantization"] == {"name": "int8", "bits": 8, "group_size": 128}
     assert record["text_encoder"]["quantization"]["name"] == "int4"
     te_cfg = json.loads((out / "text_encoder" / "config.json").read_text())
     assert te_cfg["quantization"]["bits"] == 4

@@ -202,6 +202,25 @@ def test_memory_limit_auto_calibrates_on_the_second_step(monkeypatch):
         mx.set_memory_limit(before)
 
 
+def test_checkpointed_memory_limit_is_tightest_with_synchronous_segments(monkeypatch):
+    """The block-by-block step's calibrated limit: 2% + 64 MB above the serialised peak when the host
+    runs a segment ahead (speed), 16 MB with synchronous segments (the memory-first mode)."""
+    monkeypatch.setattr(S, "_on_gpu", lambda: True)
+    monkeypatch.setattr(S.mx, "get_peak_memory", lambda: 10**9)  # the calibration step's peak
+    before = mx.get_memory_limit()
+    try:
+        for ahead, expected in ((1, int(1e9 * 1.02) + (64 << 20)), (0, 10**9 + (16 << 20))):
+            model, batch = tiny_model(), tiny_batch()
+            model.set_gradient_checkpointing(1)
+            step = TrainStep(model, optim.AdamW(1e-4), StepConfig(blockwise_ahead=ahead))
+            for i in range(2):
+                mx.eval(step(batch, mx.random.key(i))["loss"], step.state_arrays())
+            assert step.memory_limit == expected and mx.get_memory_limit() == expected
+            mx.set_memory_limit(before)
+    finally:
+        mx.set_memory_limit(before)
+
+
 # ---- the GEMM helpers ---------------------------------------------------------------------------
 
 
@@ -228,11 +247,12 @@ def test_linear_helpers_equal_the_layer_with_restricted_and_stacked_loras():
 
 
 @pytest.mark.parametrize("bits", [8, 4])
-def test_dequantized_gemm_equals_quantized_matmul(monkeypatch, bits):
+@pytest.mark.parametrize("group", [32, 128])  # 128: the input parts do not fall on groups (one column range)
+def test_dequantized_gemm_equals_quantized_matmul(monkeypatch, bits, group):
     """Tiles (row chunks x input parts) dequantised just before their GEMMs give quantized_matmul's
     values and the same input/LoRA gradients."""
     mx.random.seed(1)
-    q = nn.QuantizedLinear(128, 96, bias=False, group_size=32, bits=bits)
+    q = nn.QuantizedLinear(128, 96, bias=False, group_size=group, bits=bits)
     lora = LoRALinear(q, 4, out_range=(0, 64), in_range=(0, 64))
     lora.lora_B = mx.random.normal(lora.lora_B.shape)
     xa, xb = mx.random.normal((1, 300, 64)), mx.random.normal((1, 300, 64))
@@ -392,6 +412,20 @@ def test_cuda_rope_kernel_equals_the_elementwise_formula(dtype, batch_tables):
     y1, (d1,) = T.apply_rope(x, rope), mx.vjp(lambda x: T.apply_rope(x, rope), [x], [cot])[1]
     assert np.allclose(np.array(y1.astype(mx.float32)), np.array(y0), atol=tol, rtol=tol)
     assert np.allclose(np.array(d1.astype(mx.float32)), np.array(d0), atol=tol, rtol=tol)
+
+
+@pytest.mark.skipif(not T.cuda_available(), reason="the dequantisation kernel is CUDA's (run on the GPU machine)")
+@pytest.mark.parametrize("bits,group", [(8, 128), (8, 64), (4, 64)])
+@pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float32])
+def test_cuda_dequantize_kernel_equals_mx_dequantize(bits, group, dtype):
+    w = mx.random.normal((384, 512)).astype(dtype)
+    wq, scales, biases = mx.quantize(w, group_size=group, bits=bits)
+    assert T._dequantize_on_cuda(wq, scales, biases, bits, "affine") == (bits == 8)  # what dequantize_tile runs
+    ref = mx.dequantize(wq, scales, biases, group_size=group, bits=bits)
+    for rows, cols in [((0, 384), (0, 512)), ((128, 320), (128, 384)), ((5, 6), (384, 512))]:
+        tile = T._dequantize_cuda(wq, scales, biases, rows, cols, group, bits)
+        assert tile.dtype == dtype and tile.shape == (rows[1] - rows[0], cols[1] - cols[0])
+        assert mx.array_equal(tile, ref[rows[0] : rows[1], cols[0] : cols[1]]).item(), (rows, cols)
 
 
 def test_accumulated_checkpointed_steps_update_like_plain_ones():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 from pathlib import Path
@@ -364,3 +365,25 @@ def test_validation_prompts_that_name_the_trigger_are_tagged_as_trigger_prompts(
     got = [(it.prompt, it.with_trigger) for it in validation_items(cfg)]
     assert got == [("a red sks on blue", True), ("a red shape on blue", False), ("sks, a dog", True), ("a dog", False),
                    ("the sksx word is not the trigger", False)]
+
+
+def test_checkpointed_runs_on_cuda_set_small_command_batches_before_anything_runs(tiny, tmp_path, monkeypatch):
+    """MLX reads MLX_MAX_OPS_PER_BUFFER once, at its first command: the trainer decides
+    checkpointing and sets it before the caches are filled (the first device work)."""
+    import mflux2.models.transformer as T
+
+    monkeypatch.setattr(T, "cuda_available", lambda: True)  # the device stays the CPU: only the decision runs
+    monkeypatch.setenv("MLX_MAX_OPS_PER_BUFFER", "")  # recorded, so the value the code sets is undone after
+    monkeypatch.delenv("MLX_MAX_OPS_PER_BUFFER")
+    seen = []
+    fill = Trainer._fill_caches
+    monkeypatch.setattr(Trainer, "_fill_caches", lambda self, *a: seen.append(os.environ.get("MLX_MAX_OPS_PER_BUFFER")) or fill(self, *a))
+    logs = []
+    for checkpointing in (False, True):
+        folder = tmp_path / str(checkpointing)
+        folder.mkdir()
+        cfg = write_config(folder, tiny, training={"max_steps": 1}, validation={"prompts": []},
+                           memory={"gradient_checkpointing": checkpointing})
+        Trainer(load_config(cfg), log=logs.append).run()
+    assert seen == [None, "4"]
+    assert sum("command batches of 4" in line for line in logs) == 1

@@ -324,3 +324,16 @@ def test_gradient_checkpointing_keeps_exact_gradients(saved, every):
         assert float(mx.abs(f0[k]).max()) > 0, k  # mx.checkpoint on a module would drop these
         assert np.allclose(np.array(f0[k]), np.array(f1[k]), rtol=1e-5, atol=1e-7), k
     assert abs(float(l0) - float(l1)) < 1e-6
+
+
+def test_int8_layers_use_groups_of_128_where_the_width_allows_else_64():
+    import mlx.nn as nn
+
+    from mflux2.models.transformer import QUANT_GROUP_SIZE, layer_group_size, quantize_predicate
+
+    assert QUANT_GROUP_SIZE == {"int8": 128, "int4": 64}
+    assert [layer_group_size(n, 128) for n in (3072, 9216, 192, 96)] == [128, 128, 64, None]
+    pred = quantize_predicate(128, 8)
+    assert pred("a", nn.Linear(256, 8)) == {"group_size": 128, "bits": 8, "mode": "affine"}
+    assert pred("b", nn.Linear(192, 8))["group_size"] == 64 and pred("c", nn.Linear(96, 8)) is False
+    assert pred("d", nn.RMSNorm(256)) is False

@@ -332,7 +332,7 @@ def _gemms(w, x, rows, accs, bias=None):
 
 
 _DEQUANT_FNS = {}
-DEQUANTIZE_TILE = 1 << 26  # weights dequantised at most 64M at a time (128 MB of bf16)
+DEQUANTIZE_TILE = int(os.environ.get("MFLUX2_DEQUANTIZE_TILE", 1 << 26))  # weights dequantised at most 64M at a time (128 MB of bf16)
 
 
 def _tiles(rows, cols, n_in, bits, group_size):
@@ -371,11 +371,82 @@ def _dequantized_gemm(layer, xs, rows, accs):
     return list(_DEQUANT_FNS[key](*args))
 
 
+def dequantize_tile(wq, scales, qb, rows: tuple[int, int], cols: tuple[int, int], group_size: int, bits: int,
+                    mode: str = "affine") -> mx.array:
+    """W[r0:r1, c0:c1] of a quantized weight (wq packed uint32, scales and biases per group of the
+    input dimension), in the scales' dtype."""
+    (r0, r1), (c0, c1) = rows, cols
+    if _dequantize_on_cuda(wq, scales, qb, bits, mode):
+        return _dequantize_cuda(wq, scales, qb, rows, cols, group_size, bits)
+    step = 32 // bits
+    return mx.dequantize(wq[r0:r1, c0 // step : c1 // step], scales[r0:r1, c0 // group_size : c1 // group_size],
+                         None if qb is None else qb[r0:r1, c0 // group_size : c1 // group_size], group_size, bits, mode=mode)
+
+
+# On CUDA, a tile is dequantised by one custom kernel that reads the packed weight, scales and
+# biases where the tile lies in them (mx.dequantize needs its inputs sliced first: copies for
+# column tiles, three more graph nodes a tile). On an H200 it dequantised klein-4b's linear1 (85M
+# int8 weights) in 0.137 ms against mx.dequantize's 0.315, and took the int8 + checkpointing step
+# from 0.114 to 0.097 s (docs/performance.md). One thread per packed uint32 (4 int8 or 8 int4
+# values, the lowest bits first: MLX's affine packing), w = scale·q + bias in float32.
+_DEQUANT_KERNEL = []
+_DEQUANT_SOURCE = """
+    size_t p = cooperative_groups::this_grid().thread_rank();
+    if (p >= NW) return;
+    size_t row = p / TW, wc = p % TW;
+    uint32_t word = wq[(R0 + row) * FW + C0W + wc];
+    size_t col = (C0W + wc) * VPW;
+    size_t g = (R0 + row) * FG + col / GS;
+    float scale = static_cast<float>(scales[g]);
+    float bias = static_cast<float>(biases[g]);
+    size_t o = row * (TW * VPW) + wc * VPW;
+    alignas(16) T vals[VPW];
+    #pragma unroll
+    for (int k = 0; k < VPW; k++) {
+        float q = static_cast<float>((word >> (BITS * k)) & ((1u << BITS) - 1u));
+        vals[k] = static_cast<T>(scale * q + bias);
+    }
+    if (VEC && sizeof(T) * VPW == 8) {
+        *reinterpret_cast<uint2*>(out + o) = *reinterpret_cast<const uint2*>(vals);
+    } else if (VEC && sizeof(T) * VPW == 16) {
+        *reinterpret_cast<uint4*>(out + o) = *reinterpret_cast<const uint4*>(vals);
+    } else {
+        #pragma unroll
+        for (int k = 0; k < VPW; k++) out[o + k] = vals[k];
+    }
+"""
+
+
+def _dequantize_on_cuda(wq, scales, qb, bits, mode) -> bool:
+    """The CUDA kernel for affine int8 (unless MFLUX2_CUDA_DEQUANTIZE=0). It handles int4 too, but
+    with scalar stores it took 0.325 ms for linear1 against mx.dequantize's 0.180 (H200): int4
+    stays with mx.dequantize until its vectorised stores are measured (scripts/quant_gemm_bench.py)."""
+    return (mx.default_device() == mx.gpu and cuda_available() and os.environ.get("MFLUX2_CUDA_DEQUANTIZE", "1") != "0"
+            and mode == "affine" and qb is not None and bits == 8 and scales.dtype in (mx.bfloat16, mx.float16, mx.float32))
+
+
+def _dequantize_cuda(wq, scales, qb, rows, cols, group_size, bits):
+    if not _DEQUANT_KERNEL:
+        _DEQUANT_KERNEL.append(mx.fast.cuda_kernel(name="mflux2_dequantize", input_names=["wq", "scales", "biases"],
+                                                   output_names=["out"], source=_DEQUANT_SOURCE))
+    (r0, r1), (c0, c1) = rows, cols
+    vpw = 32 // bits
+    if c0 % group_size or c1 % group_size or c0 % vpw or c1 % vpw:
+        raise ValueError(f"dequantize tile columns {cols} do not fall on groups of {group_size}")
+    n_words = (r1 - r0) * (c1 - c0) // vpw
+    return _DEQUANT_KERNEL[0](
+        inputs=[wq, scales, qb], output_shapes=[(r1 - r0, c1 - c0)], output_dtypes=[scales.dtype],
+        template=[("T", scales.dtype), ("NW", n_words), ("TW", (c1 - c0) // vpw), ("FW", wq.shape[1]), ("R0", r0),
+                  ("C0W", c0 // vpw), ("FG", scales.shape[1]), ("GS", group_size), ("VPW", vpw), ("BITS", bits),
+                  ("VEC", int(os.environ.get("MFLUX2_DEQUANTIZE_VEC", "1") != "0"))],  # 0: scalar stores (the bench's comparison)
+        grid=(n_words, 1, 1), threadgroup=(256, 1, 1),
+    )[0]
+
+
 def _make_dequantized_gemm(chunks, col_ranges, has_acc, has_qb, has_bias, group_size, bits, mode):
     """A custom function: outputs [acc_j + x @ W[rows_j]^T], W dequantised tile by tile (row chunks
     × input parts) just before each GEMM, again in the VJP (which needs no x: the base is frozen)."""
     n_x, n_acc = len(col_ranges), sum(has_acc)
-    step = 32 // bits
 
     def unpack(args):
         xs, it = list(args[:n_x]), iter(args[n_x : n_x + n_acc])
@@ -384,9 +455,7 @@ def _make_dequantized_gemm(chunks, col_ranges, has_acc, has_qb, has_bias, group_
         return xs, accs, rest[0], rest[1], (rest[2] if has_qb else None), (rest[-1] if has_bias else None)
 
     def tile(wq, scales, qb, r, c):
-        (r0, r1), (c0, c1) = r, c
-        return mx.dequantize(wq[r0:r1, c0 // step : c1 // step], scales[r0:r1, c0 // group_size : c1 // group_size],
-                             None if qb is None else qb[r0:r1, c0 // group_size : c1 // group_size], group_size, bits, mode=mode)
+        return dequantize_tile(wq, scales, qb, r, c, group_size, bits, mode)
 
     @mx.custom_function
     def fn(*args):
@@ -818,11 +887,27 @@ def variant_of(config: TransformerConfig) -> str | None:
 
 
 QUANT_BITS = {"int8": 8, "int4": 4}
+# Weights per scale/bias pair. int8 in groups of 128: 1.03 instead of 1.06 bytes a weight (0.28 GB
+# less for klein-9b, 1.0 GB for dev) for a relative RMS error of 0.59% instead of 0.54% (random
+# normal weights; int4's is 9.1% at 64); int4 keeps MLX's default of 64.
+QUANT_GROUP_SIZE = {"int8": 128, "int4": 64}
 
 
-def quantize_predicate(group_size: int):
-    """Quantize Linear layers whose input width the group size divides (all FLUX.2 projections)."""
-    return lambda path, m: isinstance(m, nn.Linear) and m.weight.shape[1] % group_size == 0
+def layer_group_size(in_dims: int, group_size: int) -> int | None:
+    """The group size a Linear of `in_dims` inputs is quantized with: `group_size`, else MLX's
+    default 64 where only that divides the width (small test models), else None (not quantized).
+    Every FLUX.2 projection's width is a multiple of 128."""
+    return next((g for g in (group_size, 64) if in_dims % g == 0), None)
+
+
+def quantize_predicate(group_size: int, bits: int, mode: str = "affine"):
+    """nn.quantize's class_predicate: Linear layers, each with its `layer_group_size`."""
+
+    def predicate(path, m):
+        g = isinstance(m, nn.Linear) and layer_group_size(m.weight.shape[1], group_size)
+        return {"group_size": g, "bits": bits, "mode": mode} if g else False
+
+    return predicate
 
 
 # Outside the blocks, only the large layers are quantized: txt_in, the three shared modulations and
@@ -833,13 +918,14 @@ OUTSIDE_BLOCKS_MIN_WEIGHTS = 1 << 22
 
 
 def quantize_outside_blocks(model, bits: int, group_size: int, min_weights: int | None = None) -> None:
-    inner = quantize_predicate(group_size)
+    inner = quantize_predicate(group_size, bits)
     least = OUTSIDE_BLOCKS_MIN_WEIGHTS if min_weights is None else min_weights
 
     def predicate(path, m):
-        return not path.startswith(("double_blocks", "single_blocks")) and inner(path, m) and m.weight.size >= least
+        big = not path.startswith(("double_blocks", "single_blocks")) and isinstance(m, nn.Linear) and m.weight.size >= least
+        return big and inner(path, m)
 
-    nn.quantize(model, group_size=group_size, bits=bits, class_predicate=predicate)
+    nn.quantize(model, class_predicate=predicate)
 
 
 def load_transformer(
@@ -847,12 +933,12 @@ def load_transformer(
     variant: str | None = None,
     dtype: mx.Dtype = mx.bfloat16,
     quantize: str | None = None,
-    group_size: int = 64,
+    group_size: int | None = None,
 ) -> Flux2Transformer:
     """Load a FLUX.2 transformer from a BFL single file, a diffusers `transformer/` folder, or a
     model folder holding `transformer/`. Tensors are converted one at a time (mx.load is lazy) and,
     with `quantize` ('int8'/'int4'), each block is quantised as soon as it is loaded, so peak memory
-    stays near the final model's size."""
+    stays near the final model's size. `group_size`: QUANT_GROUP_SIZE's for `quantize` unless given."""
     src = resolve_component(path, "transformer")
     if src.is_dir() and not (src / "config.json").exists():
         singles = [f for f in src.glob("*.safetensors") if not f.name.startswith(("ae", "diffusion_pytorch_model", "model-"))]
@@ -880,6 +966,7 @@ def load_transformer(
         if quantize not in QUANT_BITS:
             raise ValueError(f"quantize={quantize!r}: choose int8 or int4 (or None for {dtype})")
         bits = QUANT_BITS[quantize]
+        group_size = group_size or QUANT_GROUP_SIZE[quantize]
 
     def load(prefix: str, module: nn.Module) -> None:
         p = prefix + "."
@@ -898,7 +985,7 @@ def load_transformer(
         for i, block in enumerate(model[kind]):
             load(f"{kind}.{i}", block)
             if bits:
-                nn.quantize(block, group_size=group_size, bits=bits, class_predicate=quantize_predicate(group_size))
+                nn.quantize(block, class_predicate=quantize_predicate(group_size, bits))
                 mx.eval(block.parameters())
     model.eval()
     model.quantization = quantize  # recorded for LoRA files and the converter

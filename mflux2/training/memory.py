@@ -1,6 +1,6 @@
 """How much memory a LoRA training step needs, and the transformer precision that fits the machine.
 
-`estimate_peak_gb` is a parametric model fitted to peaks measured on an H100 (MLX 0.32.4,
+`estimate_peak_gb` is a parametric model fitted to peaks measured on an H100 and an H200 (MLX 0.32.4,
 `scripts/benchmark.py`, TrainStep's default `memory_limit="auto"`; the table is in
 docs/performance.md and tests/test_memory.py): the weights exactly, plus activations linear in
 tokens × hidden size — every block's saved activations without checkpointing, the segment inputs
@@ -20,23 +20,29 @@ import mlx.core as mx
 from mflux2.models.transformer import PRESETS, TransformerConfig, config_from_weights, preset, sanitize
 
 TEXT_TOKENS = 512  # both text encoders pad prompts to 512 tokens
-BYTES_PER_PARAM = {"bf16": 2.0, "int8": 1 + 4 / 64, "int4": 0.5 + 4 / 64}  # + bf16 scale & bias per 64
+BYTES_PER_PARAM = {"bf16": 2.0, "int8": 1 + 4 / 128, "int4": 0.5 + 4 / 64}  # + bf16 scale & bias per group (QUANT_GROUP_SIZE)
 GB = 1e9
 
-# Fitted on the H100 table (docs/performance.md, session 3: the one-graph step evaluated in pieces):
-# extra bytes per unit of activation (tokens × hidden × 2 bytes), per byte of float32 LoRA
-# parameters, per byte of one block's weights in bf16 (a quantized base is dequantised tile by tile
-# on the fly; it shows in the checkpointed steps), and fixed. Max error of the fit: 4.6% (one
-# graph), 2.5% (checkpointed), 0.6% (synchronous segments).
+# Fitted on the GPU tables (docs/performance.md): extra bytes per unit of activation (tokens ×
+# hidden × 2 bytes), per byte of float32 LoRA parameters, per byte of one block's weights in bf16
+# (a quantized base is dequantised tile by tile on the fly; it shows in the checkpointed steps),
+# and fixed. One graph (H100, session 3, the step evaluated in pieces): max error 4.6%.
 _PLAIN_PER_BLOCK_UNIT = 15.25  # saved activations + transients of one block, in units
 _PLAIN_PER_LORA_BYTE = 19.2
 _CKPT_PER_UNIT = 1.5  # × (blocks / every: segment inputs + 35 × every: one segment's working set)
 _CKPT_SEGMENT_UNITS = 35
-_CKPT_FIXED = 0.75 * GB
-_CKPT_PER_TILE_BYTE = 4.75
-# Segments run synchronously (TrainStep's blockwise_ahead=0): nothing in flight but the current one.
-_CKPT_SYNC_FIXED = 0.05 * GB
-_CKPT_SYNC_PER_TILE_BYTE = 3.0
+# Checkpointed, (fixed bytes, × one block's bf16 weights) by (synchronous segments, small command
+# batches). Small batches (`limit_command_batches`, CUDA): H200, session 4, fitted on klein-4b's
+# three checkpointed rows; klein-9b and dev synchronous within 2.2% (peaks measured with the
+# calibrated limit's former slack). Otherwise
+# MLX's default batches hold more released buffers: H100, session 3 (20 operations a batch; also
+# what Metal and the CPU get, where nothing is measured), within 2.5%.
+_CKPT = {
+    (False, True): (0.09 * GB, 0.57),
+    (True, True): (0.05 * GB, 0.15),
+    (False, False): (0.75 * GB, 4.75),
+    (True, False): (0.05 * GB, 3.0),
+}
 
 
 def _config(variant_or_config) -> TransformerConfig:
@@ -58,7 +64,7 @@ def lora_parameters(cfg: TransformerConfig, rank: int, targets: str) -> int:
     return rank * (2 * per_stream * cfg.num_layers + single * cfg.num_single_layers)
 
 
-def weights_bytes(cfg: TransformerConfig, base_quant: str, group_size: int = 64) -> float:
+def weights_bytes(cfg: TransformerConfig, base_quant: str) -> float:
     """The transformer as `load_transformer` leaves it: with an int8/int4 base, the blocks' linear
     layers and the large ones outside them (`quantize_outside_blocks`) quantized, the rest bf16.
     Counted on a lazily built model (shapes only, nothing allocated)."""
@@ -73,24 +79,25 @@ def weights_bytes(cfg: TransformerConfig, base_quant: str, group_size: int = 64)
     total = 2.0 * sum(v.size for _, v in tree_flatten(model.parameters()))
     if base_quant == "bf16":
         return total
-    fits = T.quantize_predicate(group_size)
-    saved = 2.0 - BYTES_PER_PARAM[base_quant]
+    bits = T.QUANT_BITS[base_quant]
     for path, m in model.named_modules():
-        if not isinstance(m, Linear) or not fits(path, m):
+        g = isinstance(m, Linear) and T.layer_group_size(m.weight.shape[1], T.QUANT_GROUP_SIZE[base_quant])
+        if not g:
             continue
         in_blocks = path.startswith(("double_blocks", "single_blocks"))
         if in_blocks or m.weight.size >= T.OUTSIDE_BLOCKS_MIN_WEIGHTS:
-            total -= saved * m.weight.size
+            total -= (2.0 - bits / 8 - 4 / g) * m.weight.size  # bf16 → packed + a bf16 scale and bias per group
     return total
 
 
 def estimate_peak_gb(variant_or_config, base_quant: str = "bf16", resolution: int = 512, batch: int = 1,
                      rank: int = 32, targets: str = "attention", dop: bool = False, checkpointing: int = 0,
-                     text_tokens: int = TEXT_TOKENS, synchronous: bool = False) -> float:
+                     text_tokens: int = TEXT_TOKENS, synchronous: bool = False, small_batches: bool | None = None) -> float:
     """Estimated peak memory (GB) of a training step: `variant_or_config` a preset name or a
     TransformerConfig; `resolution` the (largest) square training size; `dop` a DOP step (main and
     preservation passes batched: twice the tokens); `checkpointing` every n blocks (0 = off);
-    `synchronous` the checkpointed segments run one at a time (blockwise_ahead=0)."""
+    `synchronous` the checkpointed segments run one at a time (blockwise_ahead=0); `small_batches`
+    MLX's command batches limited (`limit_command_batches`; default: where it applies, CUDA)."""
     cfg = _config(variant_or_config)
     d, nb = cfg.hidden_size, cfg.num_layers + cfg.num_single_layers
     tokens = (resolution // 16) ** 2 + text_tokens
@@ -104,7 +111,11 @@ def estimate_peak_gb(variant_or_config, base_quant: str = "bf16", resolution: in
     scores = 0 if tokens % 128 == 0 else samples * cfg.num_attention_heads * tokens**2 * 6
     if checkpointing:
         n = int(checkpointing)
-        fixed, per_tile = (_CKPT_SYNC_FIXED, _CKPT_SYNC_PER_TILE_BYTE) if synchronous else (_CKPT_FIXED, _CKPT_PER_TILE_BYTE)
+        if small_batches is None:
+            from mflux2.models.transformer import cuda_available
+
+            small_batches = cuda_available() and "MLX_MAX_OPS_PER_BUFFER" not in os.environ or _small_batches_set()
+        fixed, per_tile = _CKPT[bool(synchronous), bool(small_batches)]
         total += (_CKPT_PER_UNIT * unit * (math.ceil(nb / n) + _CKPT_SEGMENT_UNITS * n) + fixed + per_tile * tile
                   + n * scores)
     else:
@@ -239,6 +250,31 @@ def check_fit(cfg, source, quant: str, log=print) -> float:
     log(f"warning: this run needs about {est:.1f} GB but about {budget:.1f} GB is usable; options that fit better: "
         + "; ".join(options or ["a machine with more memory"]))
     return est
+
+
+CHECKPOINTED_OPS_PER_BUFFER = 4
+
+
+def _small_batches_set() -> bool:
+    v = os.environ.get("MLX_MAX_OPS_PER_BUFFER", "")
+    return v.isdigit() and int(v) <= CHECKPOINTED_OPS_PER_BUFFER
+
+
+def limit_command_batches(checkpointing: int, log=print) -> bool:
+    """With gradient checkpointing on CUDA: MLX's command batches of at most 4 operations instead of
+    20 (MLX_MAX_OPS_PER_BUFFER). MLX frees the buffers a batch's operations released only once the
+    whole batch has run, so smaller batches free them sooner: on an H200, klein-4b's checkpointed
+    step peaked at 8.76 instead of 9.22 GB (bf16) at the same speed, 5.28 instead of 5.88 GB (int8,
+    synchronous segments); docs/performance.md. MLX reads the variable once, at its first command,
+    so this runs before anything does; a value already in the environment is kept. Not on Metal
+    (not measured there) nor the CPU. Returns whether it set the variable."""
+    from mflux2.models.transformer import cuda_available
+
+    if not checkpointing or not cuda_available() or "MLX_MAX_OPS_PER_BUFFER" in os.environ:
+        return False
+    os.environ["MLX_MAX_OPS_PER_BUFFER"] = str(CHECKPOINTED_OPS_PER_BUFFER)
+    log(f"memory: MLX command batches of {CHECKPOINTED_OPS_PER_BUFFER} operations (checkpointed blocks free their buffers sooner)")
+    return True
 
 
 def run_ahead(cfg, source, quant: str, log=print) -> int:

@@ -190,6 +190,7 @@ class Trainer:
             q = choose_text_encoder_quantization(pipe, log=self.log)
             pipe.text_encoder_quantize = None if q == "bf16" else q
         self.cfg.resolve_model_defaults(defaults_variant(pipe))
+        self._plan_transformer()
         self.vae_id = weights_identity(pipe.source.vae)
         self.te_id = weights_identity(pipe.source.text_encoder, {"quant": pipe.text_encoder_quantize,
                                                                   **{k: list(v) if isinstance(v, tuple) else v
@@ -234,22 +235,26 @@ class Trainer:
         return got["latents"]
 
     # ---------------- model ----------------
-    def _load_transformer(self):
+    def _plan_transformer(self):
+        """The transformer's precision, gradient checkpointing (`auto` may turn it on) and segment
+        mode, from the config, the weights' size and the machine's memory — decided before anything
+        runs on the device, because MLX reads its command-batch size once, at its first command
+        (`memory.limit_command_batches`)."""
+        from mflux2.training import memory
+
         q = self.cfg.model.transformer_quantization
         if q == "auto":
-            from mflux2.training.memory import choose_quantization
-
-            q = choose_quantization(self.cfg, self.pipe.source, log=self.log)
+            q = memory.choose_quantization(self.cfg, self.pipe.source, log=self.log)
         else:
-            from mflux2.training.memory import check_fit
+            memory.check_fit(self.cfg, self.pipe.source, q, log=self.log)
+        self.transformer_quantization = q
+        self.blockwise_ahead = memory.run_ahead(self.cfg, self.pipe.source, q, log=self.log)
+        memory.limit_command_batches(self.cfg.memory.checkpoint_every, log=self.log)
 
-            check_fit(self.cfg, self.pipe.source, q, log=self.log)
-        from mflux2.training.memory import run_ahead
-
-        self.blockwise_ahead = run_ahead(self.cfg, self.pipe.source, q, log=self.log)
+    def _load_transformer(self):
+        q = self.transformer_quantization
         self.pipe.quantize = None if q == "bf16" else q
         model = self.pipe.transformer
-        self.transformer_quantization = q
         lcfg = self.cfg.lora
         mx.random.seed(self.cfg.training.seed)  # LoRA A's initialisation
         lora_mod.apply_lora(model, rank=lcfg.rank, alpha=float(lcfg.alpha), targets=lcfg.target_layers, dropout=lcfg.dropout)
