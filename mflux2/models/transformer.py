@@ -332,7 +332,9 @@ def _gemms(w, x, rows, accs, bias=None):
 
 
 _DEQUANT_FNS = {}
-DEQUANTIZE_TILE = int(os.environ.get("MFLUX2_DEQUANTIZE_TILE", 1 << 26))  # weights dequantised at most 64M at a time (128 MB of bf16)
+# Weights dequantised at most 64M at a time (128 MB of bf16); MFLUX2_DEQUANTIZE_TILE for experiments
+# (16M took klein-4b int8's serialised checkpointed peak from 5.69 to 5.64 GB: docs/performance.md).
+DEQUANTIZE_TILE = int(os.environ.get("MFLUX2_DEQUANTIZE_TILE", 1 << 26))
 
 
 def _tiles(rows, cols, n_in, bits, group_size):

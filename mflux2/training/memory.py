@@ -34,9 +34,9 @@ _CKPT_SEGMENT_UNITS = 35
 # Checkpointed, (fixed bytes, × one block's bf16 weights) by (synchronous segments, small command
 # batches). Small batches (`limit_command_batches`, CUDA): H200, session 4, fitted on klein-4b's
 # three checkpointed rows; klein-9b and dev synchronous within 2.2% (peaks measured with the
-# calibrated limit's former slack). Otherwise
-# MLX's default batches hold more released buffers: H100, session 3 (20 operations a batch; also
-# what Metal and the CPU get, where nothing is measured), within 2.5%.
+# calibrated limit's former slack). MLX's default batches hold more released buffers: H100,
+# session 3 (20 operations a batch; also what Metal and the CPU are estimated with, where nothing
+# is measured), within 2.5%.
 _CKPT = {
     (False, True): (0.09 * GB, 0.57),
     (True, True): (0.05 * GB, 0.15),
@@ -111,10 +111,10 @@ def estimate_peak_gb(variant_or_config, base_quant: str = "bf16", resolution: in
     scores = 0 if tokens % 128 == 0 else samples * cfg.num_attention_heads * tokens**2 * 6
     if checkpointing:
         n = int(checkpointing)
-        if small_batches is None:
+        if small_batches is None:  # what limit_command_batches does (or the user's setting)
             from mflux2.models.transformer import cuda_available
 
-            small_batches = cuda_available() and "MLX_MAX_OPS_PER_BUFFER" not in os.environ or _small_batches_set()
+            small_batches = _small_batches_set() if "MLX_MAX_OPS_PER_BUFFER" in os.environ else cuda_available()
         fixed, per_tile = _CKPT[bool(synchronous), bool(small_batches)]
         total += (_CKPT_PER_UNIT * unit * (math.ceil(nb / n) + _CKPT_SEGMENT_UNITS * n) + fixed + per_tile * tile
                   + n * scores)
