@@ -47,3 +47,16 @@ def test_quantized_dop_checkpointed_step_runs():
     r = bench("--base", "int8", "--mode", "dop-every", "--dop-every", "2", "--checkpointing", "2", "--profile")
     assert r["base"] == "int8" and r["mode"] == "dop-every" and r["loss_finite"] is True
     assert r["forward_s"] > 0 and r["forward_backward_s"] > 0 and r["update_s"] > 0
+
+
+def test_quant_gemm_bench_runs_and_its_dequantisation_is_exact():
+    """scripts/quant_gemm_bench.py on small shapes: one JSON line per layer, every way timed, and
+    mflux2's dequantize_tile (whole and a quarter tile) equal to mx.dequantize."""
+    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "quant_gemm_bench.py"), "--tokens", "32", "--hidden", "128",
+                          "--mlp", "256", "--reps", "1", "--chain", "1"], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    assert [r["layer"] for r in rows] == ["linear1", "linear2", "qkv", "mlp_out"]
+    for r in rows:
+        assert r["int8_max_err"] == 0 and r["int4_max_err"] == 0
+        assert all(r[f"{k}_ms"] > 0 for k in ("bf16_fwd", "bf16_bwd", "int8_dequant_fwd", "int8_qmm_bwd", "int4_dequant_only"))
