@@ -137,7 +137,8 @@ def convert(source: str, output: str | Path, variant: str | None = None, quantiz
         model = pipe.transformer
         with _bar(_nbytes(model), "transformer", progress) as bar:
             save_component(model, tmp / "transformer", model.config.to_dict(), progress=bar)
-        tr_quant = _quant_record(getattr(model, "quantization", None), QUANT_GROUP_SIZE.get(getattr(model, "quantization", None)))
+        quant = getattr(model, "quantization", None)
+        tr_quant = _quant_record(quant, QUANT_GROUP_SIZE.get(quant))
         sums["transformer"] = _checksums(tree_flatten(model.parameters()))
         pipe.release("transformer")
         del model

@@ -17,10 +17,16 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from mflux2.models.transformer import PRESETS, TransformerConfig, config_from_weights, preset, sanitize
+from mflux2.models.transformer import (PRESETS, QUANT_BITS, QUANT_GROUP_SIZE, TransformerConfig, config_from_weights,
+                                      preset, sanitize)
 
 TEXT_TOKENS = 512  # both text encoders pad prompts to 512 tokens
-BYTES_PER_PARAM = {"bf16": 2.0, "int8": 1 + 4 / 128, "int4": 0.5 + 4 / 64}  # + bf16 scale & bias per group (QUANT_GROUP_SIZE)
+def bytes_per_weight(bits: int, group_size: int) -> float:
+    """A quantized weight: its packed bits + a bf16 scale and bias per group."""
+    return bits / 8 + 4 / group_size
+
+
+BYTES_PER_PARAM = {"bf16": 2.0, **{q: bytes_per_weight(b, QUANT_GROUP_SIZE[q]) for q, b in QUANT_BITS.items()}}
 GB = 1e9
 
 # Fitted on the GPU tables (docs/performance.md): extra bytes per unit of activation (tokens ×
@@ -86,7 +92,7 @@ def weights_bytes(cfg: TransformerConfig, base_quant: str) -> float:
             continue
         in_blocks = path.startswith(("double_blocks", "single_blocks"))
         if in_blocks or m.weight.size >= T.OUTSIDE_BLOCKS_MIN_WEIGHTS:
-            total -= (2.0 - bits / 8 - 4 / g) * m.weight.size  # bf16 → packed + a bf16 scale and bias per group
+            total -= (2.0 - bytes_per_weight(bits, g)) * m.weight.size
     return total
 
 
@@ -111,11 +117,8 @@ def estimate_peak_gb(variant_or_config, base_quant: str = "bf16", resolution: in
     scores = 0 if tokens % 128 == 0 else samples * cfg.num_attention_heads * tokens**2 * 6
     if checkpointing:
         n = int(checkpointing)
-        if small_batches is None:  # what limit_command_batches does (or the user's setting)
-            from mflux2.models.transformer import cuda_available
-
-            small_batches = _small_batches_set() if "MLX_MAX_OPS_PER_BUFFER" in os.environ else cuda_available()
-        fixed, per_tile = _CKPT[bool(synchronous), bool(small_batches)]
+        small = small_command_batches() if small_batches is None else small_batches
+        fixed, per_tile = _CKPT[bool(synchronous), bool(small)]
         total += (_CKPT_PER_UNIT * unit * (math.ceil(nb / n) + _CKPT_SEGMENT_UNITS * n) + fixed + per_tile * tile
                   + n * scores)
     else:
@@ -255,8 +258,14 @@ def check_fit(cfg, source, quant: str, log=print) -> float:
 CHECKPOINTED_OPS_PER_BUFFER = 4
 
 
-def _small_batches_set() -> bool:
-    v = os.environ.get("MLX_MAX_OPS_PER_BUFFER", "")
+def small_command_batches() -> bool:
+    """Whether a checkpointed run here gets small command batches: the user's MLX_MAX_OPS_PER_BUFFER
+    if set, else what `limit_command_batches` does (CUDA)."""
+    from mflux2.models.transformer import cuda_available
+
+    v = os.environ.get("MLX_MAX_OPS_PER_BUFFER")
+    if v is None:
+        return cuda_available()
     return v.isdigit() and int(v) <= CHECKPOINTED_OPS_PER_BUFFER
 
 
