@@ -140,7 +140,7 @@ class Trainer:
     def _check_output(self):
         try:
             self.output.mkdir(parents=True, exist_ok=True)
-            probe = self.output / ".write_probe"
+            probe = self.output / f".write_probe.{os.getpid()}"  # per process: ranks of one run share the folder
             probe.write_text("ok")
             probe.unlink()
         except OSError as e:
