@@ -76,7 +76,6 @@ def weights_bytes(cfg: TransformerConfig, base_quant: str) -> float:
     Counted on a lazily built model (shapes only, nothing allocated)."""
     if base_quant not in BYTES_PER_PARAM:
         raise ValueError(f"base_quant={base_quant!r}: choose bf16, int8 or int4")
-    from mlx.nn import Linear
     from mlx.utils import tree_flatten
 
     import mflux2.models.transformer as T
@@ -86,13 +85,14 @@ def weights_bytes(cfg: TransformerConfig, base_quant: str) -> float:
     if base_quant == "bf16":
         return total
     bits = T.QUANT_BITS[base_quant]
+    quantized = T.quantize_predicate(T.QUANT_GROUP_SIZE[base_quant], bits)  # the loader's rule, layer by layer
     for path, m in model.named_modules():
-        g = isinstance(m, Linear) and T.layer_group_size(m.weight.shape[1], T.QUANT_GROUP_SIZE[base_quant])
-        if not g:
+        spec = quantized(path, m)
+        if not spec:
             continue
         in_blocks = path.startswith(("double_blocks", "single_blocks"))
         if in_blocks or m.weight.size >= T.OUTSIDE_BLOCKS_MIN_WEIGHTS:
-            total -= (2.0 - bytes_per_weight(bits, g)) * m.weight.size
+            total -= (2.0 - bytes_per_weight(bits, spec["group_size"])) * m.weight.size
     return total
 
 
