@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 import traceback
 import warnings
+
+STARTED = time.perf_counter()  # the run's "start-up" phase counts from here (imports included)
 
 OVERRIDES = {  # CLI flag -> config key path
     "max_steps": "training.max_steps",
@@ -65,7 +68,7 @@ def main(argv=None) -> int:
         from mflux2.training.trainer import Trainer
 
         resume = False if args.no_resume else (args.resume or True)
-        Trainer(cfg, resume=resume).run()
+        Trainer(cfg, resume=resume, started_at=STARTED).run()
         return 0
     except KeyboardInterrupt:
         print("\nmflux2-train: aborted (the last complete checkpoint is kept)", file=sys.stderr)

@@ -228,6 +228,11 @@ def choose_text_encoder_quantization(pipe, log=print) -> str:
     return choice
 
 
+def planned_peak_gb(cfg, source, quant: str) -> float:
+    """The estimated step peak of the configured run with the chosen precision (its largest resolution)."""
+    return estimate_peak_gb(_source_config(source), quant, checkpointing=cfg.memory.checkpoint_every, **_run_args(cfg))
+
+
 def check_fit(cfg, source, quant: str, log=print) -> float:
     """Before loading: estimate the peak of the configured run and, if it would not fit the machine,
     warn with the options that would (quantisation, checkpointing, resolution, DOP every n)."""

@@ -16,8 +16,18 @@ def _img(path: Path, alt: str) -> str:
     return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
 
 
-def write_report(output: Path, config_yaml: str, summary: dict) -> Path:
-    """Build `<output>/report.html` from what the run has written so far."""
+def _timing_table(timing: list[dict]) -> str:
+    """Where this run's wall time and memory went, phase by phase (the trainer's PhaseClock)."""
+    total = sum(t["seconds"] for t in timing) or 1.0
+    rows = "".join(
+        f"<tr><th>{html.escape(t['phase'])}</th><td>{t['seconds']:.2f} s</td><td>{100 * t['seconds'] / total:.1f}%</td>"
+        f"<td>{t['peak_gb']:.2f} GB</td></tr>" for t in timing)
+    return (f'<table id="timing"><tr><th>phase</th><th>time</th><th>share</th><th>peak memory</th></tr>{rows}'
+            f"<tr><th>total</th><td>{total:.2f} s</td><td></td><td>{max(t['peak_gb'] for t in timing):.2f} GB</td></tr></table>")
+
+
+def write_report(output: Path, config_yaml: str, summary: dict, timing: list[dict] | None = None) -> Path:
+    """Build `<output>/report.html` from what the run has written so far; `timing`: the phases so far."""
     prompts_file = output / "progression" / "prompts.json"
     prompts = json.loads(prompts_file.read_text()) if prompts_file.exists() else []
     curve = output / "learning_curve.svg"
@@ -54,6 +64,8 @@ pre {{ background: #f6f6f6; padding: 12px; font-size: 12px; overflow-x: auto; }}
 </style></head><body>
 <h1>mflux2 training report — {html.escape(output.name)}</h1>
 <table>{facts}</table>
+<h2>Timing</h2>
+{_timing_table(timing) if timing else "<p>-</p>"}
 <h2>Learning curve</h2>
 <div id="curve">{curve.read_text() if curve.exists() else "<p>no checkpoint yet</p>"}</div>
 <h2>Validation images: baseline → checkpoints</h2>

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import gc
 import hashlib
 import json
 import math
@@ -41,6 +42,7 @@ from mflux2.training.outputs import (
     latest_checkpoint,
     learning_curve_svg,
 )
+from mflux2.training.phases import PhaseClock
 from mflux2.training.step import Batch, StepConfig, TrainStep
 
 MAX_CONSECUTIVE_NONFINITE = 5
@@ -54,14 +56,27 @@ class TrainingError(RuntimeError):
 # Model
 
 
+def training_variant(cfg: TrainConfig) -> str | None:
+    """The variant whose weights train: for `klein-4b`/`klein-9b` the klein-base weights unless
+    `model.use_base: false` (the Swift trainer's behaviour; config.py decides)."""
+    return getattr(cfg, "training_variant", cfg.model.name)
+
+
+def validation_variant(cfg: TrainConfig) -> str | None:
+    """The variant validation images are generated with: the distilled klein for klein names (how the
+    LoRA is used: 4 steps, no CFG), else the training model."""
+    return getattr(cfg, "validation_variant", cfg.model.name)
+
+
 def open_model(cfg: TrainConfig, transformer_quantization: str | None = None):
-    """A lazily loading Flux2Pipeline for the configured model (local folder/file, converted folder,
-    or hub id), its variant checked against `model.name`."""
+    """A lazily loading Flux2Pipeline for the model that trains (local folder/file, converted folder,
+    or hub id), its variant checked against the config's."""
     from mflux2.pipeline import Flux2Pipeline
 
     te_quant = None if cfg.model.quantization in ("bf16", "auto") else cfg.model.quantization  # auto: Trainer
+    variant = training_variant(cfg)
     return Flux2Pipeline.from_pretrained(
-        cfg.model.path or cfg.model.name, variant=cfg.model.name,
+        cfg.model.path or variant, variant=variant,
         dtype=mx.float32 if cfg.training.dtype == "float32" else mx.bfloat16,
         quantize=transformer_quantization, text_encoder_quantize=te_quant, low_memory=True,
     )
@@ -120,8 +135,13 @@ class RunState:
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, resume: str | Path | bool | None = True, log=print, on_step=None):
+    def __init__(self, cfg: TrainConfig, resume: str | Path | bool | None = True, log=print, on_step=None,
+                 started_at: float | None = None):
         self.cfg = cfg
+        # Wall time and peak memory per phase (metrics.jsonl, report.html); `started_at` is the
+        # process's perf_counter at start-up (the CLI passes it) so imports are counted too.
+        self.clock = PhaseClock()
+        self.started_at = started_at
         self.log = log
         self.on_step = on_step  # called as on_step(trainer, step) after each completed step (tests, tools)
         self.output = Path(cfg.checkpoints.output)
@@ -202,7 +222,13 @@ class Trainer:
         txt_cache = DiskCache(self.output / ".text_cache", self.te_id)
         self.lat_cache, self.txt_cache = lat_cache, txt_cache
         # get() reads each entry: a truncated or corrupt one is deleted and rebuilt here
-        todo = [s for s in samples + val_samples if lat_cache.get(self._lat_key(s)) is None]
+        with self.clock("latent cache"):
+            self._fill_latent_cache(lat_cache, samples + val_samples)
+        with self.clock("text encoder: load, embed, free"):
+            self._fill_text_cache(txt_cache, prompts)
+
+    def _fill_latent_cache(self, lat_cache, samples):
+        todo = [s for s in samples if lat_cache.get(self._lat_key(s)) is None]
         if todo:
             vae = self.pipe.vae
             for s in tqdm(todo, desc="caching latents", unit="img", dynamic_ncols=True):
@@ -210,6 +236,8 @@ class Trainer:
                 tokens = vae.pack(vae.encode(mx.array(img)[None]))[0]
                 self.counts["vae_encode"] += 1
                 lat_cache.put(self._lat_key(s), {"latents": tokens.astype(mx.float32)})
+
+    def _fill_text_cache(self, txt_cache, prompts):
         missing = [p for p in dict.fromkeys(prompts) if txt_cache.get(txt_cache.key(p)) is None]
         if missing:
             te = self.pipe.text_encoder
@@ -248,6 +276,7 @@ class Trainer:
         else:
             memory.check_fit(self.cfg, self.pipe.source, q, log=self.log)
         self.transformer_quantization = q
+        self.planned_peak_gb = memory.planned_peak_gb(self.cfg, self.pipe.source, q)
         self.blockwise_ahead = memory.run_ahead(self.cfg, self.pipe.source, q, log=self.log)
         memory.limit_command_batches(self.cfg.memory.checkpoint_every, log=self.log)
 
@@ -300,7 +329,8 @@ class Trainer:
         if self.rank:
             return self.output / f"checkpoint_{state.step:06d}"
         try:
-            return self._write_checkpoint(state, with_images)
+            with self.clock(f"checkpoint {state.step}", step=state.step):
+                return self._write_checkpoint(state, with_images)
         except OSError as e:
             shutil.rmtree(self.output / f"checkpoint_{state.step:06d}.partial", ignore_errors=True)
             last = latest_checkpoint(self.output)
@@ -334,8 +364,9 @@ class Trainer:
         }
         (partial / "training_state.json").write_text(json.dumps(tstate))
         commit_checkpoint(partial, final, keep_last=self.cfg.checkpoints.keep_last or None)
-        self._write_curve(state)
-        self._write_report(state)
+        with self.clock("report + learning curve"):
+            self._write_curve(state)
+            self._write_report(state)
         self.log(f"saved {final}")
         return final
 
@@ -390,9 +421,25 @@ class Trainer:
             "LoRA": f"rank {self.cfg.lora.rank}, alpha {self.cfg.lora.alpha}, {self.cfg.lora.target_layers}",
             "transformer": self.transformer_quantization, "DOP": "on" if self.cfg.loss.diff_output_preservation else "off",
             "trigger word": self.cfg.dataset.trigger_word or "-", "non-finite steps skipped": state.skipped_nonfinite,
-            "peak memory": f"{mx.get_peak_memory() / 1e9:.2f} GB",
+            "validation images": self._validation_settings(),
+            "peak memory": f"{self.clock.peak_gb:.2f} GB",
         }
-        write_report(self.output, self.cfg.dump_yaml(), summary)
+        write_report(self.output, self.cfg.dump_yaml(), summary, timing=self.clock.table())
+
+    def _validation_settings(self) -> str:
+        """Which model, steps and guidance the validation images come from (as the LoRA's user runs it)."""
+        if not self.val_items:
+            return "none"
+        name = self.val_variant or f"custom ({self.val_family})"
+        how = f"{self.cfg.validation.steps} steps"
+        if self.val_cfg_scale:
+            how += f", CFG {self.val_cfg_scale:g}"
+        elif self.val_guidance is not None:
+            how += f", guidance {self.val_guidance:g}"
+        else:
+            how += ", no CFG" + (" (step-distilled)" if self.val_family == "klein" else "")
+        trained = f"; LoRA trained on {self.pipe.variant}" if self.val_pipe is not None else ""
+        return f"{name}, {how}{trained}"
 
     def _write_curve(self, state: RunState):
         if not self.cfg.checkpoints.learning_curve or not state.history:
@@ -412,21 +459,77 @@ class Trainer:
     def _validation_images(self, folder: Path, step: int):
         if not self.val_items:
             return
+        with self.clock("baseline validation" if step == 0 else f"validation {step}", step=step):
+            self._render_validation(folder, step)
+
+    def _render_validation(self, folder: Path, step: int):
         from mflux2 import sampling
 
-        self.model.eval()
+        model = self._validation_model()
+        model.eval()
         for it in self.val_items:
             n = sampling.image_seq_len(it.height, it.width)
             neg = self._embeds("")[None] if self.val_cfg_scale else None
-            x = sampling.denoise(self.model, sampling.initial_noise(it.seed, 1, it.height, it.width),
+            x = sampling.denoise(model, sampling.initial_noise(it.seed, 1, it.height, it.width),
                                  self._embeds(it.prompt)[None], self.txt_ids, self._img_ids((it.width, it.height)),
                                  sampling.get_sigmas(self.cfg.validation.steps, n), guidance=self.val_guidance,
                                  neg_embeds=neg, neg_txt_ids=self.txt_ids, cfg_scale=self.val_cfg_scale)
             pil = self.pipe.decode(x, it.height, it.width)[0]
             path = folder / f"prompt_{it.index}_{it.width}x{it.height}.png"
             atomic_write(path, lambda tmp: pil.save(tmp, format="PNG"))
-        self.model.train()
+        model.train()
+        if model is not self.model and not self.keep_validation_model:
+            self._val_model = None  # loaded again at the next validation: it does not stay beside training
+            gc.collect()
+            mx.clear_cache()
         self._update_progression(folder, step)
+
+    # ---------------- the validation model ----------------
+    def _plan_validation_model(self):
+        """Validation images come from the model the LoRA will be used with: for klein trained on the
+        klein-base weights, the distilled klein (as the Swift trainer does; 4 steps, no CFG). That
+        transformer carries the same LoRA layers, which share the training model's LoRA arrays.
+        It stays loaded beside the training model when both fit twice over in the machine's memory,
+        else it is loaded for each validation and freed after it (the run's peak stays the step's)."""
+        from mflux2.pipeline import family_of
+        from mflux2.training import memory
+
+        self._val_model = None
+        self.val_pipe = None
+        self.keep_validation_model = False
+        want = validation_variant(self.cfg)
+        if not self.val_items or want is None or want == self.pipe.variant:
+            self.val_family, self.val_variant = self.pipe.family, self.pipe.variant
+            return
+        from mflux2.pipeline import Flux2Pipeline
+
+        q = self.transformer_quantization
+        self.val_pipe = Flux2Pipeline.from_pretrained(
+            self.cfg.model.validation_path if getattr(self.cfg.model, "validation_path", None) else want,
+            variant=want, dtype=self.pipe.dtype, quantize=None if q == "bf16" else q, low_memory=True)
+        self.val_family, self.val_variant = family_of(want), want
+        extra = self.val_pipe.loaded_bytes(self.val_pipe.source.transformer, self.val_pipe.quantize) / 1e9
+        budget = memory.available_gb()
+        self.keep_validation_model = bool(budget) and 2 * (self.planned_peak_gb + extra) <= budget
+        self.log(f"validation images: {want} ({extra:.1f} GB), "
+                 f"{'kept loaded beside the training model' if self.keep_validation_model else 'loaded for each validation and freed after'}")
+
+    def _validation_model(self):
+        if self.val_pipe is None:
+            return self.model
+        if self._val_model is None:
+            self.val_pipe.release("transformer")
+            model = self.val_pipe.transformer
+            lcfg = self.cfg.lora
+            lora_mod.apply_lora(model, rank=lcfg.rank, alpha=float(lcfg.alpha), targets=lcfg.target_layers, dropout=0.0)
+            lora_mod.freeze_for_lora(model)
+            self._val_model = model
+            if not self.keep_validation_model:
+                self.val_pipe._transformer = None  # only this trainer holds it, so freeing it frees the weights
+        # the LoRA as it is now (the EMA average when EMA is on: what gets saved)
+        params = self.ema if self.ema is not None else self.model.trainable_parameters()
+        self._val_model.update(params)
+        return self._val_model
 
     def _update_progression(self, folder: Path, step: int):
         """`progression/prompt_<i>_<W>x<H>.png`: baseline then every checkpoint, left to right."""
@@ -514,6 +617,15 @@ class Trainer:
 
     # ---------------- the run ----------------
     def run(self) -> Path:
+        clock = self.clock
+        if self.started_at is not None:
+            clock.add("start-up", time.perf_counter() - self.started_at)
+        with clock("setup"):
+            ckpt = self._setup()
+        return self._run(ckpt)
+
+    def _setup(self) -> Path | None:
+        """Everything before the caches: output folder, resume point, model files, dataset, plans."""
         cfg = self.cfg
         self._check_output()
         clean_partials(self.output)
@@ -524,9 +636,14 @@ class Trainer:
         self.dataset_fingerprint = hashlib.sha256(
             json.dumps(sorted((s.content_hash, s.caption, list(s.bucket)) for s in self.samples)).encode()).hexdigest()[:16]
         self.val_items = validation_items(cfg)
-        self.val_guidance = cfg.validation.guidance if self.pipe.guidance_embeds else None
+        self._plan_validation_model()
+        self.val_guidance = cfg.validation.guidance if self.val_family == "dev" else None
         # real CFG only for klein-base (distilled klein and dev run one pass per step)
-        self.val_cfg_scale = cfg.validation.guidance if self.pipe.family == "klein-base" and cfg.validation.guidance > 1.0 else None
+        self.val_cfg_scale = cfg.validation.guidance if self.val_family == "klein-base" and cfg.validation.guidance > 1.0 else None
+        return ckpt
+
+    def _run(self, ckpt: Path | None) -> Path:
+        cfg, clock = self.cfg, self.clock
         dop = cfg.loss.diff_output_preservation
         prompts = [s.caption for s in self.samples + self.val_samples]
         if dop:
@@ -544,11 +661,13 @@ class Trainer:
         self.txt_ids = _text_ids(self._embeds("").shape[0])
         self._ids_cache = {}
 
-        self.model = self._load_transformer()
-        self.optimizer = self._optimizer(total)
-        self.ema = None
-        if cfg.ema.enabled:
-            self.ema = _tree_copy(self.model.trainable_parameters())
+        with clock("transformer load"):
+            self.model = self._load_transformer()
+            self.optimizer = self._optimizer(total)
+            self.ema = None
+            if cfg.ema.enabled:
+                self.ema = _tree_copy(self.model.trainable_parameters())
+            mx.eval(self.model.parameters())
         step_fn = TrainStep(self.model, self.optimizer, StepConfig(
             timestep_sampling=cfg.loss.timestep_sampling, logit_normal_mean=cfg.loss.logit_normal_mean,
             logit_normal_std=cfg.loss.logit_normal_std, flux_shift=cfg.loss.flux_shift, weighting=cfg.loss.weighting,
@@ -563,9 +682,12 @@ class Trainer:
         state = RunState()
         metrics = self._metrics = MetricsLog(self.output / "metrics.jsonl", enabled=self.rank == 0)
         if ckpt is not None:
-            self._restore(ckpt, state)
+            with clock("resume"):
+                self._restore(ckpt, state)
             metrics.truncate_after(state.step)
-        elif self.val_items and not (self.output / "baseline").exists() and self.rank == 0:
+        run_id = time.strftime("%Y-%m-%dT%H:%M:%S")
+        clock.attach(lambda rec: metrics.append({**rec, "run": run_id}))
+        if ckpt is None and self.val_items and not (self.output / "baseline").exists() and self.rank == 0:
             base = self.output / "baseline.partial"
             base.mkdir(exist_ok=True)
             self._validation_images(base, 0)
@@ -589,7 +711,9 @@ class Trainer:
         smooth = None
         consecutive_bad = 0
         reason = "finished"
+        steps_phase = clock("training steps")
         try:
+            steps_phase.__enter__()
             while state.step < total:
                 if self._control(state) == "stop":
                     reason = "stopped"
@@ -642,7 +766,8 @@ class Trainer:
                                     "peak_memory_gb": round(mx.get_peak_memory() / 1e9, 3),
                                     "skipped_nonfinite": state.skipped_nonfinite})
                 if self.val_samples and state.step % eval_every == 0:
-                    vl = self._validation_loss(step_fn)
+                    with clock("validation loss"):
+                        vl = self._validation_loss(step_fn)
                     state.val_history.append([state.step, vl])
                     metrics.append({"step": state.step, "val_loss": vl})
                 if self.on_step is not None:
@@ -653,12 +778,17 @@ class Trainer:
                 if save_every and state.step % save_every == 0 and state.step < total:
                     self.save_checkpoint(state, with_images=bool(val_every) and state.step % val_every == 0)
         finally:
+            steps_phase.__exit__(None, None, None)
             bar.close()
             resident.close()
             signal.signal(signal.SIGINT, prev_handler)
         final_ckpt = self.save_checkpoint(state, with_images=bool(self.val_items))
         final = self.output / "lora_final.safetensors"
-        self._save_lora(final, state.step)
+        with clock("final LoRA"):
+            self._save_lora(final, state.step)
+        if self.rank == 0:
+            with clock("report + learning curve"):
+                self._write_report(state)  # with the final timing table
         self.log(f"{reason} at step {state.step}: {final} (checkpoint {final_ckpt.name}); "
                  f"{state.skipped_nonfinite} non-finite steps skipped")
         self.result = {"reason": reason, "step": state.step, "lora": final}
