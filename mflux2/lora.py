@@ -23,7 +23,8 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_unflatten
 
-from mflux2.models.transformer import linear, variant_of
+from mflux2.models.transformer import variant_of
+from mflux2.ops import linear
 from mflux2.weights import WeightsError
 
 FORMATS = ("bfl", "diffusers", "kohya")
@@ -93,7 +94,7 @@ class LoRALinear(nn.Module):
 
     def __call__(self, x):
         # The delta enters the base GEMM as its accumulator (and a quantized base is dequantised
-        # right before it at training token counts): mflux2.models.transformer.linear.
+        # right before it at training token counts): mflux2.ops.linear.
         return linear(self, x)
 
     def lora_forward(self, x):

@@ -40,7 +40,8 @@ from mlx.utils import tree_flatten, tree_map
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mflux2.lora import apply_lora  # noqa: E402
-from mflux2.models.transformer import QUANT_BITS, QUANT_GROUP_SIZE, Flux2Transformer, TransformerConfig, preset, quantize_outside_blocks, quantize_predicate  # noqa: E402
+from mflux2.models.quantization import QUANT_BITS, QUANT_GROUP_SIZE, quantize_outside_blocks, quantize_predicate  # noqa: E402
+from mflux2.models.transformer import Flux2Transformer, TransformerConfig, preset  # noqa: E402
 from mflux2.training.memory import limit_command_batches  # noqa: E402
 from mflux2.training.step import Batch, StepConfig, TrainStep  # noqa: E402
 

@@ -33,6 +33,7 @@ B="python3 scripts/benchmark.py --steps ${STEPS:-10} --warmup ${WARMUP:-3}"
 for s in $sets; do case $s in
 ours)  # memory limit "auto" (TrainStep's default) unless "none"
   run k4_plain        300 $B --model klein-4b
+  run ops_check       120 python3 scripts/ops_check.py  # every fast path (CUDA kernels included) vs its fallback
   run k4_plain_nolim  120 $B --model klein-4b --memory-limit none
   run k4_dop          120 $B --model klein-4b --mode dop
   run k4_dop_nolim    120 $B --model klein-4b --mode dop --memory-limit none

@@ -4,7 +4,7 @@ bf16 weights (the floor), the weight dequantised (mx.dequantize, and mflux2's de
 kernel on the GPU) to bf16 just before a bf16 GEMM (mflux2's
 `_dequantized_gemm`, tile by tile), and `mx.quantized_matmul` — for the forward (x @ W^T) and the
 backward's input gradient (dy @ W). One JSON line per (layer shape, bits). Evidence for the choice
-in mflux2/models/transformer.py (docs/performance.md).
+in mflux2/ops/gemm.py (docs/performance.md).
 
     python scripts/quant_gemm_bench.py --tokens 1536 --hidden 3072 --mlp 9216
 """
@@ -24,7 +24,8 @@ import mlx.core as mx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mflux2.models.transformer import _dequantize_cuda, cuda_available, dequantize_tile  # noqa: E402
+from mflux2.ops.gemm import _dequantize_cuda, dequantize_tile  # noqa: E402
+from mflux2.ops.switches import cuda_available  # noqa: E402
 
 
 def timed(fn, reps: int) -> float:

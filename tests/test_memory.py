@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-import mflux2.models.transformer as T
+import mflux2.models.quantization as Q
 import mflux2.training.memory as M
 from mflux2.models.transformer import PRESETS, TransformerConfig
 from mflux2.training.config import TrainConfig
@@ -93,7 +93,7 @@ def test_weights_and_lora_counts_match_the_model():
     blk = model.single_blocks[0]
     blk.update(tree_map(lambda a: a.astype(mx.bfloat16), blk.parameters()))
     linears = sum(v.size for k, v in tree_flatten(blk.parameters()) if k.startswith("linear"))
-    nn.quantize(blk, group_size=T.QUANT_GROUP_SIZE["int8"], bits=8)
+    nn.quantize(blk, group_size=Q.QUANT_GROUP_SIZE["int8"], bits=8)
     q = sum(v.nbytes for k, v in tree_flatten(blk.parameters()) if k.startswith("linear"))
     assert q == linears * M.BYTES_PER_PARAM["int8"]
 
@@ -190,17 +190,17 @@ def test_weights_bytes_counts_what_load_time_quantization_keeps(monkeypatch):
     import mlx.nn as nn
     from mlx.utils import tree_flatten, tree_map
 
-    import mflux2.models.transformer as T
+    from mflux2.models.transformer import Flux2Transformer
 
-    monkeypatch.setattr(T, "OUTSIDE_BLOCKS_MIN_WEIGHTS", 128 * 128)
+    monkeypatch.setattr(Q, "OUTSIDE_BLOCKS_MIN_WEIGHTS", 128 * 128)
     cfg = TransformerConfig(num_layers=1, num_single_layers=2, num_attention_heads=2, attention_head_dim=64,
                             joint_attention_dim=128, in_channels=16, axes_dims_rope=(16,) * 4)
-    model = T.Flux2Transformer(cfg)
+    model = Flux2Transformer(cfg)
     model.update(tree_map(lambda a: a.astype(mx.bfloat16), model.parameters()))
     for blk in model.double_blocks + model.single_blocks:
-        g = T.QUANT_GROUP_SIZE["int8"]
-        nn.quantize(blk, class_predicate=T.quantize_predicate(g, 8))
-    T.quantize_outside_blocks(model, 8, T.QUANT_GROUP_SIZE["int8"])
+        g = Q.QUANT_GROUP_SIZE["int8"]
+        nn.quantize(blk, class_predicate=Q.quantize_predicate(g, 8))
+    Q.quantize_outside_blocks(model, 8, Q.QUANT_GROUP_SIZE["int8"])
     assert isinstance(model.txt_in, nn.QuantizedLinear) and not isinstance(model.img_in, nn.QuantizedLinear)
     actual = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
     assert M.weights_bytes(cfg, "int8") == actual
@@ -250,14 +250,14 @@ def test_text_encoder_quantization_auto_picks_the_most_precise_that_fits(tmp_pat
 
 def test_checkpointed_cuda_runs_use_small_command_batches(monkeypatch):
     """MLX_MAX_OPS_PER_BUFFER=4 for checkpointed runs on CUDA only, and never over the user's value."""
-    import mflux2.models.transformer as T
+    import mflux2.ops.switches as switches
 
     monkeypatch.setenv("MLX_MAX_OPS_PER_BUFFER", "")  # recorded, so the value the code sets is undone after
     monkeypatch.delenv("MLX_MAX_OPS_PER_BUFFER")
     lines = []
-    monkeypatch.setattr(T, "cuda_available", lambda: False)
+    monkeypatch.setattr(switches, "cuda_available", lambda: False)
     assert not M.limit_command_batches(1, log=lines.append) and "MLX_MAX_OPS_PER_BUFFER" not in os.environ
-    monkeypatch.setattr(T, "cuda_available", lambda: True)
+    monkeypatch.setattr(switches, "cuda_available", lambda: True)
     assert not M.limit_command_batches(0, log=lines.append) and "MLX_MAX_OPS_PER_BUFFER" not in os.environ
     assert M.limit_command_batches(1, log=lines.append)
     assert os.environ["MLX_MAX_OPS_PER_BUFFER"] == "4" and len(lines) == 1 and "4 operations" in lines[0]

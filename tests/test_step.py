@@ -1,6 +1,6 @@
 """The training step's memory machinery: the block-by-block checkpointed backward gives the plain
-path's gradients, the GEMM helpers equal the layers they replace, the update's ordering and the
-memory-limit calibration."""
+path's gradients, the update's ordering and the memory-limit calibration. (The custom operations it
+runs through: tests/test_ops.py.)"""
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -9,9 +9,8 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten, tree_map
 
-import mflux2.models.transformer as T
 import mflux2.training.step as S
-from mflux2.lora import LoRALinear, apply_lora, dropout_key
+from mflux2.lora import apply_lora, dropout_key
 from mflux2.models.transformer import Flux2Transformer, TransformerConfig
 from mflux2.training.step import Batch, StepConfig, TrainStep
 
@@ -221,90 +220,6 @@ def test_checkpointed_memory_limit_is_tightest_with_synchronous_segments(monkeyp
         mx.set_memory_limit(before)
 
 
-# ---- the GEMM helpers ---------------------------------------------------------------------------
-
-
-def test_linear_helpers_equal_the_layer_with_restricted_and_stacked_loras():
-    mx.random.seed(0)
-    base = nn.Linear(48, 40, bias=False)
-    inner = LoRALinear(base, 3, out_range=(8, 30), in_range=(10, 40))  # overlaps both parts of each split
-    outer = LoRALinear(inner, 2, in_range=(0, 20))
-    for m in (inner, outer):
-        m.lora_B = mx.random.normal(m.lora_B.shape)
-    x = mx.random.normal((2, 5, 48))
-    ref = outer(x)
-    got = mx.concatenate(T.linear_split(outer, x, [5, 20, 15]), axis=-1)
-    assert np.allclose(np.array(got), np.array(ref), atol=1e-5)
-    got = T.linear_concat(outer, [x[..., :16], x[..., 16:]])
-    assert np.allclose(np.array(got), np.array(ref), atol=1e-5)
-    # reference without the helpers: base output plus each delta on its ranges
-    y = x @ base.weight.T
-    d = np.zeros(y.shape, np.float32)
-    for m in (inner, outer):
-        z = np.array((x[..., m.in_start : m.in_stop] @ m.lora_A.T) @ (m.lora_B * m.alpha / m.rank).T)
-        d[..., m.out_start : m.out_stop] += z
-    assert np.allclose(np.array(ref), np.array(y) + d, atol=1e-5)
-
-
-@pytest.mark.parametrize("bits", [8, 4])
-@pytest.mark.parametrize("group", [32, 128])  # 128: the input parts do not fall on groups (one column range)
-def test_dequantized_gemm_equals_quantized_matmul(monkeypatch, bits, group):
-    """Tiles (row chunks x input parts) dequantised just before their GEMMs give quantized_matmul's
-    values and the same input/LoRA gradients."""
-    mx.random.seed(1)
-    q = nn.QuantizedLinear(128, 96, bias=False, group_size=group, bits=bits)
-    lora = LoRALinear(q, 4, out_range=(0, 64), in_range=(0, 64))
-    lora.lora_B = mx.random.normal(lora.lora_B.shape)
-    xa, xb = mx.random.normal((1, 300, 64)), mx.random.normal((1, 300, 64))
-
-    def run(dequant_rows, tile):
-        monkeypatch.setattr(T, "DEQUANTIZE_MIN_ROWS", dequant_rows)
-        monkeypatch.setattr(T, "DEQUANTIZE_TILE", tile)
-
-        def loss(params, xa, xb):
-            lora.update(params)
-            parts = T.linear_split(lora, mx.concatenate([xa, xb], -1), [64, 32])
-            return sum((p * p).sum() for p in parts) + (T.linear_concat(lora, [xa, xb]) ** 3).mean()
-
-        return mx.value_and_grad(loss, argnums=(0, 1, 2))(lora.trainable_parameters(), xa, xb)
-
-    (l0, g0), (l1, g1) = run(10**9, 1 << 26), run(1, 128 * 20)  # quantized_matmul | 20-row tiles
-    assert float(l1) == pytest.approx(float(l0), rel=1e-5)
-    for a, b in zip(tree_flatten(g0), tree_flatten(g1)):
-        np.testing.assert_allclose(np.array(b[1]), np.array(a[1]), rtol=1e-4, atol=1e-4 * float(mx.abs(a[1]).max()))
-
-
-def test_custom_vjps_match_autodiff():
-    g, u = mx.random.normal((3, 8)) * 3, mx.random.normal((3, 8))
-    c = mx.random.normal((3, 8))
-    h = mx.concatenate([g, u], axis=-1)
-    _, (d0,) = mx.vjp(lambda h: nn.silu(h[..., :8]) * h[..., 8:], [h], [c])
-    _, (d1,) = mx.vjp(T.swiglu, [h], [c])
-    assert np.allclose(np.array(T.swiglu(h)), np.array(nn.silu(g) * u), atol=1e-6)
-    assert np.abs(np.array(d0)).max() > 0.5 and np.allclose(np.array(d1), np.array(d0), atol=1e-5)
-    y = mx.random.normal((2, 3, 9))
-    cs = [mx.random.normal((2, 3, n)) for n in (2, 3, 4)]
-    _, (d0,) = mx.vjp(lambda y: [y[..., :2], y[..., 2:5], y[..., 5:]], [y], cs)
-    _, (d1,) = mx.vjp(lambda y: T.split_views(y, (2, 3, 4)), [y], cs)
-    assert np.array_equal(np.array(d1), np.array(d0))
-    # along another axis (the double blocks' text | image split of the attention output)
-    cs = [mx.random.normal((2, n, 9)) for n in (1, 2)]
-    _, (d0,) = mx.vjp(lambda y: [y[:, :1], y[:, 1:]], [y], cs)
-    _, (d1,) = mx.vjp(lambda y: T.split_views(y, (1, 2), axis=1), [y], cs)
-    assert np.array_equal(np.array(d1), np.array(d0))
-    # RoPE: the one-kernel VJP equals autodiff of the rotation
-    rope = T.rope_table(mx.random.randint(0, 50, (2, 10, 4)).astype(mx.float32), (8, 8, 8, 8), 2000.0)
-    x, cot = mx.random.normal((2, 10, 3, 32)), mx.random.normal((2, 10, 3, 32))
-
-    def rotate(x):
-        xp = x.reshape(2, 10, 3, 16, 2)
-        return (xp * rope[0] + xp[..., ::-1] * rope[1]).reshape(x.shape)
-
-    _, (r0,) = mx.vjp(rotate, [x], [cot])
-    _, (r1,) = mx.vjp(lambda x: T.apply_rope(x, rope), [x], [cot])
-    assert np.abs(np.array(r0)).max() > 1 and np.allclose(np.array(r1), np.array(r0), atol=1e-6)
-
-
 def test_optimizer_updates_flat_parameters_like_per_parameter_updates():
     """TrainStep keeps the trainable parameters in one flat array per dtype (the model holds
     views): two AdamW steps with clipping equal mlx.optimizers applied per parameter."""
@@ -394,38 +309,6 @@ def test_one_graph_step_evaluated_in_pieces_gives_the_same_update(dop, monkeypat
     assert results[1][0] == results[0][0]
     for k in results[0][1]:
         assert np.array_equal(results[1][1][k], results[0][1][k]), k
-
-
-@pytest.mark.skipif(not T.cuda_available(), reason="the RoPE kernel is CUDA's (run on the GPU machine)")
-@pytest.mark.parametrize("dtype,batch_tables", [(mx.float32, 2), (mx.bfloat16, 1)])
-def test_cuda_rope_kernel_equals_the_elementwise_formula(dtype, batch_tables):
-    rope = T.rope_table(mx.random.randint(0, 50, (batch_tables, 40, 4)).astype(mx.float32), (8, 8, 8, 8), 2000.0)
-    x, cot = mx.random.normal((2, 40, 3, 32)).astype(dtype), mx.random.normal((2, 40, 3, 32)).astype(dtype)
-
-    def rotate(x):
-        xp = x.astype(mx.float32).reshape(2, 40, 3, 16, 2)
-        return (xp * rope[0] + xp[..., ::-1] * rope[1]).reshape(x.shape)
-
-    assert T._rope_on_cuda(x)
-    tol = 1e-6 if dtype == mx.float32 else 1e-2
-    y0, (d0,) = rotate(x), mx.vjp(rotate, [x.astype(mx.float32)], [cot.astype(mx.float32)])[1]
-    y1, (d1,) = T.apply_rope(x, rope), mx.vjp(lambda x: T.apply_rope(x, rope), [x], [cot])[1]
-    assert np.allclose(np.array(y1.astype(mx.float32)), np.array(y0), atol=tol, rtol=tol)
-    assert np.allclose(np.array(d1.astype(mx.float32)), np.array(d0), atol=tol, rtol=tol)
-
-
-@pytest.mark.skipif(not T.cuda_available(), reason="the dequantisation kernel is CUDA's (run on the GPU machine)")
-@pytest.mark.parametrize("bits,group", [(8, 128), (8, 64), (4, 64)])
-@pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float32])
-def test_cuda_dequantize_kernel_equals_mx_dequantize(bits, group, dtype):
-    w = mx.random.normal((384, 512)).astype(dtype)
-    wq, scales, biases = mx.quantize(w, group_size=group, bits=bits)
-    assert T._dequantize_on_cuda(wq, scales, biases, bits, "affine") == (bits == 8)  # what dequantize_tile runs
-    ref = mx.dequantize(wq, scales, biases, group_size=group, bits=bits)
-    for rows, cols in [((0, 384), (0, 512)), ((128, 320), (128, 384)), ((5, 6), (384, 512))]:
-        tile = T._dequantize_cuda(wq, scales, biases, rows, cols, group, bits)
-        assert tile.dtype == dtype and tile.shape == (rows[1] - rows[0], cols[1] - cols[0])
-        assert mx.array_equal(tile, ref[rows[0] : rows[1], cols[0] : cols[1]]).item(), (rows, cols)
 
 
 def test_accumulated_checkpointed_steps_update_like_plain_ones():

@@ -370,9 +370,9 @@ def test_validation_prompts_that_name_the_trigger_are_tagged_as_trigger_prompts(
 def test_checkpointed_runs_on_cuda_set_small_command_batches_before_anything_runs(tiny, tmp_path, monkeypatch):
     """MLX reads MLX_MAX_OPS_PER_BUFFER once, at its first command: the trainer decides
     checkpointing and sets it before the caches are filled (the first device work)."""
-    import mflux2.models.transformer as T
+    import mflux2.ops.switches as switches
 
-    monkeypatch.setattr(T, "cuda_available", lambda: True)  # the device stays the CPU: only the decision runs
+    monkeypatch.setattr(switches, "cuda_available", lambda: True)  # the device stays the CPU: only the decision runs
     monkeypatch.setenv("MLX_MAX_OPS_PER_BUFFER", "")  # recorded, so the value the code sets is undone after
     monkeypatch.delenv("MLX_MAX_OPS_PER_BUFFER")
     seen = []

@@ -279,7 +279,7 @@ def test_quantized_load(saved, bits):
 def test_quantized_load_also_quantizes_the_large_layers_outside_the_blocks(saved, monkeypatch):
     import mlx.nn as nn
 
-    import mflux2.models.transformer as tmod
+    import mflux2.models.quantization as qmod
 
     ref, root, guidance = saved
     path = root / "wide-top"
@@ -287,7 +287,7 @@ def test_quantized_load_also_quantizes_the_large_layers_outside_the_blocks(saved
     ref64.save_pretrained(path / "transformer")
     plain = load_transformer(path, dtype=mx.float32, quantize="int8", group_size=32)
     assert isinstance(plain.txt_in, nn.Linear) and not isinstance(plain.txt_in, nn.QuantizedLinear)  # tiny: below the size floor
-    monkeypatch.setattr(tmod, "OUTSIDE_BLOCKS_MIN_WEIGHTS", 0)
+    monkeypatch.setattr(qmod, "OUTSIDE_BLOCKS_MIN_WEIGHTS", 0)
     model = load_transformer(path, dtype=mx.float32, quantize="int8", group_size=32)
     for layer in (model.txt_in, model.double_stream_modulation_img.lin, model.single_stream_modulation.lin,
                   model.final_layer.adaLN_modulation[1], model.time_in.out_layer):
@@ -329,7 +329,7 @@ def test_gradient_checkpointing_keeps_exact_gradients(saved, every):
 def test_int8_layers_use_groups_of_128_where_the_width_allows_else_64():
     import mlx.nn as nn
 
-    from mflux2.models.transformer import QUANT_GROUP_SIZE, layer_group_size, quantize_predicate
+    from mflux2.models.quantization import QUANT_GROUP_SIZE, layer_group_size, quantize_predicate
 
     assert QUANT_GROUP_SIZE == {"int8": 128, "int4": 64}
     assert [layer_group_size(n, 128) for n in (3072, 9216, 192, 96)] == [128, 128, 64, None]

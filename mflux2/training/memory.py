@@ -17,8 +17,8 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from mflux2.models.transformer import (PRESETS, QUANT_BITS, QUANT_GROUP_SIZE, TransformerConfig, config_from_weights,
-                                      preset, sanitize)
+from mflux2.models.quantization import QUANT_BITS, QUANT_GROUP_SIZE
+from mflux2.models.transformer import PRESETS, TransformerConfig, config_from_weights, preset, sanitize
 
 TEXT_TOKENS = 512  # both text encoders pad prompts to 512 tokens
 def bytes_per_weight(bits: int, group_size: int) -> float:
@@ -78,20 +78,21 @@ def weights_bytes(cfg: TransformerConfig, base_quant: str) -> float:
         raise ValueError(f"base_quant={base_quant!r}: choose bf16, int8 or int4")
     from mlx.utils import tree_flatten
 
-    import mflux2.models.transformer as T
+    import mflux2.models.quantization as Q
+    from mflux2.models.transformer import Flux2Transformer
 
-    model = T.Flux2Transformer(cfg)
+    model = Flux2Transformer(cfg)
     total = 2.0 * sum(v.size for _, v in tree_flatten(model.parameters()))
     if base_quant == "bf16":
         return total
-    bits = T.QUANT_BITS[base_quant]
-    quantized = T.quantize_predicate(T.QUANT_GROUP_SIZE[base_quant], bits)  # the loader's rule, layer by layer
+    bits = Q.QUANT_BITS[base_quant]
+    quantized = Q.quantize_predicate(Q.QUANT_GROUP_SIZE[base_quant], bits)  # the loader's rule, layer by layer
     for path, m in model.named_modules():
         spec = quantized(path, m)
         if not spec:
             continue
         in_blocks = path.startswith(("double_blocks", "single_blocks"))
-        if in_blocks or m.weight.size >= T.OUTSIDE_BLOCKS_MIN_WEIGHTS:
+        if in_blocks or m.weight.size >= Q.OUTSIDE_BLOCKS_MIN_WEIGHTS:
             total -= (2.0 - bytes_per_weight(bits, spec["group_size"])) * m.weight.size
     return total
 
@@ -266,7 +267,7 @@ CHECKPOINTED_OPS_PER_BUFFER = 4
 def small_command_batches() -> bool:
     """Whether a checkpointed run here gets small command batches: the user's MLX_MAX_OPS_PER_BUFFER
     if set, else what `limit_command_batches` does (CUDA)."""
-    from mflux2.models.transformer import cuda_available
+    from mflux2.ops.switches import cuda_available
 
     v = os.environ.get("MLX_MAX_OPS_PER_BUFFER")
     if v is None:
@@ -282,7 +283,7 @@ def limit_command_batches(checkpointing: int, log=print) -> bool:
     synchronous segments); docs/performance.md. MLX reads the variable once, at its first command,
     so this runs before anything does; a value already in the environment is kept. Not on Metal
     (not measured there) nor the CPU. Returns whether it set the variable."""
-    from mflux2.models.transformer import cuda_available
+    from mflux2.ops.switches import cuda_available
 
     if not checkpointing or not cuda_available() or "MLX_MAX_OPS_PER_BUFFER" in os.environ:
         return False

@@ -22,6 +22,7 @@ from mlx.utils import tree_flatten, tree_map, tree_map_with_path, tree_unflatten
 
 from mflux2.lora import dropout_key, lora_disabled
 from mflux2.models import transformer
+from mflux2.ops import flat_views
 from mflux2.training.timesteps import loss_weight, sample_timesteps
 
 
@@ -371,23 +372,15 @@ class FlatParameters:
 
     def split(self, flat: dict) -> list:
         """Differentiable views for the forward pass (LoRA groups cast): the VJP concatenates the
-        views' cotangents once per group instead of zero-padding each to the full size."""
-        names = list(self.groups)
+        views' cotangents once per group instead of zero-padding each to the full size
+        (mflux2.ops.flat_views), and hands the block ends' cotangents to `collect` on the way."""
         if self._split is None:
-            @mx.custom_function
-            def split(*arrays):
-                return tuple(self.views(dict(zip(names, arrays)), cast=True))
+            self._split = flat_views(self.groups, self.casts, tap=self._collect)
+        return self._split(*[flat[n] for n in self.groups])
 
-            @split.vjp
-            def split_vjp(primals, cotangents, outputs):
-                cots = [mx.zeros_like(o) if c is None else c for c, o in zip(cotangents, outputs)]
-                if self.collect is not None:
-                    self.collect.extend(cots[i] for i in self.block_ends)
-                flat_cots = self.concat(cots)
-                return tuple(flat_cots[n] for n in names)
-
-            self._split = split
-        return list(self._split(*[flat[n] for n in names]))
+    def _collect(self, cotangents: list):
+        if self.collect is not None:
+            self.collect.extend(cotangents[i] for i in self.block_ends)
 
 
 def _owner(model, path: str):

@@ -1,0 +1,25 @@
+"""Every custom operation of mflux2 in one place, each beside its plain-MLX fallback.
+
+| op | module | fast path | fallback |
+| --- | --- | --- | --- |
+| rope | rope.py | one-pass custom VJP; on CUDA a kernel (rope_cuda) | autodiff of the rotation |
+| swiglu | glu.py | custom VJP recomputing the sigmoid | autodiff of silu(gate)·up |
+| split_views | split.py | views whose VJP concatenates | plain slices |
+| flat_views | split.py | views of flat parameters, VJP concatenating per group | plain slices |
+| linear | gemm.py | GEMMs per output part, LoRA as accumulator, quantized weights dequantised by tile; on CUDA an int8 dequantisation kernel (dequantize_cuda) | layer(x) |
+
+One switch per op (`switches.SWITCHES`: an environment variable each, `using(op=False)` in code,
+`fast=` per call). tests/test_ops.py checks that each fast path and its fallback agree on the CPU
+(values and gradients); scripts/ops_check.py does it on whatever device runs it, CUDA kernels
+included. A new kernel goes into its op's module, behind a switch of its own.
+"""
+
+from mflux2.ops.gemm import linear, linear_concat, linear_reference, linear_split
+from mflux2.ops.rope import apply_rope, rope_reference, rope_table
+from mflux2.ops.split import flat_views, split_views
+from mflux2.ops.glu import swiglu, swiglu_reference
+from mflux2.ops.switches import SWITCHES, cuda_available, is_fast, using
+
+__all__ = ["SWITCHES", "apply_rope", "cuda_available", "flat_views", "is_fast", "linear", "linear_concat",
+           "linear_reference", "linear_split", "rope_reference", "rope_table", "split_views", "swiglu",
+           "swiglu_reference", "using"]

@@ -1,0 +1,136 @@
+"""Each fast path against its plain-MLX fallback: values and gradients on random float32 inputs.
+
+One definition, run on the CPU by tests/test_ops.py and on any device by scripts/ops_check.py
+(the CUDA kernels where mx.cuda is available). `check(op)` -> {"max_rel_err", "ok"} (or "skipped"):
+the largest max|fast − fallback| / max|fallback| over the outputs and the input gradients.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from mflux2.ops import gemm as L
+from mflux2.ops.rope import apply_rope, rope_table
+from mflux2.ops.split import flat_views, split_views
+from mflux2.ops.glu import swiglu
+from mflux2.ops.switches import cuda_available, using
+
+TOLERANCE = 1e-4
+
+
+def _rel_err(got, ref) -> float:
+    worst = 0.0
+    for a, b in zip(got, ref):
+        a, b = a.astype(mx.float32), b.astype(mx.float32)
+        scale = mx.abs(b).max().item()
+        diff = mx.abs(a - b).max().item()
+        worst = max(worst, diff / scale if scale > 0 else diff)
+    return worst
+
+
+def _agree(fn, primals, fast: dict, slow: dict) -> float:
+    """max rel err between fn's outputs and input gradients (VJP of random cotangents) under the
+    two settings of the switches."""
+    outs = fn(*primals)
+    outs = list(outs) if isinstance(outs, (list, tuple)) else [outs]
+    cots = [mx.random.normal(o.shape).astype(o.dtype) for o in outs]
+    results = []
+    for switches in (fast, slow):
+        with using(**switches):
+            y, g = mx.vjp(lambda *a: fn(*a), primals, cots)
+            mx.eval(y, g)
+            results.append(list(y) + list(g))
+    return _rel_err(*results)
+
+
+def _rope(kernel: bool) -> float:
+    errs = []
+    for batch_tables in (2, 1):  # the tables per sample, or one shared by the batch
+        ids = mx.random.randint(0, 50, (batch_tables, 40, 4)).astype(mx.float32)
+        rope = rope_table(ids, (8, 8, 8, 8), 2000.0)
+        x = mx.random.normal((2, 40, 3, 32))
+        errs.append(_agree(lambda x: apply_rope(x, rope), [x], {"rope": True, "rope_cuda": kernel}, {"rope": False}))
+    return max(errs)
+
+
+def _swiglu() -> float:
+    h = mx.concatenate([mx.random.normal((3, 5, 16)) * 3, mx.random.normal((3, 5, 16))], axis=-1)
+    return _agree(swiglu, [h], {"swiglu": True}, {"swiglu": False})
+
+
+def _split_views() -> float:
+    y, z = mx.random.normal((2, 3, 9)), mx.random.normal((2, 5, 9))
+    return _agree(lambda y, z: split_views(y, (2, 3, 4)) + split_views(z, (1, 4), axis=1), [y, z],
+                  {"split_views": True}, {"split_views": False})
+
+
+def _flat_views() -> float:
+    groups = {"float32": [(0, 0, 6, (2, 3)), (2, 6, 4, (4,))], "float32_lora": [(1, 0, 12, (3, 4))]}
+    fn = flat_views(groups, {"float32_lora": mx.bfloat16})
+    flats = [mx.random.normal((10,)), mx.random.normal((12,))]
+    return _agree(fn, flats, {"flat_views": True}, {"flat_views": False})
+
+
+def _lora_stack(base):
+    from mflux2.lora import LoRALinear  # (mflux2.lora imports mflux2.ops)
+
+    inner = LoRALinear(base, 3, out_range=(8, 30), in_range=(10, 40))  # overlaps both parts of each split
+    outer = LoRALinear(inner, 2, in_range=(0, 20))
+    for m in (inner, outer):
+        m.lora_B = mx.random.normal(m.lora_B.shape)
+    return outer, inner
+
+
+def _linear(quantized: bool, kernel: bool = False) -> float:
+    """linear, linear_split and linear_concat through two stacked, restricted LoRAs; the base a
+    Linear, or an int8/int4 QuantizedLinear at enough tokens to be dequantised by tiles."""
+    errs = []
+    for bits in ((8, 4) if quantized and not kernel else (8,) if quantized else (None,)):
+        base = nn.QuantizedLinear(64, 40, bias=False, group_size=32, bits=bits) if bits else nn.Linear(48, 40, bias=False)
+        n_in = 64 if bits else 48
+        outer, inner = _lora_stack(base)
+        x = mx.random.normal((1, max(L.DEQUANTIZE_MIN_ROWS, 8) + 44 if bits else 5, n_in))
+
+        def fn(x, a_in, b_in, a_out, b_out):
+            inner.lora_A, inner.lora_B, outer.lora_A, outer.lora_B = a_in, b_in, a_out, b_out
+            return [L.linear(outer, x), *L.linear_split(outer, x, [5, 20, 15]),
+                    L.linear_concat(outer, [x[..., :16], x[..., 16:]])]
+
+        primals = [x, inner.lora_A, inner.lora_B, outer.lora_A, outer.lora_B]
+        errs.append(_agree(fn, primals, {"linear": True, "dequantize_cuda": kernel}, {"linear": False}))
+    return max(errs)
+
+
+def _dequantize_tile() -> float:
+    """The kernel's tiles against mx.dequantize's (bf16, exact but for the float32 rounding)."""
+    w = mx.random.normal((384, 512)).astype(mx.bfloat16)
+    wq, scales, biases = mx.quantize(w, group_size=128, bits=8)
+    ref = mx.dequantize(wq, scales, biases, group_size=128, bits=8)
+    errs = []
+    for rows, cols in [((0, 384), (0, 512)), ((128, 320), (128, 384)), ((5, 6), (384, 512))]:
+        with using(dequantize_cuda=True):
+            tile = L.dequantize_tile(wq, scales, biases, rows, cols, 128, 8)
+        errs.append(_rel_err([tile], [ref[rows[0] : rows[1], cols[0] : cols[1]]]))
+    return max(errs)
+
+
+CHECKS = {  # name -> (check, whether it needs CUDA)
+    "rope": (lambda: _rope(kernel=False), False),
+    "rope_cuda": (lambda: _rope(kernel=True), True),
+    "swiglu": (_swiglu, False),
+    "split_views": (_split_views, False),
+    "flat_views": (_flat_views, False),
+    "linear": (lambda: _linear(quantized=False), False),
+    "linear_quantized": (lambda: _linear(quantized=True), False),
+    "dequantize_cuda": (lambda: max(_linear(quantized=True, kernel=True), _dequantize_tile()), True),
+}
+
+
+def check(name: str, seed: int = 0) -> dict:
+    fn, needs_cuda = CHECKS[name]
+    if needs_cuda and not (cuda_available() and mx.default_device() == mx.gpu):
+        return {"max_rel_err": None, "ok": True, "skipped": "a CUDA kernel: no CUDA device here"}
+    mx.random.seed(seed)
+    err = fn()
+    return {"max_rel_err": err, "ok": err <= TOLERANCE}

@@ -1,0 +1,300 @@
+"""Linear layers as GEMMs: `linear`, `linear_split` and `linear_concat` for a Linear,
+QuantizedLinear or LoRALinear (stacked ones too), which the blocks call instead of `layer(x)`.
+
+- fallback (`linear_reference`): the layer's own matmul (quantized_matmul for a quantized base),
+  each LoRA's delta added on its output rows, the parts sliced afterwards;
+- fast path (switch "linear"): a fused projection's output parts come from separate GEMMs on row
+  slices of its weight (no slicing copies of a wide output; row slices of a weight are contiguous),
+  a LoRA delta enters as the accumulator of the base GEMM (`mx.addmm`) and reads only the input
+  columns it covers (so a concatenated input is not kept for the backward pass), and a quantized
+  base is dequantised to bf16 right before its GEMM at training/generation token counts
+  (`quantized_matmul` is slower there); the dequantised weight is never kept for the backward
+  pass, which dequantises again (a custom function, `_make_dequantized_gemm`);
+- on CUDA (switch "dequantize_cuda", inside the fast path): int8 tiles are dequantised by one
+  custom kernel (`dequantize_tile`; mx.dequantize otherwise).
+"""
+
+from __future__ import annotations
+
+import os
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from mflux2.ops.switches import is_fast, on_cuda
+
+DEQUANTIZE_MIN_ROWS = 256  # below this many tokens, quantized_matmul (small batch generation)
+
+
+def _is_lora(layer) -> bool:
+    return hasattr(layer, "lora_forward")  # a LoRALinear (duck-typed: mflux2.lora imports this module)
+
+
+def _overlap(a0, a1, b0, b1):
+    return max(a0, b0), min(a1, b1)
+
+
+def _project(layer, xs: list, rows: list, accs: list) -> list:
+    """[acc_j + (concat(xs) @ W^T)[..., rows_j]] for the output row ranges `rows`; acc_j may be None."""
+    if _is_lora(layer):
+        if not layer.enabled or layer.scale == 0.0:
+            return _project(layer.base, xs, rows, accs)
+        bounds = [0]
+        for x in xs:
+            bounds.append(bounds[-1] + x.shape[-1])
+        i0, i1 = layer.in_start, layer.in_stop
+        parts = []
+        for (c0, c1), x in zip(zip(bounds, bounds[1:]), xs):  # the input columns the LoRA reads
+            o0, o1 = _overlap(c0, c1, i0, i1)
+            if o0 < o1:
+                parts.append(x if (o0, o1) == (c0, c1) else x[..., o0 - c0 : o1 - c0])
+        z = layer.lora_forward(parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=-1))
+        s0, s1 = layer.out_start, layer.out_stop
+        new = []
+        for (r0, r1), acc in zip(rows, accs):
+            o0, o1 = _overlap(r0, r1, s0, s1)
+            if o0 < o1:
+                part = z if (o0, o1) == (s0, s1) else z[..., o0 - s0 : o1 - s0]
+                if (o0, o1) != (r0, r1):
+                    part = mx.pad(part, [(0, 0)] * (part.ndim - 1) + [(o0 - r0, r1 - o1)])
+                acc = part if acc is None else acc + part
+            new.append(acc)
+        return _project(layer.base, xs, rows, new)
+
+    if isinstance(layer, nn.QuantizedLinear) and xs[0].size // xs[0].shape[-1] >= DEQUANTIZE_MIN_ROWS:
+        return _dequantized_gemm(layer, xs, rows, accs)
+    # A bf16 base: one GEMM per row range on the concatenated input. (A sum of GEMMs over column
+    # slices of W would avoid the concatenation, but MLX's CUDA GEMM copies a column slice.)
+    x = xs[0] if len(xs) == 1 else mx.concatenate(xs, axis=-1)
+    if isinstance(layer, nn.QuantizedLinear):
+        y = layer(x)
+        outs = [y if (r0, r1) == (0, y.shape[-1]) else y[..., r0:r1] for r0, r1 in rows]
+        return [o if a is None else a + o for o, a in zip(outs, accs)]
+    if isinstance(layer, nn.Linear):
+        return _gemms(layer.weight, x, rows, accs, layer.get("bias"))
+    raise TypeError(f"cannot project through a {type(layer).__name__}")
+
+
+def _gemms(w, x, rows, accs, bias=None):
+    outs = []
+    for (r0, r1), acc in zip(rows, accs):
+        wr = (w if (r0, r1) == (0, w.shape[0]) else w[r0:r1]).T
+        y = x @ wr if acc is None else mx.addmm(acc, x, wr)
+        outs.append(y if bias is None else y + bias[r0:r1])
+    return outs
+
+
+_DEQUANT_FNS = {}
+# Weights dequantised at most 64M at a time (128 MB of bf16); MFLUX2_DEQUANTIZE_TILE for experiments
+# (16M took klein-4b int8's serialised checkpointed peak from 5.69 to 5.64 GB: docs/performance.md).
+DEQUANTIZE_TILE = int(os.environ.get("MFLUX2_DEQUANTIZE_TILE", 1 << 26))
+
+
+def _tiles(rows, cols, n_in, bits, group_size):
+    """Output row chunks of each row range, and input column blocks: (row ranges per output, column
+    ranges). Columns follow the input parts when they fall on quantization group boundaries."""
+    step = 32 // bits
+    if not all(c % group_size == 0 and c % step == 0 for c in cols[1:-1]):
+        cols = [0, n_in]
+    max_rows = max(1, DEQUANTIZE_TILE // n_in)
+    chunks = []
+    for r0, r1 in rows:
+        n = -(-(r1 - r0) // max_rows)
+        edges = [r0 + (r1 - r0) * i // n for i in range(n + 1)]
+        chunks.append(list(zip(edges, edges[1:])))
+    return chunks, list(zip(cols, cols[1:]))
+
+
+def _dequantized_gemm(layer, xs, rows, accs):
+    n_in = layer.weight.shape[1] * 32 // layer.bits
+    cols = [0]
+    for x in xs:
+        cols.append(cols[-1] + x.shape[-1])
+    chunks, col_ranges = _tiles(rows, cols, n_in, layer.bits, layer.group_size)
+    if len(col_ranges) != len(xs):
+        xs = [mx.concatenate(xs, axis=-1)]
+    has_acc = tuple(a is not None for a in accs)
+    has_qb = layer.get("biases") is not None
+    has_bias = layer.get("bias") is not None
+    key = (tuple(map(tuple, chunks)), tuple(col_ranges), has_acc, has_qb, has_bias, layer.group_size, layer.bits,
+           getattr(layer, "mode", "affine"))
+    if key not in _DEQUANT_FNS:
+        _DEQUANT_FNS[key] = _make_dequantized_gemm(*key)
+    args = list(xs) + [a for a in accs if a is not None] + [layer.weight, layer.scales]
+    args += [layer.get("biases")] if has_qb else []
+    args += [layer.get("bias")] if has_bias else []
+    return list(_DEQUANT_FNS[key](*args))
+
+
+def dequantize_tile(wq, scales, qb, rows: tuple[int, int], cols: tuple[int, int], group_size: int, bits: int,
+                    mode: str = "affine") -> mx.array:
+    """W[r0:r1, c0:c1] of a quantized weight (wq packed uint32, scales and biases per group of the
+    input dimension), in the scales' dtype."""
+    (r0, r1), (c0, c1) = rows, cols
+    if _dequantize_on_cuda(wq, scales, qb, bits, mode):
+        return _dequantize_cuda(wq, scales, qb, rows, cols, group_size, bits)
+    step = 32 // bits
+    return mx.dequantize(wq[r0:r1, c0 // step : c1 // step], scales[r0:r1, c0 // group_size : c1 // group_size],
+                         None if qb is None else qb[r0:r1, c0 // group_size : c1 // group_size], group_size, bits, mode=mode)
+
+
+# On CUDA, a tile is dequantised by one custom kernel that reads the packed weight, scales and
+# biases where the tile lies in them (mx.dequantize needs its inputs sliced first: copies for
+# column tiles, three more graph nodes a tile). On an H200 it dequantised klein-4b's linear1 (85M
+# int8 weights) in 0.137 ms against mx.dequantize's 0.315, and took the int8 + checkpointing step
+# from 0.114 to 0.097 s (docs/performance.md). One thread per packed uint32 (4 int8 or 8 int4
+# values, the lowest bits first: MLX's affine packing), w = scale·q + bias in float32.
+_DEQUANT_KERNEL = []
+_DEQUANT_SOURCE = """
+    size_t p = cooperative_groups::this_grid().thread_rank();
+    if (p >= NW) return;
+    size_t row = p / TW, wc = p % TW;
+    uint32_t word = wq[(R0 + row) * FW + C0W + wc];
+    size_t col = (C0W + wc) * VPW;
+    size_t g = (R0 + row) * FG + col / GS;
+    float scale = static_cast<float>(scales[g]);
+    float bias = static_cast<float>(biases[g]);
+    size_t o = row * (TW * VPW) + wc * VPW;
+    alignas(16) T vals[VPW];
+    #pragma unroll
+    for (int k = 0; k < VPW; k++) {
+        float q = static_cast<float>((word >> (BITS * k)) & ((1u << BITS) - 1u));
+        vals[k] = static_cast<T>(scale * q + bias);
+    }
+    if (VEC && sizeof(T) * VPW == 8) {
+        *reinterpret_cast<uint2*>(out + o) = *reinterpret_cast<const uint2*>(vals);
+    } else if (VEC && sizeof(T) * VPW == 16) {
+        *reinterpret_cast<uint4*>(out + o) = *reinterpret_cast<const uint4*>(vals);
+    } else {
+        #pragma unroll
+        for (int k = 0; k < VPW; k++) out[o + k] = vals[k];
+    }
+"""
+
+
+def _dequantize_on_cuda(wq, scales, qb, bits, mode) -> bool:
+    """The CUDA kernel for affine int8 (unless MFLUX2_CUDA_DEQUANTIZE=0). It handles int4 too, but
+    with scalar stores it took 0.325 ms for linear1 against mx.dequantize's 0.180 (H200): int4
+    stays with mx.dequantize until its vectorised stores are measured (scripts/quant_gemm_bench.py)."""
+    return (on_cuda("dequantize_cuda") and mode == "affine" and qb is not None and bits == 8 and scales.dtype in (mx.bfloat16, mx.float16, mx.float32))
+
+
+def _dequantize_cuda(wq, scales, qb, rows, cols, group_size, bits):
+    if not _DEQUANT_KERNEL:
+        _DEQUANT_KERNEL.append(mx.fast.cuda_kernel(name="mflux2_dequantize", input_names=["wq", "scales", "biases"],
+                                                   output_names=["out"], source=_DEQUANT_SOURCE))
+    (r0, r1), (c0, c1) = rows, cols
+    vpw = 32 // bits
+    if c0 % group_size or c1 % group_size or c0 % vpw or c1 % vpw:
+        raise ValueError(f"dequantize tile columns {cols} do not fall on groups of {group_size}")
+    n_words = (r1 - r0) * (c1 - c0) // vpw
+    return _DEQUANT_KERNEL[0](
+        inputs=[wq, scales, qb], output_shapes=[(r1 - r0, c1 - c0)], output_dtypes=[scales.dtype],
+        template=[("T", scales.dtype), ("NW", n_words), ("TW", (c1 - c0) // vpw), ("FW", wq.shape[1]), ("R0", r0),
+                  ("C0W", c0 // vpw), ("FG", scales.shape[1]), ("GS", group_size), ("VPW", vpw), ("BITS", bits),
+                  ("VEC", int(os.environ.get("MFLUX2_DEQUANTIZE_VEC", "1") != "0"))],  # 0: scalar stores (the bench's comparison)
+        grid=(n_words, 1, 1), threadgroup=(256, 1, 1),
+    )[0]
+
+
+def _make_dequantized_gemm(chunks, col_ranges, has_acc, has_qb, has_bias, group_size, bits, mode):
+    """A custom function: outputs [acc_j + x @ W[rows_j]^T], W dequantised tile by tile (row chunks
+    × input parts) just before each GEMM, again in the VJP (which needs no x: the base is frozen)."""
+    n_x, n_acc = len(col_ranges), sum(has_acc)
+
+    def unpack(args):
+        xs, it = list(args[:n_x]), iter(args[n_x : n_x + n_acc])
+        accs = [next(it) if h else None for h in has_acc]
+        rest = list(args[n_x + n_acc :])
+        return xs, accs, rest[0], rest[1], (rest[2] if has_qb else None), (rest[-1] if has_bias else None)
+
+    def tile(wq, scales, qb, r, c):
+        return dequantize_tile(wq, scales, qb, r, c, group_size, bits, mode)
+
+    @mx.custom_function
+    def fn(*args):
+        xs, accs, wq, scales, qb, bias = unpack(args)
+        outs = []
+        for row_chunks, acc in zip(chunks, accs):
+            parts = []
+            for j, r in enumerate(row_chunks):
+                y = None if acc is None else (acc if len(row_chunks) == 1 else acc[..., r[0] - row_chunks[0][0] : r[1] - row_chunks[0][0]])
+                for x, c in zip(xs, col_ranges):
+                    wt = tile(wq, scales, qb, r, c).T
+                    y = x @ wt if y is None else mx.addmm(y, x, wt)
+                if bias is not None:
+                    y = y + bias[r[0] : r[1]]
+                parts.append(y)
+            outs.append(parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=-1))
+        return tuple(outs)
+
+    @fn.vjp
+    def fn_vjp(primals, cotangents, outputs):
+        xs, accs, wq, scales, qb, bias = unpack(primals)
+        cots = list(cotangents) if isinstance(cotangents, (list, tuple)) else [cotangents]
+        # Dequantise again once the cotangent exists: each bf16 tile lives for one GEMM only.
+        deps = mx.depends([wq, scales] + ([qb] if has_qb else []), cots[:1])
+        wq, scales, qb = deps[0], deps[1], (deps[2] if has_qb else None)
+        dxs = [None] * n_x
+        for row_chunks, cot in zip(chunks, cots):
+            base = row_chunks[0][0]
+            for r in row_chunks:
+                cr = cot if len(row_chunks) == 1 else cot[..., r[0] - base : r[1] - base]
+                for i, c in enumerate(col_ranges):
+                    wt = tile(wq, scales, qb, r, c)
+                    dxs[i] = cr @ wt if dxs[i] is None else mx.addmm(dxs[i], cr, wt)
+        grads = [d.astype(x.dtype) for d, x in zip(dxs, xs)] + [c for c, h in zip(cots, has_acc) if h]
+        grads += [mx.zeros_like(primals[n_x + n_acc]), mx.zeros_like(primals[n_x + n_acc + 1])]
+        grads += [mx.zeros_like(primals[n_x + n_acc + 2])] if has_qb else []
+        if has_bias:  # (the base is frozen; for completeness)
+            gb = mx.zeros_like(bias)
+            for row_chunks, cot in zip(chunks, cots):
+                r0, r1 = row_chunks[0][0], row_chunks[-1][1]
+                gb = gb + mx.pad(cot.reshape(-1, cot.shape[-1]).sum(axis=0).astype(bias.dtype), [(r0, bias.shape[0] - r1)])
+            grads.append(gb)
+        return tuple(grads)
+
+    return fn
+
+
+def linear(layer, x: mx.array, fast: bool | None = None) -> mx.array:
+    """layer(x) for a Linear, QuantizedLinear or LoRALinear (stacked ones too)."""
+    if not is_fast("linear", fast):
+        return linear_reference(layer, x)
+    return _project(layer, [x], [(0, _out_dims(layer))], [None])[0]
+
+
+def linear_split(layer, x: mx.array, sizes: list[int], fast: bool | None = None) -> list[mx.array]:
+    """layer(x) split along the output into parts of `sizes`, each from its own GEMM."""
+    rows, r0 = [], 0
+    for n in sizes:
+        rows.append((r0, r0 + n))
+        r0 += n
+    if not is_fast("linear", fast):
+        y = linear_reference(layer, x)
+        return [y[..., a:b] for a, b in rows]
+    return _project(layer, [x], rows, [None] * len(rows))
+
+
+def linear_concat(layer, xs: list[mx.array], fast: bool | None = None) -> mx.array:
+    """layer(concatenate(xs, axis=-1)), the concatenation only a temporary of the base GEMM: a
+    LoRA reads its columns from the parts, so the backward pass keeps no concatenated copy."""
+    if not is_fast("linear", fast):
+        return linear_reference(layer, mx.concatenate(list(xs), axis=-1))
+    return _project(layer, list(xs), [(0, _out_dims(layer))], [None])[0]
+
+
+def linear_reference(layer, x: mx.array) -> mx.array:
+    """The fallback: the base layer's own matmul plus each LoRA's delta on its output rows."""
+    if not _is_lora(layer):
+        return layer(x)
+    y = linear_reference(layer.base, x)
+    if not layer.enabled or layer.scale == 0.0:
+        return y
+    z = layer.lora_forward(x[..., layer.in_start : layer.in_stop])
+    pad = [(0, 0)] * (z.ndim - 1) + [(layer.out_start, y.shape[-1] - layer.out_stop)]
+    return y + mx.pad(z, pad)
+
+
+def _out_dims(layer) -> int:
+    return layer.output_dims if _is_lora(layer) else layer.weight.shape[0]

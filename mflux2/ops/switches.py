@@ -1,0 +1,58 @@
+"""One switch per operation: its fast path or its plain-MLX fallback.
+
+An op asks `is_fast(name)` each time it is called (so once per trace under mx.compile): True unless its
+environment variable is "0" or `using(name=False)` is in force. The ops also take `fast=` per call.
+The CUDA kernels are switches of their own inside the fast paths ("rope_cuda", "dequantize_cuda"):
+they run only on a CUDA device, and "0" keeps the fast path's plain-MLX formula there."""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+
+import mlx.core as mx
+
+SWITCHES = {  # op -> environment variable ("0": the fallback)
+    "rope": "MFLUX2_FAST_ROPE",  # RoPE's one-pass VJP | autodiff of the rotation
+    "rope_cuda": "MFLUX2_CUDA_ROPE",  # (on CUDA, inside "rope") the RoPE kernel | the elementwise formula
+    "swiglu": "MFLUX2_FAST_SWIGLU",  # SwiGLU's recomputing VJP | autodiff of silu(gate)·up
+    "split_views": "MFLUX2_FAST_SPLIT",  # split views with a concatenating VJP | plain slices
+    "flat_views": "MFLUX2_FAST_FLAT_VIEWS",  # views of the flat parameters, VJP concatenating per group | plain slices
+    "linear": "MFLUX2_FAST_LINEAR",  # GEMMs per output part, LoRA as accumulator, dequantised tiles | layer(x)
+    "dequantize_cuda": "MFLUX2_CUDA_DEQUANTIZE",  # (on CUDA, int8) the dequantisation kernel | mx.dequantize
+}
+_FORCED: dict[str, bool] = {}
+
+
+def is_fast(name: str, override: bool | None = None) -> bool:
+    """Whether op `name` takes its fast path: `override` if given, else `using`'s, else the environment."""
+    if override is not None:
+        return override
+    if name in _FORCED:
+        return _FORCED[name]
+    return os.environ.get(SWITCHES[name], "1") != "0"
+
+
+@contextmanager
+def using(**ops: bool):
+    """Force ops to their fast path (True) or fallback (False) inside the block: using(rope=False)."""
+    unknown = set(ops) - set(SWITCHES)
+    if unknown:
+        raise ValueError(f"unknown ops {sorted(unknown)}; the switches are {', '.join(SWITCHES)}")
+    saved = dict(_FORCED)
+    _FORCED.update(ops)
+    try:
+        yield
+    finally:
+        _FORCED.clear()
+        _FORCED.update(saved)
+
+
+def cuda_available() -> bool:
+    cuda = getattr(mx, "cuda", None)  # (MLX builds before the CUDA backend have no mx.cuda)
+    return cuda is not None and cuda.is_available() and hasattr(mx.fast, "cuda_kernel")
+
+
+def on_cuda(name: str) -> bool:
+    """Whether the CUDA kernel of switch `name` runs here: a CUDA default device and the switch on."""
+    return mx.default_device() == mx.gpu and cuda_available() and is_fast(name)

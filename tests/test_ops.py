@@ -1,0 +1,211 @@
+"""mflux2.ops: every fast path agrees with its plain-MLX fallback (values and gradients), the switches
+pick between them, and the GPU check (scripts/ops_check.py) runs here. The CUDA kernels' own tests
+run only where mx.cuda is available (the GPU machine)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten
+
+from mflux2 import ops
+from mflux2.lora import LoRALinear
+from mflux2.ops import gemm, rope
+from mflux2.ops.agreement import CHECKS, TOLERANCE, _lora_stack, check
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def on_cuda_device() -> bool:
+    return ops.cuda_available() and mx.default_device() == mx.gpu
+
+
+# ---- each fast path against its fallback ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("op", list(CHECKS))
+def test_fast_path_agrees_with_its_fallback(op):
+    """Values and input gradients, float32, random non-zero inputs (mflux2/ops/agreement.py)."""
+    result = check(op)
+    if "skipped" in result:
+        assert CHECKS[op][1] and not on_cuda_device()  # only the CUDA kernels, only off CUDA
+        pytest.skip(result["skipped"])
+    assert result["ok"], result
+    assert result["max_rel_err"] <= TOLERANCE
+
+
+def test_the_check_catches_a_wrong_fast_path(monkeypatch):
+    """A fast path whose gradient is off is reported, not passed."""
+    wrong = mx.custom_function(rope.rope_reference)
+    wrong.vjp(lambda primals, cot, out: (2 * cot, mx.zeros_like(primals[1]), mx.zeros_like(primals[2])))
+    monkeypatch.setattr(rope, "_rope", wrong)
+    result = check("rope")
+    assert not result["ok"] and result["max_rel_err"] > 0.5
+
+
+def test_each_switch_picks_the_fallback(monkeypatch):
+    """The environment variable, `using` and the per-call argument all pick the path; `using` wins
+    over the environment and the argument over both."""
+    assert set(ops.SWITCHES) >= {"rope", "rope_cuda", "swiglu", "split_views", "flat_views", "linear", "dequantize_cuda"}
+    for name, var in ops.SWITCHES.items():
+        monkeypatch.delenv(var, raising=False)
+        assert ops.is_fast(name)
+        monkeypatch.setenv(var, "0")
+        assert not ops.is_fast(name)
+        with ops.using(**{name: True}):
+            assert ops.is_fast(name) and not ops.is_fast(name, False)
+        assert not ops.is_fast(name) and ops.is_fast(name, True)
+    with pytest.raises(ValueError, match="unknown ops"):
+        with ops.using(nope=False):
+            pass
+
+
+def test_fallbacks_are_plain_mlx():
+    """With every switch off, no custom function runs: the VJPs are autodiff's (a custom VJP that
+    raised would show)."""
+    x = mx.random.normal((1, 4, 2, 8))
+    tables = ops.rope_table(mx.zeros((1, 4, 4)), (2, 2, 2, 2), 2000.0)
+    off = {name: False for name in ops.SWITCHES}
+    with ops.using(**off):
+        y = ops.apply_rope(x, tables)
+        assert y.shape == x.shape and np.allclose(np.array(y), np.array(x), atol=1e-6)  # position 0: no rotation
+        assert ops.swiglu(mx.ones((2, 4))).shape == (2, 2)
+
+
+def test_ops_check_script_runs_on_the_cpu():
+    """scripts/ops_check.py (the GPU benchmark's check) on the CPU: one JSON line, the CUDA kernels
+    reported as skipped, exit status 0."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MFLUX2_")}
+    env["PYTHONPATH"] = str(ROOT)
+    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "ops_check.py"), "--cpu"], capture_output=True,
+                         text=True, timeout=60, env=env, cwd=ROOT)
+    assert out.returncode == 0, out.stdout + out.stderr
+    lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
+    assert len(lines) == 1
+    results = json.loads(lines[0])
+    assert set(results) == set(CHECKS) | {"device"} and "cpu" in results["device"]
+    for name, (_, needs_cuda) in CHECKS.items():
+        assert results[name]["ok"], (name, results[name])
+        assert ("skipped" in results[name]) == needs_cuda
+
+
+# ---- the GEMM helpers (mflux2/ops/gemm.py) --------------------------------------------------------
+
+
+def test_linear_helpers_equal_the_layer_with_restricted_and_stacked_loras():
+    mx.random.seed(0)
+    base = nn.Linear(48, 40, bias=False)
+    outer, inner = _lora_stack(base)
+    x = mx.random.normal((2, 5, 48))
+    ref = outer(x)
+    got = mx.concatenate(ops.linear_split(outer, x, [5, 20, 15]), axis=-1)
+    assert np.allclose(np.array(got), np.array(ref), atol=1e-5)
+    got = ops.linear_concat(outer, [x[..., :16], x[..., 16:]])
+    assert np.allclose(np.array(got), np.array(ref), atol=1e-5)
+    # reference without the helpers: base output plus each delta on its ranges
+    y = x @ base.weight.T
+    d = np.zeros(y.shape, np.float32)
+    for m in (inner, outer):
+        z = np.array((x[..., m.in_start : m.in_stop] @ m.lora_A.T) @ (m.lora_B * m.alpha / m.rank).T)
+        d[..., m.out_start : m.out_stop] += z
+    assert np.allclose(np.array(ref), np.array(y) + d, atol=1e-5)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("group", [32, 128])  # 128: the input parts do not fall on groups (one column range)
+def test_dequantized_gemm_equals_quantized_matmul(monkeypatch, bits, group):
+    """Tiles (row chunks x input parts) dequantised just before their GEMMs give quantized_matmul's
+    values and the same input/LoRA gradients."""
+    mx.random.seed(1)
+    q = nn.QuantizedLinear(128, 96, bias=False, group_size=group, bits=bits)
+    lora = LoRALinear(q, 4, out_range=(0, 64), in_range=(0, 64))
+    lora.lora_B = mx.random.normal(lora.lora_B.shape)
+    xa, xb = mx.random.normal((1, 300, 64)), mx.random.normal((1, 300, 64))
+
+    def run(dequant_rows, tile):
+        monkeypatch.setattr(gemm, "DEQUANTIZE_MIN_ROWS", dequant_rows)
+        monkeypatch.setattr(gemm, "DEQUANTIZE_TILE", tile)
+
+        def loss(params, xa, xb):
+            lora.update(params)
+            parts = ops.linear_split(lora, mx.concatenate([xa, xb], -1), [64, 32])
+            return sum((p * p).sum() for p in parts) + (ops.linear_concat(lora, [xa, xb]) ** 3).mean()
+
+        return mx.value_and_grad(loss, argnums=(0, 1, 2))(lora.trainable_parameters(), xa, xb)
+
+    (l0, g0), (l1, g1) = run(10**9, 1 << 26), run(1, 128 * 20)  # quantized_matmul | 20-row tiles
+    assert float(l1) == pytest.approx(float(l0), rel=1e-5)
+    for a, b in zip(tree_flatten(g0), tree_flatten(g1)):
+        np.testing.assert_allclose(np.array(b[1]), np.array(a[1]), rtol=1e-4, atol=1e-4 * float(mx.abs(a[1]).max()))
+
+
+def test_custom_vjps_match_autodiff():
+    g, u = mx.random.normal((3, 8)) * 3, mx.random.normal((3, 8))
+    c = mx.random.normal((3, 8))
+    h = mx.concatenate([g, u], axis=-1)
+    _, (d0,) = mx.vjp(lambda h: nn.silu(h[..., :8]) * h[..., 8:], [h], [c])
+    _, (d1,) = mx.vjp(ops.swiglu, [h], [c])
+    assert np.allclose(np.array(ops.swiglu(h)), np.array(nn.silu(g) * u), atol=1e-6)
+    assert np.abs(np.array(d0)).max() > 0.5 and np.allclose(np.array(d1), np.array(d0), atol=1e-5)
+    y = mx.random.normal((2, 3, 9))
+    cs = [mx.random.normal((2, 3, n)) for n in (2, 3, 4)]
+    _, (d0,) = mx.vjp(lambda y: [y[..., :2], y[..., 2:5], y[..., 5:]], [y], cs)
+    _, (d1,) = mx.vjp(lambda y: ops.split_views(y, (2, 3, 4)), [y], cs)
+    assert np.array_equal(np.array(d1), np.array(d0))
+    # along another axis (the double blocks' text | image split of the attention output)
+    cs = [mx.random.normal((2, n, 9)) for n in (1, 2)]
+    _, (d0,) = mx.vjp(lambda y: [y[:, :1], y[:, 1:]], [y], cs)
+    _, (d1,) = mx.vjp(lambda y: ops.split_views(y, (1, 2), axis=1), [y], cs)
+    assert np.array_equal(np.array(d1), np.array(d0))
+    # RoPE: the one-kernel VJP equals autodiff of the rotation
+    rope = ops.rope_table(mx.random.randint(0, 50, (2, 10, 4)).astype(mx.float32), (8, 8, 8, 8), 2000.0)
+    x, cot = mx.random.normal((2, 10, 3, 32)), mx.random.normal((2, 10, 3, 32))
+
+    def rotate(x):
+        xp = x.reshape(2, 10, 3, 16, 2)
+        return (xp * rope[0] + xp[..., ::-1] * rope[1]).reshape(x.shape)
+
+    _, (r0,) = mx.vjp(rotate, [x], [cot])
+    _, (r1,) = mx.vjp(lambda x: ops.apply_rope(x, rope), [x], [cot])
+    assert np.abs(np.array(r0)).max() > 1 and np.allclose(np.array(r1), np.array(r0), atol=1e-6)
+
+
+# ---- the CUDA kernels (the GPU machine only) ------------------------------------------------------
+
+
+@pytest.mark.skipif(not on_cuda_device(), reason="the RoPE kernel is CUDA's (run on the GPU machine)")
+@pytest.mark.parametrize("dtype,batch_tables", [(mx.float32, 2), (mx.bfloat16, 1)])
+def test_cuda_rope_kernel_equals_the_elementwise_formula(dtype, batch_tables):
+    rope = ops.rope_table(mx.random.randint(0, 50, (batch_tables, 40, 4)).astype(mx.float32), (8, 8, 8, 8), 2000.0)
+    x, cot = mx.random.normal((2, 40, 3, 32)).astype(dtype), mx.random.normal((2, 40, 3, 32)).astype(dtype)
+
+    def rotate(x):
+        xp = x.astype(mx.float32).reshape(2, 40, 3, 16, 2)
+        return (xp * rope[0] + xp[..., ::-1] * rope[1]).reshape(x.shape)
+
+    assert rope._rope_on_cuda(x)
+    tol = 1e-6 if dtype == mx.float32 else 1e-2
+    y0, (d0,) = rotate(x), mx.vjp(rotate, [x.astype(mx.float32)], [cot.astype(mx.float32)])[1]
+    y1, (d1,) = ops.apply_rope(x, rope), mx.vjp(lambda x: ops.apply_rope(x, rope), [x], [cot])[1]
+    assert np.allclose(np.array(y1.astype(mx.float32)), np.array(y0), atol=tol, rtol=tol)
+    assert np.allclose(np.array(d1.astype(mx.float32)), np.array(d0), atol=tol, rtol=tol)
+
+
+@pytest.mark.skipif(not on_cuda_device(), reason="the dequantisation kernel is CUDA's (run on the GPU machine)")
+@pytest.mark.parametrize("bits,group", [(8, 128), (8, 64), (4, 64)])
+@pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float32])
+def test_cuda_dequantize_kernel_equals_mx_dequantize(bits, group, dtype):
+    w = mx.random.normal((384, 512)).astype(dtype)
+    wq, scales, biases = mx.quantize(w, group_size=group, bits=bits)
+    assert gemm._dequantize_on_cuda(wq, scales, biases, bits, "affine") == (bits == 8)  # what dequantize_tile runs
+    ref = mx.dequantize(wq, scales, biases, group_size=group, bits=bits)
+    for rows, cols in [((0, 384), (0, 512)), ((128, 320), (128, 384)), ((5, 6), (384, 512))]:
+        tile = gemm._dequantize_cuda(wq, scales, biases, rows, cols, group, bits)
+        assert tile.dtype == dtype and tile.shape == (rows[1] - rows[0], cols[1] - cols[0])
+        assert mx.array_equal(tile, ref[rows[0] : rows[1], cols[0] : cols[1]]).item(), (rows, cols)
