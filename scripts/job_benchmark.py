@@ -1,0 +1,323 @@
+"""The whole training job, timed phase by phase: `mflux2-train` on a shipped config, twice.
+
+    python scripts/job_benchmark.py --model klein-4b     # on the GPU machine: full size, random weights
+    python scripts/job_benchmark.py --tiny               # this machine's CPU, the toy model, < 2 min
+
+It writes a model folder in the exact diffusers layout of the FLUX.2 model the config names (random
+weights: transformer/ sharded with its index, vae/, text_encoder/ = Qwen3 sharded, tokenizer/ with
+the real vocabulary size, model_index.json), for klein both the klein-base folder that trains and
+the distilled folder validation images come from (its weight files are hard links: same bytes, the
+loader reads them again); a dataset shaped like diffusers/cat_toy_example (6 JPEGs at its sizes, no
+captions); then runs the real CLI in a subprocess with only --model-path, --dataset, --output (and
+model.validation_path for the distilled folder) overridden. The second run starts a new output
+folder holding the first run's caches, so it skips the text encoder and the VAE encoder.
+
+Prints one JSON line: for each run wall_s, phases (name -> s), phase_peak_gb, peak_gb, steps,
+median_step_s, the share of the job that is not training steps, and phases_sum_s (it must match
+wall_s: every second of the run is in a phase).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = {"klein-4b": "configs/cat-toy.yaml", "klein-9b": "configs/klein-9b-subject.yaml", "dev": "configs/dev-subject.yaml"}
+# diffusers/cat_toy_example: 6 photos (1, 2, 3, 4, 6, 7.jpeg), no captions, these sizes (W x H)
+CAT_TOY_SIZES = [(1121, 1022), (902, 846), (1147, 1231), (905, 1097), (1103, 1141), (1167, 1010)]
+QWEN3 = {  # Qwen/Qwen3-4B and -8B config.json (the fields that set shapes)
+    "klein-4b": dict(hidden_size=2560, intermediate_size=9728, num_hidden_layers=36, tie_word_embeddings=True),
+    "klein-9b": dict(hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, tie_word_embeddings=False),
+}
+QWEN3_COMMON = dict(vocab_size=151936, num_attention_heads=32, num_key_value_heads=8, head_dim=128, rope_theta=1_000_000,
+                    rms_norm_eps=1e-6, max_position_embeddings=40960, torch_dtype="bfloat16")
+QWEN3_VOCAB = 151643  # regular tokens; the specials follow
+
+
+# ------------------------------------------------------------------------------------------------
+# A full-size model folder with random weights, in the diffusers layout
+
+
+def _shapes_transformer(config: dict) -> dict[str, tuple]:
+    import diffusers
+    import torch
+
+    with torch.device("meta"):
+        m = diffusers.Flux2Transformer2DModel(**config)
+    return {k: tuple(v.shape) for k, v in m.state_dict().items()}
+
+
+def _shapes_vae() -> tuple[dict[str, tuple], dict]:
+    import diffusers
+    import torch
+
+    with torch.device("meta"):
+        m = diffusers.AutoencoderKLFlux2()
+    return {k: tuple(v.shape) for k, v in m.state_dict().items()}, dict(m.config)
+
+
+def _shapes_qwen3(config: dict) -> dict[str, tuple]:
+    import torch
+    import transformers
+
+    with torch.device("meta"):
+        m = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**config))
+    shapes = {k: tuple(v.shape) for k, v in m.state_dict().items()}
+    if config.get("tie_word_embeddings"):
+        shapes.pop("lm_head.weight", None)  # a tied checkpoint has no lm_head
+    return shapes
+
+
+def _init(key: str, shape: tuple, rng):
+    """Random weights a forward pass stays finite with: unit norms and BN variance, small rest."""
+    import mlx.core as mx
+
+    if key.endswith("running_var"):
+        return mx.ones(shape, mx.float32)
+    if key.endswith("running_mean") or key.endswith("num_batches_tracked"):
+        return mx.zeros(shape, mx.float32) if not key.endswith("tracked") else mx.zeros(shape, mx.int64)
+    if "norm" in key and len(shape) == 1 and key.endswith("weight"):
+        return mx.ones(shape, mx.bfloat16)
+    if key.endswith("bias"):
+        return mx.zeros(shape, mx.bfloat16)
+    fan_in = int(np.prod(shape[1:])) if len(shape) > 1 else shape[0]
+    return (mx.random.normal(shape, key=mx.random.key(rng.integers(1 << 31))) * (0.5 / fan_in**0.5)).astype(mx.bfloat16)
+
+
+def _write_shards(folder: Path, shapes: dict[str, tuple], stem: str, index_name: str, shard_gb: float = 5.0, seed: int = 0):
+    """Sharded safetensors + index.json, as `save_pretrained` writes them."""
+    import mlx.core as mx
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    groups, cur, size = [], [], 0
+    for k, s in shapes.items():
+        n = int(np.prod(s)) * 2
+        if cur and size + n > shard_gb * 1e9:
+            groups.append(cur)
+            cur, size = [], 0
+        cur.append(k)
+        size += n
+    groups.append(cur)
+    weight_map, total = {}, 0
+    for i, keys in enumerate(groups):
+        name = f"{stem}-{i + 1:05d}-of-{len(groups):05d}.safetensors" if len(groups) > 1 else f"{stem}.safetensors"
+        arrays = {k: _init(k, shapes[k], rng) for k in keys}
+        mx.eval(arrays)
+        mx.save_safetensors(str(folder / name), arrays, metadata={"format": "pt"})
+        total += sum(a.nbytes for a in arrays.values())
+        weight_map.update({k: name for k in keys})
+        del arrays
+    if len(groups) > 1:
+        (folder / index_name).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
+
+
+def _qwen3_tokenizer(folder: Path, vocab: int = QWEN3_VOCAB) -> None:
+    """A byte-level BPE with the real Qwen3 vocabulary size (synthetic merges), its specials and
+    chat template: loading and tokenizing cost what the real one does."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    sys.path.insert(0, str(ROOT))
+    from tests.tiny_tokenizers import QWEN3_ADDED, QWEN3_CHAT_TEMPLATE, QWEN3_SPECIALS
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    tokens = sorted(alphabet)
+    vocab_map = {t: i for i, t in enumerate(tokens)}
+    merges = []
+    rng = np.random.default_rng(0)
+    words = [w for w in "a photo of toy sitting on beach garden golden hour sks in the".split()]
+    for w in words:  # whole prompt words first, so prompts tokenize into a realistic mix
+        for j in range(1, len(w)):
+            a, b = w[:j], w[j]
+            if a + b not in vocab_map and a in vocab_map:
+                merges.append((a, b))
+                vocab_map[a + b] = len(vocab_map)
+    while len(vocab_map) < vocab:
+        a, b = tokens[rng.integers(len(tokens))], tokens[rng.integers(len(tokens))]
+        if a + b in vocab_map or len(a + b) > 12:
+            continue
+        merges.append((a, b))
+        vocab_map[a + b] = len(vocab_map)
+        tokens.append(a + b)
+    raw = Tokenizer(models.BPE(vocab=vocab_map, merges=merges))
+    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    raw.decoder = decoders.ByteLevel()
+    raw.add_special_tokens(QWEN3_SPECIALS)
+    tok = PreTrainedTokenizerFast(tokenizer_object=raw, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                  padding_side="right", model_max_length=131072, chat_template=QWEN3_CHAT_TEMPLATE)
+    tok.add_tokens(QWEN3_ADDED)
+    tok.save_pretrained(str(folder))
+
+
+def write_klein_folders(work: Path, size: str) -> tuple[Path, Path]:
+    """klein-base (trains) and distilled klein (validation images) folders of klein-4b or klein-9b."""
+    from mflux2.models.transformer import preset
+
+    base, distilled = work / f"FLUX.2-klein-base-{size}", work / f"FLUX.2-klein-{size}"
+    if (distilled / "model_index.json").exists():
+        return base, distilled
+    shutil.rmtree(base, ignore_errors=True)
+    shutil.rmtree(distilled, ignore_errors=True)
+    name = f"klein-{size.lower()}"
+    t0 = time.time()
+    tcfg = {"_class_name": "Flux2Transformer2DModel", **preset(name).to_dict()}
+    tcfg.pop("_class_name")
+    _write_shards(base / "transformer", _shapes_transformer(tcfg), "diffusion_pytorch_model",
+                  "diffusion_pytorch_model.safetensors.index.json")
+    (base / "transformer" / "config.json").write_text(json.dumps({"_class_name": "Flux2Transformer2DModel", **tcfg}, indent=1))
+    vshapes, vcfg = _shapes_vae()
+    _write_shards(base / "vae", vshapes, "diffusion_pytorch_model", "diffusion_pytorch_model.safetensors.index.json", seed=1)
+    (base / "vae" / "config.json").write_text(json.dumps({"_class_name": "AutoencoderKLFlux2", **{
+        k: list(v) if isinstance(v, tuple) else v for k, v in vcfg.items() if not k.startswith("_")}}, indent=1))
+    qcfg = {**QWEN3_COMMON, **QWEN3[name]}
+    _write_shards(base / "text_encoder", _shapes_qwen3(qcfg), "model", "model.safetensors.index.json", seed=2)
+    (base / "text_encoder" / "config.json").write_text(json.dumps(
+        {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", **qcfg}, indent=1))
+    _qwen3_tokenizer(base / "tokenizer")
+    (base / "scheduler").mkdir()
+    (base / "scheduler" / "scheduler_config.json").write_text(json.dumps({
+        "_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0,
+        "use_dynamic_shifting": True, "base_shift": 0.5, "max_shift": 1.15, "time_shift_type": "exponential"}))
+    index = {"_class_name": "Flux2KleinPipeline", "is_distilled": False, "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+             "text_encoder": ["transformers", "Qwen3ForCausalLM"], "tokenizer": ["transformers", "Qwen2TokenizerFast"],
+             "transformer": ["diffusers", "Flux2Transformer2DModel"], "vae": ["diffusers", "AutoencoderKLFlux2"]}
+    (base / "model_index.json").write_text(json.dumps(index, indent=1))
+    _link_tree(base, distilled)
+    (distilled / "model_index.json").unlink()
+    (distilled / "model_index.json").write_text(json.dumps({**index, "is_distilled": True}, indent=1))
+    print(f"wrote {base} and {distilled} in {time.time() - t0:.0f} s", file=sys.stderr)
+    return base, distilled
+
+
+def _link_tree(src: Path, dst: Path) -> None:
+    for p in src.rglob("*"):
+        q = dst / p.relative_to(src)
+        if p.is_dir():
+            q.mkdir(parents=True, exist_ok=True)
+        else:
+            q.parent.mkdir(parents=True, exist_ok=True)
+            os.link(p, q)
+
+
+def write_tiny_folders(work: Path) -> tuple[Path, Path]:
+    """The bundled toy model (diffusers layout) as a klein-base folder and a distilled one."""
+    base, distilled = work / "toy-base", work / "toy-distilled"
+    for folder, distilled_flag in ((base, False), (distilled, True)):
+        shutil.rmtree(folder, ignore_errors=True)
+        shutil.copytree(ROOT / "models" / "toy", folder)
+        index = json.loads((folder / "model_index.json").read_text())
+        index.update({"_class_name": "Flux2KleinPipeline", "is_distilled": distilled_flag})
+        (folder / "model_index.json").write_text(json.dumps(index, indent=1))
+    return base, distilled
+
+
+def write_dataset(folder: Path, scale: float = 1.0) -> Path:
+    """6 JPEGs at diffusers/cat_toy_example's sizes (`scale` shrinks them for --tiny), no captions."""
+    from PIL import Image
+
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i, (w, h) in zip((1, 2, 3, 4, 6, 7), CAT_TOY_SIZES):
+        w, h = max(32, int(w * scale)), max(32, int(h * scale))
+        y, x = np.mgrid[0:h, 0:w]
+        img = np.stack([x / w, y / h, 1 - x / w], -1) * 160 + rng.integers(0, 60, (h, w, 3))
+        cy, cx, r = h // 2, w // 2, min(w, h) // 4
+        img[(y - cy) ** 2 + (x - cx) ** 2 < r * r] = rng.integers(0, 255, 3)
+        Image.fromarray(img.clip(0, 255).astype(np.uint8)).save(folder / f"{i}.jpeg", quality=90)
+    return folder
+
+
+# ------------------------------------------------------------------------------------------------
+# The runs
+
+
+def run_job(config: str, model: Path, validation_model: Path | None, dataset: Path, output: Path, extra: list[str]) -> dict:
+    cmd = [sys.executable, "-m", "mflux2.training.cli", config, "--model-path", str(model), "--dataset", str(dataset),
+           "--output", str(output), *extra]
+    if validation_model is not None:
+        cmd += ["--set", f"model.validation_path={validation_model}"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TQDM_MININTERVAL": "5"}
+    t0 = time.perf_counter()
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
+    wall = time.perf_counter() - t0
+    if out.returncode != 0:
+        sys.stderr.write(out.stdout[-3000:] + out.stderr[-5000:])
+        raise SystemExit(f"job failed (exit {out.returncode}): {' '.join(cmd)}")
+    records = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    phases, peaks = {}, {}
+    for r in records:
+        if "phase" in r:
+            phases[r["phase"]] = r["seconds"]  # the last record of a phase holds its total
+            peaks[r["phase"]] = r["peak_gb"]
+    steps = [r for r in records if "step_time_s" in r]
+    step_times = [r["step_time_s"] for r in steps]
+    train = phases.get("training steps", 0.0)
+    return {
+        "wall_s": round(wall, 2), "phases": {k: round(v, 3) for k, v in phases.items()},
+        "phases_sum_s": round(sum(phases.values()), 2), "phase_peak_gb": peaks,
+        "peak_gb": round(max(peaks.values(), default=0.0), 3), "steps": len(steps),
+        "median_step_s": round(float(np.median(step_times)), 4) if step_times else None,
+        "not_steps_share": round(1 - train / wall, 4),
+        "wall_over_250_median": round(wall / (len(steps) * float(np.median(step_times))), 3) if step_times else None,
+        "log_tail": out.stderr.strip().splitlines()[-3:],
+    }
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", choices=list(CONFIGS), default="klein-4b")
+    ap.add_argument("--tiny", action="store_true", help="the toy model on the CPU, a shortened job (CI)")
+    ap.add_argument("--work", default=None, help="where the model, data and outputs go (default: a folder in /tmp)")
+    ap.add_argument("--runs", type=int, default=2, help="1: only the cold run; 2: also the run that reuses the caches")
+    ap.add_argument("--set", action="append", default=[], help="extra config overrides for both runs (KEY=VALUE)")
+    args = ap.parse_args(argv)
+    work = Path(args.work or f"/tmp/mflux2-job-{'tiny' if args.tiny else args.model}")
+    work.mkdir(parents=True, exist_ok=True)
+    config = CONFIGS[args.model]
+    extra = [x for s in args.set for x in ("--set", s)]
+    if args.tiny:
+        base, distilled = write_tiny_folders(work)
+        dataset = write_dataset(work / "cat_toy", scale=0.06)
+        # the toy is 64 px wide: the same job, shortened (steps, cadence) and at the toy's size
+        extra += ["--max-steps", "6", "--save-every", "3", "--set", "validation.every_n_steps=3",
+                  "--set", "memory.bucketing.resolutions=[64]",
+                  "--set", "validation.prompts=[{prompt: a toy on a beach, apply_trigger: true, sizes: [64]}]"]
+    else:
+        if args.model == "dev":
+            raise SystemExit("dev: the full-size folder does not fit this machine's disk; not implemented yet")
+        base, distilled = write_klein_folders(work, args.model.split("-")[1].upper())
+        dataset = write_dataset(work / "cat_toy")
+    result = {"model": "toy" if args.tiny else args.model, "config": config, "date": time.strftime("%Y-%m-%d")}
+    try:
+        import mlx.core as mx
+
+        result["device"] = mx.device_info().get("device_name", str(mx.default_device()))
+    except Exception:  # noqa: BLE001 - informative only
+        pass
+    out1 = work / "run1"
+    shutil.rmtree(out1, ignore_errors=True)
+    result["cold"] = run_job(config, base, distilled, dataset, out1, extra)
+    if args.runs > 1:
+        out2 = work / "run2"
+        shutil.rmtree(out2, ignore_errors=True)
+        out2.mkdir()
+        for cache in (".latent_cache", ".text_cache"):
+            shutil.copytree(out1 / cache, out2 / cache)
+        result["cached"] = run_job(config, base, distilled, dataset, out2, extra)
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
