@@ -149,7 +149,13 @@ def test_swift_style_config_runs_unchanged(tmp_path):
     [
         ("dataset: {path: d, control_path: ctrl}", "dataset.control_path"),
         ("dataset: {path: d, control_dropout: 0.1}", "dataset.control_dropout"),
-        ("dataset: {path: d}\nmodel: {use_base: true}", "model.use_base"),
+        ("dataset: {path: d}\nmodel: {use_base: false}", "model.use_base"),
+        ("dataset: {path: d}\nvalidation: {prompts: [{prompt: x, is_vlm_generated: true}]}", "validation.prompts[0].is_vlm_generated"),
+        ("dataset: {path: d}\nmemory: {cache_latents: false}", "memory.cache_latents"),
+        ("dataset: {path: d}\nmemory: {cache_text_embeddings: false}", "memory.cache_text_embeddings"),
+        ("dataset: {path: d}\nmemory: {cpu_offload: false}", "memory.cpu_offload"),
+        ("dataset: {path: d}\ntraining: {lr_scheduler: cosine_with_restarts}", "training.lr_scheduler"),
+        ("dataset: {path: d}\nmodel: {name: klein-9b-kv}", "model.name"),
         ("dataset: {path: d}\nvalidation: {width: 768, prompts: [x]}", "validation.width"),
         ("dataset: {path: d}\nvalidation: {prompts: [{prompt: x, reference_image: r.png}]}", "validation.prompts[0].reference_image"),
         ("dataset: {path: d}\nmodel: {quantization: nf4}", "model.quantization"),
@@ -178,37 +184,129 @@ def test_legacy_single_validation_prompt(tmp_path):
 # ---------------------------------------------------------------------------------------------
 
 
-def test_defaults_follow_the_spec(tmp_path):
+def test_defaults_follow_the_spec_then_the_swift_trainer(tmp_path):
+    # the seed guide's defaults stand; where it is silent, what the Swift trainer really does
     cfg = load_quiet(write(tmp_path, "dataset: {path: d}", "my-run.yaml"))
     assert cfg.model.name == "klein-4b" and cfg.model.transformer_quantization == "auto"
-    assert (cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout) == (32, 32.0, 0.0)
+    assert cfg.model.use_base and cfg.model.quantization == "int8"  # Swift: base weights, int8 text encoder
+    assert (cfg.training_variant, cfg.validation_variant) == ("klein-base-4b", "klein-4b")
+    assert (cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout) == (32, 32.0, 0.0)  # spec
+    assert cfg.lora.target_layers == "all"  # Swift trains attention + FFN whatever target_layers says
     t = cfg.training
     assert (t.batch_size, t.gradient_accumulation, t.optimizer, t.learning_rate, t.weight_decay, t.caption_dropout) == (
         1, 1, "adamw", 1e-4, 1e-4, 0.0)
+    assert (t.epochs, t.max_steps, t.warmup_steps, t.lr_scheduler, t.max_grad_norm) == (10, 1000, 0, "constant", 1.0)
     assert (cfg.loss.timestep_sampling, cfg.loss.weighting) == ("balanced", "uniform")
     assert (cfg.loss.logit_normal_mean, cfg.loss.logit_normal_std) == (0.0, 1.0)
     assert not cfg.loss.diff_output_preservation and cfg.loss.diff_output_preservation_multiplier == 1.0
+    assert cfg.loss.diff_output_preservation_every_n_steps == 1
     m = cfg.memory
     assert (m.gradient_checkpointing, m.cache_latents, m.cache_text_embeddings, m.compile_training) == (False, True, True, True)
     assert m.bucketing.enabled and m.bucketing.resolutions == [512] and cfg.resolutions == [512]
     assert (cfg.checkpoints.output, cfg.checkpoints.save_every) == ("output/my-run", 125)
     assert cfg.checkpoints.learning_curve and cfg.checkpoints.learning_curve_smoothing_window == 20
     assert cfg.validation.every_n_steps == 125  # follows save_every: the images go in the checkpoints
+    assert (cfg.validation.steps, cfg.validation.guidance) == (4, 1.0)  # the distilled klein, as Swift
     assert (cfg.ema.enabled, cfg.ema.decay) == (False, 0.99)
     assert not cfg.early_stop.enabled
 
 
-@pytest.mark.parametrize("name, n", [("klein-4b", 1), ("klein-9b", 4), ("dev", 8), ("klein-base-4b", 1), ("klein-base-9b", 4)])
-def test_dop_every_n_default_comes_from_the_model_table(tmp_path, name, n):
+@pytest.mark.parametrize("name", ["klein-4b", "klein-9b", "dev", "klein-base-4b", "klein-base-9b"])
+def test_dop_every_n_defaults_to_the_seed_guides_1_for_every_model(tmp_path, name):
     text = f"model: {{name: {name}}}\ndataset: {{path: d, trigger_word: sks}}\nloss: {{diff_output_preservation: true, diff_output_preservation_class: cat}}"
     cfg = load_quiet(write(tmp_path, text))
-    assert cfg.loss.diff_output_preservation_every_n_steps == n == MODEL_DEFAULTS[name].dop_every_n_steps
-    assert cfg.model_repo == MODEL_DEFAULTS[name].repo
+    assert cfg.loss.diff_output_preservation_every_n_steps == 1
 
 
-def test_explicit_dop_every_n_wins(tmp_path):
-    text = "model: {name: dev}\ndataset: {path: d, trigger_word: sks}\nloss: {diff_output_preservation: true, diff_output_preservation_class: cat, diff_output_preservation_every_n_steps: 3}"
-    assert load_quiet(write(tmp_path, text)).loss.diff_output_preservation_every_n_steps == 3
+@pytest.mark.parametrize(
+    "name, use_base, training, validation, repo",
+    [
+        ("klein-4b", None, "klein-base-4b", "klein-4b", "black-forest-labs/FLUX.2-klein-base-4B"),
+        ("klein-9b", None, "klein-base-9b", "klein-9b", "black-forest-labs/FLUX.2-klein-base-9B"),
+        ("klein-4b", False, "klein-4b", "klein-4b", "black-forest-labs/FLUX.2-klein-4B"),
+        ("klein-9b", False, "klein-9b", "klein-9b", "black-forest-labs/FLUX.2-klein-9B"),
+        ("klein-9b-kv", None, "klein-base-9b", "klein-9b", "black-forest-labs/FLUX.2-klein-base-9B"),
+        ("dev", None, "dev", "dev", "black-forest-labs/FLUX.2-dev"),
+        ("klein-base-4b", None, "klein-base-4b", "klein-base-4b", "black-forest-labs/FLUX.2-klein-base-4B"),
+        ("klein-4b-base", None, "klein-base-4b", "klein-base-4b", "black-forest-labs/FLUX.2-klein-base-4B"),  # Swift's spelling
+        ("klein-base-9b", None, "klein-base-9b", "klein-base-9b", "black-forest-labs/FLUX.2-klein-base-9B"),
+    ],
+)
+def test_klein_names_train_the_base_weights_and_validate_with_the_distilled_model(tmp_path, name, use_base, training, validation, repo):
+    model = f"{{name: {name}" + ("" if use_base is None else f", use_base: {str(use_base).lower()}") + "}"
+    cfg = load_quiet(write(tmp_path, f"model: {model}\ndataset: {{path: d}}"))
+    assert (cfg.training_variant, cfg.validation_variant, cfg.model_repo) == (training, validation, repo)
+    assert cfg.validation_repo == (None if training == validation else MODEL_DEFAULTS[validation].repo)
+    steps = MODEL_DEFAULTS[validation].validation_steps
+    assert cfg.validation.steps == steps and cfg.validation.guidance == MODEL_DEFAULTS[validation].validation_guidance
+
+
+def test_model_path_alone_has_no_variant_and_validation_path_is_ours(tmp_path):
+    cfg = load_quiet(write(tmp_path, f"model: {{path: {ROOT / 'models/toy'}, validation_path: some/repo}}\ndataset: {{path: d}}"))
+    assert (cfg.model.name, cfg.training_variant, cfg.validation_variant, cfg.model_repo) == (None, None, None, None)
+    assert cfg.validation_repo == "some/repo"
+
+
+def test_use_base_false_warns_what_swift_would_train(tmp_path):
+    with pytest.warns(ConfigWarning) as rec:
+        load_config(write(tmp_path, "model: {name: klein-9b, use_base: false}\ndataset: {path: d}"))
+    (msg,) = [str(w.message) for w in rec]
+    assert "model.use_base" in msg and "distilled klein-9b" in msg and "klein-base-9b" in msg
+    with pytest.warns(ConfigWarning, match="no effect on dev"):
+        load_config(write(tmp_path, "model: {name: dev, use_base: false}\ndataset: {path: d}"))
+    with warnings.catch_warnings():  # use_base: true (Swift files carry it) is what happens anyway
+        warnings.simplefilter("error")
+        load_config(write(tmp_path, "model: {name: dev, use_base: true}\ndataset: {path: d}"))
+
+
+def test_klein_9b_kv_is_klein_9b_with_one_line_saying_so(tmp_path):
+    with pytest.warns(ConfigWarning) as rec:
+        cfg = load_config(write(tmp_path, "model: {name: klein-9b-kv}\ndataset: {path: d}"))
+    assert cfg.model.name == "klein-9b"
+    (msg,) = [str(w.message) for w in rec]
+    assert "KV-cached" in msg and "klein-base-9b" in msg and "\n" not in msg
+
+
+def test_epochs_without_max_steps_is_epochs_times_100_as_swift(tmp_path):
+    # TrainLoRACommand.swift:707: maxSteps = config.maxSteps ?? (config.epochs * 100)
+    with pytest.warns(ConfigWarning, match=r"training\.epochs: 3 without max_steps trains 300 steps"):
+        cfg = load_config(write(tmp_path, "dataset: {path: d}\ntraining: {epochs: 3}"))
+    assert cfg.training.max_steps == 300
+    assert load_quiet(write(tmp_path, "dataset: {path: d}\ntraining: {epochs: 3, max_steps: 7}")).training.max_steps == 7
+
+
+def test_warnings_come_once_per_key(tmp_path):
+    text = "dataset: {path: d}\nvalidation: {prompts: [{prompt: a, is_vlm_generated: true}, {prompt: b, is_vlm_generated: false}]}"
+    with pytest.warns(ConfigWarning) as rec:
+        load_config(write(tmp_path, text))
+    assert sum("is_vlm_generated" in str(w.message) for w in rec) == 1
+
+
+def test_print_config_says_where_each_value_came_from(tmp_path):
+    text = "model: {name: klein-9b}\nlora: {rank: 8}\ndataset: {path: d, trigger_word: sks}\nloss: {diff_output_preservation: true}\ncheckpoints: {save_every: 50}"
+    cfg = load_quiet(write(tmp_path, text), overrides={"training.max_steps": 20})
+    out = cfg.dump_yaml(annotate=True)
+    assert yaml.safe_load(out) == cfg.to_dict()  # still the resolved config, comments aside
+    line = {l.split(":")[0].strip(): l for l in out.splitlines() if ":" in l}
+    assert line["rank"].endswith("# from file") and line["max_steps"].endswith("# from override")
+    assert line["alpha"].endswith("# Swift default")  # = rank, as the Swift trainer
+    assert line["quantization"].endswith("# Swift default") and line["target_layers"].endswith("# Swift default")
+    assert "# mflux2 default: the seed guide's balanced (Swift: uniform)" in line["timestep_sampling"]
+    assert "# mflux2 default: the seed guide's 1e-4 (Swift: 0.01)" in line["weight_decay"]
+    assert "# mflux2 default: the seed guide's 125" not in out  # save_every came from the file
+    assert "every_n_steps: 50" in line["every_n_steps"] and "= checkpoints.save_every" in line["every_n_steps"]
+    assert "Swift default: assumed" in line["diff_output_preservation_class"]
+    labels = cfg.provenance_labels()
+    assert set(labels) == {p for p in _leaves(cfg.to_dict())}
+    assert all(l.startswith(("from file", "from override", "Swift default", "mflux2 default: ")) for l in labels.values())
+
+
+def _leaves(d, prefix=""):
+    for k, v in d.items():
+        if isinstance(v, dict):
+            yield from _leaves(v, f"{prefix}{k}.")
+        else:
+            yield prefix + k
 
 
 def test_model_repo_ids():
@@ -222,9 +320,9 @@ def test_model_path_alone_takes_architecture_from_folder(tmp_path):
     (tmp_path / "toy-model").mkdir()
     cfg = load_quiet(write(tmp_path, f"model: {{path: {tmp_path / 'toy-model'}}}\ndataset: {{path: d}}"))
     assert cfg.model.name is None and cfg.model.path == str(tmp_path / "toy-model")
-    assert cfg.loss.diff_output_preservation_every_n_steps is None and cfg.validation.steps is None
+    assert cfg.loss.diff_output_preservation_every_n_steps == 1 and cfg.validation.steps is None
     cfg.resolve_model_defaults("dev")  # the trainer does this once it has read the folder
-    assert (cfg.loss.diff_output_preservation_every_n_steps, cfg.validation.steps, cfg.validation.guidance) == (8, 28, 4.0)
+    assert (cfg.validation.steps, cfg.validation.guidance) == (28, 4.0)
     both = load_quiet(write(tmp_path, f"model: {{name: klein-9b, path: {tmp_path / 'toy-model'}}}\ndataset: {{path: d}}"))
     assert both.model.name == "klein-9b" and both.validation.steps == 4
 
@@ -362,12 +460,10 @@ BAD_VALUES = [
     ("ema: {decay: 1.0}", "ema.decay", "1.0"),
     # enums
     ("training: {optimizer: sgd}", "training.optimizer", "'sgd'"),
-    ("training: {lr_scheduler: cosine_with_restarts}", "training.lr_scheduler", "'cosine_with_restarts'"),
+    ("training: {lr_scheduler: cosine_restarts}", "training.lr_scheduler", "'cosine_restarts'"),
     ("model: {name: klein-5b}", "model.name", "'klein-5b'"),
     ("model: {transformer_quantization: fp8}", "model.transformer_quantization", "'fp8'"),
     ("lora: {target_layers: attn}", "lora.target_layers", "'attn'"),
-    ("loss: {timestep_sampling: contnet}", "loss.timestep_sampling", "'contnet'"),
-    ("loss: {weighting: gaussian}", "loss.weighting", "'gaussian'"),
     ("dataset: {path: d, caption_format: csv}", "dataset.caption_format", "'csv'"),
 ]
 
@@ -383,20 +479,33 @@ def test_bad_values_name_file_line_key_and_value(tmp_path, text, keypath, shown)
 
 
 def test_enum_typo_suggests_the_valid_value(tmp_path):
-    assert "did you mean 'content'" in error_of(tmp_path, "dataset: {path: d}\nloss: {timestep_sampling: contnet}")
     assert "did you mean 'klein-4b'" in error_of(tmp_path, "dataset: {path: d}\nmodel: {name: klein-4c}")
 
 
-@pytest.mark.parametrize(
-    "text, needle",
-    [
-        ("dataset: {path: d}\nloss: {diff_output_preservation: true, diff_output_preservation_class: cat}", "dataset.trigger_word is not set"),
-        ("dataset: {path: d, trigger_word: sks}\nloss: {diff_output_preservation: true}", "diff_output_preservation_class is not set"),
-    ],
-)
-def test_dop_without_trigger_or_class(tmp_path, text, needle):
-    msg = error_of(tmp_path, text)
-    assert "loss.diff_output_preservation" in msg and needle in msg
+@pytest.mark.parametrize("key, value, hint", [("timestep_sampling", "contnet", "content"), ("weighting", "gaussian", None)])
+def test_unknown_sampling_or_weighting_name_trains_uniform_as_swift_does(tmp_path, key, value, hint):
+    # TrainingConfigYAML.swift parseTimestepSampling/parseLossWeighting: any other name -> uniform
+    with pytest.warns(ConfigWarning) as rec:
+        cfg = load_config(write(tmp_path, f"dataset: {{path: d}}\nloss: {{{key}: {value}}}"))
+    assert getattr(cfg.loss, key) == "uniform"
+    (msg,) = [str(w.message) for w in rec]
+    assert f"loss.{key}" in msg and repr(value) in msg and "uniform" in msg and "cfg.yaml:2" in msg
+    assert hint is None or f"did you mean {hint!r}" in msg
+
+
+def test_dop_without_trigger_is_turned_off_and_without_class_assumes_object(tmp_path):
+    # TrainLoRACommand.swift:753-759: DOP needs a trigger word (else off); the class falls back to "object"
+    with pytest.warns(ConfigWarning) as rec:
+        cfg = load_config(write(tmp_path, "dataset: {path: d}\nloss: {diff_output_preservation: true, diff_output_preservation_class: cat}"))
+    assert not cfg.loss.diff_output_preservation
+    (msg,) = [str(w.message) for w in rec]
+    assert "dataset.trigger_word is not set" in msg and "turned off" in msg and "\n" not in msg
+    assert cfg.provenance_labels()["loss.diff_output_preservation"].startswith("from file (true), turned off")
+    with pytest.warns(ConfigWarning) as rec:
+        cfg = load_config(write(tmp_path, "dataset: {path: d, trigger_word: sks}\nloss: {diff_output_preservation: true}"))
+    assert cfg.loss.diff_output_preservation and cfg.loss.diff_output_preservation_class == "object"
+    (msg,) = [str(w.message) for w in rec]
+    assert "diff_output_preservation_class is not set" in msg and "'object' is assumed" in msg
 
 
 def test_structural_errors(tmp_path):

@@ -26,7 +26,8 @@ OVERRIDES = {  # CLI flag -> config key path
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="mflux2-train", description="Train a FLUX.2 LoRA from a YAML config.")
     ap.add_argument("config", help="the YAML config (see configs/ and docs/training.md)")
-    ap.add_argument("--print-config", action="store_true", help="print the fully resolved config and exit")
+    ap.add_argument("--print-config", action="store_true",
+                    help="print the fully resolved config, each value marked: from file, Swift default or mflux2 default (why); then exit")
     ap.add_argument("--max-steps", type=int)
     ap.add_argument("--output", help="output folder (checkpoints.output)")
     ap.add_argument("--learning-rate", type=float)
@@ -63,7 +64,7 @@ def main(argv=None) -> int:
     try:
         cfg = load_config(args.config, overrides)
         if args.print_config:
-            print(cfg.dump_yaml(), end="")
+            print(cfg.dump_yaml(annotate=True), end="")
             return 0
         from mflux2.training.trainer import Trainer
 

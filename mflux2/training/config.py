@@ -48,19 +48,26 @@ class ConfigWarning(UserWarning):
 @dataclass(frozen=True)
 class ModelDefaults:
     repo: str  # Hugging Face repo id used when model.path is not given
-    dop_every_n_steps: int  # DOP every-n when DOP is on and the key is absent (seed guide's advice)
-    validation_steps: int  # sampling steps for the validation images
+    validation_steps: int  # sampling steps for the validation images made with this variant
     validation_guidance: float  # guidance for the validation images (1.0 = distilled klein, no CFG)
 
 
 # Repo ids come from mflux2.hub.REPOS (the downloader's table), so the short names agree everywhere.
+# Validation steps/guidance: the distilled klein models as the Swift trainer samples them (4 steps,
+# guidance 1.0: TrainingConfigYAML.swift:453, SimpleLoRATrainer.swift:1804); dev and the klein-base
+# models need more (ours: the Swift trainer samples dev at 4 steps / guidance 1.0 too, which is noise).
 MODEL_DEFAULTS: dict[str, ModelDefaults] = {
-    "klein-4b": ModelDefaults(REPOS["klein-4b"], 1, 4, 1.0),
-    "klein-9b": ModelDefaults(REPOS["klein-9b"], 4, 4, 1.0),
-    "dev": ModelDefaults(REPOS["dev"], 8, 28, 4.0),
-    "klein-base-4b": ModelDefaults(REPOS["klein-base-4b"], 1, 50, 4.0),
-    "klein-base-9b": ModelDefaults(REPOS["klein-base-9b"], 4, 50, 4.0),
+    "klein-4b": ModelDefaults(REPOS["klein-4b"], 4, 1.0),
+    "klein-9b": ModelDefaults(REPOS["klein-9b"], 4, 1.0),
+    "dev": ModelDefaults(REPOS["dev"], 28, 4.0),
+    "klein-base-4b": ModelDefaults(REPOS["klein-base-4b"], 50, 4.0),
+    "klein-base-9b": ModelDefaults(REPOS["klein-base-9b"], 50, 4.0),
 }
+
+# model.name of a distilled klein model -> the undistilled weights the Swift trainer trains instead
+# (Flux2Config.swift `trainingVariant`; TrainLoRACommand.swift loadTransformer always loads them).
+BASE_OF = {"klein-4b": "klein-base-4b", "klein-9b": "klein-base-9b"}
+DISTILLED_OF = {v: k for k, v in BASE_OF.items()}
 
 # The Swift trainer's "smart defaults" per optimizer (lion: lr 3e-5, wd 0.1), used when the key is absent.
 OPTIMIZER_DEFAULTS: dict[str, dict[str, float]] = {
@@ -100,20 +107,28 @@ def _f(default: Any = None, **meta: Any):
 class ModelConfig:
     # klein-4b | klein-9b | dev | klein-base-4b | klein-base-9b. Derived: klein-4b when neither name
     # nor path is given (as the Swift trainer); None with a path: the architecture comes from the folder.
+    # klein-4b/klein-9b TRAIN the undistilled klein-base weights (use_base) and validate with the
+    # distilled model, as the Swift trainer does. The Swift spellings klein-4b-base/klein-9b-base and
+    # its klein-9b-kv (klein-9b's KV-cached image-editing variant; Swift trains it as klein-9b) work.
     name: str | None = _f(
         None,
         choices=tuple(MODEL_DEFAULTS),
-        aliases={"klein-4b-base": "klein-base-4b", "klein-9b-base": "klein-base-9b"},
+        aliases={"klein-4b-base": "klein-base-4b", "klein-9b-base": "klein-base-9b", "klein-9b-kv": "klein-9b"},
+        alias_notes={"klein-9b-kv": "klein-9b-kv is klein-9b's KV-cached image-editing inference variant, not a "
+                                    "training model: trained as klein-9b (on klein-base-9b, validated with klein-9b), "
+                                    "as the Swift trainer does"},
     )
     path: str | None = _f(None, check=_check_nonempty)  # ours: local model folder / safetensors file
-    # The TEXT ENCODER's precision (the Swift trainer's key; its default is int8). auto (ours, the
-    # default): the most precise that fits the machine while the embedding cache is filled.
-    quantization: str = _f("auto", choices=("bf16", "int8", "int4", "auto"), aliases={"nf4": "int4"}, warn_aliases=("nf4",))
+    # Swift's key, honoured: true = train klein-4b/klein-9b on the klein-base weights (what the Swift
+    # trainer always does), false = train the distilled weights. No meaning for dev or klein-base-*.
+    use_base: bool = _f(True)
+    # ours: a local folder or hub id of the model that renders the validation images when it differs
+    # from the training model (None: the hub repo of TrainConfig.validation_variant).
+    validation_path: str | None = _f(None, check=_check_nonempty)
+    # The TEXT ENCODER's precision (the Swift trainer's key and default, int8: TrainingConfigYAML.swift:358).
+    # auto (ours): the most precise that fits the machine while the embedding cache is filled.
+    quantization: str = _f("int8", choices=("bf16", "int8", "int4", "auto"), aliases={"nf4": "int4"}, warn_aliases=("nf4",))
     transformer_quantization: str = _f("auto", choices=("bf16", "int8", "int4", "auto"))  # ours
-
-    IGNORED: ClassVar[dict[str, str]] = {
-        "use_base": "deprecated in the Swift trainer; pick the base model by name (klein-base-4b/klein-base-9b)",
-    }
 
 
 @dataclass
@@ -121,7 +136,8 @@ class LoRAConfig:
     rank: int = _f(32, gt=0)
     alpha: float | None = _f(None, gt=0)  # derived: = rank when absent (as the Swift trainer)
     dropout: float = _f(0.0, ge=0, lt=1)
-    target_layers: str = _f("attention", choices=("attention", "attention_output", "attention_ffn", "all"))
+    # Default all: what the Swift trainer trains whatever this key says (SimpleLoRATrainer.swift:396).
+    target_layers: str = _f("all", choices=("attention", "attention_output", "attention_ffn", "all"))
 
 
 @dataclass
@@ -143,15 +159,20 @@ class DatasetConfig:
 class TrainingParams:
     batch_size: int = _f(1, ge=1)
     gradient_accumulation: int = _f(1, ge=1)
-    epochs: int = _f(10, ge=1)  # used when max_steps is absent
-    max_steps: int | None = _f(None, gt=0)
-    warmup_steps: int = _f(100, ge=0)
+    epochs: int = _f(10, ge=1)  # without max_steps: epochs x 100 steps, as the Swift trainer
+    max_steps: int | None = _f(None, gt=0)  # derived: epochs x 100 (TrainLoRACommand.swift:707)
+    warmup_steps: int = _f(0, ge=0)  # the Swift trainer never warms up (it reads and drops the key)
     optimizer: str = _f("adamw", choices=tuple(OPTIMIZER_DEFAULTS))
     learning_rate: float | None = _f(None, gt=0, lt=1)  # derived: OPTIMIZER_DEFAULTS
     weight_decay: float | None = _f(None, ge=0)  # derived: OPTIMIZER_DEFAULTS
     caption_dropout: float = _f(0.0, ge=0, le=1)
     max_grad_norm: float = _f(1.0, ge=0)  # 0 disables clipping
-    lr_scheduler: str = _f("cosine", choices=("constant", "cosine", "linear"))
+    # constant: what the Swift trainer does whatever this says. cosine_with_restarts (Swift's value,
+    # never applied there) is trained as cosine with a warning.
+    lr_scheduler: str = _f("constant", choices=("constant", "cosine", "linear"),
+                           aliases={"cosine_with_restarts": "cosine"},
+                           alias_notes={"cosine_with_restarts": "trained as 'cosine' (one cycle, mflux2 has no restarts; "
+                                                                "the Swift trainer reads it but trains at a constant rate)"})
     eval_every_n_steps: int = _f(10, ge=1)
     log_every_n_steps: int = _f(10, ge=1)
     seed: int = _f(42, ge=0)  # ours
@@ -165,12 +186,14 @@ class LossConfig:
         choices=("uniform", "bell_shaped", "snr_weighted"),
         aliases={"none": "uniform", "bellshaped": "bell_shaped", "bell-shaped": "bell_shaped",
                  "weighted": "bell_shaped", "snr": "snr_weighted"},
+        fallback="uniform",  # the Swift trainer trains an unknown name as uniform (TrainingConfigYAML.swift:638)
     )
     timestep_sampling: str = _f(
         "balanced",
         choices=("uniform", "content", "style", "balanced", "logit_normal", "flux_shift"),
         aliases={"logit-normal": "logit_normal", "logitnormal": "logit_normal",
                  "flux-shift": "flux_shift", "fluxshift": "flux_shift"},
+        fallback="uniform",  # the Swift trainer trains an unknown name as uniform (TrainingConfigYAML.swift:621)
     )
     logit_normal_mean: float = _f(0.0)
     logit_normal_std: float = _f(1.0, gt=0)
@@ -178,7 +201,7 @@ class LossConfig:
     diff_output_preservation: bool = _f(False)
     diff_output_preservation_class: str | None = _f(None, check=_check_nonempty)
     diff_output_preservation_multiplier: float = _f(1.0, ge=0)
-    diff_output_preservation_every_n_steps: int | None = _f(None, ge=1)  # derived: MODEL_DEFAULTS
+    diff_output_preservation_every_n_steps: int = _f(1, ge=1)  # the seed guide's 1
 
 
 @dataclass
@@ -191,9 +214,11 @@ class BucketingConfig:
 class MemoryConfig:
     # false/0: off; true: every transformer block; an int n: every n-th block (ours)
     gradient_checkpointing: Union[bool, int] = _f(False, ge=0)
-    cache_latents: bool = _f(True)
-    cache_text_embeddings: bool = _f(True)
-    cpu_offload: bool = _f(False)
+    # mflux2 always caches latents and text embeddings and releases the text encoder once the cache
+    # is filled (the Swift trainer's train-lora, too, whatever these say); false warns that it is ignored.
+    cache_latents: bool = _f(True, ignored_value=False)
+    cache_text_embeddings: bool = _f(True, ignored_value=False)
+    cpu_offload: bool = _f(True, ignored_value=False)
     compile_training: bool = _f(True)
     bucketing: BucketingConfig = field(default_factory=BucketingConfig)
 
@@ -227,6 +252,7 @@ class ValidationPrompt:
 
     IGNORED: ClassVar[dict[str, str]] = {
         "reference_image": "image-to-image validation is not supported by mflux2",
+        "is_vlm_generated": "it marks prompts for VLM scoring, which mflux2 does not do",
     }
 
 
@@ -279,6 +305,8 @@ class TrainConfig:
     # Not part of the schema: where the config came from and its raw mapping (for apply_overrides).
     source: str = field(default="<config>", repr=False, compare=False, metadata={"internal": True})
     raw: dict = field(default_factory=dict, repr=False, compare=False, metadata={"internal": True})
+    # dotted key -> "file" | "override" | None (Swift default) | a reason (mflux2 default); see dump_yaml.
+    provenance: dict = field(default_factory=dict, repr=False, compare=False, metadata={"internal": True})
 
     @property
     def resolutions(self) -> list[int]:
@@ -287,34 +315,191 @@ class TrainConfig:
         return list(b.resolutions) if b.enabled else [self.dataset.image_size]
 
     @property
+    def training_variant(self) -> str | None:
+        """The variant of the transformer that trains: klein-4b/klein-9b train the klein-base weights
+        unless model.use_base is false (the Swift trainer always trains them); None without a name."""
+        name = self.model.name
+        if name in BASE_OF and self.model.use_base:
+            return BASE_OF[name]
+        return name
+
+    @property
+    def validation_variant(self) -> str | None:
+        """The variant that renders the validation images: the distilled klein model for klein-4b/
+        klein-9b (even when the base trains, as the Swift trainer does), dev for dev, a klein-base name
+        as named; None without a name (model.path alone: the training model itself)."""
+        return self.model.name
+
+    @property
     def model_repo(self) -> str | None:
-        return MODEL_DEFAULTS[self.model.name].repo if self.model.name else None
+        """The hub repo of the training transformer (follows training_variant)."""
+        v = self.training_variant
+        return MODEL_DEFAULTS[v].repo if v else None
+
+    @property
+    def validation_repo(self) -> str | None:
+        """model.validation_path, else the hub repo of validation_variant when it differs from the
+        training variant; None when validation uses the training model itself."""
+        if self.model.validation_path:
+            return self.model.validation_path
+        v = self.validation_variant
+        return MODEL_DEFAULTS[v].repo if v and v != self.training_variant else None
 
     def resolve_model_defaults(self, variant: str) -> "TrainConfig":
-        """Fill the still-unset per-model defaults (DOP every-n, validation steps/guidance) for
-        `variant` (a MODEL_DEFAULTS name). load_config does this when model.name is given; with
-        model.path alone the caller does it once the architecture is read from the folder."""
+        """Fill the still-unset per-model defaults (validation steps/guidance) for `variant` (a
+        MODEL_DEFAULTS name: the variant that renders the validation images). load_config does this
+        when model.name is given; with model.path alone the caller does it once the architecture is
+        read from the folder."""
         if variant not in MODEL_DEFAULTS:
             raise ConfigError(f"{self.source}: model: unknown model variant {variant!r} (one of {', '.join(MODEL_DEFAULTS)})")
         d = MODEL_DEFAULTS[variant]
-        if self.loss.diff_output_preservation_every_n_steps is None:
-            self.loss.diff_output_preservation_every_n_steps = d.dop_every_n_steps
+        swift = variant in ("klein-4b", "klein-9b")  # the Swift trainer: 4 steps, guidance 1.0 for every model
+        why = None if swift else f"mflux2 default: {variant} needs more than the Swift trainer's 4 steps at guidance 1.0"
         if self.validation.steps is None:
             self.validation.steps = d.validation_steps
+            self.provenance.setdefault("validation.steps", why)
         if self.validation.guidance is None:
             self.validation.guidance = d.validation_guidance
+            self.provenance.setdefault("validation.guidance", why)
         return self
 
     def to_dict(self) -> dict:
         """The fully resolved config as plain YAML-able data (what --print-config shows)."""
         return _to_plain(self)
 
-    def dump_yaml(self) -> str:
+    def dump_yaml(self, annotate: bool = False) -> str:
+        """The resolved config as YAML; with `annotate`, each value carries a comment saying where it
+        came from: `# from file`, `# from override`, `# Swift default` or `# mflux2 default: <why>`."""
         d = self.to_dict()
-        text = yaml.safe_dump(d, sort_keys=False, allow_unicode=True, width=120)
-        if yaml.safe_load(text) != d:  # PyYAML writes some line breaks (U+0085, U+2028) raw: escape them
-            text = yaml.safe_dump(d, sort_keys=False, allow_unicode=False, width=120)
+        for unicode in (True, False):  # PyYAML writes some line breaks (U+0085, U+2028) raw: escape them
+            if annotate:
+                text = _annotated_yaml(d, self.provenance_labels(), unicode)
+            else:
+                text = yaml.safe_dump(d, sort_keys=False, allow_unicode=unicode, width=120)
+            if yaml.safe_load(text) == d:
+                break
         return text
+
+    def provenance_labels(self) -> dict[str, str]:
+        """Dotted key -> where its value came from (the comments of dump_yaml(annotate=True))."""
+        out = {}
+        for path in _leaf_paths(self.to_dict()):
+            src = self.provenance.get(path, _DEFAULT_NOTES.get(path, "mflux2 default"))
+            if src in ("file", "override"):
+                out[path] = f"from {src}"
+            elif src is not None and src.startswith("from "):
+                out[path] = src
+            elif src is None:
+                out[path] = "Swift default"
+            elif src.startswith("swift: "):
+                out[path] = "Swift default: " + src[len("swift: "):]
+            else:
+                out[path] = src if src.startswith("mflux2 default") else f"mflux2 default: {src}"
+        return out
+
+
+def _leaf_paths(d: dict, prefix: str = "") -> list[str]:
+    out = []
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out += _leaf_paths(v, f"{prefix}{k}.")
+        else:
+            out.append(prefix + k)
+    return out
+
+
+def _flow(v: Any, unicode: bool) -> str:
+    text = yaml.safe_dump(v, default_flow_style=True, allow_unicode=unicode, width=1 << 30)
+    text = text.rstrip("\n")
+    if text.endswith("\n..."):
+        text = text[: -len("\n...")]
+    elif text.endswith("..."):
+        text = text[:-3].rstrip("\n")
+    return text
+
+
+def _annotated_yaml(d: dict, labels: dict[str, str], unicode: bool) -> str:
+    rows: list[tuple[str, str | None]] = []
+
+    def emit(obj: dict, prefix: str, indent: int) -> None:
+        for k, v in obj.items():
+            pad = "  " * indent
+            if isinstance(v, dict):
+                rows.append((f"{pad}{k}:", None))
+                emit(v, f"{prefix}{k}.", indent + 1)
+            else:
+                rows.append((f"{pad}{k}: {_flow(v, unicode)}", labels.get(prefix + k)))
+
+    emit(d, "", 0)
+    width = min(max((len(r) for r, c in rows if c), default=0), 60)
+    return "".join(f"{r.ljust(width)}  # {c}\n" if c else f"{r}\n" for r, c in rows)
+
+
+# Where a default comes from when a key is absent from the file: None = the Swift trainer's real
+# behaviour with the same file (file:line of flux-2-swift-mlx in docs/training.md); a string = ours,
+# with the reason. Derived values (_finalize) record their own note in TrainConfig.provenance.
+_DEFAULT_NOTES: dict[str, str | None] = {
+    "model.name": None,
+    "model.path": "no Swift key; the weights come from the hub",
+    "model.use_base": None,
+    "model.validation_path": "no Swift key; the hub repo of the validation variant",
+    "model.quantization": None,
+    "model.transformer_quantization": "no Swift key; bf16 when it fits (as the Swift trainer always), quantized only when it would not",
+    "lora.rank": "the seed guide's 32 (Swift: 16)",
+    "lora.alpha": None,
+    "lora.dropout": None,
+    "lora.target_layers": None,
+    "dataset.path": None,
+    "dataset.validation_path": None,
+    "dataset.trigger_word": None,
+    "dataset.caption_format": None,
+    "dataset.image_size": None,
+    "dataset.skip_bad_images": "no Swift key",
+    "training.batch_size": None,
+    "training.gradient_accumulation": None,
+    "training.epochs": None,
+    "training.max_steps": None,
+    "training.warmup_steps": None,
+    "training.optimizer": None,
+    "training.learning_rate": None,
+    "training.weight_decay": None,
+    "training.caption_dropout": None,
+    "training.max_grad_norm": None,
+    "training.lr_scheduler": None,
+    "training.eval_every_n_steps": None,
+    "training.log_every_n_steps": None,
+    "training.seed": "no Swift key",
+    "training.dtype": "no Swift key",
+    "loss.weighting": None,
+    "loss.timestep_sampling": "the seed guide's balanced (Swift: uniform)",
+    "loss.logit_normal_mean": None,
+    "loss.logit_normal_std": None,
+    "loss.flux_shift": None,
+    "loss.diff_output_preservation": None,
+    "loss.diff_output_preservation_class": None,
+    "loss.diff_output_preservation_multiplier": None,
+    "loss.diff_output_preservation_every_n_steps": None,
+    "memory.gradient_checkpointing": None,
+    "memory.cache_latents": None,
+    "memory.cache_text_embeddings": None,
+    "memory.cpu_offload": "the text encoder is always released once the embedding cache is filled (Swift: false)",
+    "memory.compile_training": "the seed guide's true (Swift: false)",
+    "memory.bucketing.enabled": "the seed guide's true (Swift: false)",
+    "memory.bucketing.resolutions": "the seed guide's [512], or [dataset.image_size] (Swift: [512, 768, 1024])",
+    "checkpoints.output": "output/<config file name> (the Swift trainer requires the key)",
+    "checkpoints.save_every": "the seed guide's 125 (Swift: 500)",
+    "checkpoints.keep_last": None,
+    "checkpoints.learning_curve": None,
+    "checkpoints.learning_curve_smoothing_window": None,
+    "validation.prompts": None,
+    "validation.every_n_steps": "checkpoints.save_every: every checkpoint gets its images (Swift: 500)",
+    "validation.seed": None,
+    "validation.guidance": None,
+    "validation.steps": None,
+    "ema.enabled": None,  # the Swift parser's true is never used: its trainer has no EMA
+    "ema.decay": None,
+    **{f"early_stop.{f.name}": None for f in fields(EarlyStopConfig)},
+}
 
 
 @functools.lru_cache(maxsize=None)
@@ -349,6 +534,8 @@ class _Ctx:
         self.source = source
         self.lines = lines or {}
         self.overridden: set[tuple] = set()
+        self.given: set[tuple] = set()  # key paths (canonical names) the file or an override set
+        self._warned: set[tuple] = set()
 
     def where(self, path: tuple) -> str:
         for n in range(len(path), 0, -1):  # the nearest enclosing key that has a line
@@ -363,7 +550,18 @@ class _Ctx:
         return ConfigError(f"{self.where(path)}: {p + ': ' if p else ''}{msg}")
 
     def warn(self, path: tuple, msg: str) -> None:
+        """One warning line per key: the same key in several list items (prompts[0], prompts[1], ...)
+        warns once, at the first."""
+        key = tuple(p for p in path if not isinstance(p, int))
+        if key in self._warned:
+            return
+        self._warned.add(key)
         warnings.warn(f"{self.where(path)}: {_path_str(path)}: {msg}", ConfigWarning, stacklevel=4)
+
+    def source_of(self, path: tuple) -> str | None:
+        if any(path[:n] in self.overridden for n in range(1, len(path) + 1)):
+            return "override"
+        return "file" if path in self.given else None
 
 
 def _path_str(path: tuple) -> str:
@@ -425,10 +623,16 @@ def _check_meta(v: Any, meta: dict, ctx: _Ctx, path: tuple) -> Any:
         if key in aliases:
             if key in meta.get("warn_aliases", ()):
                 ctx.warn(path, f"{v!r} is treated as {aliases[key]!r}")
+            elif key in meta.get("alias_notes", {}):
+                ctx.warn(path, meta["alias_notes"][key])
             key = aliases[key]
         if key not in meta["choices"]:
             near = difflib.get_close_matches(key, list(meta["choices"]) + list(aliases), n=1, cutoff=0.5)
             hint = f" (did you mean {aliases.get(near[0], near[0])!r}?)" if near else ""
+            if "fallback" in meta:  # the Swift trainer runs such a file: so do we, and say so
+                ctx.warn(path, f"unknown value {_show(v)} (expected one of {', '.join(meta['choices'])}){hint}: "
+                               f"trained as {meta['fallback']!r}, as the Swift trainer does")
+                return meta["fallback"]
             raise ctx.error(path, f"invalid value {_show(v)}: expected one of {', '.join(meta['choices'])}{hint}")
         v = key
     if isinstance(v, (int, float)) and not isinstance(v, bool):
@@ -538,6 +742,10 @@ def _build_section(cls, data: Any, ctx: _Ctx, path: tuple):
         if v is None:  # `key:` with no value keeps the default (as the Swift trainer's optional fields)
             continue
         values[key] = _coerce(v, hints[key], fmap[key].metadata, ctx, kpath)
+        ctx.given.add(path + (key,))
+        if "ignored_value" in fmap[key].metadata and values[key] == fmap[key].metadata["ignored_value"]:
+            ctx.warn(kpath, f"{str(v).lower()} is ignored: mflux2 always caches latents and text embeddings and releases "
+                            f"the text encoder once they are cached (so does the Swift trainer, whatever this says)")
     for name, f in fmap.items():
         if f.metadata.get("required") and name not in values:
             raise ctx.error(path + (name,), "is required")
@@ -650,11 +858,32 @@ def _apply_raw_overrides(raw: Any, overrides: dict[str, Any] | None, ctx: _Ctx) 
 
 
 def _finalize(cfg: TrainConfig, ctx: _Ctx) -> TrainConfig:
-    """Derived defaults and the rules that span several keys."""
+    """Derived defaults and the rules that span several keys. Where the Swift trainer silently
+    repairs a config (DOP without a class word or a trigger word), the same file runs here, with one
+    warning line that says what was assumed."""
+    prov = cfg.provenance
+    for path in _leaf_paths(cfg.to_dict()):
+        src = ctx.source_of(tuple(path.split(".")))
+        if src:
+            prov[path] = src
+
+    def derived(path: str, note: str | None) -> None:  # a value filled here: record why
+        if path not in prov:
+            prov[path] = note
+
     if cfg.model.name is None and cfg.model.path is None:
         cfg.model.name = "klein-4b"
+    if cfg.model.name is None:
+        derived("model.name", "none: the architecture is read from model.path")
     if cfg.model.path is not None and not Path(cfg.model.path).expanduser().exists():
         raise ctx.error(("model", "path"), f"no such file or folder: {cfg.model.path}")
+    name = cfg.model.name
+    if not cfg.model.use_base:
+        if name in BASE_OF:
+            ctx.warn(("model", "use_base"), f"false: trains the distilled {name} weights; the Swift trainer would "
+                                            f"train {BASE_OF[name]} (it always trains the undistilled base)")
+        elif name is not None:
+            ctx.warn(("model", "use_base"), f"false has no effect on {name} (it has no distilled/base pair)")
     if cfg.lora.alpha is None:
         cfg.lora.alpha = float(cfg.lora.rank)
     opt = OPTIMIZER_DEFAULTS[cfg.training.optimizer]
@@ -662,6 +891,14 @@ def _finalize(cfg: TrainConfig, ctx: _Ctx) -> TrainConfig:
         cfg.training.learning_rate = opt["learning_rate"]
     if cfg.training.weight_decay is None:
         cfg.training.weight_decay = opt["weight_decay"]
+        if cfg.training.optimizer == "adamw":
+            derived("training.weight_decay", "the seed guide's 1e-4 (Swift: 0.01)")
+    if cfg.training.max_steps is None:  # the Swift trainer: epochs x 100 steps, whatever the dataset size
+        cfg.training.max_steps = cfg.training.epochs * 100
+        derived("training.max_steps", "swift: epochs x 100")
+        if prov.get("training.epochs") in ("file", "override"):
+            ctx.warn(("training", "epochs"), f"{cfg.training.epochs} without max_steps trains {cfg.training.max_steps} steps "
+                                             f"(epochs x 100, as the Swift trainer does; not passes over the data)")
     if cfg.dataset.path is None:
         raise ctx.error(("dataset", "path"), "is required (a folder of images or a Hugging Face dataset id)")
     if cfg.checkpoints.output is None:
@@ -671,20 +908,28 @@ def _finalize(cfg: TrainConfig, ctx: _Ctx) -> TrainConfig:
         cfg.memory.bucketing.resolutions = [cfg.dataset.image_size]
     if cfg.validation.every_n_steps is None:
         cfg.validation.every_n_steps = cfg.checkpoints.save_every
+        if prov.get("checkpoints.save_every") in ("file", "override"):
+            derived("validation.every_n_steps", "= checkpoints.save_every: every checkpoint gets its images (Swift: 500)")
     if cfg.loss.diff_output_preservation:
-        if not cfg.dataset.trigger_word:
-            raise ctx.error(("loss", "diff_output_preservation"),
-                            "DOP is on but dataset.trigger_word is not set (DOP replaces the trigger word by the class word); set it or turn DOP off")
-        if not cfg.loss.diff_output_preservation_class:
-            raise ctx.error(("loss", "diff_output_preservation"),
-                            "DOP is on but loss.diff_output_preservation_class is not set (e.g. \"cat\", \"person\"); set it or turn DOP off")
+        if not cfg.dataset.trigger_word:  # TrainLoRACommand.swift:753: DOP only with a trigger word
+            ctx.warn(("loss", "diff_output_preservation"),
+                     "true but dataset.trigger_word is not set: DOP is turned off (it replaces the trigger word by the "
+                     "class word), as the Swift trainer does; set a trigger word to use DOP")
+            cfg.loss.diff_output_preservation = False
+            prov["loss.diff_output_preservation"] = "from file (true), turned off as the Swift trainer does: no dataset.trigger_word"
+        elif not cfg.loss.diff_output_preservation_class:  # TrainLoRACommand.swift:756: class "object"
+            ctx.warn(("loss", "diff_output_preservation"),
+                     "true but loss.diff_output_preservation_class is not set: the class word 'object' is assumed, "
+                     "as the Swift trainer does; set it (e.g. \"cat\", \"person\") to say what the subject is")
+            cfg.loss.diff_output_preservation_class = "object"
+            derived("loss.diff_output_preservation_class", "swift: assumed, DOP is on without a class word")
     if cfg.validation.prompts and not cfg.dataset.trigger_word and any(p.apply_trigger for p in cfg.validation.prompts):
         ctx.warn(("validation", "prompts"), "apply_trigger is true but dataset.trigger_word is not set: the prompts are used as written")
     for i, p in enumerate(cfg.validation.prompts):
         if not (p.is_512 or p.is_1024):
             ctx.warn(("validation", "prompts", i), "is_512 and is_1024 are both false: this prompt makes no image")
-    if cfg.model.name is not None:
-        cfg.resolve_model_defaults(cfg.model.name)
+    if cfg.validation_variant is not None:
+        cfg.resolve_model_defaults(cfg.validation_variant)
     return cfg
 
 
