@@ -695,3 +695,16 @@ def test_dump_yaml_round_trips_line_break_characters():
         cfg = config_from_dict({"dataset": {"path": path}})
         assert config_from_dict(yaml.safe_load(cfg.dump_yaml())).dataset.path == path
     assert "café" in config_from_dict({"dataset": {"path": "café"}}).dump_yaml()  # readable where it can be
+
+
+def test_cli_print_config_marks_every_value(tmp_path, capsys):
+    from mflux2.training.cli import main
+
+    path = write(tmp_path, "model: {name: klein-4b}\ndataset: {path: d}\nlora: {rank: 8}")
+    assert main([str(path), "--print-config", "--max-steps", "5"]) == 0
+    out = capsys.readouterr().out
+    assert yaml.safe_load(out)["lora"]["rank"] == 8
+    values = [l for l in out.splitlines() if not l.rstrip().endswith(":")]
+    assert values and all(" # " in l for l in values)
+    assert "rank: 8" in out and "# from file" in out and "# from override" in out
+    assert "# Swift default" in out and "# mflux2 default: the seed guide's 32" not in out

@@ -1,9 +1,13 @@
 """The training config: flux-2-swift-mlx's YAML schema as validated dataclasses.
 
 A user's config file from the Swift trainer runs unchanged: every section and key keeps its name and
-meaning (see /work/shared/spec/training.md). Ours in addition: model.path,
+meaning (see /work/shared/spec/training.md). Ours in addition: model.path, model.validation_path,
 model.transformer_quantization, training.seed, dataset.skip_bad_images and an int ("every n blocks")
 for memory.gradient_checkpointing.
+
+The rule for a key left out: the seed guide's default stands; where it is silent, the default is what
+the Swift trainer really does with the same file (its training code, not only its parser).
+_DEFAULT_NOTES records, per key, which of the two it is (or why ours differs); --print-config shows it.
 
 Defaults live in one place: the dataclass field defaults below. A default of None on a field whose
 comment says "derived" is filled by `_finalize` from the tables MODEL_DEFAULTS / OPTIMIZER_DEFAULTS
