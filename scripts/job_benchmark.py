@@ -266,7 +266,7 @@ def run_job(config: str, model: Path, validation_model: Path | None, dataset: Pa
     return {
         "wall_s": round(wall, 2), "phases": {k: round(v, 3) for k, v in phases.items()},
         "phases_sum_s": round(sum(phases.values()), 2), "phase_peak_gb": peaks,
-        "peak_gb": round(max(peaks.values(), default=0.0), 3), "steps": len(steps),
+        "peak_gb": max(peaks.values(), default=0.0), "steps": len(steps),
         "median_step_s": round(float(np.median(step_times)), 4) if step_times else None,
         "not_steps_share": round(1 - train / wall, 4),
         "wall_over_250_median": round(wall / (len(steps) * float(np.median(step_times))), 3) if step_times else None,
@@ -285,12 +285,13 @@ def main(argv=None) -> int:
     work = Path(args.work or f"/tmp/mflux2-job-{'tiny' if args.tiny else args.model}")
     work.mkdir(parents=True, exist_ok=True)
     config = CONFIGS[args.model]
-    extra = [x for s in args.set for x in ("--set", s)]
+    # every step's time in metrics.jsonl (for the median); logging changes nothing else
+    extra = ["--set", "training.log_every_n_steps=1"] + [x for s in args.set for x in ("--set", s)]
     if args.tiny:
         base, distilled = write_tiny_folders(work)
         dataset = write_dataset(work / "cat_toy", scale=0.06)
-        # the toy is 64 px wide: the same job, shortened (steps, cadence) and at the toy's size
-        extra += ["--max-steps", "6", "--save-every", "3", "--set", "validation.every_n_steps=3",
+        # the same job, shortened (steps, cadence), at the toy's size; the toy is no klein-4b, so no name
+        extra += ["--set", "model.name=null", "--max-steps", "6", "--save-every", "3", "--set", "validation.every_n_steps=3",
                   "--set", "memory.bucketing.resolutions=[64]",
                   "--set", "validation.prompts=[{prompt: a toy on a beach, apply_trigger: true, sizes: [64]}]"]
     else:

@@ -56,25 +56,13 @@ class TrainingError(RuntimeError):
 # Model
 
 
-def training_variant(cfg: TrainConfig) -> str | None:
-    """The variant whose weights train: for `klein-4b`/`klein-9b` the klein-base weights unless
-    `model.use_base: false` (the Swift trainer's behaviour; config.py decides)."""
-    return getattr(cfg, "training_variant", cfg.model.name)
-
-
-def validation_variant(cfg: TrainConfig) -> str | None:
-    """The variant validation images are generated with: the distilled klein for klein names (how the
-    LoRA is used: 4 steps, no CFG), else the training model."""
-    return getattr(cfg, "validation_variant", cfg.model.name)
-
-
 def open_model(cfg: TrainConfig, transformer_quantization: str | None = None):
     """A lazily loading Flux2Pipeline for the model that trains (local folder/file, converted folder,
     or hub id), its variant checked against the config's."""
     from mflux2.pipeline import Flux2Pipeline
 
     te_quant = None if cfg.model.quantization in ("bf16", "auto") else cfg.model.quantization  # auto: Trainer
-    variant = training_variant(cfg)
+    variant = cfg.training_variant
     return Flux2Pipeline.from_pretrained(
         cfg.model.path or variant, variant=variant,
         dtype=mx.float32 if cfg.training.dtype == "float32" else mx.bfloat16,
@@ -430,7 +418,8 @@ class Trainer:
         """Which model, steps and guidance the validation images come from (as the LoRA's user runs it)."""
         if not self.val_items:
             return "none"
-        name = self.val_variant or f"custom ({self.val_family})"
+        name = self.val_variant or (f"{Path(self.cfg.validation_repo).name} ({self.val_family})" if self.val_pipe is not None
+                                    else f"custom ({self.val_family})")
         how = f"{self.cfg.validation.steps} steps"
         if self.val_cfg_scale:
             how += f", CFG {self.val_cfg_scale:g}"
@@ -438,7 +427,7 @@ class Trainer:
             how += f", guidance {self.val_guidance:g}"
         else:
             how += ", no CFG" + (" (step-distilled)" if self.val_family == "klein" else "")
-        trained = f"; LoRA trained on {self.pipe.variant}" if self.val_pipe is not None else ""
+        trained = f"; LoRA trained on {self.pipe.variant or self.pipe.source.root.name}" if self.val_pipe is not None else ""
         return f"{name}, {how}{trained}"
 
     def _write_curve(self, state: RunState):
@@ -491,27 +480,25 @@ class Trainer:
         transformer carries the same LoRA layers, which share the training model's LoRA arrays.
         It stays loaded beside the training model when both fit twice over in the machine's memory,
         else it is loaded for each validation and freed after it (the run's peak stays the step's)."""
-        from mflux2.pipeline import family_of
         from mflux2.training import memory
 
         self._val_model = None
         self.val_pipe = None
         self.keep_validation_model = False
-        want = validation_variant(self.cfg)
-        if not self.val_items or want is None or want == self.pipe.variant:
+        want, where = self.cfg.validation_variant, self.cfg.validation_repo
+        if not self.val_items or where is None:
             self.val_family, self.val_variant = self.pipe.family, self.pipe.variant
             return
         from mflux2.pipeline import Flux2Pipeline
 
         q = self.transformer_quantization
         self.val_pipe = Flux2Pipeline.from_pretrained(
-            self.cfg.model.validation_path if getattr(self.cfg.model, "validation_path", None) else want,
-            variant=want, dtype=self.pipe.dtype, quantize=None if q == "bf16" else q, low_memory=True)
-        self.val_family, self.val_variant = family_of(want), want
+            where, variant=want, dtype=self.pipe.dtype, quantize=None if q == "bf16" else q, low_memory=True)
+        self.val_family, self.val_variant = self.val_pipe.family, self.val_pipe.variant
         extra = self.val_pipe.loaded_bytes(self.val_pipe.source.transformer, self.val_pipe.quantize) / 1e9
         budget = memory.available_gb()
         self.keep_validation_model = bool(budget) and 2 * (self.planned_peak_gb + extra) <= budget
-        self.log(f"validation images: {want} ({extra:.1f} GB), "
+        self.log(f"validation images: {self.val_variant or where} ({extra:.1f} GB), "
                  f"{'kept loaded beside the training model' if self.keep_validation_model else 'loaded for each validation and freed after'}")
 
     def _validation_model(self):
@@ -620,9 +607,10 @@ class Trainer:
         clock = self.clock
         if self.started_at is not None:
             clock.add("start-up", time.perf_counter() - self.started_at)
-        with clock("setup"):
-            ckpt = self._setup()
-        return self._run(ckpt)
+        with clock("other (between phases)"):  # what no named phase below covers
+            with clock("setup"):
+                ckpt = self._setup()
+            return self._run(ckpt)
 
     def _setup(self) -> Path | None:
         """Everything before the caches: output folder, resume point, model files, dataset, plans."""
@@ -703,10 +691,11 @@ class Trainer:
         prev_handler = signal.signal(signal.SIGINT, self._on_sigint)
         # Apple Silicon: wire the recommended working set so the weights stay resident between
         # steps (mlx-lm's context manager; a no-op where there is no Metal device).
-        from mlx_lm.generate import wired_limit
-
         resident = contextlib.ExitStack()
-        resident.enter_context(wired_limit(self.model))
+        if mx.device_info().get("max_recommended_working_set_size"):  # Metal (importing mlx-lm costs ~1.5 s)
+            from mlx_lm.generate import wired_limit
+
+            resident.enter_context(wired_limit(self.model))
         bar = tqdm(total=total, initial=state.step, desc="training", unit="step", dynamic_ncols=True, disable=self.rank != 0)
         smooth = None
         consecutive_bad = 0

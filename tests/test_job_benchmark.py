@@ -1,0 +1,36 @@
+"""scripts/job_benchmark.py --tiny: the whole cat-toy job through the real CLI on the toy model,
+twice (cold, then with the caches), timed by the trainer's own phases."""
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_tiny_job_benchmark_phases_add_up_and_the_cached_run_skips_the_encoders(tmp_path):
+    t0 = time.time()
+    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "job_benchmark.py"), "--tiny", "--work", str(tmp_path)],
+                         capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-3000:]
+    r = json.loads([line for line in out.stdout.splitlines() if line.startswith("{")][-1])
+    assert time.time() - t0 < 240  # the issue asks < 2 min on 2 idle cores; leave room for a busy CI box
+    for run in ("cold", "cached"):
+        j = r[run]
+        assert j["steps"] == 6 and j["median_step_s"] > 0
+        assert abs(j["phases_sum_s"] - j["wall_s"]) <= 0.05 * j["wall_s"], j  # every second is in a phase
+        for name in ("start-up", "setup", "latent cache", "text encoder: load, embed, free", "transformer load",
+                     "baseline validation", "validation 3", "validation 6", "checkpoint 3", "checkpoint 6",
+                     "training steps", "report + learning curve"):
+            assert name in j["phases"], (run, name)
+        assert j["peak_gb"] == max(j["phase_peak_gb"].values()) > 0
+    cold, cached = r["cold"]["phases"], r["cached"]["phases"]
+    # the second run encodes nothing: neither the text encoder nor the VAE encoder is loaded
+    assert cached["text encoder: load, embed, free"] < 0.1 * cold["text encoder: load, embed, free"]
+    assert r["cached"]["phase_peak_gb"]["text encoder: load, embed, free"] < 0.5 * r["cold"]["phase_peak_gb"]["text encoder: load, embed, free"]
+    report = (tmp_path / "run1" / "report.html").read_text()
+    assert 'id="timing"' in report and "baseline validation" in report
+    # validation images come from the distilled folder (model.validation_path), said in the report
+    assert "toy-distilled (klein), 4 steps, no CFG (step-distilled); LoRA trained on toy-base" in report
