@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # mflux2 and tests/ from this checkout
 CONFIGS = {"klein-4b": "configs/cat-toy.yaml", "klein-9b": "configs/klein-9b-subject.yaml", "dev": "configs/dev-subject.yaml"}
 # diffusers/cat_toy_example: 6 photos (1, 2, 3, 4, 6, 7.jpeg), no captions, these sizes (W x H)
 CAT_TOY_SIZES = [(1121, 1022), (902, 846), (1147, 1231), (905, 1097), (1103, 1141), (1167, 1010)]
@@ -127,7 +128,6 @@ def _qwen3_tokenizer(folder: Path, vocab: int = QWEN3_VOCAB) -> None:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    sys.path.insert(0, str(ROOT))
     from tests.tiny_tokenizers import QWEN3_ADDED, QWEN3_CHAT_TEMPLATE, QWEN3_SPECIALS
 
     alphabet = pre_tokenizers.ByteLevel.alphabet()
@@ -143,12 +143,13 @@ def _qwen3_tokenizer(folder: Path, vocab: int = QWEN3_VOCAB) -> None:
                 merges.append((a, b))
                 vocab_map[a + b] = len(vocab_map)
     while len(vocab_map) < vocab:
-        a, b = tokens[rng.integers(len(tokens))], tokens[rng.integers(len(tokens))]
-        if a + b in vocab_map or len(a + b) > 12:
-            continue
-        merges.append((a, b))
-        vocab_map[a + b] = len(vocab_map)
-        tokens.append(a + b)
+        for i, j in (rng.random((65536, 2)) * len(tokens)).astype(np.int64):
+            a, b = tokens[i], tokens[j]
+            if len(vocab_map) >= vocab or a + b in vocab_map or len(a) + len(b) > 12:
+                continue
+            merges.append((a, b))
+            vocab_map[a + b] = len(vocab_map)
+            tokens.append(a + b)
     raw = Tokenizer(models.BPE(vocab=vocab_map, merges=merges))
     raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     raw.decoder = decoders.ByteLevel()
