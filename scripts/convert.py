@@ -36,7 +36,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from mflux2 import __version__  # noqa: E402
 from mflux2.hub import ModelLoadError  # noqa: E402
 from mflux2.models.quantization import QUANT_GROUP_SIZE  # noqa: E402
-from mflux2.pipeline import MFLUX2_CONFIG, MFLUX2_FORMAT_VERSION, Flux2Pipeline, save_component  # noqa: E402
+from mflux2.model_files import MFLUX2_CONFIG, MFLUX2_FORMAT_VERSION, save_component  # noqa: E402
+from mflux2.pipeline import Flux2Pipeline  # noqa: E402
 from mflux2.weights import WeightsError  # noqa: E402
 
 DTYPES = {"bfloat16": mx.bfloat16, "float16": mx.float16, "float32": mx.float32}

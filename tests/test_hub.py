@@ -30,7 +30,8 @@ from huggingface_hub.utils import filter_repo_objects
 from mflux2 import hub
 from mflux2.hub import ModelLoadError
 from mflux2.models.transformer import PRESETS
-from mflux2.pipeline import Flux2Pipeline, resolve_source
+from mflux2.model_files import resolve_source
+from mflux2.pipeline import Flux2Pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -172,7 +173,7 @@ def test_environment_variables_are_honoured_by_huggingface_hub(tmp_path):
     # HF_HUB_CACHE + HF_HUB_OFFLINE, read by huggingface_hub at import in a fresh process
     cache = tmp_path / "cache"
     snapshot = add_to_cache(cache, "black-forest-labs/FLUX.2-klein-4B", klein4b_skeleton())
-    code = "from mflux2.pipeline import resolve_source; s = resolve_source('klein-4b'); print(s.root, s.variant)"
+    code = "from mflux2.model_files import resolve_source; s = resolve_source('klein-4b'); print(s.root, s.variant)"
     r = run_python(code, {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache)})
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == [str(snapshot), "klein-4b"]
