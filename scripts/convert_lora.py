@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 import mlx.core as mx  # noqa: E402
 
-from mflux2.lora import FORMATS, LoRAError, convert_lora  # noqa: E402
+from mflux2.lora_formats import FORMATS, LoRAError, convert_lora  # noqa: E402
 
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
 

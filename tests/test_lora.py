@@ -14,11 +14,9 @@ from mlx.utils import tree_flatten
 from safetensors.torch import save_file
 
 from mflux2.lora import (
-    FORMATS,
     LoRAError,
     LoRALinear,
     apply_lora,
-    convert_lora,
     freeze_for_lora,
     fuse_lora,
     load_lora,
@@ -26,12 +24,12 @@ from mflux2.lora import (
     lora_layers,
     lora_parameters,
     lora_weights,
-    read_lora,
     remove_lora,
     save_lora,
     set_lora_enabled,
     swapped_parameters,
 )
+from mflux2.lora_formats import FORMATS, convert_lora, read_lora
 from mflux2.models.transformer import load_transformer
 from test_transformer import make_inputs, make_reference, mlx_output, reference_output, rel_err
 
