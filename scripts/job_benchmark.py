@@ -252,6 +252,7 @@ def run_job(config: str, model: Path, validation_model: Path | None, dataset: Pa
     t0 = time.perf_counter()
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
     wall = time.perf_counter() - t0
+    (output / "job.log").write_text(out.stdout + "\n" + out.stderr.replace("\r", "\n"))
     if out.returncode != 0:
         sys.stderr.write(out.stdout[-3000:] + out.stderr[-5000:])
         raise SystemExit(f"job failed (exit {out.returncode}): {' '.join(cmd)}")

@@ -17,6 +17,10 @@ from mflux2.ops.glu import swiglu
 from mflux2.ops.switches import cuda_available, using
 
 TOLERANCE = 1e-4
+# A quantized base: the fallback is MLX's own quantized matmul, which on CUDA (MLX 0.32.4, H100,
+# 2026-12-05) differs from dequantize + float32 GEMM by 1.8e-4 (the same figure with and without our
+# dequantisation kernel, so it is MLX's kernel, not ours: the float32 GEMMs agree to 1.4e-7).
+TOLERANCE_QUANTIZED = 5e-4
 
 
 def _rel_err(got, ref) -> float:
@@ -127,10 +131,13 @@ CHECKS = {  # name -> (check, whether it needs CUDA)
 }
 
 
+QUANTIZED = ("linear_quantized", "dequantize_cuda")
+
+
 def check(name: str, seed: int = 0) -> dict:
     fn, needs_cuda = CHECKS[name]
     if needs_cuda and not (cuda_available() and mx.default_device() == mx.gpu):
         return {"max_rel_err": None, "ok": True, "skipped": "a CUDA kernel: no CUDA device here"}
     mx.random.seed(seed)
     err = fn()
-    return {"max_rel_err": err, "ok": err <= TOLERANCE}
+    return {"max_rel_err": err, "ok": err <= (TOLERANCE_QUANTIZED if name in QUANTIZED else TOLERANCE)}

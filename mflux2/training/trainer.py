@@ -454,7 +454,10 @@ class Trainer:
     def _render_validation(self, folder: Path, step: int):
         from mflux2 import sampling
 
-        model = self._validation_model()
+        clock = self.clock
+        with clock("validation: model load"):
+            model = self._validation_model()
+            mx.eval(model.parameters())
         model.eval()
         for it in self.val_items:
             n = sampling.image_seq_len(it.height, it.width)
@@ -463,9 +466,10 @@ class Trainer:
                                  self._embeds(it.prompt)[None], self.txt_ids, self._img_ids((it.width, it.height)),
                                  sampling.get_sigmas(self.cfg.validation.steps, n), guidance=self.val_guidance,
                                  neg_embeds=neg, neg_txt_ids=self.txt_ids, cfg_scale=self.val_cfg_scale)
-            pil = self.pipe.decode(x, it.height, it.width)[0]
-            path = folder / f"prompt_{it.index}_{it.width}x{it.height}.png"
-            atomic_write(path, lambda tmp: pil.save(tmp, format="PNG"))
+            with clock("validation: VAE decode + PNG"):
+                pil = self.pipe.decode(x, it.height, it.width)[0]
+                path = folder / f"prompt_{it.index}_{it.width}x{it.height}.png"
+                atomic_write(path, lambda tmp: pil.save(tmp, format="PNG"))
         model.train()
         if model is not self.model and not self.keep_validation_model:
             self._val_model = None  # loaded again at the next validation: it does not stay beside training
@@ -700,9 +704,11 @@ class Trainer:
         smooth = None
         consecutive_bad = 0
         reason = "finished"
-        steps_phase = clock("training steps")
+        steps_phase, first_step = clock("training steps"), None
         try:
             steps_phase.__enter__()
+            first_step = clock("first step (tracing, compiling)")
+            first_step.__enter__()
             while state.step < total:
                 if self._control(state) == "stop":
                     reason = "stopped"
@@ -728,6 +734,9 @@ class Trainer:
                 mx.eval(out["loss"], out["main"], out["pres"], out["finite"], out["grad_norm"], step_fn.state_arrays(),
                         self.ema if self.ema is not None else [])
                 dt = time.perf_counter() - t0
+                if first_step is not None:
+                    first_step.__exit__(None, None, None)
+                    first_step = None
                 state.step += 1
                 state.elapsed_s += dt
                 loss = out["loss"].item()
@@ -767,6 +776,8 @@ class Trainer:
                 if save_every and state.step % save_every == 0 and state.step < total:
                     self.save_checkpoint(state, with_images=bool(val_every) and state.step % val_every == 0)
         finally:
+            if first_step is not None:
+                first_step.__exit__(None, None, None)
             steps_phase.__exit__(None, None, None)
             bar.close()
             resident.close()
