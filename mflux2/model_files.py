@@ -229,10 +229,19 @@ def _reconcile(source, asked: str | None, family: str, detected: str | None) -> 
     if asked is None:
         return detected
     if detected is not None and asked != detected:
-        raise ModelLoadError(f"{source}: you asked for variant {asked!r} but the files are {detected}")
+        raise ModelLoadError(f"{source}: you asked for variant {asked!r} but the files are {detected}{_base_hint(asked, detected)}")
     if detected is None and family_of(asked) != family:
-        raise ModelLoadError(f"{source}: you asked for variant {asked!r} but the files are a {family} model")
+        raise ModelLoadError(f"{source}: you asked for variant {asked!r} but the files are a {family} model{_base_hint(asked, family)}")
     return asked
+
+
+def _base_hint(asked: str, found: str) -> str:
+    """Training configs name klein-4b/-9b and train the klein-base weights: say how to use a
+    distilled folder instead (or where the base weights are)."""
+    if asked.startswith("klein-base") and not found.startswith("klein-base") and found.startswith("klein"):
+        return (" (a training config's klein-4b/klein-9b trains the klein-base weights: point model.path at "
+                "FLUX.2-klein-base-*, or set model.use_base: false to train these distilled weights)")
+    return ""
 
 
 # ----------------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -387,3 +388,27 @@ def test_checkpointed_runs_on_cuda_set_small_command_batches_before_anything_run
         Trainer(load_config(cfg), log=logs.append).run()
     assert seen == [None, "4"]
     assert sum("command batches of 4" in line for line in logs) == 1
+
+
+def test_a_klein_name_on_a_distilled_folder_says_how_to_train_it(tiny, tmp_path):
+    """`model.name: klein-4b` trains the klein-base weights (as the Swift trainer): a local distilled
+    folder is refused with one line that names both ways out."""
+    import json as _json
+
+    from mflux2.hub import ModelLoadError
+    from mflux2.training.trainer import open_model
+
+    model, _ = tiny
+    index = _json.loads((model / "model_index.json").read_text())
+    assert index["is_distilled"] is False
+    distilled = tmp_path / "distilled"
+    shutil.copytree(model, distilled)
+    (distilled / "model_index.json").write_text(_json.dumps({**index, "is_distilled": True}))
+    from mflux2.training.config import config_from_dict
+
+    cfg = config_from_dict({"model": {"name": "klein-4b", "path": str(distilled)}, "dataset": {"path": "x"}})
+    with pytest.raises(ModelLoadError, match="model.use_base: false") as e:
+        open_model(cfg)
+    assert "\n" not in str(e.value)
+    cfg = config_from_dict({"model": {"name": "klein-4b", "path": str(distilled), "use_base": False}, "dataset": {"path": "x"}})
+    assert open_model(cfg).family == "klein"
