@@ -17,11 +17,11 @@ bench() {  # name, then benchmark.py arguments; runs this checkout's code and, w
   tail -n 2 "$OUT/bench.jsonl" | cut -c1-260
 }
 [ -n "${BENCH:-}" ] && bench plain
+[ -n "${BENCH:-}" ] && bench dop_ckpt --mode dop --checkpointing 1
 for m in "${@:-klein-4b}"; do
-  python3 scripts/job_benchmark.py --model "$m" --work "/tmp/job-$m" > "$OUT/job-$m.json" 2> "$OUT/job-$m.log"
+  timeout "${JOB_LIMIT:-3000}" python3 scripts/job_benchmark.py --model "$m" --work "/tmp/job-$m" --runs "${RUNS:-2}" > "$OUT/job-$m.json" 2> "$OUT/job-$m.log"
   echo "job $m rc=$?"; cat "$OUT/job-$m.json"; tail -5 "$OUT/job-$m.log"
-  for r in run1 run2; do [ -f "/tmp/job-$m/$r/job.log" ] && grep -v "it/s\]$\|step/s\]$\|prompt/s\]$\|img/s\]$" "/tmp/job-$m/$r/job.log" | tail -40 > "$OUT/job-$m-$r.log"; done
+  for r in run1 run2; do [ -f "/tmp/job-$m/$r/metrics.jsonl" ] && grep phase "/tmp/job-$m/$r/metrics.jsonl" > "$OUT/job-$m-$r-phases.jsonl"; done
   rm -rf "/tmp/job-$m"  # the disk holds one model at a time
 done
-[ -n "${BENCH:-}" ] && bench dop_ckpt --mode dop --checkpointing 1
 exit 0
