@@ -412,3 +412,33 @@ def test_a_klein_name_on_a_distilled_folder_says_how_to_train_it(tiny, tmp_path)
     assert "\n" not in str(e.value)
     cfg = config_from_dict({"model": {"name": "klein-4b", "path": str(distilled), "use_base": False}, "dataset": {"path": "x"}})
     assert open_model(cfg).family == "klein"
+
+
+def test_validation_images_from_a_separate_validation_model_carry_the_trained_lora(tiny, tmp_path):
+    """model.validation_path: the images come from another transformer that carries the same LoRA.
+    With a copy of the training model there, every checkpoint's images equal those the training
+    model itself renders; the LoRA has moved them away from the baseline (so it was applied)."""
+    import json as _json
+
+    from PIL import Image
+
+    model, _ = tiny
+    copy = tmp_path / "validation_model"
+    shutil.copytree(model, copy)
+    outs = {}  # (the copy stays klein-base like the original: same sampling settings, CFG included)
+    for name, extra in (("same", {}), ("separate", {"validation_path": str(copy)})):
+        d = tmp_path / name
+        d.mkdir()
+        cfg = write_config(d, tiny, model={**extra}, training={"max_steps": 4, "learning_rate": 5e-2},
+                           checkpoints={"output": str(d / "out"), "save_every": 4})
+        t = run(cfg)
+        assert (t.val_pipe is not None) == (name == "separate")
+        outs[name] = d / "out"
+    img = lambda p: np.asarray(Image.open(p), dtype=np.int16)  # noqa: E731
+    base = img(outs["same"] / "baseline" / "prompt_0_64x64.png")
+    same = img(outs["same"] / "checkpoint_000004" / "prompt_0_64x64.png")
+    separate = img(outs["separate"] / "checkpoint_000004" / "prompt_0_64x64.png")
+    assert np.abs(same - base).mean() > 0.5  # the LoRA changed the image
+    assert np.abs(separate - same).max() <= 1  # and the separate model rendered it the same way
+    report = (outs["separate"] / "report.html").read_text()
+    assert "validation_model (klein-base), 2 steps, CFG" in report and "LoRA trained on" in report
