@@ -355,7 +355,7 @@ def test_apple_silicon_wires_the_working_set_and_tight_memory_runs_segments_sync
 
 def test_validation_prompts_that_name_the_trigger_are_tagged_as_trigger_prompts():
     from mflux2.training.config import config_from_dict
-    from mflux2.training.trainer import validation_items
+    from mflux2.training.validation import validation_items
 
     cfg = config_from_dict({"model": {"name": "klein-4b"}, "dataset": {"path": "x", "trigger_word": "sks"},
                             "validation": {"prompts": [
@@ -432,7 +432,7 @@ def test_validation_images_from_a_separate_validation_model_carry_the_trained_lo
         cfg = write_config(d, tiny, model={**extra}, training={"max_steps": 4, "learning_rate": 5e-2},
                            checkpoints={"output": str(d / "out"), "save_every": 4})
         t = run(cfg)
-        assert (t.val_pipe is not None) == (name == "separate")
+        assert (t.validation.pipe is not None) == (name == "separate")
         outs[name] = d / "out"
     img = lambda p: np.asarray(Image.open(p), dtype=np.int16)  # noqa: E731
     base = img(outs["same"] / "baseline" / "prompt_0_64x64.png")

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import gc
 import hashlib
 import json
 import math
@@ -34,9 +33,7 @@ from mflux2.training.cache import DiskCache, weights_identity
 from mflux2.training.config import TrainConfig, config_hash, resume_signature
 from mflux2.training.outputs import (
     MetricsLog,
-    atomic_write,
     atomic_write_text,
-    checkpoint_dirs,
     clean_partials,
     commit_checkpoint,
     latest_checkpoint,
@@ -44,6 +41,7 @@ from mflux2.training.outputs import (
 )
 from mflux2.training.phases import PhaseClock
 from mflux2.training.step import Batch, StepConfig, TrainStep
+from mflux2.training.validation import Validation
 
 MAX_CONSECUTIVE_NONFINITE = 5
 
@@ -73,39 +71,6 @@ def open_model(cfg: TrainConfig, transformer_quantization: str | None = None):
 def defaults_variant(pipe) -> str:
     """Whose per-model defaults apply: the preset, or the family's smallest for a custom model."""
     return pipe.variant or {"klein": "klein-4b", "klein-base": "klein-base-4b", "dev": "dev"}[pipe.family]
-
-
-# ------------------------------------------------------------------------------------------------
-# Prompts
-
-
-@dataclass
-class ValidationItem:
-    index: int
-    prompt: str
-    width: int
-    height: int
-    seed: int
-    with_trigger: bool
-
-
-def validation_items(cfg: TrainConfig) -> list[ValidationItem]:
-    """Each configured prompt at each requested size; prompts with apply_trigger get a trigger and a
-    no-trigger version side by side, so DOP (the class without the trigger) can be judged by eye."""
-    items: list[ValidationItem] = []
-    trigger = cfg.dataset.trigger_word
-    for p in cfg.validation.prompts:
-        # A prompt that already names the trigger word counts as a trigger prompt (the report tags it so)
-        variants = [(p.prompt, data_mod.names_trigger(p.prompt, trigger))]
-        if p.apply_trigger and trigger:
-            variants = [(data_mod.apply_trigger(p.prompt, trigger), True), (p.prompt, False)]
-        sizes = list(p.sizes) if p.sizes else ([512] if p.is_512 else []) + ([1024] if p.is_1024 else [])
-        for text, with_trigger in variants:
-            for s in sizes:
-                if any(it.prompt == text and it.width == s for it in items):
-                    continue  # the no-trigger twin may also be listed explicitly
-                items.append(ValidationItem(len(items), text, s, s, p.seed if p.seed is not None else cfg.validation.seed, with_trigger))
-    return items
 
 
 # ------------------------------------------------------------------------------------------------
@@ -342,7 +307,7 @@ class Trainer:
             arrays.update({f"ema.{k}": v for k, v in tree_flatten(self.ema)})
         mx.save_safetensors(str(partial / "optimizer_state.safetensors"), arrays)
         if with_images:
-            self._validation_images(partial, state.step)
+            self.validation.render(partial, state.step)
         tstate = {
             "step": state.step, "elapsed_s": state.elapsed_s, "skipped_nonfinite": state.skipped_nonfinite,
             "sampler": self.sampler.state_dict(), "rng": _rng_state(self.rng),
@@ -409,26 +374,10 @@ class Trainer:
             "LoRA": f"rank {self.cfg.lora.rank}, alpha {self.cfg.lora.alpha}, {self.cfg.lora.target_layers}",
             "transformer": self.transformer_quantization, "DOP": "on" if self.cfg.loss.diff_output_preservation else "off",
             "trigger word": self.cfg.dataset.trigger_word or "-", "non-finite steps skipped": state.skipped_nonfinite,
-            "validation images": self._validation_settings(),
+            "validation images": self.validation.settings(),
             "peak memory": f"{self.clock.peak_gb:.2f} GB",
         }
         write_report(self.output, self.cfg.dump_yaml(), summary, timing=self.clock.table())
-
-    def _validation_settings(self) -> str:
-        """Which model, steps and guidance the validation images come from (as the LoRA's user runs it)."""
-        if not self.val_items:
-            return "none"
-        name = self.val_variant or (f"{Path(self.cfg.validation_repo).name} ({self.val_family})" if self.val_pipe is not None
-                                    else f"custom ({self.val_family})")
-        how = f"{self.cfg.validation.steps} steps"
-        if self.val_cfg_scale:
-            how += f", CFG {self.val_cfg_scale:g}"
-        elif self.val_guidance is not None:
-            how += f", guidance {self.val_guidance:g}"
-        else:
-            how += ", no CFG" + (" (step-distilled)" if self.val_family == "klein" else "")
-        trained = f"; LoRA trained on {self.pipe.variant or self.pipe.source.root.name}" if self.val_pipe is not None else ""
-        return f"{name}, {how}{trained}"
 
     def _write_curve(self, state: RunState):
         if not self.cfg.checkpoints.learning_curve or not state.history:
@@ -443,115 +392,6 @@ class Trainer:
             series["validation"] = (v[:, 0].astype(int).tolist(), v[:, 1].tolist())
         svg = learning_curve_svg(series, self.cfg.checkpoints.learning_curve_smoothing_window, title="training loss")
         atomic_write_text(self.output / "learning_curve.svg", svg)
-
-    # ---------------- validation ----------------
-    def _validation_images(self, folder: Path, step: int):
-        if not self.val_items:
-            return
-        with self.clock("baseline validation" if step == 0 else f"validation {step}", step=step):
-            self._render_validation(folder, step)
-
-    def _render_validation(self, folder: Path, step: int):
-        from mflux2 import sampling
-
-        clock = self.clock
-        with clock("validation: model load"):
-            model = self._validation_model()
-            mx.eval(model.parameters())
-        model.eval()
-        for it in self.val_items:
-            n = sampling.image_seq_len(it.height, it.width)
-            neg = self._embeds("")[None] if self.val_cfg_scale else None
-            x = sampling.denoise(model, sampling.initial_noise(it.seed, 1, it.height, it.width),
-                                 self._embeds(it.prompt)[None], self.txt_ids, self._img_ids((it.width, it.height)),
-                                 sampling.get_sigmas(self.cfg.validation.steps, n), guidance=self.val_guidance,
-                                 neg_embeds=neg, neg_txt_ids=self.txt_ids, cfg_scale=self.val_cfg_scale)
-            with clock("validation: VAE decode + PNG"):
-                pil = self.pipe.decode(x, it.height, it.width)[0]
-                path = folder / f"prompt_{it.index}_{it.width}x{it.height}.png"
-                atomic_write(path, lambda tmp: pil.save(tmp, format="PNG"))
-        model.train()
-        if model is not self.model and not self.keep_validation_model:
-            self._val_model = None  # loaded again at the next validation: it does not stay beside training
-            gc.collect()
-            mx.clear_cache()
-        self._update_progression(folder, step)
-
-    # ---------------- the validation model ----------------
-    def _plan_validation_model(self):
-        """Validation images come from the model the LoRA will be used with: for klein trained on the
-        klein-base weights, the distilled klein (as the Swift trainer does; 4 steps, no CFG). That
-        transformer carries the same LoRA layers, which share the training model's LoRA arrays.
-        It stays loaded beside the training model when both fit twice over in the machine's memory,
-        else it is loaded for each validation and freed after it (the run's peak stays the step's)."""
-        from mflux2.training import memory
-
-        self._val_model = None
-        self.val_pipe = None
-        self.keep_validation_model = False
-        want, where = self.cfg.validation_variant, self.cfg.validation_repo
-        if not self.val_items or where is None:
-            self.val_family, self.val_variant = self.pipe.family, self.pipe.variant
-            return
-        from mflux2.pipeline import Flux2Pipeline
-
-        q = self.transformer_quantization
-        self.val_pipe = Flux2Pipeline.from_pretrained(
-            where, variant=want, dtype=self.pipe.dtype, quantize=None if q == "bf16" else q, low_memory=True)
-        self.val_family, self.val_variant = self.val_pipe.family, self.val_pipe.variant
-        extra = self.val_pipe.loaded_bytes(self.val_pipe.source.transformer, self.val_pipe.quantize) / 1e9
-        budget = memory.available_gb()
-        self.keep_validation_model = bool(budget) and 2 * (self.planned_peak_gb + extra) <= budget
-        self.log(f"validation images: {self.val_variant or where} ({extra:.1f} GB), "
-                 f"{'kept loaded beside the training model' if self.keep_validation_model else 'loaded for each validation and freed after'}")
-
-    def _validation_model(self):
-        if self.val_pipe is None:
-            return self.model
-        if self._val_model is None:
-            self.val_pipe.release("transformer")
-            model = self.val_pipe.transformer
-            lcfg = self.cfg.lora
-            lora_mod.apply_lora(model, rank=lcfg.rank, alpha=float(lcfg.alpha), targets=lcfg.target_layers, dropout=0.0)
-            lora_mod.freeze_for_lora(model)
-            self._val_model = model
-            if not self.keep_validation_model:
-                self.val_pipe._transformer = None  # only this trainer holds it, so freeing it frees the weights
-        # the LoRA as it is now (the EMA average when EMA is on: what gets saved)
-        params = self.ema if self.ema is not None else self.model.trainable_parameters()
-        self._val_model.update(params)
-        return self._val_model
-
-    def _update_progression(self, folder: Path, step: int):
-        """`progression/prompt_<i>_<W>x<H>.png`: baseline then every checkpoint, left to right."""
-        from PIL import Image, ImageDraw
-
-        prog = self.output / "progression"
-        prog.mkdir(exist_ok=True)
-        for it in self.val_items:
-            name = f"prompt_{it.index}_{it.width}x{it.height}.png"
-            frames = []
-            base = self.output / "baseline" / name
-            if base.exists():
-                frames.append(("base", base))
-            for s, d in checkpoint_dirs(self.output):
-                if (d / name).exists() and s != step:
-                    frames.append((str(s), d / name))
-            if (folder / name).exists() and folder.name != "baseline":
-                frames.append((str(step), folder / name))
-            if not frames:
-                continue
-            thumb = 256 if it.width >= 256 else it.width
-            strip = Image.new("RGB", (thumb * len(frames), thumb + 18), "white")
-            draw = ImageDraw.Draw(strip)
-            for i, (label, p) in enumerate(frames):
-                with Image.open(p) as im:
-                    strip.paste(im.convert("RGB").resize((thumb, thumb)), (i * thumb, 18))
-                draw.text((i * thumb + 4, 3), f"step {label}" if label != "base" else "baseline", fill="black")
-            atomic_write(prog / name, lambda tmp: strip.save(tmp, format="PNG"))
-        listing = [{"index": it.index, "prompt": it.prompt, "trigger": it.with_trigger, "size": [it.width, it.height],
-                    "seed": it.seed} for it in self.val_items]
-        atomic_write_text(prog / "prompts.json", json.dumps(listing, indent=1))
 
     def _validation_loss(self, step_fn: TrainStep) -> float:
         """Mean main loss over the validation set at fixed timesteps/noise (same every evaluation)."""
@@ -627,11 +467,7 @@ class Trainer:
         self.val_samples = data_mod.scan_dataset(cfg, validation=True) if cfg.dataset.validation_path else []
         self.dataset_fingerprint = hashlib.sha256(
             json.dumps(sorted((s.content_hash, s.caption, list(s.bucket)) for s in self.samples)).encode()).hexdigest()[:16]
-        self.val_items = validation_items(cfg)
-        self._plan_validation_model()
-        self.val_guidance = cfg.validation.guidance if self.val_family == "dev" else None
-        # real CFG only for klein-base (distilled klein and dev run one pass per step)
-        self.val_cfg_scale = cfg.validation.guidance if self.val_family == "klein-base" and cfg.validation.guidance > 1.0 else None
+        self.validation = Validation(self)
         return ckpt
 
     def _run(self, ckpt: Path | None) -> Path:
@@ -640,7 +476,7 @@ class Trainer:
         prompts = [s.caption for s in self.samples + self.val_samples]
         if dop:
             prompts += [s.dop_caption for s in self.samples]
-        prompts += [it.prompt for it in self.val_items]
+        prompts += [it.prompt for it in self.validation.items]
         prompts.append("")  # caption dropout and CFG's negative prompt
         total = cfg.training.max_steps or math.ceil(len(self.samples) / (cfg.training.batch_size * self.world)) * cfg.training.epochs
         self.total_steps = total
@@ -679,12 +515,12 @@ class Trainer:
             metrics.truncate_after(state.step)
         run_id = time.strftime("%Y-%m-%dT%H:%M:%S")
         clock.attach(lambda rec: metrics.append({**rec, "run": run_id}))
-        if ckpt is None and self.val_items and not (self.output / "baseline").exists() and self.rank == 0:
+        if ckpt is None and self.validation.items and not (self.output / "baseline").exists() and self.rank == 0:
             base = self.output / "baseline.partial"
             base.mkdir(exist_ok=True)
-            self._validation_images(base, 0)
+            self.validation.render(base, 0)
             os.replace(base, self.output / "baseline")
-            self._update_progression(self.output / "baseline", 0)
+            self.validation.update_progression(self.output / "baseline", 0)
 
         dop_every = cfg.loss.diff_output_preservation_every_n_steps or 1
         save_every = cfg.checkpoints.save_every
@@ -782,7 +618,7 @@ class Trainer:
             bar.close()
             resident.close()
             signal.signal(signal.SIGINT, prev_handler)
-        final_ckpt = self.save_checkpoint(state, with_images=bool(self.val_items))
+        final_ckpt = self.save_checkpoint(state, with_images=bool(self.validation.items))
         final = self.output / "lora_final.safetensors"
         with clock("final LoRA"):
             self._save_lora(final, state.step)
