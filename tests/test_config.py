@@ -708,3 +708,16 @@ def test_cli_print_config_marks_every_value(tmp_path, capsys):
     assert values and all(" # " in l for l in values)
     assert "rank: 8" in out and "# from file" in out and "# from override" in out
     assert "# Swift default" in out and "# mflux2 default: the seed guide's 32" not in out
+
+
+def test_config_hash_with_the_model_identity_ignores_where_the_model_lies(tmp_path):
+    """With the model's identity (architecture + weights fingerprint), model.path and model.name no
+    longer count: a moved folder resumes; another model (identity) or LoRA shape does not."""
+    base = load_quiet(write(tmp_path, SWIFT_STYLE))
+    ident = {"model.config": "c1", "model.weights": "w1"}
+    h = config_hash(base, ident)
+    assert h != config_hash(base)  # the form written before the identity was recorded stays as it was
+    (tmp_path / "moved").mkdir()
+    assert config_hash(apply_overrides(base, {"model.path": str(tmp_path / "moved")}), ident) == h
+    assert config_hash(base, {**ident, "model.weights": "w2"}) != h
+    assert config_hash(apply_overrides(base, {"lora.rank": 8}), ident) != h

@@ -264,3 +264,27 @@ def test_checkpointed_cuda_runs_use_small_command_batches(monkeypatch):
     assert os.environ["MLX_MAX_OPS_PER_BUFFER"] == "4" and len(lines) == 1 and "4 operations" in lines[0]
     monkeypatch.setenv("MLX_MAX_OPS_PER_BUFFER", "20")
     assert not M.limit_command_batches(1, log=lines.append) and os.environ["MLX_MAX_OPS_PER_BUFFER"] == "20"
+
+
+@pytest.mark.parametrize("stored", ["int8", "int4", None])
+def test_auto_on_a_converted_folder_chooses_only_its_stored_precision(monkeypatch, stored):
+    """A folder written by scripts/convert.py loads only as stored: auto keeps that precision (and
+    estimates it) even where bf16 would fit, and the out-of-memory advice says to convert again."""
+    from types import SimpleNamespace
+
+    quant = {"name": stored, "bits": int(stored[3:])} if stored else None
+    source = SimpleNamespace(variant="klein-4b", transformer=None, layout="mflux2", config={"transformer": {"quantization": quant}})
+    want = stored or "bf16"
+    assert M.stored_quantization(source) == want
+    assert M.stored_quantization(Source("klein-4b")) is None  # other layouts load as anything
+    monkeypatch.setattr(M, "available_gb", lambda: 80.0)
+    lines = []
+    cfg = train_config()
+    assert M.choose_quantization(cfg, source, log=lines.append) == want
+    est = M.estimate_peak_gb("klein-4b", want, resolution=768, batch=1, rank=32)
+    assert f"auto: {want} (as stored in the converted folder" in lines[0] and f"{est:.1f} GB of 80.0 GB" in lines[0]
+    assert [q for q in ("bf16", "int8", "int4") if f"{q} " in lines[0].split(";", 1)[1]] == [want]  # only it is estimated
+    monkeypatch.setattr(M, "available_gb", lambda: 1.0)
+    lines.clear()
+    M.check_fit(cfg, source, want, log=lines.append)
+    assert want == "int4" or "the model converted with --quantize int4" in lines[0]

@@ -100,16 +100,18 @@ def test_odd_images_are_converted_not_rejected(tiny, tmp_path):
     assert any(s.caption == "café sks" for s in t.samples)
 
 
-def test_resume_with_another_model_is_refused(tiny, tmp_path):
+def test_resume_with_another_model_is_refused(tiny, tmp_path, capsys):
+    """The model is known by its identity (architecture + weights fingerprint), not its path: the same
+    architecture with other weights is refused in one line (a moved folder resumes: test_resume.py)."""
+    from tests.tiny_flux2 import build_tiny_klein
+
     cfg = write_config(tmp_path, tiny, training={"max_steps": 2}, validation={"prompts": []})
     Trainer(load_config(cfg), log=lambda *a: None).run()
-    other = tmp_path / "other_model"
-    import shutil
-
-    shutil.copytree(tiny[0], other)
+    other = build_tiny_klein(tmp_path / "other_model", seed=1)
     cfg2 = write_config(tmp_path, tiny, model={"path": str(other)}, training={"max_steps": 4}, validation={"prompts": []})
-    with pytest.raises(TrainingError, match="model.path"):
-        Trainer(load_config(cfg2), log=lambda *a: None).run()
+    msg = one_line_error(capsys, [str(cfg2)])
+    assert "checkpoint_000002: trained on another model than" in msg and "model.weights" in msg
+    assert str(tiny[0]) in msg and "set model.path to that model" in msg
 
 
 # ---- NaNs and full disks --------------------------------------------------------------------------

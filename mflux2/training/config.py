@@ -525,20 +525,23 @@ def _to_plain(obj: Any) -> Any:
 # ---------------------------------------------------------------------------------------------
 
 
-def resume_signature(cfg: TrainConfig) -> dict[str, Any]:
-    """The fields a run cannot change and still resume its LoRA and optimiser state."""
-    return {
-        "model.name": cfg.model.name,
-        "model.path": cfg.model.path,
+def resume_signature(cfg: TrainConfig, model: dict[str, str] | None = None) -> dict[str, Any]:
+    """The fields a run cannot change and still resume its LoRA and optimiser state. `model`: the
+    model's identity (`cache.model_identity`: its architecture and a fingerprint of its weights), so
+    a moved or copied model folder still resumes while another model does not. Without it, the form
+    written before the identity was recorded (model.name and model.path), to check such checkpoints."""
+    sig: dict[str, Any] = dict(model) if model is not None else {"model.name": cfg.model.name, "model.path": cfg.model.path}
+    sig.update({
         "lora.rank": cfg.lora.rank,
         "lora.alpha": cfg.lora.alpha,
         "lora.target_layers": cfg.lora.target_layers,
-    }
+    })
+    return sig
 
 
-def config_hash(cfg: TrainConfig) -> str:
-    """A short hash of `resume_signature(cfg)`, stored in training_state.json."""
-    blob = json.dumps(resume_signature(cfg), sort_keys=True).encode()
+def config_hash(cfg: TrainConfig, model: dict[str, str] | None = None) -> str:
+    """A short hash of `resume_signature(cfg, model)`, stored in training_state.json."""
+    blob = json.dumps(resume_signature(cfg, model), sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 
 

@@ -177,6 +177,15 @@ def _fitting_peak(model_cfg, quant: str, every: int, args: dict, budget: float) 
     return peak, False
 
 
+def stored_quantization(source) -> str | None:
+    """The transformer precision of a folder written by scripts/convert.py ("int8", "int4", or
+    "bf16" for an unquantised one; mflux2.json): such a folder loads only as stored. None for the
+    other layouts, which load as bf16, int8 or int4."""
+    if getattr(source, "layout", None) != "mflux2":
+        return None
+    return (((getattr(source, "config", None) or {}).get("transformer") or {}).get("quantization") or {}).get("name") or "bf16"
+
+
 def choose_quantization(cfg, source, log=print) -> str:
     """The transformer precision for `model.transformer_quantization: auto`: the most precise of
     bf16 / int8 / int4 whose estimated peak fits the machine's memory, for the largest training
@@ -184,25 +193,28 @@ def choose_quantization(cfg, source, log=print) -> str:
     TrainConfig). With checkpointing off, a precision that fits only with it turns it on (every
     block; `cfg.memory.gradient_checkpointing` is set): exact gradients at ~1.4× the step time beat
     a coarser base (on the H100, klein-4b bf16 + checkpointing is also faster than int8 without).
-    Prints the choice and the estimates."""
+    A converted folder (`stored_quantization`) offers only its stored precision: auto keeps it
+    (and may still turn checkpointing on). Prints the choice and the estimates."""
     model_cfg = _source_config(source)
     args, every, budget = _run_args(cfg), cfg.memory.checkpoint_every, available_gb()
     res, dop = args["resolution"], args["dop"]
-    options = [(q, n) for q in ("bf16", "int8", "int4") for n in ([every] if every else [0, 1])]
+    stored = stored_quantization(source)
+    options = [(q, n) for q in ((stored,) if stored else ("bf16", "int8", "int4")) for n in ([every] if every else [0, 1])]
     est = {(q, n): _fitting_peak(model_cfg, q, n, args, budget)[0] for q, n in options}
     fits = [o for o in options if est[o] <= budget]
     choice, n = fits[0] if fits else options[-1]
     name = getattr(source, "variant", None) or "the transformer"
     detail = ", ".join(f"{q}{' + checkpointing' if k and not every else ''} {est[q, k]:.1f} GB" for q, k in options)
-    log(f"transformer quantization auto: {choice} — estimated peak {est[choice, n]:.1f} GB of {budget:.1f} GB usable "
+    how = " (as stored in the converted folder: it loads only so)" if stored else ""
+    log(f"transformer quantization auto: {choice}{how} — estimated peak {est[choice, n]:.1f} GB of {budget:.1f} GB usable "
         f"({name}, {res}², batch {cfg.training.batch_size}, rank {cfg.lora.rank}{', DOP' if dop else ''}"
         f"{f', checkpointing every {every}' if every else ''}; {detail})")
     if n and not every:
         cfg.memory.gradient_checkpointing = n
         log(f"memory.gradient_checkpointing turned on (every block): {choice} fits only with it")
     if not fits:
-        log(f"warning: even int4 with checkpointing may not fit ({est[options[-1]]:.1f} GB > {budget:.1f} GB); "
-            "lower the resolution or the batch size")
+        log(f"warning: even {options[-1][0]} with checkpointing may not fit ({est[options[-1]]:.1f} GB > {budget:.1f} GB); "
+            f"lower the resolution or the batch size{'' if not stored or stored == 'int4' else ', or convert the model with --quantize int4'}")
     return choice
 
 
@@ -243,10 +255,11 @@ def check_fit(cfg, source, quant: str, log=print) -> float:
     if _fitting_peak(model_cfg, quant, every, args, budget)[0] <= budget:
         return est  # (with checkpointing, maybe only the synchronous mode fits: run_ahead chooses it)
     options = []
+    stored = stored_quantization(source)
     for q in ("int8", "int4"):
         if q != quant and ("bf16", "int8", "int4").index(q) > ("bf16", "int8", "int4").index(quant):
             e = estimate_peak_gb(model_cfg, q, checkpointing=every, **args)
-            options.append(f"model.transformer_quantization: {q} (~{e:.1f} GB)")
+            options.append(f"{'the model converted with --quantize ' if stored else 'model.transformer_quantization: '}{q} (~{e:.1f} GB)")
     if not every:
         e = estimate_peak_gb(model_cfg, quant, checkpointing=1, **args)
         options.append(f"memory.gradient_checkpointing: true (~{e:.1f} GB)")

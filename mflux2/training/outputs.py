@@ -54,20 +54,78 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
-def checkpoint_dirs(output: Path) -> list[tuple[int, Path]]:
-    """Complete checkpoints, oldest first."""
+CHECKPOINT_FILES = ("training_state.json", "optimizer_state.safetensors", "lora.safetensors")
+
+
+def _safetensors_problem(path: Path) -> str | None:
+    """Why a safetensors file is unusable (missing, cut short, not safetensors), or None. Reads the
+    header only: the file must be as long as its header says."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            n = int.from_bytes(head, "little") if len(head) == 8 else -1
+            header = json.loads(f.read(n)) if 0 < n <= size - 8 else None
+    except FileNotFoundError:
+        return f"no {path.name}"
+    except (OSError, ValueError) as e:
+        return f"{path.name} cannot be read ({e.__class__.__name__})"
+    if not isinstance(header, dict):
+        return f"{path.name} is cut short or not a safetensors file ({size} bytes)"
+    try:
+        end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+    except (KeyError, TypeError, ValueError, IndexError):
+        return f"{path.name} has a malformed header"
+    if size < 8 + n + end:
+        return f"{path.name} is cut short ({size} of {8 + n + end} bytes)"
+    return None
+
+
+def checkpoint_problem(folder: Path) -> str | None:
+    """Why a checkpoint folder cannot be resumed from (a file missing or cut short, e.g. by an
+    interrupted copy), or None when it is complete."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return "not a folder"
+    state = folder / "training_state.json"
+    try:
+        tstate = json.loads(state.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return "no training_state.json"
+    except (OSError, ValueError) as e:
+        return f"training_state.json is cut short or not valid JSON ({e.__class__.__name__})"
+    if not isinstance(tstate, dict) or not {"step", "sampler", "rng"} <= set(tstate):
+        return "training_state.json lacks step, sampler or rng"
+    for name in CHECKPOINT_FILES[1:]:
+        problem = _safetensors_problem(folder / name)
+        if problem:
+            return problem
+    return None
+
+
+def checkpoint_dirs(output: Path, damaged: list | None = None) -> list[tuple[int, Path]]:
+    """Complete checkpoints, oldest first. A `checkpoint_NNNNNN` folder with a file missing or cut
+    short is left out (and added to `damaged` as (path, why) when a list is given): never resumed
+    from, nor counted by `keep_last`."""
     if not output.is_dir():
         return []
     found = []
     for p in output.iterdir():
         m = CHECKPOINT_RE.match(p.name)
-        if m and p.is_dir() and (p / "training_state.json").exists():
-            found.append((int(m.group(1)), p))
+        if m and p.is_dir():
+            problem = checkpoint_problem(p)
+            if problem is None:
+                found.append((int(m.group(1)), p))
+            elif damaged is not None:
+                damaged.append((p, problem))
+    if damaged is not None:
+        damaged.sort()
     return sorted(found)
 
 
-def latest_checkpoint(output: Path) -> Path | None:
-    dirs = checkpoint_dirs(output)
+def latest_checkpoint(output: Path, damaged: list | None = None) -> Path | None:
+    """The newest complete checkpoint (damaged ones are skipped; see `checkpoint_dirs`)."""
+    dirs = checkpoint_dirs(output, damaged)
     return dirs[-1][1] if dirs else None
 
 

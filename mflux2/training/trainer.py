@@ -29,11 +29,12 @@ from tqdm import tqdm
 
 from mflux2 import lora as lora_mod
 from mflux2.training import data as data_mod
-from mflux2.training.cache import DiskCache, weights_identity
+from mflux2.training.cache import DiskCache, model_identity, weights_identity
 from mflux2.training.config import TrainConfig, config_hash, resume_signature
 from mflux2.training.outputs import (
     MetricsLog,
     atomic_write_text,
+    checkpoint_problem,
     clean_partials,
     commit_checkpoint,
     latest_checkpoint,
@@ -146,24 +147,47 @@ class Trainer:
                                t.joint_attention_dim, lora_params)
 
     def _find_resume(self) -> Path | None:
+        """The checkpoint to resume from: --resume's (it must be complete), else the newest complete
+        one in the output; damaged ones (a file missing or cut short, e.g. by an interrupted copy)
+        are skipped with one warning naming them."""
         if self.resume is False:
             return None
         if isinstance(self.resume, (str, Path)):
             p = Path(self.resume)
-            if not (p / "training_state.json").exists():
-                raise TrainingError(f"--resume {p}: not a complete checkpoint folder (no training_state.json)")
+            problem = checkpoint_problem(p)
+            if problem:
+                raise TrainingError(f"--resume {p}: not a complete checkpoint folder ({problem}); "
+                                    f"pass another checkpoint_NNNNNN folder, or use --no-resume")
             return p
-        return latest_checkpoint(self.output)
+        damaged: list = []
+        ckpt = latest_checkpoint(self.output, damaged)
+        if damaged:
+            self.log(f"warning: skipping damaged checkpoint(s) in {self.output}: "
+                     + "; ".join(f"{d.name} ({why})" for d, why in damaged)
+                     + (f" — resuming from {ckpt.name}, the newest complete one" if ckpt else " — no complete checkpoint: starting from step 0"))
+        return ckpt
 
     def _load_components(self):
         self.pipe = pipe = open_model(self.cfg)
-        if self.cfg.model.quantization == "auto":  # decided before the text encoder loads (lazily)
+        if pipe.source.layout == "mflux2":  # a converted folder: the text encoder loads as stored
+            stored = ((pipe.source.config.get("text_encoder") or {}).get("quantization") or {}).get("name") or "bf16"
+            q = self.cfg.model.quantization
+            if q not in ("auto", stored) and self.cfg.provenance.get("model.quantization") in ("file", "override"):
+                raise TrainingError(
+                    f"model.quantization: {q}, but the text encoder of {pipe.source.root} was converted as {stored} "
+                    f"(mflux2.json) and loads only so — set model.quantization to {stored} or auto, or convert the model again "
+                    f"{f'with --text-encoder-quantize {q}' if q != 'bf16' else 'without --text-encoder-quantize'}")
+            if q != stored:
+                self.log(f"text encoder: {stored}, as stored in the converted folder {pipe.source.root}")
+            pipe.text_encoder_quantize = None
+        elif self.cfg.model.quantization == "auto":  # decided before the text encoder loads (lazily)
             from mflux2.training.memory import choose_text_encoder_quantization
 
             q = choose_text_encoder_quantization(pipe, log=self.log)
             pipe.text_encoder_quantize = None if q == "bf16" else q
         self.cfg.resolve_model_defaults(defaults_variant(pipe))
         self._plan_transformer()
+        self.model_identity = model_identity(pipe.source)  # resume checks it, not model.path
         self.vae_id = weights_identity(pipe.source.vae)
         self.te_id = weights_identity(pipe.source.text_encoder, {"quant": pipe.text_encoder_quantize,
                                                                   **{k: list(v) if isinstance(v, tuple) else v
@@ -224,6 +248,13 @@ class Trainer:
         from mflux2.training import memory
 
         q = self.cfg.model.transformer_quantization
+        stored = memory.stored_quantization(self.pipe.source)  # a converted folder loads only as stored
+        if stored and q not in ("auto", stored):
+            root = self.pipe.source.root
+            raise TrainingError(
+                f"model.transformer_quantization: {q}, but the transformer of {root} was converted as {stored} "
+                f"(mflux2.json) and loads only so — set model.transformer_quantization to {stored} or auto, or convert "
+                f"the model again {f'with --quantize {q}' if q != 'bf16' else 'without --quantize'}")
         if q == "auto":
             q = memory.choose_quantization(self.cfg, self.pipe.source, log=self.log)
         else:
@@ -312,8 +343,10 @@ class Trainer:
             "step": state.step, "elapsed_s": state.elapsed_s, "skipped_nonfinite": state.skipped_nonfinite,
             "sampler": self.sampler.state_dict(), "rng": _rng_state(self.rng),
             "history": state.history, "val_history": state.val_history, "early_stop": state.early_stop,
-            "config_hash": config_hash(self.cfg), "resume_signature": resume_signature(self.cfg),
+            "config_hash": config_hash(self.cfg, self.model_identity),
+            "resume_signature": resume_signature(self.cfg, self.model_identity), "model_path": str(self.pipe.source.root),
             "dataset_fingerprint": self.dataset_fingerprint, "transformer_quantization": self.transformer_quantization,
+            "world": self.world,
         }
         (partial / "training_state.json").write_text(json.dumps(tstate))
         commit_checkpoint(partial, final, keep_last=self.cfg.checkpoints.keep_last or None)
@@ -324,16 +357,28 @@ class Trainer:
         return final
 
     def _restore(self, ckpt: Path, state: RunState):
-        tstate = json.loads((ckpt / "training_state.json").read_text())
-        if tstate.get("config_hash") != config_hash(self.cfg):
-            old = tstate.get("resume_signature", {})
-            new = resume_signature(self.cfg)
+        try:
+            tstate = json.loads((ckpt / "training_state.json").read_text())
+            arrays = mx.load(str(ckpt / "optimizer_state.safetensors"))
+        except (OSError, ValueError, RuntimeError) as e:
+            raise TrainingError(f"{ckpt}: cannot be read ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                                f"resume from another checkpoint with --resume, or use --no-resume") from None
+        old = tstate.get("resume_signature") or {}
+        # the model by its identity (a moved folder resumes); checkpoints written before it was recorded: by model.path
+        identity = self.model_identity if "model.weights" in old else None
+        if tstate.get("config_hash") != config_hash(self.cfg, identity):
+            new = resume_signature(self.cfg, identity)
             diff = [k for k in new if old.get(k) != new.get(k)]
+            if any(k in ("model.config", "model.weights") for k in diff):
+                raise TrainingError(
+                    f"{ckpt}: trained on another model than {self.pipe.source.root} (its transformer's "
+                    f"{' and '.join(k.split('.')[1] for k in diff if k.startswith('model.'))} differ: "
+                    f"{', '.join(f'{k} {old.get(k)!r} → {new.get(k)!r}' for k in diff)}; it was {tstate.get('model_path', '?')}) "
+                    f"— set model.path to that model, or use --no-resume or another checkpoints.output")
             raise TrainingError(
                 f"{ckpt}: the config changed in a way that breaks resuming ({', '.join(diff) or 'model/LoRA'}: "
                 f"{', '.join(f'{old.get(k)!r} → {new.get(k)!r}' for k in diff)}); use --no-resume or another checkpoints.output"
             )
-        arrays = mx.load(str(ckpt / "optimizer_state.safetensors"))
         pick = lambda prefix: [(k[len(prefix):], v) for k, v in arrays.items() if k.startswith(prefix)]  # noqa: E731
         self.model.update(tree_unflatten(pick("params.")))
         # Fill the already-initialised trees path by path (empty sub-trees, e.g. a LoRA layer's frozen
@@ -350,7 +395,20 @@ class Trainer:
         if self.ema is not None:
             ema_flat = dict(pick("ema."))
             self.ema = tree_map_with_path(lambda path, old: ema_flat[path], self.ema)
-        self.sampler.load_state_dict(tstate["sampler"])
+        sampler = dict(tstate["sampler"])
+        bs = self.cfg.training.batch_size
+        world = int(tstate.get("world") or max(1, int(sampler.get("batch_size", bs * self.world)) // bs))
+        if world != self.world:  # each step draws world × batch_size: continue the epoch at the same share of it
+            done = int(sampler.get("position", 0)) * int(sampler.get("batch_size", bs * world))
+            sampler.update(batch_size=self.sampler.batch_size,
+                           position=min(math.ceil(done / self.sampler.batch_size), self.sampler.batches_per_epoch))
+            self.log(f"warning: {ckpt.name} was written by a run on {world} machine(s), this one runs on {self.world}: "
+                     f"each step now draws {self.world} × {bs} images instead of {world} × {bs}, so the data order from "
+                     f"step {tstate['step']} on differs from an uninterrupted run (the LoRA and optimiser state carry on)")
+        try:
+            self.sampler.load_state_dict(sampler)
+        except data_mod.DataError as e:
+            raise TrainingError(f"{ckpt}: {e}; use --no-resume or another checkpoints.output") from None
         _set_rng_state(self.rng, tstate["rng"])
         state.step = tstate["step"]
         state.elapsed_s = tstate.get("elapsed_s", 0.0)
