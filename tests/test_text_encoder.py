@@ -302,7 +302,9 @@ def test_unused_weights_are_never_read(mistral, tmp_path):
     mx.clear_cache()
     mx.reset_peak_memory()
     enc = load_text_encoder(tmp_path / "m", "dev", dtype=mx.float32, max_length=MISTRAL_L, hidden_layers=(1, 3))
-    assert mx.get_peak_memory() < 4 * 2**20  # the tiny model itself is ~0.2 MiB
+    # the tiny model itself is ~0.2 MiB; each unused tensor 16 MiB, so reading any one would exceed this
+    # (4 MiB was exceeded once by 0.35 MiB in a full-suite run, with a state left by an earlier test)
+    assert mx.get_peak_memory() < 8 * 2**20
     assert len(enc.model.layers) == 3
 
 
