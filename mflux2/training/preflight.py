@@ -131,9 +131,10 @@ def find_model(name: str, variant: str | None, what: str) -> ModelFound:
                            f"({', '.join(hub.COMPONENTS)})")
     else:
         why = "offline mode is on (HF_HUB_OFFLINE=1)" if constants.HF_HUB_OFFLINE else "the hub cannot be reached"
-        found.lines.append(f"{repo}: not in the cache {constants.HF_HUB_CACHE}; its download size is unknown ({why})")
+        found.lines.append(f"{repo}: not in the cache {constants.HF_HUB_CACHE}; its download size is unknown: {why}")
         found.problem = (f"the {what} model {repo} is not in the cache {constants.HF_HUB_CACHE} and {why}: "
-                         "download it once with network access, or set model.path to a local folder")
+                         f"download it once with network access, or set {'model.path' if what == 'training' else 'model.validation_path'} "
+                         "to a local folder")
     return found
 
 
