@@ -119,3 +119,32 @@ def test_unreadable_image_listed(tmp_path, monkeypatch, capsys, no_weights):
                               "--set", "dataset.skip_bad_images=true")
     assert rc == 0, out + err
     assert "broken.png" in out
+
+
+def test_trainer_checks_the_same_disk_figure(tmp_path, monkeypatch, capsys):
+    """Trainer._check_disk_space_for and the dry run share preflight.disk_need; a full disk is refused
+    before any cache is filled."""
+    import shutil as sh
+    from collections import namedtuple
+
+    from mflux2.training.config import load_config
+    from mflux2.training.trainer import Trainer, TrainingError
+
+    monkeypatch.chdir(ROOT)
+    rc, out, _, _ = dry_run(capsys, CONFIG, "--output", tmp_path / "out")
+    disk_line = next(ln for ln in out.splitlines() if "for the caches and" in ln)
+    seen = {}
+    real = Trainer._check_disk_space
+
+    def spy(self, need, keep):
+        seen["need"], seen["keep"] = need, keep
+        return real(self, need, keep)
+
+    monkeypatch.setattr(Trainer, "_check_disk_space", spy)
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(sh, "disk_usage", lambda p: usage(10**9, 10**9 - 1000, 1000))
+    with pytest.raises(TrainingError, match="not enough free disk space"):
+        Trainer(load_config(CONFIG, {"checkpoints.output": str(tmp_path / "out")}), log=lambda *a: None).run()
+    assert f"{seen['need'] / 1e9:.2f} GB for the caches and {seen['keep']} checkpoint(s)" in disk_line
+    lat = tmp_path / "out" / ".latent_cache"
+    assert not lat.exists() or not any(lat.iterdir())
