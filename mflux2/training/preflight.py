@@ -49,14 +49,14 @@ def disk_transformer_config(source):
     return TransformerConfig.from_dict(tc) if tc else TransformerConfig()
 
 
-def disk_need(cfg, t, samples, prompts, total_steps: int) -> tuple[int, int]:
+def disk_need(cfg, t, samples, val_samples, prompts, total_steps: int) -> tuple[int, int]:
     """(bytes, checkpoints kept): the disk the latent and text caches and the kept checkpoints need,
-    with 20% headroom. `t` a TransformerConfig; `samples` the training + validation samples."""
+    with 20% headroom. `t` a TransformerConfig; latents counted at the training samples' largest bucket."""
     r, d = cfg.lora.rank, t.hidden_size
     per = 12 * t.num_layers + 6 * t.num_single_layers  # attention targets: ~r·D·(12 per double, 6 per single)
     lora_params = int(r * d * per * (2.5 if cfg.lora.target_layers in ("all", "attention_ffn") else 1.0))
     n_tokens = max(((s.bucket[0] // 16) * (s.bucket[1] // 16) for s in samples), default=0)
-    cache = len(samples) * n_tokens * 128 * 4 + len(set(prompts)) * 512 * t.joint_attention_dim * 2
+    cache = (len(samples) + len(val_samples)) * n_tokens * 128 * 4 + len(set(prompts)) * 512 * t.joint_attention_dim * 2
     keep = cfg.checkpoints.keep_last or max(1, total_steps // max(cfg.checkpoints.save_every or total_steps, 1)) + 1
     ckpt = lora_params * 4 * 5  # lora file + raw params + two optimiser moments (+ EMA)
     return int(1.2 * (cache + keep * ckpt + 2 * lora_params * 4)), keep
@@ -399,7 +399,7 @@ def preflight(cfg, out=print, err=None) -> int:
         prompts = [s.caption for s in samples + val_samples] + ([s.dop_caption for s in samples] if dop else [])
         prompts += [it.prompt for it in items] + [""]
         total = cfg.training.max_steps or math.ceil(len(samples) / cfg.training.batch_size) * cfg.training.epochs
-        need, keep_n = disk_need(cfg, t, samples + val_samples, prompts, total)
+        need, keep_n = disk_need(cfg, t, samples, val_samples, prompts, total)
         out_dir = Path(cfg.checkpoints.output)
         free = _free_bytes(out_dir)
         ok = free >= need

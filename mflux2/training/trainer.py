@@ -133,7 +133,7 @@ class Trainer:
         from mflux2.training.preflight import disk_need, disk_transformer_config  # the dry run's figure too
 
         self._check_disk_space(*disk_need(self.cfg, disk_transformer_config(self.pipe.source),
-                                          self.samples + self.val_samples, prompts, self.total_steps))
+                                          self.samples, self.val_samples, prompts, self.total_steps))
 
     def _find_resume(self) -> Path | None:
         """The checkpoint to resume from: --resume's (it must be complete), else the newest complete
