@@ -28,6 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("config", help="the YAML config (see configs/ and docs/training.md)")
     ap.add_argument("--print-config", action="store_true",
                     help="print the fully resolved config, each value marked: from file, Swift default or mflux2 default (why); then exit")
+    ap.add_argument("--dry-run", action="store_true",
+                    help="in seconds, loading no weights: dataset, model, memory per phase and disk; exit 1 if the run cannot fit")
     ap.add_argument("--max-steps", type=int)
     ap.add_argument("--output", help="output folder (checkpoints.output)")
     ap.add_argument("--learning-rate", type=float)
@@ -66,6 +68,10 @@ def main(argv=None) -> int:
         if args.print_config:
             print(cfg.dump_yaml(annotate=True), end="")
             return 0
+        if args.dry_run:
+            from mflux2.training.preflight import preflight
+
+            return preflight(cfg)
         from mflux2.training.trainer import Trainer
 
         resume = False if args.no_resume else (args.resume or True)

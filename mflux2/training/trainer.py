@@ -120,12 +120,8 @@ class Trainer:
         except OSError as e:
             raise TrainingError(f"output folder {self.output} is not writable ({e.strerror}); set checkpoints.output") from None
 
-    def _check_disk_space(self, n_images: int, n_prompts: int, n_tokens: int, ctx: int, lora_params: int):
+    def _check_disk_space(self, need: int, keep: int):
         """Refuse to start when the caches and the checkpoints we will keep cannot fit on the disk."""
-        cache = n_images * n_tokens * 128 * 4 + n_prompts * 512 * ctx * 2
-        keep = self.cfg.checkpoints.keep_last or max(1, self.total_steps // max(self.cfg.checkpoints.save_every or self.total_steps, 1)) + 1
-        ckpt = lora_params * 4 * 5  # lora file + raw params + two optimiser moments (+ EMA)
-        need = int(1.2 * (cache + keep * ckpt + 2 * lora_params * 4))
         free = shutil.disk_usage(self.output).free
         if free < need:
             raise TrainingError(
@@ -134,17 +130,10 @@ class Trainer:
             )
 
     def _check_disk_space_for(self, prompts: list[str]):
-        from mflux2.models.transformer import TransformerConfig
-        from mflux2.weights import read_config
+        from mflux2.training.preflight import disk_need, disk_transformer_config  # the dry run's figure too
 
-        tc = read_config(self.pipe.source.transformer) if self.pipe.source.transformer.is_dir() else None
-        t = TransformerConfig.from_dict(tc) if tc else TransformerConfig()
-        r, d = self.cfg.lora.rank, t.hidden_size
-        per = 12 * t.num_layers + 6 * t.num_single_layers  # attention targets: ~r·D·(12 per double, 6 per single)
-        lora_params = int(r * d * per * (2.5 if self.cfg.lora.target_layers in ("all", "attention_ffn") else 1.0))
-        n_tokens = max((s.bucket[0] // 16) * (s.bucket[1] // 16) for s in self.samples)
-        self._check_disk_space(len(self.samples) + len(self.val_samples), len(set(prompts)), n_tokens,
-                               t.joint_attention_dim, lora_params)
+        self._check_disk_space(*disk_need(self.cfg, disk_transformer_config(self.pipe.source),
+                                          self.samples, self.val_samples, prompts, self.total_steps))
 
     def _find_resume(self) -> Path | None:
         """The checkpoint to resume from: --resume's (it must be complete), else the newest complete
