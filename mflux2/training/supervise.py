@@ -47,7 +47,8 @@ def watchdog_explanation() -> str:
 def is_distributed() -> bool:
     """Launched as one process of a group (mlx.launch / MPI): a restart of one process would leave the
     others waiting, so such runs are not supervised."""
-    return any(os.environ.get(k) for k in ("MLX_RANK", "MLX_HOSTFILE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE"))
+    return any(os.environ.get(k) for k in ("MLX_RANK", "MLX_WORLD_SIZE", "MLX_HOSTFILE", "MLX_JACCL_COORDINATOR",
+                                             "OMPI_COMM_WORLD_SIZE", "PMI_SIZE"))
 
 
 def child_env(parent_pid: int, resume_from: Path | None = None, platform: str | None = None) -> dict:
@@ -144,6 +145,8 @@ def supervise(child_argv: list[str], output: Path, max_restarts: int, fresh: boo
     restarts, resume_from = 0, None
     try:
         while True:
+            if state["ended_by_user"]:  # Ctrl-C / SIGTERM between two children
+                return 130
             # Its own process group: the terminal's Ctrl-C reaches the supervisor only, which passes
             # it on once (one Ctrl-C = stop after this step with a checkpoint; a second one aborts).
             proc = subprocess.Popen(cmd, env=child_env(os.getpid(), resume_from), start_new_session=True)
