@@ -7,6 +7,7 @@ import sys
 import time
 import traceback
 import warnings
+from pathlib import Path
 
 STARTED = time.perf_counter()  # the run's "start-up" phase counts from here (imports included)
 
@@ -44,16 +45,35 @@ def build_parser() -> argparse.ArgumentParser:
     g = ap.add_mutually_exclusive_group()
     g.add_argument("--resume", metavar="CHECKPOINT", help="resume from this checkpoint folder")
     g.add_argument("--no-resume", action="store_true", help="start fresh even if the output folder has checkpoints")
+    ap.add_argument("--max-restarts", type=int, default=3, metavar="N",
+                    help="restart the training after a recoverable failure (Metal watchdog / command-buffer error, "
+                         "abort, crash, kill by the OS), resuming from the newest complete checkpoint, up to N times "
+                         "(default 3; 0 runs the training in this process, unsupervised)")
     ap.add_argument("--debug", action="store_true", help="show full tracebacks")
     return ap
 
 
-def main(argv=None) -> int:
+def main(argv=None, supervise: bool | None = None) -> int:
+    """`mflux2-train`. As the command (`argv` None) the training runs in a supervised child process
+    that is restarted after recoverable failures (--max-restarts); called with an argument list from
+    Python it trains in this process unless `supervise=True`."""
+    import os
+
     import yaml
 
+    from mflux2.training import supervise as sup
     from mflux2.training.config import ConfigError, load_config
 
-    args = build_parser().parse_args(argv)
+    if supervise is None:
+        supervise = argv is None
+    raw_argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(raw_argv)
+    if args.max_restarts < 0:
+        print("mflux2-train: error: --max-restarts must be 0 or more", file=sys.stderr)
+        return 2
+    child = os.environ.get("MFLUX2_SUPERVISED") == "1"
+    if child:
+        sup.die_with_supervisor()
     overrides = {key: getattr(args, flag) for flag, key in OVERRIDES.items() if getattr(args, flag) is not None}
     for item in args.set:
         if "=" not in item:
@@ -72,10 +92,21 @@ def main(argv=None) -> int:
             from mflux2.training.preflight import preflight
 
             return preflight(cfg)
+        if supervise and not child and args.max_restarts > 0 and not sup.is_distributed():
+            # the config is valid (its errors were one line above, with no child); train in a child
+            os.environ["MFLUX2_STARTED_WALL"] = str(time.time() - (time.perf_counter() - STARTED))
+            return sup.supervise(raw_argv, Path(cfg.checkpoints.output), args.max_restarts, fresh=args.no_resume)
         from mflux2.training.trainer import Trainer
 
         resume = False if args.no_resume else (args.resume or True)
-        Trainer(cfg, resume=resume, started_at=STARTED).run()
+        if child and os.environ.get("MFLUX2_RESUME_FROM"):  # a restart: the supervisor picked the checkpoint
+            resume = os.environ["MFLUX2_RESUME_FROM"]
+        started = STARTED
+        if child and os.environ.get("MFLUX2_STARTED_WALL") and not os.environ.get("MFLUX2_RESUME_FROM"):
+            # the first child's start-up phase counts from the supervisor's start (its imports, the
+            # config check and the child's launch are part of the job's time)
+            started = time.perf_counter() - (time.time() - float(os.environ["MFLUX2_STARTED_WALL"]))
+        Trainer(cfg, resume=resume, started_at=started).run()
         return 0
     except KeyboardInterrupt:
         print("\nmflux2-train: aborted (the last complete checkpoint is kept)", file=sys.stderr)
@@ -87,6 +118,10 @@ def main(argv=None) -> int:
         if isinstance(e, known):
             print(f"mflux2-train: error: {e}", file=sys.stderr)
             return 1
+        if sup.is_metal_error(e):  # the Metal watchdog / a command-buffer failure: recoverable by a restart
+            print(f"mflux2-train: GPU error: {e}", file=sys.stderr)
+            print(sup.watchdog_explanation(), file=sys.stderr)
+            return sup.EXIT_RECOVERABLE
         if not args.debug:
             print(f"mflux2-train: internal error: {type(e).__name__}: {e} (run with --debug for the traceback)", file=sys.stderr)
         return 1

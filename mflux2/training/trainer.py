@@ -104,6 +104,9 @@ class Trainer:
         self._metrics = None  # tests check cache reuse with these
         self._stop_requested = False
         self._sigint_count = 0
+        # Tests of the supervisor: MFLUX2_FAIL_AT_STEPS="3:kill,7:abort,9:metal" makes the process die at those
+        # steps, each once per output folder (a marker file remembers it), the way a crash or the OS would.
+        self._fail_at = _failure_plan(os.environ.get("MFLUX2_FAIL_AT_STEPS", ""))
         # Data parallel across processes launched by `mlx.launch` (a size-1 group otherwise).
         self.group = mx.distributed.init()
         self.rank, self.world = self.group.rank(), self.group.size()
@@ -412,7 +415,9 @@ class Trainer:
         from mflux2.training.report import write_report
 
         hist = state.history
-        step_times = [m["step_time_s"] for m in self._metrics.read() if "step_time_s" in m][-50:] if self._metrics else []
+        records = self._metrics.read() if self._metrics else []
+        step_times = [m["step_time_s"] for m in records if "step_time_s" in m][-50:]
+        restarts = [m for m in records if "restart" in m]  # written by the supervisor (mflux2-train)
         summary = {
             "model": self.pipe.variant or f"custom ({self.pipe.family})", "step": f"{state.step} / {self.total_steps}",
             "loss (last 20 steps)": f"{np.mean([h[2] for h in hist[-20:]]):.4f}" if hist else "-",
@@ -423,6 +428,8 @@ class Trainer:
             "trigger word": self.cfg.dataset.trigger_word or "-", "non-finite steps skipped": state.skipped_nonfinite,
             "validation images": self.validation.settings(),
             "peak memory": f"{self.clock.peak_gb:.2f} GB",
+            "restarts": (f"{len(restarts)}: " + "; ".join(f"after {m.get('cause')}, from step {m.get('step')}" for m in restarts)
+                         if restarts else "0"),
         }
         write_report(self.output, self.cfg.dump_yaml(), summary, timing=self.clock.table())
 
@@ -653,6 +660,8 @@ class Trainer:
                     metrics.append({"step": state.step, "val_loss": vl})
                 if self.on_step is not None:
                     self.on_step(self, state.step)
+                if state.step in self._fail_at:
+                    self._inject_failure(state.step, self._fail_at[state.step])
                 if self._early_stop(state, eval_every):
                     reason = "early-stopped"
                     break
@@ -676,6 +685,19 @@ class Trainer:
                  f"{state.skipped_nonfinite} non-finite steps skipped")
         self.result = {"reason": reason, "step": state.step, "lora": final}
         return final
+
+    def _inject_failure(self, step: int, kind: str) -> None:
+        marker = self.output / f".injected_failure_{step:06d}"
+        if self.rank or marker.exists():
+            return
+        marker.write_text(kind)
+        self.log(f"injecting a failure at step {step}: {kind}")
+        if kind == "abort":
+            os.abort()
+        if kind == "metal":
+            raise RuntimeError("[METAL] Command buffer execution failed: Impacting Interactivity "
+                               "(0000000e:kIOGPUCommandBufferCallbackErrorImpactingInteractivity)")
+        os.kill(os.getpid(), signal.SIGKILL)
 
     # ---------------- early stopping ----------------
     def _early_stop(self, state: RunState, eval_every: int) -> bool:
@@ -708,6 +730,14 @@ class Trainer:
 
 # ------------------------------------------------------------------------------------------------
 # helpers
+
+
+def _failure_plan(spec: str) -> dict[int, str]:
+    plan = {}
+    for item in filter(None, (x.strip() for x in spec.split(","))):
+        step, _, kind = item.partition(":")
+        plan[int(step)] = kind or "kill"
+    return plan
 
 
 def _stalled(st: dict, name: str, value: float, min_rel_improvement: float, patience: int) -> bool:
