@@ -62,6 +62,16 @@ def disk_need(cfg, t, samples, val_samples, prompts, total_steps: int) -> tuple[
     return int(1.2 * (cache + keep * ckpt + 2 * lora_params * 4)), keep
 
 
+def _disk_check(rep, folder: Path, need: float, what: str, fix: str) -> None:
+    """One disk line: `need` bytes `what` against the free space of `folder`; a problem and its fix if short."""
+    free = _free_bytes(folder)
+    ok = free >= need
+    rep.line(f"{folder}: {need / GB:.2f} GB {what}, {free / GB:.1f} GB free {'ok' if ok else 'TOO LITTLE'}")
+    if not ok:
+        rep.problems.append(f"not enough free disk space in {folder}: about {need / GB:.2f} GB needed, {free / GB:.2f} GB free")
+        rep.fixes.append(fix)
+
+
 def _free_bytes(path: Path) -> int:
     p = Path(path).expanduser().absolute()
     while not p.exists() and p != p.parent:
@@ -400,26 +410,15 @@ def preflight(cfg, out=print, err=None) -> int:
         prompts += [it.prompt for it in items] + [""]
         total = cfg.training.max_steps or math.ceil(len(samples) / cfg.training.batch_size) * cfg.training.epochs
         need, keep_n = disk_need(cfg, t, samples, val_samples, prompts, total)
-        out_dir = Path(cfg.checkpoints.output)
-        free = _free_bytes(out_dir)
-        ok = free >= need
-        rep.line(f"{out_dir}: {need / GB:.2f} GB for the caches and {keep_n} checkpoint(s), {free / GB:.1f} GB free "
-                 f"{'ok' if ok else 'TOO LITTLE'}")
-        if not ok:
-            rep.problems.append(f"not enough free disk space in {out_dir}: about {need / GB:.2f} GB needed, {free / GB:.2f} GB free")
-            rep.fixes.append("free space, lower checkpoints.keep_last, or set checkpoints.output")
+        _disk_check(rep, Path(cfg.checkpoints.output), need, f"for the caches and {keep_n} checkpoint(s)",
+                    "free space, lower checkpoints.keep_last, or set checkpoints.output")
     else:
         rep.line("unknown (no dataset or no model)")
     if download:
         from huggingface_hub import constants
 
-        free = _free_bytes(Path(constants.HF_HUB_CACHE))
-        ok = free >= download
-        rep.line(f"Hugging Face cache {constants.HF_HUB_CACHE}: {download / GB:.1f} GB to download, {free / GB:.1f} GB free "
-                 f"{'ok' if ok else 'TOO LITTLE'}")
-        if not ok:
-            rep.problems.append(f"not enough free disk space for the download into {constants.HF_HUB_CACHE}")
-            rep.fixes.append("point HF_HOME (or HF_HUB_CACHE) to a disk with room")
+        _disk_check(rep, Path(constants.HF_HUB_CACHE), download, "to download into the Hugging Face cache",
+                    "point HF_HOME (or HF_HUB_CACHE) to a disk with room")
 
     # -- verdict
     rep.section("verdict")
