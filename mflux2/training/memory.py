@@ -177,13 +177,19 @@ def _fitting_peak(model_cfg, quant: str, every: int, args: dict, budget: float) 
     return peak, False
 
 
-def stored_quantization(source) -> str | None:
-    """The transformer precision of a folder written by scripts/convert.py ("int8", "int4", or
-    "bf16" for an unquantised one; mflux2.json): such a folder loads only as stored. None for the
-    other layouts, which load as bf16, int8 or int4."""
+def stored_quantization(source, component: str = "transformer") -> str | None:
+    """The precision of a component ("transformer", "text_encoder") of a folder written by
+    scripts/convert.py ("int8", "int4", or "bf16" for an unquantised one; mflux2.json): such a
+    folder loads only as stored. None for the other layouts, which load as bf16, int8 or int4."""
     if getattr(source, "layout", None) != "mflux2":
         return None
-    return (((getattr(source, "config", None) or {}).get("transformer") or {}).get("quantization") or {}).get("name") or "bf16"
+    return (((getattr(source, "config", None) or {}).get(component) or {}).get("quantization") or {}).get("name") or "bf16"
+
+
+def keeps_validation_model(planned_peak_gb: float, validation_weights_gb: float, budget_gb: float) -> bool:
+    """A separate validation model stays loaded beside the training model when both fit twice over in
+    the usable memory; otherwise it is loaded for each validation and freed after it."""
+    return bool(budget_gb) and 2 * (planned_peak_gb + validation_weights_gb) <= budget_gb
 
 
 def choose_quantization(cfg, source, log=print) -> str:

@@ -356,7 +356,7 @@ def preflight(cfg, out=print, err=None) -> int:
             phases.append(("text-encoder cache", None, "unknown: the model's files are not here"))
             phases.append(("latent cache", None, "unknown: the model's files are not here"))
 
-        # the validation model: kept beside training when 2 × (planned peak + its weights) fit (Validation's rule)
+        # the validation model: kept beside training or loaded per validation (the run's rule)
         extra, keep = 0.0, False
         if val is not None:
             if val.source is not None:
@@ -364,7 +364,7 @@ def preflight(cfg, out=print, err=None) -> int:
                 extra = vpipe.loaded_bytes(val.source.transformer, vpipe.quantize) / GB
             elif val.variant:
                 extra = memory.weights_bytes(memory._config(val.variant), q) / GB
-            keep = bool(budget) and 2 * (step_peak + extra) <= budget
+            keep = memory.keeps_validation_model(step_peak, extra, budget)
             rep.line(f"validation model {val.variant or val.name}: {extra:.2f} GB, "
                      f"{'kept loaded beside the training model' if keep else 'loaded for each validation and freed after'}")
         phases.append(("training step", step_peak + (extra if keep else 0.0),

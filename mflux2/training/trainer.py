@@ -160,22 +160,20 @@ class Trainer:
         return ckpt
 
     def _load_components(self):
+        from mflux2.training import memory
+
         self.pipe = pipe = open_model(self.cfg)
-        if pipe.source.layout == "mflux2":  # a converted folder: the text encoder loads as stored
-            stored = ((pipe.source.config.get("text_encoder") or {}).get("quantization") or {}).get("name") or "bf16"
+        stored = memory.stored_quantization(pipe.source, "text_encoder")
+        if stored:  # a converted folder: the text encoder loads as stored
             q = self.cfg.model.quantization
             if q not in ("auto", stored) and self.cfg.provenance.get("model.quantization") in ("file", "override"):
-                raise TrainingError(
-                    f"model.quantization: {q}, but the text encoder of {pipe.source.root} was converted as {stored} "
-                    f"(mflux2.json) and loads only so — set model.quantization to {stored} or auto, or convert the model again "
-                    f"{f'with --text-encoder-quantize {q}' if q != 'bf16' else 'without --text-encoder-quantize'}")
+                raise _stored_precision_error(pipe.source.root, "text encoder", "model.quantization", q, stored,
+                                              "--text-encoder-quantize")
             if q != stored:
                 self.log(f"text encoder: {stored}, as stored in the converted folder {pipe.source.root}")
             pipe.text_encoder_quantize = None
         elif self.cfg.model.quantization == "auto":  # decided before the text encoder loads (lazily)
-            from mflux2.training.memory import choose_text_encoder_quantization
-
-            q = choose_text_encoder_quantization(pipe, log=self.log)
+            q = memory.choose_text_encoder_quantization(pipe, log=self.log)
             pipe.text_encoder_quantize = None if q == "bf16" else q
         self.cfg.resolve_model_defaults(defaults_variant(pipe))
         self._plan_transformer()
@@ -242,11 +240,8 @@ class Trainer:
         q = self.cfg.model.transformer_quantization
         stored = memory.stored_quantization(self.pipe.source)  # a converted folder loads only as stored
         if stored and q not in ("auto", stored):
-            root = self.pipe.source.root
-            raise TrainingError(
-                f"model.transformer_quantization: {q}, but the transformer of {root} was converted as {stored} "
-                f"(mflux2.json) and loads only so — set model.transformer_quantization to {stored} or auto, or convert "
-                f"the model again {f'with --quantize {q}' if q != 'bf16' else 'without --quantize'}")
+            raise _stored_precision_error(self.pipe.source.root, "transformer", "model.transformer_quantization", q, stored,
+                                          "--quantize")
         if q == "auto":
             q = memory.choose_quantization(self.cfg, self.pipe.source, log=self.log)
         else:
@@ -730,6 +725,13 @@ class Trainer:
 
 # ------------------------------------------------------------------------------------------------
 # helpers
+
+
+def _stored_precision_error(root: Path, component: str, key: str, asked: str, stored: str, flag: str) -> TrainingError:
+    """A converted folder's component loads only at the precision it was converted with."""
+    return TrainingError(
+        f"{key}: {asked}, but the {component} of {root} was converted as {stored} (mflux2.json) and loads only so — "
+        f"set {key} to {stored} or auto, or convert the model again {f'with {flag} {asked}' if asked != 'bf16' else f'without {flag}'}")
 
 
 def _failure_plan(spec: str) -> dict[int, str]:

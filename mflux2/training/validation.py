@@ -73,7 +73,7 @@ class Validation:
                 where, variant=want, dtype=t.pipe.dtype, quantize=None if q == "bf16" else q, low_memory=True)
             extra = self.pipe.loaded_bytes(self.pipe.source.transformer, self.pipe.quantize) / 1e9
             budget = memory.available_gb()
-            self.keep_loaded = bool(budget) and 2 * (t.planned_peak_gb + extra) <= budget
+            self.keep_loaded = memory.keeps_validation_model(t.planned_peak_gb, extra, budget)
             t.log(f"validation images: {self.pipe.variant or where} ({extra:.1f} GB), "
                   f"{'kept loaded beside the training model' if self.keep_loaded else 'loaded for each validation and freed after'}")
         source = self.pipe or t.pipe
