@@ -84,8 +84,10 @@ def _init(key: str, shape: tuple, rng):
 
     if key.endswith("running_var"):
         return mx.ones(shape, mx.float32)
-    if key.endswith("running_mean") or key.endswith("num_batches_tracked"):
-        return mx.zeros(shape, mx.float32) if not key.endswith("tracked") else mx.zeros(shape, mx.int64)
+    if key.endswith("num_batches_tracked"):
+        return mx.zeros(shape, mx.int64)
+    if key.endswith("running_mean"):
+        return mx.zeros(shape, mx.float32)
     if "norm" in key and len(shape) == 1 and key.endswith("weight"):
         return mx.ones(shape, mx.bfloat16)
     if key.endswith("bias"):
@@ -171,8 +173,7 @@ def write_klein_folders(work: Path, size: str) -> tuple[Path, Path]:
     shutil.rmtree(distilled, ignore_errors=True)
     name = f"klein-{size.lower()}"
     t0 = time.time()
-    tcfg = {"_class_name": "Flux2Transformer2DModel", **preset(name).to_dict()}
-    tcfg.pop("_class_name")
+    tcfg = preset(name).to_dict()
     _write_shards(base / "transformer", _shapes_transformer(tcfg), "diffusion_pytorch_model",
                   "diffusion_pytorch_model.safetensors.index.json")
     (base / "transformer" / "config.json").write_text(json.dumps({"_class_name": "Flux2Transformer2DModel", **tcfg}, indent=1))

@@ -48,7 +48,7 @@ class PhaseClock:
         self._emit(ph)
 
     @contextlib.contextmanager
-    def __call__(self, name: str, step: int | None = None, emit: bool = True):
+    def __call__(self, name: str, step: int | None = None):
         self._charge()
         ph = self.phases.setdefault(name, Phase(name, step=step))
         self._stack.append([ph, time.perf_counter()])
@@ -59,8 +59,7 @@ class PhaseClock:
             self._stack.pop()
             if self._stack:
                 self._stack[-1][1] = time.perf_counter()  # the parent resumes now, not when the child began
-            if emit:
-                self._emit(ph)
+            self._emit(ph)
 
     def _emit(self, ph: Phase) -> None:
         if self.sink is not None:

@@ -10,7 +10,7 @@ stderr) when it cannot fit or something is missing.
 The figures are the run's own: the transformer precision and checkpointing from
 `memory.choose_quantization` / `memory.check_fit`, the step peak from `memory.planned_peak_gb`, the
 text encoder's precision from `memory.choose_text_encoder_quantization`, the validation model's
-keep-or-reload rule of `validation.Validation`, and the disk from `disk_need` (which the trainer's
+keep-or-reload rule `memory.keeps_validation_model`, and the disk from `disk_need` (which the trainer's
 disk check calls too). The latent-cache and validation-generation activations are estimates (not
 fitted on measured peaks): see VAE_ENCODE_BYTES_PER_PIXEL and FORWARD_BLOCK_UNITS.
 """
