@@ -17,7 +17,6 @@ fitted on measured peaks): see VAE_ENCODE_BYTES_PER_PIXEL and FORWARD_BLOCK_UNIT
 
 from __future__ import annotations
 
-import math
 import shutil
 import sys
 import time
@@ -408,7 +407,7 @@ def preflight(cfg, out=print, err=None) -> int:
         dop = cfg.loss.diff_output_preservation
         prompts = [s.caption for s in samples + val_samples] + ([s.dop_caption for s in samples] if dop else [])
         prompts += [it.prompt for it in items] + [""]
-        total = cfg.training.max_steps or math.ceil(len(samples) / cfg.training.batch_size) * cfg.training.epochs
+        total = cfg.training.max_steps  # always set: the config derives it from epochs (x 100, as Swift)
         need, keep_n = disk_need(cfg, t, samples, val_samples, prompts, total)
         _disk_check(rep, Path(cfg.checkpoints.output), need, f"for the caches and {keep_n} checkpoint(s)",
                     "free space, lower checkpoints.keep_last, or set checkpoints.output")

@@ -527,7 +527,7 @@ class Trainer:
             prompts += [s.dop_caption for s in self.samples]
         prompts += [it.prompt for it in self.validation.items]
         prompts.append("")  # caption dropout and CFG's negative prompt
-        total = cfg.training.max_steps or math.ceil(len(self.samples) / (cfg.training.batch_size * self.world)) * cfg.training.epochs
+        total = cfg.training.max_steps  # always set: the config derives it from epochs (x 100, as Swift)
         self.total_steps = total
         self._check_disk_space_for(prompts)
         for r in range(self.world):  # rank 0 first; on a shared disk the others then find everything cached
