@@ -51,3 +51,15 @@ def test_report_renders_in_headless_chromium(report, tmp_path):
     # the validation thumbnails: 6 images of 192x192 are far more saturated pixels than text and lines
     sat = px.max(-1) - px.min(-1)
     assert (sat > 40).sum() > 6 * 192 * 192 * 0.3, (sat > 40).sum()
+
+
+def test_report_shows_images_before_curve_and_timing(report):
+    page = report.read_text()
+    assert page.index("Validation images") < page.index("Learning curve") < page.index('<table id="timing"')
+
+
+def test_a_series_of_one_point_is_still_drawn():
+    from mflux2.training.outputs import learning_curve_svg
+
+    svg = learning_curve_svg({"loss (main)": ([1, 2, 3], [1.0, 0.9, 0.8]), "DOP preservation": ([3], [2e-5])})
+    assert svg.count("<circle") == 1  # the DOP point; the main loss has a line

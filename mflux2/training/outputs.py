@@ -251,6 +251,8 @@ def learning_curve_svg(series: dict[str, tuple[list[int], list[float]]], window:
         smooth = " ".join(f"{sx(s):.1f},{sy(v):.1f}" for (s, _), v in zip(pts, avg))
         parts.append(f'<polyline fill="none" stroke="{c}" stroke-opacity="0.3" points="{raw}"/>')
         parts.append(f'<polyline fill="none" stroke="{c}" stroke-width="2" points="{smooth}"/>')
+        if len(pts) < 2:  # a polyline of one point draws nothing
+            parts += [f'<circle cx="{sx(s):.1f}" cy="{sy(v):.1f}" r="3" fill="{c}"/>' for s, v in pts]
     parts.append(f'<text x="{(w - pad_r + pad_l) / 2}" y="{h - 6}" text-anchor="middle">step</text>')
     parts.append("</svg>")
     return "\n".join(parts)

@@ -19,6 +19,7 @@ def _img(path: Path, alt: str) -> str:
 def _timing_table(timing: list[dict]) -> str:
     """Where this run's wall time and memory went, phase by phase (the trainer's PhaseClock)."""
     total = sum(t["seconds"] for t in timing) or 1.0
+    timing = sorted(timing, key=lambda t: t["phase"].startswith("other"))  # the remainder last, else run order
     rows = "".join(
         f"<tr><th>{html.escape(t['phase'])}</th><td>{t['seconds']:.2f} s</td><td>{100 * t['seconds'] / total:.1f}%</td>"
         f"<td>{t['peak_gb']:.2f} GB</td></tr>" for t in timing)
@@ -64,12 +65,12 @@ pre {{ background: #f6f6f6; padding: 12px; font-size: 12px; overflow-x: auto; }}
 </style></head><body>
 <h1>mflux2 training report — {html.escape(output.name)}</h1>
 <table>{facts}</table>
-<h2>Timing</h2>
-{_timing_table(timing) if timing else "<p>-</p>"}
-<h2>Learning curve</h2>
-<div id="curve">{curve.read_text() if curve.exists() else "<p>no checkpoint yet</p>"}</div>
 <h2>Validation images: baseline → checkpoints</h2>
 {"".join(rows) or "<p>no validation prompts configured</p>"}
+<h2>Learning curve</h2>
+<div id="curve">{curve.read_text() if curve.exists() else "<p>no checkpoint yet</p>"}</div>
+<h2>Timing</h2>
+{_timing_table(timing) if timing else "<p>-</p>"}
 <h2>Config</h2>
 <pre>{html.escape(config_yaml)}</pre>
 </body></html>
