@@ -350,3 +350,14 @@ def test_batches_and_files(tmp_path):
     (tmp_path / "junk.png").write_bytes(b"not an image")
     with pytest.raises(ValueError, match="junk.png: cannot read image"):
         open_rgb(tmp_path / "junk.png")
+
+
+def test_reference_image_ids_match_diffusers():
+    import torch
+    from diffusers.pipelines.flux2.pipeline_flux2_klein import Flux2KleinPipeline
+
+    # two references of different grids (latent 1x? = pixels/16): t = 10, 20 on their own grids
+    refs = [torch.zeros(1, 128, 2, 3), torch.zeros(1, 128, 4, 1)]
+    ref_ids = Flux2KleinPipeline._prepare_image_ids(refs)[0].numpy()
+    ours = np.concatenate([np.array(image_ids(32, 48, t=10)), np.array(image_ids(64, 16, t=20))])
+    np.testing.assert_array_equal(ours, ref_ids)
