@@ -14,7 +14,8 @@ folder holding the first run's caches, so it skips the text encoder and the VAE 
 
 Prints one JSON line: for each run wall_s, phases (name -> s), phase_peak_gb, peak_gb, steps,
 median_step_s, the share of the job that is not training steps, and phases_sum_s (it must match
-wall_s: every second of the run is in a phase).
+wall_s: every second of the run is in a phase); and `preflight_vs_measured`: the peak per phase that
+`mflux2-train --dry-run` predicted for the cold run next to the one measured (issue 24: within 10%).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -244,11 +246,43 @@ def write_dataset(folder: Path, scale: float = 1.0) -> Path:
 # The runs
 
 
-def run_job(config: str, model: Path, validation_model: Path | None, dataset: Path, output: Path, extra: list[str]) -> dict:
+def _cli(config: str, model: Path, validation_model: Path | None, dataset: Path, output: Path, extra: list[str]) -> list[str]:
     cmd = [sys.executable, "-m", "mflux2.training.cli", config, "--model-path", str(model), "--dataset", str(dataset),
            "--output", str(output), *extra]
     if validation_model is not None:
         cmd += ["--set", f"model.validation_path={validation_model}"]
+    return cmd
+
+
+# The dry run's memory phases (mflux2-train --dry-run) and the run's phases whose peaks they predict.
+PREFLIGHT_PHASES = {"text-encoder cache": ("text encoder: load, embed, free",), "latent cache": ("latent cache",),
+                    "training step": ("training steps", "first step (tracing, compiling)"),
+                    "validation images": ("baseline validation", "validation*")}  # *: a prefix
+
+
+def preflight_memory(*args) -> dict[str, float]:
+    """The peak per phase `mflux2-train --dry-run` predicts for this job (GB)."""
+    out = subprocess.run([*_cli(*args), "--dry-run"], cwd=ROOT, capture_output=True, text=True)
+    if out.returncode not in (0, 1):  # 1: it predicts the run does not fit, still a prediction
+        raise SystemExit(f"dry run failed (exit {out.returncode}): {out.stderr[-2000:]}")
+    names = "|".join(re.escape(k) for k in PREFLIGHT_PHASES)
+    return {m.group(1): float(m.group(2)) for m in re.finditer(rf"^\s*({names})\s+([\d.]+) GB", out.stdout, re.M)}
+
+
+def compare_preflight(predicted: dict[str, float], measured: dict[str, float]) -> dict:
+    """Predicted vs measured peak per dry-run phase; the measured peak of a phase is the largest of
+    the run's phases it covers (every validation for "validation images")."""
+    rows = {}
+    for name, gb in predicted.items():
+        peaks = [v for k, v in measured.items() if any(k == p or (p.endswith("*") and k.startswith(p[:-1])) for p in PREFLIGHT_PHASES[name])]
+        if peaks:
+            rows[name] = {"predicted_gb": gb, "measured_gb": round(max(peaks), 3),
+                          "ratio": round(gb / max(peaks), 3) if max(peaks) > 0 else None}
+    return rows
+
+
+def run_job(config: str, model: Path, validation_model: Path | None, dataset: Path, output: Path, extra: list[str]) -> dict:
+    cmd = _cli(config, model, validation_model, dataset, output, extra)
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "TQDM_MININTERVAL": "5"}
     t0 = time.perf_counter()
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
@@ -311,7 +345,10 @@ def main(argv=None) -> int:
         pass
     out1 = work / "run1"
     shutil.rmtree(out1, ignore_errors=True)
+    predicted = preflight_memory(config, base, distilled, dataset, out1, extra)
     result["cold"] = run_job(config, base, distilled, dataset, out1, extra)
+    # issue 24: the dry run's memory figures are the ones the run uses; here they meet the measured peaks
+    result["preflight_vs_measured"] = compare_preflight(predicted, result["cold"]["phase_peak_gb"])
     if args.runs > 1:
         out2 = work / "run2"
         shutil.rmtree(out2, ignore_errors=True)

@@ -26,6 +26,11 @@ def test_tiny_job_benchmark_phases_add_up_and_the_cached_run_skips_the_encoders(
                      "training steps", "report + learning curve"):
             assert name in j["phases"], (run, name)
         assert j["peak_gb"] == max(j["phase_peak_gb"].values()) > 0
+    # the dry run's memory prediction for each of its phases sits beside the measured peak (the toy's
+    # figures are dominated by the estimate's fixed allowances; the GPU run checks the 10%)
+    assert set(r["preflight_vs_measured"]) == {"text-encoder cache", "latent cache", "training step", "validation images"}
+    for row in r["preflight_vs_measured"].values():
+        assert row["predicted_gb"] > 0 and row["measured_gb"] > 0 and row["ratio"] > 0, row
     cold, cached = r["cold"]["phases"], r["cached"]["phases"]
     # the second run encodes nothing: neither the text encoder nor the VAE encoder is loaded
     assert cached["text encoder: load, embed, free"] < 0.1 * cold["text encoder: load, embed, free"]
