@@ -566,6 +566,24 @@ def test_cli_writes_pngs_with_metadata(converted, tmp_path, capsys):
     assert _parse_lora("dir:with:colons/x.safetensors") == ("dir:with:colons/x.safetensors", 1.0)
 
 
+def test_cli_image_edits_at_the_reference_size(converted, tmp_path, capsys):
+    from mflux2.cli import generate_main
+
+    ref = tmp_path / "ref.png"
+    REFS[0].save(ref)  # 88x72: prepared 80x64, the output's size when --width/--height are not given
+    out = tmp_path / "edit.png"
+    args = ["--model", str(converted), "--prompt", "a cat", "--steps", "1", "--guidance", "1", "--seed", "3", "--quiet"]
+    assert generate_main([*args, "--image", str(ref), "--output", str(out)]) == 0
+    assert generate_main([*args, "--width", "80", "--height", "64", "--output", str(tmp_path / "plain.png")]) == 0
+    with Image.open(out) as im, Image.open(tmp_path / "plain.png") as plain:
+        meta = json.loads(im.text["parameters"])
+        assert im.size == (80, 64) and (meta["width"], meta["height"]) == (80, 64)
+        assert meta["images"] == [str(ref)] and meta["reference_caps"] == "diffusers"
+        assert np.abs(np.asarray(im, dtype=np.int16) - np.asarray(plain, dtype=np.int16)).mean() > 0.5  # the reference acted
+    assert generate_main([*args, "--image", str(tmp_path / "none.png"), "--output", str(out)]) == 1
+    assert "--image" in capsys.readouterr().err
+
+
 def test_cli_errors_are_one_line(converted, tmp_path, capsys):
     from mflux2.cli import generate_main
 
