@@ -96,6 +96,7 @@ class Validation:
         self.items = validation_items(cfg)
         self.references = prepare_validation_references(cfg, t.pipe)  # paths -> prepared PIL images
         self._encoded: dict[tuple[str, ...], tuple[mx.array, mx.array]] = {}  # paths -> (tokens, ids)
+        self._refs_written: set[int] = set()  # items whose prepared references are in progression/
         self.pipe = None  # the validation model's pipeline, when it is not the training model
         self._model = None
         self.keep_loaded = False
@@ -205,9 +206,10 @@ class Validation:
         prog.mkdir(exist_ok=True)
         for it in self.items:
             name = it.file_name
-            for j, ref in enumerate(self.references.get(it.references, [])):
-                if not (prog / it.reference_file(j)).exists():
+            if it.index not in self._refs_written:  # once per run: a resumed run shows the references it uses
+                for j, ref in enumerate(self.references.get(it.references, [])):
                     atomic_write(prog / it.reference_file(j), lambda tmp, ref=ref: ref.save(tmp, format="PNG"))
+                self._refs_written.add(it.index)
             frames = [("reference", prog / it.reference_file(j)) for j in range(len(it.references))]
             base = output / "baseline" / name
             if base.exists():
