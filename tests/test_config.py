@@ -157,7 +157,6 @@ def test_swift_style_config_runs_unchanged(tmp_path):
         ("dataset: {path: d}\ntraining: {lr_scheduler: cosine_with_restarts}", "training.lr_scheduler"),
         ("dataset: {path: d}\nmodel: {name: klein-9b-kv}", "model.name"),
         ("dataset: {path: d}\nvalidation: {width: 768, prompts: [x]}", "validation.width"),
-        ("dataset: {path: d}\nvalidation: {prompts: [{prompt: x, reference_image: r.png}]}", "validation.prompts[0].reference_image"),
         ("dataset: {path: d}\nmodel: {quantization: nf4}", "model.quantization"),
     ],
 )
@@ -171,6 +170,23 @@ def test_keys_we_cannot_honour_warn_in_one_line(tmp_path, yaml_text, key):
 def test_nf4_is_int4(tmp_path):
     cfg = load_quiet(write(tmp_path, "dataset: {path: d}\nmodel: {quantization: nf4}"))
     assert cfg.model.quantization == "int4"
+
+
+def test_reference_image_is_one_path_or_a_list_read_from_the_current_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "r.png").write_bytes(b"")
+    (tmp_path / "s.png").write_bytes(b"")
+    cfg = load_quiet(write(tmp_path, "dataset: {path: d}\nvalidation: {prompts: [{prompt: x, reference_image: r.png},\n"
+                                     "  {prompt: y, reference_image: [r.png, s.png]}, z]}"))
+    assert [p.reference_image for p in cfg.validation.prompts] == [["r.png"], ["r.png", "s.png"], None]
+    for text, key in (("[{prompt: x}, {prompt: y, reference_image: nope.png}]", "validation.prompts[1].reference_image:"),
+                      ("[{prompt: y, reference_image: [r.png, no.png]}]", "validation.prompts[0].reference_image[1]:")):
+        with pytest.raises(ConfigError) as e:
+            load_quiet(write(tmp_path, f"dataset: {{path: d}}\nvalidation: {{prompts: {text}}}"))
+        msg = str(e.value)
+        assert key in msg and "no such file" in msg and str(tmp_path) in msg and "\n" not in msg
+    with pytest.raises(ConfigError, match=r"reference_image: must not be empty"):
+        load_quiet(write(tmp_path, "dataset: {path: d}\nvalidation: {prompts: [{prompt: y, reference_image: []}]}"))
 
 
 def test_legacy_single_validation_prompt(tmp_path):

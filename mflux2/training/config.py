@@ -247,9 +247,12 @@ class ValidationPrompt:
     is_1024: bool = _f(False)
     seed: int | None = _f(None, ge=0)  # overrides validation.seed
     sizes: list[int] | None = _f(None, item_check=_check_resolution)  # ours: square sizes, replaces is_512/is_1024
+    # Editing: the prompt's image is made from these reference images (t = 10, 20, ...) and named
+    # prompt_<i>_i2i_<S>x<S>.png. Swift's key takes one path; ours also a list. Relative paths are read
+    # from the current folder, as the Swift trainer does (and as dataset.path).
+    reference_image: list[str] | None = _f(None, item_check=_check_nonempty)
 
     IGNORED: ClassVar[dict[str, str]] = {
-        "reference_image": "image-to-image validation is not supported by mflux2",
         "is_vlm_generated": "it marks prompts for VLM scoring, which mflux2 does not do",
     }
 

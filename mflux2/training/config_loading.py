@@ -172,9 +172,11 @@ def _coerce(v: Any, hint: Any, meta: dict, ctx: _Ctx, path: tuple) -> Any:
         (item,) = args
         if item is int and isinstance(v, int) and not isinstance(v, bool):
             v = [v]  # `resolutions: 512` means [512]
+        if item is str and isinstance(v, str):
+            v = [v]  # `reference_image: a.png` (Swift's form) means [a.png]
         if not isinstance(v, list):
             raise ctx.error(path, f"must be a list, got {_type_name(v)} {_show(v)}")
-        if not v and item is int:
+        if not v and item in (int, str):
             raise ctx.error(path, "must not be empty")
         out = []
         for i, x in enumerate(v):
@@ -437,6 +439,10 @@ def _finalize(cfg: TrainConfig, ctx: _Ctx) -> TrainConfig:
     for i, p in enumerate(cfg.validation.prompts):
         if not (p.is_512 or p.is_1024):
             ctx.warn(("validation", "prompts", i), "is_512 and is_1024 are both false: this prompt makes no image")
+        for j, ref in enumerate(p.reference_image or []):  # read from the current folder, as dataset.path
+            if not Path(ref).expanduser().is_file():
+                key = ("validation", "prompts", i, "reference_image") + ((j,) if len(p.reference_image) > 1 else ())
+                raise ctx.error(key, f"no such file: {ref} (relative paths are read from the current folder {Path.cwd()})")
     if cfg.validation_variant is not None:
         cfg.resolve_model_defaults(cfg.validation_variant)
     return cfg

@@ -36,15 +36,20 @@ def write_report(output: Path, config_yaml: str, summary: dict, timing: list[dic
 
     rows = []
     for p in prompts:
-        name = f"prompt_{p['index']}_{p['size'][0]}x{p['size'][1]}.png"
+        refs = p.get("references", [])  # editing prompts: the prepared reference images come first
+        name = p.get("file") or f"prompt_{p['index']}_{p['size'][0]}x{p['size'][1]}.png"  # (runs from before editing)
         cells = []
+        for j, ref in enumerate(refs):
+            if (output / "progression" / ref).exists():
+                label = "reference" if len(refs) == 1 else f"reference {j + 1}"
+                cells.append(f"<figure>{_img(output / 'progression' / ref, label)}<figcaption>{label}</figcaption></figure>")
         base = output / "baseline" / name
         if base.exists():
             cells.append(f"<figure>{_img(base, 'baseline')}<figcaption>baseline</figcaption></figure>")
         for s, d in steps:
             if (d / name).exists():
                 cells.append(f"<figure>{_img(d / name, f'step {s}')}<figcaption>step {s}</figcaption></figure>")
-        tag = "with trigger" if p["trigger"] else "without trigger"
+        tag = ("with trigger" if p["trigger"] else "without trigger") + (", edit of the reference" if refs else "")
         rows.append(f'<section class="prompt"><h3>{html.escape(p["prompt"])} <span class="tag">{tag}</span></h3>'
                     f'<div class="strip">{"".join(cells)}</div></section>')
 
