@@ -30,6 +30,7 @@ class ValidationItem:
     height: int
     seed: int
     with_trigger: bool
+    source: int = 0  # its entry in validation.prompts (VLM scoring reads that entry's is_vlm_generated)
 
 
 def validation_items(cfg: TrainConfig) -> list[ValidationItem]:
@@ -37,7 +38,7 @@ def validation_items(cfg: TrainConfig) -> list[ValidationItem]:
     no-trigger version side by side, so DOP (the class without the trigger) can be judged by eye."""
     items: list[ValidationItem] = []
     trigger = cfg.dataset.trigger_word
-    for p in cfg.validation.prompts:
+    for source, p in enumerate(cfg.validation.prompts):
         # A prompt that already names the trigger word counts as a trigger prompt (the report tags it so)
         variants = [(p.prompt, data_mod.names_trigger(p.prompt, trigger))]
         if p.apply_trigger and trigger:
@@ -47,7 +48,8 @@ def validation_items(cfg: TrainConfig) -> list[ValidationItem]:
             for s in sizes:
                 if any(it.prompt == text and it.width == s for it in items):
                     continue  # the no-trigger twin may also be listed explicitly
-                items.append(ValidationItem(len(items), text, s, s, p.seed if p.seed is not None else cfg.validation.seed, with_trigger))
+                items.append(ValidationItem(len(items), text, s, s, p.seed if p.seed is not None else cfg.validation.seed, with_trigger,
+                                            source))
     return items
 
 
