@@ -15,9 +15,10 @@ shouldEarlyStopOnVLM, saveBestCheckpoint; docs/examples/vlm-scoring/), and so do
   style score, 0-100, as JSON; temperature 0, thinking off, 300 tokens at most. The reply is parsed
   the Swift way (JSON, then the last {...}, then its regex fallbacks). Composite = w·scene + (1−w)·style
   (w = scene_weight), averaged over the scored images.
-- When: the baseline (no LoRA), then every checkpoint that renders validation images, then the final
-  LoRA (the last checkpoint). Baseline images are scored once (greedy decoding gives the same answer
-  every time; the Swift trainer asks again at each checkpoint) and give `improvement`.
+- When: the baseline (no LoRA), every checkpoint that renders validation images, and the final LoRA
+  (the last checkpoint). The baseline images are scored once, in the first checkpoint's VLM session
+  (greedy decoding gives the same answer every time; the Swift trainer asks again at each
+  checkpoint), and give `improvement`.
 - Best: a checkpoint whose score is at least every earlier score (the baseline's included) is
   copied to best_checkpoint/ (LoRA, validation images, scores, best_info.json) — `keep_last` never
   prunes it (it is not a checkpoint_NNNNNN folder).
@@ -387,43 +388,30 @@ class Scorer:
         """Continue the score history of an interrupted run up to `step` (later records belong to
         steps this run will redo; a best checkpoint from them is dropped)."""
         path = self.output / SCORES_FILE
+        base = (self.output / "baseline").is_dir()  # a baseline about to be rendered anew is scored anew
         if path.is_file():
-            self.history = [r for r in json.loads(path.read_text(encoding="utf-8")).get("history", []) if r["step"] <= step]
+            self.history = [r for r in json.loads(path.read_text(encoding="utf-8")).get("history", [])
+                            if r["step"] <= step and (r["step"] or base)]
         info = self.output / BEST / "best_info.json"
         if info.is_file() and json.loads(info.read_text()).get("step", 0) > step:
             shutil.rmtree(self.output / BEST, ignore_errors=True)
             self.t.log(f"VLM scoring: removed {BEST}/ (from a step after the resumed step {step})")
         self._write_history()
 
-    def score(self, folder: Path, step: int) -> dict | None:
-        """Score the validation images in `folder` (the baseline at step 0), once per step."""
-        if not self.active or any(r["step"] == step for r in self.history):
-            return None
+    def after_checkpoint(self, folder: Path, step: int) -> None:
+        """Score a checkpoint's validation images (and, in the same VLM session, the baseline's if
+        they are not scored yet: one model load fewer), keep best_checkpoint/ up to date and decide
+        on early stopping."""
+        jobs = [(f, s) for f, s in ((self.output / "baseline", 0), (folder, step))
+                if f.is_dir() and not any(r["step"] == s for r in self.history)]
+        if not self.active or not jobs:
+            return
         from mflux2 import vlm as vlm_mod
 
-        t, c = self.t, self.cfg
-        t0 = time.perf_counter()
-        with t.clock("VLM scoring (load, score, free)"):
-            with vlm_mod.loaded(c.model, log=t.log) as model:
-                images = score_images(model, folder, self.targets, c.scene_weight,
-                                      t.cfg.loss.diff_output_preservation_class, log=t.log)
-        base = next((r for r in self.history if r["step"] == 0), None) if c.compare_to_baseline and step else None
-        rec = summarize(step, images, c.scene_weight, base)
-        rec["seconds"] = round(time.perf_counter() - t0, 2)
-        scores = [r["score"] for r in self.history + [rec] if r["score"] is not None]
-        rec["status"] = status(scores, c.early_stopping_min_delta) if rec["score"] is not None else ""
-        atomic_write_text(folder / SCORES_FILE, json.dumps({**rec, "images": images}, indent=1))
-        self.history.append({k: v for k, v in rec.items()})
-        if t._metrics is not None:
-            t._metrics.append({"step": step, **{f"vlm_{k}": v for k, v in rec.items() if k != "step"}})
-        self._write_history()
-        t.log(self._line(rec))
-        return rec
-
-    def after_checkpoint(self, folder: Path, step: int) -> None:
-        """Score a checkpoint, keep best_checkpoint/ up to date and decide on early stopping."""
-        rec = self.score(folder, step)
-        if rec is None or rec["score"] is None:
+        with self.t.clock("VLM scoring (load, score, free)"), vlm_mod.loaded(self.cfg.model, log=self.t.log) as model:
+            recs = [self._score(model, f, s) for f, s in jobs]
+        rec = recs[-1]
+        if rec["step"] != step or rec["score"] is None:
             return
         scores = [r["score"] for r in self.history if r["score"] is not None]
         if self.cfg.save_best_checkpoint and rec["score"] >= max(scores):
@@ -433,6 +421,26 @@ class Scorer:
         if self.cfg.early_stopping:
             self.stop_reason = early_stop_reason(scores, self.cfg.early_stopping_patience,
                                                  self.cfg.early_stopping_min_delta, self.cfg.degradation_threshold)
+
+    def _score(self, model, folder: Path, step: int) -> dict:
+        """Score the validation images in `folder` (the baseline at step 0) with the loaded VLM; the
+        record goes to the folder, the history, metrics.jsonl and the log."""
+        t, c = self.t, self.cfg
+        t0 = time.perf_counter()
+        images = score_images(model, folder, self.targets, c.scene_weight, t.cfg.loss.diff_output_preservation_class, log=t.log)
+        base = next((r for r in self.history if r["step"] == 0), None) if c.compare_to_baseline and step else None
+        rec = summarize(step, images, c.scene_weight, base)
+        rec["seconds"] = round(time.perf_counter() - t0, 2)
+        scores = [r["score"] for r in self.history + [rec] if r["score"] is not None]
+        rec["status"] = status(scores, c.early_stopping_min_delta) if rec["score"] is not None else ""
+        atomic_write_text(folder / SCORES_FILE, json.dumps({**rec, "images": images}, indent=1))
+        self.history.append(rec)
+        self.history.sort(key=lambda r: r["step"])
+        if t._metrics is not None:
+            t._metrics.append({"step": step, **{f"vlm_{k}": v for k, v in rec.items() if k != "step"}})
+        self._write_history()
+        t.log(self._line(rec))
+        return rec
 
     def best(self) -> dict | None:
         info = self.output / BEST / "best_info.json"

@@ -581,16 +581,14 @@ class Trainer:
             metrics.truncate_after(state.step)
         run_id = time.strftime("%Y-%m-%dT%H:%M:%S")
         clock.attach(lambda rec: metrics.append({**rec, "run": run_id}))
+        if self.scorer is not None:
+            self.scorer.resume(state.step)  # the score history up to here (the baseline is scored with the first checkpoint)
         if ckpt is None and self.validation.items and not (self.output / "baseline").exists() and self.rank == 0:
             base = self.output / "baseline.partial"
             base.mkdir(exist_ok=True)
             self.validation.render(base, 0)
             os.replace(base, self.output / "baseline")
             self.validation.update_progression(self.output / "baseline", 0)
-        if self.scorer is not None:
-            self.scorer.resume(state.step)
-            if (self.output / "baseline").is_dir():
-                self.scorer.score(self.output / "baseline", 0)
 
         dop_every = cfg.loss.diff_output_preservation_every_n_steps or 1
         save_every = cfg.checkpoints.save_every
