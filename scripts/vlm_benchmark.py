@@ -9,7 +9,8 @@ as one JSON line of seconds and peak GB.
 
 What is scored is what configs/cat-toy.yaml's run scores at each checkpoint: its two trigger prompts
 against references from the dataset and (DOP is on) its two no-trigger prompts for bleed, at 512².
-The images are synthetic (a textured square on a gradient), 512 x 512 by default (--size).
+The images are synthetic (a textured square on a gradient): the dataset's 1024² by default (--size;
+diffusers/cat_toy_example's photos are 902x846 to 1167x1010), the validation images 512² (--val-size).
 
 A random model never ends a reply: each answer runs to max_tokens (120 for a caption, 300 for a
 score), so its decoding times are an upper bound; the real model stops after its sentence or its
@@ -57,7 +58,8 @@ def main(argv=None) -> int:
     src.add_argument("--random-4b", action="store_true", help="the default VLM's architecture with random 4-bit weights")
     src.add_argument("--tiny", action="store_true", help="the tests' tiny Qwen3.5, whose replies end at once (CPU)")
     ap.add_argument("--images", type=int, default=7, help="images to caption (default 7)")
-    ap.add_argument("--size", type=int, default=512, help="image side in pixels (default 512)")
+    ap.add_argument("--size", type=int, default=1024, help="dataset image side in pixels (default 1024)")
+    ap.add_argument("--val-size", type=int, default=512, help="validation image side in pixels (default 512, cat-toy's)")
     ap.add_argument("--work", help="folder for the images (and the random model); default a temporary one")
     args = ap.parse_args(argv)
 
@@ -92,7 +94,7 @@ def main(argv=None) -> int:
     targets, how = plan_targets(cfg, items, refs)
     ckpt = work / "checkpoint_000125"
     ckpt.mkdir(exist_ok=True)
-    for t, img in zip(targets, make_images(work / "val", len(targets), args.size, seed=1)):
+    for t, img in zip(targets, make_images(work / "val", len(targets), args.val_size, seed=1)):
         img.replace(ckpt / t.file)
     mx.reset_peak_memory()
     t0 = time.perf_counter()
@@ -111,7 +113,7 @@ def main(argv=None) -> int:
         "caption_peak_gb": round(caption_peak, 3),
         "scored_images": len(results), "scoring": how, "score_s": round(score_s, 2), "score_load_s": round(load_s, 2),
         "score_peak_gb": round(score_peak, 3), "unscored": sum(r["score"] is None for r in results),
-        "image_size": args.size, "build_s": round(build_s, 1) if build_s is not None else None,
+        "image_size": args.size, "val_size": args.val_size, "build_s": round(build_s, 1) if build_s is not None else None,
         "device": str(mx.default_device()), "mlx": mx.__version__,
     }))
     return 0

@@ -218,6 +218,7 @@ def test_dry_run_counts_the_vlm_phases(qwen, tmp_path, monkeypatch, capsys):
     gb = vlm.weights_bytes(qwen) / 1e9
     assert "captions (dataset.auto_caption): 2 image(s) without a caption" in out
     assert f"captions: VLM {qwen}: local ({gb:.2f} GB)" in out
+    assert "scoring (validation.vlm_scoring): 5 image(s) a scoring (2 for the subject, 3 for bleed)" in out
     cap = next(ln for ln in out.splitlines() if ln.strip().startswith("VLM captions"))
     assert f"{memory.vlm_phase_gb(gb):6.2f} GB ok" in cap  # the VLM alone
     step = float(next(ln for ln in out.splitlines() if ln.strip().startswith("training step")).split()[2])
@@ -230,7 +231,7 @@ def test_vlm_benchmark_tiny_prints_its_figures(tmp_path, capsys):
     spec = importlib.util.spec_from_file_location("vlm_benchmark", ROOT / "scripts" / "vlm_benchmark.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    assert bench.main(["--tiny", "--images", "2", "--size", "64", "--work", str(tmp_path)]) == 0
+    assert bench.main(["--tiny", "--images", "2", "--size", "96", "--val-size", "64", "--work", str(tmp_path)]) == 0
     r = json.loads([ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("{")][-1])
     assert (r["model"], r["captions"], r["scored_images"], r["unscored"]) == ("tiny", 2, 4, 0)
     assert r["caption_s"] > 0 and r["score_s"] >= r["score_load_s"] > 0

@@ -321,9 +321,16 @@ def preflight(cfg, out=print, err=None) -> int:
         if todo:
             vlm_gb["VLM captions"], more = _vlm(rep, "captions", cfg.dataset.caption_model)
             download += more
-    if cfg.validation.vlm_scoring.enabled and items:
-        vlm_gb["VLM scoring"], more = _vlm(rep, "scoring", cfg.validation.vlm_scoring.model)
-        download += more if cfg.validation.vlm_scoring.model != cfg.dataset.caption_model or "VLM captions" not in vlm_gb else 0
+    if cfg.validation.vlm_scoring.enabled:
+        from mflux2.training.scoring import plan_targets, select_references
+
+        vs = cfg.validation.vlm_scoring
+        refs = select_references(vs.reference_images, [s.path for s in samples], vs.max_reference_images, log=rep.line)
+        targets, how = plan_targets(cfg, items, refs)
+        rep.line(f"scoring (validation.vlm_scoring): {how if targets else 'off — ' + how}")
+        if targets:
+            vlm_gb["VLM scoring"], more = _vlm(rep, "scoring", vs.model)
+            download += more if vs.model != cfg.dataset.caption_model or "VLM captions" not in vlm_gb else 0
     for f in found:
         for text in f.lines:
             rep.line(f"{f.what}: {text}")

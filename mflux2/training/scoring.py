@@ -377,7 +377,9 @@ class Scorer:
         if not self.targets:
             t.log(f"VLM scoring: off — {how}")
             return
-        vlm.require_mlx_vlm()  # before the caches and the transformer: a missing extra fails in seconds
+        # before the caches and the transformer: a missing extra or model fails in seconds, not at the first checkpoint
+        vlm.require_mlx_vlm()
+        vlm.resolve(self.cfg.model)  # (a hub model is downloaded now, into the Hugging Face cache)
         t.log(f"VLM scoring with {self.cfg.model}: {how}; references {', '.join(p.name for p in refs)}")
 
     @property
@@ -387,6 +389,8 @@ class Scorer:
     def resume(self, step: int) -> None:
         """Continue the score history of an interrupted run up to `step` (later records belong to
         steps this run will redo; a best checkpoint from them is dropped)."""
+        if not self.active:
+            return
         path = self.output / SCORES_FILE
         base = (self.output / "baseline").is_dir()  # a baseline about to be rendered anew is scored anew
         if path.is_file():
