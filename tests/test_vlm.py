@@ -70,6 +70,26 @@ def test_edit_captions_pair_each_target_with_its_control(qwen, tmp_path, capsys)
     assert "1 failed: img_1.png (no control image with its stem" in capsys.readouterr().out
 
 
+def test_the_default_vlm_comes_through_the_hub_cache_offline(qwen, tmp_path, monkeypatch, capsys):
+    from huggingface_hub import constants
+
+    from mflux2.hub import ModelLoadError
+    from tests.test_hub import add_to_cache, folder_files
+
+    cache = tmp_path / "hub"
+    cache.mkdir()
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(ModelLoadError, match=r"mlx-community/Qwen3.5-4B-MLX-4bit is not \(completely\) in the Hugging Face cache .*HF_HUB_OFFLINE=1"):
+        vlm.resolve("qwen3.5-4b")
+    assert vlm.cached_folder(vlm.DEFAULT_VLM) is None
+    snapshot = add_to_cache(cache, vlm.DEFAULT_VLM, folder_files(qwen))  # as if downloaded once
+    assert vlm.resolve("qwen3.5-4b") == snapshot == vlm.cached_folder(vlm.DEFAULT_VLM)
+    data = make_images(tmp_path / "data", n=1, size=32, captions=False)
+    assert caption_main([str(data), "--quiet"]) == 0  # the default --model, from the cache
+    assert (data / "img_0.txt").read_text() == f"{CAPTION_REPLY}\n"
+
+
 def test_without_mlx_vlm_the_error_names_the_extra(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "mlx_vlm", None)  # as if not installed
     with pytest.raises(vlm.VLMError, match=r'pip install -e "\.\[vlm\]"'):
