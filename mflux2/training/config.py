@@ -2,7 +2,8 @@
 
 A user's config file from the Swift trainer runs unchanged: every section and key keeps its name and
 meaning (see /work/shared/spec/training.md). Ours in addition: model.path, model.validation_path,
-model.transformer_quantization, training.seed, dataset.skip_bad_images and an int ("every n blocks")
+model.transformer_quantization, training.seed, dataset.skip_bad_images, dataset.auto_caption /
+caption_model / caption_style, validation.vlm_scoring.model / score_bleed and an int ("every n blocks")
 for memory.gradient_checkpointing.
 
 The rule for a key left out: the seed guide's default stands; where it is silent, the default is what
