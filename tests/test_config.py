@@ -131,7 +131,8 @@ def test_shipped_configs_match_the_seed_guide():
 
 
 def test_swift_style_config_runs_unchanged(tmp_path):
-    with pytest.warns(ConfigWarning) as rec:
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
         cfg = load_config(write(tmp_path, SWIFT_STYLE))
     assert cfg.training.learning_rate == pytest.approx(1e-4)  # "1e-4" is a string to PyYAML
     assert cfg.loss.weighting == "bell_shaped"
@@ -140,8 +141,10 @@ def test_swift_style_config_runs_unchanged(tmp_path):
     assert [p.prompt for p in cfg.validation.prompts] == ["a wizard in a forest", "a castle at night"]
     assert cfg.validation.prompts[1].apply_trigger and cfg.validation.prompts[1].is_512  # string = defaults
     assert cfg.early_stop.on_overfit and cfg.early_stop.max_gap == pytest.approx(0.3)
-    msgs = [str(w.message) for w in rec]
-    assert len(msgs) == 1 and "validation.vlm_scoring" in msgs[0] and "ignored" in msgs[0] and "cfg.yaml:39:" in msgs[0]
+    # validation.vlm_scoring is honoured (training/scoring.py), with the Swift defaults for the keys left out
+    assert [str(w.message) for w in rec] == []
+    vs = cfg.validation.vlm_scoring
+    assert vs.enabled and vs.scene_weight == 0.5 and vs.max_reference_images == 3 and vs.degradation_threshold == 15.0
 
 
 @pytest.mark.parametrize(
@@ -150,7 +153,6 @@ def test_swift_style_config_runs_unchanged(tmp_path):
         ("dataset: {path: d, control_path: ctrl}", "dataset.control_path"),
         ("dataset: {path: d, control_dropout: 0.1}", "dataset.control_dropout"),
         ("dataset: {path: d}\nmodel: {use_base: false}", "model.use_base"),
-        ("dataset: {path: d}\nvalidation: {prompts: [{prompt: x, is_vlm_generated: true}]}", "validation.prompts[0].is_vlm_generated"),
         ("dataset: {path: d}\nmemory: {cache_latents: false}", "memory.cache_latents"),
         ("dataset: {path: d}\nmemory: {cache_text_embeddings: false}", "memory.cache_text_embeddings"),
         ("dataset: {path: d}\nmemory: {cpu_offload: false}", "memory.cpu_offload"),
@@ -292,10 +294,10 @@ def test_epochs_without_max_steps_is_epochs_times_100_as_swift(tmp_path):
 
 
 def test_warnings_come_once_per_key(tmp_path):
-    text = "dataset: {path: d}\nvalidation: {prompts: [{prompt: a, is_vlm_generated: true}, {prompt: b, is_vlm_generated: false}]}"
+    text = "dataset: {path: d, trigger_word: t}\nvalidation: {prompts: [{prompt: a, is_512: false}, {prompt: b, is_512: false}]}"
     with pytest.warns(ConfigWarning) as rec:
         load_config(write(tmp_path, text))
-    assert sum("is_vlm_generated" in str(w.message) for w in rec) == 1
+    assert sum("makes no image" in str(w.message) for w in rec) == 1
 
 
 def test_print_config_says_where_each_value_came_from(tmp_path):

@@ -2,7 +2,8 @@
 
 A user's config file from the Swift trainer runs unchanged: every section and key keeps its name and
 meaning (see /work/shared/spec/training.md). Ours in addition: model.path, model.validation_path,
-model.transformer_quantization, training.seed, dataset.skip_bad_images and an int ("every n blocks")
+model.transformer_quantization, training.seed, dataset.skip_bad_images, dataset.auto_caption /
+caption_model / caption_style, validation.vlm_scoring.model / score_bleed and an int ("every n blocks")
 for memory.gradient_checkpointing.
 
 The rule for a key left out: the seed guide's default stands; where it is silent, the default is what
@@ -28,6 +29,7 @@ from typing import Any, ClassVar, Union, get_type_hints
 import yaml
 
 from mflux2.hub import REPOS
+from mflux2.vlm import DEFAULT_VLM
 
 
 class ConfigError(ValueError):
@@ -146,6 +148,11 @@ class DatasetConfig:
     caption_format: str = _f("txt", choices=("txt", "jsonl"), aliases={"json": "jsonl"})
     image_size: int = _f(512, check=_check_resolution)  # square size when bucketing is disabled
     skip_bad_images: bool = _f(False)  # ours: skip unreadable images with a listed warning
+    # ours: caption the images that have no caption with a VLM before the caches are filled
+    # (mflux2/captions.py); the VLM is freed before the transformer loads
+    auto_caption: bool = _f(False)
+    caption_model: str = _f(DEFAULT_VLM, check=_check_nonempty)  # ours: hub id, short name or folder
+    caption_style: str = _f("subject", choices=("subject", "style", "edit"))  # ours: what the captions describe
 
     IGNORED: ClassVar[dict[str, str]] = {
         "control_path": "image-to-image (control image) training is not supported by mflux2",
@@ -251,10 +258,27 @@ class ValidationPrompt:
     # prompt_<i>_i2i_<S>x<S>.png. Swift's key takes one path; ours also a list. Relative paths are read
     # from the current folder, as the Swift trainer does (and as dataset.path).
     reference_image: list[str] | None = _f(None, item_check=_check_nonempty)
+    # Swift's: the prompt describes a reference image (written by a VLM); when any prompt has it,
+    # VLM scoring scores exactly those prompts (training/scoring.py)
+    is_vlm_generated: bool = _f(False)
 
-    IGNORED: ClassVar[dict[str, str]] = {
-        "is_vlm_generated": "it marks prompts for VLM scoring, which mflux2 does not do",
-    }
+
+@dataclass
+class VLMScoringConfig:
+    """The Swift trainer's `validation.vlm_scoring` (TrainingConfigYAML.swift YAMLVLMScoringConfig,
+    its defaults), honoured by training/scoring.py; `model` and `score_bleed` are ours."""
+    enabled: bool = _f(False)
+    scene_weight: float = _f(0.5, ge=0, le=1)  # composite = w * scene + (1 - w) * style
+    reference_images: list[str] = _f([])  # empty: picked from dataset.path
+    max_reference_images: int = _f(3, ge=1)
+    compare_to_baseline: bool = _f(True)
+    save_best_checkpoint: bool = _f(True)
+    early_stopping: bool = _f(False)
+    early_stopping_patience: int = _f(3, ge=1)
+    early_stopping_min_delta: float = _f(3.0, ge=0)  # 0-100 scale
+    degradation_threshold: float = _f(15.0, ge=0)  # 0-100 scale
+    model: str = _f(DEFAULT_VLM, check=_check_nonempty)  # ours: hub id, short name or folder
+    score_bleed: bool = _f(True)  # ours: with DOP, the no-trigger images are scored for absence of the subject
 
 
 @dataclass
@@ -264,9 +288,9 @@ class ValidationConfig:
     seed: int = _f(42, ge=0)
     guidance: float | None = _f(None, gt=0)  # derived: MODEL_DEFAULTS
     steps: int | None = _f(None, ge=1)  # derived: MODEL_DEFAULTS
+    vlm_scoring: VLMScoringConfig = field(default_factory=VLMScoringConfig)
 
     IGNORED: ClassVar[dict[str, str]] = {
-        "vlm_scoring": "VLM scoring of validation images is not supported by mflux2",
         "width": "legacy single-size validation; use is_512/is_1024 per prompt",
         "height": "legacy single-size validation; use is_512/is_1024 per prompt",
     }
@@ -456,6 +480,9 @@ _DEFAULT_NOTES: dict[str, str | None] = {
     "dataset.caption_format": None,
     "dataset.image_size": None,
     "dataset.skip_bad_images": "no Swift key",
+    "dataset.auto_caption": "no Swift key",
+    "dataset.caption_model": "no Swift key; the Swift trainer's scoring VLM",
+    "dataset.caption_style": "no Swift key",
     "training.batch_size": None,
     "training.gradient_accumulation": None,
     "training.epochs": None,
@@ -497,6 +524,9 @@ _DEFAULT_NOTES: dict[str, str | None] = {
     "validation.seed": None,
     "validation.guidance": None,
     "validation.steps": None,
+    **{f"validation.vlm_scoring.{f.name}": None for f in fields(VLMScoringConfig)},
+    "validation.vlm_scoring.model": "no Swift key; the Swift trainer's Qwen3.5-4B 4-bit",
+    "validation.vlm_scoring.score_bleed": "no Swift key",
     "ema.enabled": None,  # the Swift parser's true is never used: its trainer has no EMA
     "ema.decay": None,
     **{f"early_stop.{f.name}": None for f in fields(EarlyStopConfig)},

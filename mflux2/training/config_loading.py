@@ -436,6 +436,14 @@ def _finalize(cfg: TrainConfig, ctx: _Ctx) -> TrainConfig:
             derived("loss.diff_output_preservation_class", "swift: assumed, DOP is on without a class word")
     if cfg.validation.prompts and not cfg.dataset.trigger_word and any(p.apply_trigger for p in cfg.validation.prompts):
         ctx.warn(("validation", "prompts"), "apply_trigger is true but dataset.trigger_word is not set: the prompts are used as written")
+    if cfg.dataset.auto_caption:
+        if cfg.dataset.caption_format != "txt":
+            raise ctx.error(("dataset", "auto_caption"), "writes .txt captions beside the images: set dataset.caption_format: txt")
+        if cfg.dataset.caption_style == "edit" and not getattr(cfg.dataset, "control_path", None):
+            raise ctx.error(("dataset", "caption_style"), "edit captions describe the change from each control image to its "
+                                                          "target: set dataset.control_path")
+    if cfg.validation.vlm_scoring.enabled and not cfg.validation.prompts:
+        ctx.warn(("validation", "vlm_scoring", "enabled"), "true but there are no validation prompts: nothing to score")
     for i, p in enumerate(cfg.validation.prompts):
         if not (p.is_512 or p.is_1024):
             ctx.warn(("validation", "prompts", i), "is_512 and is_1024 are both false: this prompt makes no image")

@@ -36,6 +36,7 @@ class ValidationItem:
     seed: int
     with_trigger: bool
     references: tuple[str, ...] = ()  # reference image paths (editing), as the config gives them
+    source: int = 0  # its entry in validation.prompts (VLM scoring reads that entry's is_vlm_generated)
 
     @property
     def file_name(self) -> str:
@@ -52,7 +53,7 @@ def validation_items(cfg: TrainConfig) -> list[ValidationItem]:
     no-trigger version side by side, so DOP (the class without the trigger) can be judged by eye."""
     items: list[ValidationItem] = []
     trigger = cfg.dataset.trigger_word
-    for p in cfg.validation.prompts:
+    for source, p in enumerate(cfg.validation.prompts):
         # A prompt that already names the trigger word counts as a trigger prompt (the report tags it so)
         variants = [(p.prompt, data_mod.names_trigger(p.prompt, trigger))]
         if p.apply_trigger and trigger:
@@ -64,7 +65,7 @@ def validation_items(cfg: TrainConfig) -> list[ValidationItem]:
                 if any(it.prompt == text and it.width == s and it.references == refs for it in items):
                     continue  # the no-trigger twin may also be listed explicitly
                 items.append(ValidationItem(len(items), text, s, s, p.seed if p.seed is not None else cfg.validation.seed,
-                                            with_trigger, refs))
+                                            with_trigger, refs, source))
     return items
 
 
