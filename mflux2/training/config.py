@@ -269,7 +269,7 @@ class VLMScoringConfig:
     its defaults), honoured by training/scoring.py; `model` and `score_bleed` are ours."""
     enabled: bool = _f(False)
     scene_weight: float = _f(0.5, ge=0, le=1)  # composite = w * scene + (1 - w) * style
-    reference_images: list[str] = _f([])  # empty: picked from dataset.path
+    reference_images: list[str] | None = _f(None, item_check=_check_nonempty)  # None: picked from dataset.path
     max_reference_images: int = _f(3, ge=1)
     compare_to_baseline: bool = _f(True)
     save_best_checkpoint: bool = _f(True)

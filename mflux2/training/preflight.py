@@ -325,7 +325,7 @@ def preflight(cfg, out=print, err=None) -> int:
         from mflux2.training.scoring import plan_targets, select_references
 
         vs = cfg.validation.vlm_scoring
-        refs = select_references(vs.reference_images, [s.path for s in samples], vs.max_reference_images, log=rep.line)
+        refs = select_references(vs.reference_images or [], [s.path for s in samples], vs.max_reference_images, log=rep.line)
         targets, how = plan_targets(cfg, items, refs)
         rep.line(f"scoring (validation.vlm_scoring): {how if targets else 'off — ' + how}")
         if targets:

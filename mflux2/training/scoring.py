@@ -372,7 +372,7 @@ class Scorer:
         self.stop_reason: str | None = None
         for leftover in (f"{BEST}.partial", f"{BEST}.old"):
             shutil.rmtree(self.output / leftover, ignore_errors=True)
-        refs = select_references(self.cfg.reference_images, [s.path for s in t.samples], self.cfg.max_reference_images, t.log)
+        refs = select_references(self.cfg.reference_images or [], [s.path for s in t.samples], self.cfg.max_reference_images, t.log)
         self.targets, how = plan_targets(t.cfg, t.validation.items, refs)
         if not self.targets:
             t.log(f"VLM scoring: off — {how}")
