@@ -75,14 +75,15 @@ def _hull_area(points: np.ndarray) -> float:
         return 0.0
     pts = pts[np.lexsort((pts[:, 1], pts[:, 0]))]
 
-    def half(seq):
+    def half(seq):  # on Python floats: the 2-D cross product per point (np.cross of 2-vectors is deprecated)
         h = []
-        for p in seq:
-            while len(h) >= 2 and np.cross(h[-1] - h[-2], p - h[-2]) <= 0:
+        for px, py in seq:
+            while len(h) >= 2 and (h[-1][0] - h[-2][0]) * (py - h[-2][1]) - (h[-1][1] - h[-2][1]) * (px - h[-2][0]) <= 0:
                 h.pop()
-            h.append(p)
+            h.append((px, py))
         return h
 
+    pts = pts.tolist()
     hull = np.array(half(pts)[:-1] + half(pts[::-1])[:-1])
     x, y = hull[:, 0], hull[:, 1]
     return 0.5 * abs(float(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1))))
