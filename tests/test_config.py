@@ -147,8 +147,6 @@ def test_swift_style_config_runs_unchanged(tmp_path):
 @pytest.mark.parametrize(
     "yaml_text, key",
     [
-        ("dataset: {path: d, control_path: ctrl}", "dataset.control_path"),
-        ("dataset: {path: d, control_dropout: 0.1}", "dataset.control_dropout"),
         ("dataset: {path: d}\nmodel: {use_base: false}", "model.use_base"),
         ("dataset: {path: d}\nvalidation: {prompts: [{prompt: x, is_vlm_generated: true}]}", "validation.prompts[0].is_vlm_generated"),
         ("dataset: {path: d}\nmemory: {cache_latents: false}", "memory.cache_latents"),

@@ -1,0 +1,182 @@
+"""Score an edit LoRA of the toy model (configs/quickstart-edit.yaml) on held-out pairs.
+
+    python scripts/score_toy_edit.py --lora output/quickstart-edit/lora_final.safetensors
+
+The edit is "swap the colours" (scripts/make_toy_data.py --edit swap): given a reference image "a red
+circle on a blue background" and the caption "sks, swap the colours", draw a blue circle on a red
+background. The held-out references are the 9 held-out (colour, shape, background) combinations of
+the toy model, which neither the toy model nor the edit LoRA saw in training (nor their swapped
+images), each at `--seeds` noise seeds. Three settings, the same references and noise:
+
+- `lora+ref`: the base model + the LoRA, with the reference image (what the LoRA was trained for);
+- `base+ref`: the base model with the reference (it never saw reference tokens);
+- `lora-ref`: the LoRA without the reference (the caption names no colour: only chance is left).
+
+An image is an edit success when tests/toy_shapes.py reads the reference's shape, the reference's
+background colour as the shape colour, and the reference's shape colour as the background
+("colours swapped" asks only for the two colours; chance is 1/30).
+
+Generation with references is written out here (a few lines: [x ; refs] with ids t = 10, the
+prediction sliced to x's tokens, Euler steps with real CFG), batched over all images.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
+
+import make_toy_data as toy  # noqa: E402
+
+SIZE, STEPS, GUIDANCE = 64, 20, 2.0  # the toy model's sampling settings (docs/toy-model.md)
+SETTINGS = ("lora+ref", "base+ref", "lora-ref")
+
+
+def heldout_pairs(seeds) -> list[tuple[toy.Item, int]]:
+    """(reference item, noise seed) for every held-out combination at its canonical place and size."""
+    items = [toy.Item(c, s, b, SIZE / 2, SIZE / 2, 0.3 * SIZE) for c, s, b in toy.edit_combos("heldout")]
+    return [(item, seed) for item in items for seed in seeds]
+
+
+def denoise_with_refs(forward, x, embeds, neg_embeds, txt_ids, img_ids, sigmas, cfg_scale, refs=None, ref_ids=None):
+    """Euler sampling of x [B, N, 128] with real CFG (both passes in one batch of 2B); `refs`
+    [B, M, 128] (clean, ids `ref_ids`) are concatenated after x at every step and their predictions
+    dropped. `forward(x, embeds, t, img_ids, txt_ids)` is the transformer on mx arrays."""
+    from mflux2.sampling import cfg_combine, euler_step
+
+    b, n = x.shape[:2]
+    ids = img_ids if refs is None else mx.concatenate([img_ids, ref_ids])
+    both = mx.concatenate([embeds, neg_embeds])
+    for s in range(len(sigmas) - 1):
+        xin = x if refs is None else mx.concatenate([x, refs], axis=1)
+        v = forward(mx.concatenate([xin, xin]), both, mx.full((2 * b,), sigmas[s], dtype=mx.float32), ids, txt_ids)[:, :n]
+        x = euler_step(x, cfg_combine(v[:b].astype(mx.float32), v[b:].astype(mx.float32), cfg_scale), sigmas[s], sigmas[s + 1])
+        mx.eval(x)
+    return x
+
+
+def mlx_forward(pipe):
+    model = pipe.transformer
+    return lambda x, e, t, ids, tids: model(x.astype(model.dtype), e.astype(model.dtype), t, ids, tids, None)
+
+
+class TorchForward:
+    """The toy transformer in diffusers (float32, one thread: ~10x MLX's CPU build here), with the
+    LoRA loaded by diffusers itself (it reads mflux2's LoRA files: tests/test_lora.py)."""
+
+    def __init__(self, model_dir, lora=None):
+        import diffusers
+        import torch
+
+        torch.set_num_threads(1)
+        tf = diffusers.Flux2Transformer2DModel.from_pretrained(Path(model_dir) / "transformer").float().eval()
+        if lora is not None:
+            pipe = diffusers.Flux2KleinPipeline(scheduler=diffusers.FlowMatchEulerDiscreteScheduler(), vae=None,
+                                                text_encoder=None, tokenizer=None, transformer=tf)
+            pipe.load_lora_weights(str(lora))
+        self.model, self.torch = tf, torch
+
+    def __call__(self, x, e, t, ids, tids):
+        T = lambda a: self.torch.from_numpy(np.array(a.astype(mx.float32)))  # noqa: E731
+        with self.torch.no_grad():
+            v = self.model(hidden_states=T(x), encoder_hidden_states=T(e), timestep=T(t), img_ids=T(ids), txt_ids=T(tids),
+                           guidance=None, return_dict=False)[0]
+        return mx.array(v.numpy())
+
+
+def generate(pipe, forward, pairs, caption: str, with_refs: bool, steps: int = STEPS, guidance: float = GUIDANCE):
+    """One image per (reference item, seed) of `pairs`, as PIL images. `pipe`: mflux2's pipeline of
+    the toy model (text encoder, VAE); `forward`: its transformer (mlx_forward or TorchForward)."""
+    from mflux2 import sampling
+    from mflux2.images import pils_to_array
+    from mflux2.models.vae import image_ids
+
+    b = len(pairs)
+    embeds, txt_ids = pipe.encode_prompt([caption, ""])
+    x = mx.concatenate([sampling.initial_noise(seed, 1, SIZE, SIZE) for _, seed in pairs])
+    refs = ref_ids = None
+    if with_refs:
+        vae = pipe.vae
+        refs = vae.pack(vae.encode(pils_to_array([toy.render(item, SIZE) for item, _ in pairs])))
+        ref_ids = image_ids(SIZE, SIZE, t=10)
+    sigmas = sampling.get_sigmas(steps, sampling.image_seq_len(SIZE, SIZE))
+    rep = lambda e: mx.broadcast_to(e, (b, *e.shape[1:]))  # noqa: E731
+    latents = denoise_with_refs(forward, x, rep(embeds[:1]), rep(embeds[1:]), txt_ids[0], image_ids(SIZE, SIZE), sigmas,
+                                guidance, refs, ref_ids)
+    return pipe.decode(latents, SIZE, SIZE)
+
+
+def score(images, pairs) -> dict:
+    """Edit success of images against their references (see the module docstring)."""
+    from tests import toy_shapes
+
+    preds = [toy_shapes.classify(im).labels for im in images]  # (colour, shape, background)
+    want = [(item.background, item.shape, item.colour) for item, _ in pairs]
+    colours = np.mean([p[0] == w[0] and p[2] == w[2] for p, w in zip(preds, want)])
+    shape = np.mean([p[1] == w[1] for p, w in zip(preds, want)])
+    every = np.mean([p == w for p, w in zip(preds, want)])
+    return {"colours_swapped": float(colours), "shape": float(shape), "success": float(every), "n": len(preds),
+            "predictions": preds}
+
+
+def evaluate(model_dir: str | Path, lora: str | Path, seeds=(0, 1, 2, 3), settings=SETTINGS, caption: str = "sks, swap the colours",
+             steps: int = STEPS, guidance: float = GUIDANCE, backend: str = "torch") -> dict:
+    """{setting: score} for the held-out references (settings: a subset of SETTINGS). `backend`: the
+    transformer in PyTorch (fast on a CPU) or mflux2's MLX one; text encoder and VAE are mflux2's."""
+    from mflux2.pipeline import Flux2Pipeline
+
+    pairs = heldout_pairs(seeds)
+    pipe = Flux2Pipeline.from_pretrained(model_dir, dtype=mx.float32)
+    forwards = {}
+    out = {}
+    for setting in settings:
+        use_lora = setting.startswith("lora")
+        if use_lora not in forwards:
+            if backend == "torch":
+                forwards[use_lora] = TorchForward(model_dir, lora if use_lora else None)
+            else:
+                pipe.unload_loras()
+                if use_lora:
+                    pipe.load_lora(lora)
+                forwards[use_lora] = mlx_forward(pipe)
+        images = generate(pipe, forwards[use_lora], pairs, caption, with_refs=setting.endswith("+ref"), steps=steps,
+                          guidance=guidance)
+        out[setting] = score(images, pairs)
+        out[setting]["images"] = images
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--lora", required=True, help="the edit LoRA (e.g. output/quickstart-edit/lora_final.safetensors)")
+    ap.add_argument("--model", default=str(ROOT / "models" / "toy"))
+    ap.add_argument("--seeds", type=int, default=4, help="noise seeds per held-out reference")
+    ap.add_argument("--steps", type=int, default=STEPS)
+    ap.add_argument("--backend", default="torch", choices=("torch", "mlx"),
+                    help="the transformer's framework for sampling (torch: ~10x faster on a CPU; mlx: mflux2's own)")
+    ap.add_argument("--grid", help="write a PNG: per held-out reference, the reference then one image per setting")
+    a = ap.parse_args(argv)
+    result = evaluate(a.model, a.lora, seeds=tuple(range(a.seeds)), steps=a.steps, backend=a.backend)
+    for setting, r in result.items():
+        print(json.dumps({"setting": setting, **{k: r[k] for k in ("success", "colours_swapped", "shape", "n")}}))
+    if a.grid:
+        from train_toy_model import sample_grid
+
+        pairs = heldout_pairs(range(a.seeds))
+        cells = []
+        for i in range(0, len(pairs), a.seeds):  # first seed of each reference
+            cells += [toy.render(pairs[i][0], SIZE)] + [result[s]["images"][i] for s in SETTINGS]
+        sample_grid(cells, cols=1 + len(SETTINGS)).save(a.grid)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
