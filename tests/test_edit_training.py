@@ -371,3 +371,135 @@ def test_edit_step_loss_and_lora_gradients_match_diffusers_img2img_training(tmp_
                         assert np.abs(theirs).max() > 0
                         assert rel_err(mine, theirs) <= 1e-4, (peft_name, ab, rel_err(mine, theirs))
     assert not ours, list(ours)  # every LoRA gradient compared
+
+
+# ---------------------------------------------------------------------------------------------
+# The trainer on a tiny model
+
+
+@pytest.fixture(scope="module")
+def tiny_edit(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny_edit")
+    model = build_tiny_klein(root / "model")
+    data = make_images(root / "data", n=3, size=64)
+    controls = make_images(root / "control", n=3, size=64, seed=5, captions=False)
+    val = make_images(root / "val", n=1, size=64, seed=7)
+    val_controls = make_images(root / "val_control", n=1, size=64, seed=8, captions=False)
+    return model, data, controls, val, val_controls
+
+
+def edit_config(tmp_path: Path, tiny_edit, name="cfg.yaml", **sections) -> Path:
+    model, data, controls, _, _ = tiny_edit
+    cfg = {
+        "model": {"path": str(model), "quantization": "bf16", "transformer_quantization": "bf16"},
+        "lora": {"rank": 4, "target_layers": "attention"},
+        "dataset": {"path": str(data), "control_path": str(controls), "trigger_word": "sks"},
+        "training": {"max_steps": 6, "learning_rate": 1e-3, "log_every_n_steps": 1, "seed": 3},
+        "memory": {"bucketing": {"resolutions": [64]}},
+        "checkpoints": {"output": str(tmp_path / "out"), "save_every": 3},
+        "validation": {"prompts": []},
+    }
+    for section, values in sections.items():
+        cfg.setdefault(section, {}).update(values)
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def train(path: Path, **kw) -> Trainer:
+    t = Trainer(load_config(path), log=lambda *a: None, **kw)
+    t.run()
+    return t
+
+
+def test_control_latents_are_cached_and_reused(tiny_edit, tmp_path):
+    cfg = edit_config(tmp_path, tiny_edit, training={"max_steps": 2})
+    first = train(cfg)
+    assert first.counts["vae_encode"] == 6 and first.reference_steps == 2  # 3 targets + 3 controls
+    s = first.samples[0]
+    cached = first.lat_cache.get(first._control_key(s, s.controls[0]))["latents"]
+    vae = first.pipe.vae
+    pixels = data_mod.load_control_for_bucket(s.controls[0].path, s.size, s.bucket)
+    np.testing.assert_array_equal(np.array(cached), np.array(vae.pack(vae.encode(mx.array(pixels)[None]))[0]))
+    assert cached.shape == first._latents(s).shape  # the target's grid
+    other = np.asarray(Image.open(s.controls[0].path))[::-1].copy()
+    work = tmp_path / "controls"
+    shutil.copytree(s.controls[0].path.parent, work)
+    Image.fromarray(other).save(work / s.controls[0].path.name)  # one control changed
+    changed = edit_config(tmp_path, tiny_edit, name="changed.yaml", training={"max_steps": 2},
+                          dataset={"control_path": str(work)})
+    assert train(changed, resume=False).counts["vae_encode"] == 1  # the changed control; the rest from the cache
+
+
+def test_control_dropout_is_resumed_exactly(tiny_edit, tmp_path):
+    """With control_dropout 0.5 the decisions come from the checkpointed RNG: a run stopped at step 3
+    and resumed trains the same steps, with and without references, as an uninterrupted one."""
+    runs = {}
+    for name in ("whole", "resumed"):
+        (tmp_path / name).mkdir()
+        cfg = edit_config(tmp_path / name, tiny_edit, dataset={"control_dropout": 0.5}, training={"max_steps": 6})
+        if name == "resumed":
+            stop = lambda trainer, step: step == 3 and (trainer.output / ".stop").write_text("")  # noqa: E731
+            first = train(cfg, on_step=stop)
+            assert first.result["step"] == 3
+            second = train(cfg)
+            runs[name] = (first.reference_steps + second.reference_steps, tmp_path / name / "out")
+        else:
+            runs[name] = (train(cfg).reference_steps, tmp_path / name / "out")
+    (n_whole, out_whole), (n_resumed, out_resumed) = runs["whole"], runs["resumed"]
+    assert 0 < n_whole < 6 and n_resumed == n_whole  # a mix of edit and text-to-image steps, the same ones
+    la = [m["loss"] for m in map(json.loads, (out_whole / "metrics.jsonl").read_text().splitlines()) if "loss" in m]
+    lb = [m["loss"] for m in map(json.loads, (out_resumed / "metrics.jsonl").read_text().splitlines()) if "loss" in m]
+    np.testing.assert_allclose(lb, la, rtol=1e-5)
+    wa, wb = mx.load(str(out_whole / "lora_final.safetensors")), mx.load(str(out_resumed / "lora_final.safetensors"))
+    for k in wa:
+        np.testing.assert_allclose(np.array(wb[k]), np.array(wa[k]), rtol=1e-5, atol=1e-7)
+
+
+def test_edit_run_with_dop_checkpointing_dropout_one_and_a_validation_loss(tiny_edit, tmp_path):
+    _, _, _, val, val_controls = tiny_edit
+    cfg = edit_config(tmp_path, tiny_edit, dataset={"validation_path": str(val), "validation_control_path": str(val_controls),
+                                                      "control_dropout": 1.0},
+                      training={"max_steps": 4, "eval_every_n_steps": 2},
+                      loss={"diff_output_preservation": True, "diff_output_preservation_class": "thing"},
+                      memory={"gradient_checkpointing": True})
+    t = train(cfg)
+    assert t.result["step"] == 4 and t.reference_steps == 0  # dropout 1: every step text-to-image
+    assert [s.controls[0].path.parent for s in t.val_samples] == [val_controls]
+    rows = [json.loads(l) for l in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert all(np.isfinite(r["loss"]) and r["dop_loss"] is not None for r in rows if "loss" in r)
+    assert [r["step"] for r in rows if "val_loss" in r] == [2, 4]
+    # the validation loss reads the references: without them it differs
+    s = t.val_samples[0]
+    batch = Batch(t._latents(s)[None], t._embeds(s.caption)[None], t._img_ids(s.bucket), t.txt_ids, **t._edit_inputs([s]))
+    plain = Batch(t._latents(s)[None], t._embeds(s.caption)[None], t._img_ids(s.bucket), t.txt_ids)
+    from mflux2.training.step import StepConfig as SC
+
+    step = TrainStep.__new__(TrainStep)
+    step.cfg, step.dtype = SC(), t.model.dtype
+    with_refs = float(step.plain_loss(t.model, batch, mx.random.key(10_000))[0])
+    assert with_refs == pytest.approx(t._validation_loss(step), rel=1e-6)
+    assert with_refs != float(step.plain_loss(t.model, plain, mx.random.key(10_000))[0])
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory estimate and the GPU benchmark hook
+
+
+def test_memory_estimate_counts_reference_tokens():
+    from mflux2.training import memory
+
+    plain = memory.estimate_peak_gb("klein-4b", resolution=512, checkpointing=1)
+    edit = memory.estimate_peak_gb("klein-4b", resolution=512, checkpointing=1, references=1)
+    longer = memory.estimate_peak_gb("klein-4b", resolution=512, checkpointing=1, text_tokens=512 + 1024)
+    assert edit == pytest.approx(longer) and edit > plain  # one 512² reference: 1024 more tokens
+    cfg = config_from_dict({"dataset": {"path": "d", "control_path": ["a", "b"]}})
+    assert memory._run_args(cfg)["references"] == 2
+
+
+def test_benchmark_times_the_edit_step():
+    from tests.test_benchmark import bench
+
+    r = bench("--control", "1", "--checkpointing", "1", "--resolution", "64")
+    assert r["control"] == 1 and r["reference_tokens"] == r["image_tokens"] > 0 and r["loss_finite"] is True
+    assert r["tokens_per_s"] > 0 and r["blockwise"] is True
