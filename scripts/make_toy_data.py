@@ -2,7 +2,7 @@
 
     python scripts/make_toy_data.py --out data/shapes --seed 0 --count 2000 --size 64
     python scripts/make_toy_data.py --out data/star --seed 1 --count 16 --subject star --trigger sks
-    python scripts/make_toy_data.py --out data/swap --seed 2 --count 96 --edit swap --trigger sks
+    python scripts/make_toy_data.py --out data/copy --seed 2 --count 96 --edit copy --trigger sks
 
 Base mode: one coloured shape (circle, square or triangle) on a plain coloured background, captioned
 "a red circle on a blue background". Subject mode: a shape the base model never saw (a star), captioned
@@ -10,12 +10,13 @@ with the trigger word standing for it — "a red sks on a blue background" — s
 trigger by the class word "shape" gives a prompt the base model knows (it is trained on "a red shape
 on a blue background" as well, see scripts/train_toy_model.py): that is what DOP preserves.
 
-Edit mode (`--edit swap`): pairs for an edit LoRA (configs/quickstart-edit.yaml). `<out>/control/`
-holds a base image ("a red circle on a blue background"), `<out>/target/` the same shape, same place,
-with the two colours swapped, under the same file name, captioned "sks, swap the colours" — no colour
-word, so only the reference image can tell which colours to draw. The training split leaves out the
-held-out combinations on both sides (neither a held-out control nor its swapped image is shown), and
-`--split heldout` writes the 9 held-out controls' pairs for evaluation.
+Edit mode (`--edit copy|cycle|swap`): pairs for an edit LoRA (configs/quickstart-edit.yaml).
+`<out>/control/` holds a base image ("a red circle on a blue background"), `<out>/target/` under the
+same file name the edited image — the same shape in the same place, with its colours unchanged
+(`copy`), each moved to the palette's next colour (`cycle`: red → green → blue → yellow → purple →
+white → red) or exchanged (`swap`) — captioned "sks, copy the image" (or "cycle"/"swap the colours"):
+no colour word, so only the reference image can tell which colours to draw. The training split leaves
+out the held-out combinations on both sides (neither a held-out control nor its edited image is shown).
 
 Each image is `<name>.png` with a same-name `.txt` caption. Everything is deterministic from the seed:
 the same arguments give byte-identical files. `--split train|heldout|all` chooses the (colour, shape,
@@ -107,23 +108,33 @@ def combos_for(split: str, shapes=SHAPES) -> list[tuple[str, str, str]]:
     return [x for x in combos if is_held_out(x) == (split == "heldout")]
 
 
-EDITS = ("swap", "copy")
-EDIT_CAPTION = {"swap": "{trigger}, swap the colours", "copy": "{trigger}, copy the image"}
+EDITS = ("copy", "cycle", "swap")
+EDIT_CAPTION = {"cycle": "{trigger}, cycle the colours", "swap": "{trigger}, swap the colours",
+                "copy": "{trigger}, copy the image"}
 
 
-def swapped(item: Item) -> Item:
-    """The same shape in the same place, shape and background colours exchanged."""
-    return Item(item.background, item.shape, item.colour, item.cx, item.cy, item.radius)
+def next_colour(colour: str) -> str:
+    """The palette's next colour, in order red → green → blue → yellow → purple → white → red."""
+    return COLOURS[(COLOURS.index(colour) + 1) % len(COLOURS)]
 
 
-def edit_combos(split: str) -> list[tuple[str, str, str]]:
-    """Control combinations of the swap edit: held-out = the base held-out ones; train = the others
-    whose swapped image is not held-out either (72 of 90)."""
+def edited(item: Item, edit: str) -> Item:
+    """The target of an edit pair: the same shape in the same place with its colours changed —
+    `cycle`: each of the two colours to the palette's next; `swap`: shape and background colours
+    exchanged; `copy`: unchanged."""
+    c, b = item.colour, item.background
+    c, b = {"cycle": (next_colour(c), next_colour(b)), "swap": (b, c), "copy": (c, b)}[edit]
+    return Item(c, item.shape, b, item.cx, item.cy, item.radius)
+
+
+def edit_combos(split: str, edit: str = "copy") -> list[tuple[str, str, str]]:
+    """Control combinations of an edit: held-out = the base held-out ones; train = the others whose
+    edited image is not held-out either (72 or 81 of 90)."""
     if split == "heldout":
         return sorted(HELD_OUT, key=all_combos().index)
     if split != "train":
         raise ValueError(f"split={split!r}: edit pairs come in train or heldout")
-    return [x for x in all_combos() if not is_held_out(x) and not is_held_out((x[2], x[1], x[0]))]
+    return [x for x in all_combos() if not is_held_out(x) and not is_held_out(edited(Item(*x, 0, 0, 0), edit).combo)]
 
 
 def sample_items(seed: int, count: int, size: int = 64, shapes=SHAPES, split: str = "train",
@@ -215,11 +226,10 @@ def make_dataset(out: str | Path, seed: int, count: int, size: int = 64, subject
     return paths
 
 
-def make_edit_pairs(out: str | Path, seed: int, count: int, size: int = 64, edit: str = "swap", trigger: str = "sks",
+def make_edit_pairs(out: str | Path, seed: int, count: int, size: int = 64, edit: str = "copy", trigger: str = "sks",
                     split: str = "train") -> list[tuple[Path, Path]]:
     """Write `count` (control, target) pairs to `out`/control and `out`/target (same file names, the
-    caption beside the target); returns the pairs' paths. With split heldout and count = 0, one pair
-    per held-out combination."""
+    caption beside the target); returns the pairs' paths."""
     if edit not in EDITS:
         raise ValueError(f"--edit {edit!r}: choose one of {', '.join(EDITS)}")
     if size % 16 or size < 32:
@@ -231,13 +241,13 @@ def make_edit_pairs(out: str | Path, seed: int, count: int, size: int = 64, edit
     (out / "target").mkdir(parents=True, exist_ok=True)
     if count < 1:
         raise ValueError(f"--count {count}: must be at least 1")
-    items = sample_items(seed, count, size, combos=edit_combos(split))
+    items = sample_items(seed, count, size, combos=edit_combos(split, edit))
     width = len(str(count - 1))
     pairs = []
     for i, item in enumerate(items):
         stem = f"pair_{i:0{width}d}"
         render(item, size).save(out / "control" / f"{stem}.png")
-        render(swapped(item) if edit == "swap" else item, size).save(out / "target" / f"{stem}.png")
+        render(edited(item, edit), size).save(out / "target" / f"{stem}.png")
         (out / "target" / f"{stem}.txt").write_text(EDIT_CAPTION[edit].format(trigger=trigger) + "\n")
         pairs.append((out / "control" / f"{stem}.png", out / "target" / f"{stem}.png"))
     return pairs

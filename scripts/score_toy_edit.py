@@ -2,19 +2,22 @@
 
     python scripts/score_toy_edit.py --lora output/quickstart-edit/lora_final.safetensors
 
-The edit is "swap the colours" (scripts/make_toy_data.py --edit swap): given a reference image "a red
-circle on a blue background" and the caption "sks, swap the colours", draw a blue circle on a red
-background. The held-out references are the 9 held-out (colour, shape, background) combinations of
-the toy model, which neither the toy model nor the edit LoRA saw in training (nor their swapped
-images), each at `--seeds` noise seeds. Three settings, the same references and noise:
+The edits (scripts/make_toy_data.py --edit): given a reference image "a red circle on a blue
+background" and the caption "sks, copy the image", draw a red circle on a blue background (`copy`);
+with "sks, cycle the colours", a green circle on a yellow background (`cycle`: each colour to the
+palette's next); with "sks, swap the colours", a blue circle on a red background (`swap`). No caption
+names a colour: only the reference can. The held-out references are the 9 held-out (colour, shape,
+background) combinations of the toy model, which neither the toy model nor the edit LoRA saw in
+training (nor their edited images), each at `--seeds` noise seeds. Three settings, the same
+references and noise:
 
 - `lora+ref`: the base model + the LoRA, with the reference image (what the LoRA was trained for);
 - `base+ref`: the base model with the reference (it never saw reference tokens);
 - `lora-ref`: the LoRA without the reference (the caption names no colour: only chance is left).
 
-An image is an edit success when tests/toy_shapes.py reads the reference's shape, the reference's
-background colour as the shape colour, and the reference's shape colour as the background
-("colours swapped" asks only for the two colours; chance is 1/30).
+An image is an edit success when tests/toy_shapes.py reads the edited combination: the reference's
+shape with the edited shape and background colours ("colours" asks only for the two colours; chance
+is 1/30).
 
 Generation with references is written out here (a few lines: [x ; refs] with ids t = 10, the
 prediction sliced to x's tokens, Euler steps with real CFG), batched over all images.
@@ -114,26 +117,27 @@ def generate(pipe, forward, pairs, caption: str, with_refs: bool, steps: int = S
     return pipe.decode(latents, SIZE, SIZE)
 
 
-def score(images, pairs) -> dict:
+def score(images, pairs, edit: str = "copy") -> dict:
     """Edit success of images against their references (see the module docstring)."""
     from tests import toy_shapes
 
     preds = [toy_shapes.classify(im).labels for im in images]  # (colour, shape, background)
-    want = [(item.background, item.shape, item.colour) for item, _ in pairs]
+    want = [toy.edited(item, edit).combo for item, _ in pairs]
     colours = np.mean([p[0] == w[0] and p[2] == w[2] for p, w in zip(preds, want)])
     shape = np.mean([p[1] == w[1] for p, w in zip(preds, want)])
     every = np.mean([p == w for p, w in zip(preds, want)])
-    return {"colours_swapped": float(colours), "shape": float(shape), "success": float(every), "n": len(preds),
-            "predictions": preds}
+    return {"colours": float(colours), "shape": float(shape), "success": float(every), "n": len(preds),
+            "predictions": preds, "wanted": want}
 
 
-def evaluate(model_dir: str | Path, lora: str | Path, seeds=(0, 1, 2, 3), settings=SETTINGS, caption: str = "sks, swap the colours",
-             steps: int = STEPS, guidance: float = GUIDANCE, backend: str = "torch") -> dict:
+def evaluate(model_dir: str | Path, lora: str | Path, seeds=(0, 1, 2, 3), settings=SETTINGS, edit: str = "copy",
+             trigger: str = "sks", steps: int = STEPS, guidance: float = GUIDANCE, backend: str = "torch") -> dict:
     """{setting: score} for the held-out references (settings: a subset of SETTINGS). `backend`: the
     transformer in PyTorch (fast on a CPU) or mflux2's MLX one; text encoder and VAE are mflux2's."""
     from mflux2.pipeline import Flux2Pipeline
 
     pairs = heldout_pairs(seeds)
+    caption = toy.EDIT_CAPTION[edit].format(trigger=trigger)
     pipe = Flux2Pipeline.from_pretrained(model_dir, dtype=mx.float32)
     forwards = {}
     out = {}
@@ -149,7 +153,7 @@ def evaluate(model_dir: str | Path, lora: str | Path, seeds=(0, 1, 2, 3), settin
                 forwards[use_lora] = mlx_forward(pipe)
         images = generate(pipe, forwards[use_lora], pairs, caption, with_refs=setting.endswith("+ref"), steps=steps,
                           guidance=guidance)
-        out[setting] = score(images, pairs)
+        out[setting] = score(images, pairs, edit)
         out[setting]["images"] = images
     return out
 
@@ -160,21 +164,22 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default=str(ROOT / "models" / "toy"))
     ap.add_argument("--seeds", type=int, default=4, help="noise seeds per held-out reference")
     ap.add_argument("--steps", type=int, default=STEPS)
+    ap.add_argument("--edit", default="copy", choices=toy.EDITS, help="the edit the LoRA was trained for")
     ap.add_argument("--backend", default="torch", choices=("torch", "mlx"),
                     help="the transformer's framework for sampling (torch: ~10x faster on a CPU; mlx: mflux2's own)")
     ap.add_argument("--grid", help="write a PNG: per held-out reference, the reference then one image per setting")
     a = ap.parse_args(argv)
-    result = evaluate(a.model, a.lora, seeds=tuple(range(a.seeds)), steps=a.steps, backend=a.backend)
+    result = evaluate(a.model, a.lora, seeds=tuple(range(a.seeds)), edit=a.edit, steps=a.steps, backend=a.backend)
     for setting, r in result.items():
-        print(json.dumps({"setting": setting, **{k: r[k] for k in ("success", "colours_swapped", "shape", "n")}}))
-    if a.grid:
-        from train_toy_model import sample_grid
+        print(json.dumps({"setting": setting, **{k: r[k] for k in ("success", "colours", "shape", "n")}}))
+    if a.grid:  # a row of references, then a row per setting (each reference's first seed)
+        from train_toy_model import labelled_grid
 
         pairs = heldout_pairs(range(a.seeds))
-        cells = []
-        for i in range(0, len(pairs), a.seeds):  # first seed of each reference
-            cells += [toy.render(pairs[i][0], SIZE)] + [result[s]["images"][i] for s in SETTINGS]
-        sample_grid(cells, cols=1 + len(SETTINGS)).save(a.grid)
+        firsts = range(0, len(pairs), a.seeds)
+        rows = [[toy.render(pairs[i][0], SIZE) for i in firsts]] + [[result[s]["images"][i] for i in firsts] for s in SETTINGS]
+        labels = ["reference (held out)", "LoRA + reference", "base model + reference", "LoRA, no reference"]
+        labelled_grid([im for row in rows for im in row], [lab for lab in labels for _ in firsts], len(firsts)).save(a.grid)
     return 0
 
 

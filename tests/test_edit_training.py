@@ -503,3 +503,20 @@ def test_benchmark_times_the_edit_step():
     r = bench("--control", "1", "--checkpointing", "1", "--resolution", "64")
     assert r["control"] == 1 and r["reference_tokens"] == r["image_tokens"] > 0 and r["loss_finite"] is True
     assert r["tokens_per_s"] > 0 and r["blockwise"] is True
+
+
+def test_dry_run_of_the_edit_quickstart_reports_pairs_and_counts_references(tmp_path, monkeypatch, capsys):
+    from mflux2.model_files import resolve_source
+    from mflux2.training import memory
+    from mflux2.training.cli import main as train_cli
+
+    monkeypatch.chdir(ROOT)
+    config = ROOT / "configs" / "quickstart-edit.yaml"
+    assert train_cli([str(config), "--output", str(tmp_path / "o"), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "edit pairs: 96 image(s) with 1 reference(s)" in out and "edit training: 1 reference image(s)" in out
+    cfg = load_config(config, {"checkpoints.output": str(tmp_path / "o")})
+    step = memory.planned_peak_gb(cfg, resolve_source("models/toy"), "bf16")
+    cfg.dataset.control_path = None
+    assert step > memory.planned_peak_gb(cfg, resolve_source("models/toy"), "bf16")
+    assert f"{step:6.2f} GB" in next(ln for ln in out.splitlines() if "training step" in ln)

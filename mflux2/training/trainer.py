@@ -451,6 +451,9 @@ class Trainer:
             "LoRA": f"rank {self.cfg.lora.rank}, alpha {self.cfg.lora.alpha}, {self.cfg.lora.target_layers}",
             "transformer": self.transformer_quantization, "DOP": "on" if self.cfg.loss.diff_output_preservation else "off",
             "trigger word": self.cfg.dataset.trigger_word or "-", "non-finite steps skipped": state.skipped_nonfinite,
+            **({"edit training": f"{sum(bool(s.controls) for s in self.samples)} of {len(self.samples)} images with "
+                                 f"references ({len(self.cfg.dataset.control_path)} folder(s)), control dropout "
+                                 f"{self.cfg.dataset.control_dropout:g}"} if self.cfg.dataset.control_path else {}),
             "validation images": self.validation.settings(),
             "peak memory": f"{self.clock.peak_gb:.2f} GB",
             "restarts": (f"{len(restarts)}: " + "; ".join(f"after {m.get('cause')}, from step {m.get('step')}" for m in restarts)
@@ -698,7 +701,8 @@ class Trainer:
                                     "t_mean": out["t_mean"].item(), "lr": float(self.optimizer.learning_rate.item()),
                                     "grad_norm": out["grad_norm"].item(), "step_time_s": dt, "memory_gb": round(mem, 3),
                                     "peak_memory_gb": round(mx.get_peak_memory() / 1e9, 3),
-                                    "skipped_nonfinite": state.skipped_nonfinite})
+                                    "skipped_nonfinite": state.skipped_nonfinite,
+                                    **({"references": batch.refs is not None} if cfg.dataset.control_path else {})})
                 if self.val_samples and state.step % eval_every == 0:
                     with clock("validation loss"):
                         vl = self._validation_loss(step_fn)
