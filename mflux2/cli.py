@@ -1,7 +1,8 @@
 """Command-line entry points.
 
-`mflux2-generate` (generate_main): text-to-image with a FLUX.2 model, optionally with LoRAs; writes
-PNGs that carry the generation parameters in their text metadata.
+`mflux2-generate` (generate_main): text-to-image with a FLUX.2 model, or editing with reference images
+(`--image`), optionally with LoRAs; writes PNGs that carry the generation parameters in their text
+metadata.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ GENERATE_EXAMPLES = """examples:
   mflux2-generate --model ./FLUX.2-klein-base-4B --prompt @prompts.txt --steps 30 --guidance 4 --output out/
   mflux2-generate --model dev --quantize int4 --text-encoder-quantize int4 --lora style.safetensors:0.8 \\
                   --prompt "a city at night" --width 1360 --height 768 --seed 42
+  mflux2-generate --model klein-4b --image photo.jpg --prompt "make it a snowy winter day" --output edit.png
+  mflux2-generate --model klein-9b --image person.png --image jacket.png --prompt "the person wears the jacket"
 """
 
 
@@ -60,8 +63,12 @@ def generate_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", "-p", action="append", required=True,
                    help="prompt text; repeat for several images, or @FILE for one prompt per non-empty line")
     p.add_argument("--negative-prompt", help="negative prompt for klein-base's CFG (default: the empty prompt)")
-    p.add_argument("--width", type=int, default=1024, help="image width, a multiple of 16 (default 1024)")
-    p.add_argument("--height", type=int, default=1024, help="image height, a multiple of 16 (default 1024)")
+    p.add_argument("--image", "-i", action="append", default=[], metavar="PATH",
+                   help="reference image for editing; repeat for several (they get position ids t = 10, 20, ...)")
+    p.add_argument("--reference-caps", choices=("diffusers", "bfl"), default="diffusers",
+                   help="pixel cap of each reference: diffusers 1024x1024 (default); bfl 2024x2024 for a single one")
+    p.add_argument("--width", type=int, help="image width, a multiple of 16 (default: the first --image's, else 1024)")
+    p.add_argument("--height", type=int, help="image height, a multiple of 16 (default: the first --image's, else 1024)")
     p.add_argument("--steps", type=int, help="denoising steps (default: 4 for klein, 50 for klein-base and dev)")
     p.add_argument("--guidance", type=float, help="guidance scale (default 4.0 for klein-base and dev; klein ignores it)")
     p.add_argument("--seed", type=int, default=0, help="random seed; prompt i uses seed+i (default 0)")
@@ -134,6 +141,9 @@ def _run_generate(args) -> list[Path]:
     for path, _ in loras:
         if not Path(path).expanduser().is_file():
             raise ValueError(f"--lora {path}: no such file")
+    for path in args.image:
+        if not Path(path).expanduser().is_file():
+            raise ValueError(f"--image {path}: no such file")
 
     pipe = Flux2Pipeline.from_pretrained(
         args.model, variant=args.variant, dtype=mx.bfloat16, quantize=args.quantize,
@@ -142,17 +152,19 @@ def _run_generate(args) -> list[Path]:
     for path, scale in loras:
         pipe.load_lora(path, scale)
     steps, guidance, cfg = pipe.sampling_settings(args.steps, args.guidance, args.negative_prompt)
+    refs = [str(Path(p).expanduser()) for p in args.image]
     images = pipe.generate(
         prompts, width=args.width, height=args.height, num_inference_steps=steps, guidance_scale=guidance,
         seed=args.seed, negative_prompt=args.negative_prompt if cfg else None, progress=not args.quiet,
+        image=refs or None, reference_caps=args.reference_caps,
     )
     for i, (image, path) in enumerate(zip(images, paths)):
         params = {
             "prompt": prompts[i],
             "model": args.model,
             "variant": pipe.source.name,
-            "width": args.width,
-            "height": args.height,
+            "width": image.width,
+            "height": image.height,
             "steps": steps,
             "guidance": guidance,
             "cfg": cfg,
@@ -164,6 +176,9 @@ def _run_generate(args) -> list[Path]:
         }
         if cfg:
             params["negative_prompt"] = args.negative_prompt or ""
+        if refs:
+            params["images"] = args.image
+            params["reference_caps"] = args.reference_caps
         save_png(image, path, params)
         print(path)
     return paths

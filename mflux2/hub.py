@@ -43,9 +43,11 @@ def looks_like_repo_id(name: str) -> bool:
     return len(parts) == 2 and all(parts) and not name.startswith((".", "~")) and "\\" not in name
 
 
-def download(repo_id: str, revision: str | None = None, allow_patterns: list[str] | None = None) -> Path:
-    """Fetch (or find in the cache) the files of `repo_id` that the pipeline needs and return the
-    local snapshot folder. Raises ModelLoadError with one line on every expected failure."""
+def download(repo_id: str, revision: str | None = None, allow_patterns: list[str] | None = None,
+             names: dict[str, str] = REPOS) -> Path:
+    """Fetch (or find in the cache) the files of `repo_id` that the pipeline needs (or `allow_patterns`)
+    and return the local snapshot folder. Raises ModelLoadError with one line on every expected
+    failure; `names`: the short names an unknown repo's message suggests."""
     import huggingface_hub
     from huggingface_hub import constants
     from huggingface_hub.errors import (
@@ -74,7 +76,7 @@ def download(repo_id: str, revision: str | None = None, allow_patterns: list[str
     except RepositoryNotFoundError:
         raise ModelLoadError(
             f"{repo_id}: no such model on the Hugging Face hub (a private repo needs `hf auth login`); "
-            f"check the name, use one of {', '.join(REPOS)}, or pass a local folder"
+            f"check the name, use one of {', '.join(names)}, or pass a local folder"
         ) from None
     except LocalEntryNotFoundError:
         mode = "offline mode is on (HF_HUB_OFFLINE=1)" if constants.HF_HUB_OFFLINE else "the hub cannot be reached"

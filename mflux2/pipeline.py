@@ -1,7 +1,8 @@
-"""Text-to-image generation with FLUX.2 (klein-4b/9b distilled, klein-base-4b/9b, dev).
+"""Generation and editing with FLUX.2 (klein-4b/9b distilled, klein-base-4b/9b, dev).
 
     pipe = Flux2Pipeline.from_pretrained("klein-4b")           # short name, repo id or local folder
     images = pipe.generate("a red fox in the snow", width=1024, height=1024, seed=0)
+    edited = pipe.generate("make it winter", image="photo.jpg")  # reference image(s): editing
 
 Where the weights come from: `mflux2.model_files`; when the components load and are freed (LoRAs,
 `low_memory`, `release`): `mflux2.components`, whose `PipelineComponents` this pipeline extends with
@@ -10,14 +11,23 @@ the transformer and decodes — so only one large component is ever resident.
 
 Sampling follows BFL/diffusers (spec §6): empirical-mu schedule, Euler steps in float32 latents;
 dev embeds the guidance scale; klein-base runs real CFG against the negative prompt ("" by default);
-distilled klein uses 4 steps and no guidance.
+distilled klein uses 4 steps (the count it was distilled for; others run as asked, with a
+warning) and no guidance.
+
+Editing (spec edit-training §3): reference images are prepared as diffusers' Flux2KleinPipeline does
+(`prepare_reference`), VAE-encoded (posterior mean), patchified, batch-normed and packed; reference j
+gets position ids t = 10·(j+1) on its own grid, and its clean tokens follow the noisy ones in every
+forward (`sampling.denoise`).
 """
 
 from __future__ import annotations
 
+import math
+import os
 import warnings
 
 import mlx.core as mx
+from PIL import Image
 
 from mflux2 import sampling
 from mflux2.components import PipelineComponents
@@ -25,6 +35,47 @@ from mflux2.components import PipelineComponents
 # Sampling defaults per family [BFL util.py / cli.py, spec §1]
 DEFAULT_STEPS = {"klein": 4, "klein-base": 50, "dev": 50}
 DEFAULT_GUIDANCE = {"klein": 1.0, "klein-base": 4.0, "dev": 4.0}
+DEFAULT_SIZE = 1024  # width and height without a reference image (diffusers' default_sample_size x 8)
+
+# Pixel-area caps of a reference image: diffusers' pipelines cap each at 1024² (the default, for
+# parity); BFL's reference code allows 2024² for a single reference and 1024² each for several.
+REFERENCE_CAPS = ("diffusers", "bfl")
+REFERENCE_MIN_SIDE, REFERENCE_MAX_ASPECT = 64, 8  # both tools refuse smaller or more elongated images
+
+
+def reference_area(caps: str, count: int) -> int:
+    """The pixel area a reference is scaled down to (if larger) under `caps` with `count` references."""
+    if caps not in REFERENCE_CAPS:
+        raise ValueError(f"reference_caps={caps!r}: choose {' or '.join(REFERENCE_CAPS)}")
+    return 2024 * 2024 if caps == "bfl" and count == 1 else 1024 * 1024
+
+
+def prepare_reference(image, max_area: int = 1024 * 1024, name: str = "reference image") -> Image.Image:
+    """A reference image (PIL image or path) as the model sees it, exactly as diffusers'
+    Flux2KleinPipeline / Flux2Pipeline prepare `image=` (and BFL's `default_prep`): RGB (EXIF-
+    oriented for a file), sides >= 64 and aspect <= 8 checked, scaled down with LANCZOS to `max_area`
+    if larger (sides truncated), then centre-cropped to multiples of 16 (no resize)."""
+    from mflux2.images import open_rgb, to_rgb
+
+    if isinstance(image, (str, os.PathLike)):
+        name = str(image)
+        image = open_rgb(image)
+    elif isinstance(image, Image.Image):
+        image = to_rgb(image)
+    else:
+        raise ValueError(f"{name}: expected a PIL image or a file path, got {type(image).__name__}")
+    w, h = image.size
+    if w < REFERENCE_MIN_SIDE or h < REFERENCE_MIN_SIDE:
+        raise ValueError(f"{name}: {w}x{h} is too small; a reference image needs both sides >= {REFERENCE_MIN_SIDE} px")
+    if max(w / h, h / w) > REFERENCE_MAX_ASPECT:
+        raise ValueError(f"{name}: {w}x{h} is too elongated; a reference image needs an aspect ratio <= {REFERENCE_MAX_ASPECT}:1")
+    if w * h > max_area:
+        scale = math.sqrt(max_area / (w * h))
+        image = image.resize((int(w * scale), int(h * scale)), Image.Resampling.LANCZOS)
+        w, h = image.size
+    cw, ch = w // 16 * 16, h // 16 * 16
+    left, top = (w - cw) // 2, (h - ch) // 2
+    return image.crop((left, top, left + cw, top + ch)) if (cw, ch) != (w, h) else image
 
 
 class GenerationWarning(UserWarning):
@@ -32,7 +83,16 @@ class GenerationWarning(UserWarning):
 
 
 class Flux2Pipeline(PipelineComponents):
-    """FLUX.2 text-to-image. Build it with `from_pretrained`; components load on first use."""
+    """FLUX.2 text-to-image and editing. Build it with `from_pretrained`; components load on first use."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._warned: set[str] = set()  # warnings given once per pipeline
+
+    def _warn_once(self, message: str) -> None:
+        if message not in self._warned:
+            self._warned.add(message)
+            warnings.warn(message, GenerationWarning, stacklevel=4)
 
     def encode_prompt(self, prompts: str | list[str]) -> tuple[mx.array, mx.array]:
         """prompts -> (prompt_embeds [B, L, 3·hidden], text_ids [B, L, 4]) with L = 512."""
@@ -47,31 +107,67 @@ class Flux2Pipeline(PipelineComponents):
         fam = self.family
         steps = DEFAULT_STEPS[fam] if num_inference_steps is None else int(num_inference_steps)
         guidance = DEFAULT_GUIDANCE[fam] if guidance_scale is None else float(guidance_scale)
+        if steps < 1:
+            raise ValueError(f"num_inference_steps must be >= 1, got {steps}")
         if fam == "klein":
-            if steps != 4:
-                warnings.warn(f"{self.source.name} is step-distilled for 4 steps; using 4 instead of {steps}", GenerationWarning, stacklevel=3)
-                steps = 4
+            if steps != DEFAULT_STEPS["klein"]:  # run as asked, as diffusers does
+                self._warn_once(f"{self.source.name} is step-distilled for 4 steps; running {steps} as asked")
             if guidance != 1.0:
                 warnings.warn(f"{self.source.name} is guidance-distilled: guidance {guidance} is ignored", GenerationWarning, stacklevel=3)
                 guidance = 1.0
         if negative_prompt is not None and not (fam == "klein-base" and guidance > 1.0):
             warnings.warn(f"negative_prompt is ignored: {self.source.name} runs no classifier-free guidance"
                           + (" at guidance <= 1" if fam == "klein-base" else ""), GenerationWarning, stacklevel=3)
-        if steps < 1:
-            raise ValueError(f"num_inference_steps must be >= 1, got {steps}")
         return steps, guidance, fam == "klein-base" and guidance > 1.0
 
-    def generate(self, prompt: str | list[str], width: int = 1024, height: int = 1024,
+    def prepare_references(self, images, reference_caps: str = "diffusers") -> list[Image.Image]:
+        """Reference images (a PIL image, a path, or a list of them) as the model sees them
+        (`prepare_reference`), each capped to `reference_area(reference_caps, count)` pixels."""
+        images = [images] if isinstance(images, (str, os.PathLike, Image.Image)) else list(images)
+        if not images:
+            raise ValueError("image=[] holds no reference image: pass one or more, or leave image out")
+        area = reference_area(reference_caps, len(images))
+        return [prepare_reference(im, area, name=f"reference image {j}") for j, im in enumerate(images)]
+
+    def encode_references(self, images, reference_caps: str = "diffusers") -> tuple[mx.array, mx.array]:
+        """Reference images -> (tokens [1, M, 128] float32, ids [M, 4]): each prepared
+        (`prepare_references`), VAE-encoded (posterior mean, as diffusers' argmax), patchified,
+        batch-normed and packed; reference j gets ids (10·(j+1), row, col, 0) on its own grid.
+        The same encoding serves `generate(image=...)` and the trainer's validation images."""
+        return self._encode_prepared(self.prepare_references(images, reference_caps))
+
+    def _encode_prepared(self, prepared: list[Image.Image]) -> tuple[mx.array, mx.array]:
+        from mflux2.images import pil_to_array
+        from mflux2.models.vae import image_ids
+
+        vae = self.vae
+        tokens, ids = [], []
+        for j, im in enumerate(prepared):
+            w, h = im.size
+            tokens.append(vae.pack(vae.encode(pil_to_array(im)[None]))[0])
+            ids.append(image_ids(h, w, t=10 * (j + 1)))
+        tokens, ids = mx.concatenate(tokens)[None], mx.concatenate(ids)
+        mx.eval(tokens, ids)
+        return tokens, ids
+
+    def generate(self, prompt: str | list[str], width: int | None = None, height: int | None = None,
                  num_inference_steps: int | None = None, guidance_scale: float | None = None, seed: int = 0,
                  latents: mx.array | None = None, negative_prompt: str | list[str] | None = None,
-                 progress: bool = True, output_type: str = "pil") -> list:
+                 progress: bool = True, output_type: str = "pil", image=None,
+                 reference_caps: str = "diffusers") -> list:
         """Generate one image per prompt; returns PIL images.
 
-        Defaults per variant: distilled klein 4 steps / no guidance (other values are ignored with
-        a warning); klein-base 50 steps, real CFG with scale 4.0 against `negative_prompt` (""
-        by default); dev 50 steps, embedded guidance 4.0. Image i uses the noise of `seed + i`,
-        or `latents` [B, H/16·W/16, 128] (packed, row-major) if given. `output_type`: "pil", or
-        "array" for float32 mx arrays [H, W, 3] in [0, 1], or "latent" for the packed latents."""
+        Defaults per variant: distilled klein 4 steps / no guidance (guidance is ignored with a
+        warning; another step count runs with one); klein-base 50 steps, real CFG with scale 4.0
+        against `negative_prompt` ("" by default); dev 50 steps, embedded guidance 4.0. Image i uses
+        the noise of `seed + i`, or `latents` [B, H/16·W/16, 128] (packed, row-major) if given.
+        `output_type`: "pil", or "array" for float32 mx arrays [H, W, 3] in [0, 1], or "latent" for
+        the packed latents.
+
+        Editing: `image` is a reference image (PIL image or path) or a list of them, shared by all
+        prompts (diffusers' argument). Each is capped to 1024² pixels (`reference_caps="bfl"`: 2024²
+        for a single one) and cropped to multiples of 16; width and height default to the first
+        reference's prepared size (1024 without references)."""
         if output_type not in ("pil", "array", "latent"):
             raise ValueError(f"output_type={output_type!r}: choose pil, array or latent")
         from tqdm.auto import tqdm
@@ -81,6 +177,11 @@ class Flux2Pipeline(PipelineComponents):
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts:
             raise ValueError("no prompt given")
+        prepared = self.prepare_references(image, reference_caps) if image is not None else None
+        if width is None:  # diffusers: each side on its own, from the first reference
+            width = prepared[0].width if prepared else DEFAULT_SIZE
+        if height is None:
+            height = prepared[0].height if prepared else DEFAULT_SIZE
         sampling.check_size(height, width)
         steps, guidance, cfg = self.sampling_settings(num_inference_steps, guidance_scale, negative_prompt)
         b, n = len(prompts), sampling.image_seq_len(height, width)
@@ -100,8 +201,9 @@ class Flux2Pipeline(PipelineComponents):
             neg_embeds, neg_ids = self.encode_prompt(neg)
         if self.low_memory:
             self.release("text_encoder")
+        refs, ref_ids = self._encode_prepared(prepared) if prepared else (None, None)
 
-        sigmas = sampling.get_sigmas(steps, n)
+        sigmas = sampling.get_sigmas(steps, n)  # the target's tokens only: references do not shift mu
         img_ids = image_ids(height, width)
         model = self.transformer
         out = []
@@ -111,7 +213,7 @@ class Flux2Pipeline(PipelineComponents):
             out.append(sampling.denoise(
                 model, latents[i : i + 1], embeds[i : i + 1], txt_ids[i : i + 1], img_ids, sigmas,
                 guidance=guidance if self.guidance_embeds else None, neg_embeds=neg[0], neg_txt_ids=neg[1],
-                cfg_scale=guidance if cfg else None, on_step=lambda: bar.update(1)))
+                cfg_scale=guidance if cfg else None, on_step=lambda: bar.update(1), refs=refs, ref_ids=ref_ids))
         bar.close()
         if output_type == "latent":
             return [x[0] for x in out]

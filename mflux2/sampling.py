@@ -105,23 +105,55 @@ def unpack_grid(tokens: mx.array, height: int, width: int) -> mx.array:
 
 def denoise(model, x: mx.array, embeds: mx.array, txt_ids: mx.array, img_ids: mx.array, sigmas: list[float],
             guidance: float | None = None, neg_embeds: mx.array | None = None, neg_txt_ids: mx.array | None = None,
-            cfg_scale: float | None = None, on_step=None) -> mx.array:
+            cfg_scale: float | None = None, on_step=None, refs: mx.array | None = None,
+            ref_ids: mx.array | None = None) -> mx.array:
     """Euler sampling from packed noise x [B, N, 128] along `sigmas`: one forward per step, with dev's
     embedded `guidance`, or real CFG (`cfg_scale`) against `neg_embeds`. Latents stay float32; one
-    evaluation per step. Shared by the pipeline and the trainer's validation images."""
+    evaluation per step. Shared by the pipeline and the trainer's validation images.
+
+    Editing: `refs` [B or 1, M, 128] are the reference images' packed tokens (clean, never noised)
+    and `ref_ids` [M, 4] or [B, M, 4] their position ids. Every forward — both CFG passes — sees
+    [x ; refs] with [img_ids ; ref_ids]; its output is cut back to x's N tokens and only x is
+    updated (spec edit-training §3). `sigmas` must come from N alone: refs do not shift the schedule."""
     dtype = model.dtype
-    b = x.shape[0]
+    b, n = x.shape[0], x.shape[1]
     x = x.astype(mx.float32)
     guid = mx.full((b,), guidance, dtype=mx.float32) if guidance is not None else None
     embeds = embeds.astype(dtype)
+    if refs is not None or ref_ids is not None:
+        refs, img_ids = _with_refs(x, img_ids, refs, ref_ids)
+        refs = refs.astype(dtype)
+
+    def velocity(x, emb, tids, t, g):
+        inp = x.astype(dtype) if refs is None else mx.concatenate([x.astype(dtype), refs], axis=1)
+        v = model(inp, emb, t, img_ids, tids, g)
+        return v if refs is None else v[:, :n]
+
     for s in range(len(sigmas) - 1):
         t = mx.full((b,), sigmas[s], dtype=mx.float32)
-        v = model(x.astype(dtype), embeds, t, img_ids, txt_ids, guid)
+        v = velocity(x, embeds, txt_ids, t, guid)
         if cfg_scale is not None:
-            v_neg = model(x.astype(dtype), neg_embeds.astype(dtype), t, img_ids, neg_txt_ids, None)
+            v_neg = velocity(x, neg_embeds.astype(dtype), neg_txt_ids, t, None)
             v = cfg_combine(v.astype(mx.float32), v_neg.astype(mx.float32), cfg_scale)
         x = euler_step(x, v, sigmas[s], sigmas[s + 1])
         mx.eval(x)
         if on_step is not None:
             on_step()
     return x
+
+
+def _with_refs(x: mx.array, img_ids: mx.array, refs: mx.array | None, ref_ids: mx.array | None):
+    """Checks refs against x and returns (refs [B, M, 128], the joint ids [img_ids ; ref_ids])."""
+    if refs is None or ref_ids is None:
+        raise ValueError("denoise: pass refs and ref_ids together (reference tokens and their position ids)")
+    b, n, c = x.shape
+    if refs.ndim != 3 or refs.shape[2] != c or refs.shape[0] not in (1, b):
+        raise ValueError(f"denoise: refs of shape {tuple(refs.shape)} do not fit latents {tuple(x.shape)}: expected [1 or {b}, M, {c}]")
+    m = refs.shape[1]
+    if ref_ids.ndim not in (2, 3) or ref_ids.shape[-2:] != (m, 4):
+        raise ValueError(f"denoise: ref_ids of shape {tuple(ref_ids.shape)} do not fit {m} reference tokens: expected [{m}, 4] or [B, {m}, 4]")
+    refs = mx.broadcast_to(refs, (b, m, c))
+    if img_ids.ndim == 2 and ref_ids.ndim == 2:
+        return refs, mx.concatenate([img_ids, ref_ids], axis=0)
+    per_batch = lambda ids: ids if ids.ndim == 3 else mx.broadcast_to(ids[None], (b, *ids.shape))  # noqa: E731
+    return refs, mx.concatenate([per_batch(img_ids), per_batch(ref_ids)], axis=1)

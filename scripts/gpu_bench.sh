@@ -72,9 +72,19 @@ before)  # the committed code (git archive HEAD mflux2 scripts/benchmark.py | ta
   ;;
 peers)
   P=.gpu/peers
+  # "the strongest peer" of a row = the fastest of its variants here (issue 18): per-block and
+  # whole-model torch.compile, with/without autocast, max-autotune, flash attention where present
   run peer_torch_eager    180 python3 $P/torch_step.py
-  run peer_torch_compile  300 python3 $P/torch_step.py --compile-blocks
+  run peer_torch_compile_blocks 300 python3 $P/torch_step.py --compile-blocks
+  run peer_torch_compile  300 python3 $P/torch_step.py --compile
+  run peer_torch_compile_bf16 300 python3 $P/torch_step.py --compile --no-autocast --dtype bf16
+  run peer_torch_compile_autotune 420 python3 $P/torch_step.py --compile --compile-mode max-autotune-no-cudagraphs
+  for be in flash _flash_3; do
+    run peer_torch_compile_$be 300 python3 $P/torch_step.py --compile --attn-backend $be
+  done
   run peer_torch_dop      180 python3 $P/torch_step.py --dop
+  run peer_torch_compile_dop 300 python3 $P/torch_step.py --compile --dop
+  run peer_torch_compile_ckpt 300 python3 $P/torch_step.py --compile --gradient-checkpointing
   run peer_mflux          180 python3 $P/mflux_step.py
   run peer_mflux_dop      180 python3 $P/mflux_step.py --dop
   ;;

@@ -16,6 +16,8 @@ bench() {  # name, then benchmark.py arguments; runs this checkout's code and, w
   fi
   tail -n 2 "$OUT/bench.jsonl" | cut -c1-260
 }
+# the validation image's pieces (transformer forward, VAE decode/encode, PNG) at 512² and 1024²
+timeout 300 python3 scripts/validation_benchmark.py > "$OUT/validation_bench.json" 2> "$OUT/validation_bench.log"; echo "validation_bench rc=$?"; cat "$OUT/validation_bench.json"
 [ -n "${BENCH:-}" ] && bench plain
 [ -n "${BENCH:-}" ] && bench dop_ckpt --mode dop --checkpointing 1
 for m in "${@:-klein-4b}"; do

@@ -1,6 +1,7 @@
 """The whole training job, timed phase by phase: `mflux2-train` on a shipped config, twice.
 
     python scripts/job_benchmark.py --model klein-4b     # on the GPU machine: full size, random weights
+    python scripts/job_benchmark.py --model dev --runs 1  # dev from a converted int8 folder (disk)
     python scripts/job_benchmark.py --tiny               # this machine's CPU, the toy model, < 2 min
 
 It writes a model folder in the exact diffusers layout of the FLUX.2 model the config names (random
@@ -14,7 +15,8 @@ folder holding the first run's caches, so it skips the text encoder and the VAE 
 
 Prints one JSON line: for each run wall_s, phases (name -> s), phase_peak_gb, peak_gb, steps,
 median_step_s, the share of the job that is not training steps, and phases_sum_s (it must match
-wall_s: every second of the run is in a phase).
+wall_s: every second of the run is in a phase); and `preflight_vs_measured`: the peak per phase that
+`mflux2-train --dry-run` predicted for the cold run next to the one measured (issue 24: within 10%).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -42,6 +45,10 @@ QWEN3 = {  # Qwen/Qwen3-4B and -8B config.json (the fields that set shapes)
 QWEN3_COMMON = dict(vocab_size=151936, num_attention_heads=32, num_key_value_heads=8, head_dim=128, rope_theta=1_000_000,
                     rms_norm_eps=1e-6, max_position_embeddings=40960, torch_dtype="bfloat16")
 QWEN3_VOCAB = 151643  # regular tokens; the specials follow
+# mistralai/Mistral-Small-3.2-24B-Instruct-2506 config.json text_config (the fields that set shapes)
+MISTRAL = dict(model_type="mistral", hidden_size=5120, intermediate_size=32768, num_hidden_layers=40,
+               num_attention_heads=32, num_key_value_heads=8, head_dim=128, vocab_size=131072, rope_theta=1_000_000_000.0,
+               rms_norm_eps=1e-5, max_position_embeddings=131072, sliding_window=None, hidden_act="silu")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -124,21 +131,18 @@ def _write_shards(folder: Path, shapes: dict[str, tuple], stem: str, index_name:
         (folder / index_name).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
 
 
-def _qwen3_tokenizer(folder: Path, vocab: int = QWEN3_VOCAB) -> None:
-    """A byte-level BPE with the real Qwen3 vocabulary size (synthetic merges), its specials and
-    chat template: loading and tokenizing cost what the real one does."""
+def _synthetic_bpe(vocab: int, first: list[str] = ()):
+    """A byte-level BPE of exactly `vocab` entries (synthetic merges; the prompt words merged first,
+    so prompts tokenize into a realistic mix), with `first` (special tokens) at ids 0, 1, ..."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    from tests.tiny_tokenizers import QWEN3_ADDED, QWEN3_CHAT_TEMPLATE, QWEN3_SPECIALS
 
     alphabet = pre_tokenizers.ByteLevel.alphabet()
     tokens = sorted(alphabet)
-    vocab_map = {t: i for i, t in enumerate(tokens)}
+    vocab_map = {t: i for i, t in enumerate([*first, *tokens])}
     merges = []
     rng = np.random.default_rng(0)
     words = [w for w in "a photo of toy sitting on beach garden golden hour sks in the".split()]
-    for w in words:  # whole prompt words first, so prompts tokenize into a realistic mix
+    for w in words:
         for j in range(1, len(w)):
             a, b = w[:j], w[j]
             if a + b not in vocab_map and a in vocab_map:
@@ -155,10 +159,36 @@ def _qwen3_tokenizer(folder: Path, vocab: int = QWEN3_VOCAB) -> None:
     raw = Tokenizer(models.BPE(vocab=vocab_map, merges=merges))
     raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     raw.decoder = decoders.ByteLevel()
+    return raw
+
+
+def _qwen3_tokenizer(folder: Path, vocab: int = QWEN3_VOCAB) -> None:
+    """The real Qwen3 vocabulary size (synthetic merges), its specials and chat template: loading
+    and tokenizing cost what the real one does."""
+    from transformers import PreTrainedTokenizerFast
+
+    from tests.tiny_tokenizers import QWEN3_ADDED, QWEN3_CHAT_TEMPLATE, QWEN3_SPECIALS
+
+    raw = _synthetic_bpe(vocab)
     raw.add_special_tokens(QWEN3_SPECIALS)
     tok = PreTrainedTokenizerFast(tokenizer_object=raw, eos_token="<|im_end|>", pad_token="<|endoftext|>",
                                   padding_side="right", model_max_length=131072, chat_template=QWEN3_CHAT_TEMPLATE)
     tok.add_tokens(QWEN3_ADDED)
+    tok.save_pretrained(str(folder))
+
+
+def _mistral_tokenizer(folder: Path, vocab: int = MISTRAL["vocab_size"]) -> None:
+    """Mistral Small 3.x's (tekken) vocabulary size, its control tokens at their ids, left padding
+    and its chat template (system prompt first)."""
+    from transformers import PreTrainedTokenizerFast
+
+    from tests.tiny_tokenizers import MISTRAL_CHAT_TEMPLATE, MISTRAL_SPECIALS
+
+    raw = _synthetic_bpe(vocab, MISTRAL_SPECIALS)
+    raw.add_special_tokens(MISTRAL_SPECIALS)
+    tok = PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                                  pad_token="<pad>", padding_side="left", model_max_length=131072,
+                                  chat_template=MISTRAL_CHAT_TEMPLATE)
     tok.save_pretrained(str(folder))
 
 
@@ -199,6 +229,89 @@ def write_klein_folders(work: Path, size: str) -> tuple[Path, Path]:
     (distilled / "model_index.json").write_text(json.dumps({**index, "is_distilled": True}, indent=1))
     print(f"wrote {base} and {distilled} in {time.time() - t0:.0f} s", file=sys.stderr)
     return base, distilled
+
+
+def write_dev_folder(work: Path, quantize: str = "int8", tiny: bool = False) -> Path:
+    """FLUX.2 dev with random weights as a folder written by scripts/convert.py (mflux2.json, MLX
+    layout), the transformer and the Mistral encoder stored in `quantize`.
+
+    Why not the diffusers layout: in bf16 dev's transformer (64 GB) and Mistral Small (48 GB) do not
+    fit the GPU machine's 64 GiB disk; stored int8 they take 32 + 18 GB. The job still runs the real
+    order from disk — encoder loaded, embeddings cached, encoder freed, then the transformer — through
+    the loader a converted folder takes. The encoder folder holds the 30 of Mistral's 40 layers the
+    loader reads (FLUX.2 takes hidden states 10, 20, 30; mflux2 never builds or reads the rest).
+    `tiny`: the same code on small shapes (the CPU test)."""
+    import mlx.core as mx
+    import mlx.nn as nn
+    from mlx.utils import tree_flatten, tree_map
+
+    from mflux2.model_files import MFLUX2_CONFIG, MFLUX2_FORMAT_VERSION, save_component
+    from mflux2.models import text_encoder as te_mod
+    from mflux2.models.quantization import QUANT_BITS, QUANT_GROUP_SIZE, quantize_outside_blocks, quantize_predicate
+    from mflux2.models.transformer import Flux2Transformer, TransformerConfig, preset
+    from mflux2.models.vae import Flux2VAE, VAEConfig
+
+    root = work / f"FLUX.2-dev-{'tiny-' if tiny else ''}{quantize}"
+    if (root / MFLUX2_CONFIG).exists():
+        return root
+    shutil.rmtree(root, ignore_errors=True)
+    t0 = time.time()
+    bits, group = QUANT_BITS[quantize], QUANT_GROUP_SIZE[quantize]
+
+    def smaller(module):  # random weights a 56-block forward stays finite with (as _init's 0.5/sqrt(fan_in))
+        module.update(tree_map(lambda w: w * 0.5 if w.ndim == 2 else w, module.parameters()))
+
+    # transformer: quantized as the loader quantizes (the large layers outside the blocks, every block)
+    tcfg = (TransformerConfig(num_layers=2, num_single_layers=2, num_attention_heads=4, attention_head_dim=32,
+                              in_channels=128, joint_attention_dim=192, axes_dims_rope=(8, 8, 8, 8), guidance_embeds=True)
+            if tiny else preset("dev"))
+    model = Flux2Transformer(tcfg)
+    model.set_dtype(mx.bfloat16)
+    smaller(model)
+    quantize_outside_blocks(model, bits, group, min_weights=0 if tiny else None)
+    for kind in ("double_blocks", "single_blocks"):
+        for block in model[kind]:
+            nn.quantize(block, class_predicate=quantize_predicate(group, bits))
+    save_component(model, root / "transformer", tcfg.to_dict())  # evaluated shard by shard
+    del model
+
+    vcfg = VAEConfig(block_out_channels=(8, 8, 8, 8), layers_per_block=1, norm_num_groups=4) if tiny else VAEConfig()
+    vae = Flux2VAE(vcfg)
+    vae.set_dtype(mx.bfloat16)
+    vae.bn.update(tree_map(lambda a: a.astype(mx.float32), vae.bn.parameters()))
+    from dataclasses import asdict
+
+    save_component(vae, root / "vae", asdict(vcfg))
+    del vae
+
+    lm = {**MISTRAL, **(dict(hidden_size=64, intermediate_size=128, num_hidden_layers=40, num_attention_heads=4,
+                              num_key_value_heads=2, head_dim=16, vocab_size=512) if tiny else {})}
+    hf_cfg = {"architectures": ["Mistral3ForConditionalGeneration"], "model_type": "mistral3", "text_config": lm,
+              "torch_dtype": "bfloat16"}
+    depth = max(te_mod.MISTRAL_LAYERS)
+    enc, backbone = te_mod._build("mistral", te_mod._lm_config(hf_cfg, "mistral", root), depth)
+    backbone.set_dtype(mx.bfloat16)
+    smaller(backbone)
+    nn.quantize(backbone, class_predicate=te_mod._quant_predicate(bits))
+    prefix = "language_model.model."
+    hf_cfg["quantization"] = {"group_size": 64, "bits": bits, "mode": "affine"}
+    for path, m in backbone.named_modules():  # per-layer entries where a group size differs (as convert.py)
+        if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)) and m.group_size != 64:
+            hf_cfg["quantization"][prefix + path] = {"group_size": m.group_size, "bits": m.bits}
+    save_component([(prefix + k, v) for k, v in tree_flatten(backbone.parameters())], root / "text_encoder", hf_cfg)
+    del enc, backbone
+    _mistral_tokenizer(root / "tokenizer", lm["vocab_size"] if tiny else MISTRAL["vocab_size"])
+
+    record = {"format": "mflux2", "version": MFLUX2_FORMAT_VERSION, "family": "dev", "variant": None if tiny else "dev",
+              "source": "scripts/job_benchmark.py (random weights)", "source_layout": "diffusers", "dtype": "bfloat16",
+              "transformer": {"quantization": {"name": quantize, "bits": bits, "group_size": group}},
+              "text_encoder": {"quantization": {"name": quantize, "bits": bits, "group_size": 64}},
+              "vae": {"quantization": None},
+              "text_encoder_options": {"max_length": 512, "hidden_layers": list(te_mod.MISTRAL_LAYERS), "masked_rows": "zero"}}
+    (root / MFLUX2_CONFIG).write_text(json.dumps(record, indent=2))
+    mx.clear_cache()
+    print(f"wrote {root} in {time.time() - t0:.0f} s", file=sys.stderr)
+    return root
 
 
 def _link_tree(src: Path, dst: Path) -> None:
@@ -244,11 +357,43 @@ def write_dataset(folder: Path, scale: float = 1.0) -> Path:
 # The runs
 
 
-def run_job(config: str, model: Path, validation_model: Path | None, dataset: Path, output: Path, extra: list[str]) -> dict:
+def _cli(config: str, model: Path, validation_model: Path | None, dataset: Path, output: Path, extra: list[str]) -> list[str]:
     cmd = [sys.executable, "-m", "mflux2.training.cli", config, "--model-path", str(model), "--dataset", str(dataset),
            "--output", str(output), *extra]
     if validation_model is not None:
         cmd += ["--set", f"model.validation_path={validation_model}"]
+    return cmd
+
+
+# The dry run's memory phases (mflux2-train --dry-run) and the run's phases whose peaks they predict.
+PREFLIGHT_PHASES = {"text-encoder cache": ("text encoder: load, embed, free",), "latent cache": ("latent cache",),
+                    "training step": ("training steps", "first step (tracing, compiling)"),
+                    "validation images": ("baseline validation", "validation*")}  # *: a prefix
+
+
+def preflight_memory(*args) -> dict[str, float]:
+    """The peak per phase `mflux2-train --dry-run` predicts for this job (GB)."""
+    out = subprocess.run([*_cli(*args), "--dry-run"], cwd=ROOT, capture_output=True, text=True)
+    if out.returncode not in (0, 1):  # 1: it predicts the run does not fit, still a prediction
+        raise SystemExit(f"dry run failed (exit {out.returncode}): {out.stderr[-2000:]}")
+    names = "|".join(re.escape(k) for k in PREFLIGHT_PHASES)
+    return {m.group(1): float(m.group(2)) for m in re.finditer(rf"^\s*({names})\s+([\d.]+) GB", out.stdout, re.M)}
+
+
+def compare_preflight(predicted: dict[str, float], measured: dict[str, float]) -> dict:
+    """Predicted vs measured peak per dry-run phase; the measured peak of a phase is the largest of
+    the run's phases it covers (every validation for "validation images")."""
+    rows = {}
+    for name, gb in predicted.items():
+        peaks = [v for k, v in measured.items() if any(k == p or (p.endswith("*") and k.startswith(p[:-1])) for p in PREFLIGHT_PHASES[name])]
+        if peaks:
+            rows[name] = {"predicted_gb": gb, "measured_gb": round(max(peaks), 3),
+                          "ratio": round(gb / max(peaks), 3) if max(peaks) > 0 else None}
+    return rows
+
+
+def run_job(config: str, model: Path, validation_model: Path | None, dataset: Path, output: Path, extra: list[str]) -> dict:
+    cmd = _cli(config, model, validation_model, dataset, output, extra)
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "TQDM_MININTERVAL": "5"}
     t0 = time.perf_counter()
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
@@ -284,6 +429,8 @@ def main(argv=None) -> int:
     ap.add_argument("--work", default=None, help="where the model, data and outputs go (default: a folder in /tmp)")
     ap.add_argument("--runs", type=int, default=2, help="1: only the cold run; 2: also the run that reuses the caches")
     ap.add_argument("--set", action="append", default=[], help="extra config overrides for both runs (KEY=VALUE)")
+    ap.add_argument("--dev-quantize", choices=["int8", "int4"], default="int8",
+                    help="dev: the precision its transformer and Mistral encoder are stored (and so trained) in")
     args = ap.parse_args(argv)
     work = Path(args.work or f"/tmp/mflux2-job-{'tiny' if args.tiny else args.model}")
     work.mkdir(parents=True, exist_ok=True)
@@ -298,9 +445,10 @@ def main(argv=None) -> int:
                   "--set", "memory.bucketing.resolutions=[64]",
                   "--set", "validation.prompts=[{prompt: a toy on a beach, apply_trigger: true, sizes: [64]}]"]
     else:
-        if args.model == "dev":
-            raise SystemExit("dev: the full-size folder does not fit this machine's disk; not implemented yet")
-        base, distilled = write_klein_folders(work, args.model.split("-")[1].upper())
+        if args.model == "dev":  # dev validates with itself (no distilled twin)
+            base, distilled = write_dev_folder(work, args.dev_quantize), None
+        else:
+            base, distilled = write_klein_folders(work, args.model.split("-")[1].upper())
         dataset = write_dataset(work / "cat_toy")
     result = {"model": "toy" if args.tiny else args.model, "config": config, "date": time.strftime("%Y-%m-%d")}
     try:
@@ -311,7 +459,10 @@ def main(argv=None) -> int:
         pass
     out1 = work / "run1"
     shutil.rmtree(out1, ignore_errors=True)
+    predicted = preflight_memory(config, base, distilled, dataset, out1, extra)
     result["cold"] = run_job(config, base, distilled, dataset, out1, extra)
+    # issue 24: the dry run's memory figures are the ones the run uses; here they meet the measured peaks
+    result["preflight_vs_measured"] = compare_preflight(predicted, result["cold"]["phase_peak_gb"])
     if args.runs > 1:
         out2 = work / "run2"
         shutil.rmtree(out2, ignore_errors=True)

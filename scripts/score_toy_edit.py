@@ -19,8 +19,10 @@ An image is an edit success when tests/toy_shapes.py reads the edited combinatio
 shape with the edited shape and background colours ("colours" asks only for the two colours; chance
 is 1/30).
 
-Generation with references is written out here (a few lines: [x ; refs] with ids t = 10, the
-prediction sliced to x's tokens, Euler steps with real CFG), batched over all images.
+Generation goes through mflux2's own sampling with references (`mflux2.sampling.denoise(refs=...)`,
+references encoded by `Flux2Pipeline.encode_references`, as `mflux2-generate --image`), batched over
+all images; the transformer runs in PyTorch by default (diffusers' `Flux2Transformer2DModel` with the
+LoRA loaded by diffusers: about 10x faster than MLX's CPU build here), or in MLX (`--backend mlx`).
 """
 
 from __future__ import annotations
@@ -49,31 +51,12 @@ def heldout_pairs(seeds) -> list[tuple[toy.Item, int]]:
     return [(item, seed) for item in items for seed in seeds]
 
 
-def denoise_with_refs(forward, x, embeds, neg_embeds, txt_ids, img_ids, sigmas, cfg_scale, refs=None, ref_ids=None):
-    """Euler sampling of x [B, N, 128] with real CFG (both passes in one batch of 2B); `refs`
-    [B, M, 128] (clean, ids `ref_ids`) are concatenated after x at every step and their predictions
-    dropped. `forward(x, embeds, t, img_ids, txt_ids)` is the transformer on mx arrays."""
-    from mflux2.sampling import cfg_combine, euler_step
-
-    b, n = x.shape[:2]
-    ids = img_ids if refs is None else mx.concatenate([img_ids, ref_ids])
-    both = mx.concatenate([embeds, neg_embeds])
-    for s in range(len(sigmas) - 1):
-        xin = x if refs is None else mx.concatenate([x, refs], axis=1)
-        v = forward(mx.concatenate([xin, xin]), both, mx.full((2 * b,), sigmas[s], dtype=mx.float32), ids, txt_ids)[:, :n]
-        x = euler_step(x, cfg_combine(v[:b].astype(mx.float32), v[b:].astype(mx.float32), cfg_scale), sigmas[s], sigmas[s + 1])
-        mx.eval(x)
-    return x
-
-
-def mlx_forward(pipe):
-    model = pipe.transformer
-    return lambda x, e, t, ids, tids: model(x.astype(model.dtype), e.astype(model.dtype), t, ids, tids, None)
-
-
-class TorchForward:
+class TorchTransformer:
     """The toy transformer in diffusers (float32, one thread: ~10x MLX's CPU build here), with the
-    LoRA loaded by diffusers itself (it reads mflux2's LoRA files: tests/test_lora.py)."""
+    LoRA loaded by diffusers itself (it reads mflux2's LoRA files: tests/test_lora.py), called as
+    mflux2.sampling.denoise calls mflux2's transformer."""
+
+    dtype = mx.float32
 
     def __init__(self, model_dir, lora=None):
         import diffusers
@@ -87,19 +70,19 @@ class TorchForward:
             pipe.load_lora_weights(str(lora))
         self.model, self.torch = tf, torch
 
-    def __call__(self, x, e, t, ids, tids):
+    def __call__(self, x, e, t, img_ids, txt_ids, guidance=None):
         T = lambda a: self.torch.from_numpy(np.array(a.astype(mx.float32)))  # noqa: E731
         with self.torch.no_grad():
-            v = self.model(hidden_states=T(x), encoder_hidden_states=T(e), timestep=T(t), img_ids=T(ids), txt_ids=T(tids),
-                           guidance=None, return_dict=False)[0]
+            v = self.model(hidden_states=T(x), encoder_hidden_states=T(e), timestep=T(t), img_ids=T(img_ids),
+                           txt_ids=T(txt_ids), guidance=None, return_dict=False)[0]
         return mx.array(v.numpy())
 
 
-def generate(pipe, forward, pairs, caption: str, with_refs: bool, steps: int = STEPS, guidance: float = GUIDANCE):
-    """One image per (reference item, seed) of `pairs`, as PIL images. `pipe`: mflux2's pipeline of
-    the toy model (text encoder, VAE); `forward`: its transformer (mlx_forward or TorchForward)."""
+def generate(pipe, model, pairs, caption: str, with_refs: bool, steps: int = STEPS, guidance: float = GUIDANCE):
+    """One image per (reference item, seed) of `pairs`, as PIL images: mflux2's sampling (real CFG
+    against the empty prompt) with `model` (mflux2's transformer or TorchTransformer), the references
+    encoded as `mflux2-generate --image` encodes them."""
     from mflux2 import sampling
-    from mflux2.images import pils_to_array
     from mflux2.models.vae import image_ids
 
     b = len(pairs)
@@ -107,13 +90,13 @@ def generate(pipe, forward, pairs, caption: str, with_refs: bool, steps: int = S
     x = mx.concatenate([sampling.initial_noise(seed, 1, SIZE, SIZE) for _, seed in pairs])
     refs = ref_ids = None
     if with_refs:
-        vae = pipe.vae
-        refs = vae.pack(vae.encode(pils_to_array([toy.render(item, SIZE) for item, _ in pairs])))
-        ref_ids = image_ids(SIZE, SIZE, t=10)
+        encoded = [pipe.encode_references(toy.render(item, SIZE)) for item, _ in pairs]
+        refs, ref_ids = mx.concatenate([r for r, _ in encoded]), encoded[0][1]
     sigmas = sampling.get_sigmas(steps, sampling.image_seq_len(SIZE, SIZE))
     rep = lambda e: mx.broadcast_to(e, (b, *e.shape[1:]))  # noqa: E731
-    latents = denoise_with_refs(forward, x, rep(embeds[:1]), rep(embeds[1:]), txt_ids[0], image_ids(SIZE, SIZE), sigmas,
-                                guidance, refs, ref_ids)
+    latents = sampling.denoise(model, x, rep(embeds[:1]), txt_ids[0], image_ids(SIZE, SIZE), sigmas,
+                               neg_embeds=rep(embeds[1:]), neg_txt_ids=txt_ids[1], cfg_scale=guidance,
+                               refs=refs, ref_ids=ref_ids)
     return pipe.decode(latents, SIZE, SIZE)
 
 
@@ -139,19 +122,19 @@ def evaluate(model_dir: str | Path, lora: str | Path, seeds=(0, 1, 2, 3), settin
     pairs = heldout_pairs(seeds)
     caption = toy.EDIT_CAPTION[edit].format(trigger=trigger)
     pipe = Flux2Pipeline.from_pretrained(model_dir, dtype=mx.float32)
-    forwards = {}
+    models = {}
     out = {}
     for setting in settings:
         use_lora = setting.startswith("lora")
-        if use_lora not in forwards:
+        if use_lora not in models:
             if backend == "torch":
-                forwards[use_lora] = TorchForward(model_dir, lora if use_lora else None)
+                models[use_lora] = TorchTransformer(model_dir, lora if use_lora else None)
             else:
                 pipe.unload_loras()
                 if use_lora:
                     pipe.load_lora(lora)
-                forwards[use_lora] = mlx_forward(pipe)
-        images = generate(pipe, forwards[use_lora], pairs, caption, with_refs=setting.endswith("+ref"), steps=steps,
+                models[use_lora] = pipe.transformer
+        images = generate(pipe, models[use_lora], pairs, caption, with_refs=setting.endswith("+ref"), steps=steps,
                           guidance=guidance)
         out[setting] = score(images, pairs, edit)
         out[setting]["images"] = images

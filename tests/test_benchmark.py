@@ -60,3 +60,14 @@ def test_quant_gemm_bench_runs_and_its_dequantisation_is_exact():
     for r in rows:
         assert r["int8_max_err"] == 0 and r["int4_max_err"] == 0
         assert all(r[f"{k}_ms"] > 0 for k in ("bf16_fwd", "bf16_bwd", "int8_dequant_fwd", "int8_qmm_bwd", "int4_dequant_only"))
+
+
+def test_validation_benchmark_times_each_piece_of_a_validation_image():
+    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "validation_benchmark.py"), "--tiny", "--repeat", "1"],
+                         capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-2000:]
+    r = json.loads([line for line in out.stdout.splitlines() if line.startswith("{")][-1])
+    row = r["sizes"]["64"]
+    for piece in ("forward", "vae_decode", "vae_encode", "png"):
+        assert row[f"{piece}_s"] > 0 and row[f"{piece}_peak_gb"] >= 0, piece
+    assert r["four_images_4_steps_s"] == round(4 * (4 * row["forward_s"] + row["vae_decode_s"] + row["png_s"]), 3)

@@ -24,6 +24,7 @@ from mflux2.training.config import (
     dump_yaml,
     load_config,
 )
+from mflux2.training.data import names_trigger
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -113,9 +114,7 @@ def test_every_shipped_config_loads_without_warnings(path):
     assert cfg.model.name in MODEL_DEFAULTS or (ROOT / cfg.model.path).is_dir()
     assert cfg.dataset.path and cfg.checkpoints.output
     trig = cfg.dataset.trigger_word
-    with_trigger = [p.apply_trigger or trig in p.prompt.split() for p in cfg.validation.prompts]
-    if cfg.dataset.control_path and not cfg.validation.prompts:
-        return  # the edit quickstart: its images need references (validation.prompts[].reference_image)
+    with_trigger = [p.apply_trigger or names_trigger(p.prompt, trig) for p in cfg.validation.prompts]
     assert any(with_trigger) and not all(with_trigger)  # DOP is judged by the pair
 
 
@@ -133,7 +132,8 @@ def test_shipped_configs_match_the_seed_guide():
 
 
 def test_swift_style_config_runs_unchanged(tmp_path):
-    with pytest.warns(ConfigWarning) as rec:
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
         cfg = load_config(write(tmp_path, SWIFT_STYLE))
     assert cfg.training.learning_rate == pytest.approx(1e-4)  # "1e-4" is a string to PyYAML
     assert cfg.loss.weighting == "bell_shaped"
@@ -142,22 +142,22 @@ def test_swift_style_config_runs_unchanged(tmp_path):
     assert [p.prompt for p in cfg.validation.prompts] == ["a wizard in a forest", "a castle at night"]
     assert cfg.validation.prompts[1].apply_trigger and cfg.validation.prompts[1].is_512  # string = defaults
     assert cfg.early_stop.on_overfit and cfg.early_stop.max_gap == pytest.approx(0.3)
-    msgs = [str(w.message) for w in rec]
-    assert len(msgs) == 1 and "validation.vlm_scoring" in msgs[0] and "ignored" in msgs[0] and "cfg.yaml:39:" in msgs[0]
+    # validation.vlm_scoring is honoured (training/scoring.py), with the Swift defaults for the keys left out
+    assert [str(w.message) for w in rec] == []
+    vs = cfg.validation.vlm_scoring
+    assert vs.enabled and vs.scene_weight == 0.5 and vs.max_reference_images == 3 and vs.degradation_threshold == 15.0
 
 
 @pytest.mark.parametrize(
     "yaml_text, key",
     [
         ("dataset: {path: d}\nmodel: {use_base: false}", "model.use_base"),
-        ("dataset: {path: d}\nvalidation: {prompts: [{prompt: x, is_vlm_generated: true}]}", "validation.prompts[0].is_vlm_generated"),
         ("dataset: {path: d}\nmemory: {cache_latents: false}", "memory.cache_latents"),
         ("dataset: {path: d}\nmemory: {cache_text_embeddings: false}", "memory.cache_text_embeddings"),
         ("dataset: {path: d}\nmemory: {cpu_offload: false}", "memory.cpu_offload"),
         ("dataset: {path: d}\ntraining: {lr_scheduler: cosine_with_restarts}", "training.lr_scheduler"),
         ("dataset: {path: d}\nmodel: {name: klein-9b-kv}", "model.name"),
         ("dataset: {path: d}\nvalidation: {width: 768, prompts: [x]}", "validation.width"),
-        ("dataset: {path: d}\nvalidation: {prompts: [{prompt: x, reference_image: r.png}]}", "validation.prompts[0].reference_image"),
         ("dataset: {path: d}\nmodel: {quantization: nf4}", "model.quantization"),
     ],
 )
@@ -171,6 +171,23 @@ def test_keys_we_cannot_honour_warn_in_one_line(tmp_path, yaml_text, key):
 def test_nf4_is_int4(tmp_path):
     cfg = load_quiet(write(tmp_path, "dataset: {path: d}\nmodel: {quantization: nf4}"))
     assert cfg.model.quantization == "int4"
+
+
+def test_reference_image_is_one_path_or_a_list_read_from_the_current_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "r.png").write_bytes(b"")
+    (tmp_path / "s.png").write_bytes(b"")
+    cfg = load_quiet(write(tmp_path, "dataset: {path: d}\nvalidation: {prompts: [{prompt: x, reference_image: r.png},\n"
+                                     "  {prompt: y, reference_image: [r.png, s.png]}, z]}"))
+    assert [p.reference_image for p in cfg.validation.prompts] == [["r.png"], ["r.png", "s.png"], None]
+    for text, key in (("[{prompt: x}, {prompt: y, reference_image: nope.png}]", "validation.prompts[1].reference_image:"),
+                      ("[{prompt: y, reference_image: [r.png, no.png]}]", "validation.prompts[0].reference_image[1]:")):
+        with pytest.raises(ConfigError) as e:
+            load_quiet(write(tmp_path, f"dataset: {{path: d}}\nvalidation: {{prompts: {text}}}"))
+        msg = str(e.value)
+        assert key in msg and "no such file" in msg and str(tmp_path) in msg and "\n" not in msg
+    with pytest.raises(ConfigError, match=r"reference_image: must not be empty"):
+        load_quiet(write(tmp_path, "dataset: {path: d}\nvalidation: {prompts: [{prompt: y, reference_image: []}]}"))
 
 
 def test_legacy_single_validation_prompt(tmp_path):
@@ -276,10 +293,10 @@ def test_epochs_without_max_steps_is_epochs_times_100_as_swift(tmp_path):
 
 
 def test_warnings_come_once_per_key(tmp_path):
-    text = "dataset: {path: d}\nvalidation: {prompts: [{prompt: a, is_vlm_generated: true}, {prompt: b, is_vlm_generated: false}]}"
+    text = "dataset: {path: d, trigger_word: t}\nvalidation: {prompts: [{prompt: a, is_512: false}, {prompt: b, is_512: false}]}"
     with pytest.warns(ConfigWarning) as rec:
         load_config(write(tmp_path, text))
-    assert sum("is_vlm_generated" in str(w.message) for w in rec) == 1
+    assert sum("makes no image" in str(w.message) for w in rec) == 1
 
 
 def test_print_config_says_where_each_value_came_from(tmp_path):

@@ -26,6 +26,11 @@ def test_tiny_job_benchmark_phases_add_up_and_the_cached_run_skips_the_encoders(
                      "training steps", "report + learning curve"):
             assert name in j["phases"], (run, name)
         assert j["peak_gb"] == max(j["phase_peak_gb"].values()) > 0
+    # the dry run's memory prediction for each of its phases sits beside the measured peak (the toy's
+    # figures are dominated by the estimate's fixed allowances; the GPU run checks the 10%)
+    assert set(r["preflight_vs_measured"]) == {"text-encoder cache", "latent cache", "training step", "validation images"}
+    for row in r["preflight_vs_measured"].values():
+        assert row["predicted_gb"] > 0 and row["measured_gb"] > 0 and row["ratio"] > 0, row
     cold, cached = r["cold"]["phases"], r["cached"]["phases"]
     # the second run encodes nothing: neither the text encoder nor the VAE encoder is loaded
     assert cached["text encoder: load, embed, free"] < 0.1 * cold["text encoder: load, embed, free"]
@@ -34,3 +39,27 @@ def test_tiny_job_benchmark_phases_add_up_and_the_cached_run_skips_the_encoders(
     assert 'id="timing"' in report and "baseline validation" in report
     # validation images come from the distilled folder (model.validation_path), said in the report
     assert "toy-distilled (klein), 4 steps, no CFG (step-distilled); LoRA trained on toy-base" in report
+
+
+def test_the_dev_folder_is_a_converted_folder_the_pipeline_loads_as_stored(tmp_path):
+    """The dev job's model (stored int8: its bf16 files do not fit the GPU machine's disk), written by
+    the same code on small shapes, loads through the converted-folder path and generates."""
+    import importlib.util
+
+    import mlx.core as mx
+    import numpy as np
+
+    from mflux2.pipeline import Flux2Pipeline
+
+    spec = importlib.util.spec_from_file_location("job_benchmark", ROOT / "scripts" / "job_benchmark.py")
+    jb = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(jb)
+    root = jb.write_dev_folder(tmp_path, "int8", tiny=True)
+    pipe = Flux2Pipeline.from_pretrained(root)
+    assert pipe.family == "dev" and pipe.guidance_embeds
+    assert pipe.transformer.quantization == "int8" and pipe.text_encoder.quantization == "int8"
+    assert len(pipe.text_encoder.model.layers) == 30  # the deepest hidden state FLUX.2 takes
+    img = pipe.generate("a toy on a beach", width=64, height=64, num_inference_steps=2, output_type="array", progress=False)[0]
+    img = np.array(img)
+    assert img.shape == (64, 64, 3) and np.isfinite(img).all() and img.std() > 0
+    mx.clear_cache()

@@ -109,3 +109,33 @@ def test_bad_sizes_and_steps_are_one_line_errors():
     assert image_seq_len(1024, 768) == 64 * 48
     with pytest.raises(ValueError, match="do not fit"):
         unpack_grid(mx.zeros((1, 5, 128)), 32, 32)
+
+
+def test_denoise_with_refs_feeds_them_to_every_pass_and_updates_only_the_target():
+    from mflux2.sampling import denoise
+
+    seen = []
+
+    class Recorder:  # a stand-in transformer: v = 0.5·x + the mean of the ref tokens, per token
+        dtype = mx.float32
+
+        def __call__(self, x, emb, t, img_ids, txt_ids, g):
+            seen.append((x.shape, tuple(mx.array(img_ids).shape), float(emb[0, 0, 0])))
+            return 0.5 * x + x[:, 3:].mean(axis=1, keepdims=True)
+
+    x = mx.random.normal((1, 3, 128), key=mx.random.key(0))
+    refs = mx.random.normal((1, 2, 128), key=mx.random.key(1))
+    ids, ref_ids = mx.zeros((3, 4)), mx.ones((2, 4))
+    pos, neg = mx.ones((1, 4, 8)), -mx.ones((1, 4, 8))
+    out = denoise(Recorder(), x, pos, mx.zeros((1, 4, 4)), ids, [1.0, 0.5, 0.0], neg_embeds=neg,
+                  neg_txt_ids=mx.zeros((1, 4, 4)), cfg_scale=3.0, refs=refs, ref_ids=ref_ids)
+    # 2 steps x (prompt, negative) passes, each over [x ; refs] with [ids ; ref_ids]
+    assert seen == [((1, 5, 128), (5, 4), 1.0), ((1, 5, 128), (5, 4), -1.0)] * 2
+    want = x
+    for s0, s1 in ((1.0, 0.5), (0.5, 0.0)):  # both passes agree here, so CFG gives the same v
+        want = want + (s1 - s0) * (0.5 * want + refs.mean(axis=1, keepdims=True))
+    np.testing.assert_allclose(np.array(out), np.array(want), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="refs and ref_ids together"):
+        denoise(Recorder(), x, pos, mx.zeros((1, 4, 4)), ids, [1.0, 0.0], refs=refs)
+    with pytest.raises(ValueError, match=r"ref_ids of shape \(3, 4\) do not fit 2 reference tokens"):
+        denoise(Recorder(), x, pos, mx.zeros((1, 4, 4)), ids, [1.0, 0.0], refs=refs, ref_ids=mx.zeros((3, 4)))

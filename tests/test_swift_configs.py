@@ -34,7 +34,6 @@ EXPECTED = {
     "swift_quirks.yaml": (16, "balanced", "klein-base-9b", "klein-9b", "all", None, 200,
                           ["model.name", "training.epochs", "training.lr_scheduler", "loss.diff_output_preservation",
                            "memory.cache_text_embeddings", "validation.width", "validation.height",
-                           "validation.prompts[0].is_vlm_generated", "validation.vlm_scoring",
                            "validation.prompts"]),  # apply_trigger without a trigger word
 }
 

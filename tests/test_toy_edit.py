@@ -45,7 +45,8 @@ def score_toy_edit():
 def test_edit_quickstart_learns_to_read_the_reference(tmp_path):
     cfg = load_config(CONFIG, {"model.path": str(MODEL), "dataset.path": str(DATA / "target"),
                                "dataset.control_path": str(DATA / "control"), "checkpoints.output": str(tmp_path / "out"),
-                               "training.max_steps": STEPS})
+                               "training.max_steps": STEPS, "validation.prompts": [], "dataset.validation_path": None,
+                               "dataset.validation_control_path": None, "checkpoints.save_every": 0})
     trainer = Trainer(cfg, resume=False, log=lambda *a: None)
     lora = trainer.run()
     assert trainer.result["reason"] == "finished" and trainer.reference_steps == cfg.training.max_steps

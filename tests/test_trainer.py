@@ -368,6 +368,50 @@ def test_validation_prompts_that_name_the_trigger_are_tagged_as_trigger_prompts(
                    ("the sksx word is not the trigger", False)]
 
 
+def test_edit_validation_prompts_render_with_their_reference(tiny, tmp_path, monkeypatch):
+    """validation.prompts[].reference_image (relative: from the current folder, as Swift): the prompt is
+    rendered with its reference, encoded by the generation path (baseline too), as prompt_<i>_i2i_*;
+    report.html and the progression strip show the reference, then baseline and checkpoints."""
+    import re
+
+    from PIL import Image
+
+    from mflux2.pipeline import Flux2Pipeline
+    from mflux2.training.config import ConfigError
+    from mflux2.training.validation import prepare_validation_references
+
+    monkeypatch.chdir(tmp_path)
+    make_images(tmp_path / "refs", n=1, size=96, seed=3, captions=False)
+    ref = Path("refs/img_0.png")
+    text = "a photo of a thing"
+    cfg = write_config(tmp_path, tiny, training={"max_steps": 2}, checkpoints={"save_every": 2},
+                       loss={"diff_output_preservation": False}, validation={"prompts": [
+                           {"prompt": text, "sizes": [64], "apply_trigger": False, "reference_image": str(ref)},
+                           {"prompt": text, "sizes": [64], "apply_trigger": False}]})
+    t = run(cfg)
+    out = tmp_path / "out"
+    for name in ["baseline/prompt_0_i2i_64x64.png", "baseline/prompt_1_64x64.png", "checkpoint_000002/prompt_0_i2i_64x64.png",
+                 "progression/prompt_0_i2i_64x64.png", "progression/prompt_0_reference_0.png"]:
+        assert (out / name).is_file(), name
+    img = lambda p: np.asarray(Image.open(p).convert("RGB"), dtype=np.int16)  # noqa: E731
+    edit, plain = img(out / "baseline/prompt_0_i2i_64x64.png"), img(out / "baseline/prompt_1_64x64.png")
+    assert np.abs(edit - plain).mean() > 0.5  # same prompt and seed: only the reference differs
+    # the baseline is what generation makes with that reference (klein-base: CFG, the validation settings)
+    pipe = Flux2Pipeline.from_pretrained(tiny[0])
+    want = pipe.generate(text, 64, 64, num_inference_steps=2, guidance_scale=t.validation.cfg_scale,
+                         seed=t.cfg.validation.seed, image=ref, progress=False)[0]
+    assert np.abs(np.asarray(want, dtype=np.int16) - edit).max() <= 1
+    assert Image.open(out / "progression/prompt_0_reference_0.png").size == (96, 96)
+    assert Image.open(out / "progression/prompt_0_i2i_64x64.png").size == (3 * 64, 64 + 18)  # reference, baseline, step 2
+    section = re.search(r'<section class="prompt">.*?edit of the reference.*?</section>', (out / "report.html").read_text()).group(0)
+    assert re.findall(r'<img alt="([^"]+)"', section) == ["reference", "baseline", "step 2"]
+    # a reference the model cannot take stops the run at setup, naming the prompt
+    Image.new("RGB", (40, 90)).save(tmp_path / "small.png")
+    bad = load_config(write_config(tmp_path, tiny, validation={"prompts": [text, {"prompt": text, "reference_image": ["small.png"]}]}))
+    with pytest.raises(ConfigError, match=r"validation.prompts\[1\].reference_image: small.png: 40x90 is too small"):
+        prepare_validation_references(bad, pipe)
+
+
 def test_checkpointed_runs_on_cuda_set_small_command_batches_before_anything_runs(tiny, tmp_path, monkeypatch):
     """MLX reads MLX_MAX_OPS_PER_BUFFER once, at its first command: the trainer decides
     checkpointing and sets it before the caches are filled (the first device work)."""

@@ -131,9 +131,10 @@ def _known_errors() -> tuple:
     from mflux2.hub import ModelLoadError
     from mflux2.training.config import ConfigError
     from mflux2.training.trainer import TrainingError
+    from mflux2.vlm import VLMError
     from mflux2.weights import WeightsError
 
-    errors = [ConfigError, TrainingError, WeightsError, ModelLoadError, FileNotFoundError, PermissionError]
+    errors = [ConfigError, TrainingError, WeightsError, ModelLoadError, VLMError, FileNotFoundError, PermissionError]
     try:
         from mflux2.training.data import DataError
 

@@ -2,7 +2,8 @@
 
 A user's config file from the Swift trainer runs unchanged: every section and key keeps its name and
 meaning (see /work/shared/spec/training.md). Ours in addition: model.path, model.validation_path,
-model.transformer_quantization, training.seed, dataset.skip_bad_images and an int ("every n blocks")
+model.transformer_quantization, training.seed, dataset.skip_bad_images, dataset.auto_caption /
+caption_model / caption_style, validation.vlm_scoring.model / score_bleed and an int ("every n blocks")
 for memory.gradient_checkpointing.
 
 The rule for a key left out: the seed guide's default stands; where it is silent, the default is what
@@ -28,6 +29,7 @@ from typing import Any, ClassVar, Union, get_type_hints
 import yaml
 
 from mflux2.hub import REPOS
+from mflux2.vlm import DEFAULT_VLM
 
 
 class ConfigError(ValueError):
@@ -171,10 +173,15 @@ class DatasetConfig:
     # list of folders, reference j of a target coming from folder j (t = 10, 20, ... in list order).
     # A single folder is stored as a one-item list. Relative paths are resolved against the working
     # directory, as dataset.path (and as the Swift trainer does).
-    control_path: list[str] | None = _f(None, item_check=_check_nonempty, str_as_list=True)
+    control_path: list[str] | None = _f(None, item_check=_check_nonempty)
     control_dropout: float = _f(0.0, ge=0, le=1)  # per micro-batch: train it without its references
     # ours: the controls of dataset.validation_path, for the held-out loss (same rules)
-    validation_control_path: list[str] | None = _f(None, item_check=_check_nonempty, str_as_list=True)
+    validation_control_path: list[str] | None = _f(None, item_check=_check_nonempty)
+    # ours: caption the images that have no caption with a VLM before the caches are filled
+    # (mflux2/captions.py); the VLM is freed before the transformer loads
+    auto_caption: bool = _f(False)
+    caption_model: str = _f(DEFAULT_VLM, check=_check_nonempty)  # ours: hub id, short name or folder
+    caption_style: str = _f("subject", choices=("subject", "style", "edit"))  # ours: what the captions describe
 
     @property
     def edit(self) -> bool:
@@ -276,11 +283,31 @@ class ValidationPrompt:
     is_1024: bool = _f(False)
     seed: int | None = _f(None, ge=0)  # overrides validation.seed
     sizes: list[int] | None = _f(None, item_check=_check_resolution)  # ours: square sizes, replaces is_512/is_1024
+    # Editing: the prompt's image is made from these reference images (t = 10, 20, ...) and named
+    # prompt_<i>_i2i_<S>x<S>.png. Swift's key takes one path; ours also a list. Relative paths are read
+    # from the current folder, as the Swift trainer does (and as dataset.path).
+    reference_image: list[str] | None = _f(None, item_check=_check_nonempty)
+    # Swift's: the prompt describes a reference image (written by a VLM); when any prompt has it,
+    # VLM scoring scores exactly those prompts (training/scoring.py)
+    is_vlm_generated: bool = _f(False)
 
-    IGNORED: ClassVar[dict[str, str]] = {
-        "reference_image": "image-to-image validation is not supported by mflux2",
-        "is_vlm_generated": "it marks prompts for VLM scoring, which mflux2 does not do",
-    }
+
+@dataclass
+class VLMScoringConfig:
+    """The Swift trainer's `validation.vlm_scoring` (TrainingConfigYAML.swift YAMLVLMScoringConfig,
+    its defaults), honoured by training/scoring.py; `model` and `score_bleed` are ours."""
+    enabled: bool = _f(False)
+    scene_weight: float = _f(0.5, ge=0, le=1)  # composite = w * scene + (1 - w) * style
+    reference_images: list[str] | None = _f(None, item_check=_check_nonempty)  # None: picked from dataset.path
+    max_reference_images: int = _f(3, ge=1)
+    compare_to_baseline: bool = _f(True)
+    save_best_checkpoint: bool = _f(True)
+    early_stopping: bool = _f(False)
+    early_stopping_patience: int = _f(3, ge=1)
+    early_stopping_min_delta: float = _f(3.0, ge=0)  # 0-100 scale
+    degradation_threshold: float = _f(15.0, ge=0)  # 0-100 scale
+    model: str = _f(DEFAULT_VLM, check=_check_nonempty)  # ours: hub id, short name or folder
+    score_bleed: bool = _f(True)  # ours: with DOP, the no-trigger images are scored for absence of the subject
 
 
 @dataclass
@@ -290,9 +317,9 @@ class ValidationConfig:
     seed: int = _f(42, ge=0)
     guidance: float | None = _f(None, gt=0)  # derived: MODEL_DEFAULTS
     steps: int | None = _f(None, ge=1)  # derived: MODEL_DEFAULTS
+    vlm_scoring: VLMScoringConfig = field(default_factory=VLMScoringConfig)
 
     IGNORED: ClassVar[dict[str, str]] = {
-        "vlm_scoring": "VLM scoring of validation images is not supported by mflux2",
         "width": "legacy single-size validation; use is_512/is_1024 per prompt",
         "height": "legacy single-size validation; use is_512/is_1024 per prompt",
     }
@@ -485,6 +512,9 @@ _DEFAULT_NOTES: dict[str, str | None] = {
     "dataset.control_path": None,  # absent: text-to-image training
     "dataset.control_dropout": None,
     "dataset.validation_control_path": "no Swift key; the validation loss is computed without references",
+    "dataset.auto_caption": "no Swift key",
+    "dataset.caption_model": "no Swift key; the Swift trainer's scoring VLM",
+    "dataset.caption_style": "no Swift key",
     "training.batch_size": None,
     "training.gradient_accumulation": None,
     "training.epochs": None,
@@ -526,6 +556,9 @@ _DEFAULT_NOTES: dict[str, str | None] = {
     "validation.seed": None,
     "validation.guidance": None,
     "validation.steps": None,
+    **{f"validation.vlm_scoring.{f.name}": None for f in fields(VLMScoringConfig)},
+    "validation.vlm_scoring.model": "no Swift key; the Swift trainer's Qwen3.5-4B 4-bit",
+    "validation.vlm_scoring.score_bleed": "no Swift key",
     "ema.enabled": None,  # the Swift parser's true is never used: its trainer has no EMA
     "ema.decay": None,
     **{f"early_stop.{f.name}": None for f in fields(EarlyStopConfig)},

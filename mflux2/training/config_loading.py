@@ -173,8 +173,8 @@ def _coerce(v: Any, hint: Any, meta: dict, ctx: _Ctx, path: tuple) -> Any:
         (item,) = args
         if item is int and isinstance(v, int) and not isinstance(v, bool):
             v = [v]  # `resolutions: 512` means [512]
-        if item is str and isinstance(v, str) and meta.get("str_as_list"):
-            v = [v]  # `control_path: ctrl` (the Swift trainer's form) means [ctrl]
+        if item is str and isinstance(v, str):
+            v = [v]  # one string is a one-item list (`control_path: ctrl`, the Swift trainer's form)
         if not isinstance(v, list):
             raise ctx.error(path, f"must be a list, got {_type_name(v)} {_show(v)}")
         if not v and item in (int, str):
@@ -455,9 +455,21 @@ def _finalize(cfg: TrainConfig, ctx: _Ctx) -> TrainConfig:
             raise ctx.error(("dataset", "control_path"), str(e).split("dataset.control_path: ", 1)[-1]) from None
     if cfg.validation.prompts and not cfg.dataset.trigger_word and any(p.apply_trigger for p in cfg.validation.prompts):
         ctx.warn(("validation", "prompts"), "apply_trigger is true but dataset.trigger_word is not set: the prompts are used as written")
+    if cfg.dataset.auto_caption:
+        if cfg.dataset.caption_format != "txt":
+            raise ctx.error(("dataset", "auto_caption"), "writes .txt captions beside the images: set dataset.caption_format: txt")
+        if cfg.dataset.caption_style == "edit" and not cfg.dataset.control_path:
+            raise ctx.error(("dataset", "caption_style"), "edit captions describe the change from each control image to its "
+                                                          "target: set dataset.control_path")
+    if cfg.validation.vlm_scoring.enabled and not cfg.validation.prompts:
+        ctx.warn(("validation", "vlm_scoring", "enabled"), "true but there are no validation prompts: nothing to score")
     for i, p in enumerate(cfg.validation.prompts):
         if not (p.is_512 or p.is_1024):
             ctx.warn(("validation", "prompts", i), "is_512 and is_1024 are both false: this prompt makes no image")
+        for j, ref in enumerate(p.reference_image or []):  # read from the current folder, as dataset.path
+            if not Path(ref).expanduser().is_file():
+                key = ("validation", "prompts", i, "reference_image") + ((j,) if len(p.reference_image) > 1 else ())
+                raise ctx.error(key, f"no such file: {ref} (relative paths are read from the current folder {Path.cwd()})")
     if cfg.validation_variant is not None:
         cfg.resolve_model_defaults(cfg.validation_variant)
     return cfg

@@ -252,6 +252,20 @@ def choose_text_encoder_quantization(pipe, log=print) -> str:
     return choice
 
 
+# While a VLM captions or scores (mflux2/vlm.py): its activations and cache for two images shrunk
+# to 768 px (~1,200 vision tokens each for the Qwen3.5/Qwen3-VL ViTs) and a 300-token reply — an
+# estimate, not fitted on measured peaks (scripts/vlm_benchmark.py measures it).
+VLM_WORKING_GB = 1.0
+
+
+def vlm_phase_gb(vlm_weights_gb: float, resident_gb: float = 0.0) -> float:
+    """Peak of a VLM phase: the VLM's weights (mlx-community folders are stored as they load) and
+    working set on top of what stays resident — nothing while captioning (it runs before the text
+    encoder and the transformer load), the training model while scoring (the validation model is
+    freed first unless it is kept loaded)."""
+    return resident_gb + vlm_weights_gb + VLM_WORKING_GB
+
+
 def planned_peak_gb(cfg, source, quant: str) -> float:
     """The estimated step peak of the configured run with the chosen precision (its largest resolution)."""
     return estimate_peak_gb(_source_config(source), quant, checkpointing=cfg.memory.checkpoint_every, **_run_args(cfg))

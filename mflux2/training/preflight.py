@@ -168,6 +168,31 @@ def _hub_download_size(repo: str) -> int | None:
     return total
 
 
+def _vlm(rep, job: str, name: str) -> tuple[float | None, int]:
+    """The VLM of a job (captions, scoring): (its weights in GB or None if unknown, bytes a run would
+    download), from a local folder or the Hugging Face cache; the lines and problems go to `rep`."""
+    from mflux2 import vlm
+
+    try:
+        vlm.require_mlx_vlm()
+    except vlm.VLMError as e:
+        rep.line(f"{job}: error: {e}")
+        rep.problems.append(str(e))
+    folder = vlm.cached_folder(name)
+    if folder is not None:
+        gb = vlm.weights_bytes(folder) / GB
+        rep.line(f"{job}: VLM {name}: {'local' if Path(name).expanduser().exists() else 'in the Hugging Face cache'} ({gb:.2f} GB)")
+        return gb, 0
+    size = vlm.hub_weights_bytes(name)
+    if size:
+        rep.line(f"{job}: VLM {name}: not in the cache — the run would download {size / GB:.1f} GB")
+        return size / GB, size
+    rep.line(f"{job}: VLM {name}: not here and its size is unknown (offline, or the hub cannot be reached)")
+    rep.problems.append(f"the VLM {name} ({job}) is not in the Hugging Face cache and cannot be downloaded now: "
+                        "download it once with network access, or name a local folder")
+    return None, 0
+
+
 class _Preset:
     """A stand-in source for memory.py when only the variant is known (a hub model not in the cache)."""
 
@@ -295,6 +320,25 @@ def preflight(cfg, out=print, err=None) -> int:
         val = find_model(cfg.validation_repo, cfg.validation_variant, "validation")
         found.append(val)
     download = 0
+    vlm_gb: dict[str, float | None] = {}  # "VLM captions" / "VLM scoring" -> the VLM's weights (GB)
+    if cfg.dataset.auto_caption:
+        from mflux2.captions import has_caption
+
+        todo = [s for s in samples + val_samples if not has_caption(s.path)]
+        rep.line(f"captions (dataset.auto_caption): {len(todo)} image(s) without a caption")
+        if todo:
+            vlm_gb["VLM captions"], more = _vlm(rep, "captions", cfg.dataset.caption_model)
+            download += more
+    if cfg.validation.vlm_scoring.enabled:
+        from mflux2.training.scoring import plan_targets, select_references
+
+        vs = cfg.validation.vlm_scoring
+        refs = select_references(vs.reference_images or [], [s.path for s in samples], vs.max_reference_images, log=rep.line)
+        targets, how = plan_targets(cfg, items, refs)
+        rep.line(f"scoring (validation.vlm_scoring): {how if targets else 'off — ' + how}")
+        if targets:
+            vlm_gb["VLM scoring"], more = _vlm(rep, "scoring", vs.model)
+            download += more if vs.model != cfg.dataset.caption_model or "VLM captions" not in vlm_gb else 0
     for f in found:
         for text in f.lines:
             rep.line(f"{f.what}: {text}")
@@ -391,6 +435,12 @@ def preflight(cfg, out=print, err=None) -> int:
             phases.append(("validation images", held + fwd / GB,
                            f"training model + {'validation model + ' if val is not None else ''}one forward at "
                            f"{max(it.width for it in items)}² (activations: an estimate)"))
+        for name, gb in vlm_gb.items():  # the VLM alone before anything loads; beside the training model while scoring
+            resident = 0.0 if name == "VLM captions" else (
+                train_weights + lora_gb * (4 if cfg.ema.enabled else 3) + (vae_gb or 0.0) + (extra if keep else 0.0))
+            phases.append((name, None if gb is None else memory.vlm_phase_gb(gb, resident),
+                           "VLM size unknown" if gb is None else
+                           f"{'training model + ' if resident else ''}VLM {gb:.2f} GB + {memory.VLM_WORKING_GB} GB working (estimate)"))
         for name, gb, how in phases:
             if gb is None:
                 rep.line(f"{name:<20} ?        ({how})")

@@ -9,6 +9,13 @@ import json
 from pathlib import Path
 
 from mflux2.training.outputs import atomic_write_text, checkpoint_dirs
+from mflux2.training.scoring import image_label
+
+
+def _scored(folder: Path, name: str) -> str:
+    """The image's VLM scores (validation.vlm_scoring) as a caption line, if it was scored."""
+    label = image_label(folder, name)
+    return f"<br>{html.escape(label)}" if label else ""
 
 
 def _img(path: Path, alt: str) -> str:
@@ -32,19 +39,25 @@ def write_report(output: Path, config_yaml: str, summary: dict, timing: list[dic
     prompts_file = output / "progression" / "prompts.json"
     prompts = json.loads(prompts_file.read_text()) if prompts_file.exists() else []
     curve = output / "learning_curve.svg"
+    vlm = output / "vlm_scores.svg"  # validation.vlm_scoring
     steps = [(s, d) for s, d in checkpoint_dirs(output)]
 
     rows = []
     for p in prompts:
-        name = f"prompt_{p['index']}_{p['size'][0]}x{p['size'][1]}.png"
+        refs = p.get("references", [])  # editing prompts: the prepared reference images come first
+        name = p.get("file") or f"prompt_{p['index']}_{p['size'][0]}x{p['size'][1]}.png"  # (runs from before editing)
         cells = []
+        for j, ref in enumerate(refs):
+            if (output / "progression" / ref).exists():
+                label = "reference" if len(refs) == 1 else f"reference {j + 1}"
+                cells.append(f"<figure>{_img(output / 'progression' / ref, label)}<figcaption>{label}</figcaption></figure>")
         base = output / "baseline" / name
         if base.exists():
-            cells.append(f"<figure>{_img(base, 'baseline')}<figcaption>baseline</figcaption></figure>")
+            cells.append(f"<figure>{_img(base, 'baseline')}<figcaption>baseline{_scored(base.parent, name)}</figcaption></figure>")
         for s, d in steps:
             if (d / name).exists():
-                cells.append(f"<figure>{_img(d / name, f'step {s}')}<figcaption>step {s}</figcaption></figure>")
-        tag = "with trigger" if p["trigger"] else "without trigger"
+                cells.append(f"<figure>{_img(d / name, f'step {s}')}<figcaption>step {s}{_scored(d, name)}</figcaption></figure>")
+        tag = ("with trigger" if p["trigger"] else "without trigger") + (", edit of the reference" if refs else "")
         rows.append(f'<section class="prompt"><h3>{html.escape(p["prompt"])} <span class="tag">{tag}</span></h3>'
                     f'<div class="strip">{"".join(cells)}</div></section>')
 
@@ -67,6 +80,7 @@ pre {{ background: #f6f6f6; padding: 12px; font-size: 12px; overflow-x: auto; }}
 <table>{facts}</table>
 <h2>Validation images: baseline → checkpoints</h2>
 {"".join(rows) or "<p>no validation prompts configured</p>"}
+{f'<h2>VLM score per checkpoint</h2><div id="vlm-scores">{vlm.read_text()}</div>' if vlm.exists() else ""}
 <h2>Learning curve</h2>
 <div id="curve">{curve.read_text() if curve.exists() else "<p>no checkpoint yet</p>"}</div>
 <h2>Timing</h2>

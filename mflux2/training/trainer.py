@@ -103,6 +103,7 @@ class Trainer:
         self.counts = {"vae_encode": 0, "text_encode": 0}
         self.reference_steps = 0  # edit training: micro-batches trained with their references (tests)
         self._metrics = None  # tests check cache reuse with these
+        self.scorer = None  # validation.vlm_scoring's Scorer (set up with the run)
         self._stop_requested = False
         self._sigint_count = 0
         # Tests of the supervisor: MFLUX2_FAIL_AT_STEPS="3:kill,7:abort,9:metal" makes the process die at those
@@ -367,6 +368,8 @@ class Trainer:
         }
         (partial / "training_state.json").write_text(json.dumps(tstate))
         commit_checkpoint(partial, final, keep_last=self.cfg.checkpoints.keep_last or None)
+        if with_images and self.scorer is not None:
+            self.scorer.after_checkpoint(final, state.step)
         with self.clock("report + learning curve"):
             self._write_curve(state)
             self._write_report(state)
@@ -458,6 +461,7 @@ class Trainer:
             "peak memory": f"{self.clock.peak_gb:.2f} GB",
             "restarts": (f"{len(restarts)}: " + "; ".join(f"after {m.get('cause')}, from step {m.get('step')}" for m in restarts)
                          if restarts else "0"),
+            **(self.scorer.summary() if self.scorer is not None else {}),
         }
         write_report(self.output, self.cfg.dump_yaml(), summary, timing=self.clock.table())
 
@@ -556,6 +560,14 @@ class Trainer:
         clean_partials(self.output)
         ckpt = self._find_resume()
         self._load_components()
+        if cfg.dataset.auto_caption:  # before the scan reads the captions; the VLM is freed before anything loads
+            if self.rank == 0:
+                from mflux2.captions import auto_caption
+
+                with self.clock("captions (VLM)"):
+                    auto_caption(cfg, log=self.log)
+            if self.world > 1:
+                mx.eval(mx.distributed.all_sum(mx.array(0.0)))  # the others read the captions rank 0 wrote
         self.samples = data_mod.scan_dataset(cfg)
         self.val_samples = data_mod.scan_dataset(cfg, validation=True) if cfg.dataset.validation_path else []
         self.dataset_fingerprint = hashlib.sha256(json.dumps(sorted(
@@ -565,6 +577,11 @@ class Trainer:
             self.log("warning: dataset.validation_path has no dataset.validation_control_path: the validation loss "
                      "is computed without reference images")
         self.validation = Validation(self)
+        self.scorer = None  # validation.vlm_scoring (rank 0 scores; an early stop is shared by the group)
+        if cfg.validation.vlm_scoring.enabled and self.rank == 0:
+            from mflux2.training.scoring import Scorer
+
+            self.scorer = Scorer(self)
         return ckpt
 
     def _run(self, ckpt: Path | None) -> Path:
@@ -612,6 +629,8 @@ class Trainer:
             metrics.truncate_after(state.step)
         run_id = time.strftime("%Y-%m-%dT%H:%M:%S")
         clock.attach(lambda rec: metrics.append({**rec, "run": run_id}))
+        if self.scorer is not None:
+            self.scorer.resume(state.step)  # the score history up to here (the baseline is scored with the first checkpoint)
         if ckpt is None and self.validation.items and not (self.output / "baseline").exists() and self.rank == 0:
             base = self.output / "baseline.partial"
             base.mkdir(exist_ok=True)
@@ -636,7 +655,7 @@ class Trainer:
         bar = tqdm(total=total, initial=state.step, desc="training", unit="step", dynamic_ncols=True, disable=self.rank != 0)
         smooth = None
         consecutive_bad = 0
-        reason = "finished"
+        reason, vlm_stopped = "finished", False
         steps_phase, first_step = clock("training steps"), None
         try:
             steps_phase.__enter__()
@@ -717,6 +736,9 @@ class Trainer:
                     break
                 if save_every and state.step % save_every == 0 and state.step < total:
                     self.save_checkpoint(state, with_images=bool(val_every) and state.step % val_every == 0)
+                    if cfg.validation.vlm_scoring.enabled and self._vlm_stop():
+                        reason, vlm_stopped = "early-stopped", True
+                        break
         finally:
             if first_step is not None:
                 first_step.__exit__(None, None, None)
@@ -724,7 +746,10 @@ class Trainer:
             bar.close()
             resident.close()
             signal.signal(signal.SIGINT, prev_handler)
-        final_ckpt = self.save_checkpoint(state, with_images=bool(self.validation.items))
+        if vlm_stopped:  # stopped right after this step's checkpoint: it is the final one
+            final_ckpt = self.output / f"checkpoint_{state.step:06d}"
+        else:
+            final_ckpt = self.save_checkpoint(state, with_images=bool(self.validation.items))
         final = self.output / "lora_final.safetensors"
         with clock("final LoRA"):
             self._save_lora(final, state.step)
@@ -750,6 +775,16 @@ class Trainer:
         os.kill(os.getpid(), signal.SIGKILL)
 
     # ---------------- early stopping ----------------
+    def _vlm_stop(self) -> bool:
+        """validation.vlm_scoring's early stop, decided by rank 0 (which scores) for the group."""
+        why = self.scorer.stop_reason if self.scorer is not None else None
+        stop = why is not None
+        if self.world > 1:
+            stop = mx.distributed.all_sum(mx.array(1.0 if stop else 0.0)).item() > 0
+        if why is not None:
+            self.log(f"early stop: {why}")
+        return stop
+
     def _early_stop(self, state: RunState, eval_every: int) -> bool:
         es = self.cfg.early_stop
         if not (es.enabled or es.on_overfit or es.on_val_stagnation) or state.step % eval_every:

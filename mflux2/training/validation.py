@@ -5,6 +5,11 @@ For klein trained on the klein-base weights the images come from the distilled k
 trainer does; 4 steps, no CFG). That transformer carries the same LoRA layers, which share the
 training model's LoRA arrays. It stays loaded beside the training model when both fit twice over
 in the machine's memory, else it is loaded for each validation and freed after it.
+
+Editing prompts (`reference_image`) are rendered with their reference images, prepared and encoded
+by the generation path (`Flux2Pipeline.encode_references`: diffusers' 1024² cap and x16 crop, t = 10,
+20, ...), baseline included; their files get the Swift trainer's `_i2i` suffix, and the report and the
+progression strips show the prepared references first.
 """
 
 from __future__ import annotations
@@ -30,6 +35,17 @@ class ValidationItem:
     height: int
     seed: int
     with_trigger: bool
+    references: tuple[str, ...] = ()  # reference image paths (editing), as the config gives them
+    source: int = 0  # its entry in validation.prompts (VLM scoring reads that entry's is_vlm_generated)
+
+    @property
+    def file_name(self) -> str:
+        """`prompt_<i>_<W>x<H>.png`, or `prompt_<i>_i2i_<W>x<H>.png` with references (Swift's suffix)."""
+        return f"prompt_{self.index}{'_i2i' if self.references else ''}_{self.width}x{self.height}.png"
+
+    def reference_file(self, j: int) -> str:
+        """The prepared reference j as the model sees it, in progression/ (for the report)."""
+        return f"prompt_{self.index}_reference_{j}.png"
 
 
 def validation_items(cfg: TrainConfig) -> list[ValidationItem]:
@@ -37,18 +53,36 @@ def validation_items(cfg: TrainConfig) -> list[ValidationItem]:
     no-trigger version side by side, so DOP (the class without the trigger) can be judged by eye."""
     items: list[ValidationItem] = []
     trigger = cfg.dataset.trigger_word
-    for p in cfg.validation.prompts:
+    for source, p in enumerate(cfg.validation.prompts):
         # A prompt that already names the trigger word counts as a trigger prompt (the report tags it so)
         variants = [(p.prompt, data_mod.names_trigger(p.prompt, trigger))]
         if p.apply_trigger and trigger:
             variants = [(data_mod.apply_trigger(p.prompt, trigger), True), (p.prompt, False)]
         sizes = list(p.sizes) if p.sizes else ([512] if p.is_512 else []) + ([1024] if p.is_1024 else [])
+        refs = tuple(p.reference_image or ())
         for text, with_trigger in variants:
             for s in sizes:
-                if any(it.prompt == text and it.width == s for it in items):
+                if any(it.prompt == text and it.width == s and it.references == refs for it in items):
                     continue  # the no-trigger twin may also be listed explicitly
-                items.append(ValidationItem(len(items), text, s, s, p.seed if p.seed is not None else cfg.validation.seed, with_trigger))
+                items.append(ValidationItem(len(items), text, s, s, p.seed if p.seed is not None else cfg.validation.seed,
+                                            with_trigger, refs, source))
     return items
+
+
+def prepare_validation_references(cfg: TrainConfig, pipe) -> dict[tuple[str, ...], list]:
+    """Each prompt's reference images, prepared as generation prepares them (read, checked, capped,
+    cropped) — at setup, so a bad image stops the run before anything is cached or trained."""
+    from mflux2.training.config import ConfigError
+
+    out = {}
+    for i, p in enumerate(cfg.validation.prompts):
+        refs = tuple(p.reference_image or ())
+        if refs and refs not in out:
+            try:
+                out[refs] = pipe.prepare_references([str(Path(r).expanduser()) for r in refs])
+            except ValueError as e:
+                raise ConfigError(f"{cfg.source}: validation.prompts[{i}].reference_image: {e}") from None
+    return out
 
 
 class Validation:
@@ -61,6 +95,9 @@ class Validation:
         self.t = t = trainer
         cfg = t.cfg
         self.items = validation_items(cfg)
+        self.references = prepare_validation_references(cfg, t.pipe)  # paths -> prepared PIL images
+        self._encoded: dict[tuple[str, ...], tuple[mx.array, mx.array]] = {}  # paths -> (tokens, ids)
+        self._refs_written: set[int] = set()  # items whose prepared references are in progression/
         self.pipe = None  # the validation model's pipeline, when it is not the training model
         self._model = None
         self.keep_loaded = False
@@ -116,8 +153,17 @@ class Validation:
         self._model.update(t.ema if t.ema is not None else t.model.trainable_parameters())
         return self._model
 
+    def encoded_references(self, item: ValidationItem) -> tuple[mx.array | None, mx.array | None]:
+        """(tokens [1, M, 128], ids [M, 4]) of the item's references, encoded once per run by the
+        generation path; (None, None) for a text-to-image prompt."""
+        if not item.references:
+            return None, None
+        if item.references not in self._encoded:
+            self._encoded[item.references] = self.t.pipe.encode_references(self.references[item.references])
+        return self._encoded[item.references]
+
     def render(self, folder: Path, step: int) -> None:
-        """`prompt_<i>_<W>x<H>.png` of every item into `folder`, then the progression strips."""
+        """`prompt_<i>[_i2i]_<W>x<H>.png` of every item into `folder`, then the progression strips."""
         if not self.items:
             return
         t = self.t
@@ -133,16 +179,17 @@ class Validation:
             mx.eval(model.parameters())
         model.eval()
         for it in self.items:
-            n = sampling.image_seq_len(it.height, it.width)
+            n = sampling.image_seq_len(it.height, it.width)  # the target's tokens: refs do not shift mu
             neg = t._embeds("")[None] if self.cfg_scale else None
+            refs, ref_ids = self.encoded_references(it)
             x = sampling.denoise(model, sampling.initial_noise(it.seed, 1, it.height, it.width),
                                  t._embeds(it.prompt)[None], t.txt_ids, t._img_ids((it.width, it.height)),
                                  sampling.get_sigmas(t.cfg.validation.steps, n), guidance=self.guidance,
-                                 neg_embeds=neg, neg_txt_ids=t.txt_ids, cfg_scale=self.cfg_scale)
+                                 neg_embeds=neg, neg_txt_ids=t.txt_ids, cfg_scale=self.cfg_scale,
+                                 refs=refs, ref_ids=ref_ids)
             with clock("validation: VAE decode + PNG"):
                 pil = t.pipe.decode(x, it.height, it.width)[0]
-                path = folder / f"prompt_{it.index}_{it.width}x{it.height}.png"
-                atomic_write(path, lambda tmp: pil.save(tmp, format="PNG"))
+                atomic_write(folder / it.file_name, lambda tmp: pil.save(tmp, format="PNG"))
         model.train()
         if model is not t.model and not self.keep_loaded:
             self._model = None  # loaded again at the next validation: it does not stay beside training
@@ -151,15 +198,20 @@ class Validation:
         self.update_progression(folder, step)
 
     def update_progression(self, folder: Path, step: int) -> None:
-        """`progression/prompt_<i>_<W>x<H>.png`: baseline then every checkpoint, left to right."""
+        """`progression/prompt_<i>[_i2i]_<W>x<H>.png`: the references (editing prompts), the baseline,
+        then every checkpoint, left to right."""
         from PIL import Image, ImageDraw
 
         output = self.t.output
         prog = output / "progression"
         prog.mkdir(exist_ok=True)
         for it in self.items:
-            name = f"prompt_{it.index}_{it.width}x{it.height}.png"
-            frames = []
+            name = it.file_name
+            if it.index not in self._refs_written:  # once per run: a resumed run shows the references it uses
+                for j, ref in enumerate(self.references.get(it.references, [])):
+                    atomic_write(prog / it.reference_file(j), lambda tmp, ref=ref: ref.save(tmp, format="PNG"))
+                self._refs_written.add(it.index)
+            frames = [("reference", prog / it.reference_file(j)) for j in range(len(it.references))]
             base = output / "baseline" / name
             if base.exists():
                 frames.append(("base", base))
@@ -168,16 +220,24 @@ class Validation:
                     frames.append((str(s), d / name))
             if (folder / name).exists() and folder.name != "baseline":
                 frames.append((str(step), folder / name))
-            if not frames:
+            if len(frames) == len(it.references):
                 continue
             thumb = 256 if it.width >= 256 else it.width
             strip = Image.new("RGB", (thumb * len(frames), thumb + 18), "white")
             draw = ImageDraw.Draw(strip)
             for i, (label, p) in enumerate(frames):
                 with Image.open(p) as im:
-                    strip.paste(im.convert("RGB").resize((thumb, thumb)), (i * thumb, 18))
-                draw.text((i * thumb + 4, 3), f"step {label}" if label != "base" else "baseline", fill="black")
+                    im = im.convert("RGB")
+                    if label == "reference":  # its own aspect, fitted into the square cell
+                        im.thumbnail((thumb, thumb))
+                        strip.paste(im, (i * thumb + (thumb - im.width) // 2, 18 + (thumb - im.height) // 2))
+                    else:
+                        strip.paste(im.resize((thumb, thumb)), (i * thumb, 18))
+                text = {"base": "baseline", "reference": "reference"}.get(label, f"step {label}")
+                draw.text((i * thumb + 4, 3), text, fill="black")
             atomic_write(prog / name, lambda tmp: strip.save(tmp, format="PNG"))
         listing = [{"index": it.index, "prompt": it.prompt, "trigger": it.with_trigger, "size": [it.width, it.height],
-                    "seed": it.seed} for it in self.items]
+                    "seed": it.seed, "file": it.file_name,
+                    "references": [it.reference_file(j) for j in range(len(it.references))],
+                    "reference_paths": list(it.references)} for it in self.items]
         atomic_write_text(prog / "prompts.json", json.dumps(listing, indent=1))
