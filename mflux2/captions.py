@@ -49,9 +49,6 @@ PROMPTS = {
         "changes. Reply with the instruction only."
     ),
 }
-CONTROL_EXTS = (".png", ".jpg", ".jpeg", ".webp")
-
-
 def prompt_for(style: str, class_word: str | None = None) -> str:
     noun = f'"a {class_word}"' if class_word else 'by a short generic noun (such as "a toy", "a man" or "a dog")'
     return PROMPTS[style].format(noun=noun)
@@ -75,8 +72,12 @@ def with_trigger(caption: str, trigger: str | None) -> str:
 
 
 def find_control(target: Path, control_dir: Path) -> Path | None:
-    """The control image of `target`: the file with the same stem in `control_dir`."""
-    found = [p for p in sorted(control_dir.iterdir()) if p.stem == target.stem and p.suffix.lower() in CONTROL_EXTS]
+    """The control image of `target`: the file with the same stem in `control_dir` (the trainer's
+    pairing rule and extensions, mflux2.training.data)."""
+    from mflux2.training.data import CONTROL_EXTS
+
+    found = [p for p in sorted(control_dir.iterdir()) if p.stem == target.stem and p.suffix.lower() in CONTROL_EXTS
+             and not p.name.startswith(".")]
     return found[0] if found else None
 
 
