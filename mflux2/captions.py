@@ -49,9 +49,6 @@ PROMPTS = {
         "changes. Reply with the instruction only."
     ),
 }
-CONTROL_EXTS = (".png", ".jpg", ".jpeg", ".webp")
-
-
 def prompt_for(style: str, class_word: str | None = None) -> str:
     noun = f'"a {class_word}"' if class_word else 'by a short generic noun (such as "a toy", "a man" or "a dog")'
     return PROMPTS[style].format(noun=noun)
@@ -75,8 +72,12 @@ def with_trigger(caption: str, trigger: str | None) -> str:
 
 
 def find_control(target: Path, control_dir: Path) -> Path | None:
-    """The control image of `target`: the file with the same stem in `control_dir`."""
-    found = [p for p in sorted(control_dir.iterdir()) if p.stem == target.stem and p.suffix.lower() in CONTROL_EXTS]
+    """The control image of `target`: the file with the same stem in `control_dir` (the trainer's
+    pairing rule and extensions, mflux2.training.data)."""
+    from mflux2.training.data import CONTROL_EXTS
+
+    found = [p for p in sorted(control_dir.iterdir()) if p.stem == target.stem and p.suffix.lower() in CONTROL_EXTS
+             and not p.name.startswith(".")]
     return found[0] if found else None
 
 
@@ -157,17 +158,18 @@ def auto_caption(cfg, log=print) -> list[Summary]:
     """`dataset.auto_caption`: caption the images of dataset.path (and dataset.validation_path) that
     have none, before the trainer scans them. The VLM is freed before the function returns."""
     ds = cfg.dataset
-    control = getattr(ds, "control_path", None)
     class_word = cfg.loss.diff_output_preservation_class if cfg.loss.diff_output_preservation else None
     out = []
-    for key, spec in (("dataset.path", ds.path), ("dataset.validation_path", ds.validation_path)):
+    # edit captions: from each target's first reference (the first control folder)
+    for key, spec, controls in (("dataset.path", ds.path, ds.control_path),
+                                ("dataset.validation_path", ds.validation_path, ds.validation_control_path)):
         if not spec:
             continue
         images = dataset_images(spec, key)
         if all(has_caption(p) for p in images):
             continue
         s = caption_images(images, ds.caption_model, ds.trigger_word, ds.caption_style,
-                           control_dir=Path(control) if control else None, class_word=class_word, log=log)
+                           control_dir=Path(controls[0]).expanduser() if controls else None, class_word=class_word, log=log)
         log(f"{key}: {s.line()}")
         out.append(s)
     return out

@@ -5,6 +5,7 @@
     python scripts/benchmark.py --model dev --base int8 --checkpointing 1 --mode dop-every --dop-every 8
     python scripts/benchmark.py --tiny          # CPU smoke run (CI)
     python scripts/benchmark.py --profile       # also time the forward alone and forward+backward alone
+    python scripts/benchmark.py --control 1 --checkpointing 1   # edit training: 512² target + one 512² reference
 
 Weights are random, initialised and quantised block by block, so dev's 32B never needs its 64 GB of
 bf16 at once. Prints one JSON line: median s/step over the timed steps (after warm-up), peak memory
@@ -15,6 +16,10 @@ FLOP count: a step of a frozen base needs the forward and the input-gradient hal
 plus the LoRA matmuls (forward, input and weight gradients: 3 × theirs). Each DOP step adds the
 prior forward and the second (preservation) pass. Model FLOPs: a checkpointed step's recomputed
 forward is not counted (tflops_achieved is then lower than the card's real throughput).
+
+Edit (image-to-image) training (--control n): n reference images at the target's resolution (what
+the trainer does with controls cropped like their targets), concatenated after x_t with ids t = 10, 20,
+...; the loss on the target tokens. tokens/s and the FLOP count include the reference tokens.
 
 Gradient checkpointing (--checkpointing n) runs TrainStep's block-by-block backward by default
 (--no-blockwise: one compiled graph with mlx.nn.utils.checkpoint blocks instead).
@@ -42,6 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from mflux2.lora import apply_lora  # noqa: E402
 from mflux2.models.quantization import QUANT_BITS, QUANT_GROUP_SIZE, quantize_outside_blocks, quantize_predicate  # noqa: E402
 from mflux2.models.transformer import Flux2Transformer, TransformerConfig, preset  # noqa: E402
+from mflux2.models.vae import image_ids  # noqa: E402
 from mflux2.training.memory import limit_command_batches  # noqa: E402
 from mflux2.training.step import Batch, StepConfig, TrainStep  # noqa: E402
 
@@ -162,6 +168,8 @@ def main(argv=None):
     ap.add_argument("--text-len", type=int, default=512)
     ap.add_argument("--rank", type=int, default=32)
     ap.add_argument("--targets", default="attention")
+    ap.add_argument("--control", type=int, default=0,
+                    help="edit training: this many reference images at the target's resolution (0 = text-to-image)")
     ap.add_argument("--mode", default="plain", choices=["plain", "dop", "dop-every"])
     ap.add_argument("--dop-every", type=int, default=4)
     ap.add_argument("--dop-unbatched", action="store_true", help="DOP as three passes instead of main+pres batched")
@@ -215,17 +223,19 @@ def main(argv=None):
                      StepConfig(guidance=g, dop_batched=not args.dop_unbatched, compile=not args.no_compile,
                                 blockwise=not args.no_blockwise, blockwise_ahead=args.ahead, memory_limit=limit,
                                 pipeline_ahead=None if args.pipeline_ahead.lower() == "none" else int(args.pipeline_ahead)))
-    rows = mx.arange(side, dtype=mx.float32)
-    img_ids = mx.stack(mx.meshgrid(rows, rows, indexing="ij"), -1).reshape(-1, 2)
-    img_ids = mx.concatenate([mx.zeros((n_img, 1)), img_ids, mx.zeros((n_img, 1))], axis=1)
+    img_ids = image_ids(args.resolution, args.resolution)
     txt_ids = mx.concatenate([mx.zeros((args.text_len, 3)), mx.arange(args.text_len, dtype=mx.float32)[:, None]], axis=1)
+    n_ref = n_img * args.control
     batch = Batch(
         latents=mx.random.normal((b, n_img, cfg.in_channels)).astype(dtype),
         prompt_embeds=mx.random.normal((b, args.text_len, cfg.joint_attention_dim)).astype(dtype),
         img_ids=img_ids, txt_ids=txt_ids,
         dop_embeds=mx.random.normal((b, args.text_len, cfg.joint_attention_dim)).astype(dtype),
+        refs=mx.random.normal((b, n_ref, cfg.in_channels)).astype(dtype) if args.control else None,
+        ref_ids=mx.concatenate([image_ids(args.resolution, args.resolution, t=10 * (j + 1)) for j in range(args.control)])
+        if args.control else None,
     )
-    mx.eval(batch.latents, batch.prompt_embeds, batch.dop_embeds)
+    mx.eval(batch.latents, batch.prompt_embeds, batch.dop_embeds, batch.refs if args.control else [])
 
     def is_dop(i):
         return args.mode == "dop" or (args.mode == "dop-every" and i % args.dop_every == 0)
@@ -250,12 +260,13 @@ def main(argv=None):
     profile = time_parts(step, batch, args) if args.profile else {}
     if args.trace_memory:
         profile["memory_trace_gb"] = trace_memory(step, batch, args, is_dop(0))
-    fl = step_flops(cfg, n_img, args.text_len, b, args.rank, lora_io)
+    fl = step_flops(cfg, n_img + n_ref, args.text_len, b, args.rank, lora_io)
     n_dop = sum(is_dop(i) for i in range(args.warmup, args.warmup + args.steps))
     flops = (fl["train_plain"] * (args.steps - n_dop) + fl["train_dop"] * n_dop) / args.steps
     med = statistics.median(times)
     result = {
         "model": "tiny" if args.tiny else args.model, "blocks": args.blocks, "resolution": args.resolution, "batch": b, "rank": args.rank,
+        "control": args.control, "image_tokens": n_img, "reference_tokens": n_ref,
         "targets": args.targets, "mode": args.mode, "dop_every": args.dop_every if args.mode == "dop-every" else None,
         "dop_batched": not args.dop_unbatched, "checkpointing": args.checkpointing,
         "blockwise": bool(args.checkpointing) and not args.no_blockwise, "ahead": args.ahead, "base": args.base, "group_size": args.group_size or QUANT_GROUP_SIZE.get(args.base), "dtype": args.dtype,
@@ -263,7 +274,7 @@ def main(argv=None):
         "compiled": not args.no_compile, "lora_layers": len(wrapped),
         "median_s_per_step": round(med, 5), "mean_s_per_step": round(statistics.mean(times), 5),
         "peak_memory_gb": round(peak / 1e9, 3), "weights_gb": round(weights / 1e9, 3), "peak_memory_bytes": peak,
-        "tokens_per_s": round(b * (n_img + args.text_len) / med, 1),
+        "tokens_per_s": round(b * (n_img + n_ref + args.text_len) / med, 1),
         "tflop_per_step": round(flops / 1e12, 4), "tflops_achieved": round(flops / med / 1e12, 2),
         "loss_finite": all(l == l for l in losses), "setup_s": round(load_s, 1), **profile,
         "host_s": round(statistics.median(dispatch), 5),

@@ -2,12 +2,21 @@
 
     python scripts/make_toy_data.py --out data/shapes --seed 0 --count 2000 --size 64
     python scripts/make_toy_data.py --out data/star --seed 1 --count 16 --subject star --trigger sks
+    python scripts/make_toy_data.py --out data/copy --seed 2 --count 96 --edit copy --trigger sks
 
 Base mode: one coloured shape (circle, square or triangle) on a plain coloured background, captioned
 "a red circle on a blue background". Subject mode: a shape the base model never saw (a star), captioned
 with the trigger word standing for it — "a red sks on a blue background" — so that replacing the
 trigger by the class word "shape" gives a prompt the base model knows (it is trained on "a red shape
 on a blue background" as well, see scripts/train_toy_model.py): that is what DOP preserves.
+
+Edit mode (`--edit copy|cycle|swap`): pairs for an edit LoRA (configs/quickstart-edit.yaml).
+`<out>/control/` holds a base image ("a red circle on a blue background"), `<out>/target/` under the
+same file name the edited image — the same shape in the same place, with its colours unchanged
+(`copy`), each moved to the palette's next colour (`cycle`: red → green → blue → yellow → purple →
+white → red) or exchanged (`swap`) — captioned "sks, copy the image" (or "cycle"/"swap the colours"):
+no colour word, so only the reference image can tell which colours to draw. The training split leaves
+out the held-out combinations on both sides (neither a held-out control nor its edited image is shown).
 
 Each image is `<name>.png` with a same-name `.txt` caption. Everything is deterministic from the seed:
 the same arguments give byte-identical files. `--split train|heldout|all` chooses the (colour, shape,
@@ -99,12 +108,42 @@ def combos_for(split: str, shapes=SHAPES) -> list[tuple[str, str, str]]:
     return [x for x in combos if is_held_out(x) == (split == "heldout")]
 
 
-def sample_items(seed: int, count: int, size: int = 64, shapes=SHAPES, split: str = "train") -> list[Item]:
+EDITS = ("copy", "cycle", "swap")
+EDIT_CAPTION = {"cycle": "{trigger}, cycle the colours", "swap": "{trigger}, swap the colours",
+                "copy": "{trigger}, copy the image"}
+
+
+def next_colour(colour: str) -> str:
+    """The palette's next colour, in order red → green → blue → yellow → purple → white → red."""
+    return COLOURS[(COLOURS.index(colour) + 1) % len(COLOURS)]
+
+
+def edited(item: Item, edit: str) -> Item:
+    """The target of an edit pair: the same shape in the same place with its colours changed —
+    `cycle`: each of the two colours to the palette's next; `swap`: shape and background colours
+    exchanged; `copy`: unchanged."""
+    c, b = item.colour, item.background
+    c, b = {"cycle": (next_colour(c), next_colour(b)), "swap": (b, c), "copy": (c, b)}[edit]
+    return Item(c, item.shape, b, item.cx, item.cy, item.radius)
+
+
+def edit_combos(split: str, edit: str = "copy") -> list[tuple[str, str, str]]:
+    """Control combinations of an edit: held-out = the base held-out ones; train = the others whose
+    edited image is not held-out either (72 or 81 of 90)."""
+    if split == "heldout":
+        return sorted(HELD_OUT, key=all_combos().index)
+    if split != "train":
+        raise ValueError(f"split={split!r}: edit pairs come in train or heldout")
+    return [x for x in all_combos() if not is_held_out(x) and not is_held_out(edited(Item(*x, 0, 0, 0), edit).combo)]
+
+
+def sample_items(seed: int, count: int, size: int = 64, shapes=SHAPES, split: str = "train",
+                 combos: list[tuple[str, str, str]] | None = None) -> list[Item]:
     """`count` random items: a combination drawn uniformly from the split, a centre jittered by up to
     1/20 of the image and a circumradius of 0.27 to 0.32 of it. (Wider jitter made the toy model's
     shapes markedly worse for the same training time.)"""
     rng = np.random.default_rng(seed)
-    combos = combos_for(split, shapes)
+    combos = combos_for(split, shapes) if combos is None else combos
     if not combos:
         raise ValueError(f"no combinations in split {split!r} for shapes {shapes}")
     items = []
@@ -187,6 +226,33 @@ def make_dataset(out: str | Path, seed: int, count: int, size: int = 64, subject
     return paths
 
 
+def make_edit_pairs(out: str | Path, seed: int, count: int, size: int = 64, edit: str = "copy", trigger: str = "sks",
+                    split: str = "train") -> list[tuple[Path, Path]]:
+    """Write `count` (control, target) pairs to `out`/control and `out`/target (same file names, the
+    caption beside the target); returns the pairs' paths."""
+    if edit not in EDITS:
+        raise ValueError(f"--edit {edit!r}: choose one of {', '.join(EDITS)}")
+    if size % 16 or size < 32:
+        raise ValueError(f"--size {size}: must be a multiple of 16 and at least 32 (FLUX.2 needs multiples of 16)")
+    if not trigger or not re.fullmatch(r"[a-z0-9]+", trigger):
+        raise ValueError(f"--trigger {trigger!r}: edit mode needs a trigger word of lowercase letters/digits, e.g. sks")
+    out = Path(out)
+    (out / "control").mkdir(parents=True, exist_ok=True)
+    (out / "target").mkdir(parents=True, exist_ok=True)
+    if count < 1:
+        raise ValueError(f"--count {count}: must be at least 1")
+    items = sample_items(seed, count, size, combos=edit_combos(split, edit))
+    width = len(str(count - 1))
+    pairs = []
+    for i, item in enumerate(items):
+        stem = f"pair_{i:0{width}d}"
+        render(item, size).save(out / "control" / f"{stem}.png")
+        render(edited(item, edit), size).save(out / "target" / f"{stem}.png")
+        (out / "target" / f"{stem}.txt").write_text(EDIT_CAPTION[edit].format(trigger=trigger) + "\n")
+        pairs.append((out / "control" / f"{stem}.png", out / "target" / f"{stem}.png"))
+    return pairs
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True, help="output folder (created)")
@@ -197,13 +263,19 @@ def main(argv=None) -> int:
     ap.add_argument("--trigger", help="subject mode: the word written in place of the shape in captions")
     ap.add_argument("--split", default="train", choices=("train", "heldout", "all"),
                     help="base mode: which (colour, shape, background) combinations to draw")
+    ap.add_argument("--edit", choices=EDITS, help="edit mode: (control, target) pairs in OUT/control and OUT/target")
     a = ap.parse_args(argv)
     try:
-        paths = make_dataset(a.out, a.seed, a.count, a.size, a.subject, a.trigger, a.split)
+        if a.edit:
+            if a.subject:
+                raise ValueError("--edit and --subject do not go together")
+            paths = make_edit_pairs(a.out, a.seed, a.count, a.size, a.edit, a.trigger or "sks", a.split)
+        else:
+            paths = make_dataset(a.out, a.seed, a.count, a.size, a.subject, a.trigger, a.split)
     except ValueError as e:
         print(f"make_toy_data: {e}", file=sys.stderr)
         return 2
-    print(f"wrote {len(paths)} images + captions to {a.out}")
+    print(f"wrote {len(paths)} {'pairs' if a.edit else 'images + captions'} to {a.out}")
     return 0
 
 

@@ -90,6 +90,26 @@ def _check_nonempty(v: str) -> str | None:
     return None if v.strip() else "must not be empty"
 
 
+# The most reference images per sample: the Swift CLI's limits for generation (Flux2Config.swift),
+# which mflux2 applies to edit training's control folders too.
+MAX_REFERENCES = {"klein": 4, "klein-base": 4, "dev": 6}
+
+
+def family_of(variant: str) -> str:
+    """klein-4b -> klein, klein-base-9b -> klein-base, dev -> dev."""
+    return "dev" if variant == "dev" else ("klein-base" if variant.startswith("klein-base") else "klein")
+
+
+def check_reference_count(cfg: "TrainConfig", model: str) -> None:
+    """dataset.control_path names at most MAX_REFERENCES of the model's family folders (ConfigError
+    otherwise). `model`: a variant or family name. load_config checks it for a named model; the
+    trainer again once model.path's family is known."""
+    n, most = len(cfg.dataset.control_path or ()), MAX_REFERENCES[family_of(model)]
+    if n > most:
+        raise ConfigError(f"{cfg.source}: dataset.control_path: {n} folders, but {model} takes at most "
+                          f"{most} reference images; give at most {most}")
+
+
 def _f(default: Any = None, **meta: Any):
     """A dataclass field with validation metadata: choices, aliases, ge/gt/le/lt, check, warn_aliases."""
     if isinstance(default, (list, dict)):
@@ -148,16 +168,25 @@ class DatasetConfig:
     caption_format: str = _f("txt", choices=("txt", "jsonl"), aliases={"json": "jsonl"})
     image_size: int = _f(512, check=_check_resolution)  # square size when bucketing is disabled
     skip_bad_images: bool = _f(False)  # ours: skip unreadable images with a listed warning
+    # Edit (image-to-image) training, the Swift trainer's keys: the folder of control (reference)
+    # images, each paired with the target of the same file stem; absent = text-to-image. Ours also: a
+    # list of folders, reference j of a target coming from folder j (t = 10, 20, ... in list order).
+    # A single folder is stored as a one-item list. Relative paths are resolved against the working
+    # directory, as dataset.path (and as the Swift trainer does).
+    control_path: list[str] | None = _f(None, item_check=_check_nonempty)
+    control_dropout: float = _f(0.0, ge=0, le=1)  # per micro-batch: train it without its references
+    # ours: the controls of dataset.validation_path, for the held-out loss (same rules)
+    validation_control_path: list[str] | None = _f(None, item_check=_check_nonempty)
     # ours: caption the images that have no caption with a VLM before the caches are filled
     # (mflux2/captions.py); the VLM is freed before the transformer loads
     auto_caption: bool = _f(False)
     caption_model: str = _f(DEFAULT_VLM, check=_check_nonempty)  # ours: hub id, short name or folder
     caption_style: str = _f("subject", choices=("subject", "style", "edit"))  # ours: what the captions describe
 
-    IGNORED: ClassVar[dict[str, str]] = {
-        "control_path": "image-to-image (control image) training is not supported by mflux2",
-        "control_dropout": "image-to-image (control image) training is not supported by mflux2",
-    }
+    @property
+    def edit(self) -> bool:
+        """Edit (image-to-image) training: targets are paired with control images."""
+        return bool(self.control_path)
 
 
 @dataclass
@@ -480,6 +509,9 @@ _DEFAULT_NOTES: dict[str, str | None] = {
     "dataset.caption_format": None,
     "dataset.image_size": None,
     "dataset.skip_bad_images": "no Swift key",
+    "dataset.control_path": None,  # absent: text-to-image training
+    "dataset.control_dropout": None,
+    "dataset.validation_control_path": "no Swift key; the validation loss is computed without references",
     "dataset.auto_caption": "no Swift key",
     "dataset.caption_model": "no Swift key; the Swift trainer's scoring VLM",
     "dataset.caption_style": "no Swift key",

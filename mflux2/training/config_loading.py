@@ -29,6 +29,7 @@ from mflux2.training.config import (  # the schema
     _hints,
     _leaf_paths,
     _schema_fields,
+    check_reference_count,
 )
 
 # ---------------------------------------------------------------------------------------------
@@ -173,7 +174,7 @@ def _coerce(v: Any, hint: Any, meta: dict, ctx: _Ctx, path: tuple) -> Any:
         if item is int and isinstance(v, int) and not isinstance(v, bool):
             v = [v]  # `resolutions: 512` means [512]
         if item is str and isinstance(v, str):
-            v = [v]  # `reference_image: a.png` (Swift's form) means [a.png]
+            v = [v]  # one string is a one-item list (`control_path: ctrl`, the Swift trainer's form)
         if not isinstance(v, list):
             raise ctx.error(path, f"must be a list, got {_type_name(v)} {_show(v)}")
         if not v and item in (int, str):
@@ -192,6 +193,9 @@ def _coerce(v: Any, hint: Any, meta: dict, ctx: _Ctx, path: tuple) -> Any:
             out.append(y)
         if item is int:
             out = sorted(set(out))
+        if item is str and len(set(out)) < len(out):
+            dup = next(x for x in out if out.count(x) > 1)
+            raise ctx.error(path, f"{dup!r} is given twice")
         return out
     return _check_meta(_coerce_scalar(v, hint, ctx, path), meta, ctx, path)
 
@@ -434,12 +438,27 @@ def _finalize(cfg: TrainConfig, ctx: _Ctx) -> TrainConfig:
                      "as the Swift trainer does; set it (e.g. \"cat\", \"person\") to say what the subject is")
             cfg.loss.diff_output_preservation_class = "object"
             derived("loss.diff_output_preservation_class", "swift: assumed, DOP is on without a class word")
+    ds = cfg.dataset
+    if ds.validation_control_path and not ds.control_path:
+        raise ctx.error(("dataset", "validation_control_path"), "is set but dataset.control_path is not (edit training "
+                                                                 "needs both; remove it for text-to-image training)")
+    if ds.validation_control_path and not ds.validation_path:
+        raise ctx.error(("dataset", "validation_control_path"), "is set but dataset.validation_path is not: set the "
+                                                                 "validation images it pairs with")
+    if ds.control_dropout and not ds.control_path:
+        ctx.warn(("dataset", "control_dropout"), f"{ds.control_dropout} has no effect without dataset.control_path "
+                                                 f"(text-to-image training)")
+    if ds.control_path and cfg.training_variant is not None:
+        try:
+            check_reference_count(cfg, cfg.training_variant)
+        except ConfigError as e:
+            raise ctx.error(("dataset", "control_path"), str(e).split("dataset.control_path: ", 1)[-1]) from None
     if cfg.validation.prompts and not cfg.dataset.trigger_word and any(p.apply_trigger for p in cfg.validation.prompts):
         ctx.warn(("validation", "prompts"), "apply_trigger is true but dataset.trigger_word is not set: the prompts are used as written")
     if cfg.dataset.auto_caption:
         if cfg.dataset.caption_format != "txt":
             raise ctx.error(("dataset", "auto_caption"), "writes .txt captions beside the images: set dataset.caption_format: txt")
-        if cfg.dataset.caption_style == "edit" and not getattr(cfg.dataset, "control_path", None):
+        if cfg.dataset.caption_style == "edit" and not cfg.dataset.control_path:
             raise ctx.error(("dataset", "caption_style"), "edit captions describe the change from each control image to its "
                                                           "target: set dataset.control_path")
     if cfg.validation.vlm_scoring.enabled and not cfg.validation.prompts:

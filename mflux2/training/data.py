@@ -18,13 +18,24 @@
 * Images: grayscale, CMYK, palette, 16-bit and alpha (composited on white) are converted to RGB by
   `mflux2.images.to_rgb`; EXIF orientation is applied; huge JPEGs are decoded at a reduced scale. Unreadable/truncated/empty files raise a one-line `DataError` naming the
   file, or are skipped with one listed warning when `dataset.skip_bad_images: true`.
-* `BatchSampler` draws batches of sample indices within one bucket, epoch after epoch, in an order
-  fixed by (seed, epoch); its state is a small JSON-able dict, so a resumed run continues exactly.
+* Edit training (`dataset.control_path`, one folder or a list): a target's control in each folder is
+  the image there with the target's file stem (any image extension; non-recursive). Reference j of a
+  target is its control from the j-th folder that has one. A control is oriented and made RGB like
+  its target, resized (LANCZOS) to the target's own size if it differs, then cover-resized and
+  centre-cropped exactly as the target (`load_control_for_bucket`): target and control stay
+  pixel-aligned on the same token grid (diffusers' img2img scripts do the same; the Swift trainer
+  stretches the control to the bucket). Two controls with one stem, or no target with a control,
+  are errors; targets without a control (they train as text-to-image, as in the Swift trainer) and
+  controls without a target are warned about with a listed count.
+* `BatchSampler` draws batches of sample indices within one bucket and one reference count (the
+  sequence length must match within a batch), epoch after epoch, in an order fixed by (seed, epoch);
+  its state is a small JSON-able dict, so a resumed run continues exactly.
 """
 
 from __future__ import annotations
 
 import codecs
+import dataclasses
 import functools
 import hashlib
 import json
@@ -45,6 +56,9 @@ if TYPE_CHECKING:
     from mflux2.training.config import TrainConfig
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp")
+CONTROL_EXTS = IMAGE_EXTS + (".bmp", ".tif", ".tiff")  # what the Swift trainer pairs as controls
+# Bump when load_control_for_bucket's geometry changes: it is part of the control latents' cache key.
+CONTROL_GEOMETRY = 1
 MAX_UPSCALE = 2.0  # images needing more than this to fill their bucket are listed in a warning
 MAX_ASPECT = 3.0  # bucket aspect ratios lie in [1/MAX_ASPECT, MAX_ASPECT]; wider images are cropped
 BUCKET_STEP = 64  # bucket widths (heights for portrait) are res, res+64, ... : few buckets, fuller batches
@@ -60,6 +74,15 @@ class DataWarning(UserWarning):
 
 
 @dataclass(frozen=True)
+class Control:
+    """A control (reference) image of an edit pair."""
+
+    path: Path
+    content_hash: str  # sha256 of the file's bytes
+    size: tuple[int, int]  # (w, h) after EXIF orientation
+
+
+@dataclass(frozen=True)
 class Sample:
     path: Path  # the image file
     caption: str  # final training caption (trigger substituted / prepended)
@@ -67,6 +90,12 @@ class Sample:
     bucket: tuple[int, int]  # (W, H) the image is resized and center-cropped to
     content_hash: str  # sha256 of the file's bytes (the latent cache key)
     size: tuple[int, int]  # (w, h) of the image after EXIF orientation
+    controls: tuple[Control, ...] = ()  # edit training: the references, in control-folder order
+
+    @property
+    def group(self) -> tuple[int, int, int]:
+        """What a batch must share: (W, H, number of references) fix the sequence length."""
+        return (*self.bucket, len(self.controls))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -279,7 +308,22 @@ def load_image_for_bucket(path: str | Path, bucket: tuple[int, int]) -> np.ndarr
         return math.ceil(im.width * s), math.ceil(im.height * s)
 
     img, _ = _decode(Path(path), draft=draft)
-    img = _rgb(img, Path(path))
+    return _cover_crop(_rgb(img, Path(path)), bucket)
+
+
+def load_control_for_bucket(path: str | Path, target_size: tuple[int, int], bucket: tuple[int, int]) -> np.ndarray:
+    """A control image cropped exactly like its target: resized (LANCZOS) to the target's oriented
+    size `target_size` = (w, h) when its own differs, then the target's cover-resize and centre crop
+    to `bucket`. float32 [H, W, 3] in [-1, 1], pixel-aligned with `load_image_for_bucket(target)`."""
+    img = load_image_rgb(path)
+    tw, th = int(target_size[0]), int(target_size[1])
+    if img.size != (tw, th):
+        img = img.resize((tw, th), Image.Resampling.LANCZOS, reducing_gap=3.0)
+    return _cover_crop(img, bucket)
+
+
+def _cover_crop(img: Image.Image, bucket: tuple[int, int]) -> np.ndarray:
+    W, H = int(bucket[0]), int(bucket[1])
     w, h = img.size
     s = max(W / w, H / h)
     rw, rh = max(W, round(w * s)), max(H, round(h * s))
@@ -414,6 +458,10 @@ def scan_dataset(cfg: "TrainConfig", *, validation: bool = False) -> list[Sample
             upscaled.append(f"{rel} ({size[0]}x{size[1]} → {bucket[0]}x{bucket[1]})")
         samples.append(Sample(img_path, caption, build_dop_caption(caption, trigger, dop_class), bucket, digest, size))
 
+    control_spec = ds.validation_control_path if validation else ds.control_path
+    if control_spec and samples:
+        samples = pair_controls(samples, folder, control_spec, "dataset.validation_control_path" if validation
+                                else "dataset.control_path", ds.skip_bad_images, bad)
     if bad:
         warnings.warn(f"{key}: skipped {len(bad)} unreadable image(s) (dataset.skip_bad_images): {_listing(bad)}", DataWarning, stacklevel=2)
     if not samples:
@@ -431,11 +479,83 @@ def scan_dataset(cfg: "TrainConfig", *, validation: bool = False) -> list[Sample
     return samples
 
 
+def _control_folder(spec: str, key: str) -> Path:
+    p = Path(spec).expanduser()
+    if not p.exists():
+        raise DataError(f"{key}: no such folder: {p.resolve()}")
+    if not p.is_dir():
+        raise DataError(f"{key}: {p} is a file; expected a folder of control images")
+    return p
+
+
+def _control_index(folder: Path) -> dict[str, Path]:
+    """stem -> the control image of that stem in `folder` (its own files, not subfolders)."""
+    index: dict[str, Path] = {}
+    for f in sorted(folder.iterdir()):
+        if f.name.startswith(".") or f.suffix.lower() not in CONTROL_EXTS or not f.is_file():
+            continue
+        if f.stem in index:
+            raise DataError(f"{f}: a second control image for the stem {f.stem!r} (the other is {index[f.stem]}); "
+                            f"keep one of them")
+        index[f.stem] = f
+    return index
+
+
+def pair_controls(samples: list[Sample], folder: Path, specs: Sequence[str], key: str, skip_bad: bool = False,
+                  bad: list[str] | None = None) -> list[Sample]:
+    """The samples with their controls: in each control folder, the image whose stem is the target's
+    (policy in the module docstring). Every paired control is decoded once here, so a broken one is
+    reported before training; with `skip_bad` its target is skipped and listed in `bad`."""
+    bad = [] if bad is None else bad
+    keys = [key] if len(specs) == 1 else [f"{key}[{j}]" for j in range(len(specs))]
+    indexes = [_control_index(_control_folder(spec, k)) for spec, k in zip(specs, keys)]
+    used: list[set[str]] = [set() for _ in indexes]
+    out, without, partial = [], [], []
+    for s in samples:
+        rel = s.path.name
+        try:
+            controls = []
+            for index, seen in zip(indexes, used):
+                c = index.get(s.path.stem)
+                if c is not None:
+                    seen.add(c.stem)
+                    size, digest = probe_image(c)
+                    controls.append(Control(c, digest, size))
+        except DataError as e:
+            if not skip_bad:
+                raise
+            bad.append(f"{rel} (its control: {e})")
+            continue
+        if not controls:
+            without.append(rel)
+        elif len(controls) < len(indexes):
+            partial.append(rel)
+        out.append(dataclasses.replace(s, controls=tuple(controls)))
+    where = ", ".join(str(Path(x)) for x in specs)
+    if out and not any(s.controls for s in out):
+        raise DataError(f"{key}: none of the {len(out)} image(s) in {folder} has a control image of the same file stem "
+                        f"in {where} (e.g. {out[0].path.stem}.png for {out[0].path.name})")
+    if without:
+        warnings.warn(f"{key}: {len(without)} of {len(out)} image(s) have no control image of the same stem in {where} "
+                      f"and train as text-to-image (as the Swift trainer does): {_listing(without)}", DataWarning, stacklevel=3)
+    if partial:
+        warnings.warn(f"{key}: {len(partial)} image(s) have a control in only some of the {len(specs)} folders; they "
+                      f"train with the ones they have (reference 1, 2, ... in folder order): {_listing(partial)}",
+                      DataWarning, stacklevel=3)
+    for k, index, seen in zip(keys, indexes, used):
+        orphans = sorted(f.name for stem, f in index.items() if stem not in seen)
+        if orphans:
+            warnings.warn(f"{k}: {len(orphans)} control image(s) match no image in {folder} by file stem and are unused: "
+                          f"{_listing(orphans)}", DataWarning, stacklevel=3)
+    return out
+
+
 def dataset_fingerprint(samples: Sequence[Sample]) -> str:
     """A hash of what training sees (content, caption, bucket), for training_state.json."""
     h = hashlib.sha256()
     for s in samples:
-        h.update(json.dumps([s.content_hash, s.caption, s.dop_caption, list(s.bucket)]).encode())
+        h.update(json.dumps([s.content_hash, s.caption, s.dop_caption, list(s.bucket)]
+                            + ([[c.content_hash for c in s.controls]] if s.controls else [])).encode())
     return h.hexdigest()[:16]
 
 
@@ -445,33 +565,36 @@ def dataset_fingerprint(samples: Sequence[Sample]) -> str:
 
 
 class BatchSampler:
-    """Infinite iterator of batches (lists of sample indices), each within one bucket.
+    """Infinite iterator of batches (lists of sample indices), each within one group: a bucket and,
+    for edit training, a number of references (`Sample.group`), so a batch's sequences have one length.
 
-    Epoch e's order is a function of (seed, e) only: inside each bucket the indices are shuffled and cut
-    into batches of exactly `batch_size` (a short last batch is filled with the bucket's first shuffled
+    Epoch e's order is a function of (seed, e) only: inside each group the indices are shuffled and cut
+    into batches of exactly `batch_size` (a short last batch is filled with the group's first shuffled
     indices, so shapes stay fixed for mx.compile), then all batches are shuffled together. The state
     is (epoch, position); `state_dict()`/`load_state_dict()` carry it through a checkpoint.
     """
 
-    def __init__(self, samples: Sequence[Sample] | Sequence[tuple[int, int]], batch_size: int, seed: int):
+    def __init__(self, samples: Sequence[Sample] | Sequence[tuple[int, ...]], batch_size: int, seed: int):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if not samples:
             raise DataError("no samples to draw batches from")
-        buckets = [tuple(s.bucket) if isinstance(s, Sample) else tuple(s) for s in samples]
+        groups = [s.group if isinstance(s, Sample) else (*s, 0)[:3] for s in samples]  # (W, H[, refs])
         self.batch_size, self.seed = int(batch_size), int(seed)
-        self._by_bucket: dict[tuple[int, int], list[int]] = {}
-        for i, b in enumerate(buckets):
-            self._by_bucket.setdefault(b, []).append(i)
-        self._fingerprint = hashlib.sha256(json.dumps([list(b) for b in buckets]).encode()).hexdigest()[:16]
+        self._by_bucket: dict[tuple[int, int, int], list[int]] = {}
+        for i, g in enumerate(groups):
+            self._by_bucket.setdefault(g, []).append(i)
+        # Text-to-image: the buckets alone, as before edit training existed (older checkpoints resume).
+        keyed = [list(g[:2]) for g in groups] if not any(g[2] for g in groups) else [list(g) for g in groups]
+        self._fingerprint = hashlib.sha256(json.dumps(keyed).encode()).hexdigest()[:16]
         self.epoch, self.position = 0, 0
         self._batches = self._epoch_batches(0)
 
     def _epoch_batches(self, epoch: int) -> list[list[int]]:
         rng = np.random.default_rng([self.seed, epoch])
         batches = []
-        for bucket in sorted(self._by_bucket):
-            idx = self._by_bucket[bucket]
+        for group in sorted(self._by_bucket):
+            idx = self._by_bucket[group]
             order = [idx[j] for j in rng.permutation(len(idx))]
             for start in range(0, len(order), self.batch_size):
                 batches.append([order[(start + j) % len(order)] for j in range(self.batch_size)])

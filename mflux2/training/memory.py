@@ -99,15 +99,18 @@ def weights_bytes(cfg: TransformerConfig, base_quant: str) -> float:
 
 def estimate_peak_gb(variant_or_config, base_quant: str = "bf16", resolution: int = 512, batch: int = 1,
                      rank: int = 32, targets: str = "attention", dop: bool = False, checkpointing: int = 0,
-                     text_tokens: int = TEXT_TOKENS, synchronous: bool = False, small_batches: bool | None = None) -> float:
+                     text_tokens: int = TEXT_TOKENS, synchronous: bool = False, small_batches: bool | None = None,
+                     references: int = 0) -> float:
     """Estimated peak memory (GB) of a training step: `variant_or_config` a preset name or a
     TransformerConfig; `resolution` the (largest) square training size; `dop` a DOP step (main and
     preservation passes batched: twice the tokens); `checkpointing` every n blocks (0 = off);
     `synchronous` the checkpointed segments run one at a time (blockwise_ahead=0); `small_batches`
-    MLX's command batches limited (`limit_command_batches`; default: where it applies, CUDA)."""
+    MLX's command batches limited (`limit_command_batches`; default: where it applies, CUDA);
+    `references` edit training's reference images per sample, each cropped like its target (so as
+    many tokens again: the sequence is [text ; x_t ; refs])."""
     cfg = _config(variant_or_config)
     d, nb = cfg.hidden_size, cfg.num_layers + cfg.num_single_layers
-    tokens = (resolution // 16) ** 2 + text_tokens
+    tokens = (resolution // 16) ** 2 * (1 + references) + text_tokens
     samples = batch * (2 if dop else 1)
     unit = samples * tokens * d * 2
     lora = lora_parameters(cfg, rank, targets) * 4
@@ -165,7 +168,8 @@ class _Shape:
 def _run_args(cfg) -> dict:
     """estimate_peak_gb's arguments for a TrainConfig's run (its largest resolution)."""
     return dict(resolution=max(cfg.resolutions), batch=cfg.training.batch_size, rank=cfg.lora.rank,
-                targets=cfg.lora.target_layers, dop=bool(cfg.loss.diff_output_preservation))
+                targets=cfg.lora.target_layers, dop=bool(cfg.loss.diff_output_preservation),
+                references=len(cfg.dataset.control_path or ()))
 
 
 def _fitting_peak(model_cfg, quant: str, every: int, args: dict, budget: float) -> tuple[float, bool]:
@@ -212,8 +216,9 @@ def choose_quantization(cfg, source, log=print) -> str:
     name = getattr(source, "variant", None) or "the transformer"
     detail = ", ".join(f"{q}{' + checkpointing' if k and not every else ''} {est[q, k]:.1f} GB" for q, k in options)
     how = " (as stored in the converted folder: it loads only so)" if stored else ""
+    refs = args["references"]
     log(f"transformer quantization auto: {choice}{how} — estimated peak {est[choice, n]:.1f} GB of {budget:.1f} GB usable "
-        f"({name}, {res}², batch {cfg.training.batch_size}, rank {cfg.lora.rank}{', DOP' if dop else ''}"
+        f"({name}, {res}²{f' + {refs} reference(s)' if refs else ''}, batch {cfg.training.batch_size}, rank {cfg.lora.rank}{', DOP' if dop else ''}"
         f"{f', checkpointing every {every}' if every else ''}; {detail})")
     if n and not every:
         cfg.memory.gradient_checkpointing = n

@@ -55,7 +55,8 @@ def disk_need(cfg, t, samples, val_samples, prompts, total_steps: int) -> tuple[
     per = 12 * t.num_layers + 6 * t.num_single_layers  # attention targets: ~r·D·(12 per double, 6 per single)
     lora_params = int(r * d * per * (2.5 if cfg.lora.target_layers in ("all", "attention_ffn") else 1.0))
     n_tokens = max(((s.bucket[0] // 16) * (s.bucket[1] // 16) for s in samples), default=0)
-    cache = (len(samples) + len(val_samples)) * n_tokens * 128 * 4 + len(set(prompts)) * 512 * t.joint_attention_dim * 2
+    images = sum(1 + len(s.controls) for s in list(samples) + list(val_samples))  # controls: the target's grid
+    cache = images * n_tokens * 128 * 4 + len(set(prompts)) * 512 * t.joint_attention_dim * 2
     keep = cfg.checkpoints.keep_last or max(1, total_steps // max(cfg.checkpoints.save_every or total_steps, 1)) + 1
     ckpt = lora_params * 4 * 5  # lora file + raw params + two optimiser moments (+ EMA)
     return int(1.2 * (cache + keep * ckpt + 2 * lora_params * 4)), keep
@@ -257,6 +258,10 @@ def _dataset_lines(samples, rep: Report, cfg):
              f"{min(h for _, h in sizes)}–{max(h for _, h in sizes)} px")
     buckets = Counter(s.bucket for s in samples)
     rep.line("buckets: " + ", ".join(f"{w}x{h} ({n})" for (w, h), n in sorted(buckets.items())))
+    if cfg.dataset.control_path:
+        paired = Counter(len(s.controls) for s in samples)
+        rep.line("edit pairs: " + ", ".join(f"{n} image(s) with {k} reference(s)" for k, n in sorted(paired.items(), reverse=True))
+                 + f"; control dropout {cfg.dataset.control_dropout:g}")
     captions = Counter(s.caption for s in samples)
     rep.line(f"captions: {len(captions)} distinct; e.g. {samples[0].caption!r}")
     if cfg.loss.diff_output_preservation:
@@ -279,6 +284,9 @@ def preflight(cfg, out=print, err=None) -> int:
     model_name = cfg.model.path or cfg.training_variant
     rep.line(f"model: {model_name} (trains {cfg.training_variant or 'the folder’s architecture'}; "
              f"validation images from {cfg.validation_repo or 'the training model'})")
+    if cfg.dataset.control_path:
+        rep.line(f"edit training: {len(cfg.dataset.control_path)} reference image(s) per sample from {', '.join(cfg.dataset.control_path)} "
+                 f"(each as many tokens as its target: the step's sequence grows accordingly)")
     rep.line(f"resolutions {cfg.resolutions}, batch {cfg.training.batch_size}, LoRA rank {cfg.lora.rank} "
              f"({cfg.lora.target_layers}), DOP {'on' if cfg.loss.diff_output_preservation else 'off'}, "
              f"checkpointing {cfg.memory.checkpoint_every or 'off'}")

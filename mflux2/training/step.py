@@ -69,13 +69,19 @@ class StepConfig:
 
 @dataclass
 class Batch:
-    """One step's inputs. latents [B, N, 128] are the packed, BN-normalised VAE latents (x0)."""
+    """One step's inputs. latents [B, N, 128] are the packed, BN-normalised VAE latents (x0).
+
+    Edit training: `refs` are the clean latents of the reference (control) images, encoded like x0
+    and concatenated after x_t on the token axis with their ids (t = 10, 20, ...); they are never
+    noised and their predictions are dropped: the loss is on the N target tokens only."""
 
     latents: mx.array
     prompt_embeds: mx.array  # [B, L, ctx]
     img_ids: mx.array  # [N, 4]
     txt_ids: mx.array  # [L, 4]
     dop_embeds: mx.array | None = None  # [B, L, ctx] class-word prompts (DOP)
+    refs: mx.array | None = None  # [B, M, 128] reference latents (edit training)
+    ref_ids: mx.array | None = None  # [M, 4]
 
 
 def noisy_inputs(x0: mx.array, key: mx.array, cfg: StepConfig):
@@ -123,7 +129,21 @@ def global_norm(grads) -> mx.array:
 
 
 def _mse_per_sample(pred: mx.array, target: mx.array) -> mx.array:
+    pred = pred[:, : target.shape[1]]  # the target's tokens; references' predictions are dropped
     return mx.mean(mx.square(pred.astype(mx.float32) - target), axis=(1, 2))
+
+
+def image_stream(xt: mx.array, batch: Batch, dtype) -> tuple[mx.array, mx.array]:
+    """The transformer's image input and ids: x_t, or [x_t ; refs] with [img_ids ; ref_ids] in edit
+    training. The references repeat on the batch axis when x_t stacks passes (DOP's main +
+    preservation forward)."""
+    if batch.refs is None:
+        return xt.astype(dtype), batch.img_ids
+    refs = batch.refs
+    if refs.shape[0] != xt.shape[0]:
+        refs = mx.concatenate([refs] * (xt.shape[0] // refs.shape[0]))
+    x = mx.concatenate([xt.astype(dtype), refs.astype(dtype)], axis=1)
+    return x, mx.concatenate([batch.img_ids, batch.ref_ids], axis=-2)
 
 
 def _on_gpu() -> bool:
@@ -414,9 +434,11 @@ class TrainStep:
 
     # ---- losses ---------------------------------------------------------------------------
     def _forward(self, model, xt, embeds, t, batch):
-        b = xt.shape[0]
+        """The velocity prediction for the N target tokens of x_t."""
+        b, n = xt.shape[:2]
         g = mx.full((b,), self.cfg.guidance, dtype=mx.float32) if self.cfg.guidance is not None else None
-        return model(xt.astype(self.dtype), embeds.astype(self.dtype), t, batch.img_ids, batch.txt_ids, g)
+        x, ids = image_stream(xt, batch, self.dtype)
+        return model(x, embeds.astype(self.dtype), t, ids, batch.txt_ids, g)[:, :n]
 
     def plain_loss(self, model, batch: Batch, key):
         xt, target, t = noisy_inputs(batch.latents, key, self.cfg)
@@ -573,7 +595,8 @@ class TrainStep:
     def _inputs(self, xt, embeds, t, batch):
         b = xt.shape[0]
         g = mx.full((b,), self.cfg.guidance, dtype=mx.float32) if self.cfg.guidance is not None else None
-        return (xt.astype(self.dtype), embeds.astype(self.dtype), t, batch.img_ids, batch.txt_ids, g)
+        x, ids = image_stream(xt, batch, self.dtype)  # the heads' losses take the first N tokens
+        return (x, embeds.astype(self.dtype), t, ids, batch.txt_ids, g)
 
     def _head_main(self, pred, target, t):
         main = mx.mean(_mse_per_sample(pred, target) * loss_weight(self.cfg.weighting, t))
@@ -612,7 +635,7 @@ class TrainStep:
         if dop and batch.dop_embeds is None:
             raise ValueError("DOP step needs batch.dop_embeds")
         blockwise = self._blockwise() is not None
-        kind = (dop, blockwise, batch.latents.shape, batch.prompt_embeds.shape)
+        kind = (dop, blockwise, batch.latents.shape, batch.prompt_embeds.shape, None if batch.refs is None else batch.refs.shape)
         seen = self._calibrated.get(kind, 0)
         self._calibrated[kind] = seen + 1
         # A one-graph step evaluated in pieces cannot run ahead far: no limit (it measured the

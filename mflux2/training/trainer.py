@@ -30,7 +30,7 @@ from tqdm import tqdm
 from mflux2 import lora as lora_mod
 from mflux2.training import data as data_mod
 from mflux2.training.cache import DiskCache, model_identity, weights_identity
-from mflux2.training.config import TrainConfig, config_hash, resume_signature
+from mflux2.training.config import TrainConfig, check_reference_count, config_hash, resume_signature
 from mflux2.training.outputs import (
     MetricsLog,
     atomic_write_text,
@@ -101,6 +101,7 @@ class Trainer:
         self.output = Path(cfg.checkpoints.output)
         self.resume = resume
         self.counts = {"vae_encode": 0, "text_encode": 0}
+        self.reference_steps = 0  # edit training: micro-batches trained with their references (tests)
         self._metrics = None  # tests check cache reuse with these
         self.scorer = None  # validation.vlm_scoring's Scorer (set up with the run)
         self._stop_requested = False
@@ -177,6 +178,8 @@ class Trainer:
             q = memory.choose_text_encoder_quantization(pipe, log=self.log)
             pipe.text_encoder_quantize = None if q == "bf16" else q
         self.cfg.resolve_model_defaults(defaults_variant(pipe))
+        if self.cfg.dataset.control_path:  # a model.path's family is known only now
+            check_reference_count(self.cfg, pipe.variant or pipe.family)
         self._plan_transformer()
         self.model_identity = model_identity(pipe.source)  # resume checks it, not model.path
         self.vae_id = weights_identity(pipe.source.vae)
@@ -196,14 +199,17 @@ class Trainer:
             self._fill_text_cache(txt_cache, prompts)
 
     def _fill_latent_cache(self, lat_cache, samples):
-        todo = [s for s in samples if lat_cache.get(self._lat_key(s)) is None]
+        # targets and (edit training) their controls, encoded by the same function
+        todo = [(self._lat_key(s), lambda s=s: data_mod.load_image_for_bucket(s.path, s.bucket)) for s in samples]
+        todo += [(self._control_key(s, c), lambda s=s, c=c: data_mod.load_control_for_bucket(c.path, s.size, s.bucket))
+                 for s in samples for c in s.controls]
+        todo = [(k, load) for k, load in dict(todo).items() if lat_cache.get(k) is None]
         if todo:
             vae = self.pipe.vae
-            for s in tqdm(todo, desc="caching latents", unit="img", dynamic_ncols=True):
-                img = data_mod.load_image_for_bucket(s.path, s.bucket)
-                tokens = vae.pack(vae.encode(mx.array(img)[None]))[0]
+            for key, load in tqdm(todo, desc="caching latents", unit="img", dynamic_ncols=True):
+                tokens = vae.pack(vae.encode(mx.array(load())[None]))[0]
                 self.counts["vae_encode"] += 1
-                lat_cache.put(self._lat_key(s), {"latents": tokens.astype(mx.float32)})
+                lat_cache.put(key, {"latents": tokens.astype(mx.float32)})
 
     def _fill_text_cache(self, txt_cache, prompts):
         missing = [p for p in dict.fromkeys(prompts) if txt_cache.get(txt_cache.key(p)) is None]
@@ -218,6 +224,11 @@ class Trainer:
     def _lat_key(self, s):
         return self.lat_cache.key(s.content_hash, list(s.bucket))
 
+    def _control_key(self, s, c):
+        """A control's latents depend on its bytes and on its target's size and bucket (it is cropped
+        like the target), and on the crop code (CONTROL_GEOMETRY); the cache's identity is the VAE's."""
+        return self.lat_cache.key("control", data_mod.CONTROL_GEOMETRY, c.content_hash, list(s.size), list(s.bucket))
+
     def _embeds(self, prompt: str) -> mx.array:
         got = self.txt_cache.get(self.txt_cache.key(prompt))
         if got is None:
@@ -229,6 +240,25 @@ class Trainer:
         if got is None:
             raise TrainingError(f"latent cache entry for {s.path} vanished from {self.lat_cache.folder}; restart to rebuild it")
         return got["latents"]
+
+    def _references(self, s) -> mx.array:
+        """A sample's control latents, concatenated on the token axis in reference order: [ΣM, 128]."""
+        parts = []
+        for c in s.controls:
+            got = self.lat_cache.get(self._control_key(s, c))
+            if got is None:
+                raise TrainingError(f"latent cache entry for the control {c.path} vanished from {self.lat_cache.folder}; "
+                                    f"restart to rebuild it")
+            parts.append(got["latents"])
+        return mx.concatenate(parts, axis=0)
+
+    def _edit_inputs(self, samples, use_refs: bool = True) -> dict:
+        """Batch fields for the references of `samples` (one group: same bucket and count); none when
+        they have no controls or `use_refs` is false (control dropout: a text-to-image micro-batch)."""
+        n = len(samples[0].controls)
+        if not n or not use_refs:
+            return {}
+        return {"refs": mx.stack([self._references(s) for s in samples]), "ref_ids": self._ref_ids(samples[0].bucket, n)}
 
     # ---------------- model ----------------
     def _plan_transformer(self):
@@ -424,6 +454,9 @@ class Trainer:
             "LoRA": f"rank {self.cfg.lora.rank}, alpha {self.cfg.lora.alpha}, {self.cfg.lora.target_layers}",
             "transformer": self.transformer_quantization, "DOP": "on" if self.cfg.loss.diff_output_preservation else "off",
             "trigger word": self.cfg.dataset.trigger_word or "-", "non-finite steps skipped": state.skipped_nonfinite,
+            **({"edit training": f"{sum(bool(s.controls) for s in self.samples)} of {len(self.samples)} images with "
+                                 f"references ({len(self.cfg.dataset.control_path)} folder(s)), control dropout "
+                                 f"{self.cfg.dataset.control_dropout:g}"} if self.cfg.dataset.control_path else {}),
             "validation images": self.validation.settings(),
             "peak memory": f"{self.clock.peak_gb:.2f} GB",
             "restarts": (f"{len(restarts)}: " + "; ".join(f"after {m.get('cause')}, from step {m.get('step')}" for m in restarts)
@@ -450,7 +483,8 @@ class Trainer:
         """Mean main loss over the validation set at fixed timesteps/noise (same every evaluation)."""
         losses = []
         for i, s in enumerate(self.val_samples):
-            batch = Batch(self._latents(s)[None], self._embeds(s.caption)[None], self._img_ids(s.bucket), self.txt_ids)
+            batch = Batch(self._latents(s)[None], self._embeds(s.caption)[None], self._img_ids(s.bucket), self.txt_ids,
+                          **self._edit_inputs([s]))
             loss, _ = step_fn.plain_loss(self.model, batch, mx.random.key(10_000 + i))
             losses.append(loss)
         mx.eval(losses)
@@ -463,6 +497,16 @@ class Trainer:
         if (w, h) not in self._ids_cache:
             self._ids_cache[(w, h)] = image_ids(h, w)
         return self._ids_cache[(w, h)]
+
+    def _ref_ids(self, bucket, n: int):
+        """Ids of n references on the target's grid (controls are cropped like it): reference j has
+        t = 10·(j+1) (`vae.image_ids`)."""
+        from mflux2.models.vae import image_ids
+
+        w, h = bucket
+        if (w, h, n) not in self._ids_cache:
+            self._ids_cache[(w, h, n)] = mx.concatenate([image_ids(h, w, t=10 * (j + 1)) for j in range(n)])
+        return self._ids_cache[(w, h, n)]
 
     # ---------------- control ----------------
     def _on_sigint(self, signum, frame):
@@ -526,8 +570,12 @@ class Trainer:
                 mx.eval(mx.distributed.all_sum(mx.array(0.0)))  # the others read the captions rank 0 wrote
         self.samples = data_mod.scan_dataset(cfg)
         self.val_samples = data_mod.scan_dataset(cfg, validation=True) if cfg.dataset.validation_path else []
-        self.dataset_fingerprint = hashlib.sha256(
-            json.dumps(sorted((s.content_hash, s.caption, list(s.bucket)) for s in self.samples)).encode()).hexdigest()[:16]
+        self.dataset_fingerprint = hashlib.sha256(json.dumps(sorted(
+            (s.content_hash, s.caption, list(s.bucket)) + ((tuple(c.content_hash for c in s.controls),) if s.controls else ())
+            for s in self.samples)).encode()).hexdigest()[:16]
+        if cfg.dataset.control_path and self.val_samples and not cfg.dataset.validation_control_path:
+            self.log("warning: dataset.validation_path has no dataset.validation_control_path: the validation loss "
+                     "is computed without reference images")
         self.validation = Validation(self)
         self.scorer = None  # validation.vlm_scoring (rank 0 scores; an early stop is shared by the group)
         if cfg.validation.vlm_scoring.enabled and self.rank == 0:
@@ -622,16 +670,22 @@ class Trainer:
                 dropped = [s.caption if self.rng.random() >= cfg.training.caption_dropout else "" for s in group_batch]
                 lo, hi = self.rank * cfg.training.batch_size, (self.rank + 1) * cfg.training.batch_size
                 chosen, captions = group_batch[lo:hi], dropped[lo:hi]
+                # Control dropout: one draw per (global) micro-batch that has references, from the
+                # checkpointed RNG (a resumed run repeats the decisions); dropped = text-to-image.
+                use_refs = not (group_batch[0].controls and cfg.dataset.control_dropout
+                                and self.rng.random() < cfg.dataset.control_dropout)
                 is_dop = dop and state.step % dop_every == 0
                 batch = Batch(
                     latents=mx.stack([self._latents(s) for s in chosen]),
                     prompt_embeds=mx.stack([self._embeds(c) for c in captions]),
                     img_ids=self._img_ids(chosen[0].bucket), txt_ids=self.txt_ids,
                     dop_embeds=mx.stack([self._embeds(s.dop_caption) for s in chosen]) if is_dop else None,
+                    **self._edit_inputs(chosen, use_refs),
                 )
                 key = mx.random.key(cfg.training.seed * 1_000_003 + state.step)  # t and noise
                 mx.random.seed(cfg.training.seed * 1_000_003 + state.step + 1)  # LoRA dropout
                 out = step_fn(batch, key, dop=is_dop)
+                self.reference_steps += batch.refs is not None
                 if self.ema is not None and out["applied"]:
                     d = cfg.ema.decay
                     self.ema = _tree_lerp(self.ema, self.model.trainable_parameters(), d)
@@ -666,7 +720,8 @@ class Trainer:
                                     "t_mean": out["t_mean"].item(), "lr": float(self.optimizer.learning_rate.item()),
                                     "grad_norm": out["grad_norm"].item(), "step_time_s": dt, "memory_gb": round(mem, 3),
                                     "peak_memory_gb": round(mx.get_peak_memory() / 1e9, 3),
-                                    "skipped_nonfinite": state.skipped_nonfinite})
+                                    "skipped_nonfinite": state.skipped_nonfinite,
+                                    **({"references": batch.refs is not None} if cfg.dataset.control_path else {})})
                 if self.val_samples and state.step % eval_every == 0:
                     with clock("validation loss"):
                         vl = self._validation_loss(step_fn)
