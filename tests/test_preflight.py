@@ -148,3 +148,23 @@ def test_trainer_checks_the_same_disk_figure(tmp_path, monkeypatch, capsys):
     assert f"{seen['need'] / 1e9:.2f} GB for the caches and {seen['keep']} checkpoint(s)" in disk_line
     lat = tmp_path / "out" / ".latent_cache"
     assert not lat.exists() or not any(lat.iterdir())
+
+
+def test_validation_estimate_counts_an_editing_prompts_reference_tokens(tmp_path, monkeypatch, capsys, no_weights):
+    import re
+
+    from PIL import Image
+
+    monkeypatch.chdir(ROOT)
+    ref = tmp_path / "ref.png"
+    Image.new("RGB", (512, 512), "red").save(ref)
+
+    def validation_gb(*extra):
+        rc, out, err, _ = dry_run(capsys, CONFIG, "--output", tmp_path / "out", *extra)
+        assert rc == 0, out + err
+        return float(re.search(r"validation images\s+([\d.]+) GB", out).group(1))
+
+    prompt = "validation.prompts=[{prompt: a red shape, sizes: [512]%s}]"
+    plain = validation_gb("--set", prompt % "")
+    edit = validation_gb("--set", prompt % f", reference_image: {ref}")
+    assert edit > plain  # 1024 reference tokens beside the image's 1024

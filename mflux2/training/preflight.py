@@ -268,6 +268,29 @@ def _dataset_lines(samples, rep: Report, cfg):
         rep.line(f"DOP captions: e.g. {samples[0].dop_caption!r}")
 
 
+def _reference_tokens(paths) -> int:
+    """Image tokens of an editing prompt's reference images once prepared for the model (area capped
+    as `Flux2Pipeline.prepare_references` caps it, sides floored to 16); from the files' headers."""
+    import math
+
+    from PIL import Image
+
+    from mflux2.pipeline import reference_area
+
+    area, n = reference_area("diffusers", len(paths)), 0
+    for path in paths:
+        try:
+            with Image.open(path) as im:
+                w, h = im.size
+        except OSError:  # the run stops on it with its own error; count the largest reference meanwhile
+            w = h = 1024
+        if w * h > area:
+            scale = math.sqrt(area / (w * h))
+            w, h = int(w * scale), int(h * scale)
+        n += (w // 16) * (h // 16)
+    return n
+
+
 def preflight(cfg, out=print, err=None) -> int:
     """Print the dry-run report of `cfg` (a loaded TrainConfig); 0 when the run fits, else 1 with one
     line on stderr."""
@@ -426,7 +449,8 @@ def preflight(cfg, out=print, err=None) -> int:
             vcfg = memory._config(val.variant) if val is not None and val.source is None and val.variant else (
                 memory._source_config(val.source) if val is not None and val.source is not None else model_cfg)
             n = 2 if vfam == "klein-base" and (cfg.validation.guidance or 0) > 1.0 else 1
-            tokens = max((it.width // 16) * (it.height // 16) for it in items) + memory.TEXT_TOKENS
+            # an editing prompt's references join its image tokens (prepared as the pipeline prepares them)
+            tokens = max((it.width // 16) * (it.height // 16) + _reference_tokens(it.references) for it in items) + memory.TEXT_TOKENS
             fwd = n * tokens * vcfg.hidden_size * 2 * FORWARD_BLOCK_UNITS
             if tokens % 128:
                 fwd += n * vcfg.num_attention_heads * tokens**2 * 6
