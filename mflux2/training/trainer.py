@@ -524,7 +524,7 @@ class Trainer:
         dop = cfg.loss.diff_output_preservation
         prompts = [s.caption for s in self.samples + self.val_samples]
         if dop:
-            prompts += [s.dop_caption for s in self.samples]
+            prompts += [s.dop_caption for s in self.samples] + list(cfg.loss.diff_output_preservation_prompts)
         prompts += [it.prompt for it in self.validation.items]
         prompts.append("")  # caption dropout and CFG's negative prompt
         total = cfg.training.max_steps  # always set: the config derives it from epochs (x 100, as Swift)
@@ -604,11 +604,13 @@ class Trainer:
                 lo, hi = self.rank * cfg.training.batch_size, (self.rank + 1) * cfg.training.batch_size
                 chosen, captions = group_batch[lo:hi], dropped[lo:hi]
                 is_dop = dop and state.step % dop_every == 0
+                # the class prompts, or one of loss.diff_output_preservation_prompts (they take turns)
+                kept = data_mod.preservation_prompts(chosen, state.step, dop_every, cfg.loss.diff_output_preservation_prompts)
                 batch = Batch(
                     latents=mx.stack([self._latents(s) for s in chosen]),
                     prompt_embeds=mx.stack([self._embeds(c) for c in captions]),
                     img_ids=self._img_ids(chosen[0].bucket), txt_ids=self.txt_ids,
-                    dop_embeds=mx.stack([self._embeds(s.dop_caption) for s in chosen]) if is_dop else None,
+                    dop_embeds=mx.stack([self._embeds(p) for p in kept]) if is_dop else None,
                 )
                 key = mx.random.key(cfg.training.seed * 1_000_003 + state.step)  # t and noise
                 mx.random.seed(cfg.training.seed * 1_000_003 + state.step + 1)  # LoRA dropout
