@@ -1,28 +1,33 @@
 """Which prompts does a subject LoRA leave alone? DOP, and DOP with more preservation prompts, on the toy model.
 
-    python scripts/preservation_eval.py          # CPU, about 15 min on 2 cores; prints one JSON line
+    python scripts/preservation_eval.py          # CPU only; prints one JSON line (time: docs/toy-model.md)
+    python scripts/preservation_eval.py --modes none,dop,dop+prompts,dop-x3 --out runs/   # + a reference, kept
 
 Trains the quickstart LoRA (configs/quickstart.yaml: the star subject `sks` on models/toy, 300 steps,
-seed 0) in three modes with the same seed and data:
+seed 0) in each mode, with the same seed and data:
 
     none          DOP off
-    dop           DOP on the class word `shape`, as shipped
-    dop+prompts   DOP plus loss.diff_output_preservation_prompts = PRESERVE (the empty prompt and three
-                  shape prompts, none of them an evaluation prompt), taking turns with the class prompt
+    dop           DOP on the class word `shape`, as shipped (multiplier 1)
+    dop+prompts   DOP with loss.diff_output_preservation_prompts = PRESERVE (three shape prompts, none of
+                  them an evaluation prompt) and multiplier 3 (PRESERVE_MULTIPLIER: the class prompt and
+                  each listed prompt are preserved on half the DOP steps)
+    dop-x3        (reference, not run by default) DOP alone with multiplier 3
 
 then renders held-out prompts of three groups with the base model and with each LoRA, image for image
-with the same initial noise, at the quickstart's validation settings (20 steps, CFG 2.0):
+with the same initial noise (`--seeds` per prompt), at the quickstart's validation settings (20 steps,
+CFG 2.0):
 
-    trigger     "a red sks on a blue background", ...      should become stars
-    class       "a red shape on a blue background", ...    should stay the base model's (DOP's class prompt)
-    unrelated   "a green circle on a white background", ... should stay the base model's (no DOP prompt names them)
+    trigger     "a red sks on a blue background", ... (8 colour pairs)  should become stars
+    class       "a red shape on a blue background", ... (4)             should stay the base model's
+    unrelated   "a green circle on a white background", ... (4)         should stay the base model's
 
 and scores each mode against the base model's images:
 
-    drift[group]   mean absolute pixel difference to the base image of the same prompt and noise (0–255)
-    subject        fraction of trigger images the toy-shape scorer (tests/toy_shapes.py) reads as a star
-                   in the prompt's colours
-    kept[group]    fraction of class / unrelated images whose shape the scorer reads as the base image's
+    <group>          drift: mean absolute pixel difference to the base image of the same prompt and
+                     noise (0–255)
+    subject          fraction of trigger images the toy-shape scorer (tests/toy_shapes.py) reads as a
+                     star in the prompt's colours
+    kept_<group>     fraction of class / unrelated images whose shape the scorer reads as the base image's
 
 Figures and what they say: docs/toy-model.md. tests/test_preservation.py runs a cut-down version.
 """

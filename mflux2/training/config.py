@@ -200,8 +200,9 @@ class LossConfig:
     diff_output_preservation_class: str | None = _f(None, check=_check_nonempty)
     diff_output_preservation_multiplier: float = _f(1.0, ge=0)
     diff_output_preservation_every_n_steps: int = _f(1, ge=1)  # the seed guide's 1
-    # ours: more prompts to preserve besides the class prompt ("" = the empty prompt). They take turns
-    # with the class prompt in the preservation half of the batch, one per DOP step (docs/training.md).
+    # ours: more prompts to preserve besides the class prompt ("" = the empty prompt): in DOP's
+    # preservation pass, the class prompt on every other DOP step, these in turn on the others
+    # (data.preservation_prompts; docs/training.md).
     diff_output_preservation_prompts: list[str] = _f([])
 
 

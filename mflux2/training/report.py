@@ -32,7 +32,7 @@ def _timing_table(timing: list[dict]) -> str:
 
 # The validation prompts in three groups (validation.prompt_group), each with what its images should do.
 GROUPS = (("trigger", "With the trigger word", "should become the subject"),
-          ("class", "The class word without the trigger", "should stay as the baseline: DOP keeps the class prompt"),
+          ("class", "The class word without the trigger", "should stay as the baseline (what DOP's class prompt protects)"),
           ("unrelated", "Other prompts", "should stay as the baseline"))
 
 
@@ -70,7 +70,7 @@ def _validation_rows(output: Path, prompts: list[dict], steps: list) -> str:
                         f'<div class="strip">{"".join(cells)}</div></section>')
         if rows:
             means = ", ".join(f"step {s}: {np.mean(v):.1f}" for s, v in sorted(change.items()))
-            head = f"{should}; mean Δ {means}" if means else should
+            head = f"{should}; mean Δ at {means}" if means else should
             out.append(f'<h3 class="group" id="group-{group}">{title} <span class="tag">({html.escape(head)})</span></h3>'
                        + "".join(rows))
     return "".join(out)
