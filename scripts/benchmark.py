@@ -6,6 +6,7 @@
     python scripts/benchmark.py --tiny          # CPU smoke run (CI)
     python scripts/benchmark.py --profile       # also time the forward alone and forward+backward alone
     python scripts/benchmark.py --control 1 --checkpointing 1   # edit training: 512² target + one 512² reference
+    python scripts/benchmark.py --mode dop --dop-prompts 4   # DOP with loss.diff_output_preservation_prompts
 
 Weights are random, initialised and quantised block by block, so dev's 32B never needs its 64 GB of
 bf16 at once. Prints one JSON line: median s/step over the timed steps (after warm-up), peak memory
@@ -28,6 +29,7 @@ Gradient checkpointing (--checkpointing n) runs TrainStep's block-by-block backw
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -36,6 +38,7 @@ import sys
 import time
 from datetime import date
 from pathlib import Path
+from types import SimpleNamespace
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -48,6 +51,7 @@ from mflux2.lora import apply_lora  # noqa: E402
 from mflux2.models.quantization import QUANT_BITS, QUANT_GROUP_SIZE, quantize_outside_blocks, quantize_predicate  # noqa: E402
 from mflux2.models.transformer import Flux2Transformer, TransformerConfig, preset  # noqa: E402
 from mflux2.models.vae import image_ids  # noqa: E402
+from mflux2.training.data import preservation_prompts  # noqa: E402
 from mflux2.training.memory import limit_command_batches  # noqa: E402
 from mflux2.training.step import Batch, StepConfig, TrainStep  # noqa: E402
 
@@ -173,6 +177,9 @@ def main(argv=None):
     ap.add_argument("--mode", default="plain", choices=["plain", "dop", "dop-every"])
     ap.add_argument("--dop-every", type=int, default=4)
     ap.add_argument("--dop-unbatched", action="store_true", help="DOP as three passes instead of main+pres batched")
+    ap.add_argument("--dop-prompts", type=int, default=0,
+                    help="DOP steps rotate this many more preservation prompts with the class prompt, as the trainer "
+                         "does with loss.diff_output_preservation_prompts (0: the class prompt only)")
     ap.add_argument("--checkpointing", type=int, default=0, help="checkpoint every n-th block (0 = off)")
     ap.add_argument("--no-blockwise", action="store_true",
                     help="checkpointing inside the one compiled graph (mlx.nn.utils.checkpoint) instead of the block-by-block backward")
@@ -236,9 +243,21 @@ def main(argv=None):
         if args.control else None,
     )
     mx.eval(batch.latents, batch.prompt_embeds, batch.dop_embeds, batch.refs if args.control else [])
+    # loss.diff_output_preservation_prompts: more preservation embeddings, chosen per DOP step by the
+    # trainer's own rotation (data.preservation_prompts); "class" stands for the class prompts
+    kept = {"class": batch.dop_embeds} | {f"p{j}": mx.random.normal(batch.dop_embeds.shape).astype(dtype)
+                                          for j in range(args.dop_prompts)}
+    mx.eval(kept)
 
     def is_dop(i):
         return args.mode == "dop" or (args.mode == "dop-every" and i % args.dop_every == 0)
+
+    def batch_at(i):
+        if not args.dop_prompts or not is_dop(i):
+            return batch
+        every = args.dop_every if args.mode == "dop-every" else 1
+        name = preservation_prompts([SimpleNamespace(dop_caption="class")] * b, i, every, list(kept)[1:])[0]
+        return dataclasses.replace(batch, dop_embeds=kept[name])
 
     times, dispatch, losses = [], [], []
     mx.reset_peak_memory()
@@ -246,7 +265,7 @@ def main(argv=None):
     for i in range(args.warmup + args.steps):
         key, sub = mx.random.split(key)
         t = time.perf_counter()
-        out = step(batch, sub, dop=is_dop(i))
+        out = step(batch_at(i), sub, dop=is_dop(i))
         mx.async_eval(out["loss"], out["grad_norm"], step.state_arrays())
         host = time.perf_counter() - t  # graph built and handed to the device
         mx.eval(out["loss"], out["grad_norm"], step.state_arrays())
@@ -268,7 +287,7 @@ def main(argv=None):
         "model": "tiny" if args.tiny else args.model, "blocks": args.blocks, "resolution": args.resolution, "batch": b, "rank": args.rank,
         "control": args.control, "image_tokens": n_img, "reference_tokens": n_ref,
         "targets": args.targets, "mode": args.mode, "dop_every": args.dop_every if args.mode == "dop-every" else None,
-        "dop_batched": not args.dop_unbatched, "checkpointing": args.checkpointing,
+        "dop_batched": not args.dop_unbatched, "dop_prompts": args.dop_prompts, "checkpointing": args.checkpointing,
         "blockwise": bool(args.checkpointing) and not args.no_blockwise, "ahead": args.ahead, "base": args.base, "group_size": args.group_size or QUANT_GROUP_SIZE.get(args.base), "dtype": args.dtype,
         "pipeline_ahead": args.pipeline_ahead,
         "compiled": not args.no_compile, "lora_layers": len(wrapped),

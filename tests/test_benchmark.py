@@ -44,8 +44,9 @@ def test_checkpointing_lowers_peak_memory(plain):
 
 
 def test_quantized_dop_checkpointed_step_runs():
-    r = bench("--base", "int8", "--mode", "dop-every", "--dop-every", "2", "--checkpointing", "2", "--profile")
-    assert r["base"] == "int8" and r["mode"] == "dop-every" and r["loss_finite"] is True
+    # with more preservation prompts rotating through the DOP steps (loss.diff_output_preservation_prompts)
+    r = bench("--base", "int8", "--mode", "dop-every", "--dop-every", "2", "--checkpointing", "2", "--profile", "--dop-prompts", "2")
+    assert r["base"] == "int8" and r["mode"] == "dop-every" and r["dop_prompts"] == 2 and r["loss_finite"] is True
     assert r["forward_s"] > 0 and r["forward_backward_s"] > 0 and r["update_s"] > 0
 
 

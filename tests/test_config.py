@@ -482,6 +482,8 @@ BAD_VALUES = [
     ("model: {transformer_quantization: fp8}", "model.transformer_quantization", "'fp8'"),
     ("lora: {target_layers: attn}", "lora.target_layers", "'attn'"),
     ("dataset: {path: d, caption_format: csv}", "dataset.caption_format", "'csv'"),
+    ("loss: {diff_output_preservation_prompts: 'a cat'}", "loss.diff_output_preservation_prompts", "'a cat'"),
+    ("loss: {diff_output_preservation_prompts: ['a cat', 5]}", "loss.diff_output_preservation_prompts[1]", "5"),
 ]
 
 
@@ -523,6 +525,24 @@ def test_dop_without_trigger_is_turned_off_and_without_class_assumes_object(tmp_
     assert cfg.loss.diff_output_preservation and cfg.loss.diff_output_preservation_class == "object"
     (msg,) = [str(w.message) for w in rec]
     assert "diff_output_preservation_class is not set" in msg and "'object' is assumed" in msg
+
+
+def test_more_preservation_prompts_are_checked(tmp_path):
+    head = "dataset: {path: d, trigger_word: sks}\nloss:\n  diff_output_preservation: true\n  diff_output_preservation_class: cat\n"
+    cfg = load_config(write(tmp_path, head + "  diff_output_preservation_prompts: ['', 'a dog on a sofa']"))
+    assert cfg.loss.diff_output_preservation_prompts == ["", "a dog on a sofa"]  # "" is the empty prompt
+    assert load_config(write(tmp_path, head)).loss.diff_output_preservation_prompts == []  # off by default
+    # the subject's own word would fight the main loss; a repeat would weight a prompt twice
+    msg = error_of(tmp_path, head + "  diff_output_preservation_prompts: ['a dog', 'a SKS on a sofa']")
+    assert msg.startswith(f"{tmp_path / 'cfg.yaml'}:5: loss.diff_output_preservation_prompts[1]: 'a SKS on a sofa' names "
+                          "the trigger word 'sks'"), msg
+    msg = error_of(tmp_path, head + "  diff_output_preservation_prompts: ['a dog', '', 'a dog']")
+    assert "diff_output_preservation_prompts[2]: 'a dog' is listed twice (also item 0)" in msg, msg
+    # without DOP they have no pass to run in: said once, not silently dropped
+    with pytest.warns(ConfigWarning) as rec:
+        load_config(write(tmp_path, "dataset: {path: d, trigger_word: sks}\nloss: {diff_output_preservation_prompts: ['']}"))
+    (msg,) = [str(w.message) for w in rec]
+    assert "loss.diff_output_preservation_prompts: ignored: loss.diff_output_preservation is off" in msg
 
 
 def test_structural_errors(tmp_path):
@@ -621,6 +641,8 @@ def _typed_value(cls, name):
     text = str(hint)
     if "list[int]" in text:
         return st.lists(st.sampled_from([64, 512, 500, 768, 1024, 8192]), max_size=3)
+    if "list[str]" in text:
+        return st.lists(st.sampled_from(["", "a cat", "sks", "a sks dog", "a cat"]), max_size=3)
     if "ValidationPrompt" in text:
         return st.lists(st.one_of(st.text(max_size=5), st.fixed_dictionaries(
             {"prompt": st.text(max_size=5)}, optional={"apply_trigger": st.booleans(), "is_512": st.booleans(), "seed": st.integers(-1, 9)})), max_size=2)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
@@ -63,3 +64,24 @@ def test_a_series_of_one_point_is_still_drawn():
 
     svg = learning_curve_svg({"loss (main)": ([1, 2, 3], [1.0, 0.9, 0.8]), "DOP preservation": ([3], [2e-5])})
     assert svg.count("<circle") == 1  # the DOP point; the main loss has a line
+
+
+def test_report_groups_the_prompts_and_shows_each_images_change_from_the_baseline(report):
+    from mflux2.training.config import load_config
+    from mflux2.training.report import pixel_change
+    from mflux2.training.validation import prompt_group
+
+    out = report.parent
+    page = report.read_text()
+    prompts = json.loads((out / "progression" / "prompts.json").read_text())
+    # "sks, a photo of a thing" / "a photo of a thing": the class word is "thing"
+    assert [p["group"] for p in prompts] == ["trigger", "class"]
+    assert page.index('id="group-trigger"') < page.index('id="group-class"') and 'id="group-unrelated"' not in page
+    cfg = load_config(out.parent / "cfg.yaml")
+    assert prompt_group("a photo of a dog", False, cfg) == "unrelated"
+    shown = re.findall(r"<h4>([^<]+) <span.*?</h4>(.*?)</section>", page, re.S)
+    assert [p for p, _ in shown] == [p["prompt"] for p in prompts]
+    for p, (_, strip) in zip(prompts, shown):  # each checkpoint image captioned with its measured change
+        name = f"prompt_{p['index']}_64x64.png"
+        want = [f"step {s} · Δ {pixel_change(out / 'baseline' / name, out / f'checkpoint_{s:06d}' / name):.1f}" for s in (2, 4)]
+        assert re.findall(r"step \d+ · Δ \d+\.\d", strip) == want

@@ -236,6 +236,10 @@ class LossConfig:
     diff_output_preservation_class: str | None = _f(None, check=_check_nonempty)
     diff_output_preservation_multiplier: float = _f(1.0, ge=0)
     diff_output_preservation_every_n_steps: int = _f(1, ge=1)  # the seed guide's 1
+    # ours: more prompts to preserve besides the class prompt ("" = the empty prompt): in DOP's
+    # preservation pass, the class prompt on every other DOP step, these in turn on the others
+    # (data.preservation_prompts; docs/training.md).
+    diff_output_preservation_prompts: list[str] = _f([])
 
 
 @dataclass
@@ -539,6 +543,7 @@ _DEFAULT_NOTES: dict[str, str | None] = {
     "loss.diff_output_preservation_class": None,
     "loss.diff_output_preservation_multiplier": None,
     "loss.diff_output_preservation_every_n_steps": None,
+    "loss.diff_output_preservation_prompts": "no Swift key; none: DOP preserves the class prompt only",
     "memory.gradient_checkpointing": None,
     "memory.cache_latents": None,
     "memory.cache_text_embeddings": None,

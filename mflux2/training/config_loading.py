@@ -438,6 +438,7 @@ def _finalize(cfg: TrainConfig, ctx: _Ctx) -> TrainConfig:
                      "as the Swift trainer does; set it (e.g. \"cat\", \"person\") to say what the subject is")
             cfg.loss.diff_output_preservation_class = "object"
             derived("loss.diff_output_preservation_class", "swift: assumed, DOP is on without a class word")
+    _check_preservation_prompts(cfg, ctx)
     ds = cfg.dataset
     if ds.validation_control_path and not ds.control_path:
         raise ctx.error(("dataset", "validation_control_path"), "is set but dataset.control_path is not (edit training "
@@ -473,6 +474,27 @@ def _finalize(cfg: TrainConfig, ctx: _Ctx) -> TrainConfig:
     if cfg.validation_variant is not None:
         cfg.resolve_model_defaults(cfg.validation_variant)
     return cfg
+
+
+def _check_preservation_prompts(cfg: TrainConfig, ctx: _Ctx) -> None:
+    """loss.diff_output_preservation_prompts: used only with DOP on (else one warning), never the
+    trigger word (they are held to the base model), no repeats (the rotation would weight them)."""
+    from mflux2.training.data import names_trigger
+
+    prompts, key = cfg.loss.diff_output_preservation_prompts, ("loss", "diff_output_preservation_prompts")
+    if not prompts:
+        return
+    if not cfg.loss.diff_output_preservation:
+        ctx.warn(key, "ignored: loss.diff_output_preservation is off (these prompts take turns with the class "
+                      "prompt in DOP's preservation pass); set it to true to use them")
+    seen: dict[str, int] = {}
+    for i, p in enumerate(prompts):
+        if names_trigger(p, cfg.dataset.trigger_word):
+            raise ctx.error(key + (i,), f"{_show(p)} names the trigger word {cfg.dataset.trigger_word!r}: these prompts "
+                                        f"are held to the base model, so they must not name the subject")
+        if p in seen:
+            raise ctx.error(key + (i,), f"{_show(p)} is listed twice (also item {seen[p]}): list each prompt once")
+        seen[p] = i
 
 
 def _legacy_validation_prompt(raw: Any, ctx: _Ctx) -> Any:

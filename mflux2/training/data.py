@@ -9,7 +9,8 @@
   Hugging Face imagefolder layout). `[trigger]`/`{trigger}` become the trigger word, a caption without
   the trigger word gets it prepended ("<trigger>, <caption>"), a missing caption is the trigger word
   alone (one warning lists them). The DOP prompt is the caption with every occurrence of the trigger
-  word replaced by `loss.diff_output_preservation_class`.
+  word replaced by `loss.diff_output_preservation_class`; `preservation_prompts` rotates it with
+  `loss.diff_output_preservation_prompts`.
 * Buckets: with `memory.bucketing.enabled`, each image goes to ONE bucket (W, H), both multiples of 16,
   with area ≈ res² and the aspect ratio (clamped to [1/3, 3]) nearest the image's, on a grid of widths
   64 apart. The resolution is the largest configured one the image covers without upscaling; an image
@@ -164,6 +165,18 @@ def build_dop_caption(caption: str, trigger: str | None, class_word: str | None)
     if not trigger or not class_word:
         return None
     return _trigger_re(trigger).sub(lambda _: class_word, caption)
+
+
+def preservation_prompts(samples: Sequence["Sample"], step: int, every: int, extra: Sequence[str]) -> list[str]:
+    """The prompts of a DOP step's preservation pass, one per sample. Without `extra`
+    (loss.diff_output_preservation_prompts): each sample's DOP prompt. With it, DOP step j = step // every
+    takes the DOP prompts when j is even and the extra prompts in turn when j is odd (extra[(j // 2) %
+    len(extra)] for every sample): the class prompt keeps half the preservation steps however long the
+    list. A pure function of the step: a resumed run rotates exactly as an uninterrupted one."""
+    j = step // every
+    if not extra or j % 2 == 0:
+        return [s.dop_caption for s in samples]
+    return [extra[(j // 2) % len(extra)]] * len(samples)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -266,6 +266,8 @@ def _dataset_lines(samples, rep: Report, cfg):
     rep.line(f"captions: {len(captions)} distinct; e.g. {samples[0].caption!r}")
     if cfg.loss.diff_output_preservation:
         rep.line(f"DOP captions: e.g. {samples[0].dop_caption!r}")
+        if cfg.loss.diff_output_preservation_prompts:
+            rep.line(f"DOP also preserves, taking turns with them: {cfg.loss.diff_output_preservation_prompts!r}")
 
 
 def _reference_tokens(paths) -> int:
@@ -487,7 +489,8 @@ def preflight(cfg, out=print, err=None) -> int:
     if samples and tsrc is not None:
         t = disk_transformer_config(train.source) if train.source is not None else memory._config(train.variant)
         dop = cfg.loss.diff_output_preservation
-        prompts = [s.caption for s in samples + val_samples] + ([s.dop_caption for s in samples] if dop else [])
+        prompts = [s.caption for s in samples + val_samples]
+        prompts += ([s.dop_caption for s in samples] + list(cfg.loss.diff_output_preservation_prompts)) if dop else []
         prompts += [it.prompt for it in items] + [""]
         total = cfg.training.max_steps  # always set: the config derives it from epochs (x 100, as Swift)
         need, keep_n = disk_need(cfg, t, samples, val_samples, prompts, total)

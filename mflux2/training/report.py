@@ -8,6 +8,9 @@ import html
 import json
 from pathlib import Path
 
+import numpy as np
+from PIL import Image
+
 from mflux2.training.outputs import atomic_write_text, checkpoint_dirs
 from mflux2.training.scoring import image_label
 
@@ -34,6 +37,58 @@ def _timing_table(timing: list[dict]) -> str:
             f"<tr><th>total</th><td>{total:.2f} s</td><td></td><td>{max(t['peak_gb'] for t in timing):.2f} GB</td></tr></table>")
 
 
+# The validation prompts in three groups (validation.prompt_group), each with what its images should do.
+GROUPS = (("trigger", "With the trigger word", "should become the subject"),
+          ("class", "The class word without the trigger", "should stay as the baseline (what DOP's class prompt protects)"),
+          ("unrelated", "Other prompts", "should stay as the baseline"))
+
+
+def pixel_change(a: Path, b: Path) -> float | None:
+    """Mean absolute pixel difference of two images, 0–255 (None when their sizes differ)."""
+    with Image.open(a) as x, Image.open(b) as y:
+        if x.size != y.size:
+            return None
+        return float(np.abs(np.asarray(x.convert("RGB"), np.int16) - np.asarray(y.convert("RGB"), np.int16)).mean())
+
+
+def _validation_rows(output: Path, prompts: list[dict], steps: list) -> str:
+    """The validation strips grouped as GROUPS: an editing prompt's prepared references first, then the
+    baseline and each checkpoint, captioned with its change from the baseline (and its VLM score); each
+    group is headed by its mean change per checkpoint."""
+    out = []
+    for group, title, should in GROUPS:
+        rows, change = [], {}  # change: step -> the group's pixel changes from the baseline
+        for p in prompts:
+            if p.get("group", "trigger" if p["trigger"] else "unrelated") != group:
+                continue
+            refs = p.get("references", [])  # editing prompts: the prepared reference images come first
+            name = p.get("file") or f"prompt_{p['index']}_{p['size'][0]}x{p['size'][1]}.png"  # (runs from before editing)
+            cells = []
+            for j, ref in enumerate(refs):
+                if (output / "progression" / ref).exists():
+                    label = "reference" if len(refs) == 1 else f"reference {j + 1}"
+                    cells.append(f"<figure>{_img(output / 'progression' / ref, label)}<figcaption>{label}</figcaption></figure>")
+            base = output / "baseline" / name
+            if base.exists():
+                cells.append(f"<figure>{_img(base, 'baseline')}<figcaption>baseline{_scored(base.parent, name)}</figcaption></figure>")
+            for s, d in steps:
+                if (d / name).exists():
+                    delta = pixel_change(base, d / name) if base.exists() else None
+                    if delta is not None:
+                        change.setdefault(s, []).append(delta)
+                    note = f" · Δ {delta:.1f}" if delta is not None else ""
+                    cells.append(f"<figure>{_img(d / name, f'step {s}')}<figcaption>step {s}{note}{_scored(d, name)}</figcaption></figure>")
+            tag = ("with trigger" if p["trigger"] else "without trigger") + (", edit of the reference" if refs else "")
+            rows.append(f'<section class="prompt"><h4>{html.escape(p["prompt"])} <span class="tag">{tag}</span></h4>'
+                        f'<div class="strip">{"".join(cells)}</div></section>')
+        if rows:
+            means = ", ".join(f"step {s}: {np.mean(v):.1f}" for s, v in sorted(change.items()))
+            head = f"{should}; mean Δ at {means}" if means else should
+            out.append(f'<h3 class="group" id="group-{group}">{title} <span class="tag">({html.escape(head)})</span></h3>'
+                       + "".join(rows))
+    return "".join(out)
+
+
 def write_report(output: Path, config_yaml: str, summary: dict, timing: list[dict] | None = None) -> Path:
     """Build `<output>/report.html` from what the run has written so far; `timing`: the phases so far."""
     prompts_file = output / "progression" / "prompts.json"
@@ -41,32 +96,15 @@ def write_report(output: Path, config_yaml: str, summary: dict, timing: list[dic
     curve = output / "learning_curve.svg"
     vlm = output / "vlm_scores.svg"  # validation.vlm_scoring
     steps = [(s, d) for s, d in checkpoint_dirs(output)]
-
-    rows = []
-    for p in prompts:
-        refs = p.get("references", [])  # editing prompts: the prepared reference images come first
-        name = p.get("file") or f"prompt_{p['index']}_{p['size'][0]}x{p['size'][1]}.png"  # (runs from before editing)
-        cells = []
-        for j, ref in enumerate(refs):
-            if (output / "progression" / ref).exists():
-                label = "reference" if len(refs) == 1 else f"reference {j + 1}"
-                cells.append(f"<figure>{_img(output / 'progression' / ref, label)}<figcaption>{label}</figcaption></figure>")
-        base = output / "baseline" / name
-        if base.exists():
-            cells.append(f"<figure>{_img(base, 'baseline')}<figcaption>baseline{_scored(base.parent, name)}</figcaption></figure>")
-        for s, d in steps:
-            if (d / name).exists():
-                cells.append(f"<figure>{_img(d / name, f'step {s}')}<figcaption>step {s}{_scored(d, name)}</figcaption></figure>")
-        tag = ("with trigger" if p["trigger"] else "without trigger") + (", edit of the reference" if refs else "")
-        rows.append(f'<section class="prompt"><h3>{html.escape(p["prompt"])} <span class="tag">{tag}</span></h3>'
-                    f'<div class="strip">{"".join(cells)}</div></section>')
+    rows = _validation_rows(output, prompts, steps)
 
     facts = "".join(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>" for k, v in summary.items())
     page = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>mflux2 — {html.escape(output.name)}</title>
 <style>
 body {{ font-family: -apple-system, system-ui, sans-serif; margin: 24px; color: #222; max-width: 1400px; }}
-h1 {{ font-size: 22px; }} h2 {{ font-size: 18px; margin-top: 28px; }} h3 {{ font-size: 14px; margin: 12px 0 6px; }}
+h1 {{ font-size: 22px; }} h2 {{ font-size: 18px; margin-top: 28px; }} h3 {{ font-size: 15px; margin: 18px 0 4px; }}
+h4 {{ font-size: 14px; margin: 10px 0 6px; }}
 .tag {{ font-weight: normal; color: #777; }}
 .strip {{ display: flex; gap: 8px; overflow-x: auto; }}
 figure {{ margin: 0; text-align: center; }} figure img {{ width: 192px; height: 192px; object-fit: contain;
@@ -79,7 +117,8 @@ pre {{ background: #f6f6f6; padding: 12px; font-size: 12px; overflow-x: auto; }}
 <h1>mflux2 training report — {html.escape(output.name)}</h1>
 <table>{facts}</table>
 <h2>Validation images: baseline → checkpoints</h2>
-{"".join(rows) or "<p>no validation prompts configured</p>"}
+<p class="tag">Δ: the mean absolute pixel change from the baseline image (0–255), same prompt and seed.</p>
+{rows or "<p>no validation prompts configured</p>"}
 {f'<h2>VLM score per checkpoint</h2><div id="vlm-scores">{vlm.read_text()}</div>' if vlm.exists() else ""}
 <h2>Learning curve</h2>
 <div id="curve">{curve.read_text() if curve.exists() else "<p>no checkpoint yet</p>"}</div>

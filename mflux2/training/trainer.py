@@ -589,7 +589,7 @@ class Trainer:
         dop = cfg.loss.diff_output_preservation
         prompts = [s.caption for s in self.samples + self.val_samples]
         if dop:
-            prompts += [s.dop_caption for s in self.samples]
+            prompts += [s.dop_caption for s in self.samples] + list(cfg.loss.diff_output_preservation_prompts)
         prompts += [it.prompt for it in self.validation.items]
         prompts.append("")  # caption dropout and CFG's negative prompt
         total = cfg.training.max_steps  # always set: the config derives it from epochs (x 100, as Swift)
@@ -675,11 +675,13 @@ class Trainer:
                 use_refs = not (group_batch[0].controls and cfg.dataset.control_dropout
                                 and self.rng.random() < cfg.dataset.control_dropout)
                 is_dop = dop and state.step % dop_every == 0
+                # the class prompts, or one of loss.diff_output_preservation_prompts (they take turns)
+                kept = data_mod.preservation_prompts(chosen, state.step, dop_every, cfg.loss.diff_output_preservation_prompts)
                 batch = Batch(
                     latents=mx.stack([self._latents(s) for s in chosen]),
                     prompt_embeds=mx.stack([self._embeds(c) for c in captions]),
                     img_ids=self._img_ids(chosen[0].bucket), txt_ids=self.txt_ids,
-                    dop_embeds=mx.stack([self._embeds(s.dop_caption) for s in chosen]) if is_dop else None,
+                    dop_embeds=mx.stack([self._embeds(p) for p in kept]) if is_dop else None,
                     **self._edit_inputs(chosen, use_refs),
                 )
                 key = mx.random.key(cfg.training.seed * 1_000_003 + state.step)  # t and noise

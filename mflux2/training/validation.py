@@ -85,6 +85,15 @@ def prepare_validation_references(cfg: TrainConfig, pipe) -> dict[tuple[str, ...
     return out
 
 
+def prompt_group(prompt: str, with_trigger: bool, cfg: TrainConfig) -> str:
+    """What a validation image should show: `trigger` (the subject), `class` (names the DOP class word
+    without the trigger: the base model's image, what DOP's class prompt keeps) or `unrelated`
+    (neither word: the base model's image, kept only as far as preservation reaches it)."""
+    if with_trigger:
+        return "trigger"
+    return "class" if data_mod.names_trigger(prompt, cfg.loss.diff_output_preservation_class) else "unrelated"
+
+
 class Validation:
     """The run's validation images. `trainer` supplies the training model, its LoRA (or EMA) state,
     the cached embeddings, the position ids, the phase clock and the log."""
@@ -237,7 +246,7 @@ class Validation:
                 draw.text((i * thumb + 4, 3), text, fill="black")
             atomic_write(prog / name, lambda tmp: strip.save(tmp, format="PNG"))
         listing = [{"index": it.index, "prompt": it.prompt, "trigger": it.with_trigger, "size": [it.width, it.height],
-                    "seed": it.seed, "file": it.file_name,
+                    "seed": it.seed, "file": it.file_name, "group": prompt_group(it.prompt, it.with_trigger, self.t.cfg),
                     "references": [it.reference_file(j) for j in range(len(it.references))],
                     "reference_paths": list(it.references)} for it in self.items]
         atomic_write_text(prog / "prompts.json", json.dumps(listing, indent=1))
