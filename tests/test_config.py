@@ -482,7 +482,6 @@ BAD_VALUES = [
     ("model: {transformer_quantization: fp8}", "model.transformer_quantization", "'fp8'"),
     ("lora: {target_layers: attn}", "lora.target_layers", "'attn'"),
     ("dataset: {path: d, caption_format: csv}", "dataset.caption_format", "'csv'"),
-    ("loss: {diff_output_preservation_prompts: 'a cat'}", "loss.diff_output_preservation_prompts", "'a cat'"),
     ("loss: {diff_output_preservation_prompts: ['a cat', 5]}", "loss.diff_output_preservation_prompts[1]", "5"),
 ]
 
@@ -532,12 +531,14 @@ def test_more_preservation_prompts_are_checked(tmp_path):
     cfg = load_config(write(tmp_path, head + "  diff_output_preservation_prompts: ['', 'a dog on a sofa']"))
     assert cfg.loss.diff_output_preservation_prompts == ["", "a dog on a sofa"]  # "" is the empty prompt
     assert load_config(write(tmp_path, head)).loss.diff_output_preservation_prompts == []  # off by default
+    one = load_config(write(tmp_path, head + "  diff_output_preservation_prompts: a dog"))  # one string: a one-item list
+    assert one.loss.diff_output_preservation_prompts == ["a dog"]
     # the subject's own word would fight the main loss; a repeat would weight a prompt twice
     msg = error_of(tmp_path, head + "  diff_output_preservation_prompts: ['a dog', 'a SKS on a sofa']")
     assert msg.startswith(f"{tmp_path / 'cfg.yaml'}:5: loss.diff_output_preservation_prompts[1]: 'a SKS on a sofa' names "
                           "the trigger word 'sks'"), msg
     msg = error_of(tmp_path, head + "  diff_output_preservation_prompts: ['a dog', '', 'a dog']")
-    assert "diff_output_preservation_prompts[2]: 'a dog' is listed twice (also item 0)" in msg, msg
+    assert "diff_output_preservation_prompts: 'a dog' is given twice" in msg, msg
     # without DOP they have no pass to run in: said once, not silently dropped
     with pytest.warns(ConfigWarning) as rec:
         load_config(write(tmp_path, "dataset: {path: d, trigger_word: sks}\nloss: {diff_output_preservation_prompts: ['']}"))

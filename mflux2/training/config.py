@@ -111,7 +111,8 @@ def check_reference_count(cfg: "TrainConfig", model: str) -> None:
 
 
 def _f(default: Any = None, **meta: Any):
-    """A dataclass field with validation metadata: choices, aliases, ge/gt/le/lt, check, warn_aliases."""
+    """A dataclass field with validation metadata: choices, aliases, ge/gt/le/lt, check, warn_aliases,
+    empty_ok (a list of str/int that may be empty)."""
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda d=default: copy.deepcopy(d), metadata=meta)
     return field(default=default, metadata=meta)
@@ -239,7 +240,7 @@ class LossConfig:
     # ours: more prompts to preserve besides the class prompt ("" = the empty prompt): in DOP's
     # preservation pass, the class prompt on every other DOP step, these in turn on the others
     # (data.preservation_prompts; docs/training.md).
-    diff_output_preservation_prompts: list[str] = _f([])
+    diff_output_preservation_prompts: list[str] = _f([], empty_ok=True)  # [] = the class prompt only
 
 
 @dataclass

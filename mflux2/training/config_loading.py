@@ -77,6 +77,7 @@ class _Ctx:
 def _path_str(path: tuple) -> str:
     out = ""
     for p in path:
+        p = p if isinstance(p, int) or str(p).isprintable() else repr(str(p))  # an error stays one line
         out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
     return out
 
@@ -177,7 +178,7 @@ def _coerce(v: Any, hint: Any, meta: dict, ctx: _Ctx, path: tuple) -> Any:
             v = [v]  # one string is a one-item list (`control_path: ctrl`, the Swift trainer's form)
         if not isinstance(v, list):
             raise ctx.error(path, f"must be a list, got {_type_name(v)} {_show(v)}")
-        if not v and item in (int, str):
+        if not v and item in (int, str) and not meta.get("empty_ok"):
             raise ctx.error(path, "must not be empty")
         out = []
         for i, x in enumerate(v):
@@ -478,7 +479,8 @@ def _finalize(cfg: TrainConfig, ctx: _Ctx) -> TrainConfig:
 
 def _check_preservation_prompts(cfg: TrainConfig, ctx: _Ctx) -> None:
     """loss.diff_output_preservation_prompts: used only with DOP on (else one warning), never the
-    trigger word (they are held to the base model), no repeats (the rotation would weight them)."""
+    trigger word (they are held to the base model); repeats are refused where lists are read (the rotation
+    would weight them)."""
     from mflux2.training.data import names_trigger
 
     prompts, key = cfg.loss.diff_output_preservation_prompts, ("loss", "diff_output_preservation_prompts")
@@ -487,14 +489,10 @@ def _check_preservation_prompts(cfg: TrainConfig, ctx: _Ctx) -> None:
     if not cfg.loss.diff_output_preservation:
         ctx.warn(key, "ignored: loss.diff_output_preservation is off (these prompts take turns with the class "
                       "prompt in DOP's preservation pass); set it to true to use them")
-    seen: dict[str, int] = {}
     for i, p in enumerate(prompts):
         if names_trigger(p, cfg.dataset.trigger_word):
             raise ctx.error(key + (i,), f"{_show(p)} names the trigger word {cfg.dataset.trigger_word!r}: these prompts "
                                         f"are held to the base model, so they must not name the subject")
-        if p in seen:
-            raise ctx.error(key + (i,), f"{_show(p)} is listed twice (also item {seen[p]}): list each prompt once")
-        seen[p] = i
 
 
 def _legacy_validation_prompt(raw: Any, ctx: _Ctx) -> Any:
