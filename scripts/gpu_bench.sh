@@ -4,7 +4,7 @@
 # peak memory is its own; each prints one JSON line, collected in OUT_DIR/results.jsonl.
 #   bash scripts/gpu_bench.sh OUT_DIR [SET...]
 #   SET: ours (the issue's targets; checkpointed runs use MLX command batches of 4 on CUDA, as the
-#        trainer does) | edit (the edit step, one same-size reference) | sync (synchronous checkpointed segments) | extra (no memory
+#        trainer does) | preserve (DOP with more preservation prompts) | edit (the edit step, one same-size reference) | sync (synchronous checkpointed segments) | extra (no memory
 #        limit, one evaluation, the elementwise RoPE, checkpointing in one graph, int8/int4,
 #        1024², klein-9b bf16, the profile, the GEMM floor) | before (the committed code, copied to
 #        .gpu/orig) | peers (diffusers+peft, torch.compile, mflux: .gpu/peers, after its
@@ -42,6 +42,15 @@ ours)  # memory limit "auto" (TrainStep's default) unless "none"
   run k4_int8_ckpt_sync 120 $B --model klein-4b --base int8 --checkpointing 1 --ahead 0
   run k9_int8_ckpt_sync 150 python3 scripts/benchmark.py --model klein-9b --base int8 --checkpointing 1 --ahead 0 --steps 4 --warmup 2
   run dev_int8_ckpt_sync 240 python3 scripts/benchmark.py --model dev --base int8 --checkpointing 1 --ahead 0 --steps 3 --warmup 2
+  ;;
+preserve)  # DOP alone vs DOP with loss.diff_output_preservation_prompts (3 prompts taking turns), issue 21;
+  # interleaved and the first pair repeated, so drift between rows shows
+  run k4_dop          300 $B --model klein-4b --mode dop
+  run k4_dop_prompts  150 $B --model klein-4b --mode dop --dop-prompts 3
+  run k4_dop_ckpt     150 $B --model klein-4b --mode dop --checkpointing 1
+  run k4_dop_ckpt_prompts 150 $B --model klein-4b --mode dop --checkpointing 1 --dop-prompts 3
+  run k4_dop_2        150 $B --model klein-4b --mode dop
+  run k4_dop_prompts_2 150 $B --model klein-4b --mode dop --dop-prompts 3
   ;;
 edit)  # edit (image-to-image) training: 512² target + one 512² reference (--control 1), rank 32, beside the text-to-image step
   run k4_t2i_ckpt   300 $B --model klein-4b --checkpointing 1
