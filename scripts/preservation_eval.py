@@ -1,17 +1,16 @@
 """Which prompts does a subject LoRA leave alone? DOP, and DOP with more preservation prompts, on the toy model.
 
-    python scripts/preservation_eval.py          # CPU only; prints one JSON line (time: docs/toy-model.md)
-    python scripts/preservation_eval.py --modes none,dop,dop+prompts,dop-x3 --out runs/   # + a reference, kept
+    python scripts/preservation_eval.py          # CPU only, ~12 min on 2 cores; prints one JSON line
+    python scripts/preservation_eval.py --modes none,dop,dop+prompts,dop-x2 --out runs/   # + a reference, kept
 
-Trains the quickstart LoRA (configs/quickstart.yaml: the star subject `sks` on models/toy, 300 steps,
-seed 0) in each mode, with the same seed and data:
+Trains the quickstart LoRA (configs/quickstart.yaml: the star subject `sks` on models/toy, 300 steps)
+in each mode, once per training seed (`--seed 0,1`), with the same data:
 
     none          DOP off
     dop           DOP on the class word `shape`, as shipped (multiplier 1)
     dop+prompts   DOP with loss.diff_output_preservation_prompts = PRESERVE (three shape prompts, none of
-                  them an evaluation prompt) and multiplier 3 (PRESERVE_MULTIPLIER: the class prompt and
-                  each listed prompt are preserved on half the DOP steps)
-    dop-x3        (reference, not run by default) DOP alone with multiplier 3
+                  them an evaluation prompt) and multiplier 1.5 (PRESERVE_MULTIPLIER)
+    dop-x1.5, dop-x2   (references, not run by default) DOP alone with multiplier 1.5 / 2
 
 then renders held-out prompts of three groups with the base model and with each LoRA, image for image
 with the same initial noise (`--seeds` per prompt), at the quickstart's validation settings (20 steps,
@@ -21,7 +20,7 @@ CFG 2.0):
     class       "a red shape on a blue background", ... (4)             should stay the base model's
     unrelated   "a green circle on a white background", ... (4)         should stay the base model's
 
-and scores each mode against the base model's images:
+and scores each mode against the base model's images (each training seed alone, then averaged):
 
     <group>          drift: mean absolute pixel difference to the base image of the same prompt and
                      noise (0–255)
@@ -29,7 +28,8 @@ and scores each mode against the base model's images:
                      star in the prompt's colours
     kept_<group>     fraction of class / unrelated images whose shape the scorer reads as the base image's
 
-Figures and what they say: docs/toy-model.md. tests/test_preservation.py runs a cut-down version.
+Prompts are padded to 64 tokens (TEXT_LENGTH; `--text-length 512` is the quickstart as shipped, ~10x
+slower). Figures and what they say: docs/toy-model.md. tests/test_preservation.py runs a cut-down version.
 """
 
 from __future__ import annotations
@@ -64,14 +64,15 @@ PRESERVE = ["a blue square on a white background", "a purple triangle on a yello
             "a yellow circle on a green background"]
 # The option preserves each listed prompt and the class prompt on half as many steps as DOP alone its
 # class prompt, so it is run with a stronger preservation term (docs/training.md).
-PRESERVE_MULTIPLIER = 3.0
+PRESERVE_MULTIPLIER = 1.5
 MODES = {
     "none": {"loss.diff_output_preservation": False},
     "dop": {},
     "dop+prompts": {"loss.diff_output_preservation_prompts": PRESERVE,
                     "loss.diff_output_preservation_multiplier": PRESERVE_MULTIPLIER},
-    # a reference, not run by default: DOP alone with the option's multiplier
-    "dop-x3": {"loss.diff_output_preservation_multiplier": PRESERVE_MULTIPLIER},
+    # references, not run by default: DOP alone with the option's multiplier, and with 2
+    "dop-x1.5": {"loss.diff_output_preservation_multiplier": PRESERVE_MULTIPLIER},
+    "dop-x2": {"loss.diff_output_preservation_multiplier": 2.0},
 }
 DEFAULT_MODES = ("none", "dop", "dop+prompts")
 # The evaluation prompts: colour pairs (red/blue and green/white occur in the subject's captions,
@@ -81,6 +82,11 @@ PAIRS = [("red", "blue"), ("yellow", "purple"), ("green", "white"), ("white", "r
 TRIGGER_PAIRS = PAIRS + [("blue", "green"), ("purple", "white"), ("red", "yellow"), ("green", "purple")]
 UNRELATED_SHAPES = ["circle", "square", "triangle", "circle"]
 GROUPS = ("trigger", "class", "unrelated")
+# The toy's prompts are at most 16 tokens: padded to 64 instead of the shipped 512, a step and an image
+# cost ~10x less (the text tokens dominate a 64² image's 16 image tokens), so the comparison can afford
+# more images per prompt. Padding changes what the model sees, for the base model and every LoRA alike.
+TEXT_LENGTH = 64
+SEEDS = 4
 
 
 def config(overrides: dict | None = None) -> TrainConfig:
@@ -89,10 +95,12 @@ def config(overrides: dict | None = None) -> TrainConfig:
 
 
 def train(mode: str, output: Path, steps: int = 300, seed: int = 0, caches_from: Path | None = None,
-          overrides: dict | None = None, log=lambda *a: None) -> Path:
+          overrides: dict | None = None, text_length: int = 512, log=lambda *a: None) -> Path:
     """The quickstart config in `mode` (a MODES key) through the real Trainer, without validation
     images or intermediate checkpoints; returns lora_final.safetensors. `caches_from`: an earlier
-    run's output folder whose latent and text caches are reused (what is missing is encoded)."""
+    run's output folder whose latent and text caches are reused (what is missing is encoded).
+    `text_length`: the prompts' padded token length (the text encoder's max_length, 512 as shipped)."""
+    from mflux2.training import trainer as trainer_mod
     from mflux2.training.trainer import Trainer
 
     output.mkdir(parents=True, exist_ok=True)
@@ -101,8 +109,19 @@ def train(mode: str, output: Path, steps: int = 300, seed: int = 0, caches_from:
             shutil.copytree(caches_from / name, output / name, dirs_exist_ok=True)
     cfg = config({"training.max_steps": steps, "training.seed": seed, "checkpoints.output": str(output),
                   "checkpoints.save_every": 0, "validation.prompts": [], **MODES[mode], **(overrides or {})})
-    trainer = Trainer(cfg, resume=False, log=log)
-    lora = trainer.run()
+    open_model = trainer_mod.open_model
+
+    def with_length(cfg, *a):
+        pipe = open_model(cfg, *a)
+        pipe.text_encoder_options["max_length"] = text_length  # part of the text cache's identity
+        return pipe
+
+    trainer_mod.open_model = with_length
+    try:
+        trainer = Trainer(cfg, resume=False, log=log)
+        lora = trainer.run()
+    finally:
+        trainer_mod.open_model = open_model
     if trainer.result != {"reason": "finished", "step": steps, "lora": lora}:
         raise RuntimeError(f"{mode}: training ended early: {trainer.result}")
     return lora
@@ -213,25 +232,30 @@ def velocity_drift(pipe, loras: dict[str, Path], groups: dict[str, list[tuple[st
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=300, help="training steps per mode (the quickstart's 300)")
-    ap.add_argument("--seed", type=int, default=0, help="training.seed of every mode")
-    ap.add_argument("--seeds", type=int, default=2, help="images per evaluation prompt (noise seeds 0..n-1)")
+    ap.add_argument("--seed", default="0,1", help="training.seed of every mode; comma-separated: each mode is trained "
+                                                  "once per seed and scored over all of them")
+    ap.add_argument("--seeds", type=int, default=SEEDS, help="images per evaluation prompt and LoRA (noise seeds 0..n-1)")
+    ap.add_argument("--text-length", type=int, default=TEXT_LENGTH,
+                    help="prompts padded to this many tokens, training and rendering (512: the quickstart as shipped)")
     ap.add_argument("--modes", default=",".join(DEFAULT_MODES), help="comma-separated, of: " + ", ".join(MODES))
     ap.add_argument("--sample-steps", type=int, default=None, help="sampling steps (default: the config's validation.steps, 20)")
     ap.add_argument("--out", default=None, help="keep the runs and images here (default: a temporary folder)")
     args = ap.parse_args(argv)
-    modes = args.modes.split(",")
+    modes, train_seeds = args.modes.split(","), [int(x) for x in args.seed.split(",")]
     if unknown := [m for m in modes if m not in MODES]:
         ap.error(f"--modes: unknown {', '.join(unknown)} (choose from {', '.join(MODES)})")
     t0 = time.perf_counter()
     root = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="preservation_eval_"))
     loras, caches, seconds = {}, None, {}
-    # dop+prompts first: its caches hold every prompt the other modes need
-    for mode in sorted(modes, key=lambda m: m != "dop+prompts"):
-        t = time.perf_counter()
-        loras[mode] = train(mode, root / mode, args.steps, args.seed, caches_from=caches)
-        seconds[f"train {mode}"] = round(time.perf_counter() - t, 1)
-        caches = caches or root / mode
-        print(f"trained {mode} in {seconds[f'train {mode}']} s", file=sys.stderr, flush=True)
+    for seed in train_seeds:
+        # dop+prompts first: its caches hold every prompt the other modes need
+        for mode in sorted(modes, key=lambda m: m != "dop+prompts"):
+            t = time.perf_counter()
+            run = f"{mode}@{seed}"
+            loras[run] = train(mode, root / f"seed{seed}" / mode, args.steps, seed, caches_from=caches, text_length=args.text_length)
+            seconds[f"train {run}"] = round(time.perf_counter() - t, 1)
+            caches = caches or root / f"seed{seed}" / mode
+            print(f"trained {run} in {seconds[f'train {run}']} s", file=sys.stderr, flush=True)
 
     from mflux2.pipeline import Flux2Pipeline
 
@@ -239,14 +263,19 @@ def main(argv=None) -> dict:
     groups = eval_prompts(cfg)
     prompts = [p for g in GROUPS for p, _, _ in groups[g]]
     t = time.perf_counter()
-    pipe = Flux2Pipeline.from_pretrained(MODEL)
-    images = render(pipe, {"base": None, **{m: loras[m] for m in modes}}, prompts, args.seeds,
-                    args.sample_steps or cfg.validation.steps, cfg.validation.guidance)
+    pipe = Flux2Pipeline.from_pretrained(MODEL, max_sequence_length=args.text_length)
+    images = render(pipe, {"base": None, **loras}, prompts, args.seeds, args.sample_steps or cfg.validation.steps,
+                    cfg.validation.guidance)
     seconds["render"] = round(time.perf_counter() - t, 1)
     if args.out:
         np.savez_compressed(root / "images.npz", prompts=np.array(prompts), **images)
-    result = {m: score(images[m], images["base"], groups, args.seeds) for m in modes}
-    result["settings"] = {"steps": args.steps, "seed": args.seed, "images": {g: len(groups[g]) * args.seeds for g in GROUPS},
+    result = {}
+    for m in modes:  # each training seed scored alone, then averaged (every seed has as many images)
+        runs = [score(images[f"{m}@{seed}"], images["base"], groups, args.seeds) for seed in train_seeds]
+        result[m] = {k: round(float(np.mean([r[k] for r in runs])), 3) for k in runs[0]}
+        result[m]["per_seed"] = {k: [r[k] for r in runs] for k in ("subject", "class", "unrelated")}
+    result["settings"] = {"steps": args.steps, "train_seeds": train_seeds, "text_length": args.text_length,
+                          "images_per_seed": {g: len(groups[g]) * args.seeds for g in GROUPS},
                           "preserve": PRESERVE, "multiplier": PRESERVE_MULTIPLIER,
                           "seconds": {**seconds, "total": round(time.perf_counter() - t0, 1)}}
     print(json.dumps(result))

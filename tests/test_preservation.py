@@ -87,21 +87,12 @@ def _eval_script():
 @pytest.fixture(scope="module")
 def drift(tmp_path_factory):
     from mflux2.pipeline import Flux2Pipeline
-    from mflux2.training import trainer as trainer_mod
 
     pe = _eval_script()
     tmp = tmp_path_factory.mktemp("preservation")
-    open_model = trainer_mod.open_model
-
-    def short_prompts(cfg, *a):
-        pipe = open_model(cfg, *a)
-        pipe.text_encoder_options["max_length"] = SHORT  # part of the text cache's identity
-        return pipe
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(trainer_mod, "open_model", short_prompts)
-        option = pe.train("dop", tmp / "option", STEPS, overrides={"loss.diff_output_preservation_prompts": pe.PRESERVE})
-        dop = pe.train("dop", tmp / "dop", STEPS, caches_from=tmp / "option")
+    option = pe.train("dop", tmp / "option", STEPS, overrides={"loss.diff_output_preservation_prompts": pe.PRESERVE},
+                      text_length=SHORT)
+    dop = pe.train("dop", tmp / "dop", STEPS, caches_from=tmp / "option", text_length=SHORT)
     cfg = pe.config()
     pipe = Flux2Pipeline.from_pretrained(pe.MODEL, max_sequence_length=SHORT)
     result = pe.velocity_drift(pipe, {"dop": dop, "option": option}, pe.eval_prompts(cfg), [0.7, 0.9], cfg.validation.guidance)
