@@ -17,8 +17,6 @@ from mflux2.training import data as data_mod
 from mflux2.training.step import TrainStep
 from tests.test_trainer import metrics, run, tiny, write_config  # noqa: F401  (fixture)
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 def test_rotation_is_a_pure_function_of_the_step():
     samples = [data_mod.Sample(Path("a.png"), "sks, a", "cat, a", (64, 64), "h", (64, 64))] * 2
@@ -75,20 +73,10 @@ MAX_UNRELATED_RATIO = 0.9  # the option off would feed the class prompt every ti
 MIN_TRIGGER_RATIO = 0.85
 
 
-def _eval_script():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("preservation_eval", ROOT / "scripts" / "preservation_eval.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 @pytest.fixture(scope="module")
 def drift(tmp_path_factory):
     from mflux2.pipeline import Flux2Pipeline
-
-    pe = _eval_script()
+    from scripts import preservation_eval as pe
     tmp = tmp_path_factory.mktemp("preservation")
     option = pe.train("dop", tmp / "option", STEPS, overrides={"loss.diff_output_preservation_prompts": pe.PRESERVE},
                       text_length=SHORT)
