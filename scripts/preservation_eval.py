@@ -1,6 +1,6 @@
 """Which prompts does a subject LoRA leave alone? DOP, and DOP with more preservation prompts, on the toy model.
 
-    python scripts/preservation_eval.py          # CPU only, ~12 min on 2 cores; prints one JSON line
+    python scripts/preservation_eval.py          # CPU only, under 14 min on 2 cores; prints one JSON line
     python scripts/preservation_eval.py --modes none,dop,dop+prompts,dop-x2 --out runs/   # + a reference, kept
 
 Trains the quickstart LoRA (configs/quickstart.yaml: the star subject `sks` on models/toy, 300 steps)
