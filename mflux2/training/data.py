@@ -179,6 +179,17 @@ def preservation_prompts(samples: Sequence["Sample"], step: int, every: int, ext
     return [extra[(j // 2) % len(extra)]] * len(samples)
 
 
+def prompts_to_embed(cfg: "TrainConfig", samples: Sequence["Sample"], val_samples: Sequence["Sample"],
+                     validation_prompts: Iterable[str]) -> list[str]:
+    """Every prompt a run embeds (the text cache; the dry run's disk estimate counts the same list): the
+    captions, with DOP the DOP prompts and loss.diff_output_preservation_prompts, the validation prompts,
+    and "" (caption dropout and CFG's negative prompt)."""
+    prompts = [s.caption for s in [*samples, *val_samples]]
+    if cfg.loss.diff_output_preservation:
+        prompts += [s.dop_caption for s in samples] + list(cfg.loss.diff_output_preservation_prompts)
+    return prompts + list(validation_prompts) + [""]
+
+
 # ---------------------------------------------------------------------------------------------
 # Buckets
 # ---------------------------------------------------------------------------------------------

@@ -273,22 +273,17 @@ def _dataset_lines(samples, rep: Report, cfg):
 def _reference_tokens(paths) -> int:
     """Image tokens of an editing prompt's reference images once prepared for the model (area capped
     as `Flux2Pipeline.prepare_references` caps it, sides floored to 16); from the files' headers."""
-    import math
-
     from PIL import Image
 
-    from mflux2.pipeline import reference_area
+    from mflux2.pipeline import reference_area, reference_scaled_size
 
     area, n = reference_area("diffusers", len(paths)), 0
     for path in paths:
         try:
             with Image.open(path) as im:
-                w, h = im.size
+                w, h = reference_scaled_size(*im.size, area)
         except OSError:  # the run stops on it with its own error; count the largest reference meanwhile
             w = h = 1024
-        if w * h > area:
-            scale = math.sqrt(area / (w * h))
-            w, h = int(w * scale), int(h * scale)
         n += (w // 16) * (h // 16)
     return n
 
@@ -296,7 +291,7 @@ def _reference_tokens(paths) -> int:
 def preflight(cfg, out=print, err=None) -> int:
     """Print the dry-run report of `cfg` (a loaded TrainConfig); 0 when the run fits, else 1 with one
     line on stderr."""
-    from mflux2.training import memory
+    from mflux2.training import data as data_mod, memory
     from mflux2.training.validation import validation_items
 
     err = err or (lambda s: print(s, file=sys.stderr))
@@ -488,10 +483,7 @@ def preflight(cfg, out=print, err=None) -> int:
     rep.section("disk")
     if samples and tsrc is not None:
         t = disk_transformer_config(train.source) if train.source is not None else memory._config(train.variant)
-        dop = cfg.loss.diff_output_preservation
-        prompts = [s.caption for s in samples + val_samples]
-        prompts += ([s.dop_caption for s in samples] + list(cfg.loss.diff_output_preservation_prompts)) if dop else []
-        prompts += [it.prompt for it in items] + [""]
+        prompts = data_mod.prompts_to_embed(cfg, samples, val_samples, [it.prompt for it in items])
         total = cfg.training.max_steps  # always set: the config derives it from epochs (x 100, as Swift)
         need, keep_n = disk_need(cfg, t, samples, val_samples, prompts, total)
         _disk_check(rep, Path(cfg.checkpoints.output), need, f"for the caches and {keep_n} checkpoint(s)",

@@ -587,11 +587,7 @@ class Trainer:
     def _run(self, ckpt: Path | None) -> Path:
         cfg, clock = self.cfg, self.clock
         dop = cfg.loss.diff_output_preservation
-        prompts = [s.caption for s in self.samples + self.val_samples]
-        if dop:
-            prompts += [s.dop_caption for s in self.samples] + list(cfg.loss.diff_output_preservation_prompts)
-        prompts += [it.prompt for it in self.validation.items]
-        prompts.append("")  # caption dropout and CFG's negative prompt
+        prompts = data_mod.prompts_to_embed(cfg, self.samples, self.val_samples, [it.prompt for it in self.validation.items])
         total = cfg.training.max_steps  # always set: the config derives it from epochs (x 100, as Swift)
         self.total_steps = total
         self._check_disk_space_for(prompts)
@@ -676,7 +672,7 @@ class Trainer:
                                 and self.rng.random() < cfg.dataset.control_dropout)
                 is_dop = dop and state.step % dop_every == 0
                 # the class prompts, or one of loss.diff_output_preservation_prompts (they take turns)
-                kept = data_mod.preservation_prompts(chosen, state.step, dop_every, cfg.loss.diff_output_preservation_prompts)
+                kept = data_mod.preservation_prompts(chosen, state.step, dop_every, cfg.loss.diff_output_preservation_prompts) if is_dop else []
                 batch = Batch(
                     latents=mx.stack([self._latents(s) for s in chosen]),
                     prompt_embeds=mx.stack([self._embeds(c) for c in captions]),
