@@ -50,6 +50,15 @@ def reference_area(caps: str, count: int) -> int:
     return 2024 * 2024 if caps == "bfl" and count == 1 else 1024 * 1024
 
 
+def reference_scaled_size(w: int, h: int, max_area: int) -> tuple[int, int]:
+    """The size a w x h reference is scaled down to when larger than `max_area` pixels (sides truncated,
+    as diffusers does); before the crop to multiples of 16."""
+    if w * h <= max_area:
+        return w, h
+    scale = math.sqrt(max_area / (w * h))
+    return int(w * scale), int(h * scale)
+
+
 def prepare_reference(image, max_area: int = 1024 * 1024, name: str = "reference image") -> Image.Image:
     """A reference image (PIL image or path) as the model sees it, exactly as diffusers'
     Flux2KleinPipeline / Flux2Pipeline prepare `image=` (and BFL's `default_prep`): RGB (EXIF-
@@ -69,10 +78,9 @@ def prepare_reference(image, max_area: int = 1024 * 1024, name: str = "reference
         raise ValueError(f"{name}: {w}x{h} is too small; a reference image needs both sides >= {REFERENCE_MIN_SIDE} px")
     if max(w / h, h / w) > REFERENCE_MAX_ASPECT:
         raise ValueError(f"{name}: {w}x{h} is too elongated; a reference image needs an aspect ratio <= {REFERENCE_MAX_ASPECT}:1")
-    if w * h > max_area:
-        scale = math.sqrt(max_area / (w * h))
-        image = image.resize((int(w * scale), int(h * scale)), Image.Resampling.LANCZOS)
-        w, h = image.size
+    if (w, h) != (size := reference_scaled_size(w, h, max_area)):
+        image = image.resize(size, Image.Resampling.LANCZOS)
+        w, h = size
     cw, ch = w // 16 * 16, h // 16 * 16
     left, top = (w - cw) // 2, (h - ch) // 2
     return image.crop((left, top, left + cw, top + ch)) if (cw, ch) != (w, h) else image

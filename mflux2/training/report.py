@@ -43,12 +43,16 @@ GROUPS = (("trigger", "With the trigger word", "should become the subject"),
           ("unrelated", "Other prompts", "should stay as the baseline"))
 
 
-def pixel_change(a: Path, b: Path) -> float | None:
-    """Mean absolute pixel difference of two images, 0–255 (None when their sizes differ)."""
-    with Image.open(a) as x, Image.open(b) as y:
-        if x.size != y.size:
-            return None
-        return float(np.abs(np.asarray(x.convert("RGB"), np.int16) - np.asarray(y.convert("RGB"), np.int16)).mean())
+def _rgb16(path: Path) -> np.ndarray:
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB"), np.int16)
+
+
+def pixel_change(a: Path | np.ndarray, b: Path) -> float | None:
+    """Mean absolute pixel difference of two images (a path, or `a` already read by _rgb16), 0–255;
+    None when their sizes differ."""
+    x, y = (_rgb16(a) if isinstance(a, Path) else a), _rgb16(b)
+    return float(np.abs(x - y).mean()) if x.shape == y.shape else None
 
 
 def _validation_rows(output: Path, prompts: list[dict], steps: list) -> str:
@@ -69,11 +73,12 @@ def _validation_rows(output: Path, prompts: list[dict], steps: list) -> str:
                     label = "reference" if len(refs) == 1 else f"reference {j + 1}"
                     cells.append(f"<figure>{_img(output / 'progression' / ref, label)}<figcaption>{label}</figcaption></figure>")
             base = output / "baseline" / name
-            if base.exists():
+            base_rgb = _rgb16(base) if base.exists() else None  # read once, compared with every checkpoint
+            if base_rgb is not None:
                 cells.append(f"<figure>{_img(base, 'baseline')}<figcaption>baseline{_scored(base.parent, name)}</figcaption></figure>")
             for s, d in steps:
                 if (d / name).exists():
-                    delta = pixel_change(base, d / name) if base.exists() else None
+                    delta = pixel_change(base_rgb, d / name) if base_rgb is not None else None
                     if delta is not None:
                         change.setdefault(s, []).append(delta)
                     note = f" · Δ {delta:.1f}" if delta is not None else ""
