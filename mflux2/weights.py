@@ -81,6 +81,24 @@ def iter_tensors(files: list[Path]) -> Iterator[tuple[str, mx.array, Path]]:
             yield k, v, f
 
 
+def tensor_shapes(files: list[Path]) -> dict[str, tuple[tuple[int, ...], str]]:
+    """{key: (shape, dtype name)} from the safetensors headers alone (no tensor is read or mapped):
+    what the dry run weighs components with."""
+    import json
+    import struct
+
+    out = {}
+    for f in files:
+        try:
+            with open(f, "rb") as fh:
+                (n,) = struct.unpack("<Q", fh.read(8))
+                header = json.loads(fh.read(n))
+        except (OSError, ValueError, struct.error) as e:
+            raise WeightsError(f"{f}: cannot read the safetensors header ({e}) — the file is corrupt or truncated") from None
+        out.update({k: (tuple(v["shape"]), v["dtype"]) for k, v in header.items() if k != "__metadata__"})
+    return out
+
+
 def _few(keys: Iterable[str], n: int = 3) -> str:
     keys = sorted(keys)
     more = f" (+{len(keys) - n} more)" if len(keys) > n else ""

@@ -290,6 +290,11 @@ def _build(family: str, lm: dict, depth: int) -> tuple[nn.Module, nn.Module]:
     return model, model.language_model.model
 
 
+class QuantizationError(WeightsError):
+    """A text encoder that cannot be quantized at the precision asked (a layer's width is not a
+    multiple of any group size MLX offers)."""
+
+
 def _quant_predicate(bits: int):
     """Affine quantisation of every Linear and Embedding, group size 64 (32 where the width needs it)."""
 
@@ -300,9 +305,69 @@ def _quant_predicate(bits: int):
         for group in (64, 32):
             if width % group == 0:
                 return {"group_size": group, "bits": bits}
-        raise ValueError(f"cannot quantize {path}: its input width {width} is not a multiple of 32")
+        raise QuantizationError(f"the text encoder cannot be quantized to int{bits}: its layer {path} has width {width}, "
+                                f"not a multiple of 32 — use model.quantization: bf16 (or auto)")
 
     return predicate
+
+
+# The language models of the released FLUX.2 text encoders (config.json fields that set shapes):
+# Qwen/Qwen3-4B (klein-4b), Qwen/Qwen3-8B (klein-9b), mistralai/Mistral-Small-3.2-24B-Instruct-2506's
+# text_config (dev). What a plan weighs before any file is downloaded.
+_QWEN3 = dict(model_type="qwen3", vocab_size=151936, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+              rope_theta=1_000_000, rms_norm_eps=1e-6, max_position_embeddings=40960, hidden_act="silu")
+PRESET_CONFIGS = {
+    "qwen3-4b": {**_QWEN3, "hidden_size": 2560, "intermediate_size": 9728, "num_hidden_layers": 36, "tie_word_embeddings": True},
+    "qwen3-8b": {**_QWEN3, "hidden_size": 4096, "intermediate_size": 12288, "num_hidden_layers": 36, "tie_word_embeddings": False},
+    "mistral-small-24b": dict(model_type="mistral", hidden_size=5120, intermediate_size=32768, num_hidden_layers=40,
+                              num_attention_heads=32, num_key_value_heads=8, head_dim=128, vocab_size=131072,
+                              rope_theta=1_000_000_000.0, rms_norm_eps=1e-5, max_position_embeddings=131072,
+                              sliding_window=None, hidden_act="silu", tie_word_embeddings=False),
+}
+PRESET_OF = {"klein-4b": "qwen3-4b", "klein-base-4b": "qwen3-4b", "klein-9b": "qwen3-8b", "klein-base-9b": "qwen3-8b",
+             "klein-9b-kv": "qwen3-8b", "dev": "mistral-small-24b"}
+
+
+def loaded_bytes(variant: str, quantize: str | None, dtype: mx.Dtype = mx.bfloat16, *, folder: str | Path | None = None,
+                 hidden_layers: tuple[int, ...] | None = None) -> dict:
+    """What `load_text_encoder(folder, variant, dtype, quantize)` holds once loaded, from the
+    architecture alone (its config.json, or PRESET_CONFIGS for a released model's variant when no
+    folder is given): {"weights": bytes, "largest": bytes of its largest tensor in `dtype`, the one
+    quantisation holds beside its quantized copy}. The same model build and quantisation rule as
+    the loader (only the layers up to the deepest hidden state; no LM head), counted on shapes:
+    nothing is read or allocated. Raises QuantizationError where `quantize` cannot apply."""
+    from mlx.utils import tree_flatten
+
+    family = family_of(variant)
+    if folder is not None:
+        te_dir = resolve_component(Path(folder).expanduser(), "text_encoder")
+        cfg = read_config(te_dir)
+        if cfg is None:
+            raise WeightsError(f"{te_dir}: no config.json — not a transformers/mlx-lm model folder")
+        prequant = cfg.get("quantization") or (cfg.get("text_config") or {}).get("quantization")
+        lm = _lm_config(cfg, family, te_dir)
+    else:
+        prequant, lm = None, dict(PRESET_CONFIGS[PRESET_OF[variant]])
+    depth = max(hidden_layers or DEFAULT_LAYERS[family])
+    model, backbone = _build(family, lm, max(min(depth, lm["num_hidden_layers"]), 1))
+    q = prequant or ({"bits": QUANT_BITS[quantize]} if quantize else None)
+    predicate = _quant_predicate(q["bits"]) if q else None
+    weights, largest = 0.0, 0
+    for path, m in backbone.named_modules():
+        if not isinstance(m, (nn.Linear, nn.Embedding)):
+            continue
+        w = m.weight
+        largest = max(largest, w.size * dtype.size)
+        spec = predicate(path, m) if predicate else None
+        if spec:
+            group = q.get("group_size", spec["group_size"]) if prequant else spec["group_size"]
+            weights += w.size * q["bits"] / 8 + w.size / group * 2 * dtype.size  # packed weights + scale and bias
+        else:
+            weights += w.size * dtype.size
+    linear_like = {id(p) for _, m in backbone.named_modules() if isinstance(m, (nn.Linear, nn.Embedding))
+                   for _, p in tree_flatten(m.parameters())}
+    weights += sum(p.size * dtype.size for _, p in tree_flatten(backbone.parameters()) if id(p) not in linear_like)
+    return {"weights": weights, "largest": largest}
 
 
 def _prequantized_predicate(q: dict, weights: dict):

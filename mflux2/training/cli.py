@@ -31,6 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="print the fully resolved config, each value marked: from file, Swift default or mflux2 default (why); then exit")
     ap.add_argument("--dry-run", action="store_true",
                     help="in seconds, loading no weights: dataset, model, memory per phase and disk; exit 1 if the run cannot fit")
+    ap.add_argument("--memory", type=float, metavar="GB",
+                    help="with --dry-run: plan for a Mac with GB of unified memory (macOS's recommended GPU working set "
+                         "of it) instead of this machine, before any download")
     ap.add_argument("--max-steps", type=int)
     ap.add_argument("--output", help="output folder (checkpoints.output)")
     ap.add_argument("--learning-rate", type=float)
@@ -85,13 +88,16 @@ def main(argv=None, supervise: bool | None = None) -> int:
     warnings.formatwarning = lambda msg, cat, *a, **k: f"warning: {msg}\n"
     try:
         cfg = load_config(args.config, overrides)
+        if args.memory is not None and (not args.dry_run or args.memory <= 0):
+            print("mflux2-train: error: --memory GB goes with --dry-run and must be above 0 (e.g. --dry-run --memory 32)", file=sys.stderr)
+            return 2
         if args.print_config:
             print(cfg.dump_yaml(annotate=True), end="")
             return 0
         if args.dry_run:
             from mflux2.training.preflight import preflight
 
-            return preflight(cfg)
+            return preflight(cfg, memory_gb=args.memory)
         if supervise and not child and args.max_restarts > 0 and not sup.is_distributed():
             # the config is valid (its errors were one line above, with no child); train in a child
             os.environ["MFLUX2_STARTED_WALL"] = str(time.time() - (time.perf_counter() - STARTED))

@@ -149,12 +149,12 @@ def _source_config(source) -> TransformerConfig:
     path = getattr(source, "transformer", None) or getattr(source, "folder", None)
     if path is None:
         raise ValueError(f"cannot tell the transformer's size from {source!r}: it has no variant and no transformer path")
-    from mflux2.weights import iter_tensors, read_config, resolve_component, safetensors_files
+    from mflux2.weights import read_config, resolve_component, safetensors_files, tensor_shapes
 
     src = resolve_component(Path(path), "transformer")
     if src.is_dir() and (src / "config.json").exists():
         return TransformerConfig.from_dict(read_config(src))
-    shapes = {k: tuple(v.shape) for k, v, _ in iter_tensors(safetensors_files(src))}
+    shapes = {k: shape for k, (shape, _) in tensor_shapes(safetensors_files(src)).items()}
     return config_from_weights({k: tuple(v.shape) for k, v in sanitize({k: _Shape(s) for k, s in shapes.items()}).items()})
 
 

@@ -1,18 +1,13 @@
-"""`mflux2-train CONFIG --dry-run`: what the run would need, in seconds, loading no weights.
+"""`mflux2-train CONFIG --dry-run [--memory GB]`: what the run would need, in seconds, loading no weights.
 
-The report: the config as resolved; the dataset scanned (count, sizes, buckets, captions, unreadable
-files); the model found (a local folder, or the Hugging Face cache only: a model that is not there is
-reported with what would be downloaded and its size when the hub can be reached — nothing is
-downloaded); the peak memory of each phase against the usable memory; the disk the caches and
-checkpoints need against the free space; and a verdict. Exit 0 when the run fits, 1 (one line on
-stderr) when it cannot fit or something is missing.
-
-The figures are the run's own: the transformer precision and checkpointing from
-`memory.choose_quantization` / `memory.check_fit`, the step peak from `memory.planned_peak_gb`, the
-text encoder's precision from `memory.choose_text_encoder_quantization`, the validation model's
-keep-or-reload rule `memory.keeps_validation_model`, and the disk from `disk_need` (which the trainer's
-disk check calls too). The latent-cache and validation-generation activations are estimates (not
-fitted on measured peaks): see VAE_ENCODE_BYTES_PER_PIXEL and FORWARD_BLOCK_UNITS.
+The report: the config as resolved; the dataset scanned (count, sizes, buckets, captions, every
+unreadable file); the model found (a local folder, or the Hugging Face cache only: a model that is not
+there is reported with what would be downloaded and its size when the hub can be reached — nothing is
+downloaded); the run's plan (`plan.make_plan`: the same function and the same lines the run logs —
+precisions, checkpointing, validation rendering, each phase's peak against the usable memory); the
+disk against the free space; and a verdict listing every problem on its own line. Exit 0 when the run
+can start and fits, 1 (the first problem on stderr) otherwise. `--memory GB` plans for a Mac with that
+much unified memory instead of this machine, before any download: the answer is the plan, exit 0.
 """
 
 from __future__ import annotations
@@ -27,39 +22,9 @@ from pathlib import Path
 
 GB = 1e9
 
-# Estimates, not fitted on measured peaks. The VAE encoder's largest activations are its full-
-# resolution 128-channel stages: a few such tensors live at once (~2 KB per pixel of the bucket).
-VAE_ENCODE_BYTES_PER_PIXEL = 2048
-# One inference forward keeps no activations for a backward pass: its working set is about one
-# block's, which memory.py's checkpointing fit puts at 1.5 × 35 units (tokens × hidden × 2 bytes).
-FORWARD_BLOCK_UNITS = 1.5 * 35
-
 
 # ------------------------------------------------------------------------------------------------
-# Disk: shared with Trainer._check_disk_space_for
-
-
-def disk_transformer_config(source):
-    """The transformer config the disk estimate uses (the folder's config.json, else the defaults)."""
-    from mflux2.models.transformer import TransformerConfig
-    from mflux2.weights import read_config
-
-    tc = read_config(source.transformer) if source.transformer.is_dir() else None
-    return TransformerConfig.from_dict(tc) if tc else TransformerConfig()
-
-
-def disk_need(cfg, t, samples, val_samples, prompts, total_steps: int) -> tuple[int, int]:
-    """(bytes, checkpoints kept): the disk the latent and text caches and the kept checkpoints need,
-    with 20% headroom. `t` a TransformerConfig; latents counted at the training samples' largest bucket."""
-    r, d = cfg.lora.rank, t.hidden_size
-    per = 12 * t.num_layers + 6 * t.num_single_layers  # attention targets: ~r·D·(12 per double, 6 per single)
-    lora_params = int(r * d * per * (2.5 if cfg.lora.target_layers in ("all", "attention_ffn") else 1.0))
-    n_tokens = max(((s.bucket[0] // 16) * (s.bucket[1] // 16) for s in samples), default=0)
-    images = sum(1 + len(s.controls) for s in list(samples) + list(val_samples))  # controls: the target's grid
-    cache = images * n_tokens * 128 * 4 + len(set(prompts)) * 512 * t.joint_attention_dim * 2
-    keep = cfg.checkpoints.keep_last or max(1, total_steps // max(cfg.checkpoints.save_every or total_steps, 1)) + 1
-    ckpt = lora_params * 4 * 5  # lora file + raw params + two optimiser moments (+ EMA)
-    return int(1.2 * (cache + keep * ckpt + 2 * lora_params * 4)), keep
+# Disk
 
 
 def _disk_check(rep, folder: Path, need: float, what: str, fix: str) -> None:
@@ -193,15 +158,6 @@ def _vlm(rep, job: str, name: str) -> tuple[float | None, int]:
     return None, 0
 
 
-class _Preset:
-    """A stand-in source for memory.py when only the variant is known (a hub model not in the cache)."""
-
-    layout = "diffusers"
-
-    def __init__(self, variant):
-        self.variant = variant
-
-
 # ------------------------------------------------------------------------------------------------
 # The report
 
@@ -270,33 +226,16 @@ def _dataset_lines(samples, rep: Report, cfg):
             rep.line(f"DOP also preserves, taking turns with them: {cfg.loss.diff_output_preservation_prompts!r}")
 
 
-def _reference_tokens(paths) -> int:
-    """Image tokens of an editing prompt's reference images once prepared for the model (area capped
-    as `Flux2Pipeline.prepare_references` caps it, sides floored to 16); from the files' headers."""
-    from PIL import Image
-
-    from mflux2.pipeline import reference_area, reference_scaled_size
-
-    area, n = reference_area("diffusers", len(paths)), 0
-    for path in paths:
-        try:
-            with Image.open(path) as im:
-                w, h = reference_scaled_size(*im.size, area)
-        except OSError:  # the run stops on it with its own error; count the largest reference meanwhile
-            w = h = 1024
-        n += (w // 16) * (h // 16)
-    return n
-
-
-def preflight(cfg, out=print, err=None) -> int:
-    """Print the dry-run report of `cfg` (a loaded TrainConfig); 0 when the run fits, else 1 with one
-    line on stderr."""
-    from mflux2.training import data as data_mod, memory
+def preflight(cfg, out=print, err=None, memory_gb: float | None = None) -> int:
+    """Print the dry-run report of `cfg` (a loaded TrainConfig); 0 when the run can start and fits
+    (always 0 with `memory_gb`, a what-if for another machine), else 1 with one line on stderr."""
+    from mflux2.training import plan as plan_mod
     from mflux2.training.validation import validation_items
 
     err = err or (lambda s: print(s, file=sys.stderr))
     started = time.perf_counter()
     rep = Report(out)
+    machine = plan_mod.mac(memory_gb) if memory_gb else plan_mod.this_machine()
     out(f"mflux2-train --dry-run {cfg.source} (no weights are loaded, nothing is downloaded)")
 
     # -- config
@@ -314,6 +253,10 @@ def preflight(cfg, out=print, err=None) -> int:
              f"dtype {cfg.training.dtype}")
     rep.line(f"output: {cfg.checkpoints.output}; save every {cfg.checkpoints.save_every}, keep last {cfg.checkpoints.keep_last or 'all'}")
     rep.line("(`--print-config` shows every value and where it comes from)")
+    problem = plan_mod.output_problem(cfg.checkpoints.output)
+    if problem:
+        rep.line(f"error: {problem}")
+        rep.problems.append(problem)
 
     # -- dataset
     rep.section("dataset")
@@ -340,14 +283,15 @@ def preflight(cfg, out=print, err=None) -> int:
         val = find_model(cfg.validation_repo, cfg.validation_variant, "validation")
         found.append(val)
     download = 0
-    vlm_gb: dict[str, float | None] = {}  # "VLM captions" / "VLM scoring" -> the VLM's weights (GB)
+    vlm_gb: dict[str, float | None] = {}
+    pending = 0
     if cfg.dataset.auto_caption:
         from mflux2.captions import has_caption
 
-        todo = [s for s in samples + val_samples if not has_caption(s.path)]
-        rep.line(f"captions (dataset.auto_caption): {len(todo)} image(s) without a caption")
-        if todo:
-            vlm_gb["VLM captions"], more = _vlm(rep, "captions", cfg.dataset.caption_model)
+        pending = len([s for s in samples + val_samples if not has_caption(s.path)])
+        rep.line(f"captions (dataset.auto_caption): {pending} image(s) without a caption")
+        if pending:
+            vlm_gb["captions"], more = _vlm(rep, "captions", cfg.dataset.caption_model)
             download += more
     if cfg.validation.vlm_scoring.enabled:
         from mflux2.training.scoring import plan_targets, select_references
@@ -357,8 +301,10 @@ def preflight(cfg, out=print, err=None) -> int:
         targets, how = plan_targets(cfg, items, refs)
         rep.line(f"scoring (validation.vlm_scoring): {how if targets else 'off — ' + how}")
         if targets:
-            vlm_gb["VLM scoring"], more = _vlm(rep, "scoring", vs.model)
-            download += more if vs.model != cfg.dataset.caption_model or "VLM captions" not in vlm_gb else 0
+            vlm_gb["scoring"], more = _vlm(rep, "scoring", vs.model)
+            download += more if vs.model != cfg.dataset.caption_model or "captions" not in vlm_gb else 0
+        else:
+            vlm_gb["scoring"] = "none"
     for f in found:
         for text in f.lines:
             rep.line(f"{f.what}: {text}")
@@ -368,125 +314,44 @@ def preflight(cfg, out=print, err=None) -> int:
             rep.problems.append(f.problem)
         download += f.download_bytes or 0
 
-    # -- memory
-    budget = memory.available_gb()
-    rep.section(f"memory (peak per phase; {budget:.1f} GB usable)")
-    phases: list[tuple[str, float | None, str]] = []  # (phase, GB, how)
-    step_peak = None
-    logged: list[str] = []
-    tsrc = train.source if train and train.source else (_Preset(train.variant) if train and train.variant else None)
+    # -- the plan: the run's own decisions and figures
+    rep.section("plan")
+    plan = None
+    tsrc = train.source if train and train.source else (plan_mod.Preset(train.variant) if train and train.variant else None)
     if tsrc is not None:
-        from mflux2.components import PipelineComponents
+        cfg.resolve_model_defaults(tsrc.variant or {"klein": "klein-4b", "klein-base": "klein-base-4b", "dev": "dev"}[tsrc.family])
+        if cfg.dataset.control_path:
+            from mflux2.training.config import ConfigError, check_reference_count
 
-        import mlx.core as mx
-
-        dtype = mx.float32 if cfg.training.dtype == "float32" else mx.bfloat16
-        if train.source is not None:
-            fam = train.source.family
-            cfg.resolve_model_defaults(train.source.variant or {"klein": "klein-4b", "klein-base": "klein-base-4b", "dev": "dev"}[fam])
-        elif cfg.validation_variant or train.variant:
-            cfg.resolve_model_defaults(cfg.validation_variant or train.variant)
-        # the transformer: the run's precision choice and step estimate
-        q = cfg.model.transformer_quantization
-        stored = memory.stored_quantization(tsrc)
-        if q == "auto":
-            q = memory.choose_quantization(cfg, tsrc, log=logged.append)
-        elif stored and q != stored:
-            rep.problems.append(f"model.transformer_quantization: {q}, but the converted folder stores {stored} (it loads only so)")
-        step_peak = memory.planned_peak_gb(cfg, tsrc, q)
-        fit_log: list[str] = []
-        memory.check_fit(cfg, tsrc, q, log=fit_log.append)
-        for text in logged + fit_log:
-            rep.line(text)
-        model_cfg = memory._source_config(tsrc)
-        lora_gb = memory.lora_parameters(model_cfg, cfg.lora.rank, cfg.lora.target_layers) * 4 / GB
-        train_weights = memory.weights_bytes(model_cfg, q) / GB
-
-        # text encoder and VAE: their files' loaded sizes (unknown without the files)
-        te_gb = vae_gb = None
-        if train.source is not None:
-            pipe = PipelineComponents(train.source, dtype=dtype)
-            if train.source.layout == "mflux2":
-                te_q = "as stored"
-            elif cfg.model.quantization == "auto":
-                te_q = memory.choose_text_encoder_quantization(pipe, log=lambda s: None)
-            else:
-                te_q = cfg.model.quantization
-            te_gb = pipe.loaded_bytes(train.source.text_encoder, None if te_q in ("bf16", "as stored") else te_q) / GB
-            vae_gb = pipe.loaded_bytes(train.source.vae, None) / GB
-            phases.append(("text-encoder cache", te_gb + memory.TEXT_ENCODER_WORKING_GB,
-                           f"text encoder {te_q} {te_gb:.2f} GB + {memory.TEXT_ENCODER_WORKING_GB} GB working"))
-            px = max(r * r for r in cfg.resolutions)
-            if samples:
-                px = max(s.bucket[0] * s.bucket[1] for s in samples + val_samples)
-            phases.append(("latent cache", vae_gb + VAE_ENCODE_BYTES_PER_PIXEL * px / GB,
-                           f"VAE {vae_gb:.2f} GB + encoder activations (estimate)"))
-            if te_gb + memory.TEXT_ENCODER_WORKING_GB > budget and te_q not in ("int4", "as stored"):
-                rep.fixes.append("model.quantization: int4 (or int8) for the text encoder")
-        else:
-            phases.append(("text-encoder cache", None, "unknown: the model's files are not here"))
-            phases.append(("latent cache", None, "unknown: the model's files are not here"))
-
-        # the validation model: kept beside training or loaded per validation (the run's rule)
-        extra, keep = 0.0, False
+            try:
+                check_reference_count(cfg, tsrc.variant or tsrc.family)
+            except ConfigError as e:
+                rep.line(f"error: {e}")
+                rep.problems.append(str(e))
+        vsrc = None
         if val is not None:
-            if val.source is not None:
-                vpipe = PipelineComponents(val.source, dtype=dtype, quantize=None if q == "bf16" else q)
-                extra = vpipe.loaded_bytes(val.source.transformer, vpipe.quantize) / GB
-            elif val.variant:
-                extra = memory.weights_bytes(memory._config(val.variant), q) / GB
-            keep = memory.keeps_validation_model(step_peak, extra, budget)
-            rep.line(f"validation model {val.variant or val.name}: {extra:.2f} GB, "
-                     f"{'kept loaded beside the training model' if keep else 'loaded for each validation and freed after'}")
-        phases.append(("training step", step_peak + (extra if keep else 0.0),
-                       f"{q}{f', checkpointing every {cfg.memory.checkpoint_every}' if cfg.memory.checkpoint_every else ''}"
-                       f"{f' + resident validation model {extra:.2f} GB' if keep else ''}"))
-        if items:
-            vfam = (val.source.family if val and val.source else None) or (train.source.family if train.source else None)
-            vcfg = memory._config(val.variant) if val is not None and val.source is None and val.variant else (
-                memory._source_config(val.source) if val is not None and val.source is not None else model_cfg)
-            n = 2 if vfam == "klein-base" and (cfg.validation.guidance or 0) > 1.0 else 1
-            # an editing prompt's references join its image tokens (prepared as the pipeline prepares them)
-            tokens = max((it.width // 16) * (it.height // 16) + _reference_tokens(it.references) for it in items) + memory.TEXT_TOKENS
-            fwd = n * tokens * vcfg.hidden_size * 2 * FORWARD_BLOCK_UNITS
-            if tokens % 128:
-                fwd += n * vcfg.num_attention_heads * tokens**2 * 6
-            # the training model, its LoRA with the optimiser's two moments (and EMA), the VAE, the validation model
-            held = train_weights + lora_gb * (4 if cfg.ema.enabled else 3) + (vae_gb or 0.0) + extra
-            phases.append(("validation images", held + fwd / GB,
-                           f"training model + {'validation model + ' if val is not None else ''}one forward at "
-                           f"{max(it.width for it in items)}² (activations: an estimate)"))
-        for name, gb in vlm_gb.items():  # the VLM alone before anything loads; beside the training model while scoring
-            resident = 0.0 if name == "VLM captions" else (
-                train_weights + lora_gb * (4 if cfg.ema.enabled else 3) + (vae_gb or 0.0) + (extra if keep else 0.0))
-            phases.append((name, None if gb is None else memory.vlm_phase_gb(gb, resident),
-                           "VLM size unknown" if gb is None else
-                           f"{'training model + ' if resident else ''}VLM {gb:.2f} GB + {memory.VLM_WORKING_GB} GB working (estimate)"))
-        for name, gb, how in phases:
-            if gb is None:
-                rep.line(f"{name:<20} ?        ({how})")
-            else:
-                rep.line(f"{name:<20} {gb:6.2f} GB {'ok ' if gb <= budget else 'TOO MUCH'} ({how})")
-        too_much = [name for name, gb, _ in phases if gb is not None and gb > budget]
-        if too_much:
-            rep.problems.append(f"does not fit: {', '.join(too_much)} need(s) more than the {budget:.1f} GB usable")
-            if fit_log:  # check_fit's options
-                rep.fixes.append(fit_log[-1].split("options that fit better: ", 1)[-1])
-            elif logged and "may not fit" in logged[-1]:
-                rep.fixes.append(logged[-1].split("; ", 1)[-1])
-            if "validation images" in too_much:
-                rep.fixes.append("smaller validation sizes (validation.prompts[].sizes)")
+            vsrc = val.source or (plan_mod.Preset(val.variant) if val.variant else None)
+        try:
+            facts = plan_mod.weigh_models(cfg, tsrc, vsrc)
+        except Exception as e:  # noqa: BLE001 - a model the run could not load either: one line
+            rep.line(f"error: {e}")
+            rep.problems.append(str(e))
+        else:
+            facts.vlm_gb.update(vlm_gb)
+            plan = plan_mod.make_plan(cfg, tsrc, machine, samples=samples, val_samples=val_samples, items=items,
+                                      validation_source=vsrc, facts=facts, pending_captions=pending)
+            for text in plan.lines():
+                rep.line(text)
+            rep.problems += plan.problems
+            rep.fixes += plan.suggestions
     else:
         rep.line("unknown: the model is not here and its variant is not named (model.name)")
 
     # -- disk
     rep.section("disk")
-    if samples and tsrc is not None:
-        t = disk_transformer_config(train.source) if train.source is not None else memory._config(train.variant)
-        prompts = data_mod.prompts_to_embed(cfg, samples, val_samples, [it.prompt for it in items])
-        total = cfg.training.max_steps  # always set: the config derives it from epochs (x 100, as Swift)
-        need, keep_n = disk_need(cfg, t, samples, val_samples, prompts, total)
-        _disk_check(rep, Path(cfg.checkpoints.output), need, f"for the caches and {keep_n} checkpoint(s)",
+    if samples and plan is not None:
+        _disk_check(rep, Path(cfg.checkpoints.output), plan.disk_gb * GB,
+                    f"for the caches and {plan.checkpoints_kept} checkpoint(s)",
                     "free space, lower checkpoints.keep_last, or set checkpoints.output")
     else:
         rep.line("unknown (no dataset or no model)")
@@ -498,14 +363,29 @@ def preflight(cfg, out=print, err=None) -> int:
 
     # -- verdict
     rep.section("verdict")
-    if rep.problems:
+    if memory_gb:
+        fit = plan is not None and plan.fits
+        rep.line(f"on {machine.what} ({machine.usable_gb:.1f} GB usable): "
+                 + ("fits" if fit else "does not fit" if plan is not None else "unknown (no model to weigh)"))
+        here = [p for p in rep.problems if not p.startswith("does not fit")]
+        for p in here:
+            rep.line(f"also, here: {p}")
+    elif rep.problems:
         what = "does not fit" if any(p.startswith(("does not fit", "not enough")) for p in rep.problems) else "cannot run"
-        rep.line(f"{what}: " + "; ".join(rep.problems))
-        if rep.fixes:
-            rep.line("changes that would make it fit: " + "; ".join(rep.fixes))
+        rep.line(f"{what}:")
+        for p in rep.problems:
+            rep.line(f"- {p}")
     else:
         rep.line("fits")
+    if rep.fixes and (memory_gb is None or (plan is not None and not plan.fits)):
+        rep.line("changes that make it fit:" if plan is not None and not plan.fits else "changes that would help:")
+        for fix in rep.fixes:
+            rep.line(f"- {fix}")
+    elif plan is not None and not plan.fits:
+        rep.line("no single change or pair of changes fits: a machine with more memory")
     rep.line(f"(checked in {time.perf_counter() - started:.1f} s)")
+    if memory_gb:
+        return 0
     if rep.problems:
         err(f"mflux2-train: error: --dry-run: {rep.problems[0]}" + (f" — {rep.fixes[0]}" if rep.fixes else ""))
         return 1
