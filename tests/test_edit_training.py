@@ -415,7 +415,7 @@ def train(path: Path, **kw) -> Trainer:
 def test_control_latents_are_cached_and_reused(tiny_edit, tmp_path):
     cfg = edit_config(tmp_path, tiny_edit, training={"max_steps": 2})
     first = train(cfg)
-    assert first.counts["vae_encode"] == 6 and first.reference_steps == 2  # 3 targets + 3 controls
+    assert first.stats["latents encoded"] == 6 and first.stats["steps with references"] == 2  # 3 targets + 3 controls
     s = first.samples[0]
     cached = first.lat_cache.get(first._control_key(s, s.controls[0]))["latents"]
     vae = first.pipe.vae
@@ -428,7 +428,7 @@ def test_control_latents_are_cached_and_reused(tiny_edit, tmp_path):
     Image.fromarray(other).save(work / s.controls[0].path.name)  # one control changed
     changed = edit_config(tmp_path, tiny_edit, name="changed.yaml", training={"max_steps": 2},
                           dataset={"control_path": str(work)})
-    assert train(changed, resume=False).counts["vae_encode"] == 1  # the changed control; the rest from the cache
+    assert train(changed, resume=False).stats["latents encoded"] == 1  # the changed control; the rest from the cache
 
 
 def test_control_dropout_is_resumed_exactly(tiny_edit, tmp_path):
@@ -443,9 +443,9 @@ def test_control_dropout_is_resumed_exactly(tiny_edit, tmp_path):
             first = train(cfg, on_step=stop)
             assert first.result["step"] == 3
             second = train(cfg)
-            runs[name] = (first.reference_steps + second.reference_steps, tmp_path / name / "out")
+            runs[name] = (first.stats["steps with references"] + second.stats["steps with references"], tmp_path / name / "out")
         else:
-            runs[name] = (train(cfg).reference_steps, tmp_path / name / "out")
+            runs[name] = (train(cfg).stats["steps with references"], tmp_path / name / "out")
     (n_whole, out_whole), (n_resumed, out_resumed) = runs["whole"], runs["resumed"]
     assert 0 < n_whole < 6 and n_resumed == n_whole  # a mix of edit and text-to-image steps, the same ones
     la = [m["loss"] for m in map(json.loads, (out_whole / "metrics.jsonl").read_text().splitlines()) if "loss" in m]
@@ -464,7 +464,7 @@ def test_edit_run_with_dop_checkpointing_dropout_one_and_a_validation_loss(tiny_
                       loss={"diff_output_preservation": True, "diff_output_preservation_class": "thing"},
                       memory={"gradient_checkpointing": True})
     t = train(cfg)
-    assert t.result["step"] == 4 and t.reference_steps == 0  # dropout 1: every step text-to-image
+    assert t.result["step"] == 4 and t.stats["steps with references"] == 0  # dropout 1: every step text-to-image
     assert [s.controls[0].path.parent for s in t.val_samples] == [val_controls]
     rows = [json.loads(l) for l in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     assert all(np.isfinite(r["loss"]) and r["dop_loss"] is not None for r in rows if "loss" in r)

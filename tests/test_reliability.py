@@ -96,7 +96,7 @@ def test_odd_images_are_converted_not_rejected(tiny, tmp_path):
                        validation={"prompts": []})
     t = Trainer(load_config(cfg), log=lambda *a: None)
     t.run()
-    assert t.counts["vae_encode"] == 4
+    assert t.stats["latents encoded"] == 4
     assert any(s.caption == "café sks" for s in t.samples)
 
 

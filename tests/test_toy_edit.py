@@ -49,7 +49,7 @@ def test_edit_quickstart_learns_to_read_the_reference(tmp_path):
                                "dataset.validation_control_path": None, "checkpoints.save_every": 0})
     trainer = Trainer(cfg, resume=False, log=lambda *a: None)
     lora = trainer.run()
-    assert trainer.result["reason"] == "finished" and trainer.reference_steps == cfg.training.max_steps
+    assert trainer.result["reason"] == "finished" and trainer.stats["steps with references"] == cfg.training.max_steps
     assert all(s.controls for s in trainer.samples) and len(trainer.samples) == 96
 
     result = score_toy_edit().evaluate(MODEL, lora, seeds=(0,), edit="copy")

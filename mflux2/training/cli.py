@@ -112,7 +112,8 @@ def main(argv=None, supervise: bool | None = None) -> int:
             # the first child's start-up phase counts from the supervisor's start (its imports, the
             # config check and the child's launch are part of the job's time)
             started = time.perf_counter() - (time.time() - float(os.environ["MFLUX2_STARTED_WALL"]))
-        Trainer(cfg, resume=resume, started_at=started).run()
+        Trainer(cfg, resume=resume, started_at=started,
+                on_step=sup.failure_injection(os.environ.get("MFLUX2_FAIL_AT_STEPS", ""))).run()
         return 0
     except KeyboardInterrupt:
         print("\nmflux2-train: aborted (the last complete checkpoint is kept)", file=sys.stderr)

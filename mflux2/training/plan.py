@@ -202,6 +202,7 @@ class RunPlan:
     small_command_batches: bool  # CUDA + checkpointing: MLX command batches of 4 operations
     validation: str  # "none" | "training model" | "kept loaded" | "loaded per validation"
     validation_model_gb: float
+    keep_validation_model: bool
     buckets: dict  # (W, H) -> images
     prompts: int  # distinct prompts the text cache holds
     disk_gb: float
@@ -439,7 +440,7 @@ def make_plan(cfg, source, machine: Machine, *, samples=(), val_samples=(), item
         machine=machine, model=f.name, transformer_quantization=chosen["q"], text_encoder_quantization=te_q,
         checkpoint_every=chosen["every"], checkpointing_turned_on=bool(chosen["every"]) and not every,
         blockwise_ahead=0 if chosen["synchronous"] else 1, small_command_batches=chosen["small"],
-        validation=chosen["validation"], validation_model_gb=chosen["val_w"], buckets=samples_buckets, prompts=prompts,
+        validation=chosen["validation"], validation_model_gb=chosen["val_w"], keep_validation_model=chosen["keep"], buckets=samples_buckets, prompts=prompts,
         disk_gb=disk / GB, checkpoints_kept=keep_n, phases=chosen["phases"], choices=choices, problems=problems,
     )
     if not plan.fits:

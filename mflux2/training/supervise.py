@@ -32,6 +32,34 @@ METAL_PATTERNS = re.compile(
 WATCHDOG_ENV = "AGX_RELAX_CDM_CTXSTORE_TIMEOUT"
 
 
+def failure_injection(spec: str):
+    """For the supervisor's own tests: MFLUX2_FAIL_AT_STEPS="3:kill,7:abort,9:metal" makes the training
+    process die after those steps, each once per output folder (a marker file remembers it), the way
+    a crash, an abort or a Metal command-buffer failure would. Returns the trainer's on_step hook, or
+    None for an empty spec."""
+    plan = {}
+    for item in filter(None, (x.strip() for x in spec.split(","))):
+        step, _, kind = item.partition(":")
+        plan[int(step)] = kind or "kill"
+    if not plan:
+        return None
+
+    def on_step(trainer, step: int) -> None:
+        marker = trainer.output / f".injected_failure_{step:06d}"
+        if step not in plan or trainer.rank or marker.exists():
+            return
+        marker.write_text(plan[step])
+        trainer.log(f"injecting a failure at step {step}: {plan[step]}")
+        if plan[step] == "abort":
+            os.abort()
+        if plan[step] == "metal":
+            raise RuntimeError("[METAL] Command buffer execution failed: Impacting Interactivity "
+                               "(0000000e:kIOGPUCommandBufferCallbackErrorImpactingInteractivity)")
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    return on_step
+
+
 def is_metal_error(e: BaseException) -> bool:
     return isinstance(e, RuntimeError) and bool(METAL_PATTERNS.search(str(e)))
 

@@ -4,7 +4,9 @@ Order of work: resolve the model → scan the data → fill the latent and text 
 encoder are loaded only if something is missing, and the text encoder is released afterwards) → load
 the transformer, add LoRA → baseline images → the lazy, compiled loop (one `mx.eval` per step) with
 checkpoints, validation images, control files and early stopping → final LoRA.
-Semantics of every option: shared/spec/training.md; the output tree: docs/training.md.
+The decisions that depend on the config, the model and the machine come from one plan
+(`plan.make_plan`, which `--dry-run` prints too). What every option means and the output tree:
+docs/training.md.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import os
 import shutil
 import signal
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -78,6 +81,41 @@ def defaults_variant(pipe) -> str:
 # The run
 
 
+class Conditioning:
+    """What the transformer is conditioned on, from the text cache: prompt embeddings, and the
+    position ids of the text, of each image bucket and of references on it. The training loop, the
+    validation images and the validation loss read them here."""
+
+    def __init__(self, txt_cache: DiskCache):
+        self.txt_cache = txt_cache
+        self.txt_ids = _text_ids(self.embeds("").shape[0])
+        self._ids: dict = {}
+
+    def embeds(self, prompt: str) -> mx.array:
+        got = self.txt_cache.get(self.txt_cache.key(prompt))
+        if got is None:
+            raise TrainingError(f"text cache entry for {prompt!r} vanished from {self.txt_cache.folder}; restart to rebuild it")
+        return got["prompt_embeds"]
+
+    def img_ids(self, bucket) -> mx.array:
+        from mflux2.models.vae import image_ids
+
+        w, h = bucket
+        if (w, h) not in self._ids:
+            self._ids[(w, h)] = image_ids(h, w)
+        return self._ids[(w, h)]
+
+    def ref_ids(self, bucket, n: int) -> mx.array:
+        """Ids of n references on the target's grid (controls are cropped like it): reference j has
+        t = 10·(j+1) (`vae.image_ids`)."""
+        from mflux2.models.vae import image_ids
+
+        w, h = bucket
+        if (w, h, n) not in self._ids:
+            self._ids[(w, h, n)] = mx.concatenate([image_ids(h, w, t=10 * (j + 1)) for j in range(n)])
+        return self._ids[(w, h, n)]
+
+
 @dataclass
 class RunState:
     step: int = 0
@@ -100,15 +138,13 @@ class Trainer:
         self.on_step = on_step  # called as on_step(trainer, step) after each completed step (tests, tools)
         self.output = Path(cfg.checkpoints.output)
         self.resume = resume
-        self.counts = {"vae_encode": 0, "text_encode": 0}
-        self.reference_steps = 0  # edit training: micro-batches trained with their references (tests)
-        self._metrics = None  # tests check cache reuse with these
+        # what the run did, for the log and report.html: cache entries made (0 when everything came
+        # from the cache) and, in edit training, the micro-batches trained with their references
+        self.stats = {"latents encoded": 0, "prompts embedded": 0, "steps with references": 0}
+        self._metrics = None
         self.scorer = None  # validation.vlm_scoring's Scorer (set up with the run)
         self._stop_requested = False
         self._sigint_count = 0
-        # Tests of the supervisor: MFLUX2_FAIL_AT_STEPS="3:kill,7:abort,9:metal" makes the process die at those
-        # steps, each once per output folder (a marker file remembers it), the way a crash or the OS would.
-        self._fail_at = _failure_plan(os.environ.get("MFLUX2_FAIL_AT_STEPS", ""))
         # Data parallel across processes launched by `mlx.launch` (a size-1 group otherwise).
         self.group = mx.distributed.init()
         self.rank, self.world = self.group.rank(), self.group.size()
@@ -117,6 +153,11 @@ class Trainer:
 
     # ---------------- setup ----------------
     def _check_output(self):
+        from mflux2.training.plan import output_problem
+
+        problem = output_problem(self.output)
+        if problem:
+            raise TrainingError(problem)
         try:
             self.output.mkdir(parents=True, exist_ok=True)
             probe = self.output / f".write_probe.{os.getpid()}"  # per process: ranks of one run share the folder
@@ -133,12 +174,6 @@ class Trainer:
                 f"not enough free disk space in {self.output}: about {need / 1e9:.2f} GB needed for caches and "
                 f"{keep} checkpoint(s), {free / 1e9:.2f} GB free — free space, lower checkpoints.keep_last, or set checkpoints.output"
             )
-
-    def _check_disk_space_for(self, prompts: list[str]):
-        from mflux2.training.preflight import disk_need, disk_transformer_config  # the dry run's figure too
-
-        self._check_disk_space(*disk_need(self.cfg, disk_transformer_config(self.pipe.source),
-                                          self.samples, self.val_samples, prompts, self.total_steps))
 
     def _find_resume(self) -> Path | None:
         """The checkpoint to resume from: --resume's (it must be complete), else the newest complete
@@ -161,31 +196,57 @@ class Trainer:
                      + (f" — resuming from {ckpt.name}, the newest complete one" if ckpt else " — no complete checkpoint: starting from step 0"))
         return ckpt
 
-    def _load_components(self):
-        from mflux2.training import memory
+    def _open_models(self):
+        """The training model's pipeline and, when another model renders the validation images, its
+        pipeline: both lazy (nothing is loaded until used), their files resolved (downloaded if needed)."""
+        from mflux2.training.validation import validation_items
 
-        self.pipe = pipe = open_model(self.cfg)
-        stored = memory.stored_quantization(pipe.source, "text_encoder")
-        if stored:  # a converted folder: the text encoder loads as stored
-            q = self.cfg.model.quantization
-            if q not in ("auto", stored) and self.cfg.provenance.get("model.quantization") in ("file", "override"):
-                raise _stored_precision_error(pipe.source.root, "text encoder", "model.quantization", q, stored,
-                                              "--text-encoder-quantize")
-            if q != stored:
-                self.log(f"text encoder: {stored}, as stored in the converted folder {pipe.source.root}")
-            pipe.text_encoder_quantize = None
-        elif self.cfg.model.quantization == "auto":  # decided before the text encoder loads (lazily)
-            q = memory.choose_text_encoder_quantization(pipe, log=self.log)
-            pipe.text_encoder_quantize = None if q == "bf16" else q
-        self.cfg.resolve_model_defaults(defaults_variant(pipe))
-        if self.cfg.dataset.control_path:  # a model.path's family is known only now
-            check_reference_count(self.cfg, pipe.variant or pipe.family)
-        self._plan_transformer()
+        cfg = self.cfg
+        self.pipe = pipe = open_model(cfg)
+        cfg.resolve_model_defaults(defaults_variant(pipe))
+        if cfg.dataset.control_path:  # a model.path's family is known only now
+            check_reference_count(cfg, pipe.variant or pipe.family)
+        self.val_pipe = None
+        if validation_items(cfg) and cfg.validation_repo is not None:
+            from mflux2.pipeline import Flux2Pipeline
+
+            self.val_pipe = Flux2Pipeline.from_pretrained(cfg.validation_repo, variant=cfg.validation_variant,
+                                                          dtype=pipe.dtype, low_memory=True)
         self.model_identity = model_identity(pipe.source)  # resume checks it, not model.path
         self.vae_id = weights_identity(pipe.source.vae)
+
+    def _make_plan(self, pending_captions: int = 0):
+        """Every decision that depends on the config, the model and this machine, from the one plan
+        the dry run prints; logged, then applied. What the run cannot start with stops it here."""
+        from mflux2.training import memory, plan as plan_mod
+
+        cfg, pipe = self.cfg, self.pipe
+        self.plan = plan = plan_mod.make_plan(
+            cfg, pipe.source, plan_mod.this_machine(), samples=self.samples, val_samples=self.val_samples,
+            validation_source=self.val_pipe.source if self.val_pipe is not None else None, pending_captions=pending_captions)
+        for line in plan.lines():
+            self.log(line)
+        refused = [p for p in plan.problems if not p.startswith("does not fit")]
+        if refused:
+            raise TrainingError(refused[0])
+        if not plan.fits:
+            self.log(f"warning: {plan.problems[-1]}; it may swap or fail"
+                     + ("; changes that make it fit: " + "; ".join(plan.suggestions) if plan.suggestions else ""))
+        # apply it
+        te = plan.text_encoder_quantization
+        pipe.text_encoder_quantize = None if te == "bf16" or te.endswith("(as stored)") else te
         self.te_id = weights_identity(pipe.source.text_encoder, {"quant": pipe.text_encoder_quantize,
                                                                   **{k: list(v) if isinstance(v, tuple) else v
                                                                      for k, v in pipe.text_encoder_options.items()}})
+        self.transformer_quantization = plan.transformer_quantization
+        if plan.checkpointing_turned_on:
+            cfg.memory.gradient_checkpointing = plan.checkpoint_every
+        self.blockwise_ahead = plan.blockwise_ahead
+        if plan.small_command_batches:  # before anything runs on the device: MLX reads it once
+            memory.limit_command_batches(plan.checkpoint_every, log=self.log)
+        if self.val_pipe is not None:
+            q = plan.transformer_quantization
+            self.val_pipe.quantize = None if q == "bf16" else q
 
     # ---------------- caches ----------------
     def _fill_caches(self, samples, val_samples, prompts: list[str]):
@@ -208,7 +269,7 @@ class Trainer:
             vae = self.pipe.vae
             for key, load in tqdm(todo, desc="caching latents", unit="img", dynamic_ncols=True):
                 tokens = vae.pack(vae.encode(mx.array(load())[None]))[0]
-                self.counts["vae_encode"] += 1
+                self.stats["latents encoded"] += 1
                 lat_cache.put(key, {"latents": tokens.astype(mx.float32)})
 
     def _fill_text_cache(self, txt_cache, prompts):
@@ -217,7 +278,7 @@ class Trainer:
             te = self.pipe.text_encoder
             for p in tqdm(missing, desc="caching text embeddings", unit="prompt", dynamic_ncols=True):
                 embeds, _ = te.encode([p])
-                self.counts["text_encode"] += 1
+                self.stats["prompts embedded"] += 1
                 txt_cache.put(txt_cache.key(p), {"prompt_embeds": embeds[0]})
         self.pipe.release("text_encoder")  # training runs from the cache alone
 
@@ -228,12 +289,6 @@ class Trainer:
         """A control's latents depend on its bytes and on its target's size and bucket (it is cropped
         like the target), and on the crop code (CONTROL_GEOMETRY); the cache's identity is the VAE's."""
         return self.lat_cache.key("control", data_mod.CONTROL_GEOMETRY, c.content_hash, list(s.size), list(s.bucket))
-
-    def _embeds(self, prompt: str) -> mx.array:
-        got = self.txt_cache.get(self.txt_cache.key(prompt))
-        if got is None:
-            raise TrainingError(f"text cache entry for {prompt!r} vanished from {self.txt_cache.folder}; restart to rebuild it")
-        return got["prompt_embeds"]
 
     def _latents(self, s) -> mx.array:
         got = self.lat_cache.get(self._lat_key(s))
@@ -258,30 +313,9 @@ class Trainer:
         n = len(samples[0].controls)
         if not n or not use_refs:
             return {}
-        return {"refs": mx.stack([self._references(s) for s in samples]), "ref_ids": self._ref_ids(samples[0].bucket, n)}
+        return {"refs": mx.stack([self._references(s) for s in samples]), "ref_ids": self.cond.ref_ids(samples[0].bucket, n)}
 
     # ---------------- model ----------------
-    def _plan_transformer(self):
-        """The transformer's precision, gradient checkpointing (`auto` may turn it on) and segment
-        mode, from the config, the weights' size and the machine's memory — decided before anything
-        runs on the device, because MLX reads its command-batch size once, at its first command
-        (`memory.limit_command_batches`)."""
-        from mflux2.training import memory
-
-        q = self.cfg.model.transformer_quantization
-        stored = memory.stored_quantization(self.pipe.source)  # a converted folder loads only as stored
-        if stored and q not in ("auto", stored):
-            raise _stored_precision_error(self.pipe.source.root, "transformer", "model.transformer_quantization", q, stored,
-                                          "--quantize")
-        if q == "auto":
-            q = memory.choose_quantization(self.cfg, self.pipe.source, log=self.log)
-        else:
-            memory.check_fit(self.cfg, self.pipe.source, q, log=self.log)
-        self.transformer_quantization = q
-        self.planned_peak_gb = memory.planned_peak_gb(self.cfg, self.pipe.source, q)
-        self.blockwise_ahead = memory.run_ahead(self.cfg, self.pipe.source, q, log=self.log)
-        memory.limit_command_batches(self.cfg.memory.checkpoint_every, log=self.log)
-
     def _load_transformer(self):
         q = self.transformer_quantization
         self.pipe.quantize = None if q == "bf16" else q
@@ -356,7 +390,7 @@ class Trainer:
             arrays.update({f"ema.{k}": v for k, v in tree_flatten(self.ema)})
         mx.save_safetensors(str(partial / "optimizer_state.safetensors"), arrays)
         if with_images:
-            self.validation.render(partial, state.step)
+            self._render_validation(partial, state.step)
         tstate = {
             "step": state.step, "elapsed_s": state.elapsed_s, "skipped_nonfinite": state.skipped_nonfinite,
             "sampler": self.sampler.state_dict(), "rng": _rng_state(self.rng),
@@ -439,6 +473,11 @@ class Trainer:
         mx.eval(self.model.trainable_parameters(), self.optimizer.state)
         self.log(f"resumed from {ckpt} at step {state.step}")
 
+    def _render_validation(self, folder: Path, step: int) -> None:
+        """The validation images with the LoRA as saved (the EMA average when EMA is on)."""
+        lora_state = self.ema if self.ema is not None else self.model.trainable_parameters()
+        self.validation.render(folder, step, self.model, lora_state, self.cond)
+
     def _write_report(self, state: RunState):
         from mflux2.training.report import write_report
 
@@ -483,30 +522,12 @@ class Trainer:
         """Mean main loss over the validation set at fixed timesteps/noise (same every evaluation)."""
         losses = []
         for i, s in enumerate(self.val_samples):
-            batch = Batch(self._latents(s)[None], self._embeds(s.caption)[None], self._img_ids(s.bucket), self.txt_ids,
+            batch = Batch(self._latents(s)[None], self.cond.embeds(s.caption)[None], self.cond.img_ids(s.bucket), self.cond.txt_ids,
                           **self._edit_inputs([s]))
             loss, _ = step_fn.plain_loss(self.model, batch, mx.random.key(10_000 + i))
             losses.append(loss)
         mx.eval(losses)
         return float(np.mean([l.item() for l in losses]))
-
-    def _img_ids(self, bucket):
-        from mflux2.models.vae import image_ids
-
-        w, h = bucket
-        if (w, h) not in self._ids_cache:
-            self._ids_cache[(w, h)] = image_ids(h, w)
-        return self._ids_cache[(w, h)]
-
-    def _ref_ids(self, bucket, n: int):
-        """Ids of n references on the target's grid (controls are cropped like it): reference j has
-        t = 10·(j+1) (`vae.image_ids`)."""
-        from mflux2.models.vae import image_ids
-
-        w, h = bucket
-        if (w, h, n) not in self._ids_cache:
-            self._ids_cache[(w, h, n)] = mx.concatenate([image_ids(h, w, t=10 * (j + 1)) for j in range(n)])
-        return self._ids_cache[(w, h, n)]
 
     # ---------------- control ----------------
     def _on_sigint(self, signum, frame):
@@ -554,13 +575,24 @@ class Trainer:
             return self._run(ckpt)
 
     def _setup(self) -> Path | None:
-        """Everything before the caches: output folder, resume point, model files, dataset, plans."""
+        """Everything before the caches: output folder, resume point, model files, dataset, the plan."""
         cfg = self.cfg
         self._check_output()
         clean_partials(self.output)
         ckpt = self._find_resume()
-        self._load_components()
-        if cfg.dataset.auto_caption:  # before the scan reads the captions; the VLM is freed before anything loads
+        self._open_models()
+        pending = 0
+        if cfg.dataset.auto_caption:
+            from mflux2.captions import has_caption
+
+            with warnings.catch_warnings():  # the captions the VLM is about to write are not missing
+                warnings.simplefilter("ignore", data_mod.DataWarning)
+                self._scan()
+            pending = len([s for s in self.samples + self.val_samples if not has_caption(s.path)])
+        else:
+            self._scan()
+        self._make_plan(pending)  # before anything runs on the device
+        if pending:  # the VLM is freed before anything else loads
             if self.rank == 0:
                 from mflux2.captions import auto_caption
 
@@ -568,15 +600,15 @@ class Trainer:
                     auto_caption(cfg, log=self.log)
             if self.world > 1:
                 mx.eval(mx.distributed.all_sum(mx.array(0.0)))  # the others read the captions rank 0 wrote
-        self.samples = data_mod.scan_dataset(cfg)
-        self.val_samples = data_mod.scan_dataset(cfg, validation=True) if cfg.dataset.validation_path else []
+            self._scan()
         self.dataset_fingerprint = hashlib.sha256(json.dumps(sorted(
             (s.content_hash, s.caption, list(s.bucket)) + ((tuple(c.content_hash for c in s.controls),) if s.controls else ())
             for s in self.samples)).encode()).hexdigest()[:16]
         if cfg.dataset.control_path and self.val_samples and not cfg.dataset.validation_control_path:
             self.log("warning: dataset.validation_path has no dataset.validation_control_path: the validation loss "
                      "is computed without reference images")
-        self.validation = Validation(self)
+        self.validation = Validation(cfg, self.pipe, self.val_pipe, self.plan.keep_validation_model, self.output,
+                                     self.clock, self.log)
         self.scorer = None  # validation.vlm_scoring (rank 0 scores; an early stop is shared by the group)
         if cfg.validation.vlm_scoring.enabled and self.rank == 0:
             from mflux2.training.scoring import Scorer
@@ -584,20 +616,24 @@ class Trainer:
             self.scorer = Scorer(self)
         return ckpt
 
+    def _scan(self):
+        cfg = self.cfg
+        self.samples = data_mod.scan_dataset(cfg)
+        self.val_samples = data_mod.scan_dataset(cfg, validation=True) if cfg.dataset.validation_path else []
+
     def _run(self, ckpt: Path | None) -> Path:
         cfg, clock = self.cfg, self.clock
         dop = cfg.loss.diff_output_preservation
         prompts = data_mod.prompts_to_embed(cfg, self.samples, self.val_samples, [it.prompt for it in self.validation.items])
         total = cfg.training.max_steps  # always set: the config derives it from epochs (x 100, as Swift)
         self.total_steps = total
-        self._check_disk_space_for(prompts)
+        self._check_disk_space(int(self.plan.disk_gb * 1e9), self.plan.checkpoints_kept)
         for r in range(self.world):  # rank 0 first; on a shared disk the others then find everything cached
             if r == self.rank:
                 self._fill_caches(self.samples, self.val_samples, prompts)
             if self.world > 1:
                 mx.eval(mx.distributed.all_sum(mx.array(0.0)))  # barrier
-        self.txt_ids = _text_ids(self._embeds("").shape[0])
-        self._ids_cache = {}
+        self.cond = Conditioning(self.txt_cache)
 
         with clock("transformer load"):
             self.model = self._load_transformer()
@@ -630,7 +666,7 @@ class Trainer:
         if ckpt is None and self.validation.items and not (self.output / "baseline").exists() and self.rank == 0:
             base = self.output / "baseline.partial"
             base.mkdir(exist_ok=True)
-            self.validation.render(base, 0)
+            self._render_validation(base, 0)
             os.replace(base, self.output / "baseline")
             self.validation.update_progression(self.output / "baseline", 0)
 
@@ -675,15 +711,15 @@ class Trainer:
                 kept = data_mod.preservation_prompts(chosen, state.step, dop_every, cfg.loss.diff_output_preservation_prompts) if is_dop else []
                 batch = Batch(
                     latents=mx.stack([self._latents(s) for s in chosen]),
-                    prompt_embeds=mx.stack([self._embeds(c) for c in captions]),
-                    img_ids=self._img_ids(chosen[0].bucket), txt_ids=self.txt_ids,
-                    dop_embeds=mx.stack([self._embeds(p) for p in kept]) if is_dop else None,
+                    prompt_embeds=mx.stack([self.cond.embeds(c) for c in captions]),
+                    img_ids=self.cond.img_ids(chosen[0].bucket), txt_ids=self.cond.txt_ids,
+                    dop_embeds=mx.stack([self.cond.embeds(p) for p in kept]) if is_dop else None,
                     **self._edit_inputs(chosen, use_refs),
                 )
                 key = mx.random.key(cfg.training.seed * 1_000_003 + state.step)  # t and noise
                 mx.random.seed(cfg.training.seed * 1_000_003 + state.step + 1)  # LoRA dropout
                 out = step_fn(batch, key, dop=is_dop)
-                self.reference_steps += batch.refs is not None
+                self.stats["steps with references"] += batch.refs is not None
                 if self.ema is not None and out["applied"]:
                     d = cfg.ema.decay
                     self.ema = _tree_lerp(self.ema, self.model.trainable_parameters(), d)
@@ -727,8 +763,6 @@ class Trainer:
                     metrics.append({"step": state.step, "val_loss": vl})
                 if self.on_step is not None:
                     self.on_step(self, state.step)
-                if state.step in self._fail_at:
-                    self._inject_failure(state.step, self._fail_at[state.step])
                 if self._early_stop(state, eval_every):
                     reason = "early-stopped"
                     break
@@ -758,19 +792,6 @@ class Trainer:
                  f"{state.skipped_nonfinite} non-finite steps skipped")
         self.result = {"reason": reason, "step": state.step, "lora": final}
         return final
-
-    def _inject_failure(self, step: int, kind: str) -> None:
-        marker = self.output / f".injected_failure_{step:06d}"
-        if self.rank or marker.exists():
-            return
-        marker.write_text(kind)
-        self.log(f"injecting a failure at step {step}: {kind}")
-        if kind == "abort":
-            os.abort()
-        if kind == "metal":
-            raise RuntimeError("[METAL] Command buffer execution failed: Impacting Interactivity "
-                               "(0000000e:kIOGPUCommandBufferCallbackErrorImpactingInteractivity)")
-        os.kill(os.getpid(), signal.SIGKILL)
 
     # ---------------- early stopping ----------------
     def _vlm_stop(self) -> bool:
@@ -813,21 +834,6 @@ class Trainer:
 
 # ------------------------------------------------------------------------------------------------
 # helpers
-
-
-def _stored_precision_error(root: Path, component: str, key: str, asked: str, stored: str, flag: str) -> TrainingError:
-    """A converted folder's component loads only at the precision it was converted with."""
-    return TrainingError(
-        f"{key}: {asked}, but the {component} of {root} was converted as {stored} (mflux2.json) and loads only so — "
-        f"set {key} to {stored} or auto, or convert the model again {f'with {flag} {asked}' if asked != 'bf16' else f'without {flag}'}")
-
-
-def _failure_plan(spec: str) -> dict[int, str]:
-    plan = {}
-    for item in filter(None, (x.strip() for x in spec.split(","))):
-        step, _, kind = item.partition(":")
-        plan[int(step)] = kind or "kill"
-    return plan
 
 
 def _stalled(st: dict, name: str, value: float, min_rel_improvement: float, patience: int) -> bool:

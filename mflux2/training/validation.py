@@ -3,8 +3,8 @@ one the LoRA will be used with), how, and the baseline → checkpoint strips in 
 
 For klein trained on the klein-base weights the images come from the distilled klein (as the Swift
 trainer does; 4 steps, no CFG). That transformer carries the same LoRA layers, which share the
-training model's LoRA arrays. It stays loaded beside the training model when both fit twice over
-in the machine's memory, else it is loaded for each validation and freed after it.
+training model's LoRA arrays. The run's plan (`plan.make_plan`) says whether it stays loaded beside
+the training model or is loaded for each validation and freed after it.
 
 Editing prompts (`reference_image`) are rendered with their reference images, prepared and encoded
 by the generation path (`Flux2Pipeline.encode_references`: diffusers' 1024² cap and x16 crop, t = 10,
@@ -95,34 +95,20 @@ def prompt_group(prompt: str, with_trigger: bool, cfg: TrainConfig) -> str:
 
 
 class Validation:
-    """The run's validation images. `trainer` supplies the training model, its LoRA (or EMA) state,
-    the cached embeddings, the position ids, the phase clock and the log."""
+    """The run's validation images: rendered by the separate validation model `val_pipe` (kept
+    loaded beside training when the plan says so, else loaded for each validation and freed) or by
+    the training model, with the LoRA as it is at each render."""
 
-    def __init__(self, trainer):
-        from mflux2.training import memory
-
-        self.t = t = trainer
-        cfg = t.cfg
+    def __init__(self, cfg: TrainConfig, pipe, val_pipe, keep_loaded: bool, output: Path, clock, log=print):
+        self.cfg, self.train_pipe, self.output, self.clock, self.log = cfg, pipe, Path(output), clock, log
         self.items = validation_items(cfg)
-        self.references = prepare_validation_references(cfg, t.pipe)  # paths -> prepared PIL images
+        self.references = prepare_validation_references(cfg, pipe)  # paths -> prepared PIL images
         self._encoded: dict[tuple[str, ...], tuple[mx.array, mx.array]] = {}  # paths -> (tokens, ids)
         self._refs_written: set[int] = set()  # items whose prepared references are in progression/
-        self.pipe = None  # the validation model's pipeline, when it is not the training model
+        self.pipe = val_pipe if self.items else None  # None: the training model renders
         self._model = None
-        self.keep_loaded = False
-        want, where = cfg.validation_variant, cfg.validation_repo
-        if self.items and where is not None:
-            from mflux2.pipeline import Flux2Pipeline
-
-            q = t.transformer_quantization
-            self.pipe = Flux2Pipeline.from_pretrained(
-                where, variant=want, dtype=t.pipe.dtype, quantize=None if q == "bf16" else q, low_memory=True)
-            extra = self.pipe.loaded_bytes(self.pipe.source.transformer, self.pipe.quantize) / 1e9
-            budget = memory.available_gb()
-            self.keep_loaded = memory.keeps_validation_model(t.planned_peak_gb, extra, budget)
-            t.log(f"validation images: {self.pipe.variant or where} ({extra:.1f} GB), "
-                  f"{'kept loaded beside the training model' if self.keep_loaded else 'loaded for each validation and freed after'}")
-        source = self.pipe or t.pipe
+        self.keep_loaded = keep_loaded
+        source = self.pipe or pipe
         self.family, self.variant = source.family, source.variant
         # dev's embedded guidance; real CFG only for klein-base (distilled klein and dev: one pass a step)
         self.guidance = cfg.validation.guidance if self.family == "dev" else None
@@ -132,34 +118,33 @@ class Validation:
         """Which model, steps and guidance the images come from (as the LoRA's user runs it)."""
         if not self.items:
             return "none"
-        name = self.variant or (f"{Path(self.t.cfg.validation_repo).name} ({self.family})" if self.pipe is not None
+        name = self.variant or (f"{Path(self.cfg.validation_repo).name} ({self.family})" if self.pipe is not None
                                 else f"custom ({self.family})")
-        how = f"{self.t.cfg.validation.steps} steps"
+        how = f"{self.cfg.validation.steps} steps"
         if self.cfg_scale:
             how += f", CFG {self.cfg_scale:g}"
         elif self.guidance is not None:
             how += f", guidance {self.guidance:g}"
         else:
             how += ", no CFG" + (" (step-distilled)" if self.family == "klein" else "")
-        trained = f"; LoRA trained on {self.t.pipe.variant or self.t.pipe.source.root.name}" if self.pipe is not None else ""
+        trained = f"; LoRA trained on {self.train_pipe.variant or self.train_pipe.source.root.name}" if self.pipe is not None else ""
         return f"{name}, {how}{trained}"
 
-    def model(self):
-        """The transformer that renders, with the LoRA as it is now (the EMA average when EMA is on:
-        what gets saved)."""
-        t = self.t
+    def model(self, training_model, lora_state):
+        """The transformer that renders, with `lora_state` (the LoRA as it is now: the EMA average
+        when EMA is on, what gets saved)."""
         if self.pipe is None:
-            return t.model
+            return training_model
         if self._model is None:
             self.pipe.release("transformer")
             model = self.pipe.transformer
-            lcfg = t.cfg.lora
+            lcfg = self.cfg.lora
             lora_mod.apply_lora(model, rank=lcfg.rank, alpha=float(lcfg.alpha), targets=lcfg.target_layers, dropout=0.0)
             lora_mod.freeze_for_lora(model)
             self._model = model
             if not self.keep_loaded:
                 self.pipe._transformer = None  # only we hold it, so dropping it frees the weights
-        self._model.update(t.ema if t.ema is not None else t.model.trainable_parameters())
+        self._model.update(lora_state)
         return self._model
 
     def encoded_references(self, item: ValidationItem) -> tuple[mx.array | None, mx.array | None]:
@@ -168,39 +153,39 @@ class Validation:
         if not item.references:
             return None, None
         if item.references not in self._encoded:
-            self._encoded[item.references] = self.t.pipe.encode_references(self.references[item.references])
+            self._encoded[item.references] = self.train_pipe.encode_references(self.references[item.references])
         return self._encoded[item.references]
 
-    def render(self, folder: Path, step: int) -> None:
-        """`prompt_<i>[_i2i]_<W>x<H>.png` of every item into `folder`, then the progression strips."""
+    def render(self, folder: Path, step: int, training_model, lora_state, cond) -> None:
+        """`prompt_<i>[_i2i]_<W>x<H>.png` of every item into `folder`, then the progression strips;
+        `cond` gives the cached prompt embeddings and the position ids."""
         if not self.items:
             return
-        t = self.t
-        with t.clock("baseline validation" if step == 0 else f"validation {step}", step=step):
-            self._render(folder, step)
+        with self.clock("baseline validation" if step == 0 else f"validation {step}", step=step):
+            self._render(folder, step, training_model, lora_state, cond)
 
-    def _render(self, folder: Path, step: int) -> None:
+    def _render(self, folder: Path, step: int, training_model, lora_state, cond) -> None:
         from mflux2 import sampling
 
-        t, clock = self.t, self.t.clock
+        clock = self.clock
         with clock("validation: model load"):
-            model = self.model()
+            model = self.model(training_model, lora_state)
             mx.eval(model.parameters())
         model.eval()
         for it in self.items:
             n = sampling.image_seq_len(it.height, it.width)  # the target's tokens: refs do not shift mu
-            neg = t._embeds("")[None] if self.cfg_scale else None
+            neg = cond.embeds("")[None] if self.cfg_scale else None
             refs, ref_ids = self.encoded_references(it)
             x = sampling.denoise(model, sampling.initial_noise(it.seed, 1, it.height, it.width),
-                                 t._embeds(it.prompt)[None], t.txt_ids, t._img_ids((it.width, it.height)),
-                                 sampling.get_sigmas(t.cfg.validation.steps, n), guidance=self.guidance,
-                                 neg_embeds=neg, neg_txt_ids=t.txt_ids, cfg_scale=self.cfg_scale,
+                                 cond.embeds(it.prompt)[None], cond.txt_ids, cond.img_ids((it.width, it.height)),
+                                 sampling.get_sigmas(self.cfg.validation.steps, n), guidance=self.guidance,
+                                 neg_embeds=neg, neg_txt_ids=cond.txt_ids, cfg_scale=self.cfg_scale,
                                  refs=refs, ref_ids=ref_ids)
             with clock("validation: VAE decode + PNG"):
-                pil = t.pipe.decode(x, it.height, it.width)[0]
+                pil = self.train_pipe.decode(x, it.height, it.width)[0]
                 atomic_write(folder / it.file_name, lambda tmp: pil.save(tmp, format="PNG"))
         model.train()
-        if model is not t.model and not self.keep_loaded:
+        if model is not training_model and not self.keep_loaded:
             self._model = None  # loaded again at the next validation: it does not stay beside training
             gc.collect()
             mx.clear_cache()
@@ -211,7 +196,7 @@ class Validation:
         then every checkpoint, left to right."""
         from PIL import Image, ImageDraw
 
-        output = self.t.output
+        output = self.output
         prog = output / "progression"
         prog.mkdir(exist_ok=True)
         for it in self.items:
@@ -246,7 +231,7 @@ class Validation:
                 draw.text((i * thumb + 4, 3), text, fill="black")
             atomic_write(prog / name, lambda tmp: strip.save(tmp, format="PNG"))
         listing = [{"index": it.index, "prompt": it.prompt, "trigger": it.with_trigger, "size": [it.width, it.height],
-                    "seed": it.seed, "file": it.file_name, "group": prompt_group(it.prompt, it.with_trigger, self.t.cfg),
+                    "seed": it.seed, "file": it.file_name, "group": prompt_group(it.prompt, it.with_trigger, self.cfg),
                     "references": [it.reference_file(j) for j in range(len(it.references))],
                     "reference_paths": list(it.references)} for it in self.items]
         atomic_write_text(prog / "prompts.json", json.dumps(listing, indent=1))
