@@ -445,3 +445,21 @@ def test_prequantized_mlx_lm_folder(quant_folder, tmp_path):
     assert np.array_equal(encode(pre, QUANT_PROMPTS)[0], encode(enc, QUANT_PROMPTS)[0])
     with pytest.raises(ValueError, match="already quantised"):
         load_text_encoder(out, "qwen3", quantize="int4", **QUANT_KW)
+
+
+@pytest.mark.parametrize("quantize", [None, "int8", "int4"])
+def test_loaded_bytes_is_what_the_loader_holds(quantize):
+    """The plan weighs the text encoder from its config alone; the loaded model holds exactly that."""
+    from mlx.utils import tree_flatten
+
+    from mflux2.models.text_encoder import load_text_encoder, loaded_bytes
+
+    from pathlib import Path
+
+    toy = Path(__file__).resolve().parents[1] / "models" / "toy"
+    te = load_text_encoder(toy, "qwen3", quantize=quantize)
+    held = sum(v.nbytes for _, v in tree_flatten(te.model.parameters()))
+    planned = loaded_bytes("qwen3", quantize, folder=toy)
+    assert planned["weights"] == held
+    if quantize is None:
+        assert planned["largest"] == max(v.nbytes for _, v in tree_flatten(te.model.parameters()))

@@ -35,7 +35,6 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
-from mlx_lm.models import mistral3, qwen3
 
 from mflux2.weights import WeightsError, check_keys, iter_tensors, read_config, resolve_component, safetensors_files
 
@@ -282,6 +281,8 @@ def _check_window(d: dict, depth: int, max_length: int, src: Path) -> None:
 
 def _build(family: str, lm: dict, depth: int) -> tuple[nn.Module, nn.Module]:
     """(mlx-lm model to load weights into, its backbone) with `depth` layers and no LM head."""
+    from mlx_lm.models import mistral3, qwen3  # here: importing mlx-lm costs seconds, which weighing a model need not pay
+
     lm = {**lm, "num_hidden_layers": depth, "tie_word_embeddings": True, "layer_types": None}
     if family == "qwen3":
         model = qwen3.Model(qwen3.ModelArgs.from_dict(lm))
@@ -333,41 +334,53 @@ def loaded_bytes(variant: str, quantize: str | None, dtype: mx.Dtype = mx.bfloat
     """What `load_text_encoder(folder, variant, dtype, quantize)` holds once loaded, from the
     architecture alone (its config.json, or PRESET_CONFIGS for a released model's variant when no
     folder is given): {"weights": bytes, "largest": bytes of its largest tensor in `dtype`, the one
-    quantisation holds beside its quantized copy}. The same model build and quantisation rule as
-    the loader (only the layers up to the deepest hidden state; no LM head), counted on shapes:
-    nothing is read or allocated. Raises QuantizationError where `quantize` cannot apply."""
-    from mlx.utils import tree_flatten
-
+    quantisation holds beside its quantized copy}. The loader's model (only the layers up to the
+    deepest hidden state; no LM head) and its quantisation rule (`_quant_predicate`), counted on the
+    shapes of a Llama-style layer (tests/test_text_encoder.py checks them against a loaded model):
+    nothing is read, and mlx-lm is not imported. Raises QuantizationError where `quantize` cannot apply."""
     family = family_of(variant)
+    prequant = None
     if folder is not None:
         te_dir = resolve_component(Path(folder).expanduser(), "text_encoder")
         cfg = read_config(te_dir)
         if cfg is None:
             raise WeightsError(f"{te_dir}: no config.json — not a transformers/mlx-lm model folder")
         prequant = cfg.get("quantization") or (cfg.get("text_config") or {}).get("quantization")
-        lm = _lm_config(cfg, family, te_dir)
+        lm = cfg.get("text_config") or cfg if cfg.get("model_type") == "mistral3" else cfg
     else:
-        prequant, lm = None, dict(PRESET_CONFIGS[PRESET_OF[variant]])
-    depth = max(hidden_layers or DEFAULT_LAYERS[family])
-    model, backbone = _build(family, lm, max(min(depth, lm["num_hidden_layers"]), 1))
-    q = prequant or ({"bits": QUANT_BITS[quantize]} if quantize else None)
-    predicate = _quant_predicate(q["bits"]) if q else None
-    weights, largest = 0.0, 0
-    for path, m in backbone.named_modules():
-        if not isinstance(m, (nn.Linear, nn.Embedding)):
+        lm = PRESET_CONFIGS[PRESET_OF[variant]]
+    h, inter = lm["hidden_size"], lm["intermediate_size"]
+    heads = lm.get("num_attention_heads", 32)
+    kv = lm.get("num_key_value_heads") or heads
+    hd = lm.get("head_dim") or h // heads
+    depth = min(max(hidden_layers or DEFAULT_LAYERS[family]), lm["num_hidden_layers"])
+    # (path, out, in) of every Linear/Embedding the loader builds; the rest are norm vectors
+    layer = [("self_attn.q_proj", heads * hd, h), ("self_attn.k_proj", kv * hd, h), ("self_attn.v_proj", kv * hd, h),
+             ("self_attn.o_proj", h, heads * hd), ("mlp.gate_proj", inter, h), ("mlp.up_proj", inter, h),
+             ("mlp.down_proj", h, inter)]
+    mats = [("embed_tokens", lm["vocab_size"], h)] + [(f"layers.{i}.{n}", o, w) for i in range(max(depth, 1)) for n, o, w in layer]
+    norms = h + max(depth, 1) * (2 * h + (2 * hd if family == "qwen3" else 0))  # final, per layer (+ Qwen3's q/k norms)
+    bits = prequant["bits"] if prequant else (QUANT_BITS[quantize] if quantize else None)
+    predicate = _quant_predicate(bits) if bits else None
+    weights = norms * dtype.size
+    for path, out, width in mats:
+        n = out * width
+        if predicate is None:
+            weights += n * dtype.size
             continue
-        w = m.weight
-        largest = max(largest, w.size * dtype.size)
-        spec = predicate(path, m) if predicate else None
-        if spec:
-            group = q.get("group_size", spec["group_size"]) if prequant else spec["group_size"]
-            weights += w.size * q["bits"] / 8 + w.size / group * 2 * dtype.size  # packed weights + scale and bias
-        else:
-            weights += w.size * dtype.size
-    linear_like = {id(p) for _, m in backbone.named_modules() if isinstance(m, (nn.Linear, nn.Embedding))
-                   for _, p in tree_flatten(m.parameters())}
-    weights += sum(p.size * dtype.size for _, p in tree_flatten(backbone.parameters()) if id(p) not in linear_like)
-    return {"weights": weights, "largest": largest}
+        group = predicate(path, _Shape((out, width)))["group_size"]
+        if prequant:
+            group = prequant.get("group_size", group)
+        weights += n * bits / 8 + n / group * 2 * dtype.size  # packed weights + a scale and a bias per group
+    return {"weights": weights, "largest": max(o * w for _, o, w in mats) * dtype.size}
+
+
+class _Shape:
+    """A stand-in module for `_quant_predicate` (it looks at the weight's width only)."""
+
+    def __init__(self, shape):
+        self.weight = type("W", (), {"shape": shape})()
+        self.to_quantized = None
 
 
 def _prequantized_predicate(q: dict, weights: dict):

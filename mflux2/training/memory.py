@@ -70,12 +70,22 @@ def lora_parameters(cfg: TransformerConfig, rank: int, targets: str) -> int:
     return rank * (2 * per_stream * cfg.num_layers + single * cfg.num_single_layers)
 
 
+_WEIGHED: dict = {}
+
+
 def weights_bytes(cfg: TransformerConfig, base_quant: str) -> float:
     """The transformer as `load_transformer` leaves it: with an int8/int4 base, the blocks' linear
     layers and the large ones outside them (`quantize_outside_blocks`) quantized, the rest bf16.
-    Counted on a lazily built model (shapes only, nothing allocated)."""
+    Counted on a lazily built model (shapes only, nothing allocated), once per architecture."""
     if base_quant not in BYTES_PER_PARAM:
         raise ValueError(f"base_quant={base_quant!r}: choose bf16, int8 or int4")
+    key = (repr(cfg), base_quant)
+    if key not in _WEIGHED:
+        _WEIGHED[key] = _weigh(cfg, base_quant)
+    return _WEIGHED[key]
+
+
+def _weigh(cfg: TransformerConfig, base_quant: str) -> float:
     from mlx.utils import tree_flatten
 
     import mflux2.models.quantization as Q

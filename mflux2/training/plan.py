@@ -29,6 +29,7 @@ from __future__ import annotations
 import copy
 import math
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -492,7 +493,9 @@ def _replan(cfg, source, machine, f, samples, val_samples, items, validation_sou
     from mflux2.training.config_loading import apply_overrides
 
     try:
-        new = apply_overrides(cfg, overrides)
+        with warnings.catch_warnings():  # the config's warnings were given once, for the run as configured
+            warnings.simplefilter("ignore")
+            new = apply_overrides(cfg, overrides)
     except Exception:  # noqa: BLE001 - a change this config cannot take is no suggestion
         return None
     new.provenance = {**cfg.provenance, **{k: "override" for k in overrides}}
