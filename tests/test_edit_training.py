@@ -471,8 +471,9 @@ def test_edit_run_with_dop_checkpointing_dropout_one_and_a_validation_loss(tiny_
     assert [r["step"] for r in rows if "val_loss" in r] == [2, 4]
     # the validation loss reads the references: without them it differs
     s = t.val_samples[0]
-    batch = Batch(t._latents(s)[None], t._embeds(s.caption)[None], t._img_ids(s.bucket), t.txt_ids, **t._edit_inputs([s]))
-    plain = Batch(t._latents(s)[None], t._embeds(s.caption)[None], t._img_ids(s.bucket), t.txt_ids)
+    c = t.cond
+    batch = Batch(t._latents(s)[None], c.embeds(s.caption)[None], c.img_ids(s.bucket), c.txt_ids, **t._edit_inputs([s]))
+    plain = Batch(t._latents(s)[None], c.embeds(s.caption)[None], c.img_ids(s.bucket), c.txt_ids)
     from mflux2.training.step import StepConfig as SC
 
     step = TrainStep.__new__(TrainStep)
@@ -493,8 +494,10 @@ def test_memory_estimate_counts_reference_tokens():
     edit = memory.estimate_peak_gb("klein-4b", resolution=512, checkpointing=1, references=1)
     longer = memory.estimate_peak_gb("klein-4b", resolution=512, checkpointing=1, text_tokens=512 + 1024)
     assert edit == pytest.approx(longer) and edit > plain  # one 512² reference: 1024 more tokens
+    from mflux2.training.plan import _run_args
+
     cfg = config_from_dict({"dataset": {"path": "d", "control_path": ["a", "b"]}})
-    assert memory._run_args(cfg)["references"] == 2
+    assert _run_args(cfg)["references"] == 2
 
 
 def test_benchmark_times_the_edit_step():
@@ -507,7 +510,7 @@ def test_benchmark_times_the_edit_step():
 
 def test_dry_run_of_the_edit_quickstart_reports_pairs_and_counts_references(tmp_path, monkeypatch, capsys):
     from mflux2.model_files import resolve_source
-    from mflux2.training import memory
+    from mflux2.training import plan as P
     from mflux2.training.cli import main as train_cli
 
     monkeypatch.chdir(ROOT)
@@ -516,7 +519,8 @@ def test_dry_run_of_the_edit_quickstart_reports_pairs_and_counts_references(tmp_
     out = capsys.readouterr().out
     assert "edit pairs: 96 image(s) with 1 reference(s)" in out and "edit training: 1 reference image(s)" in out
     cfg = load_config(config, {"checkpoints.output": str(tmp_path / "o")})
-    step = memory.planned_peak_gb(cfg, resolve_source("models/toy"), "bf16")
+    cfg.resolve_model_defaults("klein-base-4b")
+    step = P.make_plan(cfg, resolve_source("models/toy"), P.this_machine()).phase("training step").gb
     cfg.dataset.control_path = None
-    assert step > memory.planned_peak_gb(cfg, resolve_source("models/toy"), "bf16")
+    assert step > P.make_plan(cfg, resolve_source("models/toy"), P.this_machine()).phase("training step").gb
     assert f"{step:6.2f} GB" in next(ln for ln in out.splitlines() if "training step" in ln)

@@ -1,6 +1,7 @@
 """The peak-memory model against peaks measured on an H100, and the auto quantization choice."""
 
 import json
+from pathlib import Path
 import os
 
 import pytest
@@ -112,76 +113,52 @@ def train_config(**memory):
     return cfg
 
 
-# klein-4b at 768² (estimates: bf16 15.8 GB; with checkpointing bf16 10.1 / synchronous 9.4, int8
-# 7.7 / 6.5, int4 5.7 / 4.6): precision first, then checkpointing turned on, then synchronous segments.
-@pytest.mark.parametrize("budget,expect,every,preset_every", [
-    (80.0, "bf16", 0, False), (12.5, "bf16", 1, False), (10.0, "bf16", 1, False), (7.0, "int8", 1, False),
-    (9.0, "int8", 1, True), (5.0, "int4", 1, True),
-])
-def test_choose_quantization_picks_the_most_precise_that_fits(monkeypatch, budget, expect, every, preset_every):
-    monkeypatch.setattr(M, "available_gb", lambda: budget)
-    lines = []
-    cfg = train_config(checkpointing=preset_every)
-    got = M.choose_quantization(cfg, Source("klein-4b"), log=lines.append)
-    assert (got, cfg.memory.checkpoint_every) == (expect, every)
-    est = M.estimate_peak_gb("klein-4b", got, resolution=768, batch=1, rank=32, checkpointing=every)
-    if est > budget:  # fits only with the segments run synchronously, which run_ahead then picks
-        est = M.estimate_peak_gb("klein-4b", got, resolution=768, batch=1, rank=32, checkpointing=every, synchronous=True)
-        assert M.run_ahead(cfg, Source("klein-4b"), got, log=lambda *a: None) == 0
-    assert f"auto: {expect}" in lines[0] and f"{est:.1f} GB of {budget:.1f} GB" in lines[0] and "768²" in lines[0]
-    assert ("gradient_checkpointing turned on" in "\n".join(lines)) == (every == 1 and not preset_every)
+def plan(cfg, gb: float, facts=None):
+    from mflux2.training import plan as P
+
+    return P.make_plan(cfg, P.Preset("klein-4b"), P.Machine(gb, f"{gb} GB"), facts=facts, suggest=False)
 
 
-def test_choose_quantization_turns_checkpointing_on_and_warns_when_nothing_fits(monkeypatch):
-    monkeypatch.setattr(M, "available_gb", lambda: 32.0)
-    lines = []
-    cfg = train_config(dop=True)
-    assert M.choose_quantization(cfg, Source("dev"), log=lines.append) == "int4"  # dev + DOP at 768²: 30.9 GB
-    assert cfg.memory.checkpoint_every == 1 and "DOP" in lines[0] and "turned on" in lines[1] and len(lines) == 2
-    monkeypatch.setattr(M, "available_gb", lambda: 20.0)
-    lines.clear()
-    assert M.choose_quantization(train_config(dop=True), Source("dev"), log=lines.append) == "int4"
-    assert lines[-1].startswith("warning: even int4 with checkpointing may not fit")
+def explicit(q: str, every: int, **memory):
+    cfg = train_config(checkpointing=every, **memory)
+    cfg.model.transformer_quantization = q
+    return cfg
 
 
-def test_choose_quantization_reads_an_unknown_architecture_from_the_folder(tmp_path, monkeypatch):
-    monkeypatch.setattr(M, "available_gb", lambda: 1.0)
-    cfg = TransformerConfig(num_layers=1, num_single_layers=2, num_attention_heads=2, attention_head_dim=64,
-                            joint_attention_dim=32, axes_dims_rope=(16,) * 4)
-    (tmp_path / "transformer").mkdir()
-    (tmp_path / "transformer" / "config.json").write_text(json.dumps({"_class_name": "Flux2Transformer2DModel", **cfg.to_dict()}))
-    lines = []
-    assert M.choose_quantization(train_config(), Source(None, tmp_path / "transformer"), log=lines.append) == "bf16"
-    assert "the transformer" in lines[0]
-    with pytest.raises(ValueError, match="no variant and no transformer path"):
-        M.choose_quantization(train_config(), Source(None, None), log=lines.append)
+@pytest.mark.parametrize("dop", [False, True])
+def test_auto_picks_the_most_precise_then_fastest_choice_whose_every_phase_fits(dop):
+    """transformer_quantization auto = the first of bf16, bf16 + checkpointing, int8, ... (each with
+    its segment mode) whose plan, made with that choice asked for explicitly, fits; checkpointing is
+    turned on only when that choice needs it."""
+    order = [(q, n) for q in ("bf16", "int8", "int4") for n in (0, 1)]
+    seen = set()
+    for gb in [x / 2 for x in range(12, 80)]:
+        auto = plan(train_config(dop=dop), gb)
+        fitting = [(q, n) for q, n in order if plan(explicit(q, n, dop=dop), gb).fits]
+        if not fitting:
+            assert not auto.fits and (auto.transformer_quantization, auto.checkpoint_every) == ("int4", 1)
+            continue
+        q, n = fitting[0]
+        assert (auto.transformer_quantization, auto.checkpoint_every) == (q, n), gb
+        assert auto.blockwise_ahead == plan(explicit(q, n, dop=dop), gb).blockwise_ahead
+        assert auto.checkpointing_turned_on == bool(n) and auto.fits
+        seen.add((q, n, auto.blockwise_ahead))
+    assert len(seen) >= 5, seen  # the sweep crossed bf16, checkpointing, synchronous segments, int8 and int4
+
+
+def test_a_plan_reads_an_unknown_architecture_from_the_folder():
+    from mflux2.model_files import resolve_source
+    from mflux2.training import plan as P
+
+    cfg = train_config()
+    cfg.resolve_model_defaults("klein-base-4b")
+    p = P.make_plan(cfg, resolve_source(Path(__file__).resolve().parents[1] / "models" / "toy"), P.Machine(5.0, "5 GB"))
+    assert p.model == "custom (klein-base)" and p.transformer_quantization == "bf16" and p.fits
+    assert p.phase("text-encoder cache").gb < 1.0
 
 
 def test_available_memory_is_positive():
     assert M.available_gb() > 0.1
-
-
-def test_check_fit_warns_with_options_when_the_run_does_not_fit(monkeypatch):
-    from types import SimpleNamespace
-
-    from mflux2.training import memory
-    from mflux2.training.config import config_from_dict
-
-    cfg = config_from_dict({"model": {"name": "klein-9b"}, "dataset": {"path": "x", "trigger_word": "sks"},
-                            "loss": {"diff_output_preservation": True, "diff_output_preservation_class": "toy"},
-                            "memory": {"bucketing": {"resolutions": [1024]}}})
-    source = SimpleNamespace(variant="klein-9b", transformer=None, guidance_embeds=False)
-    lines = []
-    monkeypatch.setattr(memory, "available_gb", lambda: 12.0)
-    est = memory.check_fit(cfg, source, "bf16", log=lines.append)
-    assert est > 12.0 and len(lines) == 1
-    msg = lines[0]
-    for option in ("transformer_quantization: int8", "int4", "gradient_checkpointing", "resolutions: [512]", "DOP every n"):
-        assert option in msg, option
-    lines.clear()
-    monkeypatch.setattr(memory, "available_gb", lambda: 1000.0)
-    memory.check_fit(cfg, source, "bf16", log=lines.append)
-    assert lines == []
 
 
 def test_weights_bytes_counts_what_load_time_quantization_keeps(monkeypatch):
@@ -208,44 +185,34 @@ def test_weights_bytes_counts_what_load_time_quantization_keeps(monkeypatch):
     assert M.weights_bytes(cfg, "int8") < M.weights_bytes(cfg, "bf16")
 
 
-def test_synchronous_segments_are_chosen_only_when_they_alone_fit(monkeypatch):
-    cfg = train_config(checkpointing=True)
-    args = dict(resolution=768, batch=1, rank=32, targets="attention", checkpointing=1)
-    ahead = M.estimate_peak_gb("klein-4b", "bf16", **args)
-    sync = M.estimate_peak_gb("klein-4b", "bf16", synchronous=True, **args)
+def test_synchronous_segments_are_chosen_only_when_they_alone_fit():
+    ahead = plan(explicit("bf16", 1), 1000).phase("training step").gb
+    args = dict(resolution=768, batch=1, rank=32, targets="attention", checkpointing=1, small_batches=False)
+    sync = ahead - M.estimate_peak_gb("klein-4b", **args) + M.estimate_peak_gb("klein-4b", synchronous=True, **args)
     assert sync < ahead - 0.5
-    for budget, expect in ((ahead + 1, 1), ((ahead + sync) / 2, 0), (sync - 1, 1)):
-        monkeypatch.setattr(M, "available_gb", lambda: budget)
-        lines = []
-        assert M.run_ahead(cfg, Source("klein-4b"), "bf16", log=lines.append) == expect
-        assert bool(lines) == (expect == 0) and (not lines or f"{sync:.1f} GB instead of {ahead:.1f} GB" in lines[0])
-    # ... and auto quantization counts on it: bf16 stays the choice where only synchronous bf16 fits
-    monkeypatch.setattr(M, "available_gb", lambda: (ahead + sync) / 2)
-    assert M.choose_quantization(cfg, Source("klein-4b"), log=lambda *a: None) == "bf16"
-    assert M.run_ahead(train_config(), Source("klein-4b"), "bf16", log=print) == 1  # no checkpointing: nothing to choose
+    for gb, expect in ((ahead + 1, 1), ((ahead + sync) / 2, 0), (sync - 1, 1)):
+        p = plan(explicit("bf16", 1), gb)
+        assert p.blockwise_ahead == expect, gb
+        assert ("one at a time" in "\n".join(p.lines())) == (expect == 0)
+    assert plan(train_config(), 1000).blockwise_ahead == 1  # no checkpointing: nothing to choose
 
 
-def test_text_encoder_quantization_auto_picks_the_most_precise_that_fits(tmp_path, monkeypatch):
-    import types
+def test_text_encoder_auto_picks_the_most_precise_that_fits():
+    """klein-4b's Qwen3-4B: bf16 6.2 GB, int8 3.3 GB + the bf16 embedding while it is quantized."""
+    from mflux2.training import plan as P
 
-    import mlx.core as mx
-
-    te = tmp_path / "text_encoder"
-    te.mkdir()
-    with open(te / "model.safetensors", "wb") as f:
-        f.truncate(8 * 10**9)  # (sparse) 8 GB of bf16 weights: Qwen3-4B, klein-4b's text encoder
-    from mflux2.pipeline import Flux2Pipeline
-
-    pipe = types.SimpleNamespace(source=types.SimpleNamespace(text_encoder=te, layout="diffusers"), dtype=mx.bfloat16)
-    pipe.loaded_bytes = types.MethodType(Flux2Pipeline.loaded_bytes, pipe)  # the pipeline's own size rule
-    for budget, expect in ((16.0, "bf16"), (8.0, "int8"), (4.0, "int4"), (2.0, "int4")):
-        monkeypatch.setattr(M, "available_gb", lambda: budget)
-        lines = []
-        assert M.choose_text_encoder_quantization(pipe, log=lines.append) == expect
-        assert lines[0].startswith(f"text encoder quantization auto: {expect} — estimated")
-        assert ("warning: even the int4 text encoder" in lines[-1]) == (budget == 2.0)
-    pipe.source.layout = "mflux2"  # converted (maybe already quantized): loads as stored
-    assert M.choose_text_encoder_quantization(pipe, log=lines.append) == "bf16" and "as stored" in lines[-1]
+    cfg = train_config()
+    cfg.model.quantization = "auto"
+    cfg.memory.gradient_checkpointing = 1
+    cfg.model.transformer_quantization = "int4"
+    f = P.weigh_models(cfg, P.Preset("klein-4b"))
+    gb = {q: P._te_gb(f, q) for q in ("bf16", "int8", "int4")}
+    assert gb["bf16"] > gb["int8"] > gb["int4"]
+    for budget, expect in ((gb["bf16"] + 0.1, "bf16"), (gb["bf16"] - 0.1, "int8"), (gb["int8"] - 0.1, "int4"), (1.0, "int4")):
+        p = plan(cfg, budget)
+        assert p.text_encoder_quantization == expect, budget
+        assert any(c.startswith(f"text encoder auto: {expect}") for c in p.choices)
+        assert ("text-encoder cache" in {x.name for x in p.over}) == (budget == 1.0)
     assert TrainConfig().model.quantization == "int8"  # the default is the Swift trainer's; auto is asked for
 
 
@@ -267,24 +234,23 @@ def test_checkpointed_cuda_runs_use_small_command_batches(monkeypatch):
 
 
 @pytest.mark.parametrize("stored", ["int8", "int4", None])
-def test_auto_on_a_converted_folder_chooses_only_its_stored_precision(monkeypatch, stored):
-    """A folder written by scripts/convert.py loads only as stored: auto keeps that precision (and
-    estimates it) even where bf16 would fit, and the out-of-memory advice says to convert again."""
+def test_auto_on_a_converted_folder_chooses_only_its_stored_precision(stored):
+    """A folder written by scripts/convert.py loads only as stored: auto keeps that precision even
+    where bf16 would fit, and no suggestion asks for another precision of it."""
     from types import SimpleNamespace
+
+    from mflux2.training import plan as P
 
     quant = {"name": stored, "bits": int(stored[3:])} if stored else None
     source = SimpleNamespace(variant="klein-4b", transformer=None, layout="mflux2", config={"transformer": {"quantization": quant}})
     want = stored or "bf16"
     assert M.stored_quantization(source) == want
     assert M.stored_quantization(Source("klein-4b")) is None  # other layouts load as anything
-    monkeypatch.setattr(M, "available_gb", lambda: 80.0)
-    lines = []
     cfg = train_config()
-    assert M.choose_quantization(cfg, source, log=lines.append) == want
-    est = M.estimate_peak_gb("klein-4b", want, resolution=768, batch=1, rank=32)
-    assert f"auto: {want} (as stored in the converted folder" in lines[0] and f"{est:.1f} GB of 80.0 GB" in lines[0]
-    assert [q for q in ("bf16", "int8", "int4") if f"{q} " in lines[0].split(";", 1)[1]] == [want]  # only it is estimated
-    monkeypatch.setattr(M, "available_gb", lambda: 1.0)
-    lines.clear()
-    M.check_fit(cfg, source, want, log=lines.append)
-    assert want == "int4" or "the model converted with --quantize int4" in lines[0]
+    f = P.weigh_models(cfg, P.Preset("klein-4b"))
+    f.stored = want
+    p = plan(cfg, 80.0, facts=f)
+    assert p.transformer_quantization == want
+    assert any(f"auto: {want} (as stored in the converted folder" in c for c in p.choices)
+    small = P.make_plan(cfg, P.Preset("klein-4b"), P.Machine(1.0, "1 GB"), facts=f)
+    assert not small.fits and not any("transformer_quantization" in s for s in small.suggestions)

@@ -4,6 +4,7 @@ weights and downloading nothing."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -50,7 +51,7 @@ def test_quickstart_fits_in_seconds_without_weights(tmp_path, monkeypatch, capsy
     monkeypatch.chdir(ROOT)
     rc, out, err, took = dry_run(capsys, CONFIG, "--output", tmp_path / "out")
     assert rc == 0, out + err
-    for section in ("== config", "== dataset", "== model", "== memory", "== disk", "== verdict"):
+    for section in ("== config", "== dataset", "== model", "== plan", "== disk", "== verdict"):
         assert section in out
     assert "16 image(s)" in out and "64x64 (16)" in out
     assert "local: models/toy" in out
@@ -62,13 +63,15 @@ def test_quickstart_fits_in_seconds_without_weights(tmp_path, monkeypatch, capsy
 
 
 def test_step_figure_is_the_runs(tmp_path, monkeypatch, capsys, no_weights):
-    """The training-step line is memory.planned_peak_gb, the figure the trainer records."""
+    """The training-step line is the plan's, the figure the trainer logs."""
     from mflux2.model_files import resolve_source
+    from mflux2.training import plan as P
     from mflux2.training.config import load_config
 
     monkeypatch.chdir(ROOT)
     cfg = load_config(CONFIG, {"checkpoints.output": str(tmp_path / "o")})
-    want = memory.planned_peak_gb(cfg, resolve_source("models/toy"), "bf16")
+    cfg.resolve_model_defaults("klein-base-4b")
+    want = P.make_plan(cfg, resolve_source("models/toy"), P.this_machine()).phase("training step").gb
     rc, out, _, _ = dry_run(capsys, CONFIG, "--output", tmp_path / "o")
     line = next(ln for ln in out.splitlines() if "training step" in ln)
     assert f"{want:6.2f} GB" in line
@@ -76,12 +79,19 @@ def test_step_figure_is_the_runs(tmp_path, monkeypatch, capsys, no_weights):
 
 def test_does_not_fit_lists_the_changes(tmp_path, monkeypatch, capsys, no_weights):
     monkeypatch.chdir(ROOT)
-    monkeypatch.setattr(memory, "available_gb", lambda: 1e-4)
-    rc, out, err, _ = dry_run(capsys, CONFIG, "--output", tmp_path / "out")
+    no_val = ("--set", "validation.prompts=[]")
+    rc, out, err, _ = dry_run(capsys, CONFIG, "--output", tmp_path / "out", *no_val)
+    assert rc == 0, out + err
+    step = float(re.search(r"training step\s+([\d.]+) GB", out).group(1))
+    monkeypatch.setattr(memory, "available_gb", lambda: step * 0.9)  # a machine where this step does not fit
+    rc, out, err, _ = dry_run(capsys, CONFIG, "--output", tmp_path / "out", *no_val)
     assert rc == 1
-    assert "does not fit" in out
-    assert "memory.gradient_checkpointing: true" in out and "model.transformer_quantization: int8" in out
-    assert "DOP every n steps" in out
+    verdict = out.split("== verdict", 1)[1]
+    assert "does not fit:" in verdict and "\n  - does not fit: training step" in verdict
+    fixes = [line for line in verdict.splitlines() if line.startswith("  - --set")]
+    assert fixes and all("re-planned: peak" in f for f in fixes)
+    assert any("loss.diff_output_preservation=false" in f for f in fixes)  # what fits for the toy's DOP step
+    assert not any("every_n_steps" in f for f in fixes)  # a DOP step is the peak, however rare
     assert len(err.strip().splitlines()) == 1 and "does not fit" in err
 
 
@@ -164,6 +174,9 @@ def test_validation_estimate_counts_an_editing_prompts_reference_tokens(tmp_path
         assert rc == 0, out + err
         return float(re.search(r"validation images\s+([\d.]+) GB", out).group(1))
 
+    from mflux2.training import plan as P
+
+    monkeypatch.setattr(P, "VAE_DECODE_BYTES_PER_PIXEL", 0)  # the forward's term, where references count
     prompt = "validation.prompts=[{prompt: a red shape, sizes: [512]%s}]"
     plain = validation_gb("--set", prompt % "")
     edit = validation_gb("--set", prompt % f", reference_image: {ref}")

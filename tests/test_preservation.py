@@ -49,7 +49,7 @@ def test_the_trainer_feeds_the_rotation_and_a_resumed_run_continues_it(tiny, tmp
     assert second.result["step"] == 8 and [e is not None for e in seen] == [True, False] * 4
 
     def same(x, prompt):
-        return bool(mx.array_equal(x, second._embeds(prompt)))
+        return bool(mx.array_equal(x, second.cond.embeds(prompt)))
 
     # DOP steps 0, 2, 4, 6: the class prompt every other time, the extra prompts in turn between
     # (steps 4 and 6 after the resume)

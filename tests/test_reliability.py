@@ -80,7 +80,7 @@ def test_data_and_model_errors_are_one_line(tiny, tmp_path, capsys):
     blocker = tmp_path / "a_file"
     blocker.write_text("")
     cfg = write_config(tmp_path, tiny, checkpoints={"output": str(blocker / "out")})
-    assert "not writable" in one_line_error(capsys, [str(cfg)])
+    assert "which is a file" in one_line_error(capsys, [str(cfg)])
 
 
 def test_odd_images_are_converted_not_rejected(tiny, tmp_path):

@@ -431,7 +431,7 @@ def test_checkpointed_runs_on_cuda_set_small_command_batches_before_anything_run
                            memory={"gradient_checkpointing": checkpointing})
         Trainer(load_config(cfg), log=logs.append).run()
     assert seen == [None, "4"]
-    assert sum("command batches of 4" in line for line in logs) == 1
+    assert sum(line.startswith("memory: MLX command batches of 4") for line in logs) == 1
 
 
 def test_a_klein_name_on_a_distilled_folder_says_how_to_train_it(tiny, tmp_path):

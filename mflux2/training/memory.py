@@ -5,8 +5,8 @@
 docs/performance.md and tests/test_memory.py): the weights exactly, plus activations linear in
 tokens × hidden size — every block's saved activations without checkpointing, the segment inputs
 and one segment's working set with it — plus a fixed part (LoRA state, optimiser transients, MLX's
-in-flight buffers). `choose_quantization` picks bf16, int8 or int4 for `transformer_quantization:
-auto` from it and the machine's memory.
+in-flight buffers). These are the figures; what the run does with them (precisions, checkpointing,
+which models stay loaded) is decided once, in `plan.make_plan`.
 """
 
 from __future__ import annotations
@@ -32,16 +32,16 @@ GB = 1e9
 # Fitted on the GPU tables (docs/performance.md): extra bytes per unit of activation (tokens ×
 # hidden × 2 bytes), per byte of float32 LoRA parameters, per byte of one block's weights in bf16
 # (a quantized base is dequantised tile by tile on the fly; it shows in the checkpointed steps),
-# and fixed. One graph (H100, session 3, the step evaluated in pieces): max error 4.6%.
+# and fixed. One graph (H100, 2026-11-25, the step evaluated in pieces): max error 4.6%.
 _PLAIN_PER_BLOCK_UNIT = 15.25  # saved activations + transients of one block, in units
 _PLAIN_PER_LORA_BYTE = 19.2
 _CKPT_PER_UNIT = 1.5  # × (blocks / every: segment inputs + 35 × every: one segment's working set)
 _CKPT_SEGMENT_UNITS = 35
 # Checkpointed, (fixed bytes, × one block's bf16 weights) by (synchronous segments, small command
-# batches). Small batches (`limit_command_batches`, CUDA): H200, session 4, fitted on klein-4b's
+# batches). Small batches (`limit_command_batches`, CUDA): H200, 2026-12-02, fitted on klein-4b's
 # three checkpointed rows; klein-9b and dev synchronous within 2.2% (peaks measured with the
-# calibrated limit's former slack). MLX's default batches hold more released buffers: H100,
-# session 3 (20 operations a batch; also what Metal and the CPU are estimated with, where nothing
+# calibrated limit 2% + 64 MB above the live set). MLX's default batches hold more released
+# buffers: H100, 2026-11-25 (20 operations a batch; also what Metal and the CPU are estimated with, where nothing
 # is measured), within 2.5%.
 _CKPT = {
     (False, True): (0.09 * GB, 0.57),
@@ -175,22 +175,6 @@ class _Shape:
         self.shape = shape
 
 
-def _run_args(cfg) -> dict:
-    """estimate_peak_gb's arguments for a TrainConfig's run (its largest resolution)."""
-    return dict(resolution=max(cfg.resolutions), batch=cfg.training.batch_size, rank=cfg.lora.rank,
-                targets=cfg.lora.target_layers, dop=bool(cfg.loss.diff_output_preservation),
-                references=len(cfg.dataset.control_path or ()))
-
-
-def _fitting_peak(model_cfg, quant: str, every: int, args: dict, budget: float) -> tuple[float, bool]:
-    """(estimated peak, synchronous): with checkpointing, the synchronous segments' lower peak when
-    the host-ahead one does not fit the budget (`run_ahead` then picks that mode)."""
-    peak = estimate_peak_gb(model_cfg, quant, checkpointing=every, **args)
-    if every and peak > budget:
-        return estimate_peak_gb(model_cfg, quant, checkpointing=every, synchronous=True, **args), True
-    return peak, False
-
-
 def stored_quantization(source, component: str = "transformer") -> str | None:
     """The precision of a component ("transformer", "text_encoder") of a folder written by
     scripts/convert.py ("int8", "int4", or "bf16" for an unquantised one; mflux2.json): such a
@@ -198,68 +182,6 @@ def stored_quantization(source, component: str = "transformer") -> str | None:
     if getattr(source, "layout", None) != "mflux2":
         return None
     return (((getattr(source, "config", None) or {}).get(component) or {}).get("quantization") or {}).get("name") or "bf16"
-
-
-def keeps_validation_model(planned_peak_gb: float, validation_weights_gb: float, budget_gb: float) -> bool:
-    """A separate validation model stays loaded beside the training model when both fit twice over in
-    the usable memory; otherwise it is loaded for each validation and freed after it."""
-    return bool(budget_gb) and 2 * (planned_peak_gb + validation_weights_gb) <= budget_gb
-
-
-def choose_quantization(cfg, source, log=print) -> str:
-    """The transformer precision for `model.transformer_quantization: auto`: the most precise of
-    bf16 / int8 / int4 whose estimated peak fits the machine's memory, for the largest training
-    resolution, the batch size, LoRA rank and targets, DOP and gradient checkpointing of `cfg` (a
-    TrainConfig). With checkpointing off, a precision that fits only with it turns it on (every
-    block; `cfg.memory.gradient_checkpointing` is set): exact gradients at ~1.4× the step time beat
-    a coarser base (on the H100, klein-4b bf16 + checkpointing is also faster than int8 without).
-    A converted folder (`stored_quantization`) offers only its stored precision: auto keeps it
-    (and may still turn checkpointing on). Prints the choice and the estimates."""
-    model_cfg = _source_config(source)
-    args, every, budget = _run_args(cfg), cfg.memory.checkpoint_every, available_gb()
-    res, dop = args["resolution"], args["dop"]
-    stored = stored_quantization(source)
-    options = [(q, n) for q in ((stored,) if stored else ("bf16", "int8", "int4")) for n in ([every] if every else [0, 1])]
-    est = {(q, n): _fitting_peak(model_cfg, q, n, args, budget)[0] for q, n in options}
-    fits = [o for o in options if est[o] <= budget]
-    choice, n = fits[0] if fits else options[-1]
-    name = getattr(source, "variant", None) or "the transformer"
-    detail = ", ".join(f"{q}{' + checkpointing' if k and not every else ''} {est[q, k]:.1f} GB" for q, k in options)
-    how = " (as stored in the converted folder: it loads only so)" if stored else ""
-    refs = args["references"]
-    log(f"transformer quantization auto: {choice}{how} — estimated peak {est[choice, n]:.1f} GB of {budget:.1f} GB usable "
-        f"({name}, {res}²{f' + {refs} reference(s)' if refs else ''}, batch {cfg.training.batch_size}, rank {cfg.lora.rank}{', DOP' if dop else ''}"
-        f"{f', checkpointing every {every}' if every else ''}; {detail})")
-    if n and not every:
-        cfg.memory.gradient_checkpointing = n
-        log(f"memory.gradient_checkpointing turned on (every block): {choice} fits only with it")
-    if not fits:
-        log(f"warning: even {options[-1][0]} with checkpointing may not fit ({est[options[-1]]:.1f} GB > {budget:.1f} GB); "
-            f"lower the resolution or the batch size{'' if not stored or stored == 'int4' else ', or convert the model with --quantize int4'}")
-    return choice
-
-
-TEXT_ENCODER_WORKING_GB = 1.5  # while caching: one prompt's activations, the VAE, headroom
-
-
-def choose_text_encoder_quantization(pipe, log=print) -> str:
-    """`model.quantization: auto`, the text encoder's precision. The text encoder runs alone (before
-    the transformer loads) to fill the embedding cache and is released after, so only it has to
-    fit: the most precise of bf16 / int8 / int4 whose weights (`pipe.loaded_bytes`, from its files)
-    + TEXT_ENCODER_WORKING_GB fit the usable memory. A folder written by scripts/convert.py loads as
-    stored ("bf16": nothing more to do)."""
-    te, budget = pipe.source.text_encoder, available_gb()
-    if pipe.source.layout == "mflux2":
-        log(f"text encoder quantization auto: as stored in the converted folder ({pipe.loaded_bytes(te, None) / GB:.1f} GB)")
-        return "bf16"
-    est = {q: pipe.loaded_bytes(te, None if q == "bf16" else q) / GB + TEXT_ENCODER_WORKING_GB for q in ("bf16", "int8", "int4")}
-    fits = [q for q, e in est.items() if e <= budget]
-    choice = fits[0] if fits else "int4"
-    log(f"text encoder quantization auto: {choice} — estimated {est[choice]:.1f} GB of {budget:.1f} GB usable "
-        f"while the embedding cache is filled ({', '.join(f'{q} {e:.1f} GB' for q, e in est.items())})")
-    if not fits:
-        log(f"warning: even the int4 text encoder may not fit ({est['int4']:.1f} GB > {budget:.1f} GB)")
-    return choice
 
 
 # While a VLM captions or scores (mflux2/vlm.py): its activations and cache for two images shrunk
@@ -276,50 +198,17 @@ def vlm_phase_gb(vlm_weights_gb: float, resident_gb: float = 0.0) -> float:
     return resident_gb + vlm_weights_gb + VLM_WORKING_GB
 
 
-def planned_peak_gb(cfg, source, quant: str) -> float:
-    """The estimated step peak of the configured run with the chosen precision (its largest resolution)."""
-    return estimate_peak_gb(_source_config(source), quant, checkpointing=cfg.memory.checkpoint_every, **_run_args(cfg))
-
-
-def check_fit(cfg, source, quant: str, log=print) -> float:
-    """Before loading: estimate the peak of the configured run and, if it would not fit the machine,
-    warn with the options that would (quantisation, checkpointing, resolution, DOP every n)."""
-    model_cfg = _source_config(source)
-    args, every, budget = _run_args(cfg), cfg.memory.checkpoint_every, available_gb()
-    est = estimate_peak_gb(model_cfg, quant, checkpointing=every, **args)
-    if _fitting_peak(model_cfg, quant, every, args, budget)[0] <= budget:
-        return est  # (with checkpointing, maybe only the synchronous mode fits: run_ahead chooses it)
-    options = []
-    stored = stored_quantization(source)
-    for q in ("int8", "int4"):
-        if q != quant and ("bf16", "int8", "int4").index(q) > ("bf16", "int8", "int4").index(quant):
-            e = estimate_peak_gb(model_cfg, q, checkpointing=every, **args)
-            options.append(f"{'the model converted with --quantize ' if stored else 'model.transformer_quantization: '}{q} (~{e:.1f} GB)")
-    if not every:
-        e = estimate_peak_gb(model_cfg, quant, checkpointing=1, **args)
-        options.append(f"memory.gradient_checkpointing: true (~{e:.1f} GB)")
-    if args["resolution"] > 512:
-        e = estimate_peak_gb(model_cfg, quant, checkpointing=every, **{**args, "resolution": 512})
-        options.append(f"resolutions: [512] (~{e:.1f} GB)")
-    if args["dop"]:
-        e = estimate_peak_gb(model_cfg, quant, checkpointing=every, **{**args, "dop": False})
-        options.append(f"DOP every n steps (plain steps ~{e:.1f} GB)")
-    log(f"warning: this run needs about {est:.1f} GB but about {budget:.1f} GB is usable; options that fit better: "
-        + "; ".join(options or ["a machine with more memory"]))
-    return est
-
-
 CHECKPOINTED_OPS_PER_BUFFER = 4
 
 
-def small_command_batches() -> bool:
-    """Whether a checkpointed run here gets small command batches: the user's MLX_MAX_OPS_PER_BUFFER
-    if set, else what `limit_command_batches` does (CUDA)."""
+def small_command_batches(cuda: bool | None = None) -> bool:
+    """Whether a checkpointed run gets small command batches: the user's MLX_MAX_OPS_PER_BUFFER if
+    set, else what `limit_command_batches` does (on CUDA: `cuda`, default this machine)."""
     from mflux2.ops.switches import cuda_available
 
     v = os.environ.get("MLX_MAX_OPS_PER_BUFFER")
     if v is None:
-        return cuda_available()
+        return cuda_available() if cuda is None else cuda
     return v.isdigit() and int(v) <= CHECKPOINTED_OPS_PER_BUFFER
 
 
@@ -338,22 +227,3 @@ def limit_command_batches(checkpointing: int, log=print) -> bool:
     os.environ["MLX_MAX_OPS_PER_BUFFER"] = str(CHECKPOINTED_OPS_PER_BUFFER)
     log(f"memory: MLX command batches of {CHECKPOINTED_OPS_PER_BUFFER} operations (checkpointed blocks free their buffers sooner)")
     return True
-
-
-def run_ahead(cfg, source, quant: str, log=print) -> int:
-    """TrainStep's `blockwise_ahead` for this run: 1 (the host encodes the next checkpointed segment
-    while the device runs the current one), or 0 when only the synchronous mode's lower peak fits
-    the machine (about 1.6× slower per step: docs/performance.md)."""
-    every = cfg.memory.checkpoint_every
-    if not every:
-        return 1
-    model_cfg = _source_config(source)
-    args, budget = _run_args(cfg), available_gb()
-    peak, synchronous = _fitting_peak(model_cfg, quant, every, args, budget)
-    if not synchronous or peak > budget:
-        return 1
-    ahead = estimate_peak_gb(model_cfg, quant, checkpointing=every, **args)
-    log(f"memory: running the checkpointed blocks one segment at a time — estimated peak {peak:.1f} GB instead of "
-        f"{ahead:.1f} GB ({budget:.1f} GB usable); slower per step")
-    return 0
-

@@ -41,9 +41,11 @@ PRECISIONS = ("bf16", "int8", "int4")
 # Fitted on the klein-4b cat-toy job (H100, 2026-12-05; docs/bench/h100-2026-12-05-s8-job-klein-4b.json)
 # and checked out of sample on the klein-9b job (…-s8-job-klein-9b.json): tests/test_plan.py.
 TEXT_ENCODER_WORKING_GB = 0.95  # beyond the loaded weights while the cache fills (measured 0.94 GB on klein-4b)
+SMALL_MODEL_SHARE = 0.2  # the two constant terms, at most this share of what they add to (models below klein-4b: unmeasured)
 VAE_ENCODE_BYTES_PER_PIXEL = 1600  # the VAE encoder's activations per pixel of the bucket (0.39 GB at 512²)
 VAE_DECODE_BYTES_PER_PIXEL = 2500  # the VAE decoder's, per output pixel (0.64 GB at 512²)
 JOB_STEP_GB = 3.1  # a step in the job beyond a lone step (3.03 GB on klein-4b)
+JOB_STEP_SHARE = 0.35  # ... and at most this share of the lone step
 FORWARD_UNITS = 640  # a sampling forward's working set, in tokens × hidden × 2 bytes (627 on klein-4b)
 
 
@@ -119,6 +121,7 @@ class ModelFacts:
     validation_name: str | None = None
     validation_family: str | None = None
     vlm_gb: dict = field(default_factory=dict)  # "captions"/"scoring" -> the VLM's weights in GB (None: unknown)
+    root: object = None  # the model's folder (None for a Preset)
 
 
 def _te_variant(source) -> str:
@@ -144,7 +147,7 @@ def weigh_models(cfg, source, validation_source=None) -> ModelFacts:
     facts = ModelFacts(
         name=source.variant or f"custom ({source.family})", family=source.family,
         transformer=memory._source_config(source), stored=memory.stored_quantization(source), te_stored=te_stored, te=te,
-        vae_gb=_vae_bytes(None if isinstance(source, Preset) else source.vae, dtype) / GB,
+        vae_gb=_vae_bytes(None if isinstance(source, Preset) else source.vae, dtype) / GB, root=getattr(source, "root", None),
     )
     if validation_source is not None:
         facts.validation = memory._source_config(validation_source)
@@ -268,7 +271,7 @@ def _text_encoder(f: ModelFacts, cfg, budget: float) -> tuple[str, Phase | None,
         q = f.te_stored
         asked = cfg.model.quantization
         if asked not in ("auto", q) and cfg.provenance.get("model.quantization") in ("file", "override"):
-            problems.append(_stored_precision_problem("text encoder", "model.quantization", asked, q, "--text-encoder-quantize"))
+            problems.append(_stored_precision_problem(f.root, "text encoder", "model.quantization", asked, q, "--text-encoder-quantize"))
     elif cfg.model.quantization == "auto":
         ok = [q for q in PRECISIONS if isinstance(f.te[q], dict)]
         for q in PRECISIONS:
@@ -286,7 +289,7 @@ def _text_encoder(f: ModelFacts, cfg, budget: float) -> tuple[str, Phase | None,
     name = "as stored" if f.te_stored else q
     w = f.te[q]["weights"] / GB
     quantizing = not f.te_stored and q != "bf16"
-    how = f"weights {w:.2f} GB{f' + {_largest(f, q):.2f} GB quantized on load' if quantizing else ''} + {TEXT_ENCODER_WORKING_GB} GB working"
+    how = f"weights {w:.2f} GB{f' + {_largest(f, q):.2f} GB quantized on load' if quantizing else ''} + {_te_working_gb(f, q):.2f} GB working"
     return (f"{q} (as stored)" if f.te_stored else name), Phase("text-encoder cache", _te_gb(f, q), how), choices, problems
 
 
@@ -294,13 +297,18 @@ def _largest(f: ModelFacts, q: str) -> float:
     return f.te[q]["largest"] / GB
 
 
+def _te_working_gb(f: ModelFacts, q: str) -> float:
+    return min(TEXT_ENCODER_WORKING_GB, SMALL_MODEL_SHARE * f.te[q]["weights"] / GB)
+
+
 def _te_gb(f: ModelFacts, q: str) -> float:
     quantizing = not f.te_stored and q != "bf16"
-    return f.te[q]["weights"] / GB + (_largest(f, q) if quantizing else 0.0) + TEXT_ENCODER_WORKING_GB
+    return f.te[q]["weights"] / GB + (_largest(f, q) if quantizing else 0.0) + _te_working_gb(f, q)
 
 
-def _stored_precision_problem(component: str, key: str, asked: str, stored: str, flag: str) -> str:
-    return (f"{key}: {asked}, but the {component} of the converted folder was converted as {stored} (mflux2.json) and loads "
+def _stored_precision_problem(root, component: str, key: str, asked: str, stored: str, flag: str) -> str:
+    """A converted folder's component loads only at the precision it was converted with."""
+    return (f"{key}: {asked}, but the {component} of {root} was converted as {stored} (mflux2.json) and loads "
             f"only so — set {key} to {stored} or auto, or convert the model again "
             f"{f'with {flag} {asked}' if asked != 'bf16' else f'without {flag}'}")
 
@@ -332,10 +340,11 @@ def _candidate(f: ModelFacts, cfg, machine: Machine, q: str, every: int, synchro
     """The phases of one choice of precision × checkpointing × segment mode (the validation
     rendering follows from it)."""
     budget = machine.usable_gb
-    small = bool(every) and _small_batches(machine)
+    small = bool(every) and memory.small_command_batches(machine.cuda)
     args = _run_args(cfg)
     lone = memory.estimate_peak_gb(f.transformer, q, checkpointing=every, synchronous=synchronous, small_batches=small, **args)
-    step = lone + JOB_STEP_GB
+    job = min(JOB_STEP_GB, JOB_STEP_SHARE * lone)
+    step = lone + job
     train_w = memory.weights_bytes(f.transformer, q) / GB
     val_w = memory.weights_bytes(f.validation, q) / GB if f.validation is not None and items else 0.0
     # a separate validation model stays beside training when both fit twice over (room for the rest of the Mac)
@@ -343,7 +352,7 @@ def _candidate(f: ModelFacts, cfg, machine: Machine, q: str, every: int, synchro
     phases = list(fixed)
     ckpt = f", checkpointing every {every}{' (segments one at a time)' if synchronous else ''}" if every else ""
     phases.append(Phase("training step", step + (val_w if keep else 0.0),
-                        f"{q}{ckpt}: a step {lone:.2f} GB + {JOB_STEP_GB} GB in the job"
+                        f"{q}{ckpt}: a step {lone:.2f} GB + {job:.2f} GB in the job"
                         + (f" + the validation model {val_w:.2f} GB kept loaded" if keep else "")))
     if items:
         vcfg = f.validation if f.validation is not None else f.transformer
@@ -369,15 +378,6 @@ def _candidate(f: ModelFacts, cfg, machine: Machine, q: str, every: int, synchro
                   f"{f.validation_name}, {'kept loaded beside the training model' if keep else 'loaded for each validation and freed after'}")
     return dict(q=q, every=every, synchronous=synchronous, small=small, keep=keep, phases=phases, validation=validation,
                 val_w=val_w, fits=all(p.gb is None or p.gb <= budget for p in phases), step=lone)
-
-
-def _small_batches(machine: Machine) -> bool:
-    """Checkpointed runs on CUDA get MLX command batches of 4 (`memory.limit_command_batches`), unless
-    the user's MLX_MAX_OPS_PER_BUFFER says otherwise."""
-    v = os.environ.get("MLX_MAX_OPS_PER_BUFFER")
-    if v is None:
-        return machine.cuda
-    return v.isdigit() and int(v) <= memory.CHECKPOINTED_OPS_PER_BUFFER
 
 
 def make_plan(cfg, source, machine: Machine, *, samples=(), val_samples=(), items=None, validation_source=None,
@@ -416,7 +416,7 @@ def make_plan(cfg, source, machine: Machine, *, samples=(), val_samples=(), item
     # the transformer: precision × checkpointing × segment mode, the most precise (then fastest) that fits
     asked, every = cfg.model.transformer_quantization, cfg.memory.checkpoint_every
     if f.stored and asked not in ("auto", f.stored):
-        problems.append(_stored_precision_problem("transformer", "model.transformer_quantization", asked, f.stored, "--quantize"))
+        problems.append(_stored_precision_problem(f.root, "transformer", "model.transformer_quantization", asked, f.stored, "--quantize"))
     auto = asked == "auto"
     precisions = (f.stored,) if f.stored else (PRECISIONS if auto else (asked,))
     ckpts = [every] if every or not auto else [0, 1]
@@ -435,7 +435,7 @@ def make_plan(cfg, source, machine: Machine, *, samples=(), val_samples=(), item
     for s in samples:
         samples_buckets[s.bucket] = samples_buckets.get(s.bucket, 0) + 1
     prompts = len(set(data_mod.prompts_to_embed(cfg, samples, val_samples, [it.prompt for it in items]))) + pending_captions
-    disk, keep_n = disk_need(cfg, f.transformer, samples, val_samples, prompts, cfg.training.max_steps)
+    disk, keep_n = disk_need(cfg, f.transformer, samples, val_samples, prompts, cfg.training.max_steps or 0)
 
     plan = RunPlan(
         machine=machine, model=f.name, transformer_quantization=chosen["q"], text_encoder_quantization=te_q,
