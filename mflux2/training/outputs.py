@@ -19,6 +19,10 @@ import numpy as np
 CHECKPOINT_RE = re.compile(r"^checkpoint_(\d{6,})$")
 
 
+class TrainingError(RuntimeError):
+    """A run cannot start or continue. One actionable line."""
+
+
 def _fsync_dir(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)

@@ -359,28 +359,30 @@ def _copy_best(src: Path, output: Path, rec: dict) -> None:
 
 
 class Scorer:
-    """VLM scoring inside a training run; `trainer` supplies the config, output folder, validation
-    items, training samples, metrics log, phase clock and log."""
+    """VLM scoring inside a training run: `run_cfg` the run's config, `output` its folder,
+    `sample_paths` the training images (references are picked among them), `items` the validation
+    images, `clock` the phase clock, `log` the log and `record(dict)` the metrics log."""
 
-    def __init__(self, trainer):
+    def __init__(self, run_cfg, output: Path, sample_paths: list[Path], items, clock, log=print, record=None):
         from mflux2 import vlm
 
-        self.t = t = trainer
-        self.cfg = t.cfg.validation.vlm_scoring
-        self.output = t.output
+        self.cfg = run_cfg.validation.vlm_scoring
+        self.output = Path(output)
+        self.clock, self.log, self.record = clock, log, record or (lambda rec: None)
+        self.class_word = run_cfg.loss.diff_output_preservation_class
         self.history: list[dict] = []
         self.stop_reason: str | None = None
         for leftover in (f"{BEST}.partial", f"{BEST}.old"):
             shutil.rmtree(self.output / leftover, ignore_errors=True)
-        refs = select_references(self.cfg.reference_images or [], [s.path for s in t.samples], self.cfg.max_reference_images, t.log)
-        self.targets, how = plan_targets(t.cfg, t.validation.items, refs)
+        refs = select_references(self.cfg.reference_images or [], list(sample_paths), self.cfg.max_reference_images, log)
+        self.targets, how = plan_targets(run_cfg, items, refs)
         if not self.targets:
-            t.log(f"VLM scoring: off — {how}")
+            log(f"VLM scoring: off — {how}")
             return
         # before the caches and the transformer: a missing extra or model fails in seconds, not at the first checkpoint
         vlm.require_mlx_vlm()
         vlm.resolve(self.cfg.model)  # (a hub model is downloaded now, into the Hugging Face cache)
-        t.log(f"VLM scoring with {self.cfg.model}: {how}; references {', '.join(p.name for p in refs)}")
+        log(f"VLM scoring with {self.cfg.model}: {how}; references {', '.join(p.name for p in refs)}")
 
     @property
     def active(self) -> bool:
@@ -399,7 +401,7 @@ class Scorer:
         info = self.output / BEST / "best_info.json"
         if info.is_file() and json.loads(info.read_text()).get("step", 0) > step:
             shutil.rmtree(self.output / BEST, ignore_errors=True)
-            self.t.log(f"VLM scoring: removed {BEST}/ (from a step after the resumed step {step})")
+            self.log(f"VLM scoring: removed {BEST}/ (from a step after the resumed step {step})")
         self._write_history()
 
     def after_checkpoint(self, folder: Path, step: int) -> None:
@@ -412,7 +414,7 @@ class Scorer:
             return
         from mflux2 import vlm as vlm_mod
 
-        with self.t.clock("VLM scoring (load, score, free)"), vlm_mod.loaded(self.cfg.model, log=self.t.log) as model:
+        with self.clock("VLM scoring (load, score, free)"), vlm_mod.loaded(self.cfg.model, log=self.log) as model:
             recs = [self._score(model, f, s) for f, s in jobs]
         rec = recs[-1]
         if rec["step"] != step or rec["score"] is None:
@@ -421,7 +423,7 @@ class Scorer:
         if self.cfg.save_best_checkpoint and rec["score"] >= max(scores):
             _copy_best(folder, self.output, rec)
             self._write_history()
-            self.t.log(f"VLM scoring: {BEST}/ is now {folder.name} (score {rec['score']:.1f})")
+            self.log(f"VLM scoring: {BEST}/ is now {folder.name} (score {rec['score']:.1f})")
         if self.cfg.early_stopping:
             self.stop_reason = early_stop_reason(scores, self.cfg.early_stopping_patience,
                                                  self.cfg.early_stopping_min_delta, self.cfg.degradation_threshold)
@@ -429,9 +431,9 @@ class Scorer:
     def _score(self, model, folder: Path, step: int) -> dict:
         """Score the validation images in `folder` (the baseline at step 0) with the loaded VLM; the
         record goes to the folder, the history, metrics.jsonl and the log."""
-        t, c = self.t, self.cfg
+        c = self.cfg
         t0 = time.perf_counter()
-        images = score_images(model, folder, self.targets, c.scene_weight, t.cfg.loss.diff_output_preservation_class, log=t.log)
+        images = score_images(model, folder, self.targets, c.scene_weight, self.class_word, log=self.log)
         base = next((r for r in self.history if r["step"] == 0), None) if c.compare_to_baseline and step else None
         rec = summarize(step, images, c.scene_weight, base)
         rec["seconds"] = round(time.perf_counter() - t0, 2)
@@ -440,10 +442,9 @@ class Scorer:
         atomic_write_text(folder / SCORES_FILE, json.dumps({**rec, "images": images}, indent=1))
         self.history.append(rec)
         self.history.sort(key=lambda r: r["step"])
-        if t._metrics is not None:
-            t._metrics.append({"step": step, **{f"vlm_{k}": v for k, v in rec.items() if k != "step"}})
+        self.record({"step": step, **{f"vlm_{k}": v for k, v in rec.items() if k != "step"}})
         self._write_history()
-        t.log(self._line(rec))
+        self.log(self._line(rec))
         return rec
 
     def best(self) -> dict | None:

@@ -27,19 +27,19 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.optimizers as optim
 import numpy as np
-from mlx.utils import tree_flatten, tree_map_with_path, tree_unflatten
 from tqdm import tqdm
 
 from mflux2 import lora as lora_mod
 from mflux2.training import data as data_mod
 from mflux2.training.cache import DiskCache, model_identity, weights_identity
 from mflux2.training.config import TrainConfig, check_reference_count, config_hash, resume_signature
+from mflux2.training import checkpoints
 from mflux2.training.outputs import (
     MetricsLog,
+    TrainingError,
     atomic_write_text,
     checkpoint_problem,
     clean_partials,
-    commit_checkpoint,
     latest_checkpoint,
     learning_curve_svg,
 )
@@ -50,8 +50,6 @@ from mflux2.training.validation import Validation
 MAX_CONSECUTIVE_NONFINITE = 5
 
 
-class TrainingError(RuntimeError):
-    """A run cannot start or continue. One actionable line."""
 
 
 # ------------------------------------------------------------------------------------------------
@@ -378,19 +376,6 @@ class Trainer:
             ) from None
 
     def _write_checkpoint(self, state: RunState, with_images: bool):
-        name = f"checkpoint_{state.step:06d}"
-        final = self.output / name
-        partial = self.output / (name + ".partial")
-        shutil.rmtree(partial, ignore_errors=True)
-        partial.mkdir(parents=True)
-        self._save_lora(partial / "lora.safetensors", state.step)
-        arrays = {f"optimizer.{k}": v for k, v in tree_flatten(self.optimizer.state)}
-        arrays.update({f"params.{k}": v for k, v in tree_flatten(self.model.trainable_parameters())})
-        if self.ema is not None:
-            arrays.update({f"ema.{k}": v for k, v in tree_flatten(self.ema)})
-        mx.save_safetensors(str(partial / "optimizer_state.safetensors"), arrays)
-        if with_images:
-            self._render_validation(partial, state.step)
         tstate = {
             "step": state.step, "elapsed_s": state.elapsed_s, "skipped_nonfinite": state.skipped_nonfinite,
             "sampler": self.sampler.state_dict(), "rng": _rng_state(self.rng),
@@ -400,8 +385,11 @@ class Trainer:
             "dataset_fingerprint": self.dataset_fingerprint, "transformer_quantization": self.transformer_quantization,
             "world": self.world,
         }
-        (partial / "training_state.json").write_text(json.dumps(tstate))
-        commit_checkpoint(partial, final, keep_last=self.cfg.checkpoints.keep_last or None)
+        final = checkpoints.write(
+            self.output, state.step, save_lora=lambda path: self._save_lora(path, state.step),
+            arrays=checkpoints.state_arrays(self.model, self.optimizer, self.ema), state=tstate,
+            keep_last=self.cfg.checkpoints.keep_last, images=(lambda folder: self._render_validation(folder, state.step))
+            if with_images else None)
         if with_images and self.scorer is not None:
             self.scorer.after_checkpoint(final, state.step)
         with self.clock("report + learning curve"):
@@ -411,44 +399,9 @@ class Trainer:
         return final
 
     def _restore(self, ckpt: Path, state: RunState):
-        try:
-            tstate = json.loads((ckpt / "training_state.json").read_text())
-            arrays = mx.load(str(ckpt / "optimizer_state.safetensors"))
-        except (OSError, ValueError, RuntimeError) as e:
-            raise TrainingError(f"{ckpt}: cannot be read ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
-                                f"resume from another checkpoint with --resume, or use --no-resume") from None
-        old = tstate.get("resume_signature") or {}
-        # the model by its identity (a moved folder resumes); checkpoints written before it was recorded: by model.path
-        identity = self.model_identity if "model.weights" in old else None
-        if tstate.get("config_hash") != config_hash(self.cfg, identity):
-            new = resume_signature(self.cfg, identity)
-            diff = [k for k in new if old.get(k) != new.get(k)]
-            if any(k in ("model.config", "model.weights") for k in diff):
-                raise TrainingError(
-                    f"{ckpt}: trained on another model than {self.pipe.source.root} (its transformer's "
-                    f"{' and '.join(k.split('.')[1] for k in diff if k.startswith('model.'))} differ: "
-                    f"{', '.join(f'{k} {old.get(k)!r} → {new.get(k)!r}' for k in diff)}; it was {tstate.get('model_path', '?')}) "
-                    f"— set model.path to that model, or use --no-resume or another checkpoints.output")
-            raise TrainingError(
-                f"{ckpt}: the config changed in a way that breaks resuming ({', '.join(diff) or 'model/LoRA'}: "
-                f"{', '.join(f'{old.get(k)!r} → {new.get(k)!r}' for k in diff)}); use --no-resume or another checkpoints.output"
-            )
-        pick = lambda prefix: [(k[len(prefix):], v) for k, v in arrays.items() if k.startswith(prefix)]  # noqa: E731
-        self.model.update(tree_unflatten(pick("params.")))
-        # Fill the already-initialised trees path by path (empty sub-trees, e.g. a LoRA layer's frozen
-        # `base`, do not survive a flat file), in place: mx.compile captures these very dicts.
-        opt_flat = dict(pick("optimizer."))
-        missing = [path for path, _ in tree_flatten(self.optimizer.state) if path not in opt_flat]
-        if missing:
-            raise TrainingError(
-                f"{ckpt / 'optimizer_state.safetensors'}: no optimizer.{missing[0]} (the optimiser state of another "
-                f"mflux2 version or optimiser); use --no-resume or another checkpoints.output"
-            )
-        for k, v in tree_map_with_path(lambda path, old: opt_flat[path], self.optimizer.state).items():
-            self.optimizer.state[k] = v
-        if self.ema is not None:
-            ema_flat = dict(pick("ema."))
-            self.ema = tree_map_with_path(lambda path, old: ema_flat[path], self.ema)
+        tstate, arrays = checkpoints.read(ckpt)
+        checkpoints.check_resumable(ckpt, tstate, self.cfg, self.model_identity, self.pipe.source.root)
+        self.ema = checkpoints.restore_arrays(ckpt, arrays, self.model, self.optimizer, self.ema)
         sampler = dict(tstate["sampler"])
         bs = self.cfg.training.batch_size
         world = int(tstate.get("world") or max(1, int(sampler.get("batch_size", bs * self.world)) // bs))
@@ -613,7 +566,8 @@ class Trainer:
         if cfg.validation.vlm_scoring.enabled and self.rank == 0:
             from mflux2.training.scoring import Scorer
 
-            self.scorer = Scorer(self)
+            self.scorer = Scorer(cfg, self.output, [s.path for s in self.samples], self.validation.items, self.clock, self.log,
+                                 record=lambda rec: self._metrics.append(rec) if self._metrics is not None else None)
         return ckpt
 
     def _scan(self):

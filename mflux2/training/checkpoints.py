@@ -1,0 +1,97 @@
+"""A run's checkpoint folder, `checkpoint_NNNNNN/`: written atomically, read back for an exact resume.
+
+It holds `lora.safetensors` (the LoRA as saved, the EMA average when EMA is on), the raw trainable
+parameters with the optimiser's state (and the EMA) in `optimizer_state.safetensors`,
+`training_state.json` (step, data order, RNG, history, and the signature a resume must match), and,
+at validation steps, the validation images. The folder is written as `.partial` and renamed when
+complete, so a crash never leaves a half checkpoint that looks whole (`outputs.commit_checkpoint`).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import mlx.core as mx
+from mlx.utils import tree_flatten, tree_map_with_path, tree_unflatten
+
+from mflux2.training.config import config_hash, resume_signature
+from mflux2.training.outputs import TrainingError, commit_checkpoint
+
+
+def state_arrays(model, optimizer, ema) -> dict:
+    """What a resume needs besides the JSON state: the trainable parameters, the optimiser's state
+    and the EMA, flat."""
+    arrays = {f"optimizer.{k}": v for k, v in tree_flatten(optimizer.state)}
+    arrays.update({f"params.{k}": v for k, v in tree_flatten(model.trainable_parameters())})
+    if ema is not None:
+        arrays.update({f"ema.{k}": v for k, v in tree_flatten(ema)})
+    return arrays
+
+
+def write(output: Path, step: int, *, save_lora, arrays: dict, state: dict, keep_last: int | None, images=None) -> Path:
+    """checkpoint_NNNNNN/ of `step`: `save_lora(path)` writes the LoRA file, `images(folder)` the
+    validation images (None: none this time); the folder appears complete or not at all."""
+    name = f"checkpoint_{step:06d}"
+    final, partial = output / name, output / (name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    save_lora(partial / "lora.safetensors")
+    mx.save_safetensors(str(partial / "optimizer_state.safetensors"), arrays)
+    if images is not None:
+        images(partial)
+    (partial / "training_state.json").write_text(json.dumps(state))
+    commit_checkpoint(partial, final, keep_last=keep_last or None)
+    return final
+
+
+def read(ckpt: Path) -> tuple[dict, dict]:
+    """(training_state.json, the arrays) of a checkpoint; one line when it cannot be read."""
+    try:
+        return json.loads((ckpt / "training_state.json").read_text()), mx.load(str(ckpt / "optimizer_state.safetensors"))
+    except (OSError, ValueError, RuntimeError) as e:
+        raise TrainingError(f"{ckpt}: cannot be read ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                            f"resume from another checkpoint with --resume, or use --no-resume") from None
+
+
+def check_resumable(ckpt: Path, tstate: dict, cfg, identity: dict, model_root) -> None:
+    """The checkpoint was trained on this model with a LoRA of this shape (`config.resume_signature`),
+    else one line saying what differs."""
+    old = tstate.get("resume_signature") or {}
+    # the model by its identity (a moved folder resumes); checkpoints that hold no identity: by model.path
+    ident = identity if "model.weights" in old else None
+    if tstate.get("config_hash") == config_hash(cfg, ident):
+        return
+    new = resume_signature(cfg, ident)
+    diff = [k for k in new if old.get(k) != new.get(k)]
+    if any(k in ("model.config", "model.weights") for k in diff):
+        raise TrainingError(
+            f"{ckpt}: trained on another model than {model_root} (its transformer's "
+            f"{' and '.join(k.split('.')[1] for k in diff if k.startswith('model.'))} differ: "
+            f"{', '.join(f'{k} {old.get(k)!r} → {new.get(k)!r}' for k in diff)}; it was {tstate.get('model_path', '?')}) "
+            f"— set model.path to that model, or use --no-resume or another checkpoints.output")
+    raise TrainingError(
+        f"{ckpt}: the config changed in a way that breaks resuming ({', '.join(diff) or 'model/LoRA'}: "
+        f"{', '.join(f'{old.get(k)!r} → {new.get(k)!r}' for k in diff)}); use --no-resume or another checkpoints.output")
+
+
+def restore_arrays(ckpt: Path, arrays: dict, model, optimizer, ema):
+    """Put the checkpoint's parameters into `model` and its optimiser state into `optimizer`, in
+    place (mx.compile captures these very dicts); returns the restored EMA (None without EMA)."""
+    pick = lambda prefix: [(k[len(prefix):], v) for k, v in arrays.items() if k.startswith(prefix)]  # noqa: E731
+    model.update(tree_unflatten(pick("params.")))
+    # Fill the already-initialised trees path by path (empty sub-trees, e.g. a LoRA layer's frozen
+    # `base`, do not survive a flat file).
+    opt_flat = dict(pick("optimizer."))
+    missing = [path for path, _ in tree_flatten(optimizer.state) if path not in opt_flat]
+    if missing:
+        raise TrainingError(
+            f"{ckpt / 'optimizer_state.safetensors'}: no optimizer.{missing[0]} (the optimiser state of another "
+            f"mflux2 version or optimiser); use --no-resume or another checkpoints.output")
+    for k, v in tree_map_with_path(lambda path, old: opt_flat[path], optimizer.state).items():
+        optimizer.state[k] = v
+    if ema is None:
+        return None
+    ema_flat = dict(pick("ema."))
+    return tree_map_with_path(lambda path, old: ema_flat[path], ema)
