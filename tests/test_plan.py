@@ -43,21 +43,25 @@ def cat_toy_plan(config: str, machine: P.Machine = H100, overrides: dict | None 
     return P.make_plan(cfg, P.Preset(cfg.training_variant), machine, samples=samples, validation_source=val)
 
 
-@pytest.mark.parametrize("model,config", [("klein-4b", "configs/cat-toy.yaml"), ("klein-9b", "configs/klein-9b-subject.yaml")])
-def test_every_phase_prediction_bounds_the_measured_job_within_10_percent(model, config):
-    """The fitted terms come from the klein-4b job; klein-9b is out of sample. Each phase's
-    prediction is never below the measured peak and at most 10% above it."""
-    job = json.loads((BENCH / f"h100-2026-12-05-s8-job-{model}.json").read_text())
+@pytest.mark.parametrize("job,config", [("s6-1-job-klein-4b", "configs/cat-toy.yaml"), ("s8-job-klein-4b", "configs/cat-toy.yaml"),
+                                        ("s8-job-klein-9b", "configs/klein-9b-subject.yaml")])
+def test_every_phase_prediction_bounds_the_measured_job_within_10_percent(job, config):
+    """The fitted terms come from the klein-4b jobs; klein-9b is out of sample. Each phase's
+    prediction is never below the measured peak and at most 10% above it. (The first klein-4b job,
+    run before the edit-training changes to the latent cache, measured that phase at 0.49 GB, 12%
+    below the later 0.56 GB both models measure: there it is only checked to be an upper bound.)"""
+    measured_job = json.loads((BENCH / f"h100-2026-12-05-{job}.json").read_text())
     plan = cat_toy_plan(config)
     assert plan.fits and not plan.problems
     for run in ("cold", "cached"):
-        peaks = job[run]["phase_peak_gb"]
+        peaks = measured_job[run]["phase_peak_gb"]
         for phase, names in MEASURED.items():
             measured = max(v for k, v in peaks.items() if k in names or (k.startswith(names) and phase == "validation images"))
             if measured < 0.1:  # the cached run skips the encoders: nothing to compare
                 continue
             ratio = plan.phase(phase).gb / measured
-            assert 1.0 <= ratio <= 1.10, (model, run, phase, plan.phase(phase).gb, measured)
+            upper = 1.25 if (job, phase) == ("s6-1-job-klein-4b", "latent cache") else 1.10
+            assert 1.0 <= ratio <= upper, (job, run, phase, plan.phase(phase).gb, measured)
 
 
 def test_the_measured_jobs_decisions_are_the_plans():

@@ -46,7 +46,7 @@ VAE_ENCODE_BYTES_PER_PIXEL = 1600  # the VAE encoder's activations per pixel of 
 VAE_DECODE_BYTES_PER_PIXEL = 2500  # the VAE decoder's, per output pixel (0.64 GB at 512²)
 JOB_STEP_GB = 3.1  # a step in the job beyond a lone step (3.03 GB on klein-4b)
 JOB_STEP_SHARE = 0.35  # ... and at most this share of the lone step
-FORWARD_UNITS = 640  # a sampling forward's working set, in tokens × hidden × 2 bytes (627 on klein-4b)
+FORWARD_UNITS = 680  # a sampling forward's working set, in tokens × hidden × 2 bytes (678 on klein-4b, the larger of two jobs)
 
 
 # ------------------------------------------------------------------------------------------------
