@@ -124,6 +124,42 @@ class RunState:
     early_stop: dict = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class Schedule:
+    """When things happen, by step number (after the step is counted): a pure function of the config,
+    so a resumed run does them exactly where an uninterrupted one does."""
+
+    total: int
+    save_every: int  # 0: only the final checkpoint
+    val_every: int  # validation images with a checkpoint every n steps (0: never)
+    log_every: int
+    eval_every: int  # validation loss and early-stopping checks
+    dop_every: int  # 0: no DOP
+
+    @classmethod
+    def of(cls, cfg: TrainConfig) -> "Schedule":
+        save = cfg.checkpoints.save_every
+        return cls(total=cfg.training.max_steps, save_every=save,
+                   val_every=cfg.validation.every_n_steps if cfg.validation.every_n_steps is not None else save,
+                   log_every=cfg.training.log_every_n_steps, eval_every=cfg.training.eval_every_n_steps,
+                   dop_every=(cfg.loss.diff_output_preservation_every_n_steps or 1) if cfg.loss.diff_output_preservation else 0)
+
+    def is_dop(self, step: int) -> bool:  # `step` before it is taken (0-based)
+        return bool(self.dop_every) and step % self.dop_every == 0
+
+    def should_log(self, step: int) -> bool:
+        return step % self.log_every == 0 or step == self.total
+
+    def should_eval(self, step: int) -> bool:
+        return step % self.eval_every == 0
+
+    def should_save(self, step: int) -> bool:  # the final checkpoint is written after the loop
+        return bool(self.save_every) and step % self.save_every == 0 and step < self.total
+
+    def with_images(self, step: int) -> bool:
+        return bool(self.val_every) and step % self.val_every == 0
+
+
 class Trainer:
     def __init__(self, cfg: TrainConfig, resume: str | Path | bool | None = True, log=print, on_step=None,
                  started_at: float | None = None):
@@ -576,11 +612,16 @@ class Trainer:
         self.val_samples = data_mod.scan_dataset(cfg, validation=True) if cfg.dataset.validation_path else []
 
     def _run(self, ckpt: Path | None) -> Path:
+        state, step_fn = self._prepare(ckpt)
+        reason = self._train(state, step_fn)
+        return self._finish(state, reason)
+
+    def _prepare(self, ckpt: Path | None) -> tuple[RunState, TrainStep]:
+        """Caches, the transformer with its LoRA, the optimiser, the data order, the resume point and
+        the baseline images: everything the loop needs."""
         cfg, clock = self.cfg, self.clock
-        dop = cfg.loss.diff_output_preservation
         prompts = data_mod.prompts_to_embed(cfg, self.samples, self.val_samples, [it.prompt for it in self.validation.items])
-        total = cfg.training.max_steps  # always set: the config derives it from epochs (x 100, as Swift)
-        self.total_steps = total
+        self.total_steps = cfg.training.max_steps  # always set: the config derives it from epochs (x 100, as Swift)
         self._check_disk_space(int(self.plan.disk_gb * 1e9), self.plan.checkpoints_kept)
         for r in range(self.world):  # rank 0 first; on a shared disk the others then find everything cached
             if r == self.rank:
@@ -591,10 +632,8 @@ class Trainer:
 
         with clock("transformer load"):
             self.model = self._load_transformer()
-            self.optimizer = self._optimizer(total)
-            self.ema = None
-            if cfg.ema.enabled:
-                self.ema = _tree_copy(self.model.trainable_parameters())
+            self.optimizer = self._optimizer(self.total_steps)
+            self.ema = _tree_copy(self.model.trainable_parameters()) if cfg.ema.enabled else None
             mx.eval(self.model.parameters())
         step_fn = TrainStep(self.model, self.optimizer, StepConfig(
             timestep_sampling=cfg.loss.timestep_sampling, logit_normal_mean=cfg.loss.logit_normal_mean,
@@ -623,12 +662,12 @@ class Trainer:
             self._render_validation(base, 0)
             os.replace(base, self.output / "baseline")
             self.validation.update_progression(self.output / "baseline", 0)
+        return state, step_fn
 
-        dop_every = cfg.loss.diff_output_preservation_every_n_steps or 1
-        save_every = cfg.checkpoints.save_every
-        val_every = cfg.validation.every_n_steps if cfg.validation.every_n_steps is not None else save_every
-        log_every = cfg.training.log_every_n_steps
-        eval_every = cfg.training.eval_every_n_steps
+    def _train(self, state: RunState, step_fn: TrainStep) -> str:
+        """The loop: draw a batch, take a step, record it, then what the schedule asks for.
+        Returns why it ended: "finished", "stopped", "early-stopped" or "vlm-stopped"."""
+        when = Schedule.of(self.cfg)
         self._pause_s = 0.0
         prev_handler = signal.signal(signal.SIGINT, self._on_sigint)
         # Apple Silicon: wire the recommended working set so the weights stay resident between
@@ -638,109 +677,128 @@ class Trainer:
             from mlx_lm.generate import wired_limit
 
             resident.enter_context(wired_limit(self.model))
-        bar = tqdm(total=total, initial=state.step, desc="training", unit="step", dynamic_ncols=True, disable=self.rank != 0)
-        smooth = None
-        consecutive_bad = 0
-        reason, vlm_stopped = "finished", False
-        steps_phase, first_step = clock("training steps"), None
-        try:
-            steps_phase.__enter__()
-            first_step = clock("first step (tracing, compiling)")
-            first_step.__enter__()
-            while state.step < total:
-                if self._control(state) == "stop":
-                    reason = "stopped"
-                    break
-                t0 = time.perf_counter()
-                group_batch = [self.samples[i] for i in next(self.sampler)]  # the same on every process
-                dropped = [s.caption if self.rng.random() >= cfg.training.caption_dropout else "" for s in group_batch]
-                lo, hi = self.rank * cfg.training.batch_size, (self.rank + 1) * cfg.training.batch_size
-                chosen, captions = group_batch[lo:hi], dropped[lo:hi]
-                # Control dropout: one draw per (global) micro-batch that has references, from the
-                # checkpointed RNG (a resumed run repeats the decisions); dropped = text-to-image.
-                use_refs = not (group_batch[0].controls and cfg.dataset.control_dropout
-                                and self.rng.random() < cfg.dataset.control_dropout)
-                is_dop = dop and state.step % dop_every == 0
-                # the class prompts, or one of loss.diff_output_preservation_prompts (they take turns)
-                kept = data_mod.preservation_prompts(chosen, state.step, dop_every, cfg.loss.diff_output_preservation_prompts) if is_dop else []
-                batch = Batch(
-                    latents=mx.stack([self._latents(s) for s in chosen]),
-                    prompt_embeds=mx.stack([self.cond.embeds(c) for c in captions]),
-                    img_ids=self.cond.img_ids(chosen[0].bucket), txt_ids=self.cond.txt_ids,
-                    dop_embeds=mx.stack([self.cond.embeds(p) for p in kept]) if is_dop else None,
-                    **self._edit_inputs(chosen, use_refs),
-                )
-                key = mx.random.key(cfg.training.seed * 1_000_003 + state.step)  # t and noise
-                mx.random.seed(cfg.training.seed * 1_000_003 + state.step + 1)  # LoRA dropout
-                out = step_fn(batch, key, dop=is_dop)
-                self.stats["steps with references"] += batch.refs is not None
-                if self.ema is not None and out["applied"]:
-                    d = cfg.ema.decay
-                    self.ema = _tree_lerp(self.ema, self.model.trainable_parameters(), d)
-                mx.eval(out["loss"], out["main"], out["pres"], out["finite"], out["grad_norm"], step_fn.state_arrays(),
-                        self.ema if self.ema is not None else [])
-                dt = time.perf_counter() - t0
-                if first_step is not None:
-                    first_step.__exit__(None, None, None)
-                    first_step = None
-                state.step += 1
-                state.elapsed_s += dt
-                loss = out["loss"].item()
-                if not out["finite"].item():
-                    state.skipped_nonfinite += 1
-                    consecutive_bad += 1
-                    if consecutive_bad >= MAX_CONSECUTIVE_NONFINITE:
-                        self.save_checkpoint(state, with_images=False)  # parameters are the last good ones
-                        raise TrainingError(
-                            f"loss was not finite for {consecutive_bad} steps in a row (up to step {state.step}); the last good "
-                            f"state is saved. Lower training.learning_rate (now {cfg.training.learning_rate}) or check the data"
-                        )
-                    continue
-                consecutive_bad = 0
-                main, pres = out["main"].item(), out["pres"].item()
-                state.history.append([state.step, loss, main, pres if is_dop else 0.0])
-                smooth = loss if smooth is None else 0.9 * smooth + 0.1 * loss
-                mem = mx.get_active_memory() / 1e9
-                bar.set_postfix(loss=f"{smooth:.4f}", s_it=f"{dt:.2f}", mem=f"{mem:.1f}GB", refresh=False)
-                bar.update(1)
-                if state.step % log_every == 0 or state.step == total:
-                    metrics.append({"step": state.step, "loss": loss, "main_loss": main, "dop_loss": pres if is_dop else None,
-                                    "t_mean": out["t_mean"].item(), "lr": float(self.optimizer.learning_rate.item()),
-                                    "grad_norm": out["grad_norm"].item(), "step_time_s": dt, "memory_gb": round(mem, 3),
-                                    "peak_memory_gb": round(mx.get_peak_memory() / 1e9, 3),
-                                    "skipped_nonfinite": state.skipped_nonfinite,
-                                    **({"references": batch.refs is not None} if cfg.dataset.control_path else {})})
-                if self.val_samples and state.step % eval_every == 0:
-                    with clock("validation loss"):
-                        vl = self._validation_loss(step_fn)
-                    state.val_history.append([state.step, vl])
-                    metrics.append({"step": state.step, "val_loss": vl})
-                if self.on_step is not None:
-                    self.on_step(self, state.step)
-                if self._early_stop(state, eval_every):
-                    reason = "early-stopped"
-                    break
-                if save_every and state.step % save_every == 0 and state.step < total:
-                    self.save_checkpoint(state, with_images=bool(val_every) and state.step % val_every == 0)
-                    if cfg.validation.vlm_scoring.enabled and self._vlm_stop():
-                        reason, vlm_stopped = "early-stopped", True
+        self._bar = tqdm(total=when.total, initial=state.step, desc="training", unit="step", dynamic_ncols=True,
+                         disable=self.rank != 0)
+        self._smooth, self._bad = None, 0
+        reason = "finished"
+        with self.clock("training steps"), resident, contextlib.closing(self._bar):
+            first = self.clock("first step (tracing, compiling)")
+            first.__enter__()
+            try:
+                while state.step < when.total:
+                    if self._control(state) == "stop":
+                        reason = "stopped"
                         break
-        finally:
-            if first_step is not None:
-                first_step.__exit__(None, None, None)
-            steps_phase.__exit__(None, None, None)
-            bar.close()
-            resident.close()
-            signal.signal(signal.SIGINT, prev_handler)
-        if vlm_stopped:  # stopped right after this step's checkpoint: it is the final one
+                    t0 = time.perf_counter()
+                    batch, is_dop = self._draw(state.step, when)
+                    out = step_fn(batch, mx.random.key(self.cfg.training.seed * 1_000_003 + state.step), dop=is_dop)
+                    if self.ema is not None and out["applied"]:
+                        self.ema = _tree_lerp(self.ema, self.model.trainable_parameters(), self.cfg.ema.decay)
+                    mx.eval(out["loss"], out["main"], out["pres"], out["finite"], out["grad_norm"], step_fn.state_arrays(),
+                            self.ema if self.ema is not None else [])
+                    if first is not None:
+                        first.__exit__(None, None, None)
+                        first = None
+                    if not self._record(state, out, time.perf_counter() - t0, batch, is_dop, when):
+                        continue  # a non-finite loss: the update was skipped on the device
+                    reason = self._after_step(state, step_fn, when)
+                    if reason:
+                        break
+                else:
+                    reason = "finished"
+            finally:
+                if first is not None:
+                    first.__exit__(None, None, None)
+                signal.signal(signal.SIGINT, prev_handler)
+        return reason or "finished"
+
+    def _draw(self, step: int, when: "Schedule") -> tuple[Batch, bool]:
+        """This process's share of the step's batch, from the checkpointed sampler and RNG (a resumed
+        run draws exactly what an uninterrupted one does): captions (with caption dropout),
+        references (with control dropout), and on DOP steps the prompts DOP preserves."""
+        cfg = self.cfg
+        group_batch = [self.samples[i] for i in next(self.sampler)]  # the same on every process
+        dropped = [s.caption if self.rng.random() >= cfg.training.caption_dropout else "" for s in group_batch]
+        lo, hi = self.rank * cfg.training.batch_size, (self.rank + 1) * cfg.training.batch_size
+        chosen, captions = group_batch[lo:hi], dropped[lo:hi]
+        # Control dropout: one draw per (global) micro-batch that has references; dropped = text-to-image.
+        use_refs = not (group_batch[0].controls and cfg.dataset.control_dropout
+                        and self.rng.random() < cfg.dataset.control_dropout)
+        is_dop = when.is_dop(step)
+        # the class prompts, or one of loss.diff_output_preservation_prompts (they take turns)
+        kept = data_mod.preservation_prompts(chosen, step, when.dop_every, cfg.loss.diff_output_preservation_prompts) if is_dop else []
+        mx.random.seed(cfg.training.seed * 1_000_003 + step + 1)  # LoRA dropout
+        batch = Batch(
+            latents=mx.stack([self._latents(s) for s in chosen]),
+            prompt_embeds=mx.stack([self.cond.embeds(c) for c in captions]),
+            img_ids=self.cond.img_ids(chosen[0].bucket), txt_ids=self.cond.txt_ids,
+            dop_embeds=mx.stack([self.cond.embeds(p) for p in kept]) if is_dop else None,
+            **self._edit_inputs(chosen, use_refs),
+        )
+        return batch, is_dop
+
+    def _record(self, state: RunState, out: dict, dt: float, batch: Batch, is_dop: bool, when: "Schedule") -> bool:
+        """Count the step, update the history, the progress bar and metrics.jsonl. False for a
+        non-finite loss (too many in a row stop the run with the last good state saved)."""
+        cfg = self.cfg
+        state.step += 1
+        state.elapsed_s += dt
+        if not out["finite"].item():
+            state.skipped_nonfinite += 1
+            self._bad += 1
+            if self._bad >= MAX_CONSECUTIVE_NONFINITE:
+                self.save_checkpoint(state, with_images=False)  # parameters are the last good ones
+                raise TrainingError(
+                    f"loss was not finite for {self._bad} steps in a row (up to step {state.step}); the last good "
+                    f"state is saved. Lower training.learning_rate (now {cfg.training.learning_rate}) or check the data")
+            return False
+        self._bad = 0
+        self.stats["steps with references"] += batch.refs is not None
+        loss, main, pres = out["loss"].item(), out["main"].item(), out["pres"].item()
+        state.history.append([state.step, loss, main, pres if is_dop else 0.0])
+        self._smooth = loss if self._smooth is None else 0.9 * self._smooth + 0.1 * loss
+        mem = mx.get_active_memory() / 1e9
+        self._bar.set_postfix(loss=f"{self._smooth:.4f}", s_it=f"{dt:.2f}", mem=f"{mem:.1f}GB", refresh=False)
+        self._bar.update(1)
+        if when.should_log(state.step):
+            self._metrics.append({"step": state.step, "loss": loss, "main_loss": main, "dop_loss": pres if is_dop else None,
+                                  "t_mean": out["t_mean"].item(), "lr": float(self.optimizer.learning_rate.item()),
+                                  "grad_norm": out["grad_norm"].item(), "step_time_s": dt, "memory_gb": round(mem, 3),
+                                  "peak_memory_gb": round(mx.get_peak_memory() / 1e9, 3),
+                                  "skipped_nonfinite": state.skipped_nonfinite,
+                                  **({"references": batch.refs is not None} if cfg.dataset.control_path else {})})
+        return True
+
+    def _after_step(self, state: RunState, step_fn: TrainStep, when: "Schedule") -> str | None:
+        """What the schedule asks for after a step: the validation loss, the on_step hook, early
+        stopping, a checkpoint. Returns why the run stops now, or None."""
+        if self.val_samples and when.should_eval(state.step):
+            with self.clock("validation loss"):
+                vl = self._validation_loss(step_fn)
+            state.val_history.append([state.step, vl])
+            self._metrics.append({"step": state.step, "val_loss": vl})
+        if self.on_step is not None:
+            self.on_step(self, state.step)
+        if when.should_eval(state.step) and self._early_stop(state):
+            return "early-stopped"
+        if when.should_save(state.step):
+            self.save_checkpoint(state, with_images=when.with_images(state.step))
+            if self.cfg.validation.vlm_scoring.enabled and self._vlm_stop():
+                return "vlm-stopped"
+        return None
+
+    def _finish(self, state: RunState, reason: str) -> Path:
+        """The final checkpoint (unless the VLM stopped the run right after one), lora_final and the report."""
+        if reason == "vlm-stopped":  # stopped right after this step's checkpoint: it is the final one
             final_ckpt = self.output / f"checkpoint_{state.step:06d}"
+            reason = "early-stopped"
         else:
             final_ckpt = self.save_checkpoint(state, with_images=bool(self.validation.items))
         final = self.output / "lora_final.safetensors"
-        with clock("final LoRA"):
+        with self.clock("final LoRA"):
             self._save_lora(final, state.step)
         if self.rank == 0:
-            with clock("report + learning curve"):
+            with self.clock("report + learning curve"):
                 self._write_report(state)  # with the final timing table
         self.log(f"{reason} at step {state.step}: {final} (checkpoint {final_ckpt.name}); "
                  f"{state.skipped_nonfinite} non-finite steps skipped")
@@ -758,9 +816,9 @@ class Trainer:
             self.log(f"early stop: {why}")
         return stop
 
-    def _early_stop(self, state: RunState, eval_every: int) -> bool:
+    def _early_stop(self, state: RunState) -> bool:
         es = self.cfg.early_stop
-        if not (es.enabled or es.on_overfit or es.on_val_stagnation) or state.step % eval_every:
+        if not (es.enabled or es.on_overfit or es.on_val_stagnation):
             return False
         st = state.early_stop
         window = self.cfg.checkpoints.learning_curve_smoothing_window
