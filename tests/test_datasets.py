@@ -104,3 +104,190 @@ def test_random_datasets_load_and_round_trip_or_raise_one_line(entries, shared):
     assert load(yaml.safe_load(cfg.dump_yaml())) == cfg
     assert all(d.repeats >= 1 and d.loss_weight > 0 and d.path for d in cfg.datasets)
     assert len({d.name for d in cfg.datasets}) == len(cfg.datasets)
+
+
+# ---------------------------------------------------------------------------------------------
+# Scan: several datasets, regularisation, captions
+# ---------------------------------------------------------------------------------------------
+
+from PIL import Image  # noqa: E402
+
+from mflux2.training import data as data_mod  # noqa: E402
+from mflux2.training.data import DataError, DataWarning  # noqa: E402
+
+
+def images(folder: Path, n: int, size=(64, 64), captions: list[str] | None = None, ext="txt", seed=0) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    g = np.random.default_rng(seed)
+    for i in range(n):
+        Image.fromarray(g.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(folder / f"im{i}.png")
+        if captions is not None:
+            (folder / f"im{i}.{ext}").write_text(captions[i % len(captions)])
+    return folder
+
+
+def cfg_of(tmp_path, datasets, **sections):
+    return load({"dataset": {"trigger_word": "sks"}, "datasets": datasets, "memory": {"bucketing": {"resolutions": [64]}},
+                 "checkpoints": {"output": str(tmp_path / "out")}, **sections})
+
+
+def test_scan_datasets_carries_each_datasets_settings(tmp_path):
+    a = images(tmp_path / "a", 2, captions=["a red car"])
+    r = images(tmp_path / "reg", 2, captions=["a photo of a dog"], ext="caption")
+    cfg = cfg_of(tmp_path, [{"path": str(a), "repeats": 3, "loss_weight": 2.0},
+                            {"path": str(r), "is_reg": True, "caption_ext": "caption", "caption_dropout": 0.5}],
+                 loss={"diff_output_preservation": True, "diff_output_preservation_class": "car"})
+    samples = data_mod.scan_datasets(cfg)
+    assert [s.label for s in samples] == ["a/im0", "a/im1", "reg/im0", "reg/im1"]
+    sa, sr = samples[0], samples[2]
+    assert (sa.caption, sa.dop_caption, sa.repeats, sa.loss_weight, sa.is_reg) == ("sks, a red car", "car, a red car", 3, 2.0, False)
+    # the reg set: its own caption (no trigger word), and DOP holds it to the base model as written
+    assert (sr.caption, sr.dop_caption, sr.is_reg, sr.caption_dropout) == ("a photo of a dog", "a photo of a dog", True, 0.5)
+
+
+def test_a_reg_set_whose_captions_name_the_trigger_warns(tmp_path):
+    a = images(tmp_path / "a", 1, captions=["x"])
+    r = images(tmp_path / "reg", 2, captions=["a photo of sks dog", "a dog"])
+    cfg = cfg_of(tmp_path, [{"path": str(a)}, {"path": str(r), "is_reg": True}])
+    with pytest.warns(DataWarning, match=r"datasets\[1\]\.path: 1 caption\(s\) of this regularisation set name the trigger word 'sks'.*im0"):
+        data_mod.scan_datasets(cfg)
+
+
+def test_shuffled_captions_keep_the_leading_tags_and_the_trigger_first(tmp_path):
+    a = images(tmp_path / "a", 2, captions=["portrait, red hat, smiling, outdoors, blue sky"])
+    cfg = cfg_of(tmp_path, [{"path": str(a), "shuffle_tokens": True, "keep_tokens": 1, "shuffle_variants": 5}],
+                 loss={"diff_output_preservation": True, "diff_output_preservation_class": "man"})
+    s0, s1 = data_mod.scan_datasets(cfg)
+    assert s0.caption == "sks, portrait, red hat, smiling, outdoors, blue sky"  # as written: validation loss, fingerprint
+    assert len(s0.variants) == 5 == len(set(s0.variants)) and s0.variants != s1.variants  # per file
+    for v, d in zip(s0.variants, s0.dop_variants):
+        tags = data_mod.split_tags(v)
+        assert tags[:2] == ["sks", "portrait"] and sorted(tags[2:]) == ["blue sky", "outdoors", "red hat", "smiling"]
+        assert d == "man, " + v[len("sks, "):]
+    assert s0.with_variant(3).caption == s0.variants[3] and s0.with_variant(3).dop_caption == s0.dop_variants[3]
+    again = data_mod.scan_datasets(cfg)[0]
+    assert again.variants == s0.variants  # a function of the config: the text cache's entries are stable
+    prompts = data_mod.prompts_to_embed(cfg, [s0, s1], [], [])
+    assert set(s0.variants) | set(s0.dop_variants) | {s0.caption, s0.dop_caption} <= set(prompts)
+    # two tags and keep 1: nothing to shuffle
+    assert data_mod.shuffled_captions("a, b", 1, 4, 0) == ["a, b"]
+    assert sorted(data_mod.shuffled_captions("a, b, c", 0, 64, 0)) == sorted(
+        ", ".join(p) for p in __import__("itertools").permutations("abc"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Repeats: the epoch
+# ---------------------------------------------------------------------------------------------
+
+
+def test_repeats_make_one_image_drawn_as_often_as_three_exactly(tmp_path):
+    """Toy demonstration (issue 31 §8): dataset A (1 image, repeats 3) and B (3 images, repeats 1) are
+    drawn equally often in every epoch, exactly."""
+    a = images(tmp_path / "a", 1, captions=["a"])
+    b = images(tmp_path / "b", 3, captions=["b"], seed=1)
+    cfg = cfg_of(tmp_path, [{"path": str(a), "repeats": 3}, {"path": str(b)}])
+    samples = data_mod.scan_datasets(cfg)
+    sampler = data_mod.BatchSampler(samples, 1, seed=5)
+    assert sampler.batches_per_epoch == 6
+    orders = []
+    for epoch in range(4):
+        drawn = [samples[next(sampler)[0]].dataset for _ in range(6)]
+        assert drawn.count("a") == drawn.count("b") == 3, drawn
+        orders.append(drawn)
+    assert len({tuple(o) for o in orders}) > 1  # shuffled per epoch
+    # without repeats the fingerprint (the resume check) is what it always was
+    plain = data_mod.BatchSampler([s.bucket for s in samples], 1, seed=5)
+    assert plain.state_dict()["buckets"] != sampler.state_dict()["buckets"]
+    assert data_mod.BatchSampler([dataclasses_replace(s, repeats=1) for s in samples], 1, 5).state_dict()["buckets"] == \
+        plain.state_dict()["buckets"]
+
+
+def dataclasses_replace(s, **kw):
+    import dataclasses
+
+    return dataclasses.replace(s, **kw)
+
+
+# ---------------------------------------------------------------------------------------------
+# Masks
+# ---------------------------------------------------------------------------------------------
+
+
+def coordinate_image(w, h):
+    """R codes x, G codes y (a steep ramp: a one-pixel shift changes values by ~4)."""
+    y, x = np.mgrid[0:h, 0:w]
+    return np.stack([(x * 255 // (w - 1)), (y * 255 // (h - 1)), np.full_like(x, 128)], -1).astype(np.uint8)
+
+
+@pytest.mark.parametrize("mask_scale", [1, 2])
+def test_masks_are_cropped_and_resized_exactly_like_their_image(tmp_path, mask_scale):
+    """Coordinate-coded: the mask is the image's own R channel (x coordinate); after the bucket's resize
+    and crop each mask pixel still holds its image pixel's x code — at the image's size exactly, from a
+    mask at twice the size within LANCZOS' rounding."""
+    w, h = 70, 100  # a portrait image, cropped and resized into a 64-px bucket
+    img = coordinate_image(w, h)
+    folder, masks = tmp_path / "a", tmp_path / "m"
+    folder.mkdir(), masks.mkdir()
+    Image.fromarray(img).save(folder / "im0.png")
+    big = Image.fromarray(img[..., 0]).resize((w * mask_scale, h * mask_scale), Image.Resampling.BICUBIC) if mask_scale > 1 \
+        else Image.fromarray(img[..., 0])
+    big.save(masks / "im0.png")
+    cfg = cfg_of(tmp_path, [{"path": str(folder), "mask_path": str(masks)}])
+    (s,) = data_mod.scan_datasets(cfg)
+    assert s.mask is not None and s.bucket != (w, h)
+    image = data_mod.load_image_for_bucket(s.path, s.bucket)  # [-1, 1]
+    grey = data_mod.load_mask_for_bucket(s.mask, s.size, s.bucket)
+    assert grey.shape == image.shape[:2]
+    err = np.abs(grey * 255 - (image[..., 0] + 1) * 127.5)
+    assert err.max() <= (0.51 if mask_scale == 1 else 3.0), err.max()
+    # and a crop shifted by one pixel is caught: the x code changes by ~3.7 per pixel
+    assert np.abs(grey[:, 1:] * 255 - (image[:, :-1, 0] + 1) * 127.5).mean() > 3.0
+
+
+def test_mask_weights_are_the_area_mean_per_token_normalised_to_mean_one():
+    g = np.random.default_rng(0).random((32, 48)).astype(np.float32)
+    w = data_mod.mask_weights(g, 0.25)
+    expect = 0.25 + 0.75 * g.reshape(2, 16, 3, 16).mean(axis=(1, 3)).reshape(-1)
+    np.testing.assert_allclose(w, expect / expect.mean(), rtol=1e-6)
+    assert w.shape == (6,) and w.mean() == pytest.approx(1.0)
+    half = np.zeros((32, 32), np.float32)
+    half[:, :16] = 1
+    np.testing.assert_allclose(data_mod.mask_weights(half, 0.0), [2, 0, 2, 0])  # half masked: the rest counts double
+    with pytest.raises(DataError, match="black over the whole crop"):
+        data_mod.mask_weights(np.zeros((16, 16)), 0.0, "m.png")
+
+
+def test_alpha_masks_and_missing_masks(tmp_path):
+    folder = tmp_path / "a"
+    folder.mkdir()
+    rgba = np.zeros((64, 64, 4), np.uint8)
+    rgba[..., :3] = 200
+    rgba[:, 32:, 3] = 255
+    Image.fromarray(rgba, "RGBA").save(folder / "im0.png")
+    Image.fromarray(rgba[..., :3]).save(folder / "im1.png")  # no alpha
+    cfg = cfg_of(tmp_path, [{"path": str(folder), "alpha_mask": True}])
+    with pytest.raises(DataError, match=r"im1\.png: no alpha channel \(datasets\[0\]\.alpha_mask\).*mask_missing: full"):
+        data_mod.scan_datasets(cfg)
+    cfg = cfg_of(tmp_path, [{"path": str(folder), "alpha_mask": True, "mask_missing": "full"}])
+    with pytest.warns(DataWarning, match=r"1 of 2 image\(s\) have no mask and train unmasked.*im1\.png"):
+        s0, s1 = data_mod.scan_datasets(cfg)
+    assert s0.mask.alpha and s1.mask is None
+    grey = data_mod.load_mask_for_bucket(s0.mask, s0.size, s0.bucket)
+    np.testing.assert_allclose(data_mod.mask_weights(grey, 0.0), np.tile([0, 0, 2, 2], 4), atol=1e-6)  # right half opaque
+
+
+@pytest.mark.parametrize("what, make, match", [
+    ("missing", lambda m: None, r"im0\.png: no mask of its file stem in .*mask_missing: full"),
+    ("black", lambda m: Image.new("L", (64, 64), 0).save(m / "im0.png"), r"m/im0\.png: the mask is all black"),
+    ("aspect", lambda m: Image.new("L", (64, 32), 255).save(m / "im0.png"),
+     r"m/im0\.png: the mask is 64x32 but its image is 64x64: another aspect ratio"),
+])
+def test_bad_masks_are_one_line_errors_naming_the_file(tmp_path, what, make, match):
+    folder = images(tmp_path / "a", 1, captions=["x"])
+    m = tmp_path / "m"
+    m.mkdir()
+    make(m)
+    cfg = cfg_of(tmp_path, [{"path": str(folder), "mask_path": str(m)}])
+    with pytest.raises(DataError, match=match) as e:
+        data_mod.scan_datasets(cfg)
+    assert "\n" not in str(e.value)
