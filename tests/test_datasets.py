@@ -408,3 +408,68 @@ def test_an_all_ones_mask_and_unit_weights_are_the_unmasked_step():
     (l1, _), g1 = step._grad_fn(True)(model, ones, key)
     assert float(l0) == pytest.approx(float(l1), rel=1e-6)
     assert_close(g0, g1, rtol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# The trainer: two datasets, a reg set, masks, weights and shuffled captions (tiny model)
+# ---------------------------------------------------------------------------------------------
+
+import json  # noqa: E402
+
+from mflux2.training.config import load_config  # noqa: E402
+from mflux2.training.trainer import Trainer  # noqa: E402
+from tests.test_trainer import tiny  # noqa: E402,F401  (fixture)
+
+
+def datasets_config(tmp_path: Path, tiny, out="out", **sections) -> Path:
+    model, _ = tiny
+    root = tmp_path / "data"
+    if not root.exists():
+        a = images(root / "subject", 2, captions=["a red hat, smiling, outdoors, blue sky"])
+        m = root / "masks"
+        m.mkdir()
+        for i in range(2):
+            g = np.zeros((64, 64), np.uint8)
+            g[8:40, 16 + 8 * i : 48] = 255
+            Image.fromarray(g).save(m / f"im{i}.png")
+        images(root / "reg", 2, captions=["a photo of a thing"], seed=3)
+    cfg = {
+        "model": {"path": str(model), "quantization": "bf16", "transformer_quantization": "bf16"},
+        "lora": {"rank": 4, "target_layers": "attention"},
+        "dataset": {"trigger_word": "sks"},
+        "datasets": [{"path": str(root / "subject"), "repeats": 2, "loss_weight": 2.0, "mask_path": str(root / "masks"),
+                      "shuffle_tokens": True, "shuffle_variants": 3},
+                     {"path": str(root / "reg"), "is_reg": True}],
+        "training": {"max_steps": 6, "learning_rate": 1e-3, "log_every_n_steps": 1, "seed": 7},
+        "loss": {"diff_output_preservation": True, "diff_output_preservation_class": "thing",
+                 "diff_output_preservation_every_n_steps": 2},
+        "memory": {"bucketing": {"resolutions": [64]}},
+        "checkpoints": {"output": str(tmp_path / out), "save_every": 3},
+        "validation": {"prompts": []},
+    }
+    for section, values in sections.items():
+        cfg.setdefault(section, {}).update(values)
+    path = tmp_path / f"{out}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def drawn_rows(out: Path) -> list[dict]:
+    return [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "samples" in r]
+
+
+def test_a_run_with_datasets_masks_weights_and_shuffled_captions(tiny, tmp_path):
+    t = Trainer(load_config(datasets_config(tmp_path, tiny)), log=lambda *a: None)
+    t.run()
+    out = tmp_path / "out"
+    rows = drawn_rows(out)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    labels = [label for r in rows for label in r["samples"]]
+    assert set(labels) == {"subject/im0", "subject/im1", "reg/im0", "reg/im1"}
+    assert labels.count("subject/im0") + labels.count("subject/im1") == 4  # one epoch: 2 images × 2 repeats + 2 reg
+    assert t.has_masks and t.has_loss_weights
+    # the text cache holds the variants (the text encoder ran once per distinct prompt)
+    s0 = next(s for s in t.samples if s.variants)
+    assert all(t.txt_cache.get(t.txt_cache.key(v)) is not None for v in (*s0.variants, *s0.dop_variants))
+    report = (out / "report.html").read_text()
+    assert "dataset subject" in report and "4 samples drawn, mean loss" in report and "dataset reg" in report

@@ -571,13 +571,16 @@ def scan_dataset(cfg: "TrainConfig", *, validation: bool = False, prefix: str = 
         bucket = choose_bucket(size[0], size[1], resolutions, bucketing)
         if upscale_factor(size, bucket) > MAX_UPSCALE:
             upscaled.append(f"{rel} ({size[0]}x{size[1]} → {bucket[0]}x{bucket[1]})")
-        dop = (caption if dop_class else None) if reg else build_dop_caption(caption, trigger, dop_class)
+        def dop_of(c: str) -> str | None:  # a caption without the trigger word (a reg set) is preserved as written
+            return (build_dop_caption(c, trigger, dop_class) or c) if dop_class else None
+
+        dop = dop_of(caption)
         variants: tuple[str, ...] = ()
         if ds.shuffle_tokens and not validation:
             drawn = [apply_trigger(v, trigger) for v in shuffled_captions(raw, ds.keep_tokens, ds.shuffle_variants,
                                                                           _variant_seed(cfg.training.seed, img_path, raw))]
             variants = tuple(drawn) if drawn != [caption] else ()
-        dops = tuple((v if dop_class else None) if reg else build_dop_caption(v, trigger, dop_class) for v in variants)
+        dops = tuple(dop_of(v) for v in variants)
         samples.append(Sample(img_path, caption, dop, bucket, digest, size, dataset=ds.name or "", repeats=ds.repeats,
                               loss_weight=ds.loss_weight, caption_dropout=ds.caption_dropout, is_reg=reg,
                               variants=variants, dop_variants=dops))

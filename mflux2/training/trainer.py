@@ -204,6 +204,11 @@ class Trainer:
         todo += [(self._control_key(s, c), lambda s=s, c=c: data_mod.load_control_for_bucket(c.path, s.size, s.bucket))
                  for s in samples for c in s.controls]
         todo = [(k, load) for k, load in dict(todo).items() if lat_cache.get(k) is None]
+        masks = {self._mask_key(s): s for s in samples if s.mask is not None}  # per-token weights: no VAE
+        for key, s in masks.items():
+            if lat_cache.get(key) is None:
+                grey = data_mod.load_mask_for_bucket(s.mask, s.size, s.bucket)
+                lat_cache.put(key, {"weights": mx.array(data_mod.mask_weights(grey, s.mask.minimum, s.mask.path))})
         if todo:
             vae = self.pipe.vae
             for key, load in tqdm(todo, desc="caching latents", unit="img", dynamic_ncols=True):
@@ -228,6 +233,31 @@ class Trainer:
         """A control's latents depend on its bytes and on its target's size and bucket (it is cropped
         like the target), and on the crop code (CONTROL_GEOMETRY); the cache's identity is the VAE's."""
         return self.lat_cache.key("control", data_mod.CONTROL_GEOMETRY, c.content_hash, list(s.size), list(s.bucket))
+
+    def _mask_key(self, s):
+        """A mask's token weights depend on its bytes, its image's size and bucket, mask_min and the
+        crop and pooling code (MASK_GEOMETRY)."""
+        m = s.mask
+        return self.lat_cache.key("mask", data_mod.MASK_GEOMETRY, m.content_hash, m.alpha, m.minimum, list(s.size), list(s.bucket))
+
+    def _loss_weights(self, samples) -> dict:
+        """Batch fields for the masked, weighted loss: token weights when the run has masks (ones for an
+        unmasked sample), sample weights when a dataset's loss_weight is not 1; none otherwise (the
+        step's graph is then the plain one)."""
+        out = {}
+        if self.has_masks:
+            n = self._latents(samples[0]).shape[0]
+            out["token_weights"] = mx.stack([self._mask_weights(s) if s.mask is not None else mx.ones((n,), mx.float32)
+                                             for s in samples])
+        if self.has_loss_weights:
+            out["sample_weights"] = mx.array([s.loss_weight for s in samples], mx.float32)
+        return out
+
+    def _mask_weights(self, s) -> mx.array:
+        got = self.lat_cache.get(self._mask_key(s))
+        if got is None:
+            raise TrainingError(f"mask cache entry for {s.mask.path} vanished from {self.lat_cache.folder}; restart to rebuild it")
+        return got["weights"]
 
     def _embeds(self, prompt: str) -> mx.array:
         got = self.txt_cache.get(self.txt_cache.key(prompt))
@@ -462,6 +492,7 @@ class Trainer:
             "restarts": (f"{len(restarts)}: " + "; ".join(f"after {m.get('cause')}, from step {m.get('step')}" for m in restarts)
                          if restarts else "0"),
             **(self.scorer.summary() if self.scorer is not None else {}),
+            **_datasets_drawn(records, self.cfg),
         }
         write_report(self.output, self.cfg.dump_yaml(), summary, timing=self.clock.table())
 
@@ -560,18 +591,25 @@ class Trainer:
         clean_partials(self.output)
         ckpt = self._find_resume()
         self._load_components()
-        if cfg.dataset.auto_caption:  # before the scan reads the captions; the VLM is freed before anything loads
+        if any(d.auto_caption for d in cfg.dataset_list):  # before the scan reads the captions; the VLM is freed before anything loads
             if self.rank == 0:
                 from mflux2.captions import auto_caption
 
                 with self.clock("captions (VLM)"):
-                    auto_caption(cfg, log=self.log)
+                    for _, one in data_mod.dataset_configs(cfg):
+                        if one.dataset.auto_caption:
+                            auto_caption(one, log=self.log)
             if self.world > 1:
                 mx.eval(mx.distributed.all_sum(mx.array(0.0)))  # the others read the captions rank 0 wrote
-        self.samples = data_mod.scan_dataset(cfg)
-        self.val_samples = data_mod.scan_dataset(cfg, validation=True) if cfg.dataset.validation_path else []
+        self.samples = data_mod.scan_datasets(cfg)
+        self.val_samples = data_mod.scan_datasets(cfg, validation=True)
+        self.has_masks = any(s.mask is not None for s in self.samples)
+        self.has_loss_weights = any(s.loss_weight != 1.0 for s in self.samples)
         self.dataset_fingerprint = hashlib.sha256(json.dumps(sorted(
             (s.content_hash, s.caption, list(s.bucket)) + ((tuple(c.content_hash for c in s.controls),) if s.controls else ())
+            + ((s.mask.content_hash, s.mask.alpha, s.mask.minimum) if s.mask else ())
+            + ((s.dataset, s.repeats, s.loss_weight, s.is_reg, s.variants) if (s.repeats, s.loss_weight, s.is_reg, s.variants)
+               != (1, 1.0, False, ()) else ())
             for s in self.samples)).encode()).hexdigest()[:16]
         if cfg.dataset.control_path and self.val_samples and not cfg.dataset.validation_control_path:
             self.log("warning: dataset.validation_path has no dataset.validation_control_path: the validation loss "
@@ -663,7 +701,10 @@ class Trainer:
                     break
                 t0 = time.perf_counter()
                 group_batch = [self.samples[i] for i in next(self.sampler)]  # the same on every process
-                dropped = [s.caption if self.rng.random() >= cfg.training.caption_dropout else "" for s in group_batch]
+                # shuffled captions: one of each sample's variants, from the checkpointed RNG (no draw without)
+                group_batch = [s.with_variant(int(self.rng.integers(len(s.variants)))) if s.variants else s for s in group_batch]
+                dropped = [s.caption if self.rng.random() >= (cfg.training.caption_dropout if s.caption_dropout is None
+                                                              else s.caption_dropout) else "" for s in group_batch]
                 lo, hi = self.rank * cfg.training.batch_size, (self.rank + 1) * cfg.training.batch_size
                 chosen, captions = group_batch[lo:hi], dropped[lo:hi]
                 # Control dropout: one draw per (global) micro-batch that has references, from the
@@ -678,7 +719,7 @@ class Trainer:
                     prompt_embeds=mx.stack([self._embeds(c) for c in captions]),
                     img_ids=self._img_ids(chosen[0].bucket), txt_ids=self.txt_ids,
                     dop_embeds=mx.stack([self._embeds(p) for p in kept]) if is_dop else None,
-                    **self._edit_inputs(chosen, use_refs),
+                    **self._edit_inputs(chosen, use_refs), **self._loss_weights(chosen),
                 )
                 key = mx.random.key(cfg.training.seed * 1_000_003 + state.step)  # t and noise
                 mx.random.seed(cfg.training.seed * 1_000_003 + state.step + 1)  # LoRA dropout
@@ -696,7 +737,9 @@ class Trainer:
                 state.step += 1
                 state.elapsed_s += dt
                 loss = out["loss"].item()
+                drawn = [s.label for s in group_batch]  # metrics.jsonl: each step's samples (dataset/file stem)
                 if not out["finite"].item():
+                    metrics.append({"step": state.step, "samples": drawn, "main_loss": None})
                     state.skipped_nonfinite += 1
                     consecutive_bad += 1
                     if consecutive_bad >= MAX_CONSECUTIVE_NONFINITE:
@@ -708,6 +751,7 @@ class Trainer:
                     continue
                 consecutive_bad = 0
                 main, pres = out["main"].item(), out["pres"].item()
+                metrics.append({"step": state.step, "samples": drawn, "main_loss": main})
                 state.history.append([state.step, loss, main, pres if is_dop else 0.0])
                 smooth = loss if smooth is None else 0.9 * smooth + 0.1 * loss
                 mem = mx.get_active_memory() / 1e9
@@ -719,7 +763,7 @@ class Trainer:
                                     "grad_norm": out["grad_norm"].item(), "step_time_s": dt, "memory_gb": round(mem, 3),
                                     "peak_memory_gb": round(mx.get_peak_memory() / 1e9, 3),
                                     "skipped_nonfinite": state.skipped_nonfinite,
-                                    **({"references": batch.refs is not None} if cfg.dataset.control_path else {})})
+                                    **({"references": batch.refs is not None} if any(d.control_path for d in cfg.dataset_list) else {})})
                 if self.val_samples and state.step % eval_every == 0:
                     with clock("validation loss"):
                         vl = self._validation_loss(step_fn)
@@ -813,6 +857,21 @@ class Trainer:
 
 # ------------------------------------------------------------------------------------------------
 # helpers
+
+
+def _datasets_drawn(records: list[dict], cfg: TrainConfig) -> dict:
+    """report.html's line per dataset: the samples drawn so far (metrics.jsonl) and their mean main
+    loss (a step's loss counted for each of its samples: exact at batch size 1, the batch's mean else)."""
+    counts = {d.name or "": 0 for d in cfg.dataset_list}
+    losses: dict[str, list[float]] = {name: [] for name in counts}
+    for r in records:
+        for label in r.get("samples") or []:
+            name = label.rsplit("/", 1)[0] if "/" in label else ""
+            counts[name] = counts.get(name, 0) + 1
+            if r.get("main_loss") is not None:
+                losses.setdefault(name, []).append(r["main_loss"])
+    return {f"dataset {name}": f"{n} samples drawn" + (f", mean loss {np.mean(losses[name]):.4f}" if losses.get(name) else "")
+            for name, n in counts.items()}
 
 
 def _stored_precision_error(root: Path, component: str, key: str, asked: str, stored: str, flag: str) -> TrainingError:
