@@ -473,3 +473,31 @@ def test_a_run_with_datasets_masks_weights_and_shuffled_captions(tiny, tmp_path)
     assert all(t.txt_cache.get(t.txt_cache.key(v)) is not None for v in (*s0.variants, *s0.dop_variants))
     report = (out / "report.html").read_text()
     assert "dataset subject" in report and "4 samples drawn, mean loss" in report and "dataset reg" in report
+
+
+# ---------------------------------------------------------------------------------------------
+# The dry run
+# ---------------------------------------------------------------------------------------------
+
+
+def test_the_dry_run_lists_each_dataset_and_warns_about_an_imbalance(tiny, tmp_path, capsys):
+    from mflux2.training.cli import main
+
+    path = datasets_config(tmp_path, tiny)
+    data = yaml.safe_load(path.read_text())
+    data["datasets"][0]["repeats"] = 20  # 40 of 42 samples per epoch
+    path.write_text(yaml.safe_dump(data))
+    main([str(path), "--dry-run"])
+    out = capsys.readouterr().out
+    assert "datasets (an epoch = 42 samples):" in out
+    line = next(l for l in out.splitlines() if l.strip().startswith("subject:"))
+    assert "2 image(s) × repeats 20 = 40 (95% of an epoch)" in line and "loss weight 2" in line
+    assert "captions 2/2 (.txt)" in line and "masks 2 found, 0 missing" in line and "variants of 2 captions" in line
+    reg = next(l for l in out.splitlines() if l.strip().startswith("reg:"))
+    assert "2 image(s) × repeats 1 = 2 (5% of an epoch)" in reg and "regularisation set" in reg
+    assert "warning: subject is 95% of every epoch" in out
+    # a missing mask: the dry run names the file, as the run would stop on it
+    (tmp_path / "data" / "masks" / "im1.png").unlink()
+    assert main([str(path), "--dry-run"]) == 1
+    out = capsys.readouterr().out
+    assert "error: " in out and "im1.png: no mask of its file stem" in out
