@@ -501,3 +501,4 @@ def test_the_dry_run_lists_each_dataset_and_warns_about_an_imbalance(tiny, tmp_p
     assert main([str(path), "--dry-run"]) == 1
     out = capsys.readouterr().out
     assert "error: " in out and "im1.png: no mask of its file stem" in out
+
