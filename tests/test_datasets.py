@@ -502,3 +502,29 @@ def test_the_dry_run_lists_each_dataset_and_warns_about_an_imbalance(tiny, tmp_p
     out = capsys.readouterr().out
     assert "error: " in out and "im1.png: no mask of its file stem" in out
 
+
+
+# ---------------------------------------------------------------------------------------------
+# A regularisation set from the base model
+# ---------------------------------------------------------------------------------------------
+
+
+def test_regset_writes_class_images_with_captions_from_the_generation_path(tiny, tmp_path):
+    from mflux2.pipeline import Flux2Pipeline
+    from mflux2.training.regset import main as regset_main
+
+    model, _ = tiny
+    out = tmp_path / "reg"
+    assert regset_main(["--model", str(model), "--prompt", "a photo of a thing", "--prompt", "a thing, outdoors",
+                        "--count", "2", "--size", "64", "--steps", "2", "--seed", "5", "--output", str(out)]) == 0
+    pngs = sorted(p.name for p in out.glob("*.png"))
+    assert pngs == ["a_photo_of_a_thing_0005.png", "a_photo_of_a_thing_0006.png", "a_thing_outdoors_0005.png",
+                    "a_thing_outdoors_0006.png"]
+    assert (out / "a_thing_outdoors_0006.txt").read_text().strip() == "a thing, outdoors"
+    pipe = Flux2Pipeline.from_pretrained(str(model), low_memory=False)
+    again = np.asarray(pipe.generate("a thing, outdoors", 64, 64, num_inference_steps=2, seed=6, progress=False)[0])
+    assert np.array_equal(np.asarray(Image.open(out / "a_thing_outdoors_0006.png").convert("RGB")), again)
+    # the folder trains as a regularisation set: its captions as written
+    cfg = cfg_of(tmp_path, [{"path": str(images(tmp_path / "subj", 1, captions=["x"]))}, {"path": str(out), "is_reg": True}])
+    reg = [s for s in data_mod.scan_datasets(cfg) if s.is_reg]
+    assert sorted(s.caption for s in reg) == ["a photo of a thing"] * 2 + ["a thing, outdoors"] * 2
