@@ -206,3 +206,35 @@ def test_a_converted_int8_folder_trains_logs_and_estimates_int8(tiny, converted_
     default_te.write_text(yaml.safe_dump(raw))
     msg = one_line_error(capsys, [str(default_te)])
     assert "model.quantization: int4" in msg and "converted as bf16" in msg and "with --text-encoder-quantize int4" in msg
+
+
+# ---- several datasets (issue 31) ------------------------------------------------------------------
+
+
+def test_a_resumed_run_with_datasets_draws_the_same_samples_as_an_uninterrupted_one(tiny, tmp_path):
+    """Repeats, a reg set, masks, loss weights and shuffled captions (a variant drawn per step from the
+    checkpointed RNG): stopped at step 3 and resumed, the run draws the same samples and captions and
+    ends with the same LoRA as one that was never interrupted."""
+    import mlx.core as mx
+    import numpy as np
+
+    from tests.test_datasets import datasets_config, drawn_rows
+
+    a = datasets_config(tmp_path, tiny, out="a", training={"max_steps": 8}, checkpoints={"save_every": 3})
+    run(a)
+    b = datasets_config(tmp_path, tiny, out="b", training={"max_steps": 8}, checkpoints={"save_every": 3})
+
+    def stop_at_3(trainer, step):
+        if step == 3:
+            (trainer.output / ".stop").write_text("")
+
+    first = run(b, on_step=stop_at_3)
+    assert first.result["step"] == 3
+    second = run(b)
+    assert second.result["step"] == 8
+    ra, rb = drawn_rows(tmp_path / "a"), drawn_rows(tmp_path / "b")
+    assert [r["samples"] for r in rb] == [r["samples"] for r in ra] and len(ra) == 8
+    np.testing.assert_allclose([r["main_loss"] for r in rb], [r["main_loss"] for r in ra], rtol=1e-5)
+    wa, wb = mx.load(str(tmp_path / "a" / "lora_final.safetensors")), mx.load(str(tmp_path / "b" / "lora_final.safetensors"))
+    for k in wa:
+        np.testing.assert_allclose(np.array(wb[k]), np.array(wa[k]), rtol=1e-5, atol=1e-7)

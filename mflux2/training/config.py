@@ -90,6 +90,13 @@ def _check_nonempty(v: str) -> str | None:
     return None if v.strip() else "must not be empty"
 
 
+def _check_caption_ext(v: str) -> str | None:
+    e = v.strip().lstrip(".")
+    if not e or not e.replace("_", "").replace("-", "").isalnum():
+        return f"must be a file extension like txt or caption, got {v!r}"
+    return None
+
+
 # The most reference images per sample: the Swift CLI's limits for generation (Flux2Config.swift),
 # which mflux2 applies to edit training's control folders too.
 MAX_REFERENCES = {"klein": 4, "klein-base": 4, "dev": 6}
@@ -183,6 +190,26 @@ class DatasetConfig:
     auto_caption: bool = _f(False)
     caption_model: str = _f(DEFAULT_VLM, check=_check_nonempty)  # ours: hub id, short name or folder
     caption_style: str = _f("subject", choices=("subject", "style", "edit"))  # ours: what the captions describe
+    # ours (issue 31; ai-toolkit's names where the meaning is the same, its spellings accepted as
+    # KEY_ALIASES). Semantics: docs/training.md "Datasets".
+    name: str | None = _f(None, check=_check_nonempty)  # derived: the folder's name (metrics.jsonl, report)
+    repeats: int = _f(1, ge=1)  # times each image appears per epoch
+    loss_weight: float = _f(1.0, gt=0)  # multiplies the loss of this dataset's samples
+    is_regularization: bool = _f(False)  # a prior-preservation set: own captions, no trigger word
+    mask_path: str | None = _f(None, check=_check_nonempty)  # folder of masks paired by file stem
+    alpha_mask: bool = _f(False)  # the image's alpha channel is its mask
+    mask_min: float = _f(0.0, ge=0, lt=1)  # the loss weight of black mask pixels (white = 1)
+    mask_missing: str = _f("error", choices=("error", "full"))  # an image without a mask: refuse, or train it unmasked
+    caption_ext: str = _f("txt", check=_check_caption_ext)  # caption file extension (caption_format: txt)
+    caption_dropout: float | None = _f(None, ge=0, le=1)  # derived: training.caption_dropout
+    shuffle_tokens: bool = _f(False)  # shuffle the caption's comma-separated tags
+    keep_tokens: int = _f(0, ge=0)  # leading tags kept in place when shuffling
+    shuffle_variants: int = _f(4, ge=1, le=64)  # shuffled captions encoded per caption (the text cache)
+
+    KEY_ALIASES: ClassVar[dict[str, str]] = {
+        "num_repeats": "repeats", "is_reg": "is_regularization", "loss_multiplier": "loss_weight",
+        "mask_min_value": "mask_min", "caption_dropout_rate": "caption_dropout", "folder_path": "path",
+    }
 
     @property
     def edit(self) -> bool:
@@ -354,6 +381,10 @@ class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    # ours: several datasets. Absent or []: `dataset` is the one dataset (what it always meant). Given:
+    # each entry is a dataset, and the keys given in `dataset` (never its path or name) are every
+    # entry's defaults (config_loading._finalize). Omitted from to_dict when empty.
+    datasets: list[DatasetConfig] = _f([], empty_ok=True)
     training: TrainingParams = field(default_factory=TrainingParams)
     loss: LossConfig = field(default_factory=LossConfig)
     memory: MemoryConfig = field(default_factory=MemoryConfig)
@@ -366,6 +397,11 @@ class TrainConfig:
     raw: dict = field(default_factory=dict, repr=False, compare=False, metadata={"internal": True})
     # dotted key -> "file" | "override" | None (Swift default) | a reason (mflux2 default); see dump_yaml.
     provenance: dict = field(default_factory=dict, repr=False, compare=False, metadata={"internal": True})
+
+    @property
+    def dataset_list(self) -> list[DatasetConfig]:
+        """The datasets that train: `datasets`, or the one `dataset`."""
+        return list(self.datasets) if self.datasets else [self.dataset]
 
     @property
     def resolutions(self) -> list[int]:
@@ -423,8 +459,12 @@ class TrainConfig:
         return self
 
     def to_dict(self) -> dict:
-        """The fully resolved config as plain YAML-able data (what --print-config shows)."""
-        return _to_plain(self)
+        """The fully resolved config as plain YAML-able data (what --print-config shows); `datasets`
+        only when it is used."""
+        d = _to_plain(self)
+        if not d["datasets"]:
+            del d["datasets"]
+        return d
 
     def dump_yaml(self, annotate: bool = False) -> str:
         """The resolved config as YAML; with `annotate`, each value carries a comment saying where it
@@ -486,6 +526,11 @@ def _annotated_yaml(d: dict, labels: dict[str, str], unicode: bool) -> str:
             if isinstance(v, dict):
                 rows.append((f"{pad}{k}:", None))
                 emit(v, f"{prefix}{k}.", indent + 1)
+            elif isinstance(v, list) and v and all(isinstance(x, dict) for x in v):  # `datasets`: block items
+                rows.append((f"{pad}{k}:", labels.get(prefix + k)))
+                for item in v:
+                    for j, (ik, iv) in enumerate(item.items()):
+                        rows.append((f"{pad}  {'- ' if j == 0 else '  '}{ik}: {_flow(iv, unicode)}", None))
             else:
                 rows.append((f"{pad}{k}: {_flow(v, unicode)}", labels.get(prefix + k)))
 
@@ -520,6 +565,12 @@ _DEFAULT_NOTES: dict[str, str | None] = {
     "dataset.auto_caption": "no Swift key",
     "dataset.caption_model": "no Swift key; the Swift trainer's scoring VLM",
     "dataset.caption_style": "no Swift key",
+    **{f"dataset.{k}": "no Swift key" for k in ("repeats", "loss_weight", "is_regularization", "mask_path", "alpha_mask",
+                                                "mask_min", "mask_missing", "caption_ext", "shuffle_tokens", "keep_tokens",
+                                                "shuffle_variants")},
+    "dataset.name": "no Swift key; the folder's name",
+    "dataset.caption_dropout": "no Swift key; training.caption_dropout",
+    "datasets": "no Swift key; dataset is the one dataset",
     "training.batch_size": None,
     "training.gradient_accumulation": None,
     "training.epochs": None,
@@ -580,7 +631,9 @@ def _schema_fields(cls) -> dict[str, dataclasses.Field]:
     return {f.name: f for f in fields(cls) if not f.metadata.get("internal")}
 
 
-SECTIONS: dict[str, type] = {name: _hints(TrainConfig)[name] for name in _schema_fields(TrainConfig)}
+# The sections (dataclasses); `datasets`, a list of DatasetConfig, is a TrainConfig field beside them.
+SECTIONS: dict[str, type] = {name: _hints(TrainConfig)[name] for name in _schema_fields(TrainConfig)
+                             if dataclasses.is_dataclass(_hints(TrainConfig)[name])}
 
 
 def _to_plain(obj: Any) -> Any:

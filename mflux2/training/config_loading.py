@@ -415,8 +415,12 @@ def _finalize(cfg: TrainConfig, ctx: _Ctx) -> TrainConfig:
         if prov.get("training.epochs") in ("file", "override"):
             ctx.warn(("training", "epochs"), f"{cfg.training.epochs} without max_steps trains {cfg.training.max_steps} steps "
                                              f"(epochs x 100, as the Swift trainer does; not passes over the data)")
-    if cfg.dataset.path is None:
+    if cfg.datasets:
+        _finalize_datasets(cfg, ctx)
+    elif cfg.dataset.path is None:
         raise ctx.error(("dataset", "path"), "is required (a folder of images or a Hugging Face dataset id)")
+    elif cfg.dataset.name is None:
+        cfg.dataset.name = _folder_name(cfg.dataset.path)
     if cfg.checkpoints.output is None:
         stem = Path(ctx.source).stem if ctx.source and not ctx.source.startswith("<") else "run"
         cfg.checkpoints.output = f"output/{stem}"
@@ -427,7 +431,7 @@ def _finalize(cfg: TrainConfig, ctx: _Ctx) -> TrainConfig:
         if prov.get("checkpoints.save_every") in ("file", "override"):
             derived("validation.every_n_steps", "= checkpoints.save_every: every checkpoint gets its images (Swift: 500)")
     if cfg.loss.diff_output_preservation:
-        if not cfg.dataset.trigger_word:  # TrainLoRACommand.swift:753: DOP only with a trigger word
+        if not any(d.trigger_word for d in cfg.dataset_list if not d.is_regularization):  # TrainLoRACommand.swift:753: DOP only with a trigger word
             ctx.warn(("loss", "diff_output_preservation"),
                      "true but dataset.trigger_word is not set: DOP is turned off (it replaces the trigger word by the "
                      "class word), as the Swift trainer does; set a trigger word to use DOP")
@@ -440,29 +444,10 @@ def _finalize(cfg: TrainConfig, ctx: _Ctx) -> TrainConfig:
             cfg.loss.diff_output_preservation_class = "object"
             derived("loss.diff_output_preservation_class", "swift: assumed, DOP is on without a class word")
     _check_preservation_prompts(cfg, ctx)
-    ds = cfg.dataset
-    if ds.validation_control_path and not ds.control_path:
-        raise ctx.error(("dataset", "validation_control_path"), "is set but dataset.control_path is not (edit training "
-                                                                 "needs both; remove it for text-to-image training)")
-    if ds.validation_control_path and not ds.validation_path:
-        raise ctx.error(("dataset", "validation_control_path"), "is set but dataset.validation_path is not: set the "
-                                                                 "validation images it pairs with")
-    if ds.control_dropout and not ds.control_path:
-        ctx.warn(("dataset", "control_dropout"), f"{ds.control_dropout} has no effect without dataset.control_path "
-                                                 f"(text-to-image training)")
-    if ds.control_path and cfg.training_variant is not None:
-        try:
-            check_reference_count(cfg, cfg.training_variant)
-        except ConfigError as e:
-            raise ctx.error(("dataset", "control_path"), str(e).split("dataset.control_path: ", 1)[-1]) from None
+    for at, ds in _dataset_keys(cfg):
+        _check_dataset(cfg, ds, at, ctx)
     if cfg.validation.prompts and not cfg.dataset.trigger_word and any(p.apply_trigger for p in cfg.validation.prompts):
         ctx.warn(("validation", "prompts"), "apply_trigger is true but dataset.trigger_word is not set: the prompts are used as written")
-    if cfg.dataset.auto_caption:
-        if cfg.dataset.caption_format != "txt":
-            raise ctx.error(("dataset", "auto_caption"), "writes .txt captions beside the images: set dataset.caption_format: txt")
-        if cfg.dataset.caption_style == "edit" and not cfg.dataset.control_path:
-            raise ctx.error(("dataset", "caption_style"), "edit captions describe the change from each control image to its "
-                                                          "target: set dataset.control_path")
     if cfg.validation.vlm_scoring.enabled and not cfg.validation.prompts:
         ctx.warn(("validation", "vlm_scoring", "enabled"), "true but there are no validation prompts: nothing to score")
     for i, p in enumerate(cfg.validation.prompts):
@@ -475,6 +460,98 @@ def _finalize(cfg: TrainConfig, ctx: _Ctx) -> TrainConfig:
     if cfg.validation_variant is not None:
         cfg.resolve_model_defaults(cfg.validation_variant)
     return cfg
+
+
+def _folder_name(spec: str) -> str:
+    """A dataset's default name: its folder's name (a hub id's repository name)."""
+    return Path(spec.rstrip("/\\")).name or spec
+
+
+# `dataset`'s keys that are never defaults of the `datasets` entries: what names one dataset.
+_NOT_INHERITED = ("path", "name")
+
+
+def _dataset_keys(cfg: TrainConfig) -> list[tuple[tuple, "DatasetConfig"]]:
+    """(key path, dataset) of every dataset that trains: ("dataset",) or ("datasets", i)."""
+    if not cfg.datasets:
+        return [(("dataset",), cfg.dataset)]
+    return [(("datasets", i), d) for i, d in enumerate(cfg.datasets)]
+
+
+def _finalize_datasets(cfg: TrainConfig, ctx: _Ctx) -> None:
+    """`datasets:` given: the keys given in `dataset` are the entries' defaults; every entry needs a
+    path; two entries may not be the same folder; names are derived from the folders and unique."""
+    if cfg.dataset.path is not None:
+        raise ctx.error(("dataset", "path"), "give either dataset.path (one dataset) or datasets (a list of them), not both; "
+                                             "with datasets, the dataset section holds the keys every entry shares")
+    shared = [f.name for f in dataclasses.fields(cfg.dataset)
+              if f.name not in _NOT_INHERITED and ("dataset", f.name) in ctx.given]
+    seen_paths: dict[str, int] = {}
+    names: dict[str, int] = {}
+    for i, d in enumerate(cfg.datasets):
+        for k in shared:
+            if ("datasets", i, k) not in ctx.given:
+                setattr(d, k, copy.deepcopy(getattr(cfg.dataset, k)))
+        if d.path is None:
+            raise ctx.error(("datasets", i, "path"), "is required (a folder of images or a Hugging Face dataset id)")
+        p = Path(d.path).expanduser()
+        where = str(p.resolve()) if p.exists() else d.path
+        if where in seen_paths:
+            raise ctx.error(("datasets", i, "path"), f"{d.path!r} is the same folder as datasets[{seen_paths[where]}].path; "
+                                                     f"give each folder once (use repeats to draw it more often)")
+        seen_paths[where] = i
+        if d.name is None:
+            base = _folder_name(d.path)
+            d.name = base if base not in names else f"{base}_{i}"
+        if d.name in names:
+            raise ctx.error(("datasets", i, "name"), f"{d.name!r} is also datasets[{names[d.name]}]'s name; names must differ")
+        names[d.name] = i
+    if cfg.dataset.trigger_word is None:  # the run's trigger word (validation prompts, the LoRA's metadata)
+        words = {d.trigger_word for d in cfg.datasets if not d.is_regularization}
+        if len(words) == 1 and None not in words:
+            cfg.dataset.trigger_word = words.pop()
+        elif len(words - {None}) > 1 and cfg.validation.prompts:
+            ctx.warn(("datasets",), f"the datasets have different trigger words ({', '.join(sorted(words - {None}))}): "
+                                    f"validation prompts get dataset.trigger_word's (none is set); write the trigger "
+                                    f"word into those prompts")
+
+
+def _check_dataset(cfg: TrainConfig, ds, at: tuple, ctx: _Ctx) -> None:
+    """The rules within one dataset (`at`: its key path)."""
+    name = _path_str(at)
+    if ds.validation_control_path and not ds.control_path:
+        raise ctx.error(at + ("validation_control_path",), f"is set but {name}.control_path is not (edit training "
+                                                            f"needs both; remove it for text-to-image training)")
+    if ds.validation_control_path and not ds.validation_path:
+        raise ctx.error(at + ("validation_control_path",), f"is set but {name}.validation_path is not: set the "
+                                                            f"validation images it pairs with")
+    if ds.control_dropout and not ds.control_path:
+        ctx.warn(at + ("control_dropout",), f"{ds.control_dropout} has no effect without {name}.control_path "
+                                            f"(text-to-image training)")
+    if ds.control_path and cfg.training_variant is not None:
+        one = copy.copy(cfg)
+        one.dataset = ds
+        try:
+            check_reference_count(one, cfg.training_variant)
+        except ConfigError as e:
+            raise ctx.error(at + ("control_path",), str(e).split("dataset.control_path: ", 1)[-1]) from None
+    if ds.auto_caption:
+        if ds.caption_format != "txt":
+            raise ctx.error(at + ("auto_caption",), f"writes .txt captions beside the images: set {name}.caption_format: txt")
+        if ds.caption_style == "edit" and not ds.control_path:
+            raise ctx.error(at + ("caption_style",), f"edit captions describe the change from each control image to its "
+                                                     f"target: set {name}.control_path")
+    if ds.mask_path and ds.alpha_mask:
+        raise ctx.error(at + ("alpha_mask",), f"true and {name}.mask_path is set: take the mask from one of them")
+    if ds.keep_tokens and not ds.shuffle_tokens:
+        ctx.warn(at + ("keep_tokens",), f"{ds.keep_tokens} has no effect without {name}.shuffle_tokens: true")
+    if ds.mask_path is None and not ds.alpha_mask and ds.mask_min and (*at, "mask_min") in ctx.given:
+        ctx.warn(at + ("mask_min",), f"{ds.mask_min} has no effect without {name}.mask_path or {name}.alpha_mask")
+    if ds.caption_ext.strip().lstrip(".").lower() != "txt" and ds.caption_format == "jsonl":
+        ctx.warn(at + ("caption_ext",), f"{ds.caption_ext!r} has no effect with {name}.caption_format: jsonl")
+    ds.caption_ext = ds.caption_ext.strip().lstrip(".")
+    if ds.is_regularization and (*at, "trigger_word") in ctx.given and ds.trigger_word != cfg.dataset.trigger_word:
+        ctx.warn(at + ("trigger_word",), "is ignored: a regularisation set trains with its own captions and no trigger word")
 
 
 def _check_preservation_prompts(cfg: TrainConfig, ctx: _Ctx) -> None:
@@ -490,7 +567,7 @@ def _check_preservation_prompts(cfg: TrainConfig, ctx: _Ctx) -> None:
         ctx.warn(key, "ignored: loss.diff_output_preservation is off (these prompts take turns with the class "
                       "prompt in DOP's preservation pass); set it to true to use them")
     for i, p in enumerate(prompts):
-        if names_trigger(p, cfg.dataset.trigger_word):
+        if any(names_trigger(p, d.trigger_word) for d in (cfg.dataset, *cfg.datasets)):
             raise ctx.error(key + (i,), f"{_show(p)} names the trigger word {cfg.dataset.trigger_word!r}: these prompts "
                                         f"are held to the base model, so they must not name the subject")
 

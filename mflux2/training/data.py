@@ -84,6 +84,18 @@ class Control:
 
 
 @dataclass(frozen=True)
+class Mask:
+    """A sample's loss mask: a grey image paired by file stem (`dataset.mask_path`) or the image's own
+    alpha channel (`dataset.alpha_mask`). Grey level g in [0, 1] weighs a pixel's loss by
+    minimum + (1 - minimum)·g."""
+
+    path: Path  # the mask file, or the image itself (alpha)
+    content_hash: str  # sha256 of the file's bytes
+    alpha: bool
+    minimum: float  # dataset.mask_min
+
+
+@dataclass(frozen=True)
 class Sample:
     path: Path  # the image file
     caption: str  # final training caption (trigger substituted / prepended)
@@ -92,6 +104,28 @@ class Sample:
     content_hash: str  # sha256 of the file's bytes (the latent cache key)
     size: tuple[int, int]  # (w, h) of the image after EXIF orientation
     controls: tuple[Control, ...] = ()  # edit training: the references, in control-folder order
+    # Several datasets (issue 31): the dataset's name, its repeats, loss weight and caption dropout
+    # (None: training.caption_dropout), whether it is a regularisation set, the loss mask, and the
+    # shuffled captions (with their DOP prompts) one of which a step draws (empty: `caption` alone).
+    dataset: str = ""
+    repeats: int = 1
+    loss_weight: float = 1.0
+    caption_dropout: float | None = None
+    is_reg: bool = False
+    mask: Mask | None = None
+    variants: tuple[str, ...] = ()
+    dop_variants: tuple[str | None, ...] = ()
+
+    @property
+    def label(self) -> str:
+        """`<dataset>/<file stem>`: how metrics.jsonl names the sample."""
+        return f"{self.dataset}/{self.path.stem}" if self.dataset else self.path.stem
+
+    def with_variant(self, i: int) -> "Sample":
+        """This sample with shuffled caption i as its caption (and DOP prompt)."""
+        if not self.variants:
+            return self
+        return dataclasses.replace(self, caption=self.variants[i], dop_caption=self.dop_variants[i])
 
     @property
     def group(self) -> tuple[int, int, int]:
@@ -182,12 +216,38 @@ def preservation_prompts(samples: Sequence["Sample"], step: int, every: int, ext
 def prompts_to_embed(cfg: "TrainConfig", samples: Sequence["Sample"], val_samples: Sequence["Sample"],
                      validation_prompts: Iterable[str]) -> list[str]:
     """Every prompt a run embeds (the text cache; the dry run's disk estimate counts the same list): the
-    captions, with DOP the DOP prompts and loss.diff_output_preservation_prompts, the validation prompts,
-    and "" (caption dropout and CFG's negative prompt)."""
-    prompts = [s.caption for s in [*samples, *val_samples]]
+    captions and their shuffled variants, with DOP the DOP prompts (of each variant) and
+    loss.diff_output_preservation_prompts, the validation prompts, and "" (caption dropout and CFG's
+    negative prompt)."""
+    prompts = [c for s in [*samples, *val_samples] for c in (s.caption, *s.variants)]
     if cfg.loss.diff_output_preservation:
-        prompts += [s.dop_caption for s in samples] + list(cfg.loss.diff_output_preservation_prompts)
+        prompts += [c for s in samples for c in (s.dop_caption, *s.dop_variants)] + list(cfg.loss.diff_output_preservation_prompts)
     return prompts + list(validation_prompts) + [""]
+
+
+def split_tags(caption: str) -> list[str]:
+    """A caption's comma-separated tags, trimmed, empty ones dropped."""
+    return [t.strip() for t in caption.split(",") if t.strip()]
+
+
+def shuffled_captions(raw: str, keep: int, n: int, seed: int) -> list[str]:
+    """Up to `n` distinct shuffles of the caption's tags (the first `keep` stay in place), joined by
+    ", ", in draw order; drawn from `seed` (a function of the run's seed, the file and the caption, so
+    the text cache's entries are the same in every run of the config)."""
+    tags = split_tags(raw)
+    head, tail = tags[:keep], tags[keep:]
+    rng = np.random.default_rng(seed)
+    most = min(n, math.factorial(min(len(tail), 20)))
+    out: dict[str, None] = {}
+    for _ in range(50 * n):  # distinct draws (a short caption has fewer orders than n)
+        out[", ".join(head + [tail[j] for j in rng.permutation(len(tail))])] = None
+        if len(out) >= most:
+            break
+    return list(out)
+
+
+def _variant_seed(seed: int, path: Path, raw: str) -> int:
+    return int.from_bytes(hashlib.sha256(f"{seed}\0{path.name}\0{raw}".encode()).digest()[:8], "little")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -430,11 +490,38 @@ def _listing(items: Sequence[Any], limit: int = 10) -> str:
     return ", ".join(names) + more
 
 
-def scan_dataset(cfg: "TrainConfig", *, validation: bool = False) -> list[Sample]:
+def scan_datasets(cfg: "TrainConfig", *, validation: bool = False) -> list[Sample]:
+    """The samples of every dataset (`datasets`, or the one `dataset`), in dataset order; with
+    validation=True those of the datasets' validation_path (the datasets without one add none)."""
+    out: list[Sample] = []
+    for prefix, one in dataset_configs(cfg):
+        if validation and not one.dataset.validation_path:
+            continue
+        out += scan_dataset(one, validation=validation, prefix=prefix)
+    return out
+
+
+def dataset_configs(cfg: "TrainConfig") -> list[tuple[str, "TrainConfig"]]:
+    """(key prefix, a shallow copy of cfg whose `dataset` is that dataset) for every dataset that
+    trains: what scan_dataset and the captioner read."""
+    import copy
+
+    if not cfg.datasets:
+        return [("dataset", cfg)]
+    out = []
+    for i, ds in enumerate(cfg.datasets):
+        one = copy.copy(cfg)
+        one.dataset = ds
+        out.append((f"datasets[{i}]", one))
+    return out
+
+
+def scan_dataset(cfg: "TrainConfig", *, validation: bool = False, prefix: str = "dataset") -> list[Sample]:
     """The samples of `dataset.path` (or `dataset.validation_path` with validation=True), sorted by
-    file path. Every image is decoded once here so that a broken file is reported before training."""
+    file path. Every image is decoded once here so that a broken file is reported before training.
+    `prefix`: how messages name the dataset (dataset, datasets[i])."""
     ds = cfg.dataset
-    key = "dataset.validation_path" if validation else "dataset.path"
+    key = f"{prefix}.validation_path" if validation else f"{prefix}.path"
     spec = ds.validation_path if validation else ds.path
     if not spec:
         raise DataError(f"{key}: not set")
@@ -444,8 +531,10 @@ def scan_dataset(cfg: "TrainConfig", *, validation: bool = False) -> list[Sample
         where = "the Hugging Face dataset" if recursive else "the folder"
         raise DataError(f"{key}: no images (png/jpg/jpeg/webp) in {where} {folder}")
 
-    trigger = ds.trigger_word
+    reg = ds.is_regularization  # its own captions: no trigger word, nothing for DOP to substitute
+    trigger = None if reg else ds.trigger_word
     dop_class = cfg.loss.diff_output_preservation_class if cfg.loss.diff_output_preservation else None
+    named: list[str] = []  # a regularisation set's captions that name the trigger word
     bucketing = cfg.memory.bucketing.enabled
     resolutions = cfg.resolutions
 
@@ -471,21 +560,41 @@ def scan_dataset(cfg: "TrainConfig", *, validation: bool = False) -> list[Sample
         if jsonl is not None:
             raw = jsonl.get(img_path.resolve())
         else:
-            txt = img_path.with_suffix(".txt")
+            txt = img_path.with_suffix("." + ds.caption_ext)
             raw = read_caption(txt) if txt.is_file() else None
         if raw is None:
             no_caption.append(rel)
             raw = ""
         caption = apply_trigger(raw, trigger)
+        if reg and (names_trigger(raw, ds.trigger_word) or re.search(r"\[trigger\]|\{trigger\}", raw, re.IGNORECASE)):
+            named.append(rel)
         bucket = choose_bucket(size[0], size[1], resolutions, bucketing)
         if upscale_factor(size, bucket) > MAX_UPSCALE:
             upscaled.append(f"{rel} ({size[0]}x{size[1]} → {bucket[0]}x{bucket[1]})")
-        samples.append(Sample(img_path, caption, build_dop_caption(caption, trigger, dop_class), bucket, digest, size))
+        def dop_of(c: str) -> str | None:  # a caption without the trigger word (a reg set) is preserved as written
+            return (build_dop_caption(c, trigger, dop_class) or c) if dop_class else None
+
+        dop = dop_of(caption)
+        variants: tuple[str, ...] = ()
+        if ds.shuffle_tokens and not validation:
+            drawn = [apply_trigger(v, trigger) for v in shuffled_captions(raw, ds.keep_tokens, ds.shuffle_variants,
+                                                                          _variant_seed(cfg.training.seed, img_path, raw))]
+            variants = tuple(drawn) if drawn != [caption] else ()
+        dops = tuple(dop_of(v) for v in variants)
+        samples.append(Sample(img_path, caption, dop, bucket, digest, size, dataset=ds.name or "", repeats=ds.repeats,
+                              loss_weight=ds.loss_weight, caption_dropout=ds.caption_dropout, is_reg=reg,
+                              variants=variants, dop_variants=dops))
 
     control_spec = ds.validation_control_path if validation else ds.control_path
     if control_spec and samples:
         samples = pair_controls(samples, folder, control_spec, "dataset.validation_control_path" if validation
                                 else "dataset.control_path", ds.skip_bad_images, bad)
+    if (ds.mask_path or ds.alpha_mask) and samples and not validation:
+        samples = pair_masks(samples, ds, prefix)
+    if named:
+        warnings.warn(f"{key}: {len(named)} caption(s) of this regularisation set name the trigger word {ds.trigger_word!r} "
+                      f"(or [trigger]): a regularisation set trains the model's prior, so it should not name the subject: "
+                      f"{_listing(named)}", DataWarning, stacklevel=2)
     if bad:
         warnings.warn(f"{key}: skipped {len(bad)} unreadable image(s) (dataset.skip_bad_images): {_listing(bad)}", DataWarning, stacklevel=2)
     if not samples:
@@ -574,12 +683,117 @@ def pair_controls(samples: list[Sample], folder: Path, specs: Sequence[str], key
     return out
 
 
+# ---------------------------------------------------------------------------------------------
+# Masks
+# ---------------------------------------------------------------------------------------------
+
+# Bump when load_mask_for_bucket's geometry or mask_weights' reduction changes: part of the masks' cache key.
+MASK_GEOMETRY = 1
+MASK_ASPECT_TOLERANCE = 0.02  # a mask whose aspect ratio differs more from its image's cannot be aligned with it
+
+
+def _has_alpha(img: Image.Image) -> bool:
+    return img.mode in ("RGBA", "LA", "RGBa", "La", "PA") or (img.mode == "P" and "transparency" in img.info)
+
+
+def _mask_grey(mask: Mask) -> Image.Image:
+    """The mask as an oriented 8-bit grey image: the mask file, or the image's alpha channel."""
+    img, _ = _decode(mask.path)
+    img = _orient(img)
+    if mask.alpha:
+        if not _has_alpha(img):
+            raise DataError(f"{mask.path}: has no alpha channel (dataset.alpha_mask)")
+        return img.convert("RGBA").getchannel("A")
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit grey: rescale, as images are
+        return Image.fromarray((np.asarray(img, np.float64) / 257.0).clip(0, 255).astype(np.uint8), "L")
+    return img.convert("L")
+
+
+def _probe_mask(mask: Mask, image_size: tuple[int, int]) -> None:
+    """A mask must decode, weigh something (not all black) and have its image's aspect ratio."""
+    grey = _mask_grey(mask)
+    if np.asarray(grey).max() == 0 and mask.minimum == 0:
+        what = "alpha channel is fully transparent" if mask.alpha else "mask is all black"
+        raise DataError(f"{mask.path}: the {what}: its image would teach nothing; fix the mask, or set mask_min above 0")
+    (mw, mh), (w, h) = grey.size, image_size
+    if abs(math.log((mw / mh) / (w / h))) > MASK_ASPECT_TOLERANCE:
+        raise DataError(f"{mask.path}: the mask is {mw}x{mh} but its image is {w}x{h}: another aspect ratio, so resizing "
+                        f"cannot align them; make the mask from the image")
+
+
+def pair_masks(samples: list[Sample], ds, prefix: str = "dataset") -> list[Sample]:
+    """The samples with their masks (`ds.mask_path`: the image of the same stem there; `ds.alpha_mask`:
+    the image's alpha). A missing mask is an error naming the image, or with `mask_missing: full` the
+    image trains unmasked (one warning lists them). Every mask is decoded and checked here."""
+    index = None
+    if ds.mask_path:
+        index = _control_index(_control_folder(ds.mask_path, f"{prefix}.mask_path"))
+    out, missing = [], []
+    for s in samples:
+        if index is not None:
+            f = index.get(s.path.stem)
+            mask = None
+            if f is not None:
+                mask = Mask(f, hashlib.sha256(f.read_bytes()).hexdigest(), False, ds.mask_min)
+        else:
+            with Image.open(s.path) as im:
+                mask = Mask(s.path, s.content_hash, True, ds.mask_min) if _has_alpha(im) else None
+        if mask is None:
+            if ds.mask_missing != "full":
+                where = f"no mask of its file stem in {ds.mask_path}" if index is not None else "no alpha channel"
+                raise DataError(f"{s.path}: {where} ({prefix}.{'mask_path' if index is not None else 'alpha_mask'}); add it, "
+                                f"or set {prefix}.mask_missing: full to train such images unmasked")
+            missing.append(s.path.name)
+            out.append(s)
+            continue
+        _probe_mask(mask, s.size)
+        out.append(dataclasses.replace(s, mask=mask))
+    if missing:
+        warnings.warn(f"{prefix}: {len(missing)} of {len(samples)} image(s) have no mask and train unmasked "
+                      f"({prefix}.mask_missing: full): {_listing(missing)}", DataWarning, stacklevel=3)
+    if index is not None:
+        stems = {s.path.stem for s in samples}
+        orphans = sorted(f.name for stem, f in index.items() if stem not in stems)
+        if orphans:
+            warnings.warn(f"{prefix}.mask_path: {len(orphans)} mask(s) match no image by file stem and are unused: "
+                          f"{_listing(orphans)}", DataWarning, stacklevel=3)
+    return out
+
+
+def load_mask_for_bucket(mask: Mask, target_size: tuple[int, int], bucket: tuple[int, int]) -> np.ndarray:
+    """The mask's grey level in [0, 1], float32 [H, W], pixel-aligned with load_image_for_bucket of its
+    image: resized (LANCZOS) to the image's oriented size `target_size` when its own differs, then the
+    image's cover-resize and centre crop (the code controls use)."""
+    grey = _mask_grey(mask)
+    tw, th = int(target_size[0]), int(target_size[1])
+    if grey.size != (tw, th):
+        grey = grey.resize((tw, th), Image.Resampling.LANCZOS, reducing_gap=3.0)
+    rgb = _cover_crop(grey.convert("RGB"), bucket)
+    return ((rgb[..., 0] + 1.0) / 2.0).clip(0.0, 1.0).astype(np.float32)
+
+
+def mask_weights(grey: np.ndarray, minimum: float, path: Path | str = "mask") -> np.ndarray:
+    """Per-token loss weights [N] of a mask [H, W] in [0, 1]: weight minimum + (1 - minimum)·g averaged
+    over each token's 16x16 pixels (area: the packed latents' token grid, row-major as vae.pack),
+    normalised to mean 1 so a half-masked image keeps the learning rate of a whole one."""
+    h, w = grey.shape
+    pooled = grey.reshape(h // 16, 16, w // 16, 16).mean(axis=(1, 3)).reshape(-1)
+    weight = minimum + (1.0 - minimum) * pooled.astype(np.float64)
+    if weight.mean() <= 0:
+        raise DataError(f"{path}: the mask is black over the whole crop its image trains at: nothing to learn; "
+                        f"fix the mask, or set mask_min above 0")
+    return (weight / weight.mean()).astype(np.float32)
+
+
 def dataset_fingerprint(samples: Sequence[Sample]) -> str:
     """A hash of what training sees (content, caption, bucket), for training_state.json."""
     h = hashlib.sha256()
     for s in samples:
         h.update(json.dumps([s.content_hash, s.caption, s.dop_caption, list(s.bucket)]
-                            + ([[c.content_hash for c in s.controls]] if s.controls else [])).encode())
+                            + ([[c.content_hash for c in s.controls]] if s.controls else [])
+                            + ([s.mask.content_hash, s.mask.alpha, s.mask.minimum] if s.mask else [])
+                            + ([s.dataset, s.repeats, s.loss_weight, s.is_reg, list(s.variants)]
+                               if (s.repeats, s.loss_weight, s.is_reg, s.variants) != (1, 1.0, False, ()) else [])).encode())
     return h.hexdigest()[:16]
 
 
@@ -592,7 +806,8 @@ class BatchSampler:
     """Infinite iterator of batches (lists of sample indices), each within one group: a bucket and,
     for edit training, a number of references (`Sample.group`), so a batch's sequences have one length.
 
-    Epoch e's order is a function of (seed, e) only: inside each group the indices are shuffled and cut
+    An epoch holds every sample `Sample.repeats` times (a dataset's `repeats`). Epoch e's order is a
+    function of (seed, e) only: inside each group the indices (with their repeats) are shuffled and cut
     into batches of exactly `batch_size` (a short last batch is filled with the group's first shuffled
     indices, so shapes stay fixed for mx.compile), then all batches are shuffled together. The state
     is (epoch, position); `state_dict()`/`load_state_dict()` carry it through a checkpoint.
@@ -604,12 +819,15 @@ class BatchSampler:
         if not samples:
             raise DataError("no samples to draw batches from")
         groups = [s.group if isinstance(s, Sample) else (*s, 0)[:3] for s in samples]  # (W, H[, refs])
+        repeats = [s.repeats if isinstance(s, Sample) else 1 for s in samples]
         self.batch_size, self.seed = int(batch_size), int(seed)
         self._by_bucket: dict[tuple[int, int, int], list[int]] = {}
-        for i, g in enumerate(groups):
-            self._by_bucket.setdefault(g, []).append(i)
+        for i, (g, r) in enumerate(zip(groups, repeats)):
+            self._by_bucket.setdefault(g, []).extend([i] * r)  # an image with repeats r is in its epoch r times
         # Text-to-image: the buckets alone, as before edit training existed (older checkpoints resume).
         keyed = [list(g[:2]) for g in groups] if not any(g[2] for g in groups) else [list(g) for g in groups]
+        if any(r != 1 for r in repeats):  # the repeats too, where a dataset has them
+            keyed = [k + [r] for k, r in zip(keyed, repeats)]
         self._fingerprint = hashlib.sha256(json.dumps(keyed).encode()).hexdigest()[:16]
         self.epoch, self.position = 0, 0
         self._batches = self._epoch_batches(0)

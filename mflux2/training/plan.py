@@ -255,7 +255,7 @@ def _run_args(cfg, resolution: int | None = None) -> dict:
     """estimate_peak_gb's arguments for the run (its largest training resolution)."""
     return dict(resolution=resolution or max(cfg.resolutions), batch=cfg.training.batch_size, rank=cfg.lora.rank,
                 targets=cfg.lora.target_layers, dop=bool(cfg.loss.diff_output_preservation),
-                references=len(cfg.dataset.control_path or ()))
+                references=max(len(d.control_path or ()) for d in cfg.dataset_list))
 
 
 def _lora_state_gb(f: ModelFacts, cfg) -> float:

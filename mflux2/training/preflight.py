@@ -176,8 +176,8 @@ class Report:
 
 
 def _scan(cfg, rep: Report, validation: bool):
-    """scan_dataset as the run calls it, but listing unreadable files instead of stopping at the
-    first, and finding a hub dataset in the cache only."""
+    """scan_dataset of every dataset as the run calls it, but listing unreadable files instead of
+    stopping at the first, and finding a hub dataset in the cache only."""
     import copy
     import functools
     from unittest import mock
@@ -186,26 +186,34 @@ def _scan(cfg, rep: Report, validation: bool):
 
     from mflux2.training import data as data_mod
 
-    c = copy.copy(cfg)
-    c.dataset = copy.copy(cfg.dataset)
-    c.dataset.skip_bad_images = True
+    out = []
     offline = functools.partial(huggingface_hub.snapshot_download, local_files_only=True)
-    with warnings.catch_warnings(record=True) as caught, mock.patch.object(huggingface_hub, "snapshot_download", offline):
-        warnings.simplefilter("always")
-        try:
-            samples = data_mod.scan_dataset(c, validation=validation)
-        except data_mod.DataError as e:
-            rep.line(f"error: {e}")
-            rep.problems.append(str(e))
-            return []
-    for w in caught:
-        msg = str(w.message)
-        rep.line(f"warning: {msg}")
-        if "unreadable" in msg and not cfg.dataset.skip_bad_images:
-            key = "dataset.validation_path" if validation else "dataset.path"
-            rep.problems.append(f"{key}: unreadable image(s) — the run would stop at the first; remove them or set "
-                                f"dataset.skip_bad_images: true ({msg.split(': ', 2)[-1]})")
-    return samples
+    for prefix, one in data_mod.dataset_configs(cfg):
+        if validation and not one.dataset.validation_path:
+            continue
+        c = copy.copy(one)
+        c.dataset = copy.copy(one.dataset)
+        c.dataset.skip_bad_images = True
+        with warnings.catch_warnings(record=True) as caught, mock.patch.object(huggingface_hub, "snapshot_download", offline):
+            warnings.simplefilter("always")
+            try:
+                samples = data_mod.scan_dataset(c, validation=validation, prefix=prefix)
+            except data_mod.DataError as e:
+                rep.line(f"error: {e}")
+                rep.problems.append(str(e))
+                continue
+        for w in caught:
+            msg = str(w.message)
+            rep.line(f"warning: {msg}")
+            if "unreadable" in msg and not one.dataset.skip_bad_images:
+                key = f"{prefix}.validation_path" if validation else f"{prefix}.path"
+                rep.problems.append(f"{key}: unreadable image(s) — the run would stop at the first; remove them or set "
+                                    f"{prefix}.skip_bad_images: true ({msg.split(': ', 2)[-1]})")
+        out += samples
+    return out
+
+
+IMBALANCE = 0.9  # a dataset above this share of an epoch is warned about (with several datasets)
 
 
 def _dataset_lines(samples, rep: Report, cfg):
@@ -214,16 +222,50 @@ def _dataset_lines(samples, rep: Report, cfg):
              f"{min(h for _, h in sizes)}–{max(h for _, h in sizes)} px")
     buckets = Counter(s.bucket for s in samples)
     rep.line("buckets: " + ", ".join(f"{w}x{h} ({n})" for (w, h), n in sorted(buckets.items())))
-    if cfg.dataset.control_path:
+    if any(d.control_path for d in cfg.dataset_list):
         paired = Counter(len(s.controls) for s in samples)
         rep.line("edit pairs: " + ", ".join(f"{n} image(s) with {k} reference(s)" for k, n in sorted(paired.items(), reverse=True))
-                 + f"; control dropout {cfg.dataset.control_dropout:g}")
+                 + "; control dropout " + ", ".join(sorted({f"{d.control_dropout:g}" for d in cfg.dataset_list if d.control_path})))
     captions = Counter(s.caption for s in samples)
     rep.line(f"captions: {len(captions)} distinct; e.g. {samples[0].caption!r}")
     if cfg.loss.diff_output_preservation:
         rep.line(f"DOP captions: e.g. {samples[0].dop_caption!r}")
         if cfg.loss.diff_output_preservation_prompts:
             rep.line(f"DOP also preserves, taking turns with them: {cfg.loss.diff_output_preservation_prompts!r}")
+    # each dataset: images, repeats and share of an epoch, captions and masks found, reg or not
+    from mflux2.training.config import DatasetConfig
+
+    plain = DatasetConfig()
+    keys = ("repeats", "loss_weight", "is_regularization", "mask_path", "alpha_mask", "shuffle_tokens", "caption_dropout")
+    if not cfg.datasets and all(getattr(cfg.dataset, k) == getattr(plain, k) for k in keys):
+        return
+    epoch = sum(s.repeats for s in samples)
+    rep.line(f"datasets (an epoch = {epoch} samples):")
+    for d in cfg.dataset_list:
+        mine = [s for s in samples if s.dataset == (d.name or "")]
+        if not mine:
+            continue
+        n, share = len(mine), sum(s.repeats for s in mine) / epoch
+        parts = [f"{n} image(s) × repeats {d.repeats} = {n * d.repeats} ({share:.0%} of an epoch)"]
+        if d.loss_weight != 1.0:
+            parts.append(f"loss weight {d.loss_weight:g}")
+        if d.caption_format == "txt":
+            parts.append(f"captions {sum(s.path.with_suffix('.' + d.caption_ext).is_file() for s in mine)}/{n} (.{d.caption_ext})")
+        if d.mask_path or d.alpha_mask:
+            found = sum(s.mask is not None for s in mine)
+            parts.append(f"masks {found} found, {n - found} missing ({'alpha channel' if d.alpha_mask else d.mask_path}"
+                         f"{', missing ones train unmasked' if n - found else ''}; black weighs {d.mask_min:g})")
+        if d.shuffle_tokens:
+            parts.append(f"shuffled captions: {sum(len(s.variants) for s in mine)} variants of {n} captions cached "
+                         f"(up to {d.shuffle_variants} each, keep_tokens {d.keep_tokens})")
+        if d.caption_dropout is not None:
+            parts.append(f"caption dropout {d.caption_dropout:g}")
+        if d.is_regularization:
+            parts.append("regularisation set (own captions, no trigger word)")
+        rep.line(f"  {d.name}: " + "; ".join(parts))
+        if len(cfg.dataset_list) > 1 and share > IMBALANCE:
+            rep.line(f"warning: {d.name} is {share:.0%} of every epoch: the other datasets are rarely drawn; "
+                     f"raise their repeats (or lower this one's) if that is not intended")
 
 
 def preflight(cfg, out=print, err=None, memory_gb: float | None = None) -> int:
@@ -264,8 +306,8 @@ def preflight(cfg, out=print, err=None, memory_gb: float | None = None) -> int:
     if samples:
         _dataset_lines(samples, rep, cfg)
     val_samples = []
-    if cfg.dataset.validation_path:
-        rep.line(f"validation set {cfg.dataset.validation_path}:")
+    if any(d.validation_path for d in cfg.dataset_list):
+        rep.line(f"validation set {', '.join(d.validation_path for d in cfg.dataset_list if d.validation_path)}:")
         val_samples = _scan(cfg, rep, validation=True)
         if val_samples:
             rep.line(f"{len(val_samples)} validation image(s)")
@@ -285,7 +327,7 @@ def preflight(cfg, out=print, err=None, memory_gb: float | None = None) -> int:
     download = 0
     vlm_gb: dict[str, float | None] = {}
     pending = 0
-    if cfg.dataset.auto_caption:
+    if any(d.auto_caption for d in cfg.dataset_list):
         from mflux2.captions import has_caption
 
         pending = len([s for s in samples + val_samples if not has_caption(s.path)])

@@ -82,6 +82,10 @@ class Batch:
     dop_embeds: mx.array | None = None  # [B, L, ctx] class-word prompts (DOP)
     refs: mx.array | None = None  # [B, M, 128] reference latents (edit training)
     ref_ids: mx.array | None = None  # [M, 4]
+    # Masked loss and per-dataset loss weights (issue 31), for the main pass only: a weight per target
+    # token (the mask area-pooled to the token grid, mean 1 per image) and one per sample. None: 1.
+    token_weights: mx.array | None = None  # [B, N]
+    sample_weights: mx.array | None = None  # [B]
 
 
 def noisy_inputs(x0: mx.array, key: mx.array, cfg: StepConfig):
@@ -128,9 +132,23 @@ def global_norm(grads) -> mx.array:
     return mx.sqrt(total) if total is not None else mx.array(0.0)
 
 
-def _mse_per_sample(pred: mx.array, target: mx.array) -> mx.array:
+def _mse_per_sample(pred: mx.array, target: mx.array, token_weights: mx.array | None = None) -> mx.array:
+    """Mean over tokens and channels of (pred - target)²; with `token_weights` [B, N] the token mean is
+    weighted (the weights have mean 1 per sample: a weighted mean that keeps the loss's scale)."""
     pred = pred[:, : target.shape[1]]  # the target's tokens; references' predictions are dropped
-    return mx.mean(mx.square(pred.astype(mx.float32) - target), axis=(1, 2))
+    sq = mx.square(pred.astype(mx.float32) - target)
+    if token_weights is None:
+        return mx.mean(sq, axis=(1, 2))
+    return mx.mean(mx.mean(sq, axis=2) * token_weights.astype(mx.float32), axis=1)
+
+
+def main_loss(pred, target, t, weighting: str, token_weights=None, sample_weights=None) -> mx.array:
+    """The flow-matching loss of the main pass: per sample the (masked) MSE × the timestep weighting ×
+    the sample's loss weight, averaged over the batch."""
+    per = _mse_per_sample(pred, target, token_weights) * loss_weight(weighting, t)
+    if sample_weights is not None:
+        per = per * sample_weights.astype(mx.float32)
+    return mx.mean(per)
 
 
 def image_stream(xt: mx.array, batch: Batch, dtype) -> tuple[mx.array, mx.array]:
@@ -239,8 +257,8 @@ class BlockwiseBackward:
         _, vjps = mx.vjp(f, [a for _, a in flat], list(cot_state) + list(cot_ctx))
         return tree_unflatten([(path, g) for (path, _), g in zip(flat, vjps)])
 
-    def _head(self, loss_fn, n_img):
-        key = (loss_fn, n_img)
+    def _head(self, loss_fn, n_img, n_args: int = 0):
+        key = (loss_fn, n_img, n_args)
         if key not in self._heads:
             model = self.model
 
@@ -272,7 +290,7 @@ class BlockwiseBackward:
             state = self._fwd[k](params[k], state, ctx, keys[k])
             pending.push(state)
         head = model.final_layer.trainable_parameters()
-        value, aux, hgrads = self._head(loss_fn, inputs[0].shape[1])(head, state, ctx, loss_args)
+        value, aux, hgrads = self._head(loss_fn, inputs[0].shape[1], len(loss_args))(head, state, ctx, loss_args)
         cot = hgrads[1]
         d_ctx = list(hgrads[2]) if self.prelude_trainable else None
         pending.push(cot)
@@ -297,6 +315,15 @@ class BlockwiseBackward:
             by_path.update(dict(tree_flatten(pg)))
         grads = tree_map_with_path(lambda path, _: by_path[path], model.trainable_parameters())
         return value, aux, grads
+
+
+def _loss_weights(batch: Batch) -> tuple:
+    """The block-by-block heads' extra loss arguments: none, or both weights (a missing one as ones)."""
+    tw, sw = batch.token_weights, batch.sample_weights
+    if tw is None and sw is None:
+        return ()
+    b, n = batch.latents.shape[:2]
+    return (tw if tw is not None else mx.ones((b, n), mx.float32), sw if sw is not None else mx.ones((b,), mx.float32))
 
 
 class _Pipeline:
@@ -443,7 +470,7 @@ class TrainStep:
     def plain_loss(self, model, batch: Batch, key):
         xt, target, t = noisy_inputs(batch.latents, key, self.cfg)
         pred = self._forward(model, xt, batch.prompt_embeds, t, batch)
-        main = mx.mean(_mse_per_sample(pred, target) * loss_weight(self.cfg.weighting, t))
+        main = main_loss(pred, target, t, self.cfg.weighting, batch.token_weights, batch.sample_weights)
         return main, (main, mx.array(0.0), t.mean())
 
     def dop_loss(self, model, batch: Batch, key):
@@ -460,7 +487,8 @@ class TrainStep:
         else:
             pred_main = self._forward(model, xt, batch.prompt_embeds, t, batch)
             pred_pres = self._forward(model, xt, batch.dop_embeds, t, batch)
-        main = mx.mean(_mse_per_sample(pred_main, target) * loss_weight(self.cfg.weighting, t))
+        main = main_loss(pred_main, target, t, self.cfg.weighting, batch.token_weights, batch.sample_weights)
+        # the preservation pass is neither masked nor weighted: it holds the whole image to the base model
         pres = mx.mean(_mse_per_sample(pred_pres, prior)) * self.cfg.dop_multiplier
         return main + pres, (main, pres, t.mean())
 
@@ -598,13 +626,13 @@ class TrainStep:
         x, ids = image_stream(xt, batch, self.dtype)  # the heads' losses take the first N tokens
         return (x, embeds.astype(self.dtype), t, ids, batch.txt_ids, g)
 
-    def _head_main(self, pred, target, t):
-        main = mx.mean(_mse_per_sample(pred, target) * loss_weight(self.cfg.weighting, t))
+    def _head_main(self, pred, target, t, tw=None, sw=None):
+        main = main_loss(pred, target, t, self.cfg.weighting, tw, sw)
         return main, (main, mx.zeros_like(main), t.mean())
 
-    def _head_dop(self, pred, target, t, prior):
+    def _head_dop(self, pred, target, t, prior, tw=None, sw=None):
         b = target.shape[0]
-        main = mx.mean(_mse_per_sample(pred[:b], target) * loss_weight(self.cfg.weighting, t))
+        main = main_loss(pred[:b], target, t, self.cfg.weighting, tw, sw)
         pres = mx.mean(_mse_per_sample(pred[b:], prior)) * self.cfg.dop_multiplier
         return main + pres, (main, pres, t.mean())
 
@@ -616,18 +644,19 @@ class TrainStep:
         """(loss, main, pres, t_mean), grads — the same values as value_and_grad of plain_loss /
         dop_loss, computed segment by segment."""
         drop_key = mx.random.split(key, 3)[2]  # not the noise's keys (split(key) in noisy_inputs)
+        w = _loss_weights(batch)  # () or (token weights, sample weights)
         if not dop:
             xt, target, t = self._prep_fn(False)(vars(batch), key)
-            loss, aux, grads = bw(self._inputs(xt, batch.prompt_embeds, t, batch), self._head_main, (target, t), drop_key)
+            loss, aux, grads = bw(self._inputs(xt, batch.prompt_embeds, t, batch), self._head_main, (target, t, *w), drop_key)
             return (loss, *aux), grads
         xt, target, t, prior = self._prep_fn(True)(vars(batch), key)
         if self.cfg.dop_batched:
             inputs = self._inputs(mx.concatenate([xt, xt]), mx.concatenate([batch.prompt_embeds, batch.dop_embeds]),
                                   mx.concatenate([t, t]), batch)
-            loss, aux, grads = bw(inputs, self._head_dop, (target, t, prior), drop_key)
+            loss, aux, grads = bw(inputs, self._head_dop, (target, t, prior, *w), drop_key)
             return (loss, *aux), grads
         k1, k2 = mx.random.split(drop_key)
-        l1, (main, _, tm), g1 = bw(self._inputs(xt, batch.prompt_embeds, t, batch), self._head_main, (target, t), k1)
+        l1, (main, _, tm), g1 = bw(self._inputs(xt, batch.prompt_embeds, t, batch), self._head_main, (target, t, *w), k1)
         l2, (_, pres, _), g2 = bw(self._inputs(xt, batch.dop_embeds, t, batch), self._head_pres, (prior, t), k2)
         return (l1 + l2, main, pres, tm), tree_map(mx.add, g1, g2)
 

@@ -299,6 +299,11 @@ class Trainer:
         todo += [(self._control_key(s, c), lambda s=s, c=c: data_mod.load_control_for_bucket(c.path, s.size, s.bucket))
                  for s in samples for c in s.controls]
         todo = [(k, load) for k, load in dict(todo).items() if lat_cache.get(k) is None]
+        masks = {self._mask_key(s): s for s in samples if s.mask is not None}  # per-token weights: no VAE
+        for key, s in masks.items():
+            if lat_cache.get(key) is None:
+                grey = data_mod.load_mask_for_bucket(s.mask, s.size, s.bucket)
+                lat_cache.put(key, {"weights": mx.array(data_mod.mask_weights(grey, s.mask.minimum, s.mask.path))})
         if todo:
             vae = self.pipe.vae
             for key, load in tqdm(todo, desc="caching latents", unit="img", dynamic_ncols=True):
@@ -323,6 +328,31 @@ class Trainer:
         """A control's latents depend on its bytes and on its target's size and bucket (it is cropped
         like the target), and on the crop code (CONTROL_GEOMETRY); the cache's identity is the VAE's."""
         return self.lat_cache.key("control", data_mod.CONTROL_GEOMETRY, c.content_hash, list(s.size), list(s.bucket))
+
+    def _mask_key(self, s):
+        """A mask's token weights depend on its bytes, its image's size and bucket, mask_min and the
+        crop and pooling code (MASK_GEOMETRY)."""
+        m = s.mask
+        return self.lat_cache.key("mask", data_mod.MASK_GEOMETRY, m.content_hash, m.alpha, m.minimum, list(s.size), list(s.bucket))
+
+    def _loss_weights(self, samples) -> dict:
+        """Batch fields for the masked, weighted loss: token weights when the run has masks (ones for an
+        unmasked sample), sample weights when a dataset's loss_weight is not 1; none otherwise (the
+        step's graph is then the plain one)."""
+        out = {}
+        if self.has_masks:
+            n = self._latents(samples[0]).shape[0]
+            out["token_weights"] = mx.stack([self._mask_weights(s) if s.mask is not None else mx.ones((n,), mx.float32)
+                                             for s in samples])
+        if self.has_loss_weights:
+            out["sample_weights"] = mx.array([s.loss_weight for s in samples], mx.float32)
+        return out
+
+    def _mask_weights(self, s) -> mx.array:
+        got = self.lat_cache.get(self._mask_key(s))
+        if got is None:
+            raise TrainingError(f"mask cache entry for {s.mask.path} vanished from {self.lat_cache.folder}; restart to rebuild it")
+        return got["weights"]
 
     def _latents(self, s) -> mx.array:
         got = self.lat_cache.get(self._lat_key(s))
@@ -490,6 +520,7 @@ class Trainer:
             "restarts": (f"{len(restarts)}: " + "; ".join(f"after {m.get('cause')}, from step {m.get('step')}" for m in restarts)
                          if restarts else "0"),
             **(self.scorer.summary() if self.scorer is not None else {}),
+            **_datasets_drawn(records, self.cfg),
         }
         write_report(self.output, self.cfg.dump_yaml(), summary, timing=self.clock.table())
 
@@ -571,7 +602,7 @@ class Trainer:
         ckpt = self._find_resume()
         self._open_models()
         pending = 0
-        if cfg.dataset.auto_caption:
+        if any(d.auto_caption for d in cfg.dataset_list):
             from mflux2.captions import has_caption
 
             with warnings.catch_warnings():  # the captions the VLM is about to write are not missing
@@ -586,12 +617,17 @@ class Trainer:
                 from mflux2.captions import auto_caption
 
                 with self.clock("captions (VLM)"):
-                    auto_caption(cfg, log=self.log)
+                    for _, one in data_mod.dataset_configs(cfg):
+                        if one.dataset.auto_caption:
+                            auto_caption(one, log=self.log)
             if self.world > 1:
                 mx.eval(mx.distributed.all_sum(mx.array(0.0)))  # the others read the captions rank 0 wrote
             self._scan()
         self.dataset_fingerprint = hashlib.sha256(json.dumps(sorted(
             (s.content_hash, s.caption, list(s.bucket)) + ((tuple(c.content_hash for c in s.controls),) if s.controls else ())
+            + ((s.mask.content_hash, s.mask.alpha, s.mask.minimum) if s.mask else ())
+            + ((s.dataset, s.repeats, s.loss_weight, s.is_reg, s.variants) if (s.repeats, s.loss_weight, s.is_reg, s.variants)
+               != (1, 1.0, False, ()) else ())
             for s in self.samples)).encode()).hexdigest()[:16]
         if cfg.dataset.control_path and self.val_samples and not cfg.dataset.validation_control_path:
             self.log("warning: dataset.validation_path has no dataset.validation_control_path: the validation loss "
@@ -608,8 +644,10 @@ class Trainer:
 
     def _scan(self):
         cfg = self.cfg
-        self.samples = data_mod.scan_dataset(cfg)
-        self.val_samples = data_mod.scan_dataset(cfg, validation=True) if cfg.dataset.validation_path else []
+        self.samples = data_mod.scan_datasets(cfg)
+        self.val_samples = data_mod.scan_datasets(cfg, validation=True)
+        self.has_masks = any(s.mask is not None for s in self.samples)
+        self.has_loss_weights = any(s.loss_weight != 1.0 for s in self.samples)
 
     def _run(self, ckpt: Path | None) -> Path:
         state, step_fn = self._prepare(ckpt)
@@ -690,7 +728,7 @@ class Trainer:
                         reason = "stopped"
                         break
                     t0 = time.perf_counter()
-                    batch, is_dop = self._draw(state.step, when)
+                    batch, is_dop, drawn = self._draw(state.step, when)
                     out = step_fn(batch, mx.random.key(self.cfg.training.seed * 1_000_003 + state.step), dop=is_dop)
                     if self.ema is not None and out["applied"]:
                         self.ema = _tree_lerp(self.ema, self.model.trainable_parameters(), self.cfg.ema.decay)
@@ -699,7 +737,7 @@ class Trainer:
                     if first is not None:
                         first.__exit__(None, None, None)
                         first = None
-                    if not self._record(state, out, time.perf_counter() - t0, batch, is_dop, when):
+                    if not self._record(state, out, time.perf_counter() - t0, batch, is_dop, drawn, when):
                         continue  # a non-finite loss: the update was skipped on the device
                     reason = self._after_step(state, step_fn, when)
                     if reason:
@@ -712,13 +750,17 @@ class Trainer:
                 signal.signal(signal.SIGINT, prev_handler)
         return reason or "finished"
 
-    def _draw(self, step: int, when: "Schedule") -> tuple[Batch, bool]:
+    def _draw(self, step: int, when: "Schedule") -> tuple[Batch, bool, list[str]]:
         """This process's share of the step's batch, from the checkpointed sampler and RNG (a resumed
-        run draws exactly what an uninterrupted one does): captions (with caption dropout),
-        references (with control dropout), and on DOP steps the prompts DOP preserves."""
+        run draws exactly what an uninterrupted one does): captions (a shuffled variant, caption
+        dropout), references (control dropout), loss weights, and on DOP steps the prompts DOP
+        preserves; with the labels (dataset/file stem) of the whole step's samples."""
         cfg = self.cfg
         group_batch = [self.samples[i] for i in next(self.sampler)]  # the same on every process
-        dropped = [s.caption if self.rng.random() >= cfg.training.caption_dropout else "" for s in group_batch]
+        # shuffled captions: one of each sample's variants (no draw for a sample without)
+        group_batch = [s.with_variant(int(self.rng.integers(len(s.variants)))) if s.variants else s for s in group_batch]
+        dropped = [s.caption if self.rng.random() >= (cfg.training.caption_dropout if s.caption_dropout is None
+                                                      else s.caption_dropout) else "" for s in group_batch]
         lo, hi = self.rank * cfg.training.batch_size, (self.rank + 1) * cfg.training.batch_size
         chosen, captions = group_batch[lo:hi], dropped[lo:hi]
         # Control dropout: one draw per (global) micro-batch that has references; dropped = text-to-image.
@@ -733,17 +775,21 @@ class Trainer:
             prompt_embeds=mx.stack([self.cond.embeds(c) for c in captions]),
             img_ids=self.cond.img_ids(chosen[0].bucket), txt_ids=self.cond.txt_ids,
             dop_embeds=mx.stack([self.cond.embeds(p) for p in kept]) if is_dop else None,
-            **self._edit_inputs(chosen, use_refs),
+            **self._edit_inputs(chosen, use_refs), **self._loss_weights(chosen),
         )
-        return batch, is_dop
+        return batch, is_dop, [s.label for s in group_batch]
 
-    def _record(self, state: RunState, out: dict, dt: float, batch: Batch, is_dop: bool, when: "Schedule") -> bool:
-        """Count the step, update the history, the progress bar and metrics.jsonl. False for a
-        non-finite loss (too many in a row stop the run with the last good state saved)."""
+    def _record(self, state: RunState, out: dict, dt: float, batch: Batch, is_dop: bool, drawn: list[str],
+                when: "Schedule") -> bool:
+        """Count the step, update the history, the progress bar and metrics.jsonl (every step's
+        samples; the losses every log_every steps). False for a non-finite loss (too many in a row
+        stop the run with the last good state saved)."""
         cfg = self.cfg
         state.step += 1
         state.elapsed_s += dt
-        if not out["finite"].item():
+        finite = bool(out["finite"].item())
+        self._metrics.append({"step": state.step, "samples": drawn, "main_loss": out["main"].item() if finite else None})
+        if not finite:
             state.skipped_nonfinite += 1
             self._bad += 1
             if self._bad >= MAX_CONSECUTIVE_NONFINITE:
@@ -766,7 +812,7 @@ class Trainer:
                                   "grad_norm": out["grad_norm"].item(), "step_time_s": dt, "memory_gb": round(mem, 3),
                                   "peak_memory_gb": round(mx.get_peak_memory() / 1e9, 3),
                                   "skipped_nonfinite": state.skipped_nonfinite,
-                                  **({"references": batch.refs is not None} if cfg.dataset.control_path else {})})
+                                  **({"references": batch.refs is not None} if any(d.control_path for d in cfg.dataset_list) else {})})
         return True
 
     def _after_step(self, state: RunState, step_fn: TrainStep, when: "Schedule") -> str | None:
@@ -846,6 +892,21 @@ class Trainer:
 
 # ------------------------------------------------------------------------------------------------
 # helpers
+
+
+def _datasets_drawn(records: list[dict], cfg: TrainConfig) -> dict:
+    """report.html's line per dataset: the samples drawn so far (metrics.jsonl) and their mean main
+    loss (a step's loss counted for each of its samples: exact at batch size 1, the batch's mean else)."""
+    counts = {d.name or "": 0 for d in cfg.dataset_list}
+    losses: dict[str, list[float]] = {name: [] for name in counts}
+    for r in records:
+        for label in r.get("samples") or []:
+            name = label.rsplit("/", 1)[0] if "/" in label else ""
+            counts[name] = counts.get(name, 0) + 1
+            if r.get("main_loss") is not None:
+                losses.setdefault(name, []).append(r["main_loss"])
+    return {f"dataset {name}": f"{n} samples drawn" + (f", mean loss {np.mean(losses[name]):.4f}" if losses.get(name) else "")
+            for name, n in counts.items()}
 
 
 def _stalled(st: dict, name: str, value: float, min_rel_improvement: float, patience: int) -> bool:
