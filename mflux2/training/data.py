@@ -608,7 +608,7 @@ class BatchSampler:
         self._by_bucket: dict[tuple[int, int, int], list[int]] = {}
         for i, g in enumerate(groups):
             self._by_bucket.setdefault(g, []).append(i)
-        # Text-to-image: the buckets alone, as before edit training existed (older checkpoints resume).
+        # Text-to-image: the buckets (W, H) alone, the fingerprint text-to-image checkpoints hold, so they resume.
         keyed = [list(g[:2]) for g in groups] if not any(g[2] for g in groups) else [list(g) for g in groups]
         self._fingerprint = hashlib.sha256(json.dumps(keyed).encode()).hexdigest()[:16]
         self.epoch, self.position = 0, 0
