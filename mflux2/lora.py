@@ -4,7 +4,8 @@
 (`double_blocks.0.img_attn.qkv`, `single_blocks.3.linear1`, ...), so a LoRA on a fused projection is
 one (A, B) pair over the whole fused output. The files themselves (layouts, names, alpha) are
 `mflux2.lora_formats`; `save_lora` / `load_lora` here move their weights out of and into a model.
-docs/lora.md has the rules; sources in shared/spec/flux2-architecture.md §3 and §8.
+docs/lora.md has the rules; the sources are in docs/architecture.md ("Weight layouts", "LoRA file
+conventions").
 """
 
 from __future__ import annotations

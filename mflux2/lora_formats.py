@@ -5,7 +5,7 @@ three (`FORMATS`), converted between them without a model (`convert_lora`). Modu
 one table per naming scheme to BFL's, which are the transformer's own (`double_blocks.0.img_attn.qkv`,
 `single_blocks.3.linear1`, ...); split q/k/v are fused into one pair. Putting the weights into a
 model is `mflux2.lora` (`load_lora`, `save_lora`). The rules for names, alpha and fused q/k/v are in
-docs/lora.md; sources in shared/spec/flux2-architecture.md §3 and §8.
+docs/lora.md; the sources are in docs/architecture.md ("Weight layouts", "LoRA file conventions").
 """
 
 from __future__ import annotations

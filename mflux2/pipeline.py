@@ -9,15 +9,15 @@ Where the weights come from: `mflux2.model_files`; when the components load and 
 generation. With `low_memory` `generate` encodes the prompts, frees the text encoder, denoises, frees
 the transformer and decodes — so only one large component is ever resident.
 
-Sampling follows BFL/diffusers (spec §6): empirical-mu schedule, Euler steps in float32 latents;
-dev embeds the guidance scale; klein-base runs real CFG against the negative prompt ("" by default);
-distilled klein uses 4 steps (the count it was distilled for; others run as asked, with a
-warning) and no guidance.
+Sampling follows BFL/diffusers (docs/architecture.md, "Sampling"): empirical-mu schedule, Euler steps
+in float32 latents; dev embeds the guidance scale; klein-base runs real CFG against the negative
+prompt ("" by default); distilled klein uses 4 steps (the count it was distilled for; others run as
+asked, with a warning) and no guidance.
 
-Editing (spec edit-training §3): reference images are prepared as diffusers' Flux2KleinPipeline does
-(`prepare_reference`), VAE-encoded (posterior mean), patchified, batch-normed and packed; reference j
-gets position ids t = 10·(j+1) on its own grid, and its clean tokens follow the noisy ones in every
-forward (`sampling.denoise`).
+Editing (docs/architecture.md, "Reference images"): reference images are prepared as diffusers'
+Flux2KleinPipeline does (`prepare_reference`), VAE-encoded (posterior mean), patchified, batch-normed
+and packed; reference j gets position ids t = 10·(j+1) on its own grid, and its clean tokens follow
+the noisy ones in every forward (`sampling.denoise`).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from PIL import Image
 from mflux2 import sampling
 from mflux2.components import PipelineComponents
 
-# Sampling defaults per family [BFL util.py / cli.py, spec §1]
+# Sampling defaults per family [BFL util.py / cli.py; docs/architecture.md, "Variants"]
 DEFAULT_STEPS = {"klein": 4, "klein-base": 50, "dev": 50}
 DEFAULT_GUIDANCE = {"klein": 1.0, "klein-base": 4.0, "dev": 4.0}
 DEFAULT_SIZE = 1024  # width and height without a reference image (diffusers' default_sample_size x 8)

@@ -1,6 +1,6 @@
 """FLUX.2 sampling maths: the empirical-mu timestep schedule, Euler steps, CFG, initial noise.
 
-Spec: shared/spec/flux2-architecture.md §6. Sources: BFL `flux2/sampling.py` (`get_schedule`,
+The facts: docs/architecture.md, "Sampling". Sources: BFL `flux2/sampling.py` (`get_schedule`,
 `compute_empirical_mu`, `denoise`, `denoise_cfg`) and diffusers `pipeline_flux2*.py` +
 `FlowMatchEulerDiscreteScheduler` (use_dynamic_shifting, time_shift_type "exponential").
 
@@ -114,7 +114,8 @@ def denoise(model, x: mx.array, embeds: mx.array, txt_ids: mx.array, img_ids: mx
     Editing: `refs` [B or 1, M, 128] are the reference images' packed tokens (clean, never noised)
     and `ref_ids` [M, 4] or [B, M, 4] their position ids. Every forward — both CFG passes — sees
     [x ; refs] with [img_ids ; ref_ids]; its output is cut back to x's N tokens and only x is
-    updated (spec edit-training §3). `sigmas` must come from N alone: refs do not shift the schedule."""
+    updated (docs/architecture.md, "Reference images"). `sigmas` must come from N alone: refs do not
+    shift the schedule."""
     dtype = model.dtype
     b, n = x.shape[0], x.shape[1]
     x = x.astype(mx.float32)

@@ -3,7 +3,7 @@
 # MLX CUDA wheels are installed: .gpu/py/stage.sh). Each configuration runs in its own process so
 # peak memory is its own; each prints one JSON line, collected in OUT_DIR/results.jsonl.
 #   bash scripts/gpu_bench.sh OUT_DIR [SET...]
-#   SET: ours (the issue's targets; checkpointed runs use MLX command batches of 4 on CUDA, as the
+#   SET: ours (the rows with targets in docs/performance.md; checkpointed runs use MLX command batches of 4 on CUDA, as the
 #        trainer does) | preserve (DOP with more preservation prompts) | edit (the edit step, one same-size reference) | sync (synchronous checkpointed segments) | extra (no memory
 #        limit, one evaluation, the elementwise RoPE, checkpointing in one graph, int8/int4,
 #        1024², klein-9b bf16, the profile, the GEMM floor) | before (the committed code, copied to
@@ -43,7 +43,7 @@ ours)  # memory limit "auto" (TrainStep's default) unless "none"
   run k9_int8_ckpt_sync 150 python3 scripts/benchmark.py --model klein-9b --base int8 --checkpointing 1 --ahead 0 --steps 4 --warmup 2
   run dev_int8_ckpt_sync 240 python3 scripts/benchmark.py --model dev --base int8 --checkpointing 1 --ahead 0 --steps 3 --warmup 2
   ;;
-preserve)  # DOP alone vs DOP with loss.diff_output_preservation_prompts (3 prompts taking turns), issue 21;
+preserve)  # DOP alone vs DOP with loss.diff_output_preservation_prompts (3 prompts taking turns): what the extra prompts cost;
   # interleaved and the first pair repeated, so drift between rows shows
   run k4_dop          300 $B --model klein-4b --mode dop
   run k4_dop_prompts  150 $B --model klein-4b --mode dop --dop-prompts 3
@@ -86,8 +86,9 @@ before)  # the committed code (git archive HEAD mflux2 scripts/benchmark.py | ta
   ;;
 peers)
   P=.gpu/peers
-  # "the strongest peer" of a row = the fastest of its variants here (issue 18): per-block and
-  # whole-model torch.compile, with/without autocast, max-autotune, flash attention where present
+  # "the strongest peer" of a row = the fastest of its variants here, so no row is compared with a
+  # weaker peer than exists: per-block and whole-model torch.compile, with/without autocast,
+  # max-autotune, flash attention where present
   run peer_torch_eager    180 python3 $P/torch_step.py
   run peer_torch_compile_blocks 300 python3 $P/torch_step.py --compile-blocks
   run peer_torch_compile  300 python3 $P/torch_step.py --compile

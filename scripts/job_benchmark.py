@@ -16,7 +16,8 @@ folder holding the first run's caches, so it skips the text encoder and the VAE 
 Prints one JSON line: for each run wall_s, phases (name -> s), phase_peak_gb, peak_gb, steps,
 median_step_s, the share of the job that is not training steps, and phases_sum_s (it must match
 wall_s: every second of the run is in a phase); and `preflight_vs_measured`: the peak per phase that
-`mflux2-train --dry-run` predicted for the cold run next to the one measured (issue 24: within 10%).
+`mflux2-train --dry-run` predicted for the cold run next to the one measured (they should agree
+within 10%).
 """
 
 from __future__ import annotations
@@ -461,7 +462,7 @@ def main(argv=None) -> int:
     shutil.rmtree(out1, ignore_errors=True)
     predicted = preflight_memory(config, base, distilled, dataset, out1, extra)
     result["cold"] = run_job(config, base, distilled, dataset, out1, extra)
-    # issue 24: the dry run's memory figures are the ones the run uses; here they meet the measured peaks
+    # the dry run's memory figures are the ones the run uses; here they meet the measured peaks
     result["preflight_vs_measured"] = compare_preflight(predicted, result["cold"]["phase_peak_gb"])
     if args.runs > 1:
         out2 = work / "run2"

@@ -1,5 +1,5 @@
-"""Where a validation image's time goes, piece by piece (issue 17: the cat-toy job's validations took
-5.6 s for four 512² images on an H100, ten times the transformer's share).
+"""Where a validation image's time goes, piece by piece (why: in the cat-toy job on an H100, four 512²
+validation images took 5.6 s, ten times the transformer's share; docs/performance.md, "Whole job").
 
     python scripts/validation_benchmark.py                  # klein-4b + the FLUX.2 VAE, random weights
     python scripts/validation_benchmark.py --tiny           # this machine's CPU (tests/test_benchmark.py)

@@ -207,7 +207,7 @@ def test_defaults_follow_the_spec_then_the_swift_trainer(tmp_path):
     assert cfg.model.name == "klein-4b" and cfg.model.transformer_quantization == "auto"
     assert cfg.model.use_base and cfg.model.quantization == "int8"  # Swift: base weights, int8 text encoder
     assert (cfg.training_variant, cfg.validation_variant) == ("klein-base-4b", "klein-4b")
-    assert (cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout) == (32, 32.0, 0.0)  # spec
+    assert (cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout) == (32, 32.0, 0.0)  # the seed guide
     assert cfg.lora.target_layers == "all"  # Swift trains attention + FFN whatever target_layers says
     t = cfg.training
     assert (t.batch_size, t.gradient_accumulation, t.optimizer, t.learning_rate, t.weight_decay, t.caption_dropout) == (

@@ -1,6 +1,6 @@
 """Edit (image-to-image) LoRA training: the control images' config keys, pairing and geometry, the
 step with reference tokens (parity with diffusers' img2img training step + PEFT), control dropout,
-caches and resume on a tiny model (CPU). Semantics: shared/spec/edit-training.md §5."""
+caches and resume on a tiny model (CPU). Semantics: docs/training.md, "Edit LoRAs (image-to-image)"."""
 
 from __future__ import annotations
 

@@ -90,7 +90,8 @@ def test_short_names_and_allow_patterns():
     assert hub.repo_id_for("klein-base-4b") == "black-forest-labs/FLUX.2-klein-base-4B"
     assert hub.repo_id_for("Klein-Base-9B") == "black-forest-labs/FLUX.2-klein-base-9B"
     assert hub.repo_id_for("someone/model") == "someone/model"
-    # the files of a FLUX.2 repo (spec §3.3): only the diffusers folders are fetched, not the BFL copies
+    # the files of a FLUX.2 repo (docs/architecture.md, "Files on the Hugging Face repos"): only the
+    # diffusers folders are fetched, not the BFL copies
     repo_files = [
         "flux-2-klein-4b.safetensors", "ae.safetensors", "model_index.json", "README.md", "LICENSE.md",
         "scheduler/scheduler_config.json", "transformer/config.json", "transformer/diffusion_pytorch_model.safetensors",

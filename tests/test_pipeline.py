@@ -209,7 +209,7 @@ def test_dev_guidance_matches_diffusers(models):
 
 
 # ----------------------------------------------------------------------------------------------
-# editing: reference images (spec edit-training §3)
+# editing: reference images (docs/architecture.md, "Reference images")
 
 
 def ref_image(w: int, h: int, seed: int) -> Image.Image:
@@ -363,7 +363,8 @@ def test_seed_gives_per_image_noise_and_encode_prompt_shapes(models):
 
 
 def bfl_transformer_file(diffusers_folder: Path, path: Path) -> Path:
-    """The diffusers transformer re-saved with BFL keys (the single-file layout), via the spec's table."""
+    """The diffusers transformer re-saved with BFL keys (the single-file layout), via the mapping in
+    docs/architecture.md ("Weight layouts")."""
     from safetensors.torch import load_file
 
     from test_transformer import to_bfl

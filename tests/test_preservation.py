@@ -1,4 +1,4 @@
-"""Issue 21: DOP that also keeps prompts other than the class prompt (loss.diff_output_preservation_prompts).
+"""DOP that also keeps prompts other than the class prompt (loss.diff_output_preservation_prompts).
 
 The trainer rotates the extra prompts with the class prompts through DOP's preservation half of the batch,
 as a pure function of the step (a resumed run rotates as an uninterrupted one); on the toy model the

@@ -1,4 +1,5 @@
-"""The FLUX.2 schedule (spec §6.2 reference numbers and diffusers' scheduler), Euler/CFG, noise, packing."""
+"""The FLUX.2 schedule (the reference numbers of docs/architecture.md, "Sampling", and diffusers'
+scheduler), Euler/CFG, noise, packing."""
 
 import mlx.core as mx
 import numpy as np
@@ -17,7 +18,7 @@ from mflux2.sampling import (
     unpack_grid,
 )
 
-# Spec §6.2: (image_seq_len, steps) -> (mu, sigmas or (first three, last two))
+# docs/architecture.md, "Sampling": (image_seq_len, steps) -> (mu, sigmas or (first three, last two))
 REFERENCE = [
     (4096, 50, 2.023351, [1.0, 0.997309, 0.994521], [0.133719, 0.0]),
     (4096, 4, 2.291180, [1.0, 0.967384, 0.908144, 0.767200, 0.0], None),

@@ -24,7 +24,7 @@ def _logit(x):
     return np.log(x / (1 - x))
 
 
-# The definitions (spec training.md), as CDFs of the unclamped t. Clamping to [T_MIN, T_MAX] only moves
+# The definitions (docs/training.md), as CDFs of the unclamped t. Clamping to [T_MIN, T_MAX] only moves
 # mass onto the two end points, so on [T_MIN, T_MAX) the sampled CDF must equal these exactly.
 CDFS = {
     "uniform": lambda x: x,

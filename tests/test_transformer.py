@@ -37,7 +37,8 @@ def make_reference(guidance_embeds: bool, seed=0, **overrides):
 
 
 def to_bfl(sd: dict) -> dict:
-    """diffusers -> BFL keys, written independently from the spec's table (§3.2), not from mflux2."""
+    """diffusers -> BFL keys, written independently from the mapping in docs/architecture.md
+    ("Weight layouts"), not from mflux2."""
     out = {}
     simple = {
         "x_embedder": "img_in", "context_embedder": "txt_in",

@@ -58,7 +58,8 @@ def make_torch_vae(**cfg):
 
 
 def to_bfl(sd, n_levels):
-    """diffusers state dict -> BFL ae.safetensors keys (spec §4.3), written independently of the loader."""
+    """diffusers state dict -> BFL ae.safetensors keys (the table in docs/vae.md, "Weights"), written
+    independently of the loader."""
     out = {}
     for k, v in sd.items():
         if k.startswith("quant_conv."):

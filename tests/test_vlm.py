@@ -1,4 +1,4 @@
-"""A vision-language model in the loop (issue 25), on the tiny Qwen3.5 of tests/tiny_vlm.py (the
+"""A vision-language model in the loop, on the tiny Qwen3.5 of tests/tiny_vlm.py (the
 default VLM's layout; its head answers fixed replies): mflux2-caption, dataset.auto_caption and
 validation.vlm_scoring in a 4-step training (baseline, checkpoints and the final LoRA scored,
 best_checkpoint/, metrics, report), resume and early stop on the score, the dry run's VLM phases,

@@ -6,7 +6,8 @@ keys onto it. Layout follows BFL's `flux2/model.py`, so parameter paths equal th
 checkpoint keys (`double_blocks.0.img_attn.qkv.weight`, `single_blocks.3.linear1.weight`, ...) and
 LoRA files in BFL names (ai-toolkit, ComfyUI) address our modules directly. q/k/v stay fused in one
 matmul and the single blocks keep the fused qkv+MLP weight (run as two GEMMs on its row slices).
-Diffusers checkpoints are mapped on load (`sanitize`). Spec: shared/spec/flux2-architecture.md §2–3.
+Diffusers checkpoints are mapped on load (`sanitize`). The facts and their public sources:
+docs/architecture.md ("Transformer sizes", "Embeddings, RoPE and blocks", "Weight layouts").
 The fast paths (RoPE, SwiGLU, split views, the GEMMs of `linear`) live in mflux2.ops, each beside
 its plain-MLX fallback; quantization in mflux2.models.quantization. Why: docs/performance.md.
 """

@@ -347,8 +347,9 @@ def _check_tile(tile: int) -> None:
 def image_ids(height: int, width: int, batch: int | None = None, t: int = 0) -> mx.array:
     """Position ids (t, row, col, l=0) of the image tokens of a `height`x`width`-pixel image, in
     the row-major order of `pack`. t = 0 for the image being generated; reference image j (editing)
-    gets t = 10·(j+1) on its own grid (spec §2.4, diffusers `_prepare_image_ids`). float32 (never
-    bf16: it cannot hold integers > 256 exactly). Shape [N, 4], or [batch, N, 4] when `batch` is given."""
+    gets t = 10·(j+1) on its own grid (docs/architecture.md, "Embeddings, RoPE and blocks"; diffusers
+    `_prepare_image_ids`). float32 (never bf16: it cannot hold integers > 256 exactly). Shape [N, 4],
+    or [batch, N, 4] when `batch` is given."""
     _check_image_size(height, width)
     h, w = height // 16, width // 16
     rows = mx.broadcast_to(mx.arange(h)[:, None], (h, w)).reshape(-1)

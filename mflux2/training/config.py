@@ -1,10 +1,10 @@
 """The training config: flux-2-swift-mlx's YAML schema as validated dataclasses.
 
 A user's config file from the Swift trainer runs unchanged: every section and key keeps its name and
-meaning (see /work/shared/spec/training.md). Ours in addition: model.path, model.validation_path,
-model.transformer_quantization, training.seed, dataset.skip_bad_images, dataset.auto_caption /
-caption_model / caption_style, validation.vlm_scoring.model / score_bleed and an int ("every n blocks")
-for memory.gradient_checkpointing.
+meaning (docs/training.md, "The seed guide: schema and semantics"). Ours in addition: model.path,
+model.validation_path, model.transformer_quantization, training.seed, dataset.skip_bad_images,
+dataset.auto_caption / caption_model / caption_style, validation.vlm_scoring.model / score_bleed and
+an int ("every n blocks") for memory.gradient_checkpointing.
 
 The rule for a key left out: the seed guide's default stands; where it is silent, the default is what
 the Swift trainer really does with the same file (its training code, not only its parser).
@@ -303,7 +303,7 @@ class CheckpointsConfig:
     learning_curve: bool = _f(True)
     learning_curve_smoothing_window: int = _f(20, ge=1)
 
-    # The Swift source reads `learning_curve_smoothing`; the spec writes `..._window`. Both work.
+    # The Swift source reads `learning_curve_smoothing`; the seed guide writes `..._window`. Both work.
     KEY_ALIASES: ClassVar[dict[str, str]] = {"learning_curve_smoothing": "learning_curve_smoothing_window"}
 
 

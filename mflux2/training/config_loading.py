@@ -424,7 +424,7 @@ def _finalize(cfg: TrainConfig, ctx: _Ctx) -> TrainConfig:
     if cfg.checkpoints.output is None:
         stem = Path(ctx.source).stem if ctx.source and not ctx.source.startswith("<") else "run"
         cfg.checkpoints.output = f"output/{stem}"
-    if cfg.memory.bucketing.resolutions is None:  # the spec's [512], or the size the user asked for
+    if cfg.memory.bucketing.resolutions is None:  # the seed guide's [512], or the size the user asked for
         cfg.memory.bucketing.resolutions = [cfg.dataset.image_size]
     if cfg.validation.every_n_steps is None:
         cfg.validation.every_n_steps = cfg.checkpoints.save_every

@@ -824,7 +824,7 @@ class BatchSampler:
         self._by_bucket: dict[tuple[int, int, int], list[int]] = {}
         for i, (g, r) in enumerate(zip(groups, repeats)):
             self._by_bucket.setdefault(g, []).extend([i] * r)  # an image with repeats r is in its epoch r times
-        # Text-to-image: the buckets alone, as before edit training existed (older checkpoints resume).
+        # Text-to-image: the buckets (W, H) alone, the fingerprint text-to-image checkpoints hold, so they resume.
         keyed = [list(g[:2]) for g in groups] if not any(g[2] for g in groups) else [list(g) for g in groups]
         if any(r != 1 for r in repeats):  # the repeats too, where a dataset has them
             keyed = [k + [r] for k, r in zip(keyed, repeats)]

@@ -6,7 +6,8 @@ loss skips the update with `mx.where` instead of a host check, and the caller ev
 With gradient checkpointing the step runs `BlockwiseBackward` (segments recomputed and differentiated
 one evaluation at a time); on a GPU it also bounds MLX's run-ahead with a calibrated memory limit.
 Measurements and the reasons: docs/performance.md.
-Semantics: shared/spec/training.md (flow matching, timestep sampling, weighting, DOP).
+Semantics: docs/training.md ("Flow matching, timesteps, weighting", "DOP — Differential Output
+Preservation").
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Timestep sampling and loss weighting for flow-matching training (spec: training.md).
+"""Timestep sampling and loss weighting for flow-matching training (docs/training.md).
 
 t is the noise level: x_t = (1 - t)·x0 + t·ε, t = 1 is pure noise. Sampling draws from MLX random with
 an explicit key, so a step function that takes the key as input can be `mx.compile`d and a resumed run
