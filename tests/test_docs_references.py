@@ -27,11 +27,8 @@ OUTSIDE = [
     ("a spec that does not ship", re.compile(r"\bspec:?\s+`?(edit-training|training\.md)", re.IGNORECASE)),
 ]
 
-# (file, the exact text it may still hold): the files being rewritten elsewhere — until the lead's
-# rewrite lands. Remove an entry once its file no longer holds the text.
-ALLOWED = {
-    ("mflux2/training/trainer.py", "Semantics of every option: " "shared" "/spec/training.md"),
-}
+# (file, the exact text it may hold) pairs allowed to cite outside material: none
+ALLOWED: set = set()
 
 
 def repository_files() -> list[str]:
