@@ -144,7 +144,11 @@ def test_dry_run_and_run_print_the_same_plan(tmp_path, capsys):
     from mflux2.training.cli import main
     from mflux2.training.trainer import Trainer
 
-    args = ["configs/quickstart.yaml", "--output", str(tmp_path / "out"), "--max-steps", "1",
+    data = tmp_path / "data"  # two of the quickstart's images: a short text cache
+    data.mkdir()
+    for f in sorted((ROOT / "data/toy/star").iterdir())[:4]:
+        shutil.copy(f, data)
+    args = ["configs/quickstart.yaml", "--output", str(tmp_path / "out"), "--max-steps", "1", "--dataset", str(data),
             "--set", "validation.prompts=[]", "--set", "checkpoints.save_every=0"]
     import os
 
@@ -157,7 +161,8 @@ def test_dry_run_and_run_print_the_same_plan(tmp_path, capsys):
         from mflux2.training.cli import OVERRIDES  # noqa: F401 - the same overrides as the command line
 
         cfg = load_config(ROOT / "configs/quickstart.yaml", {"checkpoints.output": str(tmp_path / "out"), "training.max_steps": 1,
-                                                            "validation.prompts": [], "checkpoints.save_every": 0})
+                                                            "dataset.path": str(data), "validation.prompts": [],
+                                                            "checkpoints.save_every": 0})
         lines: list[str] = []
         Trainer(cfg, log=lines.append).run()
     finally:
@@ -165,6 +170,16 @@ def test_dry_run_and_run_print_the_same_plan(tmp_path, capsys):
     logged = [f"  {line}" for line in lines]
     start = next(i for i, line in enumerate(logged) if line.startswith("  plan for "))
     assert logged[start:start + len(dry)] == dry
+
+    # a checkpoint the run could not continue (another LoRA rank): the dry run refuses it too
+    os.chdir(ROOT)
+    try:
+        assert main([*args, "--rank", "8", "--dry-run"]) == 1
+        assert "lora.rank" in capsys.readouterr().err
+        assert main([*args, "--rank", "8", "--dry-run", "--no-resume"]) == 0
+        capsys.readouterr()
+    finally:
+        os.chdir(cwd)
 
 
 def _toy_with_text_width(tmp_path: Path, width: int) -> Path:

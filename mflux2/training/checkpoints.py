@@ -17,7 +17,29 @@ import mlx.core as mx
 from mlx.utils import tree_flatten, tree_map_with_path, tree_unflatten
 
 from mflux2.training.config import config_hash, resume_signature
-from mflux2.training.outputs import TrainingError, commit_checkpoint
+from mflux2.training.outputs import TrainingError, checkpoint_problem, commit_checkpoint, latest_checkpoint
+
+
+def find_resume(output: Path, resume, log=print) -> Path | None:
+    """The checkpoint a run resumes from: `resume` False → none; a path → that folder (it must be
+    complete); True → the newest complete one in `output`, damaged ones (a file missing or cut short,
+    e.g. by an interrupted copy) skipped with one warning naming them."""
+    if resume is False:
+        return None
+    if isinstance(resume, (str, Path)):
+        p = Path(resume)
+        problem = checkpoint_problem(p)
+        if problem:
+            raise TrainingError(f"--resume {p}: not a complete checkpoint folder ({problem}); "
+                                f"pass another checkpoint_NNNNNN folder, or use --no-resume")
+        return p
+    damaged: list = []
+    ckpt = latest_checkpoint(Path(output), damaged) if Path(output).is_dir() else None
+    if damaged:
+        log(f"warning: skipping damaged checkpoint(s) in {output}: "
+            + "; ".join(f"{d.name} ({why})" for d, why in damaged)
+            + (f" — resuming from {ckpt.name}, the newest complete one" if ckpt else " — no complete checkpoint: starting from step 0"))
+    return ckpt
 
 
 def state_arrays(model, optimizer, ema) -> dict:
@@ -46,13 +68,26 @@ def write(output: Path, step: int, *, save_lora, arrays: dict, state: dict, keep
     return final
 
 
+def read_state(ckpt: Path) -> dict:
+    """training_state.json of a checkpoint; one line when it cannot be read."""
+    try:
+        return json.loads((ckpt / "training_state.json").read_text())
+    except (OSError, ValueError) as e:
+        raise _unreadable(ckpt, e) from None
+
+
 def read(ckpt: Path) -> tuple[dict, dict]:
     """(training_state.json, the arrays) of a checkpoint; one line when it cannot be read."""
+    state = read_state(ckpt)
     try:
-        return json.loads((ckpt / "training_state.json").read_text()), mx.load(str(ckpt / "optimizer_state.safetensors"))
+        return state, mx.load(str(ckpt / "optimizer_state.safetensors"))
     except (OSError, ValueError, RuntimeError) as e:
-        raise TrainingError(f"{ckpt}: cannot be read ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
-                            f"resume from another checkpoint with --resume, or use --no-resume") from None
+        raise _unreadable(ckpt, e) from None
+
+
+def _unreadable(ckpt: Path, e: Exception) -> TrainingError:
+    return TrainingError(f"{ckpt}: cannot be read ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                         f"resume from another checkpoint with --resume, or use --no-resume")
 
 
 def check_resumable(ckpt: Path, tstate: dict, cfg, identity: dict, model_root) -> None:

@@ -97,7 +97,7 @@ def main(argv=None, supervise: bool | None = None) -> int:
         if args.dry_run:
             from mflux2.training.preflight import preflight
 
-            return preflight(cfg, memory_gb=args.memory)
+            return preflight(cfg, memory_gb=args.memory, resume=False if args.no_resume else (args.resume or True))
         if supervise and not child and args.max_restarts > 0 and not sup.is_distributed():
             # the config is valid (its errors were one line above, with no child); train in a child
             os.environ["MFLUX2_STARTED_WALL"] = str(time.time() - (time.perf_counter() - STARTED))

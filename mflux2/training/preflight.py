@@ -268,7 +268,7 @@ def _dataset_lines(samples, rep: Report, cfg):
                      f"raise their repeats (or lower this one's) if that is not intended")
 
 
-def preflight(cfg, out=print, err=None, memory_gb: float | None = None) -> int:
+def preflight(cfg, out=print, err=None, memory_gb: float | None = None, resume=True) -> int:
     """Print the dry-run report of `cfg` (a loaded TrainConfig); 0 when the run can start and fits
     (always 0 with `memory_gb`, a what-if for another machine), else 1 with one line on stderr."""
     from mflux2.training import plan as plan_mod
@@ -299,6 +299,18 @@ def preflight(cfg, out=print, err=None, memory_gb: float | None = None) -> int:
     if problem:
         rep.line(f"error: {problem}")
         rep.problems.append(problem)
+    ckpt = None
+    if not problem:
+        from mflux2.training import checkpoints
+        from mflux2.training.outputs import TrainingError
+
+        try:
+            ckpt = checkpoints.find_resume(Path(cfg.checkpoints.output), resume, log=rep.line)
+        except TrainingError as e:
+            rep.line(f"error: {e}")
+            rep.problems.append(str(e))
+        if ckpt is not None:
+            rep.line(f"resumes from {ckpt}")
 
     # -- dataset
     rep.section("dataset")
@@ -368,6 +380,16 @@ def preflight(cfg, out=print, err=None, memory_gb: float | None = None) -> int:
             try:
                 check_reference_count(cfg, tsrc.variant or tsrc.family)
             except ConfigError as e:
+                rep.line(f"error: {e}")
+                rep.problems.append(str(e))
+        if ckpt is not None and train.source is not None:  # the run refuses a checkpoint it cannot continue at setup
+            from mflux2.training import checkpoints
+            from mflux2.training.cache import model_identity
+            from mflux2.training.outputs import TrainingError
+
+            try:
+                checkpoints.check_resumable(ckpt, checkpoints.read_state(ckpt), cfg, model_identity(train.source), train.source.root)
+            except TrainingError as e:
                 rep.line(f"error: {e}")
                 rep.problems.append(str(e))
         vsrc = None

@@ -38,7 +38,6 @@ from mflux2.training.outputs import (
     MetricsLog,
     TrainingError,
     atomic_write_text,
-    checkpoint_problem,
     clean_partials,
     latest_checkpoint,
     learning_curve_svg,
@@ -208,27 +207,6 @@ class Trainer:
                 f"not enough free disk space in {self.output}: about {need / 1e9:.2f} GB needed for caches and "
                 f"{keep} checkpoint(s), {free / 1e9:.2f} GB free — free space, lower checkpoints.keep_last, or set checkpoints.output"
             )
-
-    def _find_resume(self) -> Path | None:
-        """The checkpoint to resume from: --resume's (it must be complete), else the newest complete
-        one in the output; damaged ones (a file missing or cut short, e.g. by an interrupted copy)
-        are skipped with one warning naming them."""
-        if self.resume is False:
-            return None
-        if isinstance(self.resume, (str, Path)):
-            p = Path(self.resume)
-            problem = checkpoint_problem(p)
-            if problem:
-                raise TrainingError(f"--resume {p}: not a complete checkpoint folder ({problem}); "
-                                    f"pass another checkpoint_NNNNNN folder, or use --no-resume")
-            return p
-        damaged: list = []
-        ckpt = latest_checkpoint(self.output, damaged)
-        if damaged:
-            self.log(f"warning: skipping damaged checkpoint(s) in {self.output}: "
-                     + "; ".join(f"{d.name} ({why})" for d, why in damaged)
-                     + (f" — resuming from {ckpt.name}, the newest complete one" if ckpt else " — no complete checkpoint: starting from step 0"))
-        return ckpt
 
     def _open_models(self):
         """The training model's pipeline and, when another model renders the validation images, its
@@ -466,7 +444,6 @@ class Trainer:
 
     def _restore(self, ckpt: Path, state: RunState):
         tstate, arrays = checkpoints.read(ckpt)
-        checkpoints.check_resumable(ckpt, tstate, self.cfg, self.model_identity, self.pipe.source.root)
         self.ema = checkpoints.restore_arrays(ckpt, arrays, self.model, self.optimizer, self.ema)
         sampler = dict(tstate["sampler"])
         bs = self.cfg.training.batch_size
@@ -599,7 +576,7 @@ class Trainer:
         cfg = self.cfg
         self._check_output()
         clean_partials(self.output)
-        ckpt = self._find_resume()
+        ckpt = checkpoints.find_resume(self.output, self.resume, self.log)
         self._open_models()
         pending = 0
         if any(d.auto_caption for d in cfg.dataset_list):
@@ -612,6 +589,8 @@ class Trainer:
         else:
             self._scan()
         self._make_plan(pending)  # before anything runs on the device
+        if ckpt is not None:  # a checkpoint this run cannot continue stops it now, not after the caches
+            checkpoints.check_resumable(ckpt, checkpoints.read_state(ckpt), cfg, self.model_identity, self.pipe.source.root)
         if pending:  # the VLM is freed before anything else loads
             if self.rank == 0:
                 from mflux2.captions import auto_caption
