@@ -52,7 +52,8 @@ sys.path.insert(0, str(ROOT))  # tests/toy_shapes.py: the toy-shape scorer
 from mflux2 import sampling  # noqa: E402
 from mflux2.images import pil_to_array  # noqa: E402
 from mflux2.models.vae import image_ids  # noqa: E402
-from mflux2.training.config import TrainConfig, load_config  # noqa: E402
+from mflux2.training.config import TrainConfig  # noqa: E402
+from mflux2.training.config_loading import load_config
 from tests.toy_shapes import classify, toy_data  # noqa: E402
 
 CONFIG = ROOT / "configs" / "quickstart.yaml"

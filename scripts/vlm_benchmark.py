@@ -67,7 +67,7 @@ def main(argv=None) -> int:
 
     from mflux2 import vlm
     from mflux2.captions import caption_images
-    from mflux2.training.config import load_config
+    from mflux2.training.config_loading import load_config
     from mflux2.training.scoring import plan_targets, score_images, select_references
     from mflux2.training.validation import validation_items
 

@@ -18,12 +18,10 @@ from mflux2.training.config import (
     ConfigError,
     ConfigWarning,
     TrainConfig,
-    apply_overrides,
-    config_from_dict,
     config_hash,
     dump_yaml,
-    load_config,
 )
+from mflux2.training.config_loading import apply_overrides, config_from_dict, load_config
 from mflux2.training.data import names_trigger
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 import mflux2.training.data as data
-from mflux2.training.config import config_from_dict
+from mflux2.training.config_loading import config_from_dict
 from mflux2.training.data import (
     MAX_ASPECT,
     BatchSampler,

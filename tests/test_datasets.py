@@ -12,7 +12,8 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mflux2.training.config import ConfigError, ConfigWarning, config_from_dict
+from mflux2.training.config import ConfigError, ConfigWarning
+from mflux2.training.config_loading import config_from_dict
 
 # ---------------------------------------------------------------------------------------------
 # Config
@@ -416,7 +417,7 @@ def test_an_all_ones_mask_and_unit_weights_are_the_unmasked_step():
 
 import json  # noqa: E402
 
-from mflux2.training.config import load_config  # noqa: E402
+from mflux2.training.config_loading import load_config  # noqa: E402
 from mflux2.training.trainer import Trainer  # noqa: E402
 from tests.test_trainer import tiny  # noqa: E402,F401  (fixture)
 

@@ -19,7 +19,8 @@ from PIL import Image
 
 from mflux2.models.vae import image_ids
 from mflux2.training import data as data_mod
-from mflux2.training.config import ConfigError, ConfigWarning, config_from_dict, load_config
+from mflux2.training.config import ConfigError, ConfigWarning
+from mflux2.training.config_loading import config_from_dict, load_config
 from mflux2.training.data import BatchSampler, DataError, DataWarning, scan_dataset
 from mflux2.training.step import Batch, StepConfig, TrainStep
 from mflux2.training.trainer import Trainer

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from mflux2.training import data as D, plan as P
-from mflux2.training.config import load_config
+from mflux2.training.config_loading import load_config
 from mflux2.training.config_loading import apply_overrides
 from mflux2.training.data import Sample
 

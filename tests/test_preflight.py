@@ -66,7 +66,7 @@ def test_step_figure_is_the_runs(tmp_path, monkeypatch, capsys, no_weights):
     """The training-step line is the plan's, the figure the trainer logs."""
     from mflux2.model_files import resolve_source
     from mflux2.training import plan as P
-    from mflux2.training.config import load_config
+    from mflux2.training.config_loading import load_config
 
     monkeypatch.chdir(ROOT)
     cfg = load_config(CONFIG, {"checkpoints.output": str(tmp_path / "o")})
@@ -137,7 +137,7 @@ def test_trainer_checks_the_same_disk_figure(tmp_path, monkeypatch, capsys):
     import shutil as sh
     from collections import namedtuple
 
-    from mflux2.training.config import load_config
+    from mflux2.training.config_loading import load_config
     from mflux2.training.trainer import Trainer, TrainingError
 
     monkeypatch.chdir(ROOT)

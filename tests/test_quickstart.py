@@ -26,7 +26,7 @@ from PIL import Image
 from mflux2.images import pil_to_array
 from mflux2.models.vae import image_ids
 from mflux2.pipeline import Flux2Pipeline
-from mflux2.training.config import load_config
+from mflux2.training.config_loading import load_config
 from mflux2.training.timesteps import sample_timesteps
 from mflux2.training.trainer import Trainer
 from tests.toy_shapes import toy_data

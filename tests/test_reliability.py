@@ -20,7 +20,7 @@ from PIL import Image
 from safetensors import safe_open
 
 from mflux2.training.cli import main as train_cli
-from mflux2.training.config import load_config
+from mflux2.training.config_loading import load_config
 from mflux2.training.outputs import checkpoint_dirs, latest_checkpoint
 from mflux2.training.trainer import Trainer, TrainingError
 from tests.test_trainer import metrics, tiny, write_config  # noqa: F401  (fixture)

@@ -67,7 +67,7 @@ def test_a_series_of_one_point_is_still_drawn():
 
 
 def test_report_groups_the_prompts_and_shows_each_images_change_from_the_baseline(report):
-    from mflux2.training.config import load_config
+    from mflux2.training.config_loading import load_config
     from mflux2.training.report import pixel_change
     from mflux2.training.validation import prompt_group
 

@@ -13,7 +13,8 @@ import pytest
 import yaml
 
 from mflux2.training.cli import main as train_cli
-from mflux2.training.config import config_hash, load_config, resume_signature
+from mflux2.training.config import config_hash, resume_signature
+from mflux2.training.config_loading import load_config
 from mflux2.training.outputs import checkpoint_dirs, checkpoint_problem
 from mflux2.training.trainer import Trainer, TrainingError
 from tests.test_trainer import metrics, tiny, write_config  # noqa: F401  (fixture)

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from mflux2.training.config import ConfigWarning, load_config
+from mflux2.training.config import ConfigWarning
+from mflux2.training.config_loading import load_config
 from mflux2.training.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]

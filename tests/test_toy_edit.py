@@ -15,7 +15,7 @@ import importlib.util
 import sys
 from pathlib import Path
 
-from mflux2.training.config import load_config
+from mflux2.training.config_loading import load_config
 from mflux2.training.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]

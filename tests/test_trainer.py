@@ -17,7 +17,7 @@ import yaml
 
 from mflux2 import lora as lora_mod
 from mflux2.training.cli import main as train_cli
-from mflux2.training.config import load_config
+from mflux2.training.config_loading import load_config
 from mflux2.training.step import Batch, StepConfig, TrainStep
 from mflux2.training.trainer import Trainer, TrainingError
 from tests.tiny_flux2 import build_tiny_klein, make_images
@@ -354,7 +354,7 @@ def test_apple_silicon_wires_the_working_set_and_tight_memory_runs_segments_sync
 
 
 def test_validation_prompts_that_name_the_trigger_are_tagged_as_trigger_prompts():
-    from mflux2.training.config import config_from_dict
+    from mflux2.training.config_loading import config_from_dict
     from mflux2.training.validation import validation_items
 
     cfg = config_from_dict({"model": {"name": "klein-4b"}, "dataset": {"path": "x", "trigger_word": "sks"},
@@ -448,7 +448,7 @@ def test_a_klein_name_on_a_distilled_folder_says_how_to_train_it(tiny, tmp_path)
     distilled = tmp_path / "distilled"
     shutil.copytree(model, distilled)
     (distilled / "model_index.json").write_text(_json.dumps({**index, "is_distilled": True}))
-    from mflux2.training.config import config_from_dict
+    from mflux2.training.config_loading import config_from_dict
 
     cfg = config_from_dict({"model": {"name": "klein-4b", "path": str(distilled)}, "dataset": {"path": "x"}})
     with pytest.raises(ModelLoadError, match="model.use_base: false") as e:

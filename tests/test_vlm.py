@@ -20,7 +20,7 @@ from mflux2 import vlm
 from mflux2.captions import main as caption_main
 from mflux2.training import memory
 from mflux2.training.cli import main as train_cli
-from mflux2.training.config import config_from_dict, load_config
+from mflux2.training.config_loading import config_from_dict, load_config
 from mflux2.training.scoring import early_stop_reason, parse_reply, plan_targets, select_references, status
 from mflux2.training.trainer import Trainer
 from mflux2.training.validation import validation_items

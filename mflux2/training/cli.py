@@ -65,7 +65,8 @@ def main(argv=None, supervise: bool | None = None) -> int:
     import yaml
 
     from mflux2.training import supervise as sup
-    from mflux2.training.config import ConfigError, load_config
+    from mflux2.training.config import ConfigError
+    from mflux2.training.config_loading import load_config
 
     if supervise is None:
         supervise = argv is None

@@ -671,9 +671,3 @@ def config_hash(cfg: TrainConfig, model: dict[str, str] | None = None) -> str:
 
 def dump_yaml(cfg: TrainConfig) -> str:
     return cfg.dump_yaml()
-
-
-
-# Reading files and overrides (YAML, coercion, one-line errors, the Swift trainer's repairs) is its
-# own room; its entry points are part of this module's API.
-from mflux2.training.config_loading import apply_overrides, config_from_dict, load_config  # noqa: E402,F401

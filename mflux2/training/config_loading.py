@@ -21,6 +21,7 @@ import yaml
 from mflux2.training.config import (  # the schema
     BASE_OF,
     ConfigError,
+    DatasetConfig,
     ConfigWarning,
     OPTIMIZER_DEFAULTS,
     SECTIONS,
