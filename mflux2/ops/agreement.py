@@ -10,6 +10,7 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
+from mflux2.ops import conv as C
 from mflux2.ops import gemm as L
 from mflux2.ops.rope import apply_rope, rope_table
 from mflux2.ops.split import flat_views, split_views
@@ -119,6 +120,36 @@ def _dequantize_tile() -> float:
     return max(errs)
 
 
+def _conv_gemm() -> float:
+    """The VAE's convolutions (3x3 with padding 1, 1x1, 3x3 at stride 2 on a pre-padded input, a
+    non-square kernel) as GEMMs against mx.conv2d, whole and in bands of rows."""
+    errs = []
+    for (o, kh, kw, c), stride, pad, shape in [((6, 3, 3, 5), 1, 1, (2, 9, 7)), ((4, 1, 1, 5), 1, 0, (1, 6, 8)),
+                                               ((6, 3, 3, 5), 2, 0, (2, 11, 9)), ((3, 3, 2, 4), 1, (1, 0), (1, 5, 6))]:
+        x = mx.random.normal((shape[0], shape[1], shape[2], c))
+        w, b = mx.random.normal((o, kh, kw, c)), mx.random.normal((o,))
+        fn = lambda x, w, b, s=stride, p=pad: C.conv2d(x, w, b, s, p)  # noqa: E731
+        errs.append(_agree(fn, [x, w, b], {"conv_gemm": True}, {"conv_gemm": False}))
+        saved, C.BAND_ELEMENTS = C.BAND_ELEMENTS, 1  # one output row per band
+        try:
+            errs.append(_agree(fn, [x, w, b], {"conv_gemm": True}, {"conv_gemm": False}))
+        finally:
+            C.BAND_ELEMENTS = saved
+    return max(errs)
+
+
+def _group_norm() -> float:
+    """GroupNorm through mx.fast.layer_norm against the chunked float32 statistics, with and without
+    the SiLU, on inputs with a large mean (where a one-pass variance would lose digits)."""
+    errs = []
+    for silu in (False, True):
+        x = mx.random.normal((2, 5, 7, 12)) * 3 + 20
+        w, b = mx.random.normal((12,)), mx.random.normal((12,))
+        fn = lambda x, w, b, s=silu: C.group_norm(x, w, b, 4, 1e-6, silu=s)  # noqa: E731
+        errs.append(_agree(fn, [x, w, b], {"group_norm": True}, {"group_norm": False}))
+    return max(errs)
+
+
 CHECKS = {  # name -> (check, whether it needs CUDA)
     "rope": (lambda: _rope(kernel=False), False),
     "rope_cuda": (lambda: _rope(kernel=True), True),
@@ -128,6 +159,8 @@ CHECKS = {  # name -> (check, whether it needs CUDA)
     "linear": (lambda: _linear(quantized=False), False),
     "linear_quantized": (lambda: _linear(quantized=True), False),
     "dequantize_cuda": (lambda: max(_linear(quantized=True, kernel=True), _dequantize_tile()), True),
+    "conv_gemm": (_conv_gemm, False),
+    "group_norm": (_group_norm, False),
 }
 
 
