@@ -28,7 +28,7 @@ case ${1:-} in
 peers)
   step te_peer_random 100 peers.jsonl python3 "$HERE/phase_peers.py" te-peer
   step vae_peer_eager 100 peers.jsonl python3 "$HERE/phase_peers.py" vae-peer --vae-variants eager cudnn_benchmark
-  step vae_peer_compile 170 peers.jsonl python3 "$HERE/phase_peers.py" vae-peer --vae-variants compile
+  step vae_peer_compile "${COMPILE_LIMIT:-150}" peers.jsonl python3 "$HERE/phase_peers.py" vae-peer --vae-variants compile
   ;;
 vae)
   python3 -c 'import mlx.core as mx; print("mlx", mx.__version__, mx.default_device(), mx.device_info().get("device_name"))' | tee -a "$OUT/gpu.txt"
@@ -47,7 +47,7 @@ jobs)
   echo "ptx cache after: $(ls "$ptx" 2>/dev/null | wc -l) files" >> "$OUT/log.txt"
   tail -n 4 "$K4/run1/job.log" "$K4/run2/job.log" >> "$OUT/log.txt" 2>/dev/null
   rm -rf "$K4"
-  step vlm 200 vlm.json python3 scripts/vlm_benchmark.py --random-4b --work /tmp/vlm
+  [ "${VLM:-1}" = 1 ] && step vlm "${VLM_LIMIT:-150}" vlm.json python3 scripts/vlm_benchmark.py --random-4b --work /tmp/vlm
   rm -rf /tmp/vlm
   ;;
 dev)
@@ -56,7 +56,11 @@ dev)
   free_tmp=$(df -BG --output=avail /tmp | tail -1 | tr -dc 0-9)
   if [ "$free_tmp" -lt 56 ]; then work=/dev/shm/job-dev; fi  # the int8 folder is ~50 GB
   echo "dev work folder: $work (/tmp free ${free_tmp} GB)" | tee -a "$OUT/log.txt"
-  step job_dev "${DEV_LIMIT:-520}" job-dev.json python3 scripts/job_benchmark.py --model dev --work "$work" --runs 1
+  # DEV_STEPS < 250 shortens the job (validation and checkpoints at its half and end): every phase
+  # runs, the steps are fewer; the full job's wall is this one's plus (250 - DEV_STEPS) median steps
+  short=(); s=${DEV_STEPS:-250}
+  [ "$s" -lt 250 ] && short=(--set "training.max_steps=$s" --set "checkpoints.save_every=$((s / 2))" --set "validation.every_n_steps=$((s / 2))")
+  step job_dev "${DEV_LIMIT:-520}" job-dev.json python3 scripts/job_benchmark.py --model dev --work "$work" --runs 1 "${short[@]}"
   for f in "$work"/run1/metrics.jsonl; do [ -f "$f" ] && grep phase "$f" > "$OUT/job-dev-phases.jsonl"; done
   tail -n 6 "$work/run1/job.log" >> "$OUT/log.txt" 2>/dev/null
   rm -rf "$work"
