@@ -1,8 +1,9 @@
 """Each fast path against its plain-MLX fallback: values and gradients on random float32 inputs.
 
 One definition, run on the CPU by tests/test_ops.py and on any device by scripts/ops_check.py
-(the CUDA kernels where mx.cuda is available). `check(op)` -> {"max_rel_err", "ok"} (or "skipped"):
-the largest max|fast − fallback| / max|fallback| over the outputs and the input gradients.
+(the CUDA kernels where mx.cuda is available). `check(op)` -> {"max_rel_err", "ok", "values_rel_err",
+"gradients_rel_err"} (or "skipped"): the largest max|fast − fallback| / max|fallback| over the outputs
+and the input gradients, and each of the two alone.
 """
 
 from __future__ import annotations
@@ -34,6 +35,9 @@ def _rel_err(got, ref) -> float:
     return worst
 
 
+_SPLIT = {"values": 0.0, "gradients": 0.0}  # the worst of each since check() started (reported beside the max)
+
+
 def _agree(fn, primals, fast: dict, slow: dict) -> float:
     """max rel err between fn's outputs and input gradients (VJP of random cotangents) under the
     two settings of the switches."""
@@ -45,8 +49,11 @@ def _agree(fn, primals, fast: dict, slow: dict) -> float:
         with using(**switches):
             y, g = mx.vjp(lambda *a: fn(*a), primals, cots)
             mx.eval(y, g)
-            results.append(list(y) + list(g))
-    return _rel_err(*results)
+            results.append((list(y), list(g)))
+    (y0, g0), (y1, g1) = results
+    values, grads = _rel_err(y0, y1), _rel_err(g0, g1)
+    _SPLIT["values"], _SPLIT["gradients"] = max(_SPLIT["values"], values), max(_SPLIT["gradients"], grads)
+    return max(values, grads)
 
 
 def _rope(kernel: bool) -> float:
@@ -172,5 +179,7 @@ def check(name: str, seed: int = 0) -> dict:
     if needs_cuda and not (cuda_available() and mx.default_device() == mx.gpu):
         return {"max_rel_err": None, "ok": True, "skipped": "a CUDA kernel: no CUDA device here"}
     mx.random.seed(seed)
+    _SPLIT.update(values=0.0, gradients=0.0)
     err = fn()
-    return {"max_rel_err": err, "ok": err <= (TOLERANCE_QUANTIZED if name in QUANTIZED else TOLERANCE)}
+    return {"max_rel_err": err, "ok": err <= (TOLERANCE_QUANTIZED if name in QUANTIZED else TOLERANCE),
+            "values_rel_err": _SPLIT["values"], "gradients_rel_err": _SPLIT["gradients"]}
