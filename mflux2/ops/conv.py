@@ -15,7 +15,7 @@ conv2d(x, weight, bias, stride, padding):
 
   Which is faster is a property of each backend, so the switch's default is per backend
   (`switches.BACKEND_DEFAULTS`). Measured (H100, MLX 0.32.4, 2026-12-07): MLX's CUDA convolution
-  (cuDNN) is the faster one there, 1.5-4x per convolution — the 1.1 s decode was GroupNorm's, below
+  (cuDNN) is the faster one there, 1.2-4.2x per convolution — the 1.1 s decode was GroupNorm's, below
   — so CUDA keeps `mx.conv2d`; the CPU takes the GEMMs (~1.8x faster in bf16); Metal keeps
   `mx.conv2d` until measured (`scripts/vae_profile.py` prints both).
 

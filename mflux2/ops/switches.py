@@ -27,7 +27,7 @@ SWITCHES = {  # op -> environment variable ("0": the fallback)
 # Where a fast path is not the faster (or not measured) on a backend, its default there is the
 # fallback; the environment variable and `using` still choose. Backends: "cuda", "metal", "cpu".
 BACKEND_DEFAULTS = {  # measured: docs/performance.md, "The VAE" (H100, 2026-12-07)
-    # CUDA: mx.conv2d (cuDNN) is 1.5-4x faster than the GEMMs per convolution; CPU: the GEMMs ~1.8x
+    # CUDA: mx.conv2d (cuDNN) is 1.2-4.2x faster than the GEMMs per convolution; CPU: the GEMMs ~1.8x
     # faster in bf16; Metal: not measured, so MLX's own convolution
     "conv_gemm": {"cuda": False, "metal": False},
     # CUDA: 0.74 ms instead of 118 ms per GroupNorm at 512x512x128 (the fallback's ~16 evaluations);
