@@ -102,8 +102,6 @@ def _name() -> str:
 
 
 def _torch_timed(fn, warmup=2, reps=5):
-    import torch
-
     t0 = time.perf_counter()
     for _ in range(warmup):
         fn()
