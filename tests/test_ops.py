@@ -16,7 +16,7 @@ from mlx.utils import tree_flatten
 
 from mflux2 import ops
 from mflux2.lora import LoRALinear
-from mflux2.ops import gemm, rope
+from mflux2.ops import conv, gemm, rope, switches
 from mflux2.ops.agreement import CHECKS, TOLERANCE, _lora_stack, check
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,12 +49,36 @@ def test_the_check_catches_a_wrong_fast_path(monkeypatch):
     assert not result["ok"] and result["max_rel_err"] > 0.5
 
 
+def test_the_check_catches_a_wrong_conv_or_group_norm(monkeypatch):
+    """A GEMM convolution whose kernel rows are read in the wrong order, and a GroupNorm whose groups
+    are strided instead of contiguous, are reported."""
+    real = conv._conv_stride1
+    monkeypatch.setattr(conv, "_conv_stride1", lambda x, w, p: real(x, w[:, ::-1], p))
+    assert not check("conv_gemm")["ok"]
+    monkeypatch.setattr(conv, "_conv_stride1", real)
+    real_ln = mx.fast.layer_norm
+    monkeypatch.setattr(conv.mx.fast, "layer_norm", lambda g, w, b, eps: real_ln(g, w, b, eps * 1e6))
+    assert not check("group_norm")["ok"]
+
+
+def test_backend_defaults():
+    """The per-backend defaults name real switches and backends; the VAE's ops follow them."""
+    for name, per in switches.BACKEND_DEFAULTS.items():
+        assert name in ops.SWITCHES and set(per) <= {"cuda", "metal", "cpu"}
+    assert switches.backend() in ("cuda", "metal", "cpu")
+    if switches.backend() == "cpu":
+        assert ops.is_fast("conv_gemm") and not ops.is_fast("group_norm")
+
+
 def test_each_switch_picks_the_fallback(monkeypatch):
     """The environment variable, `using` and the per-call argument all pick the path; `using` wins
     over the environment and the argument over both."""
-    assert set(ops.SWITCHES) >= {"rope", "rope_cuda", "swiglu", "split_views", "flat_views", "linear", "dequantize_cuda"}
+    assert set(ops.SWITCHES) >= {"rope", "rope_cuda", "swiglu", "split_views", "flat_views", "linear", "dequantize_cuda",
+                                 "conv_gemm", "group_norm"}
     for name, var in ops.SWITCHES.items():
         monkeypatch.delenv(var, raising=False)
+        assert ops.is_fast(name) == switches.BACKEND_DEFAULTS.get(name, {}).get(switches.backend(), True)
+        monkeypatch.setenv(var, "1")
         assert ops.is_fast(name)
         monkeypatch.setenv(var, "0")
         assert not ops.is_fast(name)

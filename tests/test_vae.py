@@ -17,7 +17,8 @@ diffusers = pytest.importorskip("diffusers")
 from diffusers import AutoencoderKLFlux2  # noqa: E402
 from diffusers.pipelines.flux2.pipeline_flux2 import Flux2Pipeline  # noqa: E402
 
-import mflux2.models.vae as vae_module  # noqa: E402
+from mflux2 import ops  # noqa: E402
+from mflux2.ops import conv as ops_conv  # noqa: E402
 from mflux2.images import array_to_pil, arrays_to_pils, open_rgb, pil_to_array, pils_to_array, to_rgb  # noqa: E402
 from mflux2.models.vae import Flux2VAE, VAEConfig, _tiled, image_ids, load_vae  # noqa: E402
 from mflux2.weights import WeightsError  # noqa: E402
@@ -151,6 +152,18 @@ def check_parity(vae, tvae):
     np.testing.assert_allclose(np.array(vae.unpack(tokens, H, W)), np.array(lat), rtol=1e-5, atol=1e-5)
 
 
+# the convolutions and GroupNorm each have a fast path and a fallback (mflux2/ops/conv.py): every
+# combination must match diffusers
+PATHS = [dict(conv_gemm=c, group_norm=g) for c in (True, False) for g in (True, False)]
+
+
+@pytest.mark.parametrize("paths", PATHS, ids=lambda p: "-".join(k if v else f"no_{k}" for k, v in p.items()))
+def test_parity_on_every_op_path(models, paths):
+    vae = load_vae(models.root / "model_a", dtype=mx.float32)
+    with ops.using(**paths):
+        check_parity(vae, models.a)
+
+
 def test_diffusers_layout_parity(models):
     vae = load_vae(models.root / "model_a", dtype=mx.float32)
     assert vae.config.norm_num_groups == 8 and vae.config.block_out_channels == (16, 32, 48, 48)
@@ -198,8 +211,12 @@ def test_bf16_load(models):
     with torch.no_grad():
         ref = models.a.decode(z).sample
         torch_bf16 = copy.deepcopy(models.a).to(torch.bfloat16).decode(z.bfloat16()).sample.float()
-    err, torch_err = rel_l2(nchw(vae.decode(nhwc(z))), ref), rel_l2(torch_bf16, ref)
-    assert err <= max(2 * torch_err, 1e-2), (err, torch_err)
+    torch_err = rel_l2(torch_bf16, ref)
+    for paths in PATHS:  # every path of the convolutions and GroupNorm, bf16 (the GPU's defaults included)
+        with ops.using(**paths):
+            err = rel_l2(nchw(vae.decode(nhwc(z))), ref)
+            assert err <= max(2 * torch_err, 1e-2), (paths, err, torch_err)
+            assert rel_l2(vae.pack(vae.encode(nhwc(images))), ref_tokens) <= 2e-2, paths
 
 
 def test_image_ids_values():
@@ -272,9 +289,11 @@ def test_memory_chunking_is_exact(models, monkeypatch):
     vae = load_vae(models.root / "model_a", dtype=mx.float32)
     z = mx.random.normal((1, 6, 10, 32))  # 60 tokens at the mid block
     whole = vae.decode(z)
-    monkeypatch.setattr(vae_module, "_STATS_CHUNK", 100)  # GroupNorm sums over many row chunks
+    monkeypatch.setattr(ops_conv, "STATS_CHUNK", 100)  # GroupNorm's fallback sums over many row chunks
+    monkeypatch.setattr(ops_conv, "BAND_ELEMENTS", 3000)  # the GEMM convolutions go in bands of rows
     vae.decoder.mid.attn_1.max_scores = 7 * 60  # 9 query chunks of 7, the last one short
-    np.testing.assert_allclose(np.array(vae.decode(z)), np.array(whole), rtol=1e-5, atol=1e-5)
+    with ops.using(group_norm=False, conv_gemm=True):
+        np.testing.assert_allclose(np.array(vae.decode(z)), np.array(whole), rtol=1e-5, atol=1e-5)
 
 
 def test_tiling():

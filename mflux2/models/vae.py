@@ -24,13 +24,13 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, fields
-from functools import partial
 from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from mflux2.ops import conv as ops_conv
 from mflux2.weights import WeightsError, check_keys, iter_tensors, read_config, resolve_component, safetensors_files
 
 PATCH = 2  # latent patchify size; FLUX.2 tokens are 2x2 latent patches = 16x16 pixels
@@ -80,50 +80,15 @@ class VAEConfig:
 # Modules (BFL names)
 
 
-# GroupNorm is the memory hot spot of this VAE at high resolution: nn.GroupNorm(pytorch_compatible=
-# True) transposes the activation twice (and its CPU fallback holds ~9 float32 copies), and a plain
-# float32 mean/var makes two whole-tensor float32 temporaries that MLX keeps alive across layers.
-# So the statistics are float32 sums over row chunks of at most _STATS_CHUNK elements, each chunk
-# evaluated before the next. Measured on a 1024x1024 bf16 decode: 10 GiB -> 1.4 GiB (docs/vae.md).
-# Side effect: encode/decode evaluate eagerly and cannot run inside mx.compile.
-_STATS_CHUNK = 1 << 22
-
-
-@partial(mx.compile, shapeless=True)
-def _sum_f32(g):
-    return mx.sum(g.astype(mx.float32), axis=(1, 3), keepdims=True)
-
-
-@partial(mx.compile, shapeless=True)
-def _sum_sq_dev_f32(g, mean):
-    return mx.sum(mx.square(g.astype(mx.float32) - mean), axis=(1, 3), keepdims=True)
-
-
-def _group_stats(g):
-    """Two-pass float32 mean and variance of g [B, N, G, gs] over (N, gs), evaluated now."""
-    B, N, G, gs = g.shape
-    rows = max(1, _STATS_CHUNK // (G * gs))
-    total = None
-    for i in range(0, N, rows):
-        part = _sum_f32(g[:, i : i + rows])
-        total = part if total is None else total + part
-        mx.eval(total)
-    mean = total / (N * gs)
-    total = None
-    for i in range(0, N, rows):
-        part = _sum_sq_dev_f32(g[:, i : i + rows], mean)
-        total = part if total is None else total + part
-        mx.eval(total)
-    return mean, total / (N * gs)
-
-
-@partial(mx.compile, shapeless=True)
-def _group_apply(g, mean, rstd, weight, bias):
-    return ((g.astype(mx.float32) - mean) * rstd * weight + bias).astype(g.dtype)
+# GroupNorm and the convolutions are mflux2.ops' (conv.py): each a fast path beside its plain-MLX
+# fallback, chosen per backend. GroupNorm's fallback (the CPU's default) evaluates its float32
+# statistics chunk by chunk to bound memory (a 1024x1024 bf16 decode: 10 GiB -> 1.4 GiB, docs/vae.md),
+# so encode/decode evaluate as they go and cannot run inside mx.compile.
 
 
 class GroupNorm(nn.Module):
-    """torch.nn.GroupNorm on NHWC (groups = contiguous channel ranges), float32 statistics."""
+    """torch.nn.GroupNorm on NHWC (groups = contiguous channel ranges), float32 statistics;
+    `silu=True` in the call applies SiLU in the same pass."""
 
     def __init__(self, groups: int, channels: int, eps: float = 1e-6):
         super().__init__()
@@ -134,13 +99,17 @@ class GroupNorm(nn.Module):
         self.groups = groups
         self.eps = eps
 
+    def __call__(self, x, silu: bool = False):
+        return ops_conv.group_norm(x, self.weight, self.bias, self.groups, self.eps, silu=silu)
+
+
+class Conv2d(nn.Conv2d):
+    """nn.Conv2d (same parameters) through mflux2.ops.conv2d: GEMMs where MLX's convolution is slow."""
+
     def __call__(self, x):
-        B, H, W, C = x.shape
-        g = x.reshape(B, H * W, self.groups, C // self.groups)
-        mean, var = _group_stats(g)  # evaluated eagerly, chunk by chunk (bounded memory)
-        rstd = mx.rsqrt(var + self.eps)
-        shape = (1, 1, self.groups, C // self.groups)
-        return _group_apply(g, mean, rstd, self.weight.reshape(shape), self.bias.reshape(shape)).reshape(B, H, W, C)
+        if self.groups != 1 or tuple(self.dilation if isinstance(self.dilation, tuple) else (self.dilation,) * 2) != (1, 1):
+            return super().__call__(x)
+        return ops_conv.conv2d(x, self.weight, self.get("bias"), self.stride, self.padding)
 
 
 def _norm(config: VAEConfig, channels: int) -> GroupNorm:
@@ -151,15 +120,15 @@ class ResnetBlock(nn.Module):
     def __init__(self, config: VAEConfig, cin: int, cout: int):
         super().__init__()
         self.norm1 = _norm(config, cin)
-        self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
+        self.conv1 = Conv2d(cin, cout, 3, padding=1)
         self.norm2 = _norm(config, cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
+        self.conv2 = Conv2d(cout, cout, 3, padding=1)
         if cin != cout:
-            self.nin_shortcut = nn.Conv2d(cin, cout, 1)
+            self.nin_shortcut = Conv2d(cin, cout, 1)
 
     def __call__(self, x):
-        h = self.conv1(nn.silu(self.norm1(x)))
-        h = self.conv2(nn.silu(self.norm2(h)))
+        h = self.conv1(self.norm1(x, silu=True))
+        h = self.conv2(self.norm2(h, silu=True))
         if "nin_shortcut" in self:
             x = self.nin_shortcut(x)
         return x + h
@@ -202,7 +171,7 @@ class AttnBlock(nn.Module):
 class Downsample(nn.Module):
     def __init__(self, channels: int):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=0)
+        self.conv = Conv2d(channels, channels, 3, stride=2, padding=0)
 
     def __call__(self, x):
         # asymmetric padding: one zero row/column at the bottom/right only (as BFL and diffusers)
@@ -212,7 +181,7 @@ class Downsample(nn.Module):
 class Upsample(nn.Module):
     def __init__(self, channels: int):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv = Conv2d(channels, channels, 3, padding=1)
 
     def __call__(self, x):
         B, H, W, C = x.shape
@@ -261,23 +230,23 @@ class Encoder(nn.Module):
         super().__init__()
         ch = config.block_out_channels
         n = len(ch)
-        self.conv_in = nn.Conv2d(config.in_channels, ch[0], 3, padding=1)
+        self.conv_in = Conv2d(config.in_channels, ch[0], 3, padding=1)
         self.down = [
             Level(config, ch[max(i - 1, 0)], ch[i], config.layers_per_block, "down" if i < n - 1 else None)
             for i in range(n)
         ]
         self.mid = MidBlock(config, ch[-1])
         self.norm_out = _norm(config, ch[-1])
-        self.conv_out = nn.Conv2d(ch[-1], 2 * config.latent_channels, 3, padding=1)
+        self.conv_out = Conv2d(ch[-1], 2 * config.latent_channels, 3, padding=1)
         if config.use_quant_conv:  # BFL keeps it inside the encoder; diffusers at the top level
-            self.quant_conv = nn.Conv2d(2 * config.latent_channels, 2 * config.latent_channels, 1)
+            self.quant_conv = Conv2d(2 * config.latent_channels, 2 * config.latent_channels, 1)
 
     def __call__(self, x):
         x = self.conv_in(x)
         for level in self.down:
             x = level(x)
         x = self.mid(x)
-        x = self.conv_out(nn.silu(self.norm_out(x)))
+        x = self.conv_out(self.norm_out(x, silu=True))
         if "quant_conv" in self:
             x = self.quant_conv(x)
         return x  # moments: [mean | logvar]
@@ -289,8 +258,8 @@ class Decoder(nn.Module):
         ch = config.decoder_channels
         n = len(ch)
         if config.use_post_quant_conv:
-            self.post_quant_conv = nn.Conv2d(config.latent_channels, config.latent_channels, 1)
-        self.conv_in = nn.Conv2d(config.latent_channels, ch[-1], 3, padding=1)
+            self.post_quant_conv = Conv2d(config.latent_channels, config.latent_channels, 1)
+        self.conv_in = Conv2d(config.latent_channels, ch[-1], 3, padding=1)
         self.mid = MidBlock(config, ch[-1])
         # up[i] produces the resolution of encoder level i, so it runs in reverse order (BFL indexing;
         # diffusers' up_blocks count the other way)
@@ -299,7 +268,7 @@ class Decoder(nn.Module):
             for i in range(n)
         ]
         self.norm_out = _norm(config, ch[0])
-        self.conv_out = nn.Conv2d(ch[0], config.out_channels, 3, padding=1)
+        self.conv_out = Conv2d(ch[0], config.out_channels, 3, padding=1)
 
     def __call__(self, z):
         if "post_quant_conv" in self:
@@ -307,7 +276,7 @@ class Decoder(nn.Module):
         x = self.mid(self.conv_in(z))
         for level in reversed(self.up):
             x = level(x)
-        return self.conv_out(nn.silu(self.norm_out(x)))
+        return self.conv_out(self.norm_out(x, silu=True))
 
 
 class LatentNorm(nn.Module):

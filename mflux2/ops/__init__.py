@@ -7,19 +7,22 @@
 | split_views | split.py | views whose VJP concatenates | plain slices |
 | flat_views | split.py | views of flat parameters, VJP concatenating per group | plain slices |
 | linear | gemm.py | GEMMs per output part, LoRA as accumulator, quantized weights dequantised by tile; on CUDA an int8 dequantisation kernel (dequantize_cuda) | layer(x) |
+| conv2d (conv_gemm) | conv.py | convolutions as GEMMs through mx.matmul (default on the CPU only) | mx.conv2d |
+| group_norm | conv.py | GroupNorm through mx.fast.layer_norm, nothing evaluated, SiLU fused (default on CUDA only) | chunked float32 statistics, each chunk evaluated |
 
 One switch per op (`switches.SWITCHES`: an environment variable each, `using(op=False)` in code,
-`fast=` per call). tests/test_ops.py checks that each fast path and its fallback agree on the CPU
+`fast=` per call; `switches.BACKEND_DEFAULTS` where a fast path is not the default on a backend). tests/test_ops.py checks that each fast path and its fallback agree on the CPU
 (values and gradients); scripts/ops_check.py does it on whatever device runs it, CUDA kernels
 included. A new kernel goes into its op's module, behind a switch of its own.
 """
 
+from mflux2.ops.conv import conv2d, conv2d_reference, group_norm, group_norm_reference
 from mflux2.ops.gemm import linear, linear_concat, linear_reference, linear_split
 from mflux2.ops.rope import apply_rope, rope_reference, rope_table
 from mflux2.ops.split import flat_views, split_views
 from mflux2.ops.glu import swiglu, swiglu_reference
 from mflux2.ops.switches import SWITCHES, cuda_available, is_fast, using
 
-__all__ = ["SWITCHES", "apply_rope", "cuda_available", "flat_views", "is_fast", "linear", "linear_concat",
+__all__ = ["SWITCHES", "apply_rope", "conv2d", "conv2d_reference", "cuda_available", "group_norm", "group_norm_reference", "flat_views", "is_fast", "linear", "linear_concat",
            "linear_reference", "linear_split", "rope_reference", "rope_table", "split_views", "swiglu",
            "swiglu_reference", "using"]

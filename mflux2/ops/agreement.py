@@ -1,8 +1,9 @@
 """Each fast path against its plain-MLX fallback: values and gradients on random float32 inputs.
 
 One definition, run on the CPU by tests/test_ops.py and on any device by scripts/ops_check.py
-(the CUDA kernels where mx.cuda is available). `check(op)` -> {"max_rel_err", "ok"} (or "skipped"):
-the largest max|fast − fallback| / max|fallback| over the outputs and the input gradients.
+(the CUDA kernels where mx.cuda is available). `check(op)` -> {"max_rel_err", "ok", "values_rel_err",
+"gradients_rel_err"} (or "skipped"): the largest max|fast − fallback| / max|fallback| over the outputs
+and the input gradients, and each of the two alone.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
+from mflux2.ops import conv as C
 from mflux2.ops import gemm as L
 from mflux2.ops.rope import apply_rope, rope_table
 from mflux2.ops.split import flat_views, split_views
@@ -33,6 +35,9 @@ def _rel_err(got, ref) -> float:
     return worst
 
 
+_SPLIT = {"values": 0.0, "gradients": 0.0}  # the worst of each since check() started (reported beside the max)
+
+
 def _agree(fn, primals, fast: dict, slow: dict) -> float:
     """max rel err between fn's outputs and input gradients (VJP of random cotangents) under the
     two settings of the switches."""
@@ -44,8 +49,11 @@ def _agree(fn, primals, fast: dict, slow: dict) -> float:
         with using(**switches):
             y, g = mx.vjp(lambda *a: fn(*a), primals, cots)
             mx.eval(y, g)
-            results.append(list(y) + list(g))
-    return _rel_err(*results)
+            results.append((list(y), list(g)))
+    (y0, g0), (y1, g1) = results
+    values, grads = _rel_err(y0, y1), _rel_err(g0, g1)
+    _SPLIT["values"], _SPLIT["gradients"] = max(_SPLIT["values"], values), max(_SPLIT["gradients"], grads)
+    return max(values, grads)
 
 
 def _rope(kernel: bool) -> float:
@@ -119,6 +127,36 @@ def _dequantize_tile() -> float:
     return max(errs)
 
 
+def _conv_gemm() -> float:
+    """The VAE's convolutions (3x3 with padding 1, 1x1, 3x3 at stride 2 on a pre-padded input, a
+    non-square kernel) as GEMMs against mx.conv2d, whole and in bands of rows."""
+    errs = []
+    for (o, kh, kw, c), stride, pad, shape in [((6, 3, 3, 5), 1, 1, (2, 9, 7)), ((4, 1, 1, 5), 1, 0, (1, 6, 8)),
+                                               ((6, 3, 3, 5), 2, 0, (2, 11, 9)), ((3, 3, 2, 4), 1, (1, 0), (1, 5, 6))]:
+        x = mx.random.normal((shape[0], shape[1], shape[2], c))
+        w, b = mx.random.normal((o, kh, kw, c)), mx.random.normal((o,))
+        fn = lambda x, w, b, s=stride, p=pad: C.conv2d(x, w, b, s, p)  # noqa: E731
+        errs.append(_agree(fn, [x, w, b], {"conv_gemm": True}, {"conv_gemm": False}))
+        saved, C.BAND_ELEMENTS = C.BAND_ELEMENTS, 1  # one output row per band
+        try:
+            errs.append(_agree(fn, [x, w, b], {"conv_gemm": True}, {"conv_gemm": False}))
+        finally:
+            C.BAND_ELEMENTS = saved
+    return max(errs)
+
+
+def _group_norm() -> float:
+    """GroupNorm through mx.fast.layer_norm against the chunked float32 statistics, with and without
+    the SiLU, on inputs with a large mean (where a one-pass variance would lose digits)."""
+    errs = []
+    for silu in (False, True):
+        x = mx.random.normal((2, 5, 7, 12)) * 3 + 20
+        w, b = mx.random.normal((12,)), mx.random.normal((12,))
+        fn = lambda x, w, b, s=silu: C.group_norm(x, w, b, 4, 1e-6, silu=s)  # noqa: E731
+        errs.append(_agree(fn, [x, w, b], {"group_norm": True}, {"group_norm": False}))
+    return max(errs)
+
+
 CHECKS = {  # name -> (check, whether it needs CUDA)
     "rope": (lambda: _rope(kernel=False), False),
     "rope_cuda": (lambda: _rope(kernel=True), True),
@@ -128,6 +166,8 @@ CHECKS = {  # name -> (check, whether it needs CUDA)
     "linear": (lambda: _linear(quantized=False), False),
     "linear_quantized": (lambda: _linear(quantized=True), False),
     "dequantize_cuda": (lambda: max(_linear(quantized=True, kernel=True), _dequantize_tile()), True),
+    "conv_gemm": (_conv_gemm, False),
+    "group_norm": (_group_norm, False),
 }
 
 
@@ -139,5 +179,7 @@ def check(name: str, seed: int = 0) -> dict:
     if needs_cuda and not (cuda_available() and mx.default_device() == mx.gpu):
         return {"max_rel_err": None, "ok": True, "skipped": "a CUDA kernel: no CUDA device here"}
     mx.random.seed(seed)
+    _SPLIT.update(values=0.0, gradients=0.0)
     err = fn()
-    return {"max_rel_err": err, "ok": err <= (TOLERANCE_QUANTIZED if name in QUANTIZED else TOLERANCE)}
+    return {"max_rel_err": err, "ok": err <= (TOLERANCE_QUANTIZED if name in QUANTIZED else TOLERANCE),
+            "values_rel_err": _SPLIT["values"], "gradients_rel_err": _SPLIT["gradients"]}

@@ -1,7 +1,8 @@
 """One switch per operation: its fast path or its plain-MLX fallback.
 
-An op asks `is_fast(name)` each time it is called (so once per trace under mx.compile): True unless its
-environment variable is "0" or `using(name=False)` is in force. The ops also take `fast=` per call.
+An op asks `is_fast(name)` each time it is called (so once per trace under mx.compile): `using(name=...)`
+if in force, else its environment variable if set ("0": the fallback), else its backend's default
+(`BACKEND_DEFAULTS`; True where none is given). The ops also take `fast=` per call.
 The CUDA kernels are switches of their own inside the fast paths ("rope_cuda", "dequantize_cuda"):
 they run only on a CUDA device, and "0" keeps the fast path's plain-MLX formula there."""
 
@@ -20,6 +21,19 @@ SWITCHES = {  # op -> environment variable ("0": the fallback)
     "flat_views": "MFLUX2_FAST_FLAT_VIEWS",  # views of the flat parameters, VJP concatenating per group | plain slices
     "linear": "MFLUX2_FAST_LINEAR",  # GEMMs per output part, LoRA as accumulator, dequantised tiles | layer(x)
     "dequantize_cuda": "MFLUX2_CUDA_DEQUANTIZE",  # (on CUDA, int8) the dequantisation kernel | mx.dequantize
+    "conv_gemm": "MFLUX2_FAST_CONV",  # convolutions as GEMMs (mx.matmul) | mx.conv2d
+    "group_norm": "MFLUX2_FAST_GROUPNORM",  # GroupNorm through mx.fast.layer_norm, unevaluated | chunked float32 statistics
+}
+# Where a fast path is not the faster (or not measured) on a backend, its default there is the
+# fallback; the environment variable and `using` still choose. Backends: "cuda", "metal", "cpu".
+BACKEND_DEFAULTS = {  # measured: docs/performance.md, "The VAE" (H100, 2026-12-07)
+    # CUDA: mx.conv2d (cuDNN) is 1.2-4.2x faster than the GEMMs per convolution; CPU: the GEMMs ~1.8x
+    # faster in bf16; Metal: not measured, so MLX's own convolution
+    "conv_gemm": {"cuda": False, "metal": False},
+    # CUDA: 0.74 ms instead of 118 ms per GroupNorm at 512x512x128 (the fallback's ~16 evaluations);
+    # CPU: mx.fast.layer_norm is composed of ops holding float32 copies; Metal: not measured (nor its
+    # memory: a 512² decode's peak went 0.81 -> 2.24 GB on CUDA without the evaluations)
+    "group_norm": {"cpu": False, "metal": False},
 }
 _FORCED: dict[str, bool] = {}
 
@@ -30,7 +44,10 @@ def is_fast(name: str, override: bool | None = None) -> bool:
         return override
     if name in _FORCED:
         return _FORCED[name]
-    return os.environ.get(SWITCHES[name], "1") != "0"
+    env = os.environ.get(SWITCHES[name])
+    if env is not None:
+        return env != "0"
+    return BACKEND_DEFAULTS.get(name, {}).get(backend(), True)
 
 
 @contextmanager
@@ -46,6 +63,13 @@ def using(**ops: bool):
     finally:
         _FORCED.clear()
         _FORCED.update(saved)
+
+
+def backend() -> str:
+    """The default device's backend: "cuda", "metal" or "cpu"."""
+    if mx.default_device() != mx.gpu:
+        return "cpu"
+    return "metal" if mx.metal.is_available() else "cuda"
 
 
 def cuda_available() -> bool:
