@@ -38,6 +38,7 @@ from mflux2.training.outputs import (
     MetricsLog,
     TrainingError,
     atomic_write_text,
+    checkpoint_dirs,
     checkpoint_problem,
     clean_partials,
     latest_checkpoint,
@@ -214,6 +215,13 @@ class Trainer:
         one in the output; damaged ones (a file missing or cut short, e.g. by an interrupted copy)
         are skipped with one warning naming them."""
         if self.resume is False:
+            # Starting over: an earlier run's checkpoints would outrank this run's (keep_last would
+            # prune this run's own, a later resume would continue the earlier run), so they go now.
+            earlier = checkpoint_dirs(self.output) if self.rank == 0 else []
+            for _, p in earlier:
+                shutil.rmtree(p)
+            if earlier:
+                self.log(f"--no-resume: removed the earlier run's {', '.join(p.name for _, p in earlier)}")
             return None
         if isinstance(self.resume, (str, Path)):
             p = Path(self.resume)
@@ -652,6 +660,8 @@ class Trainer:
             with clock("resume"):
                 self._restore(ckpt, state)
             metrics.truncate_after(state.step)
+        else:  # starting over: an earlier run's step records are not this run's
+            metrics.truncate_after(0)
         run_id = time.strftime("%Y-%m-%dT%H:%M:%S")
         clock.attach(lambda rec: metrics.append({**rec, "run": run_id}))
         if self.scorer is not None:
