@@ -10,8 +10,10 @@
 
 One switch per op (`switches.SWITCHES`: an environment variable each, `using(op=False)` in code,
 `fast=` per call). tests/test_ops.py checks that each fast path and its fallback agree on the CPU
-(values and gradients); scripts/ops_check.py does it on whatever device runs it, CUDA kernels
-included. A new kernel goes into its op's module, behind a switch of its own.
+(values and gradients), that each check really runs the fast path (a broken one is caught) and that
+the fallbacks run none of it; scripts/ops_check.py does the agreement on whatever device runs it, CUDA
+kernels included. A new kernel goes into its op's module, behind a switch of its own, and gets a
+sabotage entry in tests/test_ops.py.
 """
 
 from mflux2.ops.gemm import linear, linear_concat, linear_reference, linear_split
