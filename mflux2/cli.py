@@ -108,6 +108,9 @@ def read_prompts(values: list[str]) -> list[str]:
 
 def output_paths(output: str, n: int) -> list[Path]:
     out = Path(output).expanduser()
+    blocking = first_file_in_the_way(out if output.endswith(("/", "\\")) else out.parent)
+    if blocking is not None:
+        raise ValueError(f"--output {output}: {blocking} is a file, not a folder; pick another --output")
     if output.endswith(("/", "\\")) or out.is_dir():
         return [out / f"image_{i + 1}.png" for i in range(n)] if n > 1 else [out / "image.png"]
     if out.suffix.lower() != ".png":
@@ -115,6 +118,14 @@ def output_paths(output: str, n: int) -> list[Path]:
     if n == 1:
         return [out]
     return [out.with_name(f"{out.stem}_{i + 1}{out.suffix}") for i in range(n)]
+
+
+def first_file_in_the_way(folder: Path) -> Path | None:
+    """The file standing where `folder` or one of its parents should be (None: it can be made)."""
+    for p in (folder, *folder.parents):
+        if p.exists():
+            return None if p.is_dir() else p
+    return None
 
 
 def save_png(image, path: Path, parameters: dict) -> None:
@@ -217,3 +228,7 @@ def generate_main(argv: list[str] | None = None) -> int:
 # mflux2-train
 # ==============================================================================================
 # The training entry point lives here too (the lead adds `train_main`).
+
+
+if __name__ == "__main__":  # python -m mflux2.cli: mflux2-generate without the console script
+    sys.exit(generate_main())

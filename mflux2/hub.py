@@ -43,6 +43,24 @@ def looks_like_repo_id(name: str) -> bool:
     return len(parts) == 2 and all(parts) and not name.startswith((".", "~")) and "\\" not in name
 
 
+def parent_folder_exists(name: str) -> bool:
+    """`name`'s parent folder exists here (`models/toyy` beside `models/`): it is meant as a local
+    path, a typo rather than a hub repo id."""
+    p = Path(name).expanduser()
+    return len(p.parts) > 1 and p.parent.is_dir()
+
+
+def missing_path_note(name: str) -> str:
+    """What a local path that does not exist was looked for as: the folder a relative one is read
+    from, and the nearest names beside it."""
+    import difflib
+
+    p = Path(name).expanduser()
+    where = "" if p.is_absolute() else f" (relative to the working folder: {Path.cwd() / p})"
+    near = difflib.get_close_matches(p.name, [c.name for c in p.parent.iterdir()], n=2) if p.parent.is_dir() else []
+    return where + (f"; did you mean {' or '.join(str(p.parent / c) for c in near)}?" if near else "")
+
+
 def download(repo_id: str, revision: str | None = None, allow_patterns: list[str] | None = None,
              names: dict[str, str] = REPOS) -> Path:
     """Fetch (or find in the cache) the files of `repo_id` that the pipeline needs (or `allow_patterns`)

@@ -93,9 +93,12 @@ def resolve_source(path_or_repo_id: str | os.PathLike, variant: str | None = Non
     p = Path(name).expanduser()
     if not p.exists():
         repo_id = hub.repo_id_for(name)
+        if repo_id == name and hub.parent_folder_exists(name):  # a mistyped local path, not a repo id
+            raise ModelLoadError(f"{name}: no such file or folder{hub.missing_path_note(name)}")
         if repo_id == name and not hub.looks_like_repo_id(name):
             raise ModelLoadError(
-                f"{name}: no such file or folder, and not a model name ({', '.join(hub.REPOS)}) or a Hugging Face repo id (owner/name)"
+                f"{name}: no such file or folder{hub.missing_path_note(name)}, and not a model name "
+                f"({', '.join(hub.REPOS)}) or a Hugging Face repo id (owner/name)"
             )
         if variant is None and name.strip().lower() in hub.REPOS:
             variant = name.strip().lower()

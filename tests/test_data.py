@@ -159,6 +159,18 @@ def test_txt_format_hints_at_metadata_jsonl(tmp_path):
         scan_dataset(make_cfg(tmp_path))
 
 
+def test_a_relative_dataset_path_not_found_names_its_config_line_and_the_folder_looked_in(tmp_path, monkeypatch):
+    from mflux2.training.config import load_config
+
+    (tmp_path / "data" / "star").mkdir(parents=True)  # data/ exists here: data/stra is a path, not a hub dataset id
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "cfg.yaml").write_text("dataset:\n  trigger_word: sks\n  path: data/stra\n")
+    with pytest.raises(DataError) as e:
+        scan_dataset(load_config(tmp_path / "cfg.yaml"))
+    assert str(e.value) == (f"{tmp_path / 'cfg.yaml'}:3: dataset.path: no such folder: data/stra (relative to the "
+                            f"working folder: {tmp_path / 'data' / 'stra'}); did you mean data/star?")
+
+
 def test_missing_empty_and_file_paths(tmp_path):
     with pytest.raises(DataError, match="no images"):
         scan_dataset(make_cfg(tmp_path))

@@ -362,16 +362,20 @@ def _cover_crop(img: Image.Image, bucket: tuple[int, int]) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------
 
 
-def resolve_dataset_path(spec: str, key: str = "dataset.path") -> tuple[Path, bool]:
+def resolve_dataset_path(spec: str, key: str = "dataset.path", where: str = "") -> tuple[Path, bool]:
     """(folder, is_hub_snapshot). A path that exists is used as is; `owner/name` that does not exist
-    locally is fetched from the Hugging Face hub as a dataset repo (cached; later runs reuse it)."""
+    locally is fetched from the Hugging Face hub as a dataset repo (cached; later runs reuse it).
+    `where`: the config line the value came from, for the errors."""
+    from mflux2.hub import missing_path_note, parent_folder_exists
+
     p = Path(spec).expanduser()
+    at = f"{where}: " if where else ""
     if p.exists():
         if not p.is_dir():
-            raise DataError(f"{key}: {p} is a file; expected a folder of images")
+            raise DataError(f"{at}{key}: {p} is a file; expected a folder of images")
         return p, False
-    if not looks_like_repo_id(spec):
-        raise DataError(f"{key}: no such folder: {p.resolve()}")
+    if not looks_like_repo_id(spec) or parent_folder_exists(spec):
+        raise DataError(f"{at}{key}: no such folder: {spec}{missing_path_note(spec)}")
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError
 
@@ -380,9 +384,10 @@ def resolve_dataset_path(spec: str, key: str = "dataset.path") -> tuple[Path, bo
     except GatedRepoError:
         raise DataError(f"{key}: {spec} is a gated dataset: accept its terms at https://huggingface.co/datasets/{spec} and run `hf auth login`") from None
     except RepositoryNotFoundError:
-        raise DataError(f"{key}: {spec!r} is neither a local folder (from {Path.cwd()}) nor a dataset on the Hugging Face hub") from None
+        raise DataError(f"{at}{key}: {spec!r} is neither a local folder{missing_path_note(spec)} nor a dataset on the Hugging Face hub") from None
     except LocalEntryNotFoundError:
-        raise DataError(f"{key}: {spec!r} is not a local folder, not in the Hugging Face cache, and the hub cannot be reached") from None
+        raise DataError(f"{at}{key}: {spec!r} is not a local folder{missing_path_note(spec)}, not in the Hugging Face cache, "
+                        "and the hub cannot be reached") from None
     except Exception as e:  # noqa: BLE001 - network and disk errors
         raise DataError(f"{key}: downloading the Hugging Face dataset {spec!r} failed ({_first_line(e)})") from None
     return Path(folder), True
@@ -438,7 +443,7 @@ def scan_dataset(cfg: "TrainConfig", *, validation: bool = False) -> list[Sample
     spec = ds.validation_path if validation else ds.path
     if not spec:
         raise DataError(f"{key}: not set")
-    folder, recursive = resolve_dataset_path(spec, key)
+    folder, recursive = resolve_dataset_path(spec, key, cfg.locations.get(key, ""))
     images = _list_images(folder, recursive)
     if not images:
         where = "the Hugging Face dataset" if recursive else "the folder"
