@@ -17,8 +17,9 @@
   smaller than every resolution uses the smallest, and upscaling it by more than MAX_UPSCALE (2x) is
   warned about. With bucketing off every image is a center crop of dataset.image_size².
 * Images: grayscale, CMYK, palette, 16-bit and alpha (composited on white) are converted to RGB by
-  `mflux2.images.to_rgb`; EXIF orientation is applied; huge JPEGs are decoded at a reduced scale. Unreadable/truncated/empty files raise a one-line `DataError` naming the
-  file, or are skipped with one listed warning when `dataset.skip_bad_images: true`.
+  `mflux2.images.to_rgb`; EXIF orientation is applied; huge JPEGs are decoded at a reduced scale. Unreadable/truncated/empty files raise one one-line `DataError` naming
+  every one of them (the scan goes on past the first), or are skipped with one listed warning when
+  `dataset.skip_bad_images: true`.
 * Edit training (`dataset.control_path`, one folder or a list): a target's control in each folder is
   the image there with the target's file stem (any image extension; non-recursive). Reference j of a
   target is its control from the j-th folder that has one. A control is oriented and made RGB like
@@ -459,8 +460,6 @@ def scan_dataset(cfg: "TrainConfig", *, validation: bool = False) -> list[Sample
     bad: list[str] = []
     jsonl = _jsonl_captions(folder, recursive) if ds.caption_format == "jsonl" else None
     for listed in sorted(p for p in (jsonl or {}) if not p.is_file()):
-        if not ds.skip_bad_images:
-            raise DataError(f"{listed}: listed in metadata.jsonl but the file does not exist")
         bad.append(f"{listed.name} (listed in metadata.jsonl, missing)")
 
     upscaled: list[str] = []
@@ -468,9 +467,7 @@ def scan_dataset(cfg: "TrainConfig", *, validation: bool = False) -> list[Sample
         rel = img_path.relative_to(folder).as_posix()
         try:
             size, digest = probe_image(img_path)
-        except DataError as e:
-            if not ds.skip_bad_images:
-                raise
+        except DataError as e:  # every one is listed below, not only the first
             bad.append(f"{rel} ({str(e).split(': ', 1)[-1]})")
             continue
         if jsonl is not None:
@@ -487,6 +484,11 @@ def scan_dataset(cfg: "TrainConfig", *, validation: bool = False) -> list[Sample
             upscaled.append(f"{rel} ({size[0]}x{size[1]} → {bucket[0]}x{bucket[1]})")
         samples.append(Sample(img_path, caption, build_dop_caption(caption, trigger, dop_class), bucket, digest, size))
 
+    if bad and not ds.skip_bad_images:
+        err = DataError(f"{key}: {len(bad)} unreadable image(s): {_listing(bad)} — remove them, or set "
+                        f"dataset.skip_bad_images: true to train without them")
+        err.unreadable = bad  # (the dry run lists them one a line)
+        raise err
     control_spec = ds.validation_control_path if validation else ds.control_path
     if control_spec and samples:
         samples = pair_controls(samples, folder, control_spec, "dataset.validation_control_path" if validation

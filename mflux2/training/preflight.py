@@ -176,8 +176,9 @@ class Report:
 
 
 def _scan(cfg, rep: Report, validation: bool):
-    """scan_dataset as the run calls it, but listing unreadable files instead of stopping at the
-    first, and finding a hub dataset in the cache only."""
+    """scan_dataset as the run calls it, finding a hub dataset in the cache only. Unreadable images
+    the run would stop at are the section's error, each named; the figures after it are then those
+    of the readable images (what the run trains once they are removed or skipped)."""
     import copy
     import functools
     from unittest import mock
@@ -186,25 +187,31 @@ def _scan(cfg, rep: Report, validation: bool):
 
     from mflux2.training import data as data_mod
 
-    c = copy.copy(cfg)
-    c.dataset = copy.copy(cfg.dataset)
-    c.dataset.skip_bad_images = True
     offline = functools.partial(huggingface_hub.snapshot_download, local_files_only=True)
-    with warnings.catch_warnings(record=True) as caught, mock.patch.object(huggingface_hub, "snapshot_download", offline):
-        warnings.simplefilter("always")
-        try:
-            samples = data_mod.scan_dataset(c, validation=validation)
-        except data_mod.DataError as e:
-            rep.line(f"error: {e}")
-            rep.problems.append(str(e))
-            return []
+    unreadable = []
+    for skip in (False, True):
+        c = copy.copy(cfg)
+        c.dataset = copy.copy(cfg.dataset)
+        c.dataset.skip_bad_images = cfg.dataset.skip_bad_images or skip
+        with warnings.catch_warnings(record=True) as caught, mock.patch.object(huggingface_hub, "snapshot_download", offline):
+            warnings.simplefilter("always")
+            try:
+                samples = data_mod.scan_dataset(c, validation=validation)
+                break
+            except data_mod.DataError as e:
+                unreadable = getattr(e, "unreadable", [])
+                rep.line(f"error: {str(e).split(': ', 1)[0]}: {len(unreadable)} unreadable image(s), the run stops at them — "
+                         "remove them, or set dataset.skip_bad_images: true:" if unreadable else f"error: {e}")
+                for b in unreadable:
+                    rep.line(f"  {b}")
+                rep.problems.append(str(e))
+                if not unreadable:
+                    return []
     for w in caught:
-        msg = str(w.message)
-        rep.line(f"warning: {msg}")
-        if "unreadable" in msg and not cfg.dataset.skip_bad_images:
-            key = "dataset.validation_path" if validation else "dataset.path"
-            rep.problems.append(f"{key}: unreadable image(s) — the run would stop at the first; remove them or set "
-                                f"dataset.skip_bad_images: true ({msg.split(': ', 2)[-1]})")
+        if not (unreadable and "unreadable" in str(w.message)):  # (those are the error above)
+            rep.line(f"warning: {w.message}")
+    if unreadable:
+        rep.line(f"the {len(samples)} readable image(s):")
     return samples
 
 
