@@ -77,6 +77,13 @@ def test_report_groups_the_prompts_and_shows_each_images_change_from_the_baselin
     # "sks, a photo of a thing" / "a photo of a thing": the class word is "thing"
     assert [p["group"] for p in prompts] == ["trigger", "class"]
     assert page.index('id="group-trigger"') < page.index('id="group-class"') and 'id="group-unrelated"' not in page
+    # the headings say what training does to each group (not that its images stay put: Δ shows they move)
+    heads = dict(re.findall(r'id="group-(\w+)">[^<]*<span class="tag">\(([^)]*\([^)]*\)[^)]*|[^)]*)\)</span>', page))
+    assert heads["class"].startswith("DOP (when on) trains these toward the baseline; Δ is how far they still moved")
+    assert "should stay" not in page
+    from mflux2.training.report import GROUPS
+
+    assert dict((g, h) for g, _, h in GROUPS)["unrelated"].startswith("nothing in training holds these to the baseline")
     cfg = load_config(out.parent / "cfg.yaml")
     assert prompt_group("a photo of a dog", False, cfg) == "unrelated"
     shown = re.findall(r"<h4>([^<]+) <span.*?</h4>(.*?)</section>", page, re.S)
