@@ -58,3 +58,18 @@ def test_a_repeated_phase_has_one_record_per_occurrence_and_its_total_in_the_tab
     assert sum(r["seconds"] for r in got) == pytest.approx(0.5 + 0.25 + clock_time[0] - t0)
     table = {r["phase"]: r["seconds"] for r in clock.table()}
     assert table == {"start-up": 0.5, "report": 1.75, "run": 2.0}
+
+
+def test_the_progress_bar_never_shows_a_false_zero(monkeypatch):
+    """On the CPU MLX's active memory misses what the process holds: the bar shows the resident
+    memory (rss) there, MLX's figure on a GPU, and nothing when neither is known."""
+    monkeypatch.setattr(phases.mx, "default_device", lambda: phases.mx.cpu)
+    rss = phases.resident_gb()
+    assert rss is not None and rss > 0.05  # this Python process with MLX and numpy loaded
+    shown = phases.progress_memory()
+    assert list(shown) == ["rss"] and float(shown["rss"].removesuffix("GB")) >= 0.1
+    monkeypatch.setattr(phases, "resident_gb", lambda: None)
+    assert phases.progress_memory() == {}
+    monkeypatch.setattr(phases.mx, "default_device", lambda: phases.mx.gpu)
+    monkeypatch.setattr(phases.mx, "get_active_memory", lambda: 3_210_000_000)
+    assert phases.progress_memory() == {"mem": "3.2GB"}

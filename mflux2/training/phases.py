@@ -11,6 +11,7 @@ occurrence's time and peak: the records add up to the wall time too; `table()` h
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -91,3 +92,22 @@ class PhaseClock:
     def peak_gb(self) -> float:
         self._charge()
         return max((p.peak_gb for p in self.phases.values()), default=0.0)
+
+
+def resident_gb() -> float | None:
+    """The process's resident memory (Linux /proc; None elsewhere). On the CPU MLX's allocator
+    counts only its own buffers, so its figure would read 0.0 GB for a process using gigabytes."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1e9
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def progress_memory() -> dict:
+    """The progress bar's memory field: MLX's active memory on a GPU, the resident memory (`rss`)
+    on the CPU, nothing when neither is known."""
+    if mx.default_device() == mx.gpu:
+        return {"mem": f"{mx.get_active_memory() / 1e9:.1f}GB"}
+    rss = resident_gb()
+    return {"rss": f"{rss:.1f}GB"} if rss is not None else {}

@@ -44,7 +44,7 @@ from mflux2.training.outputs import (
     latest_checkpoint,
     learning_curve_svg,
 )
-from mflux2.training.phases import PhaseClock
+from mflux2.training.phases import PhaseClock, progress_memory
 from mflux2.training.step import Batch, StepConfig, TrainStep
 from mflux2.training.validation import Validation
 
@@ -768,7 +768,7 @@ class Trainer:
         state.history.append([state.step, loss, main, pres if is_dop else 0.0])
         self._smooth = loss if self._smooth is None else 0.9 * self._smooth + 0.1 * loss
         mem = mx.get_active_memory() / 1e9
-        self._bar.set_postfix(loss=f"{self._smooth:.4f}", s_it=f"{dt:.2f}", mem=f"{mem:.1f}GB", refresh=False)
+        self._bar.set_postfix(loss=f"{self._smooth:.4f}", s_it=f"{dt:.2f}", **progress_memory(), refresh=False)
         self._bar.update(1)
         if when.should_log(state.step):
             self._metrics.append({"step": state.step, "loss": loss, "main_loss": main, "dop_loss": pres if is_dop else None,
