@@ -67,10 +67,10 @@ def generate_parser() -> argparse.ArgumentParser:
                    help="reference image for editing; repeat for several (they get position ids t = 10, 20, ...)")
     p.add_argument("--reference-caps", choices=("diffusers", "bfl"), default="diffusers",
                    help="pixel cap of each reference: diffusers 1024x1024 (default); bfl 2024x2024 for a single one")
-    p.add_argument("--width", type=int, help="image width, a multiple of 16 (default: the first --image's, else 1024)")
-    p.add_argument("--height", type=int, help="image height, a multiple of 16 (default: the first --image's, else 1024)")
-    p.add_argument("--steps", type=int, help="denoising steps (default: 4 for klein, 50 for klein-base and dev)")
-    p.add_argument("--guidance", type=float, help="guidance scale (default 4.0 for klein-base and dev; klein ignores it)")
+    p.add_argument("--width", type=int, help="image width, a multiple of 16 (default: the first --image's, else the model folder's own, else 1024)")
+    p.add_argument("--height", type=int, help="image height, a multiple of 16 (default: the first --image's, else the model folder's own, else 1024)")
+    p.add_argument("--steps", type=int, help="denoising steps (default: the model folder's own (mflux2_sampling.json), else 4 for klein, 50 for klein-base and dev)")
+    p.add_argument("--guidance", type=float, help="guidance scale (default: the model folder's own, else 4.0 for klein-base and dev; klein ignores it)")
     p.add_argument("--seed", type=int, default=0, help="random seed; prompt i uses seed+i (default 0)")
     p.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
                    help="LoRA safetensors file with optional scale (default 1.0); repeatable")
