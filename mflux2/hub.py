@@ -23,7 +23,7 @@ REPOS = {
 # The diffusers subfolders the pipeline reads (the repos also hold the same weights as BFL single
 # files, which would double the download), plus our own converted-folder config.
 COMPONENTS = ("transformer", "vae", "text_encoder", "tokenizer")
-ALLOW_PATTERNS = ["model_index.json", "mflux2.json", *(f"{c}/*" for c in COMPONENTS)]
+ALLOW_PATTERNS = ["model_index.json", "mflux2.json", "mflux2_sampling.json", *(f"{c}/*" for c in COMPONENTS)]
 # Other formats of the same weights that some repos carry beside the safetensors.
 IGNORE_PATTERNS = ["*.bin", "*.pt", "*.pth", "*.ckpt", "*.gguf", "*.onnx", "*.msgpack", "*.h5", "*.fp16.safetensors"]
 
