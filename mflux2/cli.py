@@ -67,10 +67,10 @@ def generate_parser() -> argparse.ArgumentParser:
                    help="reference image for editing; repeat for several (they get position ids t = 10, 20, ...)")
     p.add_argument("--reference-caps", choices=("diffusers", "bfl"), default="diffusers",
                    help="pixel cap of each reference: diffusers 1024x1024 (default); bfl 2024x2024 for a single one")
-    p.add_argument("--width", type=int, help="image width, a multiple of 16 (default: the first --image's, else 1024)")
-    p.add_argument("--height", type=int, help="image height, a multiple of 16 (default: the first --image's, else 1024)")
-    p.add_argument("--steps", type=int, help="denoising steps (default: 4 for klein, 50 for klein-base and dev)")
-    p.add_argument("--guidance", type=float, help="guidance scale (default 4.0 for klein-base and dev; klein ignores it)")
+    p.add_argument("--width", type=int, help="image width, a multiple of 16 (default: the first --image's, else the model folder's own, else 1024)")
+    p.add_argument("--height", type=int, help="image height, a multiple of 16 (default: the first --image's, else the model folder's own, else 1024)")
+    p.add_argument("--steps", type=int, help="denoising steps (default: the model folder's own (mflux2_sampling.json), else 4 for klein, 50 for klein-base and dev)")
+    p.add_argument("--guidance", type=float, help="guidance scale (default: the model folder's own, else 4.0 for klein-base and dev; klein ignores it)")
     p.add_argument("--seed", type=int, default=0, help="random seed; prompt i uses seed+i (default 0)")
     p.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
                    help="LoRA safetensors file with optional scale (default 1.0); repeatable")
@@ -108,6 +108,9 @@ def read_prompts(values: list[str]) -> list[str]:
 
 def output_paths(output: str, n: int) -> list[Path]:
     out = Path(output).expanduser()
+    blocking = first_file_in_the_way(out if output.endswith(("/", "\\")) else out.parent)
+    if blocking is not None:
+        raise ValueError(f"--output {output}: {blocking} is a file, not a folder; pick another --output")
     if output.endswith(("/", "\\")) or out.is_dir():
         return [out / f"image_{i + 1}.png" for i in range(n)] if n > 1 else [out / "image.png"]
     if out.suffix.lower() != ".png":
@@ -115,6 +118,14 @@ def output_paths(output: str, n: int) -> list[Path]:
     if n == 1:
         return [out]
     return [out.with_name(f"{out.stem}_{i + 1}{out.suffix}") for i in range(n)]
+
+
+def first_file_in_the_way(folder: Path) -> Path | None:
+    """The file standing where `folder` or one of its parents should be (None: it can be made)."""
+    for p in (folder, *folder.parents):
+        if p.exists():
+            return None if p.is_dir() else p
+    return None
 
 
 def save_png(image, path: Path, parameters: dict) -> None:
@@ -217,3 +228,7 @@ def generate_main(argv: list[str] | None = None) -> int:
 # mflux2-train
 # ==============================================================================================
 # The training entry point lives here too (the lead adds `train_main`).
+
+
+if __name__ == "__main__":  # python -m mflux2.cli: mflux2-generate without the console script
+    sys.exit(generate_main())

@@ -23,7 +23,7 @@ REPOS = {
 # The diffusers subfolders the pipeline reads (the repos also hold the same weights as BFL single
 # files, which would double the download), plus our own converted-folder config.
 COMPONENTS = ("transformer", "vae", "text_encoder", "tokenizer")
-ALLOW_PATTERNS = ["model_index.json", "mflux2.json", *(f"{c}/*" for c in COMPONENTS)]
+ALLOW_PATTERNS = ["model_index.json", "mflux2.json", "mflux2_sampling.json", *(f"{c}/*" for c in COMPONENTS)]
 # Other formats of the same weights that some repos carry beside the safetensors.
 IGNORE_PATTERNS = ["*.bin", "*.pt", "*.pth", "*.ckpt", "*.gguf", "*.onnx", "*.msgpack", "*.h5", "*.fp16.safetensors"]
 
@@ -41,6 +41,24 @@ def looks_like_repo_id(name: str) -> bool:
     """`owner/name` with no path-like parts (checked only after the local path did not exist)."""
     parts = name.split("/")
     return len(parts) == 2 and all(parts) and not name.startswith((".", "~")) and "\\" not in name
+
+
+def parent_folder_exists(name: str) -> bool:
+    """`name`'s parent folder exists here (`models/toyy` beside `models/`): it is meant as a local
+    path, a typo rather than a hub repo id."""
+    p = Path(name).expanduser()
+    return len(p.parts) > 1 and p.parent.is_dir()
+
+
+def missing_path_note(name: str) -> str:
+    """What a local path that does not exist was looked for as: the folder a relative one is read
+    from, and the nearest names beside it."""
+    import difflib
+
+    p = Path(name).expanduser()
+    where = "" if p.is_absolute() else f" (relative to the working folder: {Path.cwd() / p})"
+    near = difflib.get_close_matches(p.name, [c.name for c in p.parent.iterdir()], n=2) if p.parent.is_dir() else []
+    return where + (f"; did you mean {' or '.join(str(p.parent / c) for c in near)}?" if near else "")
 
 
 def download(repo_id: str, revision: str | None = None, allow_patterns: list[str] | None = None,

@@ -29,6 +29,10 @@ from mflux2.weights import check_keys, iter_tensors, read_config, safetensors_fi
 VARIANTS = ("klein-4b", "klein-9b", "dev", "klein-base-4b", "klein-base-9b")
 FAMILIES = ("klein", "klein-base", "dev")
 MFLUX2_CONFIG = "mflux2.json"  # marks a folder written by scripts/convert.py
+# A model's own generation defaults, for a model whose family defaults do not suit it (the toy model:
+# 64², 20 steps, CFG 2.0, where klein-base's 1024² and 50 steps take half an hour a CPU image and
+# over-saturate). Keys: width, height, steps, guidance; each used only when the caller gives none.
+SAMPLING_FILE = "mflux2_sampling.json"
 MFLUX2_FORMAT_VERSION = 1
 
 
@@ -56,6 +60,7 @@ class ModelSource:
     text_encoder: Path
     tokenizer: Path | None
     config: dict = field(default_factory=dict)  # mflux2.json of a converted folder
+    sampling: dict = field(default_factory=dict)  # SAMPLING_FILE's defaults (width, height, steps, guidance)
 
     @property
     def name(self) -> str:
@@ -88,14 +93,42 @@ def _size_variant(transformer_config: dict | None, shapes_variant: str | None, f
 
 def resolve_source(path_or_repo_id: str | os.PathLike, variant: str | None = None, revision: str | None = None) -> ModelSource:
     """Find the components of a model (downloading from the hub if needed) and detect its variant."""
+    source = _resolve_source(path_or_repo_id, variant, revision)
+    source.sampling = read_sampling(source.root)
+    return source
+
+
+def read_sampling(root: Path) -> dict:
+    """SAMPLING_FILE of a model folder ({} without one), checked: one line naming the file and key."""
+    path = Path(root) / SAMPLING_FILE
+    if not path.is_file():
+        return {}
+    try:
+        d = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"{path}: not readable JSON ({str(e).splitlines()[0]})") from None
+    kinds = {"width": int, "height": int, "steps": int, "guidance": (int, float)}
+    for k, v in (d.items() if isinstance(d, dict) else [("(the file)", d)]):
+        if k not in kinds:
+            raise ModelLoadError(f"{path}: unknown key {k!r} (the keys are {', '.join(kinds)})")
+        ok = isinstance(v, kinds[k]) and not isinstance(v, bool) and v > 0
+        if not ok or (k in ("width", "height") and v % 16):
+            raise ModelLoadError(f"{path}: {k}: {v!r} is not a positive {'multiple of 16' if k in ('width', 'height') else 'number'}")
+    return d
+
+
+def _resolve_source(path_or_repo_id: str | os.PathLike, variant: str | None, revision: str | None) -> ModelSource:
     _check_variant(variant)
     name = str(path_or_repo_id)
     p = Path(name).expanduser()
     if not p.exists():
         repo_id = hub.repo_id_for(name)
+        if repo_id == name and hub.parent_folder_exists(name):  # a mistyped local path, not a repo id
+            raise ModelLoadError(f"{name}: no such file or folder{hub.missing_path_note(name)}")
         if repo_id == name and not hub.looks_like_repo_id(name):
             raise ModelLoadError(
-                f"{name}: no such file or folder, and not a model name ({', '.join(hub.REPOS)}) or a Hugging Face repo id (owner/name)"
+                f"{name}: no such file or folder{hub.missing_path_note(name)}, and not a model name "
+                f"({', '.join(hub.REPOS)}) or a Hugging Face repo id (owner/name)"
             )
         if variant is None and name.strip().lower() in hub.REPOS:
             variant = name.strip().lower()

@@ -113,8 +113,9 @@ class Flux2Pipeline(PipelineComponents):
                           negative_prompt: str | list[str] | None = None) -> tuple[int, float, bool]:
         """(steps, guidance, use_cfg) after the variant's defaults and rules; warns on ignored settings."""
         fam = self.family
-        steps = DEFAULT_STEPS[fam] if num_inference_steps is None else int(num_inference_steps)
-        guidance = DEFAULT_GUIDANCE[fam] if guidance_scale is None else float(guidance_scale)
+        own = self.source.sampling  # the model folder's own defaults (model_files.SAMPLING_FILE), else the family's
+        steps = own.get("steps", DEFAULT_STEPS[fam]) if num_inference_steps is None else int(num_inference_steps)
+        guidance = float(own.get("guidance", DEFAULT_GUIDANCE[fam])) if guidance_scale is None else float(guidance_scale)
         if steps < 1:
             raise ValueError(f"num_inference_steps must be >= 1, got {steps}")
         if fam == "klein":
@@ -167,7 +168,8 @@ class Flux2Pipeline(PipelineComponents):
 
         Defaults per variant: distilled klein 4 steps / no guidance (guidance is ignored with a
         warning; another step count runs with one); klein-base 50 steps, real CFG with scale 4.0
-        against `negative_prompt` ("" by default); dev 50 steps, embedded guidance 4.0. Image i uses
+        against `negative_prompt` ("" by default); dev 50 steps, embedded guidance 4.0 — unless the
+        model folder has its own (model_files.SAMPLING_FILE: the toy's 64², 20 steps, 2.0). Image i uses
         the noise of `seed + i`, or `latents` [B, H/16·W/16, 128] (packed, row-major) if given.
         `output_type`: "pil", or "array" for float32 mx arrays [H, W, 3] in [0, 1], or "latent" for
         the packed latents.
@@ -175,7 +177,7 @@ class Flux2Pipeline(PipelineComponents):
         Editing: `image` is a reference image (PIL image or path) or a list of them, shared by all
         prompts (diffusers' argument). Each is capped to 1024² pixels (`reference_caps="bfl"`: 2024²
         for a single one) and cropped to multiples of 16; width and height default to the first
-        reference's prepared size (1024 without references)."""
+        reference's prepared size (without references: the folder's own size, else 1024)."""
         if output_type not in ("pil", "array", "latent"):
             raise ValueError(f"output_type={output_type!r}: choose pil, array or latent")
         from tqdm.auto import tqdm
@@ -187,9 +189,9 @@ class Flux2Pipeline(PipelineComponents):
             raise ValueError("no prompt given")
         prepared = self.prepare_references(image, reference_caps) if image is not None else None
         if width is None:  # diffusers: each side on its own, from the first reference
-            width = prepared[0].width if prepared else DEFAULT_SIZE
+            width = prepared[0].width if prepared else self.source.sampling.get("width", DEFAULT_SIZE)
         if height is None:
-            height = prepared[0].height if prepared else DEFAULT_SIZE
+            height = prepared[0].height if prepared else self.source.sampling.get("height", DEFAULT_SIZE)
         sampling.check_size(height, width)
         steps, guidance, cfg = self.sampling_settings(num_inference_steps, guidance_scale, negative_prompt)
         b, n = len(prompts), sampling.image_seq_len(height, width)

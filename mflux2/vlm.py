@@ -117,9 +117,12 @@ def shrink(image, max_side: int = MAX_IMAGE_SIDE):
 
 def clean_reply(text: str) -> str:
     """The answer part of a reply: a thinking block (everything up to `</think>`) and end-of-turn
-    markers removed (the Swift trainer's cleaning)."""
+    markers removed (the Swift trainer's cleaning); a `<think>` never closed (the reply ran out of
+    tokens while thinking) drops everything after it, since what the model mused about is no answer."""
     if "</think>" in text:
         text = text.split("</think>", 1)[1]
+    elif "<think>" in text:
+        text = text.split("<think>", 1)[0]
     return re.sub(r"<\|im_end\|>|<\|endoftext\|>|<end_of_turn>|</s>", "", text).strip()
 
 

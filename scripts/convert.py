@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from mflux2 import __version__  # noqa: E402
 from mflux2.hub import ModelLoadError  # noqa: E402
 from mflux2.models.quantization import QUANT_GROUP_SIZE  # noqa: E402
-from mflux2.model_files import MFLUX2_CONFIG, MFLUX2_FORMAT_VERSION, save_component  # noqa: E402
+from mflux2.model_files import MFLUX2_CONFIG, MFLUX2_FORMAT_VERSION, SAMPLING_FILE, save_component  # noqa: E402
 from mflux2.pipeline import Flux2Pipeline  # noqa: E402
 from mflux2.weights import WeightsError  # noqa: E402
 
@@ -187,6 +187,8 @@ def convert(source: str, output: str | Path, variant: str | None = None, quantiz
             "converted_by": f"mflux2 {__version__} scripts/convert.py",
         }
         (tmp / MFLUX2_CONFIG).write_text(json.dumps(record, indent=2))
+        if src.sampling:  # the model's own generation defaults travel with it
+            (tmp / SAMPLING_FILE).write_text(json.dumps(src.sampling) + "\n")
 
         say("verifying: reloading every component from the written files")
         _verify(tmp, sums, src.variant, DTYPES[dtype])

@@ -407,8 +407,8 @@ def run_job(config: str, model: Path, validation_model: Path | None, dataset: Pa
     phases, peaks = {}, {}
     for r in records:
         if "phase" in r:
-            phases[r["phase"]] = r["seconds"]  # the last record of a phase holds its total
-            peaks[r["phase"]] = r["peak_gb"]
+            phases[r["phase"]] = phases.get(r["phase"], 0.0) + r["seconds"]  # one record per occurrence
+            peaks[r["phase"]] = max(peaks.get(r["phase"], 0.0), r["peak_gb"])
     steps = [r for r in records if "step_time_s" in r]
     step_times = [r["step_time_s"] for r in steps]
     train = phases.get("training steps", 0.0)

@@ -386,6 +386,8 @@ def save_pipeline(out: Path, tokenizer_dir: Path, text_encoder, vae, transformer
         tmp = out.with_name(out.name + ".partial")
         shutil.rmtree(tmp, ignore_errors=True)
         pipe.save_pretrained(str(tmp))
+    # its own generation defaults (mflux2_sampling.json): the family's 1024², 50 steps, CFG 4 do not suit it
+    (tmp / "mflux2_sampling.json").write_text(json.dumps({"width": SIZE, "height": SIZE, "steps": STEPS, "guidance": GUIDANCE}) + "\n")
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
 

@@ -498,15 +498,24 @@ def test_enum_typo_suggests_the_valid_value(tmp_path):
     assert "did you mean 'klein-4b'" in error_of(tmp_path, "dataset: {path: d}\nmodel: {name: klein-4c}")
 
 
-@pytest.mark.parametrize("key, value, hint", [("timestep_sampling", "contnet", "content"), ("weighting", "gaussian", None)])
-def test_unknown_sampling_or_weighting_name_trains_uniform_as_swift_does(tmp_path, key, value, hint):
+@pytest.mark.parametrize("key, value", [("weighting", "gaussian"), ("timestep_sampling", "cosine_shifted")])
+def test_unknown_sampling_or_weighting_name_trains_uniform_as_swift_does(tmp_path, key, value):
     # TrainingConfigYAML.swift parseTimestepSampling/parseLossWeighting: any other name -> uniform
     with pytest.warns(ConfigWarning) as rec:
         cfg = load_config(write(tmp_path, f"dataset: {{path: d}}\nloss: {{{key}: {value}}}"))
     assert getattr(cfg.loss, key) == "uniform"
     (msg,) = [str(w.message) for w in rec]
     assert f"loss.{key}" in msg and repr(value) in msg and "uniform" in msg and "cfg.yaml:2" in msg
-    assert hint is None or f"did you mean {hint!r}" in msg
+
+
+@pytest.mark.parametrize("key, value, meant", [("timestep_sampling", "styel", "style"), ("timestep_sampling", "contnet", "content"),
+                                               ("timestep_sampling", "logit-normel", "logit_normal"),
+                                               ("weighting", "bell_shapd", "bell_shaped"), ("weighting", "snr_weigthed", "snr_weighted")])
+def test_a_near_miss_sampling_or_weighting_name_is_refused_with_the_name_meant(tmp_path, key, value, meant):
+    """One or two typing edits from a known name: a typo, which must not quietly train as uniform."""
+    msg = error_of(tmp_path, f"dataset: {{path: d}}\nloss: {{{key}: {value}}}")
+    assert msg.startswith(f"{tmp_path / 'cfg.yaml'}:2: loss.{key}: invalid value {value!r}: did you mean {meant!r}?"), msg
+    assert "\n" not in msg
 
 
 def test_dop_without_trigger_is_turned_off_and_without_class_assumes_object(tmp_path):
@@ -553,6 +562,15 @@ def test_structural_errors(tmp_path):
     assert "cfg.yaml:5: training.max_steps: key given twice" in msg
     msg = error_of(tmp_path, f"model: {{path: {tmp_path / 'nope'}}}\ndataset: {{path: d}}\n")
     assert "model.path: no such file or folder" in msg and "nope" in msg
+
+
+def test_a_relative_model_path_not_found_says_where_it_was_looked_for(tmp_path, monkeypatch):
+    work = tmp_path / "work"
+    (work / "models" / "toy").mkdir(parents=True)
+    monkeypatch.chdir(work)
+    msg = error_of(tmp_path, "dataset: {path: d}\nmodel:\n  path: models/toyy\n")
+    assert msg == (f"{tmp_path / 'cfg.yaml'}:3: model.path: no such file or folder: models/toyy (relative to the "
+                   f"working folder: {work / 'models' / 'toyy'}); did you mean models/toy?")
 
 
 def test_yaml_syntax_error_has_line_number(tmp_path):

@@ -141,7 +141,7 @@ def test_jsonl_captions(tmp_path):
     with pytest.raises(DataError, match=r"metadata\.jsonl:2: not valid JSON"):
         scan_quiet(make_cfg(tmp_path, dataset={"caption_format": "jsonl"}))
     (tmp_path / "metadata.jsonl").write_text(json.dumps({"file_name": "gone.png", "text": "t"}) + "\n")
-    with pytest.raises(DataError, match=r"gone\.png: listed in metadata\.jsonl"):
+    with pytest.raises(DataError, match=r"gone\.png \(listed in metadata\.jsonl, missing\)"):
         scan_quiet(make_cfg(tmp_path, dataset={"caption_format": "jsonl"}))
     with pytest.warns(DataWarning) as rec:
         samples = scan_dataset(make_cfg(tmp_path, dataset={"caption_format": "jsonl", "skip_bad_images": True}))
@@ -157,6 +157,18 @@ def test_txt_format_hints_at_metadata_jsonl(tmp_path):
     (tmp_path / "metadata.jsonl").write_text(json.dumps({"file_name": "x.png", "text": "t"}) + "\n")
     with pytest.warns(DataWarning, match="caption_format: jsonl"):
         scan_dataset(make_cfg(tmp_path))
+
+
+def test_a_relative_dataset_path_not_found_names_its_config_line_and_the_folder_looked_in(tmp_path, monkeypatch):
+    from mflux2.training.config import load_config
+
+    (tmp_path / "data" / "star").mkdir(parents=True)  # data/ exists here: data/stra is a path, not a hub dataset id
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "cfg.yaml").write_text("dataset:\n  trigger_word: sks\n  path: data/stra\n")
+    with pytest.raises(DataError) as e:
+        scan_dataset(load_config(tmp_path / "cfg.yaml"))
+    assert str(e.value) == (f"{tmp_path / 'cfg.yaml'}:3: dataset.path: no such folder: data/stra (relative to the "
+                            f"working folder: {tmp_path / 'data' / 'stra'}); did you mean data/star?")
 
 
 def test_missing_empty_and_file_paths(tmp_path):
@@ -323,8 +335,12 @@ def test_broken_images_raise_one_line_naming_the_file(tmp_path):
         assert msg.startswith(str(tmp_path / name)) and needle in msg and "\n" not in msg, msg
         with pytest.raises(DataError, match=name.replace(".", r"\.")):
             load_image_for_bucket(tmp_path / name, (64, 64))
-    with pytest.raises(DataError, match=r"empty\.webp: empty file"):  # the first broken file (sorted) stops the scan
+    with pytest.raises(DataError) as e:  # every broken file named, in one line
         scan_quiet(make_cfg(tmp_path))
+    msg = str(e.value)
+    assert msg.startswith("dataset.path: 5 unreadable image(s): empty.webp (empty file") and "\n" not in msg, msg
+    assert all(name in msg for name in bad) and "dataset.skip_bad_images: true" in msg
+    assert sorted(b.split(" (")[0] for b in e.value.unreadable) == sorted(bad)
 
 
 def test_skip_bad_images_lists_them_in_one_warning(tmp_path):

@@ -247,11 +247,25 @@ def test_hub_errors_become_one_actionable_line(monkeypatch, exc, message):
     assert e.value.__cause__ is None and e.value.__suppress_context__  # no chained traceback
 
 
+def test_a_mistyped_local_folder_is_no_such_folder_not_a_hub_repo(monkeypatch, tmp_path):
+    """`models/toyy` beside an existing `models/` is a typo of a path: named as such, where it was
+    looked for and the near names, and the hub is never asked."""
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", raising(AssertionError("must not be called")))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models" / "toy").mkdir(parents=True)
+    with pytest.raises(ModelLoadError) as e:
+        resolve_source("models/toyy")
+    assert str(e.value) == (f"models/toyy: no such file or folder (relative to the working folder: "
+                            f"{tmp_path / 'models' / 'toyy'}); did you mean models/toy?")
+
+
 def test_names_that_are_neither_paths_nor_repos(monkeypatch, tmp_path):
     monkeypatch.setattr(huggingface_hub, "snapshot_download", raising(AssertionError("must not be called")))
-    for name in ["klein-5b", "./missing-folder", "a/b/c", str(tmp_path / "nope")]:
-        with pytest.raises(ModelLoadError, match="no such file or folder, and not a model name"):
+    for name in ["klein-5b", "./missing-folder", "a/b/c"]:
+        with pytest.raises(ModelLoadError, match="no such file or folder.*, and not a model name"):
             resolve_source(name)
+    with pytest.raises(ModelLoadError, match=f"^{tmp_path / 'nope'}: no such file or folder$"):  # a path: no hub talk
+        resolve_source(str(tmp_path / "nope"))
     # an existing local folder wins over the short name of the same spelling
     monkeypatch.chdir(tmp_path)
     (tmp_path / "klein-4b").mkdir()

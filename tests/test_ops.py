@@ -70,6 +70,69 @@ def test_backend_defaults():
         assert ops.is_fast("conv_gemm") and not ops.is_fast("group_norm")
 
 
+class _CustomFunction:
+    """Stands in for mx.custom_function inside mflux2.ops.split: the views it makes come out doubled
+    (or the call raises), so whether the fast path ran shows in the result."""
+
+    def __init__(self, fn, how):
+        self.fn, self.how = fn, how
+
+    def vjp(self, f):
+        return f
+
+    def __call__(self, *args):
+        return _sabotaged(self.how, self.fn(*args))
+
+
+def _sabotaged(how: str, outs):
+    if how == "raise":
+        raise AssertionError("the fast path ran")
+    return type(outs)(2 * o for o in outs) if isinstance(outs, (list, tuple)) else 2 * outs
+
+
+def sabotage(monkeypatch, op: str, how: str) -> None:
+    """Make op's fast path (the code only it runs) double its outputs ("wrong") or raise ("raise")."""
+    from mflux2.ops import glu, split
+
+    def wrap(module, name):
+        real = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, **k: _sabotaged(how, real(*a, **k)))
+
+    if op == "rope":
+        wrap(rope, "_rope")
+    elif op == "swiglu":
+        wrap(glu, "_swiglu")
+    elif op in ("split_views", "flat_views"):
+        proxy = type("mx", (), {"__getattr__": lambda self, name: getattr(mx, name)})()
+        proxy.custom_function = lambda fn: _CustomFunction(fn, how)
+        monkeypatch.setattr(split, "mx", proxy)
+        monkeypatch.setattr(split, "_SPLITS", {})  # (made before the sabotage)
+    elif op == "linear":
+        wrap(gemm, "_project")  # every fast GEMM (Linear, LoRA) starts there
+    elif op == "linear_quantized":
+        wrap(gemm, "_dequantized_gemm")
+    elif op == "conv_gemm":  # the GEMM convolutions (stride 1 and strided)
+        wrap(conv, "_conv_stride1")
+        wrap(conv, "_conv_im2col")
+    elif op == "group_norm":  # the affine step after layer_norm (the fallback has its own)
+        wrap(conv, "_affine")
+        wrap(conv, "_affine_silu")
+    else:
+        raise AssertionError(f"no sabotage for {op}: add one so its fast path is checked too")
+
+
+CPU_CHECKS = [op for op, (_, needs_cuda) in CHECKS.items() if not needs_cuda]
+
+
+@pytest.mark.parametrize("op", CPU_CHECKS)
+def test_each_check_runs_its_fast_path(op, monkeypatch):
+    """A fast path that silently fell back to the plain formula would agree with it: each check must
+    notice when the fast path's own code is broken (so it ran)."""
+    sabotage(monkeypatch, op, "wrong")
+    result = check(op)
+    assert not result["ok"] and result["max_rel_err"] > 0.5, result
+
+
 def test_each_switch_picks_the_fallback(monkeypatch):
     """The environment variable, `using` and the per-call argument all pick the path; `using` wins
     over the environment and the argument over both."""
@@ -90,16 +153,18 @@ def test_each_switch_picks_the_fallback(monkeypatch):
             pass
 
 
-def test_fallbacks_are_plain_mlx():
-    """With every switch off, no custom function runs: the VJPs are autodiff's (a custom VJP that
-    raised would show)."""
-    x = mx.random.normal((1, 4, 2, 8))
-    tables = ops.rope_table(mx.zeros((1, 4, 4)), (2, 2, 2, 2), 2000.0)
+@pytest.mark.parametrize("op", CPU_CHECKS)
+def test_fallbacks_are_plain_mlx(op, monkeypatch):
+    """With every switch off, none of the fast paths' code runs (it would raise) for the values and
+    the input gradients of each check: the fallbacks are plain MLX, differentiated by autodiff."""
+    from mflux2.ops import agreement
+
+    sabotage(monkeypatch, op, "raise")
     off = {name: False for name in ops.SWITCHES}
+    monkeypatch.setattr(agreement, "using", lambda **_: ops.using(**off))  # both sides of the check: fallbacks
     with ops.using(**off):
-        y = ops.apply_rope(x, tables)
-        assert y.shape == x.shape and np.allclose(np.array(y), np.array(x), atol=1e-6)  # position 0: no rotation
-        assert ops.swiglu(mx.ones((2, 4))).shape == (2, 2)
+        result = check(op)
+    assert result["ok"] and result["max_rel_err"] == 0.0, result
 
 
 def test_ops_check_script_runs_on_the_cpu():

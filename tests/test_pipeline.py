@@ -413,7 +413,7 @@ def test_missing_components_and_bad_sources_are_one_line_errors(models, tmp_path
     with pytest.raises(ModelLoadError, match=r"ae.safetensors \(the VAE\) is missing"):
         Flux2Pipeline.from_pretrained(bfl)
 
-    with pytest.raises(ModelLoadError, match="no such file or folder, and not a model name"):
+    with pytest.raises(ModelLoadError, match="nowhere: no such file or folder"):
         Flux2Pipeline.from_pretrained(str(tmp_path / "nowhere"))
     with pytest.raises(ModelLoadError, match="not a FLUX.2 model folder"):
         Flux2Pipeline.from_pretrained(tmp_path)
@@ -597,5 +597,11 @@ def test_cli_errors_are_one_line(converted, tmp_path, capsys):
     assert generate_main(["--model", str(converted), "--prompt", "x", "--lora", str(tmp_path / "no.safetensors"),
                           "--output", str(tmp_path / "a.png")]) == 1
     assert "no such file" in capsys.readouterr().err
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    for out in (f"{blocker}/a.png", f"{blocker}/sub/"):  # refused before any model loads (this one does not exist)
+        assert generate_main(["--model", str(tmp_path / "none"), "--prompt", "x", "--output", out]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("mflux2-generate: error: --output ") and f"{blocker} is a file, not a folder" in err, err
     with pytest.raises(ModelLoadError):
         generate_main(["--model", str(tmp_path / "none"), "--prompt", "x", "--debug"])

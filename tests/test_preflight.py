@@ -120,11 +120,16 @@ def test_unreadable_image_listed(tmp_path, monkeypatch, capsys, no_weights):
     data = tmp_path / "data"
     shutil.copytree(ROOT / "data/toy/star", data)
     (data / "broken.png").write_bytes(b"not a png")
+    (data / "cut.jpg").write_bytes(b"\xff\xd8\xff")
     monkeypatch.chdir(ROOT)
     rc, out, err, _ = dry_run(capsys, CONFIG, "--output", tmp_path / "out", "--dataset", data)
-    assert rc == 1  # the run would stop at it
-    assert "broken.png" in out and "16 image(s)" in out
-    assert "skip_bad_images" in err
+    assert rc == 1  # the run would stop at them
+    section = out.split("== dataset")[1].split("== model")[0]
+    # one story: the section's error names both, says the run stops, and the count is the readable ones
+    assert "error: dataset.path: 2 unreadable image(s), the run stops at them" in section, section
+    assert "\n    broken.png (" in section and "\n    cut.jpg (" in section and "skipped" not in section
+    assert "the 16 readable image(s)" in section
+    assert "broken.png" in err and "cut.jpg" in err and "skip_bad_images" in err
     rc, out, err, _ = dry_run(capsys, CONFIG, "--output", tmp_path / "out", "--dataset", data,
                               "--set", "dataset.skip_bad_images=true")
     assert rc == 0, out + err

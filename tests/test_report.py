@@ -54,6 +54,34 @@ def test_report_renders_in_headless_chromium(report, tmp_path):
     assert (sat > 40).sum() > 6 * 192 * 192 * 0.3, (sat > 40).sum()
 
 
+def test_every_output_file_gets_the_users_umask(report):
+    """report.html, the curve and the PNGs (written through the atomic writer) have the same mode as
+    the safetensors and JSON files: what the umask leaves of 0666, not a private 0600."""
+    import os
+    import stat
+
+    mask = os.umask(0o022)
+    os.umask(mask)
+    modes = {f.relative_to(report.parent).as_posix(): stat.S_IMODE(f.stat().st_mode)
+             for f in report.parent.rglob("*") if f.is_file()}
+    assert {"report.html", "learning_curve.svg", "baseline/prompt_0_64x64.png", "lora_final.safetensors"} <= set(modes)
+    assert {f: m for f, m in modes.items() if m != 0o666 & ~mask} == {}
+
+
+def test_atomic_writes_follow_the_umask(tmp_path):
+    import os
+    import stat
+
+    from mflux2.training.outputs import atomic_write_text
+
+    old = os.umask(0o027)
+    try:
+        atomic_write_text(tmp_path / "a.txt", "x")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "a.txt").stat().st_mode) == 0o640
+
+
 def test_report_shows_images_before_curve_and_timing(report):
     page = report.read_text()
     assert page.index("Validation images") < page.index("Learning curve") < page.index('<table id="timing"')
@@ -77,6 +105,13 @@ def test_report_groups_the_prompts_and_shows_each_images_change_from_the_baselin
     # "sks, a photo of a thing" / "a photo of a thing": the class word is "thing"
     assert [p["group"] for p in prompts] == ["trigger", "class"]
     assert page.index('id="group-trigger"') < page.index('id="group-class"') and 'id="group-unrelated"' not in page
+    # the headings say what training does to each group (not that its images stay put: Δ shows they move)
+    heads = dict(re.findall(r'id="group-(\w+)">[^<]*<span class="tag">\(([^)]*\([^)]*\)[^)]*|[^)]*)\)</span>', page))
+    assert heads["class"].startswith("DOP (when on) trains these toward the baseline; Δ is how far they still moved")
+    assert "should stay" not in page
+    from mflux2.training.report import GROUPS
+
+    assert dict((g, h) for g, _, h in GROUPS)["unrelated"].startswith("nothing in training holds these to the baseline")
     cfg = load_config(out.parent / "cfg.yaml")
     assert prompt_group("a photo of a dog", False, cfg) == "unrelated"
     shown = re.findall(r"<h4>([^<]+) <span.*?</h4>(.*?)</section>", page, re.S)

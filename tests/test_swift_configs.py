@@ -10,6 +10,7 @@ import warnings
 from pathlib import Path
 
 import pytest
+from safetensors import safe_open
 
 from mflux2.training.config import ConfigWarning
 from mflux2.training.config_loading import load_config
@@ -68,7 +69,14 @@ def test_swift_config_resolves_to_what_swift_trains(name):
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
-def test_swift_config_trains_two_steps_on_the_toy_model(name, tmp_path):
+def test_swift_config_trains_two_steps_on_the_toy_model(name, tmp_path, monkeypatch):
+    """What the run trained, from what its steps were given and what it wrote: the timestep sampling,
+    DOP on its steps with the class prompts, the LoRA's rank and targets. (The model variant is the
+    toy's here; which variant a config trains is checked above, at config level.)"""
+    from mflux2.training import data as data_mod
+    from mflux2.training import step as step_mod
+
+    rank, sampling, _, _, targets, dop, _, _ = EXPECTED[name]
     # model.name off, model.path on: the toy model stands in for the named one (variant switching is
     # the trainer's, checked above at config level); two images, small, and no validation images keep it quick.
     data = tmp_path / "data"
@@ -85,6 +93,29 @@ def test_swift_config_trains_two_steps_on_the_toy_model(name, tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConfigWarning)
         cfg = load_config(CORPUS / name, overrides)
+
+    seen = {"sampling": set(), "dop": [], "dop_prompts": []}
+    sample = step_mod.sample_timesteps
+    monkeypatch.setattr(step_mod, "sample_timesteps", lambda mode, *a, **k: seen["sampling"].add(mode) or sample(mode, *a, **k))
+    call = step_mod.TrainStep.__call__
+    monkeypatch.setattr(step_mod.TrainStep, "__call__", lambda self, batch, key, dop=False: seen["dop"].append(
+        (dop, batch.dop_embeds is not None)) or call(self, batch, key, dop=dop))
+    kept = data_mod.preservation_prompts
+    monkeypatch.setattr(data_mod, "preservation_prompts", lambda *a: seen["dop_prompts"].extend(kept(*a)) or kept(*a))
+
     Trainer(cfg, log=lambda *a: None).run()
-    assert (tmp_path / "out" / "lora_final.safetensors").is_file()
-    assert (tmp_path / "out" / "checkpoint_000002" / "training_state.json").is_file()
+    out = tmp_path / "out"
+    assert (out / "checkpoint_000002" / "training_state.json").is_file()
+    assert seen["sampling"] == {sampling}
+    if dop is None:
+        assert seen["dop"] == [(False, False)] * 2 and not seen["dop_prompts"]
+    else:  # DOP on the steps 0, n, 2n, ... with the class word in place of the trigger
+        word, every = dop
+        assert seen["dop"] == [(True, True), (every == 1, every == 1)]
+        assert seen["dop_prompts"] and all(word in p and cfg.dataset.trigger_word not in p for p in seen["dop_prompts"])
+    with safe_open(str(out / "lora_final.safetensors"), "np") as f:
+        meta, keys = f.metadata(), list(f.keys())
+        a_rank = {f.get_tensor(k).shape[0] for k in keys if k.endswith("lora_A.weight")}
+    assert (meta["rank"], meta["targets"], a_rank) == (str(rank), targets, {rank})
+    mlp = [k for k in keys if "_mlp." in k]  # the double blocks' feed-forward layers: "all" only
+    assert (len(mlp) > 0) == (targets == "all"), sorted(keys)[:8]

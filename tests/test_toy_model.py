@@ -104,6 +104,35 @@ def test_toy_model_folder_is_small_and_in_diffusers_layout():
     assert index["_class_name"] == "Flux2KleinPipeline" and index["is_distilled"] is False
 
 
+def test_the_toy_model_folder_names_its_own_generation_defaults(tmp_path):
+    """models/toy/mflux2_sampling.json: 64², 20 steps, CFG 2.0 when the caller gives none (klein-base's
+    1024² and 50 steps take about half an hour an image on 2 CPU cores); what the caller gives wins."""
+    from PIL import Image
+
+    from mflux2.cli import generate_main
+    from mflux2.hub import ModelLoadError
+    from mflux2.model_files import SAMPLING_FILE, read_sampling
+    from mflux2.pipeline import Flux2Pipeline
+
+    pipe = Flux2Pipeline.from_pretrained(TOY)
+    assert pipe.source.sampling == {"width": 64, "height": 64, "steps": 20, "guidance": 2.0}
+    assert pipe.sampling_settings(None, None) == (20, 2.0, True) and pipe.sampling_settings(3, 1.5) == (3, 1.5, True)
+    latents = pipe.generate("a red sks", num_inference_steps=1, progress=False, output_type="latent")
+    assert latents[0].shape == (16, 128)  # 64² in 16-pixel tokens
+    out = tmp_path / "toy.png"
+    assert generate_main(["--model", str(TOY), "--prompt", "a red circle on a blue background", "--steps", "1",
+                          "--output", str(out), "--quiet"]) == 0
+    with Image.open(out) as im:
+        meta = json.loads(im.text["parameters"])
+        assert im.size == (64, 64) and (meta["steps"], meta["guidance"], meta["cfg"]) == (1, 2.0, True)
+    (tmp_path / SAMPLING_FILE).write_text('{"width": 60, "steps": 20}')
+    with pytest.raises(ModelLoadError, match=r"mflux2_sampling.json: width: 60 is not a positive multiple of 16"):
+        read_sampling(tmp_path)
+    (tmp_path / SAMPLING_FILE).write_text('{"size": 64}')
+    with pytest.raises(ModelLoadError, match=r"mflux2_sampling.json: unknown key 'size'"):
+        read_sampling(tmp_path)
+
+
 def test_toy_model_loads_through_the_component_loaders():
     from mflux2.models.text_encoder import load_text_encoder
     from mflux2.models.transformer import load_transformer
@@ -136,12 +165,12 @@ def test_toy_model_follows_held_out_prompts():
     images = []
     for i, combo in enumerate(PROMPTS):
         images += pipe.generate(toy_data.caption(*combo), width=64, height=64, seed=100 + i, num_inference_steps=20,
-                                progress=False)
+                                guidance_scale=4.0, progress=False)  # (as measured: klein-base's guidance)
     assert images[0].size == (64, 64)
     result = score(images, PROMPTS)
     attributes = (result["colour"] + result["shape"] + result["background"]) / 3
     assert attributes >= MIN_ATTRIBUTE_ACCURACY, result
     # the prompt matters: another prompt from the same noise gives another image
     other = pipe.generate(toy_data.caption("yellow", "square", "purple"), width=64, height=64, seed=100, num_inference_steps=20,
-                          progress=False)[0]
+                          guidance_scale=4.0, progress=False)[0]
     assert np.abs(np.asarray(other, np.float32) - np.asarray(images[0], np.float32)).mean() > 20

@@ -115,6 +115,57 @@ def test_replies_are_parsed_the_swift_way():
     assert parse_reply('{"bleed_score": ' + BLEED_REPLY, ("bleed",))["bleed"] == 10
 
 
+def test_numbers_in_thinking_or_reasons_are_not_scores():
+    # a reply that ran out of tokens while thinking: an unclosed <think> block holds no answer
+    assert parse_reply("<think>The scene score would be 80/100 and the style 70/100, but") is None
+    assert parse_reply('{"scene_score": <think>scene 75, style 60', ("scene", "style")) is None
+    # the only numbers sit in reason fields (closed, or cut off by max_tokens)
+    assert parse_reply('{"scene_score": "n/a", "scene_reason": "scene 85 of 100", "style_score": "n/a", '
+                       '"style_reason": "style about 90/100"}') is None
+    assert parse_reply('{"bleed_score": ?, "bleed_reason": "bleed 40 out of 100 at most', ("bleed",)) is None
+    # a closed thinking block before the answer still parses the answer
+    got = parse_reply('<think>scene 10, style 20</think>Scene: 75/100. Style score: 60.')
+    assert (got["scene"], got["style"]) == (75, 60)
+
+
+class RecordingVLM:
+    """Stands in for a loaded VLM: records the images of each question and answers by them (a
+    reply with scene = the second image's first pixel), so what it was shown decides the score."""
+
+    def __init__(self):
+        self.asked = []
+
+    def ask(self, images, prompt, system=None, prefill="", max_tokens=300):
+        from PIL import Image
+
+        self.asked.append((list(images), prefill))
+        level = Image.open(images[1]).getpixel((0, 0))[0] * 100 // 255
+        if prefill.startswith('{"bleed'):
+            return prefill + f'{level}, "bleed_reason": "x"}}'
+        return prefill + f'{level}, "scene_reason": "x", "style_score": 50, "style_reason": "y"}}'
+
+
+def test_each_image_is_scored_against_its_reference(tmp_path):
+    """The VLM sees [reference, generated image], in that order, for the subject and the bleed
+    questions alike; the score comes from the generated image."""
+    from PIL import Image
+
+    from mflux2.training.scoring import Target, score_images
+
+    ref = tmp_path / "ref.png"
+    Image.new("RGB", (8, 8), (255, 255, 255)).save(ref)
+    folder = tmp_path / "checkpoint"
+    folder.mkdir()
+    Image.new("RGB", (8, 8), (51, 0, 0)).save(folder / "prompt_0_64x64.png")  # 51/255 -> 20
+    Image.new("RGB", (8, 8), (102, 0, 0)).save(folder / "prompt_1_64x64.png")  # -> 40
+    targets = [Target("prompt_0_64x64.png", "sks, a toy", 0, "presence", ref),
+               Target("prompt_1_64x64.png", "a toy", 0, "bleed", ref)]
+    vlm = RecordingVLM()
+    got = score_images(vlm, folder, targets, 0.5, "toy", log=lambda *a: None)
+    assert [a[0] for a in vlm.asked] == [[ref, folder / "prompt_0_64x64.png"], [ref, folder / "prompt_1_64x64.png"]]
+    assert [(r["kind"], r["score"]) for r in got] == [("presence", 0.5 * 20 + 0.5 * 50), ("bleed", 100.0 - 40)]
+
+
 def test_early_stop_and_status_follow_the_swift_trainer():
     # its docs/examples/vlm-scoring run: 14, 51, 61, 42 after the baseline; degradation_threshold 15
     scores = [0.0, 14.0, 51.0, 61.0]

@@ -11,9 +11,12 @@
 | group_norm | conv.py | GroupNorm through mx.fast.layer_norm, nothing evaluated, SiLU fused (default on CUDA only) | chunked float32 statistics, each chunk evaluated |
 
 One switch per op (`switches.SWITCHES`: an environment variable each, `using(op=False)` in code,
-`fast=` per call; `switches.BACKEND_DEFAULTS` where a fast path is not the default on a backend). tests/test_ops.py checks that each fast path and its fallback agree on the CPU
-(values and gradients); scripts/ops_check.py does it on whatever device runs it, CUDA kernels
-included. A new kernel goes into its op's module, behind a switch of its own.
+`fast=` per call; `switches.BACKEND_DEFAULTS` where a fast path is not the default on a backend).
+tests/test_ops.py checks that each fast path and its fallback agree on the CPU (values and
+gradients), that each check really runs the fast path (a broken one is caught) and that the
+fallbacks run none of it; scripts/ops_check.py does the agreement on whatever device runs it, CUDA
+kernels included. A new kernel goes into its op's module, behind a switch of its own, and gets a
+sabotage entry in tests/test_ops.py.
 """
 
 from mflux2.ops.conv import conv2d, conv2d_reference, group_norm, group_norm_reference

@@ -10,21 +10,36 @@ complete, so a crash never leaves a half checkpoint that looks whole (`outputs.c
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import time
 from pathlib import Path
 
 import mlx.core as mx
 from mlx.utils import tree_flatten, tree_map_with_path, tree_unflatten
 
 from mflux2.training.config import config_hash, resume_signature
-from mflux2.training.outputs import TrainingError, checkpoint_problem, commit_checkpoint, latest_checkpoint
+from mflux2.training.outputs import TrainingError, checkpoint_dirs, checkpoint_problem, commit_checkpoint, latest_checkpoint
 
 
-def find_resume(output: Path, resume, log=print) -> Path | None:
-    """The checkpoint a run resumes from: `resume` False → none; a path → that folder (it must be
-    complete); True → the newest complete one in `output`, damaged ones (a file missing or cut short,
-    e.g. by an interrupted copy) skipped with one warning naming them."""
+def find_resume(output: Path, resume, log=print, act: bool = True) -> Path | None:
+    """The checkpoint a run resumes from: `resume` a path → that folder (it must be complete); True
+    → the newest complete one in `output`, damaged ones (a file missing or cut short, e.g. by an
+    interrupted copy) skipped with one warning naming them; False (--no-resume) → none, and an
+    earlier run's checkpoints are moved into `previous_run_<time>/` (with `act`; the dry run only
+    says so): left in place they would outrank this run's own (keep_last would prune this run's,
+    a restart would continue the earlier run), and deleted they would be lost."""
+    output = Path(output)
     if resume is False:
+        earlier = checkpoint_dirs(output) if output.is_dir() else []
+        if earlier:
+            aside = output / time.strftime("previous_run_%Y%m%d-%H%M%S")
+            if act:
+                aside.mkdir()
+                for _, p in earlier:
+                    os.replace(p, aside / p.name)
+            log(f"--no-resume: {'moved' if act else 'would move'} the earlier run's {', '.join(p.name for _, p in earlier)} "
+                f"into {aside}")
         return None
     if isinstance(resume, (str, Path)):
         p = Path(resume)
@@ -34,7 +49,7 @@ def find_resume(output: Path, resume, log=print) -> Path | None:
                                 f"pass another checkpoint_NNNNNN folder, or use --no-resume")
         return p
     damaged: list = []
-    ckpt = latest_checkpoint(Path(output), damaged) if Path(output).is_dir() else None
+    ckpt = latest_checkpoint(output, damaged) if output.is_dir() else None
     if damaged:
         log(f"warning: skipping damaged checkpoint(s) in {output}: "
             + "; ".join(f"{d.name} ({why})" for d, why in damaged)

@@ -397,6 +397,8 @@ class TrainConfig:
     raw: dict = field(default_factory=dict, repr=False, compare=False, metadata={"internal": True})
     # dotted key -> "file" | "override" | None (Swift default) | a reason (mflux2 default); see dump_yaml.
     provenance: dict = field(default_factory=dict, repr=False, compare=False, metadata={"internal": True})
+    # dotted key -> where its value was written ("file.yaml:12", "file.yaml (override)"): for errors found later
+    locations: dict = field(default_factory=dict, repr=False, compare=False, metadata={"internal": True})
 
     @property
     def dataset_list(self) -> list[DatasetConfig]:

@@ -128,6 +128,17 @@ def _coerce_scalar(v: Any, typ: type, ctx: _Ctx, path: tuple) -> Any:
     raise AssertionError(typ)
 
 
+def _edits(a: str, b: str) -> int:
+    """Edits (insert, delete, replace, swap two neighbours) from a to b."""
+    d = [[i + j if not i * j else 0 for j in range(len(b) + 1)] for i in range(len(a) + 1)]
+    for i in range(1, len(a) + 1):
+        for j in range(1, len(b) + 1):
+            d[i][j] = min(d[i - 1][j] + 1, d[i][j - 1] + 1, d[i - 1][j - 1] + (a[i - 1] != b[j - 1]))
+            if i > 1 and j > 1 and a[i - 1] == b[j - 2] and a[i - 2] == b[j - 1]:
+                d[i][j] = min(d[i][j], d[i - 2][j - 2] + 1)
+    return d[-1][-1]
+
+
 def _check_meta(v: Any, meta: dict, ctx: _Ctx, path: tuple) -> Any:
     if "choices" in meta and isinstance(v, str):
         key = v.strip().lower()
@@ -141,7 +152,11 @@ def _check_meta(v: Any, meta: dict, ctx: _Ctx, path: tuple) -> Any:
         if key not in meta["choices"]:
             near = difflib.get_close_matches(key, list(meta["choices"]) + list(aliases), n=1, cutoff=0.5)
             hint = f" (did you mean {aliases.get(near[0], near[0])!r}?)" if near else ""
-            if "fallback" in meta:  # the Swift trainer runs such a file: so do we, and say so
+            typo = [c for c in list(meta["choices"]) + list(aliases) if _edits(key, c) <= 2]
+            if "fallback" in meta and typo:  # a typo must not quietly change the training
+                raise ctx.error(path, f"invalid value {_show(v)}: did you mean {aliases.get(typo[0], typo[0])!r}? "
+                                      f"(one of {', '.join(meta['choices'])})")
+            if "fallback" in meta:  # a name the Swift trainer runs as its fallback: so do we, and say so
                 ctx.warn(path, f"unknown value {_show(v)} (expected one of {', '.join(meta['choices'])}){hint}: "
                                f"trained as {meta['fallback']!r}, as the Swift trainer does")
                 return meta["fallback"]
@@ -383,6 +398,7 @@ def _finalize(cfg: TrainConfig, ctx: _Ctx) -> TrainConfig:
         src = ctx.source_of(tuple(path.split(".")))
         if src:
             prov[path] = src
+            cfg.locations[path] = ctx.where(tuple(path.split(".")))
 
     def derived(path: str, note: str | None) -> None:  # a value filled here: record why
         if path not in prov:
@@ -393,7 +409,9 @@ def _finalize(cfg: TrainConfig, ctx: _Ctx) -> TrainConfig:
     if cfg.model.name is None:
         derived("model.name", "none: the architecture is read from model.path")
     if cfg.model.path is not None and not Path(cfg.model.path).expanduser().exists():
-        raise ctx.error(("model", "path"), f"no such file or folder: {cfg.model.path}")
+        from mflux2.hub import missing_path_note
+
+        raise ctx.error(("model", "path"), f"no such file or folder: {cfg.model.path}{missing_path_note(cfg.model.path)}")
     name = cfg.model.name
     if not cfg.model.use_base:
         if name in BASE_OF:

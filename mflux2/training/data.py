@@ -17,8 +17,9 @@
   smaller than every resolution uses the smallest, and upscaling it by more than MAX_UPSCALE (2x) is
   warned about. With bucketing off every image is a center crop of dataset.image_size².
 * Images: grayscale, CMYK, palette, 16-bit and alpha (composited on white) are converted to RGB by
-  `mflux2.images.to_rgb`; EXIF orientation is applied; huge JPEGs are decoded at a reduced scale. Unreadable/truncated/empty files raise a one-line `DataError` naming the
-  file, or are skipped with one listed warning when `dataset.skip_bad_images: true`.
+  `mflux2.images.to_rgb`; EXIF orientation is applied; huge JPEGs are decoded at a reduced scale. Unreadable/truncated/empty files raise one one-line `DataError` naming
+  every one of them (the scan goes on past the first), or are skipped with one listed warning when
+  `dataset.skip_bad_images: true`.
 * Edit training (`dataset.control_path`, one folder or a list): a target's control in each folder is
   the image there with the target's file stem (any image extension; non-recursive). Reference j of a
   target is its control from the j-th folder that has one. A control is oriented and made RGB like
@@ -422,16 +423,20 @@ def _cover_crop(img: Image.Image, bucket: tuple[int, int]) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------
 
 
-def resolve_dataset_path(spec: str, key: str = "dataset.path") -> tuple[Path, bool]:
+def resolve_dataset_path(spec: str, key: str = "dataset.path", where: str = "") -> tuple[Path, bool]:
     """(folder, is_hub_snapshot). A path that exists is used as is; `owner/name` that does not exist
-    locally is fetched from the Hugging Face hub as a dataset repo (cached; later runs reuse it)."""
+    locally is fetched from the Hugging Face hub as a dataset repo (cached; later runs reuse it).
+    `where`: the config line the value came from, for the errors."""
+    from mflux2.hub import missing_path_note, parent_folder_exists
+
     p = Path(spec).expanduser()
+    at = f"{where}: " if where else ""
     if p.exists():
         if not p.is_dir():
-            raise DataError(f"{key}: {p} is a file; expected a folder of images")
+            raise DataError(f"{at}{key}: {p} is a file; expected a folder of images")
         return p, False
-    if not looks_like_repo_id(spec):
-        raise DataError(f"{key}: no such folder: {p.resolve()}")
+    if not looks_like_repo_id(spec) or parent_folder_exists(spec):
+        raise DataError(f"{at}{key}: no such folder: {spec}{missing_path_note(spec)}")
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError
 
@@ -440,9 +445,10 @@ def resolve_dataset_path(spec: str, key: str = "dataset.path") -> tuple[Path, bo
     except GatedRepoError:
         raise DataError(f"{key}: {spec} is a gated dataset: accept its terms at https://huggingface.co/datasets/{spec} and run `hf auth login`") from None
     except RepositoryNotFoundError:
-        raise DataError(f"{key}: {spec!r} is neither a local folder (from {Path.cwd()}) nor a dataset on the Hugging Face hub") from None
+        raise DataError(f"{at}{key}: {spec!r} is neither a local folder{missing_path_note(spec)} nor a dataset on the Hugging Face hub") from None
     except LocalEntryNotFoundError:
-        raise DataError(f"{key}: {spec!r} is not a local folder, not in the Hugging Face cache, and the hub cannot be reached") from None
+        raise DataError(f"{at}{key}: {spec!r} is not a local folder{missing_path_note(spec)}, not in the Hugging Face cache, "
+                        "and the hub cannot be reached") from None
     except Exception as e:  # noqa: BLE001 - network and disk errors
         raise DataError(f"{key}: downloading the Hugging Face dataset {spec!r} failed ({_first_line(e)})") from None
     return Path(folder), True
@@ -525,7 +531,7 @@ def scan_dataset(cfg: "TrainConfig", *, validation: bool = False, prefix: str = 
     spec = ds.validation_path if validation else ds.path
     if not spec:
         raise DataError(f"{key}: not set")
-    folder, recursive = resolve_dataset_path(spec, key)
+    folder, recursive = resolve_dataset_path(spec, key, cfg.locations.get(key, ""))
     images = _list_images(folder, recursive)
     if not images:
         where = "the Hugging Face dataset" if recursive else "the folder"
@@ -543,8 +549,6 @@ def scan_dataset(cfg: "TrainConfig", *, validation: bool = False, prefix: str = 
     bad: list[str] = []
     jsonl = _jsonl_captions(folder, recursive) if ds.caption_format == "jsonl" else None
     for listed in sorted(p for p in (jsonl or {}) if not p.is_file()):
-        if not ds.skip_bad_images:
-            raise DataError(f"{listed}: listed in metadata.jsonl but the file does not exist")
         bad.append(f"{listed.name} (listed in metadata.jsonl, missing)")
 
     upscaled: list[str] = []
@@ -552,9 +556,7 @@ def scan_dataset(cfg: "TrainConfig", *, validation: bool = False, prefix: str = 
         rel = img_path.relative_to(folder).as_posix()
         try:
             size, digest = probe_image(img_path)
-        except DataError as e:
-            if not ds.skip_bad_images:
-                raise
+        except DataError as e:  # every one is listed below, not only the first
             bad.append(f"{rel} ({str(e).split(': ', 1)[-1]})")
             continue
         if jsonl is not None:
@@ -585,10 +587,15 @@ def scan_dataset(cfg: "TrainConfig", *, validation: bool = False, prefix: str = 
                               loss_weight=ds.loss_weight, caption_dropout=ds.caption_dropout, is_reg=reg,
                               variants=variants, dop_variants=dops))
 
+    if bad and not ds.skip_bad_images:
+        err = DataError(f"{key}: {len(bad)} unreadable image(s): {_listing(bad)} — remove them, or set "
+                        f"{prefix}.skip_bad_images: true to train without them")
+        err.unreadable = bad  # (the dry run lists them one a line)
+        raise err
     control_spec = ds.validation_control_path if validation else ds.control_path
     if control_spec and samples:
-        samples = pair_controls(samples, folder, control_spec, "dataset.validation_control_path" if validation
-                                else "dataset.control_path", ds.skip_bad_images, bad)
+        samples = pair_controls(samples, folder, control_spec, f"{prefix}.validation_control_path" if validation
+                                else f"{prefix}.control_path", ds.skip_bad_images, bad)
     if (ds.mask_path or ds.alpha_mask) and samples and not validation:
         samples = pair_masks(samples, ds, prefix)
     if named:
@@ -596,7 +603,7 @@ def scan_dataset(cfg: "TrainConfig", *, validation: bool = False, prefix: str = 
                       f"(or [trigger]): a regularisation set trains the model's prior, so it should not name the subject: "
                       f"{_listing(named)}", DataWarning, stacklevel=2)
     if bad:
-        warnings.warn(f"{key}: skipped {len(bad)} unreadable image(s) (dataset.skip_bad_images): {_listing(bad)}", DataWarning, stacklevel=2)
+        warnings.warn(f"{key}: skipped {len(bad)} unreadable image(s) ({prefix}.skip_bad_images): {_listing(bad)}", DataWarning, stacklevel=2)
     if not samples:
         raise DataError(f"{key}: none of the {len(images)} image(s) in {folder} could be read")
     if no_caption:

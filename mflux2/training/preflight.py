@@ -176,8 +176,9 @@ class Report:
 
 
 def _scan(cfg, rep: Report, validation: bool):
-    """scan_dataset of every dataset as the run calls it, but listing unreadable files instead of
-    stopping at the first, and finding a hub dataset in the cache only."""
+    """scan_dataset of every dataset as the run calls it, finding a hub dataset in the cache only.
+    Unreadable images the run would stop at are the section's error, each named; the figures after
+    it are then those of the readable images (what the run trains once they are removed or skipped)."""
     import copy
     import functools
     from unittest import mock
@@ -191,24 +192,30 @@ def _scan(cfg, rep: Report, validation: bool):
     for prefix, one in data_mod.dataset_configs(cfg):
         if validation and not one.dataset.validation_path:
             continue
-        c = copy.copy(one)
-        c.dataset = copy.copy(one.dataset)
-        c.dataset.skip_bad_images = True
-        with warnings.catch_warnings(record=True) as caught, mock.patch.object(huggingface_hub, "snapshot_download", offline):
-            warnings.simplefilter("always")
-            try:
-                samples = data_mod.scan_dataset(c, validation=validation, prefix=prefix)
-            except data_mod.DataError as e:
-                rep.line(f"error: {e}")
-                rep.problems.append(str(e))
-                continue
+        unreadable, samples = [], []
+        for skip in (False, True):
+            c = copy.copy(one)
+            c.dataset = copy.copy(one.dataset)
+            c.dataset.skip_bad_images = one.dataset.skip_bad_images or skip
+            with warnings.catch_warnings(record=True) as caught, mock.patch.object(huggingface_hub, "snapshot_download", offline):
+                warnings.simplefilter("always")
+                try:
+                    samples = data_mod.scan_dataset(c, validation=validation, prefix=prefix)
+                    break
+                except data_mod.DataError as e:
+                    unreadable = getattr(e, "unreadable", [])
+                    rep.line(f"error: {str(e).split(': ', 1)[0]}: {len(unreadable)} unreadable image(s), the run stops at them — "
+                             f"remove them, or set {prefix}.skip_bad_images: true:" if unreadable else f"error: {e}")
+                    for bad in unreadable:
+                        rep.line(f"  {bad}")
+                    rep.problems.append(str(e))
+                    if not unreadable:
+                        break
         for w in caught:
-            msg = str(w.message)
-            rep.line(f"warning: {msg}")
-            if "unreadable" in msg and not one.dataset.skip_bad_images:
-                key = f"{prefix}.validation_path" if validation else f"{prefix}.path"
-                rep.problems.append(f"{key}: unreadable image(s) — the run would stop at the first; remove them or set "
-                                    f"{prefix}.skip_bad_images: true ({msg.split(': ', 2)[-1]})")
+            if not (unreadable and "unreadable" in str(w.message)):  # (those are the error above)
+                rep.line(f"warning: {w.message}")
+        if unreadable:
+            rep.line(f"the {len(samples)} readable image(s):")
         out += samples
     return out
 
@@ -305,7 +312,7 @@ def preflight(cfg, out=print, err=None, memory_gb: float | None = None, resume=T
         from mflux2.training.outputs import TrainingError
 
         try:
-            ckpt = checkpoints.find_resume(Path(cfg.checkpoints.output), resume, log=rep.line)
+            ckpt = checkpoints.find_resume(Path(cfg.checkpoints.output), resume, log=rep.line, act=False)
         except TrainingError as e:
             rep.line(f"error: {e}")
             rep.problems.append(str(e))

@@ -37,10 +37,13 @@ def _timing_table(timing: list[dict]) -> str:
             f"<tr><th>total</th><td>{total:.2f} s</td><td></td><td>{max(t['peak_gb'] for t in timing):.2f} GB</td></tr></table>")
 
 
-# The validation prompts in three groups (validation.prompt_group), each with what its images should do.
-GROUPS = (("trigger", "With the trigger word", "should become the subject"),
-          ("class", "The class word without the trigger", "should stay as the baseline (what DOP's class prompt protects)"),
-          ("unrelated", "Other prompts", "should stay as the baseline"))
+# The validation prompts in three groups (validation.prompt_group), each with what training does to
+# its images: the heading says what the strip shows, so a drift it measures never contradicts it.
+GROUPS = (("trigger", "With the trigger word", "the LoRA's subject should appear here"),
+          ("class", "The class word without the trigger",
+           "DOP (when on) trains these toward the baseline; Δ is how far they still moved"),
+          ("unrelated", "Other prompts",
+           "nothing in training holds these to the baseline (DOP protects its class prompts only); Δ is the LoRA's drift"))
 
 
 def _rgb16(path: Path) -> np.ndarray:

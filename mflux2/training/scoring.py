@@ -13,8 +13,8 @@ shouldEarlyStopOnVLM, saveBestCheckpoint; docs/examples/vlm-scoring/), and so do
   512² when there is one.
 - How: the VLM gets [reference, generated] and the Swift system prompt, which asks for a scene and a
   style score, 0-100, as JSON; temperature 0, thinking off, 300 tokens at most. The reply is parsed
-  the Swift way (JSON, then the last {...}, then its regex fallbacks). Composite = w·scene + (1−w)·style
-  (w = scene_weight), averaged over the scored images.
+  the Swift way (JSON, then the last {...}, then its regex fallbacks), minus thinking and reason
+  text. Composite = w·scene + (1−w)·style (w = scene_weight), averaged over the scored images.
 - When: the baseline (no LoRA), every checkpoint that renders validation images, and the final LoRA
   (the last checkpoint). The baseline images are scored once, in the first checkpoint's VLM session
   (greedy decoding gives the same answer every time; the Swift trainer asks again at each
@@ -115,11 +115,16 @@ def _regex_score(text: str, keyword: str) -> int | None:
     return None
 
 
+# A "..._reason" string (closed or cut off by max_tokens): its numbers are prose, never a score.
+_REASON = re.compile(r'"?\w*_reason"?\s*:\s*"(?:[^"\\]|\\.)*("|$)', re.S)
+
+
 def parse_reply(text: str, names: tuple[str, ...] = ("scene", "style")) -> dict | None:
     """`{name: 0-100, name_reason: str}` from a VLM reply, the Swift trainer's way: the thinking
     block and end markers dropped, then the JSON between the first `{` and the last `}`, then the
-    last `{...}` of the raw text, then its regex patterns; scores clamped to 0-100. None when a
-    score is missing."""
+    last `{...}`, then its regex patterns; scores clamped to 0-100. None when a score is missing.
+    Unlike the Swift trainer, nothing inside a thinking block (closed or not) or a reason field
+    becomes a score: a number the model only mused about or explained is not its rating."""
     from mflux2.vlm import clean_reply
 
     keys = tuple(f"{n}_score" for n in names)
@@ -127,15 +132,16 @@ def parse_reply(text: str, names: tuple[str, ...] = ("scene", "style")) -> dict 
     candidates = []
     if "{" in clean and "}" in clean:
         candidates.append(clean[clean.index("{"): clean.rindex("}") + 1])
-    if "{" in text and "}" in text and text.rindex("{") < text.rindex("}"):
-        candidates.append(text[text.rindex("{"): text.rindex("}") + 1])
+    if "{" in clean and "}" in clean and clean.rindex("{") < clean.rindex("}"):
+        candidates.append(clean[clean.rindex("{"): clean.rindex("}") + 1])
     for c in candidates:
         d = _json_scores(c, keys)
         if d is not None:
             out = {n: min(100, max(0, int(d[f"{n}_score"]))) for n in names}
             out.update({f"{n}_reason": str(d.get(f"{n}_reason") or "") for n in names})
             return out
-    found = {n: _regex_score(text, n) for n in names}
+    prose = _REASON.sub("", clean)
+    found = {n: _regex_score(prose, n) for n in names}
     if any(v is None for v in found.values()):
         return None
     return {**found, **{f"{n}_reason": "" for n in names}}

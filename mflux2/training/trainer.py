@@ -42,7 +42,7 @@ from mflux2.training.outputs import (
     latest_checkpoint,
     learning_curve_svg,
 )
-from mflux2.training.phases import PhaseClock
+from mflux2.training.phases import PhaseClock, progress_memory
 from mflux2.training.step import Batch, StepConfig, TrainStep
 from mflux2.training.validation import Validation
 
@@ -576,7 +576,7 @@ class Trainer:
         cfg = self.cfg
         self._check_output()
         clean_partials(self.output)
-        ckpt = checkpoints.find_resume(self.output, self.resume, self.log)
+        ckpt = checkpoints.find_resume(self.output, self.resume, self.log, act=self.rank == 0)
         self._open_models()
         pending = 0
         if any(d.auto_caption for d in cfg.dataset_list):
@@ -669,6 +669,8 @@ class Trainer:
             with clock("resume"):
                 self._restore(ckpt, state)
             metrics.truncate_after(state.step)
+        else:  # starting over: an earlier run's step records are not this run's
+            metrics.truncate_after(0)
         run_id = time.strftime("%Y-%m-%dT%H:%M:%S")
         clock.attach(lambda rec: metrics.append({**rec, "run": run_id}))
         if self.scorer is not None:
@@ -783,7 +785,7 @@ class Trainer:
         state.history.append([state.step, loss, main, pres if is_dop else 0.0])
         self._smooth = loss if self._smooth is None else 0.9 * self._smooth + 0.1 * loss
         mem = mx.get_active_memory() / 1e9
-        self._bar.set_postfix(loss=f"{self._smooth:.4f}", s_it=f"{dt:.2f}", mem=f"{mem:.1f}GB", refresh=False)
+        self._bar.set_postfix(loss=f"{self._smooth:.4f}", s_it=f"{dt:.2f}", **progress_memory(), refresh=False)
         self._bar.update(1)
         if when.should_log(state.step):
             self._metrics.append({"step": state.step, "loss": loss, "main_loss": main, "dop_loss": pres if is_dop else None,
