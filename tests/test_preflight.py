@@ -181,7 +181,8 @@ def test_validation_estimate_counts_an_editing_prompts_reference_tokens(tmp_path
 
     from mflux2.training import plan as P
 
-    monkeypatch.setattr(P, "VAE_DECODE_BYTES_PER_PIXEL", 0)  # the forward's term, where references count
+    for path in P.VAE_BYTES_PER_PIXEL.values():  # the forward's term, where references count
+        monkeypatch.setitem(path, "decode", 0)
     prompt = "validation.prompts=[{prompt: a red shape, sizes: [512]%s}]"
     plain = validation_gb("--set", prompt % "")
     edit = validation_gb("--set", prompt % f", reference_image: {ref}")

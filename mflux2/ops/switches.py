@@ -38,8 +38,9 @@ BACKEND_DEFAULTS = {  # measured: docs/performance.md, "The VAE" (H100, 2026-12-
 _FORCED: dict[str, bool] = {}
 
 
-def is_fast(name: str, override: bool | None = None) -> bool:
-    """Whether op `name` takes its fast path: `override` if given, else `using`'s, else the environment."""
+def is_fast(name: str, override: bool | None = None, on: str | None = None) -> bool:
+    """Whether op `name` takes its fast path: `override` if given, else `using`'s, else the
+    environment, else the default of backend `on` (default: this machine's)."""
     if override is not None:
         return override
     if name in _FORCED:
@@ -47,7 +48,7 @@ def is_fast(name: str, override: bool | None = None) -> bool:
     env = os.environ.get(SWITCHES[name])
     if env is not None:
         return env != "0"
-    return BACKEND_DEFAULTS.get(name, {}).get(backend(), True)
+    return BACKEND_DEFAULTS.get(name, {}).get(on or backend(), True)
 
 
 @contextmanager

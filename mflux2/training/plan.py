@@ -13,10 +13,11 @@ Nothing here loads weights: the models are weighed from their config files or sa
 
 How each phase's peak is predicted (the terms and the jobs they were fitted on are in
 docs/performance.md, "What the plan predicts"):
-- text-encoder cache: its weights as loaded (the layers used, no LM head, at the chosen precision),
-  plus its largest tensor in bf16 when it is quantized on load (held beside its quantized copy), plus
-  TEXT_ENCODER_WORKING_GB;
-- latent cache: the VAE plus its encoder's activations per pixel of the largest bucket;
+- text-encoder cache: its weights as loaded (the layers used, no LM head, at the chosen precision)
+  × (1 + TEXT_ENCODER_WORKING), plus its largest tensor in bf16 when it is quantized on load (held
+  beside its quantized copy);
+- latent cache: the VAE plus its encoder's activations per pixel of the largest bucket (they depend
+  on the VAE's GroupNorm path on that backend: VAE_BYTES_PER_PIXEL);
 - training step: `memory.estimate_peak_gb` (fitted on single steps) plus JOB_STEP_GB (what a step
   inside the whole job holds beyond a lone step), plus the validation model when it stays loaded;
 - validation images: the training model and its LoRA state, the VAE and the validation model, plus
@@ -38,14 +39,17 @@ from mflux2.training import memory
 GB = 1e9
 PRECISIONS = ("bf16", "int8", "int4")
 
-# Fitted on the klein-4b cat-toy job (H100, 2026-12-05; docs/bench/h100-2026-12-05-s8-job-klein-4b.json)
-# and checked out of sample on the klein-9b job (…-s8-job-klein-9b.json): tests/test_plan.py.
-TEXT_ENCODER_WORKING_GB = 0.95  # beyond the loaded weights while the cache fills (measured 0.94 GB on klein-4b)
-SMALL_MODEL_SHARE = 0.2  # the two constant terms, at most this share of what they add to (models below klein-4b: unmeasured)
-VAE_ENCODE_BYTES_PER_PIXEL = 1600  # the VAE encoder's activations per pixel of the bucket (0.39 GB at 512²)
-VAE_DECODE_BYTES_PER_PIXEL = 2500  # the VAE decoder's, per output pixel (0.64 GB at 512²)
+# Fitted on the full-size jobs measured on an H100 (docs/bench/h100-2026-12-0*-job-*.json) and checked
+# out of sample on the others: the text encoder on klein-4b and dev, checked on klein-9b; the rest on
+# klein-4b, checked on klein-9b and dev. tests/test_plan.py asserts every ratio; docs/performance.md
+# ("What the plan predicts") has the table.
+TEXT_ENCODER_WORKING = 0.175  # beyond the loaded weights while the cache fills, × those weights (0.15 klein-4b, 0.17 dev)
+VAE_BYTES_PER_PIXEL = {  # the VAE's activations per pixel (encode: of the bucket; decode: of the output), by GroupNorm path
+    "reference": {"encode": 1600, "decode": 2500},  # (0.39 and 0.64 GB at 512² on klein-4b's jobs)
+    "fast": {"encode": 4900, "decode": 9200},  # one graph, nothing evaluated per chunk (1.27 and 2.39 GB at 512²: dev)
+}
 JOB_STEP_GB = 3.1  # a step in the job beyond a lone step (3.03 GB on klein-4b)
-JOB_STEP_SHARE = 0.35  # ... and at most this share of the lone step
+JOB_STEP_SHARE = 0.35  # ... and at most this share of the lone step (models below klein-4b: unmeasured)
 FORWARD_UNITS = 680  # a sampling forward's working set, in tokens × hidden × 2 bytes (678 on klein-4b, the larger of two jobs)
 
 
@@ -57,7 +61,16 @@ FORWARD_UNITS = 680  # a sampling forward's working set, in tokens × hidden × 
 class Machine:
     usable_gb: float
     what: str  # how usable_gb was found, for the plan's heading
-    cuda: bool = False
+    backend: str = "cpu"  # "cuda" | "metal" | "cpu": which fast paths run there (`ops.switches`)
+
+    @property
+    def cuda(self) -> bool:
+        return self.backend == "cuda"
+
+    def vae_bytes_per_pixel(self, what: str) -> int:
+        from mflux2.ops.switches import is_fast
+
+        return VAE_BYTES_PER_PIXEL["fast" if is_fast("group_norm", on=self.backend) else "reference"][what]
 
 
 def this_machine() -> Machine:
@@ -65,14 +78,14 @@ def this_machine() -> Machine:
     the CPU, the machine's) memory (`memory.available_gb`)."""
     import mlx.core as mx
 
-    from mflux2.ops.switches import cuda_available
+    from mflux2.ops.switches import backend
 
     info = mx.device_info()
     if info.get("max_recommended_working_set_size"):
         what = "this Mac: Metal's recommended working set"
     else:
-        what = f"this machine: 90% of its {'GPU' if cuda_available() else ''} memory".replace("  ", " ")
-    return Machine(memory.available_gb(), what, cuda=cuda_available())
+        what = f"this machine: 90% of its {'GPU' if backend() == 'cuda' else ''} memory".replace("  ", " ")
+    return Machine(memory.available_gb(), what, backend=backend())
 
 
 def mac_working_set_gb(total_gb: float) -> float:
@@ -85,7 +98,8 @@ def mac_working_set_gb(total_gb: float) -> float:
 def mac(total_gb: float) -> Machine:
     usable = mac_working_set_gb(total_gb)
     share = "two thirds" if total_gb <= 36 else "three quarters"
-    return Machine(usable, f"a Mac with {total_gb:g} GB of unified memory: macOS's recommended GPU working set, {share} of it")
+    return Machine(usable, f"a Mac with {total_gb:g} GB of unified memory: macOS's recommended GPU working set, {share} of it",
+                   backend="metal")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -298,7 +312,7 @@ def _largest(f: ModelFacts, q: str) -> float:
 
 
 def _te_working_gb(f: ModelFacts, q: str) -> float:
-    return min(TEXT_ENCODER_WORKING_GB, SMALL_MODEL_SHARE * f.te[q]["weights"] / GB)
+    return TEXT_ENCODER_WORKING * f.te[q]["weights"] / GB
 
 
 def _te_gb(f: ModelFacts, q: str) -> float:
@@ -362,7 +376,7 @@ def _candidate(f: ModelFacts, cfg, machine: Machine, q: str, every: int, synchro
         fwd = passes * tokens * vcfg.hidden_size * 2 * FORWARD_UNITS
         if tokens % 128:  # unfused attention: the [B, H, N, N] scores exist
             fwd += passes * vcfg.num_attention_heads * tokens**2 * 6
-        decode = VAE_DECODE_BYTES_PER_PIXEL * max(it.width * it.height for it in items)
+        decode = machine.vae_bytes_per_pixel("decode") * max(it.width * it.height for it in items)
         held = train_w + _lora_state_gb(f, cfg) + f.vae_gb + val_w
         phases.append(Phase("validation images", held + max(fwd, decode) / GB,
                             f"training model {train_w:.2f} GB + LoRA state{f' + validation model {val_w:.2f} GB' if val_w else ''}"
@@ -410,7 +424,7 @@ def make_plan(cfg, source, machine: Machine, *, samples=(), val_samples=(), item
         fixed.append(te_phase)
     all_samples = [*samples, *val_samples]
     max_px = max((s.bucket[0] * s.bucket[1] for s in all_samples), default=max(cfg.resolutions) ** 2)
-    fixed.append(Phase("latent cache", f.vae_gb + VAE_ENCODE_BYTES_PER_PIXEL * max_px / GB,
+    fixed.append(Phase("latent cache", f.vae_gb + machine.vae_bytes_per_pixel("encode") * max_px / GB,
                        f"VAE {f.vae_gb:.2f} GB + its encoder at {int(math.sqrt(max_px))}² px"))
 
     # the transformer: precision × checkpointing × segment mode, the most precise (then fastest) that fits
