@@ -270,6 +270,9 @@ class Trainer:
             self._fill_latent_cache(lat_cache, samples + val_samples)
         with self.clock("text encoder: load, embed, free"):
             self._fill_text_cache(txt_cache, prompts)
+        st = self.stats
+        self.log(f"caches: {st['latents encoded']} latent(s) encoded and {st['prompts embedded']} prompt(s) embedded "
+                 f"this run, the rest read from {self.output}")
 
     def _fill_latent_cache(self, lat_cache, samples):
         # targets and (edit training) their controls, encoded by the same function
@@ -489,6 +492,9 @@ class Trainer:
             "LoRA": f"rank {self.cfg.lora.rank}, alpha {self.cfg.lora.alpha}, {self.cfg.lora.target_layers}",
             "transformer": self.transformer_quantization, "DOP": "on" if self.cfg.loss.diff_output_preservation else "off",
             "trigger word": self.cfg.dataset.trigger_word or "-", "non-finite steps skipped": state.skipped_nonfinite,
+            "caches (this run)": f"{self.stats['latents encoded']} latent(s) encoded, {self.stats['prompts embedded']} prompt(s) embedded",
+            **({"steps with references": f"{self.stats['steps with references']} (this run)"}
+               if any(d.control_path for d in self.cfg.dataset_list) else {}),
             **({"edit training": f"{sum(bool(s.controls) for s in self.samples)} of {len(self.samples)} images with "
                                  f"references ({len(self.cfg.dataset.control_path)} folder(s)), control dropout "
                                  f"{self.cfg.dataset.control_dropout:g}"} if self.cfg.dataset.control_path else {}),
