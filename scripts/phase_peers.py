@@ -1,4 +1,4 @@
-"""The phases around the training steps, ours beside their peers (issue 34), one JSON line per
+"""The phases around the training steps, ours beside their peers, one JSON line per
 measurement as it goes:
 
     python scripts/phase_peers.py vae-peer [--sizes 512 1024]   # diffusers AutoencoderKLFlux2, torch bf16:

@@ -1,4 +1,4 @@
-"""Issue 24: resuming from a damaged output, a moved model folder or another number of machines, and
+"""Resuming from a damaged output, a moved model folder or another number of machines, and
 training a folder converted by scripts/convert.py at its stored precision (tiny model, CPU)."""
 
 from __future__ import annotations
@@ -209,7 +209,7 @@ def test_a_converted_int8_folder_trains_logs_and_estimates_int8(tiny, converted_
     assert "model.quantization: int4" in msg and "converted as bf16" in msg and "with --text-encoder-quantize int4" in msg
 
 
-# ---- several datasets (issue 31) ------------------------------------------------------------------
+# ---- several datasets --------------------------------------------------------------------------------
 
 
 def test_a_resumed_run_with_datasets_draws_the_same_samples_as_an_uninterrupted_one(tiny, tmp_path):

@@ -190,7 +190,7 @@ class DatasetConfig:
     auto_caption: bool = _f(False)
     caption_model: str = _f(DEFAULT_VLM, check=_check_nonempty)  # ours: hub id, short name or folder
     caption_style: str = _f("subject", choices=("subject", "style", "edit"))  # ours: what the captions describe
-    # ours (issue 31; ai-toolkit's names where the meaning is the same, its spellings accepted as
+    # ours (ai-toolkit's names where the meaning is the same, its spellings accepted as
     # KEY_ALIASES). Semantics: docs/training.md "Datasets".
     name: str | None = _f(None, check=_check_nonempty)  # derived: the folder's name (metrics.jsonl, report)
     repeats: int = _f(1, ge=1)  # times each image appears per epoch

@@ -105,7 +105,7 @@ class Sample:
     content_hash: str  # sha256 of the file's bytes (the latent cache key)
     size: tuple[int, int]  # (w, h) of the image after EXIF orientation
     controls: tuple[Control, ...] = ()  # edit training: the references, in control-folder order
-    # Several datasets (issue 31): the dataset's name, its repeats, loss weight and caption dropout
+    # Several datasets: the dataset's name, its repeats, loss weight and caption dropout
     # (None: training.caption_dropout), whether it is a regularisation set, the loss mask, and the
     # shuffled captions (with their DOP prompts) one of which a step draws (empty: `caption` alone).
     dataset: str = ""

@@ -83,7 +83,7 @@ class Batch:
     dop_embeds: mx.array | None = None  # [B, L, ctx] class-word prompts (DOP)
     refs: mx.array | None = None  # [B, M, 128] reference latents (edit training)
     ref_ids: mx.array | None = None  # [M, 4]
-    # Masked loss and per-dataset loss weights (issue 31), for the main pass only: a weight per target
+    # Masked loss and per-dataset loss weights, for the main pass only: a weight per target
     # token (the mask area-pooled to the token grid, mean 1 per image) and one per sample. None: 1.
     token_weights: mx.array | None = None  # [B, N]
     sample_weights: mx.array | None = None  # [B]
