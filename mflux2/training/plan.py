@@ -259,7 +259,7 @@ class RunPlan:
         out += self.choices
         out.append("peak memory per phase:")
         for p in self.phases:
-            gb = "     ?   " if p.gb is None else f"{p.gb:6.2f} GB" if p.gb >= 0.01 else f"{p.gb:.4f} GB"  # (toy models)
+            gb = "     ?   " if p.gb is None else f"{p.gb:6.2f} GB" if p.gb >= 0.01 else f"{p.gb:6.4f} GB"  # (toy models)
             mark = "" if p.gb is None else (" ok " if p.gb <= self.machine.usable_gb else " TOO MUCH")
             out.append(f"  {p.name:<20} {gb}{mark} ({p.how})")
         return out
