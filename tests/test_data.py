@@ -160,7 +160,7 @@ def test_txt_format_hints_at_metadata_jsonl(tmp_path):
 
 
 def test_a_relative_dataset_path_not_found_names_its_config_line_and_the_folder_looked_in(tmp_path, monkeypatch):
-    from mflux2.training.config import load_config
+    from mflux2.training.config_loading import load_config
 
     (tmp_path / "data" / "star").mkdir(parents=True)  # data/ exists here: data/stra is a path, not a hub dataset id
     monkeypatch.chdir(tmp_path)

@@ -78,14 +78,15 @@ def this_machine() -> Machine:
     the CPU, the machine's) memory (`memory.available_gb`)."""
     import mlx.core as mx
 
-    from mflux2.ops.switches import backend
+    from mflux2.ops.switches import backend, cuda_available
 
+    where = "cuda" if cuda_available() else backend()
     info = mx.device_info()
     if info.get("max_recommended_working_set_size"):
         what = "this Mac: Metal's recommended working set"
     else:
-        what = f"this machine: 90% of its {'GPU' if backend() == 'cuda' else ''} memory".replace("  ", " ")
-    return Machine(memory.available_gb(), what, backend=backend())
+        what = f"this machine: 90% of its {'GPU' if where == 'cuda' else ''} memory".replace("  ", " ")
+    return Machine(memory.available_gb(), what, backend=where)
 
 
 def mac_working_set_gb(total_gb: float) -> float:
