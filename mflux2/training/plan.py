@@ -301,11 +301,10 @@ def _text_encoder(f: ModelFacts, cfg, budget: float) -> tuple[str, Phase | None,
         if not isinstance(f.te[q], dict):
             problems.append(f"model.quantization: {f.te[q]}")
             return q, None, choices, problems
-    name = "as stored" if f.te_stored else q
-    w = f.te[q]["weights"] / GB
     quantizing = not f.te_stored and q != "bf16"
-    how = f"weights {w:.2f} GB{f' + {_largest(f, q):.2f} GB quantized on load' if quantizing else ''} + {_te_working_gb(f, q):.2f} GB working"
-    return (f"{q} (as stored)" if f.te_stored else name), Phase("text-encoder cache", _te_gb(f, q), how), choices, problems
+    how = (f"weights {f.te[q]['weights'] / GB:.2f} GB{f' + {_largest(f, q):.2f} GB quantized on load' if quantizing else ''}"
+           f" + {_te_working_gb(f, q):.2f} GB working")
+    return (f"{q} (as stored)" if f.te_stored else q), Phase("text-encoder cache", _te_gb(f, q), how), choices, problems
 
 
 def _largest(f: ModelFacts, q: str) -> float:
