@@ -224,6 +224,7 @@ class RunPlan:
     keep_validation_model: bool
     buckets: dict  # (W, H) -> images
     prompts: int  # distinct prompts the text cache holds
+    prompt_list: list  # the prompts to embed (`data.prompts_to_embed`); captions a VLM writes first join them then
     disk_gb: float
     checkpoints_kept: int
     phases: list[Phase]
@@ -448,14 +449,15 @@ def make_plan(cfg, source, machine: Machine, *, samples=(), val_samples=(), item
     samples_buckets: dict = {}
     for s in samples:
         samples_buckets[s.bucket] = samples_buckets.get(s.bucket, 0) + 1
-    prompts = len(set(data_mod.prompts_to_embed(cfg, samples, val_samples, [it.prompt for it in items]))) + pending_captions
+    prompt_list = data_mod.prompts_to_embed(cfg, samples, val_samples, [it.prompt for it in items])
+    prompts = len(set(prompt_list)) + pending_captions
     disk, keep_n = disk_need(cfg, f.transformer, samples, val_samples, prompts, cfg.training.max_steps or 0)
 
     plan = RunPlan(
         machine=machine, model=f.name, transformer_quantization=chosen["q"], text_encoder_quantization=te_q,
         checkpoint_every=chosen["every"], checkpointing_turned_on=bool(chosen["every"]) and not every,
         blockwise_ahead=0 if chosen["synchronous"] else 1, small_command_batches=chosen["small"],
-        validation=chosen["validation"], validation_model_gb=chosen["val_w"], keep_validation_model=chosen["keep"], buckets=samples_buckets, prompts=prompts,
+        validation=chosen["validation"], validation_model_gb=chosen["val_w"], keep_validation_model=chosen["keep"], buckets=samples_buckets, prompts=prompts, prompt_list=prompt_list,
         disk_gb=disk / GB, checkpoints_kept=keep_n, phases=chosen["phases"], choices=choices, problems=problems,
     )
     if not plan.fits:

@@ -595,6 +595,7 @@ class Trainer:
         else:
             self._scan()
         self._make_plan(pending)  # before anything runs on the device
+        self._captioned = bool(pending)
         if ckpt is not None:  # a checkpoint this run cannot continue stops it now, not after the caches
             checkpoints.check_resumable(ckpt, checkpoints.read_state(ckpt), cfg, self.model_identity, self.pipe.source.root)
         if pending:  # the VLM is freed before anything else loads
@@ -643,7 +644,8 @@ class Trainer:
         """Caches, the transformer with its LoRA, the optimiser, the data order, the resume point and
         the baseline images: everything the loop needs."""
         cfg, clock = self.cfg, self.clock
-        prompts = data_mod.prompts_to_embed(cfg, self.samples, self.val_samples, [it.prompt for it in self.validation.items])
+        prompts = self.plan.prompt_list if not self._captioned else data_mod.prompts_to_embed(  # the VLM's captions too
+            cfg, self.samples, self.val_samples, [it.prompt for it in self.validation.items])
         self.total_steps = cfg.training.max_steps  # always set: the config derives it from epochs (x 100, as Swift)
         self._check_disk_space(int(self.plan.disk_gb * 1e9), self.plan.checkpoints_kept)
         for r in range(self.world):  # rank 0 first; on a shared disk the others then find everything cached
