@@ -7,6 +7,7 @@
     python scripts/benchmark.py --profile       # also time the forward alone and forward+backward alone
     python scripts/benchmark.py --control 1 --checkpointing 1   # edit training: 512² target + one 512² reference
     python scripts/benchmark.py --mode dop --dop-prompts 4   # DOP with loss.diff_output_preservation_prompts
+    python scripts/benchmark.py --tiny --masked   # masked loss: a random weight per image token
 
 Weights are random, initialised and quantised block by block, so dev's 32B never needs its 64 GB of
 bf16 at once. Prints one JSON line: median s/step over the timed steps (after warm-up), peak memory
@@ -180,6 +181,8 @@ def main(argv=None):
     ap.add_argument("--dop-prompts", type=int, default=0,
                     help="DOP steps rotate this many more preservation prompts with the class prompt, as the trainer "
                          "does with loss.diff_output_preservation_prompts (0: the class prompt only)")
+    ap.add_argument("--masked", action="store_true",
+                    help="masked loss: random per-token weights (mean 1 per image, as a mask gives) on every step")
     ap.add_argument("--checkpointing", type=int, default=0, help="checkpoint every n-th block (0 = off)")
     ap.add_argument("--no-blockwise", action="store_true",
                     help="checkpointing inside the one compiled graph (mlx.nn.utils.checkpoint) instead of the block-by-block backward")
@@ -241,8 +244,12 @@ def main(argv=None):
         refs=mx.random.normal((b, n_ref, cfg.in_channels)).astype(dtype) if args.control else None,
         ref_ids=mx.concatenate([image_ids(args.resolution, args.resolution, t=10 * (j + 1)) for j in range(args.control)])
         if args.control else None,
+        # what data.token_weights makes of a grey-level mask: area means normalised to mean 1 per image
+        token_weights=(lambda w: w / w.mean(axis=1, keepdims=True))(mx.random.uniform(0.05, 1.0, (b, n_img)))
+        if args.masked else None,
     )
-    mx.eval(batch.latents, batch.prompt_embeds, batch.dop_embeds, batch.refs if args.control else [])
+    mx.eval(batch.latents, batch.prompt_embeds, batch.dop_embeds, batch.refs if args.control else [],
+            batch.token_weights if args.masked else [])
     # loss.diff_output_preservation_prompts: more preservation embeddings, chosen per DOP step by the
     # trainer's own rotation (data.preservation_prompts); "class" stands for the class prompts
     kept = {"class": batch.dop_embeds} | {f"p{j}": mx.random.normal(batch.dop_embeds.shape).astype(dtype)
@@ -287,7 +294,7 @@ def main(argv=None):
         "model": "tiny" if args.tiny else args.model, "blocks": args.blocks, "resolution": args.resolution, "batch": b, "rank": args.rank,
         "control": args.control, "image_tokens": n_img, "reference_tokens": n_ref,
         "targets": args.targets, "mode": args.mode, "dop_every": args.dop_every if args.mode == "dop-every" else None,
-        "dop_batched": not args.dop_unbatched, "dop_prompts": args.dop_prompts, "checkpointing": args.checkpointing,
+        "dop_batched": not args.dop_unbatched, "dop_prompts": args.dop_prompts, "masked": args.masked, "checkpointing": args.checkpointing,
         "blockwise": bool(args.checkpointing) and not args.no_blockwise, "ahead": args.ahead, "base": args.base, "group_size": args.group_size or QUANT_GROUP_SIZE.get(args.base), "dtype": args.dtype,
         "pipeline_ahead": args.pipeline_ahead,
         "compiled": not args.no_compile, "lora_layers": len(wrapped),
