@@ -12,6 +12,9 @@ the same data:
     dop+prompts   DOP with loss.diff_output_preservation_prompts = PRESERVE (three shape prompts, none of
                   them an evaluation prompt) and multiplier 1.5 (PRESERVE_MULTIPLIER)
     dop-x1.5, dop-x2   (references, not run by default) DOP alone with multiplier 1.5 / 2
+    reg           (not run by default) no DOP; data/toy/shape-reg, the base model's own "shape" images
+                  (mflux2-regset), as a regularisation set beside the subject; reg-w0.5 with its loss
+                  weighted 0.5, reg-subject-x2 with the subject's images repeated twice
 
 then renders held-out prompts of three groups with the base model and with each LoRA, image for image
 with the same initial noise (`--seeds` per prompt), at the quickstart's validation settings (20 steps,
@@ -79,10 +82,14 @@ MODES = {
     # a regularisation set instead of DOP: the base model's own images of the class word (data/toy/shape-reg,
     # made with mflux2-regset; configs/quickstart-datasets.yaml), trained beside the subject
     "reg": {"loss.diff_output_preservation": False},
+    "reg-w0.5": {"loss.diff_output_preservation": False},  # the set's loss weighted 0.5
+    "reg-subject-x2": {"loss.diff_output_preservation": False},  # the subject's images with repeats 2
 }
 REG = ROOT / "data" / "toy" / "shape-reg"
 # modes that train a `datasets:` list instead of the quickstart's one folder
-DATASETS = {"reg": [{"path": str(DATA)}, {"path": str(REG), "is_regularization": True}]}
+DATASETS = {"reg": [{"path": str(DATA)}, {"path": str(REG), "is_regularization": True}],
+            "reg-w0.5": [{"path": str(DATA)}, {"path": str(REG), "is_regularization": True, "loss_weight": 0.5}],
+            "reg-subject-x2": [{"path": str(DATA), "repeats": 2}, {"path": str(REG), "is_regularization": True}]}
 DEFAULT_MODES = ("none", "dop", "dop+prompts")
 # The evaluation prompts: colour pairs (red/blue and green/white occur in the subject's captions,
 # yellow/purple and white/red do not); the trigger group has four more pairs, so the subject score
