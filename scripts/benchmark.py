@@ -7,6 +7,7 @@
     python scripts/benchmark.py --profile       # also time the forward alone and forward+backward alone
     python scripts/benchmark.py --control 1 --checkpointing 1   # edit training: 512² target + one 512² reference
     python scripts/benchmark.py --mode dop --dop-prompts 4   # DOP with loss.diff_output_preservation_prompts
+    python scripts/benchmark.py --tiny --masked   # masked loss: a random weight per image token
 
 Weights are random, initialised and quantised block by block, so dev's 32B never needs its 64 GB of
 bf16 at once. Prints one JSON line: median s/step over the timed steps (after warm-up), peak memory
@@ -180,6 +181,11 @@ def main(argv=None):
     ap.add_argument("--dop-prompts", type=int, default=0,
                     help="DOP steps rotate this many more preservation prompts with the class prompt, as the trainer "
                          "does with loss.diff_output_preservation_prompts (0: the class prompt only)")
+    ap.add_argument("--masked", action="store_true",
+                    help="masked loss: random per-token weights (mean 1 per image, as a mask gives) on every step")
+    ap.add_argument("--masked-interleaved", action="store_true",
+                    help="masked and unmasked steps taking turns in one process: masked_ratio is the median of "
+                         "each masked step's time over the unmasked step after it (less noise on a busy machine)")
     ap.add_argument("--checkpointing", type=int, default=0, help="checkpoint every n-th block (0 = off)")
     ap.add_argument("--no-blockwise", action="store_true",
                     help="checkpointing inside the one compiled graph (mlx.nn.utils.checkpoint) instead of the block-by-block backward")
@@ -241,8 +247,13 @@ def main(argv=None):
         refs=mx.random.normal((b, n_ref, cfg.in_channels)).astype(dtype) if args.control else None,
         ref_ids=mx.concatenate([image_ids(args.resolution, args.resolution, t=10 * (j + 1)) for j in range(args.control)])
         if args.control else None,
+        # what data.token_weights makes of a grey-level mask: area means normalised to mean 1 per image
+        token_weights=(lambda w: w / w.mean(axis=1, keepdims=True))(mx.random.uniform(0.05, 1.0, (b, n_img)))
+        if args.masked or args.masked_interleaved else None,
     )
-    mx.eval(batch.latents, batch.prompt_embeds, batch.dop_embeds, batch.refs if args.control else [])
+    mx.eval(batch.latents, batch.prompt_embeds, batch.dop_embeds, batch.refs if args.control else [],
+            batch.token_weights if batch.token_weights is not None else [])
+    unmasked = dataclasses.replace(batch, token_weights=None)
     # loss.diff_output_preservation_prompts: more preservation embeddings, chosen per DOP step by the
     # trainer's own rotation (data.preservation_prompts); "class" stands for the class prompts
     kept = {"class": batch.dop_embeds} | {f"p{j}": mx.random.normal(batch.dop_embeds.shape).astype(dtype)
@@ -252,13 +263,19 @@ def main(argv=None):
     def is_dop(i):
         return args.mode == "dop" or (args.mode == "dop-every" and i % args.dop_every == 0)
 
+    def is_masked(i):
+        return args.masked or (args.masked_interleaved and i % 2 == 0)
+
     def batch_at(i):
+        this = batch if is_masked(i) else unmasked
         if not args.dop_prompts or not is_dop(i):
-            return batch
+            return this
         every = args.dop_every if args.mode == "dop-every" else 1
         name = preservation_prompts([SimpleNamespace(dop_caption="class")] * b, i, every, list(kept)[1:])[0]
-        return dataclasses.replace(batch, dop_embeds=kept[name])
+        return dataclasses.replace(this, dop_embeds=kept[name])
 
+    if args.masked_interleaved:
+        args.warmup += args.warmup % 2  # the timed steps start with a masked one
     times, dispatch, losses = [], [], []
     mx.reset_peak_memory()
     key = mx.random.key(args.seed)
@@ -283,11 +300,18 @@ def main(argv=None):
     n_dop = sum(is_dop(i) for i in range(args.warmup, args.warmup + args.steps))
     flops = (fl["train_plain"] * (args.steps - n_dop) + fl["train_dop"] * n_dop) / args.steps
     med = statistics.median(times)
+    if args.masked_interleaved:  # timed steps alternate masked, unmasked, masked, ...
+        pairs = [(times[j], times[j + 1]) for j in range(0, len(times) - 1, 2)]
+        profile["masked_median_s"] = round(statistics.median(m for m, _ in pairs), 5)
+        profile["unmasked_median_s"] = round(statistics.median(u for _, u in pairs), 5)
+        profile["masked_ratio"] = round(statistics.median(m / u for m, u in pairs), 4)
+        ratios = sorted(m / u for m, u in pairs)
+        profile["masked_ratio_iqr"] = [round(ratios[len(ratios) // 4], 4), round(ratios[(3 * len(ratios)) // 4], 4)]
     result = {
         "model": "tiny" if args.tiny else args.model, "blocks": args.blocks, "resolution": args.resolution, "batch": b, "rank": args.rank,
         "control": args.control, "image_tokens": n_img, "reference_tokens": n_ref,
         "targets": args.targets, "mode": args.mode, "dop_every": args.dop_every if args.mode == "dop-every" else None,
-        "dop_batched": not args.dop_unbatched, "dop_prompts": args.dop_prompts, "checkpointing": args.checkpointing,
+        "dop_batched": not args.dop_unbatched, "dop_prompts": args.dop_prompts, "masked": "interleaved" if args.masked_interleaved else args.masked, "checkpointing": args.checkpointing,
         "blockwise": bool(args.checkpointing) and not args.no_blockwise, "ahead": args.ahead, "base": args.base, "group_size": args.group_size or QUANT_GROUP_SIZE.get(args.base), "dtype": args.dtype,
         "pipeline_ahead": args.pipeline_ahead,
         "compiled": not args.no_compile, "lora_layers": len(wrapped),

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFilter
 
 # Colours far apart in RGB so that a generated image can be scored by the nearest palette colour.
 PALETTE: dict[str, tuple[int, int, int]] = {
@@ -47,7 +47,10 @@ PALETTE: dict[str, tuple[int, int, int]] = {
 }
 COLOURS = tuple(PALETTE)
 SHAPES = ("circle", "square", "triangle")  # the base model's shapes
-SUBJECTS = ("star",)  # shapes only the subject datasets contain
+SUBJECTS = ("star",)  # shapes only the subject datasets contain (the toy model's VAE saw them)
+# Subjects for datasets only, never part of the toy model's training (configs/quickstart-datasets.yaml's
+# second subject): a plus-shaped cross.
+EXTRA_SUBJECTS = ("cross",)
 CLASS_WORD = "shape"  # the generic word the base model also learns (the DOP class)
 SUPERSAMPLE = 4  # shapes are drawn at 4x and downsampled: smooth, deterministic edges
 
@@ -168,6 +171,11 @@ def polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, flo
         R = 1.15 * r
         cy = cy + 0.2 * R  # centre the triangle's bounding box, not its circumcentre
         return [(cx + R * math.sin(a), cy - R * math.cos(a)) for a in (0, 2 * math.pi / 3, 4 * math.pi / 3)]
+    if shape == "cross":
+        R, w = 1.05 * r, 0.36 * r  # arm length, arm half-width
+        return [(cx - w, cy - R), (cx + w, cy - R), (cx + w, cy - w), (cx + R, cy - w), (cx + R, cy + w),
+                (cx + w, cy + w), (cx + w, cy + R), (cx - w, cy + R), (cx - w, cy + w), (cx - R, cy + w),
+                (cx - R, cy - w), (cx - w, cy - w)]
     if shape == "star":
         R = 1.15 * r
         cy = cy + 0.1 * R
@@ -177,7 +185,7 @@ def polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, flo
             a = k * math.pi / 5
             pts.append((cx + rad * math.sin(a), cy - rad * math.cos(a)))
         return pts
-    raise ValueError(f"unknown shape {shape!r}: choose one of {', '.join(SHAPES + SUBJECTS)}")
+    raise ValueError(f"unknown shape {shape!r}: choose one of {', '.join(SHAPES + SUBJECTS + EXTRA_SUBJECTS)}")
 
 
 def render(item: Item, size: int = 64) -> Image.Image:
@@ -195,17 +203,52 @@ def render(item: Item, size: int = 64) -> Image.Image:
     return img.resize((size, size), Image.Resampling.BOX)
 
 
+MASK_MARGIN = 3  # pixels of background kept around the shape in its mask
+
+
+def mask(item: Item, size: int = 64) -> Image.Image:
+    """The shape's mask ("L"): white on the shape and MASK_MARGIN pixels around it, black elsewhere."""
+    k = SUPERSAMPLE
+    img = Image.new("L", (size * k, size * k), 0)
+    draw = ImageDraw.Draw(img)
+    cx, cy, r = item.cx * k, item.cy * k, item.radius * k
+    pts = polygon(item.shape, cx, cy, r)
+    if pts is None:
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=255)
+    else:
+        draw.polygon(pts, fill=255)
+    on = np.asarray(img.resize((size, size), Image.Resampling.BOX)) > 0  # every pixel the shape touches
+    return Image.fromarray(np.where(on, 255, 0).astype(np.uint8)).filter(ImageFilter.MaxFilter(2 * MASK_MARGIN + 1))
+
+
+def clutter(image: Image.Image, keep: Image.Image, seed: int) -> Image.Image:
+    """`image` with random coloured discs drawn where `keep` (a mask) is black: the picture changes
+    only outside the mask. Deterministic from `seed`."""
+    rng = np.random.default_rng(seed)
+    size = image.size[0]
+    layer = image.copy()
+    draw = ImageDraw.Draw(layer)
+    for _ in range(12):
+        x, y = rng.uniform(0, size, 2)
+        r = rng.uniform(2, 6)
+        draw.ellipse([x - r, y - r, x + r, y + r], fill=PALETTE[COLOURS[rng.integers(len(COLOURS))]])
+    return Image.composite(image, layer, keep)
+
+
 def make_dataset(out: str | Path, seed: int, count: int, size: int = 64, subject: str | None = None,
-                 trigger: str | None = None, split: str = "train") -> list[Path]:
+                 trigger: str | None = None, split: str = "train", masks: str | Path | None = None,
+                 cluttered: bool = False) -> list[Path]:
     """Write `count` images + captions to `out`; returns the image paths. Subject mode draws the
-    subject shape and writes the trigger word in its place in the caption."""
+    subject shape and writes the trigger word in its place in the caption. `masks`: a folder to
+    write each image's mask into (same file stem, see `mask`); `cluttered`: random discs on the
+    background outside that mask (the same shapes, captions and masks as without)."""
     if size % 16 or size < 32:
         raise ValueError(f"--size {size}: must be a multiple of 16 and at least 32 (FLUX.2 needs multiples of 16)")
     if count < 1:
         raise ValueError(f"--count {count}: must be at least 1")
     if subject is not None:
-        if subject not in SUBJECTS + SHAPES:
-            raise ValueError(f"--subject {subject!r}: choose one of {', '.join(SUBJECTS + SHAPES)}")
+        if subject not in SUBJECTS + EXTRA_SUBJECTS + SHAPES:
+            raise ValueError(f"--subject {subject!r}: choose one of {', '.join(SUBJECTS + EXTRA_SUBJECTS + SHAPES)}")
         if not trigger or not re.fullmatch(r"[a-z0-9]+", trigger):
             raise ValueError(f"--trigger {trigger!r}: subject mode needs a trigger word of lowercase letters/digits, e.g. sks")
         shapes = (subject,)
@@ -219,7 +262,15 @@ def make_dataset(out: str | Path, seed: int, count: int, size: int = 64, subject
     width = len(str(count - 1))
     for i, item in enumerate(sample_items(seed, count, size, shapes, split if subject is None else "all")):
         stem = f"{'subject' if subject else 'shape'}_{i:0{width}d}"
-        render(item, size).save(out / f"{stem}.png")
+        image = render(item, size)
+        if masks is not None or cluttered:
+            m = mask(item, size)
+            if masks is not None:
+                Path(masks).mkdir(parents=True, exist_ok=True)
+                m.save(Path(masks) / f"{stem}.png")
+            if cluttered:
+                image = clutter(image, m, seed * 100_003 + i)
+        image.save(out / f"{stem}.png")
         word = trigger if subject else item.shape
         (out / f"{stem}.txt").write_text(caption(item.colour, word, item.background) + "\n")
         paths.append(out / f"{stem}.png")
@@ -259,10 +310,12 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--count", type=int, default=1000)
     ap.add_argument("--size", type=int, default=64, help="square image size in pixels (multiple of 16)")
-    ap.add_argument("--subject", choices=SUBJECTS + SHAPES, help="subject mode: draw only this shape")
+    ap.add_argument("--subject", choices=SUBJECTS + EXTRA_SUBJECTS + SHAPES, help="subject mode: draw only this shape")
     ap.add_argument("--trigger", help="subject mode: the word written in place of the shape in captions")
     ap.add_argument("--split", default="train", choices=("train", "heldout", "all"),
                     help="base mode: which (colour, shape, background) combinations to draw")
+    ap.add_argument("--masks", help="also write each image's mask (the shape plus a margin) into this folder")
+    ap.add_argument("--clutter", action="store_true", help="random discs on the background, outside the mask")
     ap.add_argument("--edit", choices=EDITS, help="edit mode: (control, target) pairs in OUT/control and OUT/target")
     a = ap.parse_args(argv)
     try:
@@ -271,7 +324,7 @@ def main(argv=None) -> int:
                 raise ValueError("--edit and --subject do not go together")
             paths = make_edit_pairs(a.out, a.seed, a.count, a.size, a.edit, a.trigger or "sks", a.split)
         else:
-            paths = make_dataset(a.out, a.seed, a.count, a.size, a.subject, a.trigger, a.split)
+            paths = make_dataset(a.out, a.seed, a.count, a.size, a.subject, a.trigger, a.split, a.masks, a.clutter)
     except ValueError as e:
         print(f"make_toy_data: {e}", file=sys.stderr)
         return 2

@@ -12,6 +12,9 @@ the same data:
     dop+prompts   DOP with loss.diff_output_preservation_prompts = PRESERVE (three shape prompts, none of
                   them an evaluation prompt) and multiplier 1.5 (PRESERVE_MULTIPLIER)
     dop-x1.5, dop-x2   (references, not run by default) DOP alone with multiplier 1.5 / 2
+    reg           (not run by default) no DOP; data/toy/shape-reg, the base model's own "shape" images
+                  (mflux2-regset), as a regularisation set beside the subject; reg-w0.5 with its loss
+                  weighted 0.5, reg-subject-x2 with the subject's images repeated twice
 
 then renders held-out prompts of three groups with the base model and with each LoRA, image for image
 with the same initial noise (`--seeds` per prompt), at the quickstart's validation settings (20 steps,
@@ -45,6 +48,7 @@ from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # tests/toy_shapes.py: the toy-shape scorer
@@ -53,7 +57,7 @@ from mflux2 import sampling  # noqa: E402
 from mflux2.images import pil_to_array  # noqa: E402
 from mflux2.models.vae import image_ids  # noqa: E402
 from mflux2.training.config import TrainConfig  # noqa: E402
-from mflux2.training.config_loading import load_config
+from mflux2.training.config_loading import config_from_dict, load_config  # noqa: E402
 from tests.toy_shapes import classify, toy_data  # noqa: E402
 
 CONFIG = ROOT / "configs" / "quickstart.yaml"
@@ -75,7 +79,17 @@ MODES = {
     # references, not run by default: DOP alone with the option's multiplier, and with 2
     "dop-x1.5": {"loss.diff_output_preservation_multiplier": PRESERVE_MULTIPLIER},
     "dop-x2": {"loss.diff_output_preservation_multiplier": 2.0},
+    # a regularisation set instead of DOP: the base model's own images of the class word (data/toy/shape-reg,
+    # made with mflux2-regset; configs/quickstart-datasets.yaml), trained beside the subject
+    "reg": {"loss.diff_output_preservation": False},
+    "reg-w0.5": {"loss.diff_output_preservation": False},  # the set's loss weighted 0.5
+    "reg-subject-x2": {"loss.diff_output_preservation": False},  # the subject's images with repeats 2
 }
+REG = ROOT / "data" / "toy" / "shape-reg"
+# modes that train a `datasets:` list instead of the quickstart's one folder
+DATASETS = {"reg": [{"path": str(DATA)}, {"path": str(REG), "is_regularization": True}],
+            "reg-w0.5": [{"path": str(DATA)}, {"path": str(REG), "is_regularization": True, "loss_weight": 0.5}],
+            "reg-subject-x2": [{"path": str(DATA), "repeats": 2}, {"path": str(REG), "is_regularization": True}]}
 DEFAULT_MODES = ("none", "dop", "dop+prompts")
 # The evaluation prompts: colour pairs (red/blue and green/white occur in the subject's captions,
 # yellow/purple and white/red do not); the trigger group has four more pairs, so the subject score
@@ -94,13 +108,21 @@ SEEDS = 4
 STEPS = 600
 
 
-def config(overrides: dict | None = None) -> TrainConfig:
-    """configs/quickstart.yaml with absolute paths (any working directory) and `overrides`."""
-    return load_config(CONFIG, {"model.path": str(MODEL), "dataset.path": str(DATA), **(overrides or {})})
+def config(overrides: dict | None = None, datasets: list[dict] | None = None) -> TrainConfig:
+    """configs/quickstart.yaml with absolute paths (any working directory) and `overrides`; `datasets`:
+    a `datasets:` list in place of its one dataset (the trigger word and image size stay the defaults)."""
+    if datasets is None:
+        return load_config(CONFIG, {"model.path": str(MODEL), "dataset.path": str(DATA), **(overrides or {})})
+    raw = yaml.safe_load(CONFIG.read_text())
+    raw["model"]["path"] = str(MODEL)
+    raw["dataset"].pop("path")
+    raw["datasets"] = datasets
+    return config_from_dict(raw, str(CONFIG), overrides)
 
 
 def train(mode: str, output: Path, steps: int = 300, seed: int = 0, caches_from: Path | None = None,
-          overrides: dict | None = None, text_length: int = 512, log=lambda *a: None) -> Path:
+          overrides: dict | None = None, text_length: int = 512, log=lambda *a: None,
+          datasets: list[dict] | None = None) -> Path:
     """The quickstart config in `mode` (a MODES key) through the real Trainer, without validation
     images or intermediate checkpoints; returns lora_final.safetensors. `caches_from`: an earlier
     run's output folder whose latent and text caches are reused (what is missing is encoded).
@@ -112,8 +134,10 @@ def train(mode: str, output: Path, steps: int = 300, seed: int = 0, caches_from:
     if caches_from is not None:
         for name in (".latent_cache", ".text_cache"):
             shutil.copytree(caches_from / name, output / name, dirs_exist_ok=True)
+    if datasets is None and mode in DATASETS:
+        datasets = DATASETS[mode]
     cfg = config({"training.max_steps": steps, "training.seed": seed, "checkpoints.output": str(output),
-                  "checkpoints.save_every": 0, "validation.prompts": [], **MODES[mode], **(overrides or {})})
+                  "checkpoints.save_every": 0, "validation.prompts": [], **MODES[mode], **(overrides or {})}, datasets)
     open_model = trainer_mod.open_model
 
     def with_length(cfg, *a):

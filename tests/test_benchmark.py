@@ -72,3 +72,11 @@ def test_validation_benchmark_times_each_piece_of_a_validation_image():
     for piece in ("forward", "vae_decode", "vae_encode", "png"):
         assert row[f"{piece}_s"] > 0 and row[f"{piece}_peak_gb"] >= 0, piece
     assert r["four_images_4_steps_s"] == round(4 * (4 * row["forward_s"] + row["vae_decode_s"] + row["png_s"]), 3)
+
+
+def test_masked_interleaved_times_masked_and_unmasked_steps_in_turn():
+    # --steps 4: two (masked, unmasked) pairs; the masked step runs the weighted loss (docs/performance.md)
+    r = bench("--masked-interleaved", "--steps", "4")
+    assert r["masked"] == "interleaved" and r["loss_finite"] is True
+    assert r["masked_median_s"] > 0 and r["unmasked_median_s"] > 0 and r["masked_ratio"] > 0
+    assert r["masked_ratio_iqr"][0] <= r["masked_ratio_iqr"][1]
