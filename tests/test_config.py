@@ -110,9 +110,9 @@ def test_every_shipped_config_loads_without_warnings(path):
         cfg = load_config(path)
     # a preset by name, or (the quickstart) the bundled model folder by path
     assert cfg.model.name in MODEL_DEFAULTS or (ROOT / cfg.model.path).is_dir()
-    assert cfg.dataset.path and cfg.checkpoints.output
-    trig = cfg.dataset.trigger_word
-    with_trigger = [p.apply_trigger or names_trigger(p.prompt, trig) for p in cfg.validation.prompts]
+    assert all(d.path for d in cfg.dataset_list) and cfg.checkpoints.output
+    triggers = {d.trigger_word for d in cfg.dataset_list if d.trigger_word and not d.is_regularization}
+    with_trigger = [p.apply_trigger or any(names_trigger(p.prompt, t) for t in triggers) for p in cfg.validation.prompts]
     assert any(with_trigger) and not all(with_trigger)  # DOP is judged by the pair
 
 
