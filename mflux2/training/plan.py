@@ -406,8 +406,15 @@ def make_plan(cfg, source, machine: Machine, *, samples=(), val_samples=(), item
 
     items = validation_items(cfg) if items is None else items
     f = facts or weigh_models(cfg, source, validation_source)
-    if cfg.validation.vlm_scoring.enabled and items and "scoring" not in f.vlm_gb:
-        f.vlm_gb["scoring"] = vlm_weights_gb(cfg.validation.vlm_scoring.model)
+    if cfg.validation.vlm_scoring.enabled and "scoring" not in f.vlm_gb:  # as the scorer picks its images
+        from mflux2.training.scoring import plan_targets, select_references
+
+        vs = cfg.validation.vlm_scoring
+        refs = select_references(vs.reference_images or [], [s.path for s in samples], vs.max_reference_images,
+                                 log=lambda *a: None)
+        f.vlm_gb["scoring"] = vlm_weights_gb(vs.model) if plan_targets(cfg, items, refs)[0] else "none"
+    if pending_captions and "captions" not in f.vlm_gb:
+        f.vlm_gb["captions"] = vlm_weights_gb(cfg.dataset.caption_model)
     budget = machine.usable_gb
     problems: list[str] = []
     choices: list[str] = []
