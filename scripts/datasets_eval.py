@@ -40,8 +40,6 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from mflux2.images import pil_to_array  # noqa: E402
-from mflux2.models.vae import image_ids  # noqa: E402
 from mflux2.training.data import mask_weights  # noqa: E402
 from scripts import preservation_eval as pe  # noqa: E402
 from tests.toy_shapes import toy_data  # noqa: E402
@@ -90,12 +88,7 @@ def inside_velocities(pipe, loras: dict[str, Path], data: dict[str, Path], noise
     """name -> velocities [T, n, N, C] of the model with that LoRA (and "base") on the plain images."""
     pngs = sorted(data["plain"].glob("*.png"))
     captions = [p.with_suffix(".txt").read_text().strip() for p in pngs]
-    embeds, txt_ids = pipe.encode_prompt(captions)
-    pipe.release("text_encoder")
-    vae = pipe.vae
-    x0 = mx.concatenate([vae.pack(vae.encode(pil_to_array(Image.open(p).convert("RGB"))[None])) for p in pngs]).astype(mx.float32)
-    noise = mx.random.normal(x0.shape, key=mx.random.key(noise_seed))
-    ids = image_ids(64, 64)
+    embeds, txt_ids, x0, noise, ids = pe.noised_inputs(pipe, captions, [Image.open(p).convert("RGB") for p in pngs], noise_seed)
 
     def velocities():
         vs = []

@@ -211,6 +211,16 @@ def score(images: np.ndarray, base: np.ndarray, groups: dict[str, list[tuple[str
     return out
 
 
+def noised_inputs(pipe, prompts: list[str], images, noise_seed: int):
+    """(embeds, txt_ids, clean latents x0 [n, N, 128] float32, noise like x0, image ids) of 64² toy
+    images and their prompts; the text encoder is released after."""
+    embeds, txt_ids = pipe.encode_prompt(prompts)
+    pipe.release("text_encoder")
+    vae = pipe.vae
+    x0 = mx.concatenate([vae.pack(vae.encode(pil_to_array(im)[None])) for im in images]).astype(mx.float32)
+    return embeds, txt_ids, x0, mx.random.normal(x0.shape, key=mx.random.key(noise_seed)), image_ids(64, 64)
+
+
 def velocity_drift(pipe, loras: dict[str, Path], groups: dict[str, list[tuple[str, str, str]]], timesteps: list[float],
                    guidance: float, noise_seed: int = 1234) -> dict[str, dict[str, float]]:
     """The cheap proxy of `score`'s drift (tests/test_preservation.py): name -> group -> the relative
@@ -223,12 +233,8 @@ def velocity_drift(pipe, loras: dict[str, Path], groups: dict[str, list[tuple[st
     prompts = [p for g in names for p, _, _ in groups[g]] + [""]
     drawings = [toy_data.render(toy_data.Item(c, s, b, 32.0, 32.0, 19.0)) for g in names
                 for (_, c, b), s in zip(groups[g], shapes[g])]
-    embeds, txt_ids = pipe.encode_prompt(prompts)
-    pipe.release("text_encoder")
-    vae, n = pipe.vae, len(drawings)
-    x0 = mx.concatenate([vae.pack(vae.encode(pil_to_array(d)[None])) for d in drawings]).astype(mx.float32)
-    noise = mx.random.normal(x0.shape, key=mx.random.key(noise_seed))
-    ids = image_ids(64, 64)
+    embeds, txt_ids, x0, noise, ids = noised_inputs(pipe, prompts, drawings, noise_seed)
+    n = len(drawings)
 
     def guided():
         out = []
