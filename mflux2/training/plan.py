@@ -31,6 +31,7 @@ import copy
 import math
 import os
 import warnings
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -214,7 +215,8 @@ class RunPlan:
     machine: Machine
     model: str
     transformer_quantization: str
-    text_encoder_quantization: str  # bf16 / int8 / int4, or "as stored"
+    text_encoder_quantization: str  # bf16 / int8 / int4
+    text_encoder_as_stored: bool  # a converted folder's text encoder: it loads as stored, nothing to quantize
     checkpoint_every: int
     checkpointing_turned_on: bool  # by `transformer_quantization: auto`
     blockwise_ahead: int  # 1: the host encodes the next checkpointed segment while one runs; 0: one at a time
@@ -223,14 +225,33 @@ class RunPlan:
     validation_model_gb: float
     keep_validation_model: bool
     buckets: dict  # (W, H) -> images
-    prompts: int  # distinct prompts the text cache holds
     prompt_list: list  # the prompts to embed (`data.prompts_to_embed`); captions a VLM writes first join them then
+    pending_captions: int  # images the VLM captions before the cache fills (a prompt each)
     disk_gb: float
     checkpoints_kept: int
     phases: list[Phase]
     choices: list[str]  # why each decision was made, one line each
-    problems: list[str] = field(default_factory=list)  # what stops the run, one line each
+    problems: list[str] = field(default_factory=list)  # what stops the run before its first step, one line each
     suggestions: list[str] = field(default_factory=list)  # changes that make it fit, each re-planned
+
+    @property
+    def prompts(self) -> int:
+        """Distinct prompts the text cache holds."""
+        return len(set(self.prompt_list)) + self.pending_captions
+
+    @property
+    def text_encoder_quantize(self) -> str | None:
+        """What the text encoder's loader quantizes to (None: nothing)."""
+        q = self.text_encoder_quantization
+        return None if q == "bf16" or self.text_encoder_as_stored else q
+
+    @property
+    def memory_verdict(self) -> str | None:
+        """None when every phase fits, else one line saying which do not."""
+        if self.fits:
+            return None
+        names = ", ".join(p.name for p in self.over)
+        return f"does not fit: {names} need(s) more than the {self.machine.usable_gb:.1f} GB usable ({self.peak_gb:.1f} GB)"
 
     @property
     def over(self) -> list[Phase]:
@@ -254,7 +275,7 @@ class RunPlan:
                 + ("; MLX command batches of 4" if self.small_command_batches else "")) if self.checkpoint_every else "off"
         out = [f"plan for {self.machine.what}: {self.machine.usable_gb:.1f} GB usable",
                f"transformer: {self.model}, {self.transformer_quantization}; gradient checkpointing {ckpt}",
-               f"text encoder: {self.text_encoder_quantization}",
+               f"text encoder: {self.text_encoder_quantization}{' (as stored)' if self.text_encoder_as_stored else ''}",
                f"validation images: {self.validation}" + (f" ({self.validation_model_gb:.1f} GB)" if self.validation_model_gb else ""),
                "buckets: " + (", ".join(f"{w}x{h} ({n})" for (w, h), n in sorted(self.buckets.items())) or "-"),
                f"text cache: {self.prompts} prompt(s); disk: {self.disk_gb:.2f} GB for the caches and {self.checkpoints_kept} checkpoint(s)"]
@@ -305,7 +326,7 @@ def _text_encoder(f: ModelFacts, cfg, budget: float) -> tuple[str, Phase | None,
     quantizing = not f.te_stored and q != "bf16"
     how = (f"weights {f.te[q]['weights'] / GB:.2f} GB{f' + {_largest(f, q):.2f} GB quantized on load' if quantizing else ''}"
            f" + {_te_working_gb(f, q):.2f} GB working")
-    return (f"{q} (as stored)" if f.te_stored else q), Phase("text-encoder cache", _te_gb(f, q), how), choices, problems
+    return q, Phase("text-encoder cache", _te_gb(f, q), how), choices, problems
 
 
 def _largest(f: ModelFacts, q: str) -> float:
@@ -350,10 +371,10 @@ def _validation_tokens(items) -> int:
     return max((it.width // 16) * (it.height // 16) + reference_tokens(it.references) for it in items) + memory.TEXT_TOKENS
 
 
-def _candidate(f: ModelFacts, cfg, machine: Machine, q: str, every: int, synchronous: bool, items, max_px: int,
+def _candidate(f: ModelFacts, cfg, machine: Machine, q: str, every: int, synchronous: bool, items, tokens: int,
                fixed: list[Phase]) -> dict:
     """The phases of one choice of precision × checkpointing × segment mode (the validation
-    rendering follows from it)."""
+    rendering follows from it); `tokens` the largest validation image's sequence."""
     budget = machine.usable_gb
     small = bool(every) and memory.small_command_batches(machine.cuda)
     args = _run_args(cfg)
@@ -373,7 +394,6 @@ def _candidate(f: ModelFacts, cfg, machine: Machine, q: str, every: int, synchro
         vcfg = f.validation if f.validation is not None else f.transformer
         vfam = f.validation_family or f.family
         passes = 2 if vfam == "klein-base" and (cfg.validation.guidance or 0) > 1.0 else 1
-        tokens = _validation_tokens(items)
         fwd = passes * tokens * vcfg.hidden_size * 2 * FORWARD_UNITS
         if tokens % 128:  # unfused attention: the [B, H, N, N] scores exist
             fwd += passes * vcfg.num_attention_heads * tokens**2 * 6
@@ -392,7 +412,7 @@ def _candidate(f: ModelFacts, cfg, machine: Machine, q: str, every: int, synchro
     validation = ("none" if not items else "training model" if f.validation is None else
                   f"{f.validation_name}, {'kept loaded beside the training model' if keep else 'loaded for each validation and freed after'}")
     return dict(q=q, every=every, synchronous=synchronous, small=small, keep=keep, phases=phases, validation=validation,
-                val_w=val_w, fits=all(p.gb is None or p.gb <= budget for p in phases), step=lone)
+                val_w=val_w, fits=all(p.gb is None or p.gb <= budget for p in phases))
 
 
 def make_plan(cfg, source, machine: Machine, *, samples=(), val_samples=(), items=None, validation_source=None,
@@ -443,7 +463,8 @@ def make_plan(cfg, source, machine: Machine, *, samples=(), val_samples=(), item
     precisions = (f.stored,) if f.stored else (PRECISIONS if auto else (asked,))
     ckpts = [every] if every or not auto else [0, 1]
     options = [(q, n, sync) for q in precisions for n in ckpts for sync in ((False, True) if n else (False,))]
-    cands = [_candidate(f, cfg, machine, q, n, s, items, max_px, fixed) for q, n, s in options]
+    tokens = _validation_tokens(items) if items else 0  # (reads the references' headers: once)
+    cands = [_candidate(f, cfg, machine, q, n, s, items, tokens, fixed) for q, n, s in options]
     chosen = next((c for c in cands if c["fits"]), cands[-1] if auto else cands[0])
     if auto:
         stored = " (as stored in the converted folder: it loads only so)" if f.stored else ""
@@ -453,23 +474,19 @@ def make_plan(cfg, source, machine: Machine, *, samples=(), val_samples=(), item
     elif chosen["synchronous"]:
         choices.append("checkpointed segments run one at a time: only that fits (slower per step)")
 
-    samples_buckets: dict = {}
-    for s in samples:
-        samples_buckets[s.bucket] = samples_buckets.get(s.bucket, 0) + 1
-    prompt_list = data_mod.prompts_to_embed(cfg, samples, val_samples, [it.prompt for it in items])
-    prompts = len(set(prompt_list)) + pending_captions
-    disk, keep_n = disk_need(cfg, f.transformer, samples, val_samples, prompts, cfg.training.max_steps or 0)
-
     plan = RunPlan(
         machine=machine, model=f.name, transformer_quantization=chosen["q"], text_encoder_quantization=te_q,
-        checkpoint_every=chosen["every"], checkpointing_turned_on=bool(chosen["every"]) and not every,
-        blockwise_ahead=0 if chosen["synchronous"] else 1, small_command_batches=chosen["small"],
-        validation=chosen["validation"], validation_model_gb=chosen["val_w"], keep_validation_model=chosen["keep"], buckets=samples_buckets, prompts=prompts, prompt_list=prompt_list,
-        disk_gb=disk / GB, checkpoints_kept=keep_n, phases=chosen["phases"], choices=choices, problems=problems,
+        text_encoder_as_stored=bool(f.te_stored), checkpoint_every=chosen["every"],
+        checkpointing_turned_on=bool(chosen["every"]) and not every, blockwise_ahead=0 if chosen["synchronous"] else 1,
+        small_command_batches=chosen["small"], validation=chosen["validation"], validation_model_gb=chosen["val_w"],
+        keep_validation_model=chosen["keep"], buckets=dict(Counter(s.bucket for s in samples)),
+        prompt_list=data_mod.prompts_to_embed(cfg, samples, val_samples, [it.prompt for it in items]),
+        pending_captions=pending_captions, disk_gb=0.0, checkpoints_kept=0, phases=chosen["phases"], choices=choices,
+        problems=problems,
     )
+    disk, plan.checkpoints_kept = disk_need(cfg, f.transformer, samples, val_samples, plan.prompts, cfg.training.max_steps or 0)
+    plan.disk_gb = disk / GB
     if not plan.fits:
-        names = ", ".join(p.name for p in plan.over)
-        plan.problems.append(f"does not fit: {names} need(s) more than the {budget:.1f} GB usable ({plan.peak_gb:.1f} GB)")
         if suggest:
             plan.suggestions = _suggestions(cfg, source, machine, f, samples, val_samples, items, validation_source,
                                             pending_captions, plan)
@@ -489,7 +506,7 @@ def _changes(cfg, plan: RunPlan, f: ModelFacts) -> list[tuple[dict, str]]:
     out = []
     over = {p.name for p in plan.over}
     if "text-encoder cache" in over and not f.te_stored:
-        te_now = plan.text_encoder_quantization.split()[0]
+        te_now = plan.text_encoder_quantization
         out += [({"model.quantization": q}, "a coarser text encoder") for q in PRECISIONS[PRECISIONS.index(te_now) + 1:]
                 if isinstance(f.te.get(q), dict)]
     if not f.stored and cfg.model.transformer_quantization != "auto":

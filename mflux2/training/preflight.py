@@ -413,7 +413,7 @@ def preflight(cfg, out=print, err=None, memory_gb: float | None = None, resume=T
                                       validation_source=vsrc, facts=facts, pending_captions=pending)
             for text in plan.lines():
                 rep.line(text)
-            rep.problems += plan.problems
+            rep.problems += plan.problems + ([plan.memory_verdict] if not plan.fits else [])
             rep.fixes += plan.suggestions
     else:
         rep.line("unknown: the model is not here and its variant is not named (model.name)")
@@ -438,7 +438,7 @@ def preflight(cfg, out=print, err=None, memory_gb: float | None = None, resume=T
         fit = plan is not None and plan.fits
         rep.line(f"on {machine.what} ({machine.usable_gb:.1f} GB usable): "
                  + ("fits" if fit else "does not fit" if plan is not None else "unknown (no model to weigh)"))
-        here = [p for p in rep.problems if not p.startswith("does not fit")]
+        here = [p for p in rep.problems if plan is None or p != plan.memory_verdict]
         for p in here:
             rep.line(f"also, here: {p}")
     elif rep.problems:

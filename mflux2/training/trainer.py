@@ -238,15 +238,13 @@ class Trainer:
             validation_source=self.val_pipe.source if self.val_pipe is not None else None, pending_captions=pending_captions)
         for line in plan.lines():
             self.log(line)
-        refused = [p for p in plan.problems if not p.startswith("does not fit")]
-        if refused:
-            raise TrainingError(refused[0])
+        if plan.problems:
+            raise TrainingError(plan.problems[0])
         if not plan.fits:
-            self.log(f"warning: {plan.problems[-1]}; it may swap or fail"
+            self.log(f"warning: {plan.memory_verdict}; it may swap or fail"
                      + ("; changes that make it fit: " + "; ".join(plan.suggestions) if plan.suggestions else ""))
         # apply it
-        te = plan.text_encoder_quantization
-        pipe.text_encoder_quantize = None if te == "bf16" or te.endswith("(as stored)") else te
+        pipe.text_encoder_quantize = plan.text_encoder_quantize
         self.te_id = weights_identity(pipe.source.text_encoder, {"quant": pipe.text_encoder_quantize,
                                                                   **{k: list(v) if isinstance(v, tuple) else v
                                                                      for k, v in pipe.text_encoder_options.items()}})
