@@ -36,20 +36,19 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # mflux2 and tests/ from this checkout
+from mflux2.models import text_encoder as te_mod  # noqa: E402
 CONFIGS = {"klein-4b": "configs/cat-toy.yaml", "klein-9b": "configs/klein-9b-subject.yaml", "dev": "configs/dev-subject.yaml"}
 # diffusers/cat_toy_example: 6 photos (1, 2, 3, 4, 6, 7.jpeg), no captions, these sizes (W x H)
 CAT_TOY_SIZES = [(1121, 1022), (902, 846), (1147, 1231), (905, 1097), (1103, 1141), (1167, 1010)]
-QWEN3 = {  # Qwen/Qwen3-4B and -8B config.json (the fields that set shapes)
-    "klein-4b": dict(hidden_size=2560, intermediate_size=9728, num_hidden_layers=36, tie_word_embeddings=True),
-    "klein-9b": dict(hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, tie_word_embeddings=False),
-}
-QWEN3_COMMON = dict(vocab_size=151936, num_attention_heads=32, num_key_value_heads=8, head_dim=128, rope_theta=1_000_000,
-                    rms_norm_eps=1e-6, max_position_embeddings=40960, torch_dtype="bfloat16")
 QWEN3_VOCAB = 151643  # regular tokens; the specials follow
-# mistralai/Mistral-Small-3.2-24B-Instruct-2506 config.json text_config (the fields that set shapes)
-MISTRAL = dict(model_type="mistral", hidden_size=5120, intermediate_size=32768, num_hidden_layers=40,
-               num_attention_heads=32, num_key_value_heads=8, head_dim=128, vocab_size=131072, rope_theta=1_000_000_000.0,
-               rms_norm_eps=1e-5, max_position_embeddings=131072, sliding_window=None, hidden_act="silu")
+# the released text encoders' language models (the fields that set shapes), as the plan weighs them
+MISTRAL = te_mod.PRESET_CONFIGS["mistral-small-24b"]
+
+
+def _qwen3_config(name: str) -> dict:
+    """Qwen/Qwen3-4B's or -8B's config.json fields for klein-4b / klein-9b."""
+    return {**{k: v for k, v in te_mod.PRESET_CONFIGS[te_mod.PRESET_OF[name]].items() if k != "model_type"},
+            "torch_dtype": "bfloat16"}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -212,7 +211,7 @@ def write_klein_folders(work: Path, size: str) -> tuple[Path, Path]:
     _write_shards(base / "vae", vshapes, "diffusion_pytorch_model", "diffusion_pytorch_model.safetensors.index.json", seed=1)
     (base / "vae" / "config.json").write_text(json.dumps({"_class_name": "AutoencoderKLFlux2", **{
         k: list(v) if isinstance(v, tuple) else v for k, v in vcfg.items() if not k.startswith("_")}}, indent=1))
-    qcfg = {**QWEN3_COMMON, **QWEN3[name]}
+    qcfg = _qwen3_config(name)
     _write_shards(base / "text_encoder", _shapes_qwen3(qcfg), "model", "model.safetensors.index.json", seed=2)
     (base / "text_encoder" / "config.json").write_text(json.dumps(
         {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", **qcfg}, indent=1))
@@ -247,7 +246,6 @@ def write_dev_folder(work: Path, quantize: str = "int8", tiny: bool = False) -> 
     from mlx.utils import tree_flatten, tree_map
 
     from mflux2.model_files import MFLUX2_CONFIG, MFLUX2_FORMAT_VERSION, save_component
-    from mflux2.models import text_encoder as te_mod
     from mflux2.models.quantization import QUANT_BITS, QUANT_GROUP_SIZE, quantize_outside_blocks, quantize_predicate
     from mflux2.models.transformer import Flux2Transformer, TransformerConfig, preset
     from mflux2.models.vae import Flux2VAE, VAEConfig

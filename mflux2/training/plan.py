@@ -188,15 +188,16 @@ def _vae_bytes(path, dtype) -> float:
                for k, (shape, dt) in tensor_shapes(_vae_files(path)).items())
 
 
-def vlm_weights_gb(name: str) -> float | None:
-    """A VLM's weights: from its local folder or the Hugging Face cache, else the hub's metadata, else None."""
+def vlm_size(name: str) -> tuple[float | None, bool]:
+    """(a VLM's weights in GB, whether they are here): from its local folder or the Hugging Face
+    cache, else the hub's metadata (a download), else (None, False)."""
     from mflux2 import vlm
 
     folder = vlm.cached_folder(name)
     if folder is not None:
-        return vlm.weights_bytes(folder) / GB
+        return vlm.weights_bytes(folder) / GB, True
     size = vlm.hub_weights_bytes(name)
-    return size / GB if size else None
+    return (size / GB if size else None), False
 
 
 # ------------------------------------------------------------------------------------------------
@@ -432,9 +433,9 @@ def make_plan(cfg, source, machine: Machine, *, samples=(), val_samples=(), item
         vs = cfg.validation.vlm_scoring
         refs = select_references(vs.reference_images or [], [s.path for s in samples], vs.max_reference_images,
                                  log=lambda *a: None)
-        f.vlm_gb["scoring"] = vlm_weights_gb(vs.model) if plan_targets(cfg, items, refs)[0] else "none"
+        f.vlm_gb["scoring"] = vlm_size(vs.model)[0] if plan_targets(cfg, items, refs)[0] else "none"
     if pending_captions and "captions" not in f.vlm_gb:
-        f.vlm_gb["captions"] = vlm_weights_gb(cfg.dataset.caption_model)
+        f.vlm_gb["captions"] = vlm_size(cfg.dataset.caption_model)[0]
     budget = machine.usable_gb
     problems: list[str] = []
     choices: list[str] = []

@@ -143,15 +143,15 @@ def _vlm(rep, job: str, name: str) -> tuple[float | None, int]:
     except vlm.VLMError as e:
         rep.line(f"{job}: error: {e}")
         rep.problems.append(str(e))
-    folder = vlm.cached_folder(name)
-    if folder is not None:
-        gb = vlm.weights_bytes(folder) / GB
+    from mflux2.training.plan import vlm_size
+
+    gb, here = vlm_size(name)
+    if here:
         rep.line(f"{job}: VLM {name}: {'local' if Path(name).expanduser().exists() else 'in the Hugging Face cache'} ({gb:.2f} GB)")
         return gb, 0
-    size = vlm.hub_weights_bytes(name)
-    if size:
-        rep.line(f"{job}: VLM {name}: not in the cache — the run would download {size / GB:.1f} GB")
-        return size / GB, size
+    if gb:
+        rep.line(f"{job}: VLM {name}: not in the cache — the run would download {gb:.1f} GB")
+        return gb, int(gb * GB)
     rep.line(f"{job}: VLM {name}: not here and its size is unknown (offline, or the hub cannot be reached)")
     rep.problems.append(f"the VLM {name} ({job}) is not in the Hugging Face cache and cannot be downloaded now: "
                         "download it once with network access, or name a local folder")
