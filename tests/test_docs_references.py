@@ -2,7 +2,7 @@
 with it (the training and architecture notes it was written from, a machine's absolute paths), and
 every relative markdown link in README.md and docs/*.md points to a file that exists.
 
-docs/bench/ (raw measurements) and docs/dev/ (notes for contributors' tooling) are not checked."""
+docs/bench/ (raw measurements) is not checked."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 SUFFIXES = {".md", ".py", ".yaml", ".yml", ".sh"}
-SKIPPED_DIRS = ("docs/bench/", "docs/dev/")
+SKIPPED_DIRS = ("docs/bench/",)
 # Folders that are never part of the repository (build outputs, caches, local tooling), for a copy
 # of the working tree without git.
 UNTRACKED_DIRS = {".git", ".gpu", ".whl", "output", "build", "dist", "__pycache__", ".pytest_cache"}
