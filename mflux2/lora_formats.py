@@ -16,6 +16,7 @@ import os
 import re
 import warnings
 from dataclasses import dataclass
+from typing import ClassVar
 from pathlib import Path
 
 import mlx.core as mx
@@ -113,18 +114,154 @@ def _from_bfl(name: str) -> tuple[str, str]:
 # LoRA weights independent of the model: {BFL module: LoRAWeights}
 
 
+# One class per adapter type, each with the tensors a file holds and `delta(base)`: the dense change
+# [out, in] in float32 that the adapter makes to a layer whose weight is `base` (only DoRA reads it).
+# The maths and the file keys of each type are in docs/lora.md.
+
+
 @dataclass
 class LoRAWeights:
+    """ΔW = alpha / rank · B A."""
+
     A: mx.array  # [rank, in] (lora_A / lora_down)
     B: mx.array  # [out, rank] (lora_B / lora_up)
     alpha: float  # the effective scale is alpha / rank
+    type: ClassVar[str] = "lora"
 
     @property
     def rank(self) -> int:
         return self.A.shape[0]
 
-    def delta(self) -> mx.array:
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(out, in) of the layer it adapts."""
+        return self.B.shape[0], self.A.shape[1]
+
+    def delta(self, base: mx.array | None = None) -> mx.array:
         return (self.B.astype(mx.float32) @ self.A.astype(mx.float32)) * (self.alpha / self.rank)
+
+
+@dataclass
+class DoRAWeights(LoRAWeights):
+    """W' = m · V / ‖V‖ with V = W + alpha / rank · B A, the norm over each output row (PEFT's
+    `lora_magnitude_vector`, LyCORIS/ComfyUI's `dora_scale`); ΔW = W' − W needs the base W."""
+
+    magnitude: mx.array | None = None  # m [out]
+    type: ClassVar[str] = "dora"
+
+    def delta(self, base: mx.array | None = None) -> mx.array:
+        if base is None:
+            raise LoRAError("a DoRA delta needs the base layer's weight")
+        w = base.astype(mx.float32)
+        v = w + super().delta()
+        norm = mx.linalg.norm(v, axis=1, keepdims=True)
+        return self.magnitude.astype(mx.float32).reshape(-1, 1) * v / norm - w
+
+
+@dataclass
+class LoKrWeights:
+    """ΔW = scale · kron(W1, W2); each half whole (`lokr_w1`) or a low-rank product (`lokr_w1_a @
+    lokr_w1_b`). scale = alpha / rank where a half is factored (rank = that factor's inner size),
+    1 when both halves are whole (the stored alpha is then ignored, as LyCORIS and ComfyUI do)."""
+
+    w1: mx.array | None = None  # [out_1, in_1]
+    w1_a: mx.array | None = None  # [out_1, rank]
+    w1_b: mx.array | None = None  # [rank, in_1]
+    w2: mx.array | None = None  # [out_2, in_2]
+    w2_a: mx.array | None = None
+    w2_b: mx.array | None = None
+    alpha: float | None = None
+    type: ClassVar[str] = "lokr"
+
+    def __post_init__(self):
+        for half in ("w1", "w2"):
+            whole, a, b = getattr(self, half), getattr(self, half + "_a"), getattr(self, half + "_b")
+            if (whole is None) == (a is None or b is None):
+                raise LoRAError(f"a LoKr layer needs lokr_{half} or both lokr_{half}_a and lokr_{half}_b")
+
+    def half(self, i: int) -> mx.array:
+        """W1 or W2 in float32."""
+        whole, a, b = (self.w1, self.w1_a, self.w1_b) if i == 1 else (self.w2, self.w2_a, self.w2_b)
+        return whole.astype(mx.float32) if whole is not None else a.astype(mx.float32) @ b.astype(mx.float32)
+
+    @property
+    def rank(self) -> int | None:
+        """The factored halves' inner size; None when both halves are whole."""
+        for b in (self.w1_b, self.w2_b):
+            if b is not None:
+                return b.shape[0]
+        return None
+
+    @property
+    def scale(self) -> float:
+        r = self.rank
+        return 1.0 if r is None or self.alpha is None else self.alpha / r
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        (o1, i1), (o2, i2) = self.half(1).shape, self.half(2).shape
+        return o1 * o2, i1 * i2
+
+    def delta(self, base: mx.array | None = None) -> mx.array:
+        w1, w2 = self.half(1), self.half(2)
+        (o1, i1), (o2, i2) = w1.shape, w2.shape
+        kron = (w1[:, None, :, None] * w2[None, :, None, :]).reshape(o1 * o2, i1 * i2)
+        return kron * self.scale
+
+
+@dataclass
+class LoHaWeights:
+    """ΔW = alpha / rank · (w1_a w1_b) ⊙ (w2_a w2_b)."""
+
+    w1_a: mx.array  # [out, rank] (hada_w1_a)
+    w1_b: mx.array  # [rank, in]
+    w2_a: mx.array
+    w2_b: mx.array
+    alpha: float
+    type: ClassVar[str] = "loha"
+
+    @property
+    def rank(self) -> int:
+        return self.w1_b.shape[0]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.w1_a.shape[0], self.w1_b.shape[1]
+
+    def delta(self, base: mx.array | None = None) -> mx.array:
+        f = lambda x: x.astype(mx.float32)  # noqa: E731
+        return (f(self.w1_a) @ f(self.w1_b)) * (f(self.w2_a) @ f(self.w2_b)) * (self.alpha / self.rank)
+
+
+@dataclass
+class SplitWeights:
+    """Adapters on row ranges of one fused layer: LyCORIS's LoKr/LoHa on diffusers' to_q/to_k/to_v
+    land on the q, k and v rows of BFL's fused qkv, and a kron or Hadamard product of three cannot
+    be rewritten as one. Rows no part covers are unchanged."""
+
+    parts: list  # [((row_start, row_stop), weights of any type above)]
+    out: int  # the fused layer's rows
+
+    @property
+    def type(self) -> str:
+        return self.parts[0][1].type
+
+    @property
+    def rank(self):
+        return self.parts[0][1].rank
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.out, self.parts[0][1].shape[1]
+
+    def delta(self, base: mx.array | None = None) -> mx.array:
+        d = mx.zeros(self.shape)
+        for (r0, r1), w in self.parts:
+            d[r0:r1] = w.delta(None if base is None else base[r0:r1])
+        return d
+
+
+AdapterWeights = LoRAWeights | DoRAWeights | LoKrWeights | LoHaWeights | SplitWeights
 
 
 def _peft_alphas(metadata: dict) -> tuple[float | None, dict, bool]:
