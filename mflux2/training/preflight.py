@@ -27,13 +27,24 @@ GB = 1e9
 # Disk
 
 
+OUTPUT_DISK_FIX = "free space, lower checkpoints.keep_last, or set checkpoints.output"
+
+
+def disk_problem(folder: Path, need: float, what: str) -> tuple[str | None, int]:
+    """(the problem line when `folder`'s disk has less than `need` bytes free, else None; the free bytes).
+    The run refuses to start on this line and the dry run lists it: one wording for both."""
+    free = _free_bytes(folder)
+    if free >= need:
+        return None, free
+    return f"not enough free disk space in {folder}: about {need / GB:.2f} GB needed {what}, {free / GB:.2f} GB free", free
+
+
 def _disk_check(rep, folder: Path, need: float, what: str, fix: str) -> None:
     """One disk line: `need` bytes `what` against the free space of `folder`; a problem and its fix if short."""
-    free = _free_bytes(folder)
-    ok = free >= need
-    rep.line(f"{folder}: {need / GB:.2f} GB {what}, {free / GB:.1f} GB free {'ok' if ok else 'TOO LITTLE'}")
-    if not ok:
-        rep.problems.append(f"not enough free disk space in {folder}: about {need / GB:.2f} GB needed, {free / GB:.2f} GB free")
+    problem, free = disk_problem(folder, need, what)
+    rep.line(f"{folder}: {need / GB:.2f} GB {what}, {free / GB:.1f} GB free {'ok' if problem is None else 'TOO LITTLE'}")
+    if problem:
+        rep.problems.append(problem)
         rep.fixes.append(fix)
 
 
@@ -422,8 +433,7 @@ def preflight(cfg, out=print, err=None, memory_gb: float | None = None, resume=T
     rep.section("disk")
     if samples and plan is not None:
         _disk_check(rep, Path(cfg.checkpoints.output), plan.disk_gb * GB,
-                    f"for the caches and {plan.checkpoints_kept} checkpoint(s)",
-                    "free space, lower checkpoints.keep_last, or set checkpoints.output")
+                    f"for the caches and {plan.checkpoints_kept} checkpoint(s)", OUTPUT_DISK_FIX)
     else:
         rep.line("unknown (no dataset or no model)")
     if download:

@@ -201,12 +201,11 @@ class Trainer:
 
     def _check_disk_space(self, need: int, keep: int):
         """Refuse to start when the caches and the checkpoints we will keep cannot fit on the disk."""
-        free = shutil.disk_usage(self.output).free
-        if free < need:
-            raise TrainingError(
-                f"not enough free disk space in {self.output}: about {need / 1e9:.2f} GB needed for caches and "
-                f"{keep} checkpoint(s), {free / 1e9:.2f} GB free — free space, lower checkpoints.keep_last, or set checkpoints.output"
-            )
+        from mflux2.training.preflight import OUTPUT_DISK_FIX, disk_problem
+
+        problem, _ = disk_problem(self.output, need, f"for the caches and {keep} checkpoint(s)")
+        if problem:
+            raise TrainingError(f"{problem} — {OUTPUT_DISK_FIX}")
 
     def _open_models(self):
         """The training model's pipeline and, when another model renders the validation images, its
