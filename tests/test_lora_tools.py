@@ -332,3 +332,23 @@ def test_info(klein, tmp_path):
     done = subprocess.run([sys.executable, "-m", "mflux2.lora_tools", "info", str(tmp_path / "missing.safetensors")],
                           capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert done.returncode == 1 and "no such LoRA file" in done.stderr and len(done.stderr.strip().splitlines()) == 1
+
+
+def test_merged_model_folder_loads_in_the_pipeline(tmp_path):
+    """A whole model folder (tests/tiny_flux2.py, diffusers layout): the merged copy is what
+    Flux2Pipeline.from_pretrained (mflux2-generate, the trainer) opens, with the LoRA baked in."""
+    from mflux2.pipeline import Flux2Pipeline
+    from tests.tiny_flux2 import build_tiny_klein
+
+    model = build_tiny_klein(tmp_path / "model")
+    a = random_lora(model, tmp_path / "a.safetensors", seed=8, targets="attention", extra=())
+    merged = lora_tools.merge(model, tmp_path / "merged", [(str(a), 1.0)], quiet=True, log=lambda *_: None)
+    src, dst = Flux2Pipeline.from_pretrained(model, dtype=mx.float32), Flux2Pipeline.from_pretrained(merged, dtype=mx.float32)
+    assert (dst.source.layout, dst.family) == (src.source.layout, src.family) == ("diffusers", "klein-base")
+    for sub in ("vae", "text_encoder", "tokenizer"):  # the other components are the same files
+        for f in (model / sub).iterdir():
+            assert (merged / sub / f.name).read_bytes() == f.read_bytes(), f
+    inputs = make_inputs(in_ch=128, ctx=24)
+    base, ours = out(src.transformer, inputs), out(dst.transformer, inputs)
+    src.load_lora(a)
+    assert rel_err(ours, base) > 1e-2 and rel_err(ours, out(src.transformer, inputs)) <= 1e-4
