@@ -48,7 +48,7 @@ def write_config(folder, tiny, **lora):
         "dataset": {"path": str(data), "trigger_word": "sks"},
         "training": {"max_steps": 2, "learning_rate": 1e-3, "log_every_n_steps": 1, "seed": 7},
         "loss": {"diff_output_preservation": True, "diff_output_preservation_class": "thing"},
-        "memory": {"bucketing": {"resolutions": [64]}},
+        "memory": {"bucketing": {"resolutions": [64]}, "compile_training": False},
         "checkpoints": {"output": str(folder / "out"), "save_every": 1},
         "validation": {"prompts": []},
     }
