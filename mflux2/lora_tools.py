@@ -179,6 +179,8 @@ def merge(model: str | Path, out: str | Path, loras: list[tuple[str, float]], dt
     if out.exists() and (out.is_file() or any(out.iterdir())):
         if not force:
             raise LoRAError(f"{out} already exists: choose another output or pass --force to replace it")
+        if out.is_file() or not (out / "mflux2_merge.json").is_file():
+            raise LoRAError(f"{out} exists and is not an earlier merge; --force only replaces those — remove it yourself")
     if out == src.root.resolve() or src.root.resolve() in out.parents:
         raise LoRAError(f"{out}: the output must not be the source folder or lie inside it")
 
@@ -188,11 +190,8 @@ def merge(model: str | Path, out: str | Path, loras: list[tuple[str, float]], dt
         for name, w in weights.items():
             if name not in src.parts:
                 raise LoRAError(f"{path}: layer {name} is not in the model {src.root} — a LoRA for another FLUX.2 variant?")
-            n_out = sum(src.tensors[k].shape[0] for k, _ in src.parts[name])
-            k0 = src.parts[name][0][0]
-            n_in = src.tensors[k0].shape[1] * (32 // src.bits if src.quantized(k0) else 1)
-            if tuple(w.shape) != (n_out, n_in):
-                raise LoRAError(f"{path}: shape mismatch for {name}: LoRA delta {tuple(w.shape)}, model layer ({n_out}, {n_in})")
+            if tuple(w.shape) != _shape(src, name):
+                raise LoRAError(f"{path}: shape mismatch for {name}: LoRA delta {tuple(w.shape)}, model layer {_shape(src, name)}")
         adapters.append((path, scale, weights))
     touched = {name for _, _, ws in adapters for name in ws}
     target_dtype = DTYPES.get(dtype)

@@ -91,6 +91,11 @@ def test_merge_equals_loaded_loras_and_loads_in_diffusers(klein, tmp_path):
     # an existing output is never replaced without --force
     with pytest.raises(LoRAError, match="already exists"):
         lora_tools.merge(klein, merged, [(str(a), 1.0)], quiet=True, log=lambda *_: None)
+    lora_tools.merge(klein, merged, [(str(a), 0.7), (str(b), 1.3)], force=True, quiet=True, log=lambda *_: None)
+    assert rel_err(out(fresh(merged), inputs), want) <= 1e-4  # --force replaces an earlier merge
+    with pytest.raises(LoRAError, match="not an earlier merge"):
+        lora_tools.merge(klein, tmp_path, [(str(a), 1.0)], force=True, quiet=True, log=lambda *_: None)
+    assert (tmp_path / "a.safetensors").is_file()  # left alone
 
 
 def test_merge_bfl_file_and_cli(klein, tmp_path):
