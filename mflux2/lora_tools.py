@@ -399,8 +399,8 @@ def resize(src: str | Path, dst: str | Path, rank: int | None = None, energy: fl
     weights, metadata = read_lora(src)
     model = _base_for(weights, base, src)
     log(f"{src}: {len(weights)} layer(s), type {_types(weights)}, rank {_ranks(Counter(w.rank for w in weights.values()))}")
-    approx = _approximate(((n, lambda w=w, n=n: w.delta(model.weight(n) if model else None)) for n, w in weights.items()),
-                          rank, energy, quiet, log, "resize")
+    approx = _approximate(((n, lambda w=weights[n], n=n: w.delta(model.weight(n) if model else None))
+                           for n in sorted(weights, key=_natural)), rank, energy, quiet, log, "resize")
     meta = _meta_for_lora(metadata, resized_from=f"{_types(weights)} rank {_ranks(Counter(w.rank for w in weights.values()))}")
     out = write_lora(dst, approx, format, meta, _file_dtype(src))
     log(f"wrote {out}")
@@ -456,8 +456,8 @@ def convert(src: str | Path, dst: str | Path, format: str = "bfl", type: str | N
     if rank is None and energy is None:
         raise LoRAError(f"{src}: {len(others)} layer(s) are {_types(others)}: give --rank R or --energy E for the SVD")
     model = _base_for(others, base, src)
-    approx = _approximate(((n, lambda w=w, n=n: w.delta(model.weight(n) if model else None)) for n, w in others.items()),
-                          rank, energy, quiet, log, "convert")
+    approx = _approximate(((n, lambda w=others[n], n=n: w.delta(model.weight(n) if model else None))
+                           for n in sorted(others, key=_natural)), rank, energy, quiet, log, "convert")
     merged = {n: approx.get(n, w) for n, w in weights.items()}
     meta = _meta_for_lora(metadata, converted_from=_types(weights))
     out = write_lora(dst, merged, format, meta, DTYPES.get(dtype) or _file_dtype(src))
