@@ -357,3 +357,35 @@ def test_merged_model_folder_loads_in_the_pipeline(tmp_path):
     base, ours = out(src.transformer, inputs), out(dst.transformer, inputs)
     src.load_lora(a)
     assert rel_err(ours, base) > 1e-2 and rel_err(ours, out(src.transformer, inputs)) <= 1e-4
+
+
+def test_merge_and_resize_other_types_in_memory(klein, tmp_path, monkeypatch):
+    """DoRA (its delta reads the base: fused q/k/v from diffusers' split ones), LoKr and LoHa, as
+    lora_formats will return them from files: merge writes W + ΔW(W), resize needs --base for DoRA."""
+    g = np.random.default_rng(2)
+    r = lambda *s: mx.array(g.standard_normal(s).astype(np.float32) * 0.3)  # noqa: E731
+    base = fresh(klein)
+    w_qkv = base.double_blocks[0].img_attn.qkv.weight  # [96, 32]
+    fake = {
+        "double_blocks.0.img_attn.qkv": DoRAWeights(r(3, 32), r(96, 3), 3.0, magnitude=mx.linalg.norm(w_qkv, axis=1) * 1.1),
+        "single_blocks.1.linear1": LoKrWeights(w1=r(4, 2), w2_a=r(72, 2), w2_b=r(2, 16), alpha=2.0),  # [288, 32]
+        "final_layer.adaLN_modulation.1": LoHaWeights(r(64, 2), r(2, 32), r(64, 2), r(2, 32), 4.0),  # swapped halves in diffusers
+    }
+    dense = dict(base.named_modules())
+    want = {n: np.array(dense[n].weight) + 0.5 * np.array(w.delta(dense[n].weight)) for n, w in fake.items()}
+    monkeypatch.setattr(lora_tools, "read_lora", lambda path, strict=True: (fake, {}))
+    monkeypatch.setattr(lora_tools, "_file_dtype", lambda path: mx.float32)  # there is no file
+    merged = lora_tools.merge(klein, tmp_path / "m", [("fake.safetensors", 0.5)], quiet=True, log=lambda *_: None)
+    got = dict(fresh(merged).named_modules())
+    for n, w in want.items():
+        np.testing.assert_allclose(np.array(got[n].weight), w, rtol=1e-5, atol=1e-5, err_msg=n)
+    np.testing.assert_array_equal(np.array(got["double_blocks.1.img_attn.qkv"].weight), np.array(dense["double_blocks.1.img_attn.qkv"].weight))
+
+    with pytest.raises(LoRAError, match="DoRA adapter's delta depends on the base weights: pass --base MODEL"):
+        lora_tools.resize("fake.safetensors", tmp_path / "r.safetensors", rank=2, quiet=True)
+    lora_tools.resize("fake.safetensors", tmp_path / "r.safetensors", rank=2, base=str(klein), quiet=True, log=lambda *_: None)
+    monkeypatch.undo()
+    resized, _ = read_lora(tmp_path / "r.safetensors")
+    for n, w in fake.items():
+        best, _ = best_rank(np.array(w.delta(dense[n].weight)), 2)
+        assert rel_err(np.array(resized[n].delta()), best) <= 1e-4, n
