@@ -284,6 +284,7 @@ def _init_from_lines(rep, cfg, source, ckpt) -> None:
     from mflux2.lora_formats import LoRAError, read_lora
     from mflux2.training import init_from
     from mflux2.training.memory import _source_config
+    from mflux2.weights import WeightsError
 
     spec = cfg.lora.init_from
     if ckpt is not None:
@@ -301,7 +302,7 @@ def _init_from_lines(rep, cfg, source, ckpt) -> None:
         init_from.check(weights, init_from.expected_layers(_source_config(source), cfg.lora.target_layers), cfg.lora, spec)
         rep.line(f"lora.init_from: {path} ({len(weights)} layers, rank {cfg.lora.rank}) matches the lora: section; "
                  "the run starts from its weights at step 0 with a fresh optimiser")
-    except (LoRAError, ModelLoadError, OSError) as e:
+    except (LoRAError, ModelLoadError, WeightsError, OSError) as e:  # LoRAError is a WeightsError; named for the reader
         rep.line(f"error: {e}")
         rep.problems.append(str(e))
 
