@@ -6,7 +6,8 @@
 Reads ai-toolkit/BFL, diffusers/PEFT, kohya/musubi and mflux2 files. `bfl` (the default) writes
 `diffusion_model.<BFL module>.lora_A/B.weight` with alpha folded into B (ai-toolkit, ComfyUI,
 diffusers, mflux); `diffusers` writes `transformer.*` names with q/k/v split; `kohya` writes
-`lora_unet_*` lora_down/lora_up plus `.alpha`. See docs/lora.md.
+`lora_unet_*` lora_down/lora_up plus `.alpha`. See docs/lora.md. A thin wrapper over
+`mflux2-lora convert` (mflux2/lora_tools.py), which also converts LoKr/LoHa/DoRA to plain LoRA.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 import mlx.core as mx  # noqa: E402
 
-from mflux2.lora_formats import FORMATS, LoRAError, convert_lora  # noqa: E402
+from mflux2.lora_formats import FORMATS, LoRAError  # noqa: E402
+from mflux2.lora_tools import convert  # noqa: E402
 
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
 
@@ -36,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("always")
-            out = convert_lora(args.src, args.dst, args.format, DTYPES.get(args.dtype), strict=not args.lenient)
+            out = convert(args.src, args.dst, args.format, dtype=args.dtype, strict=not args.lenient, quiet=True, log=lambda *a: None)
     except LoRAError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

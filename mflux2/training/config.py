@@ -166,6 +166,9 @@ class LoRAConfig:
     dropout: float = _f(0.0, ge=0, lt=1)
     # Default all: what the Swift trainer trains whatever this key says (SimpleLoRATrainer.swift:396).
     target_layers: str = _f("all", choices=("attention", "attention_output", "attention_ffn", "all"))
+    # ours: start a new run from an existing adapter (a .safetensors file, a folder holding one, or a
+    # hub repo owner/name[/file.safetensors]); a resumed run ignores it (mflux2/training/init_from.py)
+    init_from: str | None = _f(None, check=_check_nonempty)
 
 
 @dataclass
@@ -555,6 +558,7 @@ _DEFAULT_NOTES: dict[str, str | None] = {
     "lora.alpha": None,
     "lora.dropout": None,
     "lora.target_layers": None,
+    "lora.init_from": "no Swift key; a fresh LoRA (A random, B zero)",
     "dataset.path": None,
     "dataset.validation_path": None,
     "dataset.trigger_word": None,
