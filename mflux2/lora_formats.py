@@ -306,7 +306,10 @@ def _adapter(g: dict, source: str, rank_alpha) -> object:
         w.alpha = float(w.rank) if alpha is None else alpha  # no alpha: scale 1 (ComfyUI, LyCORIS)
         return w
     if any(k in g for k in _LOKR):
-        return LoKrWeights(**{k.removeprefix("lokr_"): f(k) for k in _LOKR if k in g}, alpha=alpha)
+        try:
+            return LoKrWeights(**{k.removeprefix("lokr_"): f(k) for k in _LOKR if k in g}, alpha=alpha)
+        except LoRAError as e:
+            raise LoRAError(f"{source}: module {g['module']}: {e}") from None
     if "lora_A" not in g or "lora_B" not in g:
         missing = "lora_B/lora_up" if "lora_A" in g else "lora_A/lora_down"
         raise LoRAError(f"{source}: module {g['module']} has no {missing} tensor")
