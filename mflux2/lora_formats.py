@@ -597,14 +597,15 @@ def _summary(weights: dict[str, AdapterWeights]) -> dict[str, str]:
 
 def _peft_metadata(tensors: dict[str, mx.array]) -> str:
     """diffusers' `lora_adapter_metadata` (PEFT LoraConfig kwargs) for a diffusers-layout file: alpha is
-    folded into B, so lora_alpha = r per module (scale 1), as diffusers' own get_peft_kwargs does."""
+    folded into B, so lora_alpha = r per module (scale 1), as diffusers' own get_peft_kwargs does; each key
+    prefixed `transformer.` as diffusers' save_lora_weights writes it."""
     ranks = {k.removeprefix("transformer.").removesuffix(".lora_B.weight"): v.shape[1]
              for k, v in tensors.items() if k.endswith(".lora_B.weight")}
     r = Counter(ranks.values()).most_common(1)[0][0]
     pattern = {k: v for k, v in ranks.items() if v != r}
-    return json.dumps({"r": r, "lora_alpha": r, "rank_pattern": pattern, "alpha_pattern": pattern,
-                       "target_modules": sorted(ranks), "use_dora": any(k.endswith(".lora_magnitude_vector") for k in tensors),
-                       "lora_bias": False})
+    cfg = {"r": r, "lora_alpha": r, "rank_pattern": pattern, "alpha_pattern": pattern, "target_modules": sorted(ranks),
+           "use_dora": any(k.endswith(".lora_magnitude_vector") for k in tensors), "lora_bias": False}
+    return json.dumps({f"transformer.{k}": v for k, v in cfg.items()})  # diffusers keys it by component
 
 
 def write_lora(path: str | Path, weights: dict[str, AdapterWeights], format: str = "bfl", metadata: dict | None = None,
@@ -628,6 +629,11 @@ def write_lora(path: str | Path, weights: dict[str, AdapterWeights], format: str
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.safetensors")  # mlx appends .safetensors otherwise
+    # Key order matters to diffusers: it reads a file whose first tensor name lacks "lora_A" as an old
+    # UNet LoRA and renames `.to_out.lora_magnitude_vector` to `.to_out.0...` (convert_unet_state_dict_to_peft),
+    # which loses the single blocks' DoRA magnitudes. mlx lays tensors out in reverse insertion order, so
+    # inserting in descending name order puts the alphabetically first name (a lora_A / lora_down) first.
+    tensors = dict(sorted(tensors.items(), reverse=True))
     try:
         mx.save_safetensors(str(tmp), tensors, metadata=meta)
         os.replace(tmp, path)

@@ -303,7 +303,7 @@ def test_dora_diffusers_metadata(base, tmp_path):
     weights = _weights("dora", base, "peft")
     path = write_lora(tmp_path / "d.safetensors", weights, "diffusers")
     tensors, meta = mx.load(str(path), return_metadata=True)
-    cfg = json.loads(meta["lora_adapter_metadata"])
+    cfg = {k.removeprefix("transformer."): v for k, v in json.loads(meta["lora_adapter_metadata"]).items()}
     assert cfg["use_dora"] is True and cfg["r"] == 3 and cfg["lora_alpha"] == 3
     # the split q/k/v of a fused DoRA of rank 9 (stacked independent A's) are rank 9 each: in rank_pattern
     assert cfg["rank_pattern"]["transformer_blocks.0.attn.to_q"] == 9 == cfg["alpha_pattern"]["transformer_blocks.0.attn.to_q"]
@@ -486,3 +486,62 @@ def test_real_comfyui_matches_transcription(base, tmp_path, kind):
         sd[key] = comfy.lora.calculate_weight([(1.0, patch, 1.0, offset, None)], sd[key], key)
     for name in weights:
         np.testing.assert_allclose(sd[f"diffusion_model.{name}.weight"].numpy(), ours[name], rtol=1e-4, atol=2e-5, err_msg=name)
+
+
+# ---------------------------------------------------------------------------------------------
+# diffusers / PEFT, run: the transformer output with the file loaded by diffusers equals mflux2's
+# transformer with `delta(base)` added to its weights (float32, rel. err <= 1e-4).
+
+
+def _diffusers_vs_mflux2(tmp_path, weights: dict, fmt: str, base_model) -> float:
+    import diffusers
+    from mlx.utils import tree_unflatten
+
+    from mflux2.models.transformer import load_transformer
+    from test_transformer import make_inputs, make_reference, mlx_output, reference_output, rel_err
+
+    path = write_lora(tmp_path / f"{fmt}.safetensors", weights, fmt)
+    model = load_transformer(base_model, dtype=mx.float32)
+    params = dict(tree_flatten(model.parameters()))
+    model.update(tree_unflatten([(f"{n}.weight", params[f"{n}.weight"] + w.delta(params[f"{n}.weight"]))
+                                 for n, w in weights.items()]))
+    pipe = diffusers.Flux2Pipeline(scheduler=diffusers.FlowMatchEulerDiscreteScheduler(), vae=None, text_encoder=None,
+                                   tokenizer=None, transformer=make_reference(True))
+    inputs, guidance = make_inputs(), np.array([3.5, 1.0], np.float32)
+    plain = reference_output(pipe.transformer, *inputs, guidance=guidance)
+    pipe.load_lora_weights(str(path))
+    theirs = reference_output(pipe.transformer, *inputs, guidance=guidance)
+    ours = mlx_output(model, *inputs, guidance=guidance)
+    assert rel_err(ours, plain) > 1e-2  # the adapter changes the output
+    return rel_err(ours, theirs)
+
+
+@pytest.fixture(scope="module")
+def dev_folder(tmp_path_factory):
+    from test_transformer import make_reference
+
+    root = tmp_path_factory.mktemp("dev_model")
+    make_reference(True).save_pretrained(root / "transformer")
+    return root
+
+
+def test_diffusers_loads_our_dora(base, dev_folder, tmp_path):
+    """DoRA written in the diffusers layout (split q/k/v from a fused DoRA with independent A's, the
+    final adaLN's halves swapped, PEFT metadata with use_dora) through Flux2Pipeline.load_lora_weights."""
+    pytest.importorskip("peft")
+    weights = _weights("dora", base, "peft", seed=4)
+    assert rel_err_ok(_diffusers_vs_mflux2(tmp_path, weights, "diffusers", dev_folder))
+
+
+def test_diffusers_loads_our_lokr(base, dev_folder, tmp_path):
+    """LoKr in the bfl layout (ai-toolkit's `diffusion_model.` + BFL names), which diffusers 0.42.1
+    converts onto its fused to_qkv projections. Without the final adaLN layer: diffusers maps it
+    without swapping its [shift; scale] halves (as for LoRA; see docs/lora.md)."""
+    pytest.importorskip("peft")
+    weights = {n: w for n, w in _weights("lokr", base, seed=5).items() if n != "final_layer.adaLN_modulation.1"}
+    assert rel_err_ok(_diffusers_vs_mflux2(tmp_path, weights, "bfl", dev_folder))
+
+
+def rel_err_ok(err: float) -> bool:
+    assert err <= 1e-4, err
+    return True
