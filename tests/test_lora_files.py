@@ -536,9 +536,12 @@ def test_diffusers_loads_our_dora(base, dev_folder, tmp_path):
 def test_diffusers_loads_our_lokr(base, dev_folder, tmp_path):
     """LoKr in the bfl layout (ai-toolkit's `diffusion_model.` + BFL names), which diffusers 0.42.1
     converts onto its fused to_qkv projections. Without the final adaLN layer: diffusers maps it
-    without swapping its [shift; scale] halves (as for LoRA; see docs/lora.md)."""
+    without swapping its [shift; scale] halves (as for LoRA; see docs/lora.md), and only layers whose
+    W1 is whole (LyCORIS's usual layout): PEFT's LoKr has no factored W1 beside a whole W2."""
     pytest.importorskip("peft")
-    weights = {n: w for n, w in _weights("lokr", base, seed=5).items() if n != "final_layer.adaLN_modulation.1"}
+    weights = {n: w for n, w in _weights("lokr", base, seed=5).items()
+               if n != "final_layer.adaLN_modulation.1" and w.w1 is not None}
+    assert {w.w2 is None for w in weights.values()} == {True, False}  # W2 factored and whole
     assert rel_err_ok(_diffusers_vs_mflux2(tmp_path, weights, "bfl", dev_folder))
 
 
