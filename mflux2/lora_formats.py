@@ -683,3 +683,49 @@ def convert_lora(src: str | Path, dst: str | Path, format: str = "bfl", dtype: m
     keep = {k: v for k, v in metadata.items() if k not in ("lora_adapter_metadata", "format") and not k.startswith("ss_network_")}
     keep = {k: v for k, v in keep.items() if k not in ("adapter_type", "lokr_factor")}
     return write_lora(dst, weights, format, keep, dtype, base)
+
+
+def resolve_lora_file(spec: str | os.PathLike) -> Path:
+    """A LoRA named by a local path, a Hugging Face repo id holding exactly one .safetensors file
+    (`user/repo`), or a file in a repo (`user/repo/sub/file.safetensors`) -> the local file. Hub files
+    come through the Hugging Face cache, which honours HF_HOME / HF_HUB_CACHE, HF_TOKEN and
+    HF_HUB_OFFLINE=1 (cache only), as models do (mflux2/hub.py)."""
+    from mflux2 import hub
+
+    text = str(spec)
+    path = Path(text).expanduser()
+    if path.is_file():
+        return path
+    parts = text.split("/")
+    if (path.exists() or len(parts) < 2 or not all(parts) or text.startswith((".", "~", "/")) or "\\" in text
+            or Path(parts[0]).is_dir()):
+        raise LoRAError(f"{text}: no such file{hub.missing_path_note(text)}")
+    repo, filename = "/".join(parts[:2]), "/".join(parts[2:]) or None
+    import huggingface_hub
+    from huggingface_hub import constants
+    from huggingface_hub.errors import EntryNotFoundError, GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    where = f"the Hugging Face cache {constants.HF_HUB_CACHE} (offline mode is on)" if constants.HF_HUB_OFFLINE else "the Hugging Face hub"
+    try:
+        if filename is None:
+            if constants.HF_HUB_OFFLINE:  # what the cached snapshot holds
+                folder = Path(huggingface_hub.snapshot_download(repo, allow_patterns=["*.safetensors"]))
+                names = sorted(str(p.relative_to(folder)) for p in folder.rglob("*.safetensors"))
+            else:
+                names = sorted(f for f in huggingface_hub.list_repo_files(repo) if f.endswith(".safetensors"))
+            if len(names) != 1:
+                found = f"{len(names)} .safetensors files ({', '.join(names[:4])}{', ...' if len(names) > 4 else ''})" if names else "no .safetensors file"
+                raise LoRAError(f"{text}: {where} has {found} in {repo}; name one as {repo}/<file>.safetensors")
+            filename = names[0]
+        return Path(huggingface_hub.hf_hub_download(repo, filename))
+    except GatedRepoError:  # (a subclass of RepositoryNotFoundError)
+        raise LoRAError(f"{text}: {repo} is gated: accept its licence on huggingface.co and run `hf auth login` (or set HF_TOKEN)") from None
+    except RepositoryNotFoundError:
+        raise LoRAError(f"{text}: no such local file, and no repo {repo} on the Hugging Face hub (a private repo needs `hf auth login`)") from None
+    except LocalEntryNotFoundError:  # (a subclass of EntryNotFoundError: test it first)
+        raise LoRAError(f"{text}: {filename or repo} is not in {where}: download it once with network access, "
+                        "or pass a local file") from None
+    except EntryNotFoundError:
+        raise LoRAError(f"{text}: the hub repo {repo} has no file {filename}") from None
+    except HfHubHTTPError as e:
+        raise LoRAError(f"{text}: downloading from {repo} failed: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from None

@@ -548,3 +548,48 @@ def test_diffusers_loads_our_lokr(base, dev_folder, tmp_path):
 def rel_err_ok(err: float) -> bool:
     assert err <= 1e-4, err
     return True
+
+
+# ---------------------------------------------------------------------------------------------
+# --lora from the Hugging Face hub, through a fake offline cache (no network)
+
+
+def test_lora_from_hub_cache(base, tmp_path, monkeypatch):
+    from huggingface_hub import constants
+    from test_hub import add_to_cache
+
+    from mflux2.lora_formats import resolve_lora_file
+
+    cache = tmp_path / "hub"
+    cache.mkdir()
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    lokr = write_lora(tmp_path / "lokr.safetensors", _weights("lokr", base), "kohya").read_bytes()
+    dora = write_lora(tmp_path / "dora.safetensors", _weights("dora", base, "peft"), "diffusers").read_bytes()
+    one = add_to_cache(cache, "someone/style-lokr", {"style.safetensors": lokr, "README.md": b"# style"})
+    add_to_cache(cache, "someone/two", {"a.safetensors": lokr, "sub/b.safetensors": dora})
+
+    path = resolve_lora_file("someone/style-lokr")  # exactly one .safetensors: that one
+    assert path == one / "style.safetensors"
+    assert type(read_lora(path)[0]["single_blocks.0.linear1"]) is LoKrWeights
+    assert resolve_lora_file("someone/two/sub/b.safetensors").read_bytes() == dora
+    assert resolve_lora_file(tmp_path / "lokr.safetensors") == tmp_path / "lokr.safetensors"  # local files first
+    with pytest.raises(LoRAError, match=r"^someone/two: .*has 2 .safetensors files \(a.safetensors, sub/b.safetensors\) in someone/two; "
+                                        r"name one as someone/two/<file>.safetensors$"):
+        resolve_lora_file("someone/two")
+    with pytest.raises(LoRAError, match=r"^someone/two/c.safetensors: c.safetensors is not in the Hugging Face cache .* \(offline mode is on\)"):
+        resolve_lora_file("someone/two/c.safetensors")
+    with pytest.raises(LoRAError, match=r"^someone/absent: someone/absent is not in the Hugging Face cache"):
+        resolve_lora_file("someone/absent")
+    (tmp_path / "loras").mkdir()
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(LoRAError, match=r"^loras/style.safetensors: no such file"):  # a local folder: a typo, not a repo
+        resolve_lora_file("loras/style.safetensors")
+
+    # the generate CLI and the pipeline components take the same names
+    from mflux2 import cli
+
+    args = cli.generate_parser().parse_args(["--model", "klein-4b", "--prompt", "x", "--lora", "someone/style-lokr:0.7"])
+    assert cli._resolve_loras(args.lora) == [(str(one / "style.safetensors"), 0.7)]
+    with pytest.raises(LoRAError, match="someone/two: "):
+        cli._resolve_loras(["someone/two"])
