@@ -463,7 +463,7 @@ def _dora_from_comfy(name: str, w, base: dict | None, source: str, rows: tuple |
         return w
     if base is None or name not in base:
         raise LoRAError(f"{source}: the DoRA dora_scale of {name} was written for ComfyUI relative to the base "
-                        "model's weights; read it with base= (the model's weights), or use the diffusers-layout file")
+                        "model's weights; read it with base= (scripts/convert_lora.py: --base MODEL), or use a diffusers-layout file")
     w0 = base[name].astype(mx.float32)
     w0 = w0 if rows is None else w0[rows[0] : rows[1]]
     v = w0 + LoRAWeights.delta(w)
@@ -543,7 +543,7 @@ def _module_tensors(name: str, dname: str | None, w, format: str, base_w, split:
     if dora:
         if base_w is None:
             raise LoRAError(f"{name}: DoRA in the {format} layout stores ComfyUI's dora_scale, which is relative to the "
-                            "base model's weights: pass base= (save_lora does), or use format='diffusers'")
+                            "base model's weights: pass base= (scripts/convert_lora.py: --base MODEL), or use format='diffusers'")
         if tuple(base_w.shape) != w.shape:
             raise LoRAError(f"{name}: base weight {tuple(base_w.shape)} does not fit the DoRA delta {w.shape}")
     if split:

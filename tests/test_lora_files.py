@@ -593,3 +593,22 @@ def test_lora_from_hub_cache(base, tmp_path, monkeypatch):
     assert cli._resolve_loras(args.lora) == [(str(one / "style.safetensors"), 0.7)]
     with pytest.raises(LoRAError, match="someone/two: "):
         cli._resolve_loras(["someone/two"])
+
+
+def test_convert_script_with_base(base, dev_folder, tmp_path):
+    """scripts/convert_lora.py: DoRA from the diffusers layout to ComfyUI's kohya layout needs --base."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    weights = _weights("dora", base, "peft")
+    src = write_lora(tmp_path / "d.safetensors", weights, "diffusers")
+    run = lambda *a: subprocess.run([sys.executable, str(root / "scripts" / "convert_lora.py"), str(src), *a],  # noqa: E731
+                                    capture_output=True, text=True)
+    r = run(str(tmp_path / "k.safetensors"), "--format", "kohya")
+    assert r.returncode == 1 and r.stderr.count("\n") == 1 and "pass base=" in r.stderr
+    r = run(str(tmp_path / "k.safetensors"), "--format", "kohya", "--base", str(dev_folder))
+    assert r.returncode == 0, r.stderr
+    want = {n: np.array(w.delta(base[n])) for n, w in weights.items()}
+    _check(read_lora(tmp_path / "k.safetensors", base=base)[0], want, base)
+    new, not_loaded = comfy_apply(tmp_path / "k.safetensors", base)
+    assert not not_loaded and np.allclose(new["img_in"], np.array(base["img_in"]) + want["img_in"], rtol=1e-4, atol=2e-5)
