@@ -322,8 +322,8 @@ def test_dora_diffusers_metadata(base, tmp_path):
 #     every file key no adapter took is logged "lora key not loaded".
 #   comfy/weight_adapter/lora.py (0323d8746da9), lokr.py (179c2d35c84b), loha.py (17adbb5cacc2):
 #     calculate_weight; comfy/weight_adapter/base.py::weight_decompose as of tag v0.3.77 (output-axis
-#     dora_scale, i.e. [out, 1], divides by the norm of the *base* weight's rows, + eps; still so in
-#     the spec'd commit fe2511468d6b: Comfy-Org/ComfyUI PR #15458, open, proposes dividing by ‖W + ΔW‖).
+#     dora_scale, i.e. [out, 1], divides by the norm of the *base* weight's rows, + eps; Comfy-Org/ComfyUI
+#     PR #15458 (open, 2026-08) describes this as current and proposes dividing by ‖W + ΔW‖ instead).
 # Only the parts FLUX.2 files reach are transcribed (no conv/Tucker, no GLoRA/OFT, strength 1).
 
 
