@@ -530,8 +530,8 @@ def _module_tensors(name: str, dname: str | None, w, format: str, base_w, split:
     dora = isinstance(w, DoRAWeights)
     if format == "diffusers":
         if not isinstance(w, LoRAWeights):
-            raise LoRAError(f"{name}: a {w.type} adapter cannot be written in the diffusers/PEFT layout (diffusers "
-                            "loads FLUX.2 LoRA and DoRA from it); write it with format='kohya' or 'bfl'")
+            raise LoRAError(f"{name}: a {w.type} adapter cannot be written in the diffusers/PEFT layout (split q/k/v "
+                            "names hold LoRA and DoRA only); write it with format='bfl' (diffusers loads LoKr from it) or 'kohya'")
         if split:
             return {f"transformer.{dname}.{k}": v for k, v in _diffusers_part(w, None).items()}
         template, i = _from_bfl(name)
