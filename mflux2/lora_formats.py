@@ -302,9 +302,8 @@ def _adapter(g: dict, source: str, rank_alpha) -> object:
         missing = [k for k in _LOHA if k not in g]
         if missing:
             raise LoRAError(f"{source}: LoHa module {g['module']} has no {missing[0]} tensor")
-        w = LoHaWeights(f("hada_w1_a"), f("hada_w1_b"), f("hada_w2_a"), f("hada_w2_b"), 0.0)
-        w.alpha = float(w.rank) if alpha is None else alpha  # no alpha: scale 1 (ComfyUI, LyCORIS)
-        return w
+        rank = g["hada_w1_b"].shape[0]  # no alpha: scale 1 (ComfyUI, LyCORIS)
+        return LoHaWeights(f("hada_w1_a"), f("hada_w1_b"), f("hada_w2_a"), f("hada_w2_b"), float(rank) if alpha is None else alpha)
     if any(k in g for k in _LOKR):
         try:
             return LoKrWeights(**{k.removeprefix("lokr_"): f(k) for k in _LOKR if k in g}, alpha=alpha)
@@ -377,7 +376,8 @@ def parse_lora(tensors: dict[str, mx.array], metadata: dict | None = None, sourc
         if target is None:
             unknown.append(key)
             continue
-        g = groups.setdefault(target, {"module": module})
+        g = groups.setdefault(target, {"module": module, "keys": []})
+        g["keys"].append(key)
         kind = m.group("kind") or m.group("kind2")
         kind = {"lora_down": "lora_A", "lora_up": "lora_B"}.get(kind, kind)
         if kind in g:
@@ -385,8 +385,8 @@ def parse_lora(tensors: dict[str, mx.array], metadata: dict | None = None, sourc
         g[kind] = value
     parts: dict[str, dict] = {}
     for (name, part), g in groups.items():
-        if set(g) <= {"module", "alpha"}:  # an alpha with nothing to scale
-            unknown.extend(k for k in tensors if _KEY.match(k) and _KEY.match(k).group("mod") == g["module"])
+        if set(g) <= {"module", "keys", "alpha"}:  # an alpha with nothing to scale
+            unknown.extend(g["keys"])
             continue
         w = _adapter(g, source, rank_alpha)
         if part == "swap":

@@ -613,3 +613,14 @@ def test_convert_script_with_base(base, dev_folder, tmp_path):
     _check(read_lora(tmp_path / "k.safetensors", base=base)[0], want, base)
     new, not_loaded = comfy_apply(tmp_path / "k.safetensors", base)
     assert not not_loaded and np.allclose(new["img_in"], np.array(base["img_in"]) + want["img_in"], rtol=1e-4, atol=2e-5)
+
+
+def test_lone_alpha_and_missing_tensors(base):
+    t = {"lora_unet_img_in.alpha": mx.array(4.0), "lora_unet_txt_in.hada_w1_a": mx.ones((32, 2)),
+         "lora_unet_txt_in.hada_w1_b": mx.ones((2, 24)), "lora_unet_txt_in.hada_w2_a": mx.ones((32, 2))}
+    with pytest.raises(LoRAError, match="^f: LoHa module lora_unet_txt_in has no hada_w2_b tensor$"):
+        parse_lora(t, source="f")
+    t["lora_unet_txt_in.hada_w2_b"] = mx.ones((2, 24))
+    weights, unknown = parse_lora(t)
+    assert unknown == ["lora_unet_img_in.alpha"] and list(weights) == ["txt_in"]
+    assert weights["txt_in"].alpha == 2.0  # no alpha: scale 1
