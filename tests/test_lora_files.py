@@ -325,6 +325,7 @@ def test_dora_diffusers_metadata(base, tmp_path):
 #     dora_scale, i.e. [out, 1], divides by the norm of the *base* weight's rows, + eps; Comfy-Org/ComfyUI
 #     PR #15458 (open, 2026-08) describes this as current and proposes dividing by ‖W + ΔW‖ instead).
 # Only the parts FLUX.2 files reach are transcribed (no conv/Tucker, no GLoRA/OFT, strength 1).
+# test_real_comfyui_* check it against ComfyUI's own code (run against commit a125cd84b054).
 
 
 def _comfy_key_map(base: dict, hidden: int) -> dict:
@@ -455,22 +456,48 @@ def test_comfyui_dora_scale_is_relative_to_the_base(base, tmp_path):
     assert np.abs(new[name] - ours).max() > 1e-2 * np.abs(ours).max()
 
 
-@pytest.mark.skipif(not os.environ.get("COMFYUI_PATH"), reason="set COMFYUI_PATH to a ComfyUI checkout to run its own loader")
-@pytest.mark.parametrize("kind", TYPES + ("split-lokr",))
-def test_real_comfyui_matches_transcription(base, tmp_path, kind):
-    """The same files through ComfyUI's own comfy.lora.load_lora / calculate_weight (key map from
-    model_lora_keys_unet on a stand-in Flux model object holding the base weights)."""
+def _import_comfy():
+    """ComfyUI's own modules from the checkout at COMFYUI_PATH, on the CPU. comfy.model_base imports
+    torchvision (for comfy/ldm/cosmos, not for LoRAs): a stand-in is put in when it is not installed."""
     sys.path.insert(0, os.environ["COMFYUI_PATH"])
-    argv, sys.argv = sys.argv, sys.argv[:1]  # comfy.cli_args parses the command line on import
+    argv, sys.argv = sys.argv, sys.argv[:1] + ["--cpu"]  # comfy.cli_args reads the command line
     try:
+        import comfy.options
+
+        comfy.options.enable_args_parsing()
+        try:
+            import torchvision  # noqa: F401
+        except ModuleNotFoundError:
+            from unittest import mock
+
+            sys.modules["torchvision"] = mock.MagicMock(__path__=[], __spec__=None)
         import comfy.lora
         import comfy.model_base
     finally:
         sys.argv = argv
-    weights = _weights(kind.removeprefix("split-"), base, "lycoris" if kind.startswith("split-") else "kohya")
-    path = write_lora(tmp_path / "c.safetensors", weights, "kohya", base=base)
+    return comfy
+
+
+@pytest.mark.skipif(not os.environ.get("COMFYUI_PATH"), reason="set COMFYUI_PATH to a ComfyUI checkout to run its own loader")
+@pytest.mark.parametrize("kind", TYPES + ("split-lokr", "split-loha", "mixed"))
+@pytest.mark.parametrize("fmt", ("kohya", "bfl"))
+def test_real_comfyui_matches_transcription(base, tmp_path, kind, fmt, caplog):
+    """The same files through ComfyUI's own comfy.lora.model_lora_keys_unet (on a stand-in Flux2, or
+    Flux, model object holding the base weights), load_lora and calculate_weight: every key loaded,
+    and the weights equal the transcription's and base + mflux2's delta()."""
+    import logging
+
     from safetensors.torch import load_file
 
+    comfy = _import_comfy()
+    if kind.startswith("split-"):
+        weights = _weights(kind[6:], base, "lycoris")
+    elif kind == "mixed":
+        per = {t: _weights(t, base, seed=i) for i, t in enumerate(TYPES)}
+        weights = {n: per[TYPES[j % 4]][n] for j, n in enumerate(base)}
+    else:
+        weights = _weights(kind, base)
+    path = write_lora(tmp_path / "c.safetensors", weights, fmt, base=base)
     sd = {f"diffusion_model.{n}.weight": torch.tensor(np.array(w)) for n, w in base.items()}
     flux = getattr(comfy.model_base, "Flux2", comfy.model_base.Flux)
     model = flux.__new__(flux)
@@ -480,13 +507,36 @@ def test_real_comfyui_matches_transcription(base, tmp_path, kind):
     model.model_config = types.SimpleNamespace(unet_config={"image_model": "flux2", "depth": 2, "depth_single_blocks": 2,
                                                             "hidden_size": hidden})
     key_map = comfy.lora.model_lora_keys_unet(model, {})
-    patches = comfy.lora.load_lora(load_file(str(path)), key_map)
-    ours, _ = comfy_apply(path, base)
+    with caplog.at_level(logging.WARNING):
+        patches = comfy.lora.load_lora(load_file(str(path)), key_map)
+    assert "not loaded" not in caplog.text
     for target, patch in patches.items():
         key, offset = target if isinstance(target, tuple) else (target, None)
         sd[key] = comfy.lora.calculate_weight([(1.0, patch, 1.0, offset, None)], sd[key], key)
-    for name in weights:
-        np.testing.assert_allclose(sd[f"diffusion_model.{name}.weight"].numpy(), ours[name], rtol=1e-4, atol=2e-5, err_msg=name)
+    ours, _ = comfy_apply(path, base)
+    for name, w in weights.items():
+        got = sd[f"diffusion_model.{name}.weight"].numpy()
+        np.testing.assert_allclose(got, ours[name], rtol=1e-5, atol=1e-6, err_msg=name)
+        np.testing.assert_allclose(got, np.array(base[name]) + np.array(w.delta(base[name])), rtol=1e-4, atol=2e-5, err_msg=name)
+
+
+@pytest.mark.skipif(not os.environ.get("COMFYUI_PATH"), reason="set COMFYUI_PATH to a ComfyUI checkout to run its own loader")
+def test_real_comfyui_lycoris_dora_scale(base, tmp_path):
+    """ComfyUI's own weight_decompose on a LyCORIS-form dora_scale (= m): the transcription's result
+    (base-weight norm), which is not DoRA's — why mflux2 writes the base-relative form."""
+    comfy = _import_comfy()
+    tensors, expected, _ = _file("kohya", "dora", base)
+    name = "single_blocks.0.linear1"
+    k = "lora_unet_" + name.replace(".", "_")
+    t = {s: torch.tensor(np.array(tensors[f"{k}.{s}"])) for s in ("lora_up.weight", "lora_down.weight", "alpha", "dora_scale")}
+    w = torch.tensor(np.array(base[name]))
+    patches = comfy.lora.load_lora({f"{k}.{s}": v for s, v in t.items()}, {k: f"diffusion_model.{name}.weight"})
+    got = comfy.lora.calculate_weight([(1.0, patches[f"diffusion_model.{name}.weight"], 1.0, None, None)], w.clone(), name).numpy()
+    mx.save_safetensors(str(tmp_path / "l.safetensors"), {f"{k}.{s}": mx.array(v.numpy()) for s, v in t.items()})
+    ours, _ = comfy_apply(tmp_path / "l.safetensors", base)
+    np.testing.assert_allclose(got, ours[name], rtol=1e-5, atol=1e-6)
+    dora = np.array(base[name]) + expected[name]
+    assert np.abs(got - dora).max() > 1e-2 * np.abs(dora).max()
 
 
 # ---------------------------------------------------------------------------------------------
