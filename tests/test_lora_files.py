@@ -674,3 +674,43 @@ def test_lone_alpha_and_missing_tensors(base):
     weights, unknown = parse_lora(t)
     assert unknown == ["lora_unet_img_in.alpha"] and list(weights) == ["txt_in"]
     assert weights["txt_in"].alpha == 2.0  # no alpha: scale 1
+
+
+def test_lora_from_hub_online_paths(tmp_path, monkeypatch):
+    """Online (no network: huggingface_hub's calls replaced): the repo's file list picks the file, and
+    huggingface_hub's errors become one line naming the id."""
+    import huggingface_hub
+    from huggingface_hub import constants
+    from huggingface_hub.errors import EntryNotFoundError, GatedRepoError, RepositoryNotFoundError
+    from test_hub import http_response
+
+    from mflux2.lora_formats import resolve_lora_file
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    files = {"someone/one": ["README.md", "lora.safetensors"], "someone/none": ["README.md"]}
+    got = []
+
+    def list_repo_files(repo, **kw):
+        if repo == "someone/absent":
+            raise RepositoryNotFoundError("404 Client Error. Repository Not Found", response=http_response(404, "u"))
+        if repo == "someone/gated":
+            raise GatedRepoError("401 Client Error. Cannot access gated repo", response=http_response(401, "u"))
+        return files[repo]
+
+    def hf_hub_download(repo, filename, **kw):
+        if filename == "missing.safetensors":
+            raise EntryNotFoundError("404 Client Error. Entry Not Found")
+        got.append((repo, filename))
+        return str(tmp_path / filename)
+
+    monkeypatch.setattr(huggingface_hub, "list_repo_files", list_repo_files)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", hf_hub_download)
+    assert resolve_lora_file("someone/one") == tmp_path / "lora.safetensors" and got == [("someone/one", "lora.safetensors")]
+    with pytest.raises(LoRAError, match=r"^someone/none: the Hugging Face hub has no .safetensors file in someone/none"):
+        resolve_lora_file("someone/none")
+    with pytest.raises(LoRAError, match=r"^someone/absent: no such local file, and no repo someone/absent on the Hugging Face hub"):
+        resolve_lora_file("someone/absent")
+    with pytest.raises(LoRAError, match=r"^someone/gated: someone/gated is gated"):
+        resolve_lora_file("someone/gated")
+    with pytest.raises(LoRAError, match=r"^someone/one/missing.safetensors: the hub repo someone/one has no file missing.safetensors$"):
+        resolve_lora_file("someone/one/missing.safetensors")
