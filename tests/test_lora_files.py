@@ -714,3 +714,42 @@ def test_lora_from_hub_online_paths(tmp_path, monkeypatch):
         resolve_lora_file("someone/gated")
     with pytest.raises(LoRAError, match=r"^someone/one/missing.safetensors: the hub repo someone/one has no file missing.safetensors$"):
         resolve_lora_file("someone/one/missing.safetensors")
+
+
+def test_lycoris_lokr_reads_as_diffusers_does(base, dev_folder, tmp_path):
+    """A LyCORIS LoKr file (SimpleTuner's layout: lycoris_ + diffusers names, q/k/v split) read by
+    mflux2 (split q/k/v -> SplitWeights) gives the transformer output diffusers gives when it loads
+    the same file. Block layers only, W1 whole: what diffusers' LyCORIS converter and PEFT's LoKr hold."""
+    pytest.importorskip("peft")
+    import diffusers
+    from mlx.utils import tree_unflatten
+
+    from mflux2.models.transformer import load_transformer
+    from test_transformer import make_inputs, make_reference, mlx_output, reference_output, rel_err
+
+    g = np.random.default_rng(8)
+    tensors = {}
+    for d, (b, part) in _DIFFUSERS_NAMES.items():
+        if "{i}" not in d:
+            continue
+        for i in (0, 1):
+            w = np.array(base[b.replace("{i}", str(i))])
+            rows = w.shape[0] // 3 if part in (0, 1, 2) else w.shape[0]
+            t = _adapter("lokr", rows, w.shape[1], g, variant=(i + (part or 0)) % 2)
+            tensors.update(_emit("lycoris", d.replace("{i}", str(i)), t))
+    path = tmp_path / "lycoris.safetensors"
+    mx.save_safetensors(str(path), {k: mx.array(v) for k, v in tensors.items()})
+    weights, _ = read_lora(path)
+    assert isinstance(weights["double_blocks.0.img_attn.qkv"], SplitWeights)
+
+    model = load_transformer(dev_folder, dtype=mx.float32)
+    params = dict(tree_flatten(model.parameters()))
+    model.update(tree_unflatten([(f"{n}.weight", params[f"{n}.weight"] + w.delta(params[f"{n}.weight"])) for n, w in weights.items()]))
+    pipe = diffusers.Flux2Pipeline(scheduler=diffusers.FlowMatchEulerDiscreteScheduler(), vae=None, text_encoder=None,
+                                   tokenizer=None, transformer=make_reference(True))
+    pipe.load_lora_weights(str(path))
+    inputs, guidance = make_inputs(), np.array([3.5, 1.0], np.float32)
+    theirs = reference_output(pipe.transformer, *inputs, guidance=guidance)
+    ours = mlx_output(model, *inputs, guidance=guidance)
+    assert rel_err(ours, mlx_output(load_transformer(dev_folder, dtype=mx.float32), *inputs, guidance=guidance)) > 1e-2
+    assert rel_err(ours, theirs) <= 1e-4
