@@ -753,3 +753,40 @@ def test_lycoris_lokr_reads_as_diffusers_does(base, dev_folder, tmp_path):
     ours = mlx_output(model, *inputs, guidance=guidance)
     assert rel_err(ours, mlx_output(load_transformer(dev_folder, dtype=mx.float32), *inputs, guidance=guidance)) > 1e-2
     assert rel_err(ours, theirs) <= 1e-4
+
+
+def test_peft_dora_reads_as_peft_applies(dev_folder, tmp_path):
+    """A DoRA trained the diffusers way (PEFT use_dora on the split q/k/v and other layers, lora_alpha
+    != r, magnitudes moved off their initial norms) saved by save_lora_weights: mflux2's DoRAWeights
+    deltas give PEFT's transformer output."""
+    pytest.importorskip("peft")
+    import diffusers
+    from mlx.utils import tree_unflatten
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    from mflux2.models.transformer import load_transformer
+    from test_transformer import make_inputs, make_reference, mlx_output, reference_output, rel_err
+
+    ref = make_reference(True)
+    config = LoraConfig(r=4, lora_alpha=6, use_dora=True, init_lora_weights=False, target_modules=(
+        r".*(attn\.(to_q|to_k|to_v|add_q_proj|add_k_proj|add_v_proj|to_out\.0|to_qkv_mlp_proj)"
+        r"|single_transformer_blocks\.\d+\.attn\.to_out|ff\.linear_in|x_embedder|norm_out\.linear)$"))
+    ref.add_adapter(config)
+    g = torch.Generator().manual_seed(9)
+    with torch.no_grad():
+        for n, p in ref.named_parameters():
+            if "lora_magnitude_vector" in n:
+                p.mul_(1 + 0.3 * torch.randn(p.shape, generator=g))
+    diffusers.Flux2Pipeline.save_lora_weights(tmp_path, transformer_lora_layers=get_peft_model_state_dict(ref),
+                                              transformer_lora_adapter_metadata=config.to_dict())
+    weights, _ = read_lora(tmp_path / "pytorch_lora_weights.safetensors")
+    assert {type(w) for w in weights.values()} == {DoRAWeights} and len(weights) == 2 * 4 + 2 * 2 + 2
+
+    model = load_transformer(dev_folder, dtype=mx.float32)
+    params = dict(tree_flatten(model.parameters()))
+    model.update(tree_unflatten([(f"{n}.weight", params[f"{n}.weight"] + w.delta(params[f"{n}.weight"])) for n, w in weights.items()]))
+    inputs, guidance = make_inputs(), np.array([3.5, 1.0], np.float32)
+    theirs = reference_output(ref, *inputs, guidance=guidance)
+    assert rel_err(theirs, reference_output(make_reference(True), *inputs, guidance=guidance)) > 1e-2
+    assert rel_err(mlx_output(model, *inputs, guidance=guidance), theirs) <= 1e-4
