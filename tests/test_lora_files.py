@@ -790,3 +790,45 @@ def test_peft_dora_reads_as_peft_applies(dev_folder, tmp_path):
     theirs = reference_output(ref, *inputs, guidance=guidance)
     assert rel_err(theirs, reference_output(make_reference(True), *inputs, guidance=guidance)) > 1e-2
     assert rel_err(mlx_output(model, *inputs, guidance=guidance), theirs) <= 1e-4
+
+
+LYCORIS_CONFIGS = {  # (algo, kwargs) for lycoris.create_lycoris; expected mflux2 class on a fused qkv
+    "lokr": ("lokr", dict(factor=4), SplitWeights),
+    "lokr-full": ("lokr", dict(factor=4, full_matrix=True), SplitWeights),  # both halves whole: alpha ignored
+    "loha": ("loha", {}, SplitWeights),
+    "locon": ("locon", {}, LoRAWeights),
+    "dora": ("locon", dict(dora_wd=True), DoRAWeights),  # wd_on_out (LyCORIS's default): dora_scale [out, 1]
+}
+
+
+@pytest.mark.parametrize("config", list(LYCORIS_CONFIGS))
+def test_lycoris_library_files(dev_folder, tmp_path, config):
+    """Files saved by the LyCORIS library itself (lycoris-lora, wrapping diffusers' FLUX.2 transformer
+    as SimpleTuner does), with random non-zero weights: mflux2's deltas give LyCORIS's own forward."""
+    lycoris = pytest.importorskip("lycoris")
+    from mlx.utils import tree_unflatten
+
+    from mflux2.models.transformer import load_transformer
+    from test_transformer import make_inputs, make_reference, mlx_output, reference_output, rel_err
+
+    algo, kw, cls = LYCORIS_CONFIGS[config]
+    ref = make_reference(True)
+    lycoris.LycorisNetwork.apply_preset({"target_module": [], "use_fnmatch": False,
+                                         "target_name": [r".*transformer_blocks.*attn.*", r".*\.ff.*", "x_embedder", "proj_out"]})
+    net = lycoris.create_lycoris(ref, 1.0, linear_dim=4, linear_alpha=2, algo=algo, **kw)
+    net.apply_to()
+    g = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        for _, p in net.named_parameters():
+            p.copy_(p + torch.randn(p.shape, generator=g) * 0.2)  # dora_scale: near its initial row norms
+    net.save_weights(str(tmp_path / "l.safetensors"), torch.float32, {})
+    weights, _ = read_lora(tmp_path / "l.safetensors")
+    assert len(weights) == 2 * 8 + 2 * 2 + 2 and type(weights["double_blocks.1.img_attn.qkv"]) is cls
+
+    model = load_transformer(dev_folder, dtype=mx.float32)
+    params = dict(tree_flatten(model.parameters()))
+    model.update(tree_unflatten([(f"{n}.weight", params[f"{n}.weight"] + w.delta(params[f"{n}.weight"])) for n, w in weights.items()]))
+    inputs, guidance = make_inputs(), np.array([3.5, 1.0], np.float32)
+    theirs = reference_output(ref, *inputs, guidance=guidance)
+    assert rel_err(theirs, reference_output(make_reference(True), *inputs, guidance=guidance)) > 1e-2
+    assert rel_err(mlx_output(model, *inputs, guidance=guidance), theirs) <= 1e-4
