@@ -24,6 +24,7 @@ import shutil
 import sys
 import tempfile
 from collections import Counter
+from collections.abc import Mapping
 from pathlib import Path
 
 import mlx.core as mx
@@ -76,6 +77,10 @@ class TransformerFiles:
         if not self.parts:
             raise WeightsError(f"{self.root}: no FLUX.2 transformer linear weights found in {', '.join(f.name for f in self.files)}")
 
+    def as_base(self) -> "_BaseWeights":
+        """{BFL module: weight} read on demand: what lora_formats needs for DoRA's ComfyUI form."""
+        return _BaseWeights(self)
+
     def target(self, key: str) -> tuple[str, object] | None:
         """(BFL module, part) of a linear weight key; None for anything else (biases, norms, scales)."""
         if not key.endswith(".weight") or self.tensors[key].ndim != 2:
@@ -109,6 +114,24 @@ class TransformerFiles:
             return mx.concatenate([shift, scale], axis=0)
         by_part = {p: k for k, p in parts}
         return mx.concatenate([self.dense(by_part[i]).astype(mx.float32) for i in sorted(by_part)], axis=0)
+
+
+class _BaseWeights(Mapping):
+    """A TransformerFiles as a read-only {BFL module: float32 weight} mapping, each weight read when asked."""
+
+    def __init__(self, files: TransformerFiles):
+        self.files = files
+
+    def __getitem__(self, name: str) -> mx.array:
+        if name not in self.files.parts:
+            raise KeyError(name)
+        return self.files.weight(name)
+
+    def __iter__(self):
+        return iter(self.files.parts)
+
+    def __len__(self) -> int:
+        return len(self.files.parts)
 
 
 def _model_root(path: str | Path) -> Path:
@@ -186,7 +209,7 @@ def merge(model: str | Path, out: str | Path, loras: list[tuple[str, float]], dt
 
     adapters = []  # [(file, scale, {BFL module: weights})]
     for path, scale in loras:
-        weights, _ = read_lora(path)
+        weights, _ = read_lora(path, base=src.as_base())
         for name, w in weights.items():
             if name not in src.parts:
                 raise LoRAError(f"{path}: layer {name} is not in the model {src.root} — a LoRA for another FLUX.2 variant?")
@@ -396,8 +419,9 @@ def _meta_for_lora(metadata: dict, **extra) -> dict:
 def resize(src: str | Path, dst: str | Path, rank: int | None = None, energy: float | None = None, format: str = "bfl",
            base: str | None = None, quiet: bool = False, log=print) -> Path:
     """A LoRA of any type -> a plain LoRA of `rank` (or per-layer ranks keeping `energy`)."""
-    weights, metadata = read_lora(src)
-    model = _base_for(weights, base, src)
+    model = TransformerFiles(base) if base else None
+    weights, metadata = read_lora(src, base=model.as_base() if model else None)
+    model = model or _base_for(weights, base, src)
     log(f"{src}: {len(weights)} layer(s), type {_types(weights)}, rank {_ranks(Counter(w.rank for w in weights.values()))}")
     approx = _approximate(((n, lambda w=weights[n], n=n: w.delta(model.weight(n) if model else None))
                            for n in sorted(weights, key=_natural)), rank, energy, quiet, log, "resize")
@@ -447,15 +471,17 @@ def convert(src: str | Path, dst: str | Path, format: str = "bfl", type: str | N
         raise LoRAError(f"--dtype {dtype}: choose one of {', '.join(DTYPES)}")
     if type not in (None, "lora"):
         raise LoRAError(f"--type {type}: only 'lora' (conversion to plain LoRA by SVD) is supported")
-    weights, metadata = read_lora(src, strict=strict)
+    base_model = TransformerFiles(base) if base else None
+    base_map = base_model.as_base() if base_model else None
+    weights, metadata = read_lora(src, strict=strict, base=base_map)
     others = {n: w for n, w in weights.items() if w.type != "lora"}
     if type is None or not others:  # the layout only (plain LoRA layers are kept exact: `resize` changes ranks)
-        out = convert_lora(src, dst, format, DTYPES.get(dtype), strict=strict)
+        out = convert_lora(src, dst, format, DTYPES.get(dtype), strict=strict, base=base_map)
         log(f"wrote {out} ({format})")
         return out
     if rank is None and energy is None:
         raise LoRAError(f"{src}: {len(others)} layer(s) are {_types(others)}: give --rank R or --energy E for the SVD")
-    model = _base_for(others, base, src)
+    model = base_model or _base_for(others, base, src)
     approx = _approximate(((n, lambda w=others[n], n=n: w.delta(model.weight(n) if model else None))
                            for n in sorted(others, key=_natural)), rank, energy, quiet, log, "convert")
     merged = {n: approx.get(n, w) for n, w in weights.items()}
@@ -548,7 +574,7 @@ def info(path: str | Path, log=print) -> dict:
         facts["written_by"] = f"mflux2 ({metadata.get('lora_format', '?')} layout)"
     try:
         weights, _ = read_lora(path)
-    except LoRAError as e:  # a type lora_formats does not read yet: what the keys tell
+    except LoRAError as e:  # unreadable (incomplete, or DoRA in ComfyUI's form, which needs the base): what the keys tell
         weights = None
         types = [t for t, marks in _TYPE_MARKERS if any(m in k for k in header for m in marks)]
         facts["type"] = types[0] if types else "unknown"

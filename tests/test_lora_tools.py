@@ -239,12 +239,11 @@ def test_convert_other_types_to_lora(klein, tmp_path, monkeypatch):
     lokr = LoKrWeights(w1=r(4, 2), w2_a=r(24, 3), w2_b=r(3, 16), alpha=1.5)  # [96, 32]: img_attn.qkv of the tiny model
     plain = LoRAWeights(r(2, 32), r(32, 2), 2.0)
     fake = {"double_blocks.0.img_attn.qkv": lokr, "double_blocks.0.img_attn.proj": plain}
-    monkeypatch.setattr(lora_tools, "read_lora", lambda path, strict=True: (fake, {"trigger_word": "x"}))
+    src = write_lora(tmp_path / "in.safetensors", fake, "kohya", {"trigger_word": "x"})
     with pytest.raises(LoRAError, match="give --rank R or --energy E"):
-        lora_tools.convert("in.safetensors", tmp_path / "o.safetensors", type="lora", quiet=True)
-    out_path = lora_tools.convert("in.safetensors", tmp_path / "o.safetensors", format="kohya", type="lora", rank=4,
+        lora_tools.convert(src, tmp_path / "o.safetensors", type="lora", quiet=True)
+    out_path = lora_tools.convert(src, tmp_path / "o.safetensors", format="kohya", type="lora", rank=4,
                                   dtype="float32", quiet=True, log=lambda *_: None)
-    monkeypatch.undo()
     got, meta = read_lora(out_path)
     assert meta["converted_from"] == "lokr+lora" and meta["trigger_word"] == "x"
     want, _ = best_rank(np.array(lokr.delta()), 4)
@@ -328,12 +327,17 @@ def test_info(klein, tmp_path):
     for fmt in ("diffusers", "kohya"):
         p = save_lora(tmp_path / f"{fmt}.safetensors", model, format=fmt)
         assert lora_tools.info(p, log=lambda *_: None)["layout"] == fmt
-    # a LoKr file this mflux2 cannot read yet: the type from its keys, with the reason
+    # a full-matrix LoKr file: its type, scale 1 (both halves whole: no alpha counts)
     lokr = tmp_path / "lokr.safetensors"
     mx.save_safetensors(str(lokr), {"lora_unet_double_blocks_0_img_attn_qkv.lokr_w1": mx.ones((4, 2)),
                                     "lora_unet_double_blocks_0_img_attn_qkv.lokr_w2": mx.ones((24, 16))})
     facts = lora_tools.info(lokr, log=lambda *_: None)
-    assert facts["type"] == "lokr" and facts["layout"] == "kohya" and "note" in facts
+    assert facts["type"] == "lokr" and facts["layout"] == "kohya" and "note" not in facts
+    assert facts["alpha"] == "none (scale 1)"
+    # a file mflux2 cannot read (a LoKr half missing): the type from its keys, with the reason
+    mx.save_safetensors(str(lokr), {"lora_unet_double_blocks_0_img_attn_qkv.lokr_w1": mx.ones((4, 2))})
+    facts = lora_tools.info(lokr, log=lambda *_: None)
+    assert facts["type"] == "lokr" and "note" in facts
     done = subprocess.run([sys.executable, "-m", "mflux2.lora_tools", "info", str(tmp_path / "missing.safetensors")],
                           capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert done.returncode == 1 and "no such LoRA file" in done.stderr and len(done.stderr.strip().splitlines()) == 1
@@ -373,18 +377,17 @@ def test_merge_and_resize_other_types_in_memory(klein, tmp_path, monkeypatch):
     }
     dense = dict(base.named_modules())
     want = {n: np.array(dense[n].weight) + 0.5 * np.array(w.delta(dense[n].weight)) for n, w in fake.items()}
-    monkeypatch.setattr(lora_tools, "read_lora", lambda path, strict=True: (fake, {}))
-    monkeypatch.setattr(lora_tools, "_file_dtype", lambda path: mx.float32)  # there is no file
-    merged = lora_tools.merge(klein, tmp_path / "m", [("fake.safetensors", 0.5)], quiet=True, log=lambda *_: None)
+    # the bfl layout holds DoRA in ComfyUI's form, relative to the base weights: written and read with them
+    src = write_lora(tmp_path / "fake.safetensors", fake, "bfl", base={n: dense[n].weight for n in fake})
+    merged = lora_tools.merge(klein, tmp_path / "m", [(src, 0.5)], quiet=True, log=lambda *_: None)
     got = dict(fresh(merged).named_modules())
     for n, w in want.items():
         np.testing.assert_allclose(np.array(got[n].weight), w, rtol=1e-5, atol=1e-5, err_msg=n)
     np.testing.assert_array_equal(np.array(got["double_blocks.1.img_attn.qkv"].weight), np.array(dense["double_blocks.1.img_attn.qkv"].weight))
 
-    with pytest.raises(LoRAError, match="DoRA adapter's delta depends on the base weights: pass --base MODEL"):
-        lora_tools.resize("fake.safetensors", tmp_path / "r.safetensors", rank=2, quiet=True)
-    lora_tools.resize("fake.safetensors", tmp_path / "r.safetensors", rank=2, base=str(klein), quiet=True, log=lambda *_: None)
-    monkeypatch.undo()
+    with pytest.raises(LoRAError, match="base"):
+        lora_tools.resize(src, tmp_path / "r.safetensors", rank=2, quiet=True)
+    lora_tools.resize(src, tmp_path / "r.safetensors", rank=2, base=str(klein), quiet=True, log=lambda *_: None)
     resized, _ = read_lora(tmp_path / "r.safetensors")
     for n, w in fake.items():
         best, _ = best_rank(np.array(w.delta(dense[n].weight)), 2)
