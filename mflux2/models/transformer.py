@@ -25,7 +25,7 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from mflux2.models.quantization import load_weights, quant_settings
-from mflux2.ops import apply_rope, linear, linear_concat, linear_split, rope_table, split_views, swiglu
+from mflux2.ops import apply_rope, linear, linear_concat, qkv_split, rope_table, split_views, swiglu
 from mflux2.weights import WeightsError, check_keys, iter_tensors, read_config, resolve_component, safetensors_files
 
 
@@ -160,9 +160,11 @@ class SelfAttention(nn.Module):
         self.proj = nn.Linear(dim, dim, bias=False)
 
     def qkv_heads(self, x):
-        """[B, N, D] -> normalised q, k and v, each [B, N, H, d] (views of one fused GEMM)."""
+        """[B, N, D] -> normalised q, k and v, each [B, N, H, d]: one GEMM each on row slices of the
+        fused weight (contiguous, so the norms copy nothing), or views of one fused GEMM (switch
+        "qkv_parts" off)."""
         b, n, d = x.shape
-        q, k, v = (a.reshape(b, n, self.heads, -1) for a in split_views(linear(self.qkv, x), (d, d, d)))
+        q, k, v = (a.reshape(b, n, self.heads, -1) for a in qkv_split(self.qkv, x, d))
         return self.norm.query_norm(q), self.norm.key_norm(k), v
 
 
@@ -235,10 +237,11 @@ class SingleStreamBlock(nn.Module):
     def __call__(self, x, mod, rope):
         shift, scale, gate = mod
         b, n, _ = x.shape
-        # linear1's q/k/v rows and MLP rows as two GEMMs (no slicing copies of the wide output);
-        # linear2's concatenated input only a temporary (its LoRA reads the attention part).
-        qkv, mlp = linear_split(self.linear1, modulate(x, shift, scale, self.eps), [3 * self.dim, 2 * self.mlp_dim])
-        q, k, v = (a.reshape(b, n, self.heads, -1) for a in split_views(qkv, (self.dim,) * 3))
+        # linear1's q, k, v rows and MLP rows as separate GEMMs (no slicing copies of the wide output,
+        # q/k/v contiguous for the norms and attention; switch "qkv_parts": q/k/v as one GEMM, split
+        # into views); linear2's concatenated input only a temporary (its LoRA reads the attention part).
+        *qkv, mlp = qkv_split(self.linear1, modulate(x, shift, scale, self.eps), self.dim, (2 * self.mlp_dim,))
+        q, k, v = (a.reshape(b, n, self.heads, -1) for a in qkv)
         attn = attention(self.norm.query_norm(q), self.norm.key_norm(k), v, rope)
         return x + gate * linear_concat(self.linear2, [attn, self.mlp_act(mlp)])
 

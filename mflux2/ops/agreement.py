@@ -114,6 +114,25 @@ def _linear(quantized: bool, kernel: bool = False) -> float:
     return max(errs)
 
 
+def _qkv_parts() -> float:
+    """q, k, v (and a fourth part) of a fused projection under a LoRA restricted to the q/k/v rows
+    (the single blocks' linear1) and under a full one (the double blocks' qkv), bf16-free float32."""
+    from mflux2.lora import LoRALinear
+
+    errs = []
+    for out_range, rest in (((0, 24), (10,)), (None, ())):
+        layer = LoRALinear(nn.Linear(16, 24 + sum(rest), bias=False), 3, out_range=out_range)
+        layer.lora_B = mx.random.normal(layer.lora_B.shape)
+        x = mx.random.normal((2, 5, 16))
+
+        def fn(x, a, b, w, layer=layer, rest=rest):
+            layer.lora_A, layer.lora_B, layer.base.weight = a, b, w
+            return L.qkv_split(layer, x, 8, rest)
+
+        errs.append(_agree(fn, [x, layer.lora_A, layer.lora_B, layer.base.weight], {"qkv_parts": True}, {"qkv_parts": False}))
+    return max(errs)
+
+
 def _dequantize_tile() -> float:
     """The kernel's tiles against mx.dequantize's (bf16, exact but for the float32 rounding)."""
     w = mx.random.normal((384, 512)).astype(mx.bfloat16)
@@ -163,6 +182,7 @@ CHECKS = {  # name -> (check, whether it needs CUDA)
     "swiglu": (_swiglu, False),
     "split_views": (_split_views, False),
     "flat_views": (_flat_views, False),
+    "qkv_parts": (_qkv_parts, False),
     "linear": (lambda: _linear(quantized=False), False),
     "linear_quantized": (lambda: _linear(quantized=True), False),
     "dequantize_cuda": (lambda: max(_linear(quantized=True, kernel=True), _dequantize_tile()), True),

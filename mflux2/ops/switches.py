@@ -19,6 +19,7 @@ SWITCHES = {  # op -> environment variable ("0": the fallback)
     "swiglu": "MFLUX2_FAST_SWIGLU",  # SwiGLU's recomputing VJP | autodiff of silu(gate)·up
     "split_views": "MFLUX2_FAST_SPLIT",  # split views with a concatenating VJP | plain slices
     "flat_views": "MFLUX2_FAST_FLAT_VIEWS",  # views of the flat parameters, VJP concatenating per group | plain slices
+    "qkv_parts": "MFLUX2_QKV_PARTS",  # q, k, v from one GEMM each (contiguous; a LoRA's down-projection shared) | one fused GEMM split into views
     "linear": "MFLUX2_FAST_LINEAR",  # GEMMs per output part, LoRA as accumulator, dequantised tiles | layer(x)
     "dequantize_cuda": "MFLUX2_CUDA_DEQUANTIZE",  # (on CUDA, int8) the dequantisation kernel | mx.dequantize
     "conv_gemm": "MFLUX2_FAST_CONV",  # convolutions as GEMMs (mx.matmul) | mx.conv2d
