@@ -52,6 +52,7 @@ from mflux2.lora import apply_lora  # noqa: E402
 from mflux2.models.quantization import QUANT_BITS, QUANT_GROUP_SIZE, quantize_outside_blocks, quantize_predicate  # noqa: E402
 from mflux2.models.transformer import Flux2Transformer, TransformerConfig, preset  # noqa: E402
 from mflux2.models.vae import image_ids  # noqa: E402
+from mflux2.ops import SWITCHES, is_fast  # noqa: E402
 from mflux2.training.data import preservation_prompts  # noqa: E402
 from mflux2.training.memory import limit_command_batches  # noqa: E402
 from mflux2.training.step import Batch, StepConfig, TrainStep  # noqa: E402
@@ -363,6 +364,7 @@ def main(argv=None):
         "host_s": round(statistics.median(dispatch), 5),
         "memory_limit_gb": round(step.memory_limit / 1e9, 3) if step.memory_limit else None,
         "mlx_max_ops_per_buffer": os.environ.get("MLX_MAX_OPS_PER_BUFFER"),
+        "fast_ops": sorted(name for name in SWITCHES if is_fast(name)),  # the switches in force (mflux2.ops)
         "device": str(mx.default_device()), "mlx": mx.__version__, "machine": platform.machine(),
         "date": date.today().isoformat(),
     }
