@@ -4,11 +4,12 @@
 #   peers (call 1, torch only, before MLX is installed): every compiled diffusers+peft variant
 #         (whole model with and without autocast, max-autotune, attention backends, DOP, checkpointing)
 #   ours  (call 2, after .gpu/py/stage.sh b): our rows, each with the CUDA kernels on and off, the
-#         q/k/v change on and off (MFLUX2_QKV_PARTS), the ops agreement check
+#         q/k/v change on and off (MFLUX2_QKV_PARTS), the norm + RoPE kernel on (MFLUX2_CUDA_NORM_ROPE),
+#         the ops agreement check
 #   final (call 3): the strongest peers again beside our plain / DOP / checkpointed rows (the same
 #         call), the kernel profile (ncu) of our step, the GEMMs and attention alone, klein-9b int8 +
 #         checkpointing, dev int4 + checkpointing
-# Run from the root of the checkout holding the code: bash scripts/gpu_s10.sh MODE [PEERS_DIR]
+# Run from the root of the checkout holding the code: [EXTRA="VAR=1 ..."] bash scripts/gpu_s10.sh MODE [PEERS_DIR]
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -28,11 +29,12 @@ run() {  # name, limit (s), command...: the last JSON line of its stdout -> resu
   echo "   rc=$rc $((SECONDS - t)) s $(grep '^{' "$OUT/row.log" | tail -n 1 | cut -c1-260)" | tee -a "$OUT/log.txt"
   [ $rc -eq 0 ] || tail -n 6 "$OUT/row.log" | cut -c1-400 | tee -a "$OUT/log.txt"
 }
-B="python3 scripts/benchmark.py --steps ${STEPS:-10} --warmup ${WARMUP:-3}"
+B="env ${EXTRA:-} python3 scripts/benchmark.py --steps ${STEPS:-10} --warmup ${WARMUP:-3}"  # EXTRA: switches for every row (final)
 [ -n "${DRY:-}" ] && B="python3 scripts/benchmark.py --steps 1 --warmup 1 --tiny"  # a CPU check of the plumbing
 TS="python3 $P/torch_step.py"
 OFF="env MFLUX2_CUDA_ROPE=0 MFLUX2_CUDA_DEQUANTIZE=0"  # our CUDA kernels off: the graph a Mac runs
 FUSED="env MFLUX2_QKV_PARTS=0"  # the code before this session: q/k/v as one GEMM split into views
+NR="env MFLUX2_CUDA_NORM_ROPE=1"  # q/k's RMS norm + RoPE as one CUDA kernel each way (off by default until measured)
 { date -u; nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader; } >> "$OUT/gpu.txt" 2>&1
 cat "$OUT/gpu.txt"
 case ${1:-} in
@@ -51,20 +53,24 @@ peers)
 ours)
   python3 -c 'import mlx.core as mx; print("mlx", mx.__version__, mx.default_device(), mx.device_info().get("device_name"))' | tee -a "$OUT/gpu.txt"
   run k4_plain           300 $B --model klein-4b
-  run k4_plain_fused     120 $FUSED $B --model klein-4b
-  run k4_plain_off       120 $OFF $B --model klein-4b
-  run k4_plain_off_fused 120 $OFF $FUSED $B --model klein-4b
-  run k4_ckpt            120 $B --model klein-4b --checkpointing 1
-  run k4_ckpt_fused      120 $FUSED $B --model klein-4b --checkpointing 1
-  run k4_dop             120 $B --model klein-4b --mode dop
-  run k4_dop_fused       120 $FUSED $B --model klein-4b --mode dop
-  run k4_int8_ckpt       120 $B --model klein-4b --base int8 --checkpointing 1
-  run k4_ckpt_off        120 $OFF $B --model klein-4b --checkpointing 1
-  run k4_dop_off         120 $OFF $B --model klein-4b --mode dop
-  run k4_int8_ckpt_off   120 $OFF $B --model klein-4b --base int8 --checkpointing 1
-  run k4_plain_2         120 $B --model klein-4b
-  run k4_plain_fused_2   120 $FUSED $B --model klein-4b
-  run ops_check          100 python3 scripts/ops_check.py
+  run ops_check           90 python3 scripts/ops_check.py
+  run k4_plain_fused     100 $FUSED $B --model klein-4b
+  run k4_plain_nr        100 $NR $B --model klein-4b
+  run k4_plain_off       100 $OFF $B --model klein-4b
+  run k4_plain_off_fused 100 $OFF $FUSED $B --model klein-4b
+  run k4_ckpt            100 $B --model klein-4b --checkpointing 1
+  run k4_ckpt_fused      100 $FUSED $B --model klein-4b --checkpointing 1
+  run k4_ckpt_nr         100 $NR $B --model klein-4b --checkpointing 1
+  run k4_dop             100 $B --model klein-4b --mode dop
+  run k4_dop_fused       100 $FUSED $B --model klein-4b --mode dop
+  run k4_dop_nr          100 $NR $B --model klein-4b --mode dop
+  run k4_int8_ckpt       100 $B --model klein-4b --base int8 --checkpointing 1
+  run k4_ckpt_off        100 $OFF $B --model klein-4b --checkpointing 1
+  run k4_dop_off         100 $OFF $B --model klein-4b --mode dop
+  run k4_int8_ckpt_off   100 $OFF $B --model klein-4b --base int8 --checkpointing 1
+  run k4_plain_2         100 $B --model klein-4b
+  run k4_plain_fused_2   100 $FUSED $B --model klein-4b
+  run k4_plain_nr_2      100 $NR $B --model klein-4b
   ;;
 final)
   NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda*/bin/ncu 2>/dev/null | head -n 1)
@@ -80,7 +86,7 @@ final)
     echo "== ncu (limit $l s)" | tee -a "$OUT/log.txt"
     timeout "$l" "$NCU" --profile-from-start off --clock-control none --metrics gpu__time_duration.sum,launch__grid_size \
       --csv --page raw --print-units base --log-file "$OUT/ncu-step.csv" \
-      python3 scripts/benchmark.py --model klein-4b --steps 3 --warmup 3 --memory-limit none --cuda-profile-step > "$OUT/ncu-run.log" 2>&1
+      env ${EXTRA:-} python3 scripts/benchmark.py --model klein-4b --steps 3 --warmup 3 --memory-limit none --cuda-profile-step > "$OUT/ncu-run.log" 2>&1
     echo "   ncu rc=$? at $((SECONDS - T0)) s; $(grep -c '^"[0-9]' "$OUT/ncu-step.csv" 2>/dev/null) kernels" | tee -a "$OUT/log.txt"
     tail -n 3 "$OUT/ncu-run.log" | cut -c1-300 | tee -a "$OUT/log.txt"
     step_s=$(grep '"run": "k4_plain"' "$OUT/results.jsonl" | tail -n 1 | python3 -c 'import json,sys; print(json.loads(sys.stdin.read())["median_s_per_step"])' 2>/dev/null)
@@ -91,7 +97,7 @@ final)
   grep '^{' "$OUT/row.log" >> "$OUT/shapes.jsonl" 2>/dev/null
   run k4_profile         90 $B --model klein-4b --profile --memory-limit none
   run k9_int8_ckpt       150 $B --model klein-9b --base int8 --checkpointing 1 --steps 4 --warmup 2
-  run dev_int4_ckpt      240 python3 scripts/benchmark.py --model dev --base int4 --checkpointing 1 --ahead 0 --steps 3 --warmup 2
+  run dev_int4_ckpt      240 env ${EXTRA:-} python3 scripts/benchmark.py --model dev --base int4 --checkpointing 1 --ahead 0 --steps 3 --warmup 2
   ;;
 *) echo "usage: gpu_s10.sh peers|ours|final [PEERS_DIR]" >&2; exit 2 ;;
 esac

@@ -66,6 +66,22 @@ def _rope(kernel: bool) -> float:
     return max(errs)
 
 
+def _norm_rope() -> float:
+    """q/k's RMS norm + RoPE kernels against rms_norm then RoPE: values and the input gradient (the
+    frozen scale gets none), tables per sample, shared, and sliced along the tokens (a stream's part)."""
+    from mflux2.ops.rope import norm_rope
+
+    errs = []
+    for batch_tables, start in ((2, 0), (1, 0), (1, 3), (2, 3)):
+        ids = mx.random.randint(0, 50, (batch_tables, 40, 4)).astype(mx.float32)
+        rope = tuple(t[:, start:] for t in rope_table(ids, (32, 32, 32, 32), 2000.0))
+        x = mx.random.normal((2, 40 - start, 3, 128)) * 2
+        w = mx.random.normal((128,))
+        errs.append(_agree(lambda x: norm_rope(x, w, 1e-6, rope), [x], {"norm_rope": True, "rope": True, "rope_cuda": True},
+                           {"norm_rope": False}))
+    return max(errs)
+
+
 def _swiglu() -> float:
     h = mx.concatenate([mx.random.normal((3, 5, 16)) * 3, mx.random.normal((3, 5, 16))], axis=-1)
     return _agree(swiglu, [h], {"swiglu": True}, {"swiglu": False})
@@ -179,6 +195,7 @@ def _group_norm() -> float:
 CHECKS = {  # name -> (check, whether it needs CUDA)
     "rope": (lambda: _rope(kernel=False), False),
     "rope_cuda": (lambda: _rope(kernel=True), True),
+    "norm_rope": (_norm_rope, True),
     "swiglu": (_swiglu, False),
     "split_views": (_split_views, False),
     "flat_views": (_flat_views, False),

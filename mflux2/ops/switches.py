@@ -21,7 +21,8 @@ SWITCHES = {  # op -> environment variable ("0": the fallback)
     "flat_views": "MFLUX2_FAST_FLAT_VIEWS",  # views of the flat parameters, VJP concatenating per group | plain slices
     "qkv_parts": "MFLUX2_QKV_PARTS",  # q, k, v from one GEMM each (contiguous; a LoRA's down-projection shared) | one fused GEMM split into views
     "linear": "MFLUX2_FAST_LINEAR",  # GEMMs per output part, LoRA as accumulator, dequantised tiles | layer(x)
-    "dequantize_cuda": "MFLUX2_CUDA_DEQUANTIZE",  # (on CUDA, int8) the dequantisation kernel | mx.dequantize
+    "dequantize_cuda": "MFLUX2_CUDA_DEQUANTIZE",
+    "norm_rope": "MFLUX2_CUDA_NORM_ROPE",  # (on CUDA, with "rope_cuda") q/k's RMS norm + RoPE as one kernel each way, no scale gradient | rms_norm, then RoPE  # (on CUDA, int8) the dequantisation kernel | mx.dequantize
     "conv_gemm": "MFLUX2_FAST_CONV",  # convolutions as GEMMs (mx.matmul) | mx.conv2d
     "group_norm": "MFLUX2_FAST_GROUPNORM",  # GroupNorm through mx.fast.layer_norm, unevaluated | chunked float32 statistics
 }
@@ -35,6 +36,8 @@ BACKEND_DEFAULTS = {  # measured: docs/performance.md, "The VAE" (H100, 2026-12-
     # CPU: mx.fast.layer_norm is composed of ops holding float32 copies; Metal: not measured (nor its
     # memory: a 512² decode's peak went 0.81 -> 2.24 GB on CUDA without the evaluations)
     "group_norm": {"cpu": False, "metal": False},
+    # a CUDA kernel (it never runs elsewhere); off until measured against rms_norm + the RoPE kernel
+    "norm_rope": {"cuda": False},
 }
 _FORCED: dict[str, bool] = {}
 
