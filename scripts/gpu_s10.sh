@@ -46,8 +46,9 @@ peers)
   run peer_compile_dop    200 $TS --compile --dop
   run peer_compile_bf16   200 $TS --compile --no-autocast --dtype bf16
   run peer_compile_cudnn  150 $TS --compile --attn-backend _native_cudnn
-  run peer_compile_flash  100 $TS --compile --attn-backend flash
-  run peer_compile_flash3 100 $TS --compile --attn-backend _flash_3
+  run peer_compile_flash  60 $TS --compile --attn-backend flash
+  run peer_compile_flash3 60 $TS --compile --attn-backend _flash_3
+  run peer_compile_native_flash 150 $TS --compile --attn-backend _native_flash
   run peer_compile_autotune 420 $TS --compile --compile-mode max-autotune-no-cudagraphs
   ;;
 ours)
@@ -57,17 +58,17 @@ ours)
   run k4_plain_fused     100 $FUSED $B --model klein-4b
   run k4_plain_nr        100 $NR $B --model klein-4b
   run k4_plain_off       100 $OFF $B --model klein-4b
-  run k4_plain_off_fused 100 $OFF $FUSED $B --model klein-4b
   run k4_ckpt            100 $B --model klein-4b --checkpointing 1
-  run k4_ckpt_fused      100 $FUSED $B --model klein-4b --checkpointing 1
-  run k4_ckpt_nr         100 $NR $B --model klein-4b --checkpointing 1
   run k4_dop             100 $B --model klein-4b --mode dop
-  run k4_dop_fused       100 $FUSED $B --model klein-4b --mode dop
-  run k4_dop_nr          100 $NR $B --model klein-4b --mode dop
   run k4_int8_ckpt       100 $B --model klein-4b --base int8 --checkpointing 1
   run k4_ckpt_off        100 $OFF $B --model klein-4b --checkpointing 1
   run k4_dop_off         100 $OFF $B --model klein-4b --mode dop
   run k4_int8_ckpt_off   100 $OFF $B --model klein-4b --base int8 --checkpointing 1
+  run k4_ckpt_nr         100 $NR $B --model klein-4b --checkpointing 1
+  run k4_dop_nr          100 $NR $B --model klein-4b --mode dop
+  run k4_ckpt_fused      100 $FUSED $B --model klein-4b --checkpointing 1
+  run k4_dop_fused       100 $FUSED $B --model klein-4b --mode dop
+  run k4_plain_off_fused 100 $OFF $FUSED $B --model klein-4b
   run k4_plain_2         100 $B --model klein-4b
   run k4_plain_fused_2   100 $FUSED $B --model klein-4b
   run k4_plain_nr_2      100 $NR $B --model klein-4b
@@ -82,7 +83,7 @@ final)
   run peer_compile_dop   200 $TS --compile --dop
   run k4_dop             120 $B --model klein-4b --mode dop
   if [ -n "$NCU" ]; then
-    l=$(left); [ "$l" -gt 180 ] && l=180
+    l=$(left); [ "$l" -gt 150 ] && l=150
     echo "== ncu (limit $l s)" | tee -a "$OUT/log.txt"
     timeout "$l" "$NCU" --profile-from-start off --clock-control none --metrics gpu__time_duration.sum,launch__grid_size \
       --csv --page raw --print-units base --log-file "$OUT/ncu-step.csv" \
@@ -93,10 +94,10 @@ final)
     python3 scripts/kernel_profile.py parse "$OUT/ncu-step.csv" ${step_s:+--step-s $step_s} --markdown > "$OUT/profile.txt" 2>&1
     head -c 3000 "$OUT/profile.txt"
   fi
+  run k9_int8_ckpt       150 $B --model klein-9b --base int8 --checkpointing 1 --steps 4 --warmup 2
   run shapes             90 python3 scripts/kernel_profile.py shapes --model klein-4b
   grep '^{' "$OUT/row.log" >> "$OUT/shapes.jsonl" 2>/dev/null
   run k4_profile         90 $B --model klein-4b --profile --memory-limit none
-  run k9_int8_ckpt       150 $B --model klein-9b --base int8 --checkpointing 1 --steps 4 --warmup 2
   run dev_int4_ckpt      240 env ${EXTRA:-} python3 scripts/benchmark.py --model dev --base int4 --checkpointing 1 --ahead 0 --steps 3 --warmup 2
   ;;
 *) echo "usage: gpu_s10.sh peers|ours|final [PEERS_DIR]" >&2; exit 2 ;;
