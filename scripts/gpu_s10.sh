@@ -4,7 +4,7 @@
 #   peers (call 1, torch only, before MLX is installed): every compiled diffusers+peft variant
 #         (whole model with and without autocast, max-autotune, attention backends, DOP, checkpointing)
 #   ours  (call 2, after .gpu/py/stage.sh b): our rows, each with the CUDA kernels on and off, the
-#         q/k/v change on and off (MFLUX2_QKV_PARTS), the norm + RoPE kernel on (MFLUX2_CUDA_NORM_ROPE),
+#         q/k/v change on (MFLUX2_QKV_PARTS=1), the norm + RoPE kernel on (MFLUX2_CUDA_NORM_ROPE=1),
 #         the ops agreement check
 #   final (call 3): the strongest peers again beside our plain / DOP / checkpointed rows (the same
 #         call), the kernel profile (ncu) of our step, the GEMMs and attention alone, klein-9b int8 +
@@ -33,7 +33,7 @@ B="env ${EXTRA:-} python3 scripts/benchmark.py --steps ${STEPS:-10} --warmup ${W
 [ -n "${DRY:-}" ] && B="python3 scripts/benchmark.py --steps 1 --warmup 1 --tiny"  # a CPU check of the plumbing
 TS="python3 $P/torch_step.py"
 OFF="env MFLUX2_CUDA_ROPE=0 MFLUX2_CUDA_DEQUANTIZE=0"  # our CUDA kernels off: the graph a Mac runs
-FUSED="env MFLUX2_QKV_PARTS=0"  # the code before this session: q/k/v as one GEMM split into views
+PARTS="env MFLUX2_QKV_PARTS=1"  # q/k/v as one GEMM each (switch qkv_parts)
 NR="env MFLUX2_CUDA_NORM_ROPE=1"  # q/k's RMS norm + RoPE as one CUDA kernel each way (off by default until measured)
 { date -u; nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader; } >> "$OUT/gpu.txt" 2>&1
 cat "$OUT/gpu.txt"
@@ -55,7 +55,7 @@ ours)
   python3 -c 'import mlx.core as mx; print("mlx", mx.__version__, mx.default_device(), mx.device_info().get("device_name"))' | tee -a "$OUT/gpu.txt"
   run k4_plain           300 $B --model klein-4b
   run ops_check           90 python3 scripts/ops_check.py
-  run k4_plain_fused     100 $FUSED $B --model klein-4b
+  run k4_plain_parts     100 $PARTS $B --model klein-4b
   run k4_plain_nr        100 $NR $B --model klein-4b
   run k4_plain_off       100 $OFF $B --model klein-4b
   run k4_ckpt            100 $B --model klein-4b --checkpointing 1
@@ -66,11 +66,11 @@ ours)
   run k4_int8_ckpt_off   100 $OFF $B --model klein-4b --base int8 --checkpointing 1
   run k4_ckpt_nr         100 $NR $B --model klein-4b --checkpointing 1
   run k4_dop_nr          100 $NR $B --model klein-4b --mode dop
-  run k4_ckpt_fused      100 $FUSED $B --model klein-4b --checkpointing 1
-  run k4_dop_fused       100 $FUSED $B --model klein-4b --mode dop
-  run k4_plain_off_fused 100 $OFF $FUSED $B --model klein-4b
+  run k4_ckpt_parts      100 $PARTS $B --model klein-4b --checkpointing 1
+  run k4_dop_parts       100 $PARTS $B --model klein-4b --mode dop
+  run k4_plain_off_parts 100 $OFF $PARTS $B --model klein-4b
   run k4_plain_2         100 $B --model klein-4b
-  run k4_plain_fused_2   100 $FUSED $B --model klein-4b
+  run k4_plain_parts_2   100 $PARTS $B --model klein-4b
   run k4_plain_nr_2      100 $NR $B --model klein-4b
   ;;
 final)

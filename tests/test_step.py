@@ -330,16 +330,16 @@ def test_accumulated_checkpointed_steps_update_like_plain_ones():
 
 @pytest.mark.parametrize("dop", [False, True])
 def test_optimised_step_gradients_equal_plain_autodiff(dop):
-    """Issue 33: every fast path of mflux2.ops on (the step's defaults: q/k/v parts with a shared LoRA
-    down-projection, the fused VJPs, flat views, the GEMMs' accumulators) against every switch off
+    """Issue 33: every fast path of mflux2.ops on (q/k/v parts with a shared LoRA down-projection, the
+    fused VJPs, flat views, the GEMMs' accumulators; the CUDA kernels where CUDA runs) against every switch off
     (plain MLX autodiff of plain MLX ops): each of several steps' LoRA gradients, float32, then the
     parameters after those steps through the real (compiled) TrainStep."""
     from mflux2 import ops
 
-    off = {name: False for name in ops.SWITCHES}
+    on, off = ({name: v for name in ops.SWITCHES} for v in (True, False))  # (the CUDA kernels run only on CUDA)
     for i in range(3):
         batch, key, grads = tiny_batch(seed=10 + i), mx.random.key(20 + i), []
-        for switches in ({}, off):
+        for switches in (on, off):
             model = tiny_model()
             step = TrainStep(model, optim.AdamW(1e-4), StepConfig(memory_limit=None))
             with ops.using(**switches):
@@ -348,7 +348,7 @@ def test_optimised_step_gradients_equal_plain_autodiff(dop):
             grads.append(g)
         assert_same_grads(grads[1], grads[0], rtol=1e-4)
     params = []
-    for switches in ({}, off):
+    for switches in (on, off):
         model = tiny_model()
         step = TrainStep(model, optim.AdamW(1e-2), StepConfig(memory_limit=None))
         with ops.using(**switches):
