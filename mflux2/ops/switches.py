@@ -36,9 +36,10 @@ BACKEND_DEFAULTS = {  # measured: docs/performance.md, "The VAE" (H100, 2026-12-
     # CPU: mx.fast.layer_norm is composed of ops holding float32 copies; Metal: not measured (nor its
     # memory: a 512² decode's peak went 0.81 -> 2.24 GB on CUDA without the evaluations)
     "group_norm": {"cpu": False, "metal": False},
-    # issue 33, not yet measured on a GPU (the session's machine never started): off on CUDA and Metal
-    # until `bash scripts/gpu_s10.sh ours` has timed it against the fused q/k/v GEMM
-    "qkv_parts": {"cuda": False, "metal": False},
+    # issue 33, not measured anywhere yet (the session's GPU never started; the shared 2-core CPU was
+    # too loaded for a step-time comparison): off until `bash scripts/gpu_s10.sh ours` has timed it
+    # against the fused q/k/v GEMM (MFLUX2_QKV_PARTS=1 turns it on)
+    "qkv_parts": {"cuda": False, "metal": False, "cpu": False},
     # a CUDA kernel (it never runs elsewhere); off until measured against rms_norm + the RoPE kernel
     "norm_rope": {"cuda": False},
 }
