@@ -4,7 +4,8 @@
 #   peers (call 1, torch only, before MLX is installed): every compiled diffusers+peft variant
 #         (whole model with and without autocast, max-autotune, attention backends, DOP, checkpointing)
 #   ours  (call 2, after .gpu/py/stage.sh b): our rows, each with the CUDA kernels on and off, the
-#         q/k/v change on (MFLUX2_QKV_PARTS=1), the norm + RoPE kernel on (MFLUX2_CUDA_NORM_ROPE=1),
+#         q/k/v change on (MFLUX2_QKV_PARTS=1), the frozen-scale RMS norm (MFLUX2_FAST_RMS_FROZEN=1),
+#         the norm + RoPE kernel on (MFLUX2_CUDA_NORM_ROPE=1), all of them together,
 #         the ops agreement check
 #   final (call 3): the strongest peers again beside our plain / DOP / checkpointed rows (the same
 #         call), the kernel profile (ncu) of our step, the GEMMs and attention alone, klein-9b int8 +
@@ -34,6 +35,7 @@ B="env ${EXTRA:-} python3 scripts/benchmark.py --steps ${STEPS:-10} --warmup ${W
 TS="python3 $P/torch_step.py"
 OFF="env MFLUX2_CUDA_ROPE=0 MFLUX2_CUDA_DEQUANTIZE=0"  # our CUDA kernels off: the graph a Mac runs
 PARTS="env MFLUX2_QKV_PARTS=1"  # q/k/v as one GEMM each (switch qkv_parts)
+RMS="env MFLUX2_FAST_RMS_FROZEN=1"  # q/k's RMS norm without the frozen scale's gradient (switch rms_frozen)
 NR="env MFLUX2_CUDA_NORM_ROPE=1"  # q/k's RMS norm + RoPE as one CUDA kernel each way (off by default until measured)
 { date -u; nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader; } >> "$OUT/gpu.txt" 2>&1
 cat "$OUT/gpu.txt"
@@ -58,6 +60,9 @@ ours)
   run k4_plain_parts     100 $PARTS $B --model klein-4b
   run k4_plain_nr        100 $NR $B --model klein-4b
   run k4_plain_off       100 $OFF $B --model klein-4b
+  run k4_plain_rms       100 $RMS $B --model klein-4b
+  run k4_plain_off_graph 100 $OFF $PARTS $RMS $B --model klein-4b  # the graph a Mac runs, every graph change on
+  run k4_plain_all       100 $PARTS $RMS $NR $B --model klein-4b
   run k4_ckpt            100 $B --model klein-4b --checkpointing 1
   run k4_dop             100 $B --model klein-4b --mode dop
   run k4_int8_ckpt       100 $B --model klein-4b --base int8 --checkpointing 1

@@ -25,7 +25,8 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from mflux2.models.quantization import load_weights, quant_settings
-from mflux2.ops import apply_rope, linear, linear_concat, norm_rope, norm_rope_fused, qkv_split, rope_table, split_views, swiglu
+from mflux2.ops import (apply_rope, linear, linear_concat, norm_rope, norm_rope_fused, qkv_split, rms_norm_frozen, rope_table,
+                        split_views, swiglu)
 from mflux2.weights import WeightsError, check_keys, iter_tensors, read_config, resolve_component, safetensors_files
 
 
@@ -141,7 +142,9 @@ class RMSNormScale(nn.Module):
         self.eps = eps
 
     def __call__(self, x):
-        return mx.fast.rms_norm(x, self.scale, self.eps)
+        if "scale" in self.trainable_parameters():  # (never under LoRA training)
+            return mx.fast.rms_norm(x, self.scale, self.eps)
+        return rms_norm_frozen(x, self.scale, self.eps)  # no gradient for the frozen scale (switch "rms_frozen")
 
 
 class QKNorm(nn.Module):

@@ -82,6 +82,20 @@ def _norm_rope() -> float:
     return max(errs)
 
 
+def _rms_frozen() -> float:
+    """The frozen-scale RMS norm's values and input gradient against mx.fast.rms_norm's (the scale a
+    constant of the function, as in training), then RoPE after it, as in the blocks."""
+    from mflux2.ops.norm import rms_norm_frozen
+
+    errs = []
+    for d in (16, 32):
+        x, w = mx.random.normal((2, 7, 3, d)) * 3, mx.random.normal((d,))
+        rope = rope_table(mx.random.randint(0, 9, (1, 7, 4)).astype(mx.float32), (d // 4,) * 4, 2000.0)
+        fn = lambda x, w=w, rope=rope: apply_rope(rms_norm_frozen(x, w, 1e-6), rope)  # noqa: E731
+        errs.append(_agree(fn, [x], {"rms_frozen": True}, {"rms_frozen": False}))
+    return max(errs)
+
+
 def _swiglu() -> float:
     h = mx.concatenate([mx.random.normal((3, 5, 16)) * 3, mx.random.normal((3, 5, 16))], axis=-1)
     return _agree(swiglu, [h], {"swiglu": True}, {"swiglu": False})
@@ -195,6 +209,7 @@ def _group_norm() -> float:
 CHECKS = {  # name -> (check, whether it needs CUDA)
     "rope": (lambda: _rope(kernel=False), False),
     "rope_cuda": (lambda: _rope(kernel=True), True),
+    "rms_frozen": (_rms_frozen, False),
     "norm_rope": (_norm_rope, True),
     "swiglu": (_swiglu, False),
     "split_views": (_split_views, False),
