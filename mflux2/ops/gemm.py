@@ -287,7 +287,7 @@ def qkv_split(layer, x: mx.array, d: int, rest: tuple[int, ...] = (), fast: bool
     once for all parts (`_project`); fallback: q | k | v from one GEMM, split into strided views."""
     if is_fast("qkv_parts", fast):
         return _qkv_parts(layer, x, [d, d, d, *rest])
-    qkv, *others = linear_split(layer, x, [3 * d, *rest])
+    qkv, *others = linear_split(layer, x, [3 * d, *rest]) if rest else [linear(layer, x)]
     return [*split_views(qkv, (d, d, d)), *others]
 
 
