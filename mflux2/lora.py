@@ -92,9 +92,18 @@ class LoRALinear(nn.Module):
     def lora_forward(self, x):
         """The delta for this layer's input columns x [..., in_stop - in_start] over its output
         rows: scale · (alpha / rank) · B(A(dropout(x))), in x's dtype."""
+        return self.lora_up(self.lora_down(x))
+
+    def lora_down(self, x):
+        """A(dropout(x)) [..., rank], in x's dtype: shared by every output part (mflux2.ops.linear_split)."""
+        return self._dropout(x) @ self.lora_A.astype(x.dtype).T
+
+    def lora_up(self, h, rows: tuple[int, int] | None = None):
+        """scale · (alpha / rank) · B h for the LoRA's output rows `rows` (relative to out_start;
+        None: all of them), in h's dtype."""
         # alpha/rank·scale folded into the small B before the cast; gradients reach the float32 params.
-        b = (self.lora_B * (self.scale * self.alpha / self.rank)).astype(x.dtype)
-        return (self._dropout(x) @ self.lora_A.astype(x.dtype).T) @ b.T
+        b = (self.lora_B * (self.scale * self.alpha / self.rank)).astype(h.dtype)
+        return h @ (b if rows is None else b[rows[0] : rows[1]]).T
 
     def _dropout(self, x):
         p = self.dropout.p if hasattr(self.dropout, "p") else 1 - self.dropout._p_1
