@@ -48,17 +48,18 @@ TEXT_LENGTH = 64
 TIMESTEPS = (0.5, 0.7, 0.9)
 
 
-def mask_data(root: Path, aligned: bool = False) -> dict[str, Path]:
-    """The star subject plain and cluttered, and its masks (deterministic). `aligned`: the masks snapped
-    to the 16-pixel token grid (a token cell white where the star's mask touches it) and the clutter
-    only in the black cells, so that no token the loss weighs holds a clutter pixel."""
+def mask_data(root: Path, aligned: bool = False, size: int = 64) -> dict[str, Path]:
+    """The star subject plain and cluttered, and its masks (deterministic), drawn at `size` px. `aligned`:
+    the masks snapped to the 16-pixel token grid (a token cell white where the star's mask touches it)
+    and the clutter only in the black cells, so that no token the loss weighs holds a clutter pixel."""
     paths = {"plain": root / "plain", "cluttered": root / "cluttered", "masks": root / "masks"}
-    toy_data.make_dataset(paths["plain"], 1, 16, subject="star", trigger="sks", masks=paths["masks"])
-    toy_data.make_dataset(paths["cluttered"], 1, 16, subject="star", trigger="sks", cluttered=True)
+    toy_data.make_dataset(paths["plain"], 1, 16, size, subject="star", trigger="sks", masks=paths["masks"])
+    toy_data.make_dataset(paths["cluttered"], 1, 16, size, subject="star", trigger="sks", cluttered=True)
     if aligned:
+        k = size // 16
         for m in sorted(paths["masks"].glob("*.png")):
             g = np.asarray(Image.open(m)) > 0
-            cells = g.reshape(4, 16, 4, 16).any(axis=(1, 3))
+            cells = g.reshape(k, 16, k, 16).any(axis=(1, 3))
             snapped = np.repeat(np.repeat(cells, 16, axis=0), 16, axis=1)
             Image.fromarray(np.where(snapped, 255, 0).astype(np.uint8)).save(m)
             plain = np.asarray(Image.open(paths["plain"] / m.name))
@@ -113,10 +114,57 @@ def token_weights(data: dict[str, Path]) -> np.ndarray:
                      for p in sorted(data["plain"].glob("*.png"))])
 
 
-def masks(steps: int, seeds: list[int], root: Path, aligned: bool = False, log=lambda *a: None) -> dict:
+def first_step_gradients(data: dict[str, Path], root: Path, size: int, draws: int = 4) -> dict[str, np.ndarray]:
+    """name -> the LoRA's loss gradient at its initialisation (before any update), summed over the 16
+    images × `draws` noise draws (the same timesteps and noise for every name), flattened: what the first
+    step of each run follows, without Adam's normalisation or later steps' divergence."""
+    from mlx.utils import tree_flatten
+
+    from mflux2.training import trainer as trainer_mod
+    from mflux2.training.step import Batch
+    from mflux2.training.trainer import Trainer
+
+    out = {}
+    for masked in (False, True):
+        for bg in ("plain", "cluttered"):
+            name = f"{'masked' if masked else 'unmasked'}-{bg}"
+            entry = {"path": str(data[bg]), **({"mask_path": str(data["masks"])} if masked else {})}
+            cfg = pe.config({"training.max_steps": 1, "training.seed": 0, "checkpoints.output": str(root / f"grad-{name}"),
+                             "checkpoints.save_every": 0, "validation.prompts": [], "loss.diff_output_preservation": False,
+                             "memory.bucketing.resolutions": [size]}, [entry])
+            open_model = trainer_mod.open_model
+
+            def with_length(cfg, *a):
+                pipe = open_model(cfg, *a)
+                pipe.text_encoder_options["max_length"] = TEXT_LENGTH
+                return pipe
+
+            trainer_mod.open_model = with_length
+            try:
+                t = Trainer(cfg, resume=False, log=lambda *a: None)
+                t._setup()
+                _, step_fn = t._prepare(None)
+            finally:
+                trainer_mod.open_model = open_model
+            grad = step_fn._grad_fn(False)
+            total = None
+            for i, s in enumerate(sorted(t.samples, key=lambda s: s.path.name)):
+                batch = Batch(latents=t._latents(s)[None], prompt_embeds=t.cond.embeds(s.caption)[None],
+                              img_ids=t.cond.img_ids(s.bucket), txt_ids=t.cond.txt_ids, **t._loss_weights([s]))
+                for d in range(draws):
+                    _, g = grad(t.model, batch, mx.random.key(1000 * i + d))
+                    flat = mx.concatenate([v.astype(mx.float32).reshape(-1) for _, v in sorted(tree_flatten(g), key=lambda kv: kv[0])])
+                    total = flat if total is None else total + flat
+                    mx.eval(total)
+            out[name] = np.asarray(total.astype(mx.float32))
+    return out
+
+
+def masks(steps: int, seeds: list[int], root: Path, aligned: bool = False, size: int = 64, log=lambda *a: None,
+          gradients: bool = True) -> dict:
     from mflux2.pipeline import Flux2Pipeline
 
-    data = mask_data(root / "data", aligned)
+    data = mask_data(root / "data", aligned, size)
     loras, seconds = {}, {}
     for seed in seeds:
         for masked in (False, True):
@@ -124,7 +172,8 @@ def masks(steps: int, seeds: list[int], root: Path, aligned: bool = False, log=l
                 name = f"{'masked' if masked else 'unmasked'}-{bg}@{seed}"
                 entry = {"path": str(data[bg]), **({"mask_path": str(data["masks"])} if masked else {})}
                 t = time.perf_counter()
-                loras[name] = pe.train("none", root / name, steps, seed, text_length=TEXT_LENGTH, datasets=[entry])
+                loras[name] = pe.train("none", root / name, steps, seed, text_length=TEXT_LENGTH, datasets=[entry],
+                                       overrides={"memory.bucketing.resolutions": [size]})
                 seconds[name] = round(time.perf_counter() - t, 1)
                 log(f"trained {name} in {seconds[name]} s")
     pipe = Flux2Pipeline.from_pretrained(pe.MODEL, max_sequence_length=TEXT_LENGTH)
@@ -148,7 +197,16 @@ def masks(steps: int, seeds: list[int], root: Path, aligned: bool = False, log=l
         result["per_seed"][seed] = r
     for k in ("ratio_lora", "ratio_inside", "ratio_outside"):
         result[k] = round(float(np.mean([r[k] for r in result["per_seed"].values()])), 3)
-    result["settings"] = {"steps": steps, "seeds": seeds, "text_length": TEXT_LENGTH, "aligned": aligned, "seconds": seconds,
+    if gradients:
+        g = first_step_gradients(data, root, size)
+        gdiff = {}
+        for kind in ("unmasked", "masked"):
+            a, b = g[f"{kind}-plain"], g[f"{kind}-cluttered"]
+            gdiff[kind] = round(float(np.linalg.norm(a - b) / (0.5 * (np.linalg.norm(a) + np.linalg.norm(b)))), 4)
+        result["gradient"] = gdiff
+        result["ratio_gradient"] = round(gdiff["masked"] / gdiff["unmasked"], 3)
+    result["settings"] = {"steps": steps, "seeds": seeds, "text_length": TEXT_LENGTH, "aligned": aligned, "size": size,
+                          "seconds": seconds,
                           "outside_tokens": round(float(np.mean(w == 0)), 3),
                           "mask_fraction": round(float(np.mean([np.asarray(Image.open(p)) > 0 for p in sorted(data["masks"].glob("*.png"))])), 3)}
     return result
@@ -184,13 +242,15 @@ def main(argv=None) -> dict:
     ap.add_argument("--steps", type=int, default=150)
     ap.add_argument("--seed", default="0,1", help="training seeds, comma-separated")
     ap.add_argument("--aligned", action="store_true", help="masks: snapped to the token grid, clutter only outside them")
+    ap.add_argument("--size", type=int, default=64, help="masks: the images' size in pixels (a multiple of 16)")
+    ap.add_argument("--no-gradient", action="store_true", help="masks: skip the first-step gradient measure")
     ap.add_argument("--out", default=None, help="keep the runs here (default: a temporary folder)")
     a = ap.parse_args(argv)
     seeds = [int(x) for x in a.seed.split(",")]
     root = Path(a.out) if a.out else Path(tempfile.mkdtemp(prefix="datasets_eval_"))
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     if a.what == "masks":
-        result = masks(a.steps, seeds, root, a.aligned, log=log)
+        result = masks(a.steps, seeds, root, a.aligned, a.size, log=log, gradients=not a.no_gradient)
     else:
         result = reg(a.steps, seeds, root, log=log)
     print(json.dumps(result))

@@ -212,13 +212,13 @@ def score(images: np.ndarray, base: np.ndarray, groups: dict[str, list[tuple[str
 
 
 def noised_inputs(pipe, prompts: list[str], images, noise_seed: int):
-    """(embeds, txt_ids, clean latents x0 [n, N, 128] float32, noise like x0, image ids) of 64² toy
-    images and their prompts; the text encoder is released after."""
+    """(embeds, txt_ids, clean latents x0 [n, N, 128] float32, noise like x0, image ids) of square toy
+    images (64² unless drawn larger) and their prompts; the text encoder is released after."""
     embeds, txt_ids = pipe.encode_prompt(prompts)
     pipe.release("text_encoder")
     vae = pipe.vae
     x0 = mx.concatenate([vae.pack(vae.encode(pil_to_array(im)[None])) for im in images]).astype(mx.float32)
-    return embeds, txt_ids, x0, mx.random.normal(x0.shape, key=mx.random.key(noise_seed)), image_ids(64, 64)
+    return embeds, txt_ids, x0, mx.random.normal(x0.shape, key=mx.random.key(noise_seed)), image_ids(*images[0].size)
 
 
 def velocity_drift(pipe, loras: dict[str, Path], groups: dict[str, list[tuple[str, str, str]]], timesteps: list[float],

@@ -509,6 +509,47 @@ def test_a_run_with_datasets_masks_weights_and_shuffled_captions(tiny, tmp_path)
     assert "dataset subject" in report and "6 samples drawn, mean loss" in report and "dataset reg" in report
 
 
+def test_each_step_weighs_its_own_samples_tokens_by_their_cached_masks_and_zero_weight_drops_a_token(tiny, tmp_path):
+    """The trainer's batches, as a run draws them: each sample's token weights are its own mask read like
+    its image and pooled as docs/training.md says (mean 1, area per 16x16 token), its latents those of its
+    image, a reg sample unmasked; the loss's gradient on a token of weight 0 is exactly 0 (its target
+    cannot reach the LoRA), and on the others it is not. Sample weights: 2 x loss_weight (subject +
+    loss_weight x reg, diffusers' prior_loss_weight)."""
+    t = Trainer(load_config(datasets_config(tmp_path, tiny, training={"max_steps": 4})), log=lambda *a: None)
+    seen = []
+    draw = t._draw
+
+    def recording(step, when):
+        batch, is_dop, drawn = draw(step, when)
+        seen.append((batch, drawn))
+        return batch, is_dop, drawn
+
+    t._draw = recording
+    t.run()
+    by_label = {s.label: s for s in t.samples}
+    zero_tokens = 0
+    for batch, drawn in seen:
+        for j, label in enumerate(drawn):
+            s = by_label[label]
+            np.testing.assert_array_equal(np.array(batch.latents[j]), np.array(t._latents(s)))
+            w = np.array(batch.token_weights[j])
+            if s.is_reg:
+                assert (w == 1).all() and float(batch.sample_weights[j]) == 2.0
+                continue
+            grey = data_mod.load_mask_for_bucket(s.mask, s.size, s.bucket)
+            np.testing.assert_allclose(w, data_mod.mask_weights(grey, s.mask.minimum), rtol=1e-6)
+            cover = grey.reshape(4, 16, 4, 16).mean(axis=(1, 3)).reshape(-1)
+            np.testing.assert_allclose(w, cover / cover.mean(), rtol=1e-5)  # area per token, mean 1
+            assert float(batch.sample_weights[j]) == 4.0
+        pred = mx.random.normal(batch.latents.shape, key=mx.random.key(0))
+        t_ = mx.full((batch.latents.shape[0],), 0.5)
+        g = np.array(mx.grad(lambda p: S.main_loss(p, batch.latents, t_, "uniform", batch.token_weights, batch.sample_weights))(pred))
+        zero = np.array(batch.token_weights) == 0
+        assert (g[zero] == 0).all() and (np.abs(g[~zero]).sum(axis=-1) > 0).all()
+        zero_tokens += int(zero.sum())
+    assert len(seen) == 4 and zero_tokens > 0
+
+
 # ---------------------------------------------------------------------------------------------
 # The dry run
 # ---------------------------------------------------------------------------------------------

@@ -51,10 +51,12 @@ def test_the_datasets_quickstart_dry_run_lists_its_three_datasets(capsys, monkey
     monkeypatch.chdir(ROOT)
     assert main(["configs/quickstart-datasets.yaml", "--dry-run"]) == 0
     out = capsys.readouterr().out
-    assert "datasets (an epoch = 60 samples):" in out and "fits" in out
+    assert "datasets (an epoch = 48 samples; each step pairs its subject samples with as many regularisation samples):" in out
+    assert "fits" in out
     assert "star: 16 image(s) × repeats 2 = 32" in out
     assert "cross: 8 image(s) × repeats 2 = 16" in out and "masks 8 found, 0 missing" in out
-    assert "shape-reg: 12 image(s) × repeats 1 = 12" in out and "regularisation set" in out
+    assert "shape-reg: 12 image(s) beside the subject: 1 with every step's 1 subject sample(s), all of them every 12 steps" in out
+    assert "regularisation set" in out
 
 
 # ---- masks: the clutter outside the masks leaves less trace (the toy model) --------------------------
