@@ -84,12 +84,14 @@ MODES = {
     "reg": {"loss.diff_output_preservation": False},
     "reg-w0.5": {"loss.diff_output_preservation": False},  # the set's loss weighted 0.5
     "reg-subject-x2": {"loss.diff_output_preservation": False},  # the subject's images with repeats 2
+    "reg-w1.5": {"loss.diff_output_preservation": False},  # the set's loss weighted 1.5 (diffusers' prior_loss_weight)
 }
 REG = ROOT / "data" / "toy" / "shape-reg"
 # modes that train a `datasets:` list instead of the quickstart's one folder
 DATASETS = {"reg": [{"path": str(DATA)}, {"path": str(REG), "is_regularization": True}],
             "reg-w0.5": [{"path": str(DATA)}, {"path": str(REG), "is_regularization": True, "loss_weight": 0.5}],
-            "reg-subject-x2": [{"path": str(DATA), "repeats": 2}, {"path": str(REG), "is_regularization": True}]}
+            "reg-subject-x2": [{"path": str(DATA), "repeats": 2}, {"path": str(REG), "is_regularization": True}],
+            "reg-w1.5": [{"path": str(DATA)}, {"path": str(REG), "is_regularization": True, "loss_weight": 1.5}]}
 DEFAULT_MODES = ("none", "dop", "dop+prompts")
 # The evaluation prompts: colour pairs (red/blue and green/white occur in the subject's captions,
 # yellow/purple and white/red do not); the trigger group has four more pairs, so the subject score

@@ -79,10 +79,12 @@ def test_masks_keep_the_clutter_outside_them_from_changing_the_lora_as_much(tmp_
 # ---- a regularisation set keeps the class prompts closer to the base model (the toy model) -----------
 # scripts/datasets_eval.py reg, cut down to `none` and `reg` on seed 0: the quickstart's star subject for
 # REG_STEPS steps, alone and with data/toy/shape-reg (the toy model's own "shape" images) as a
-# regularisation set, 64-token prompts. Drift: the relative change of the guided velocity from the base
-# model's (preservation_eval.velocity_drift). Measured (150 steps, seed 0): class prompts 0.546 against
-# 0.819 without the set (0.67x), trigger prompts 0.721 against 0.824 (0.87x: the subject is learned a
-# little less, the set taking 12 of every 28 steps).
+# regularisation set drawn beside every subject sample (data.PairedSampler, as diffusers'
+# with_prior_preservation), 64-token prompts. Drift: the relative change of the guided velocity from the
+# base model's (preservation_eval.velocity_drift). Measured (150 steps, seed 0): class prompts 0.573
+# against 0.819 without the set (0.70x), trigger prompts 0.765 against 0.824 (0.93x: the subject keeps its
+# steps). With the set in the epoch instead (12 of every 28 steps, before PairedSampler) the trigger
+# prompts moved 0.721 (0.87x): the second assertion tells the two schedules apart.
 REG_STEPS = 150
 
 
@@ -92,4 +94,4 @@ def test_a_regularisation_set_keeps_the_class_prompts_closer_to_the_base_model(t
     r = de.reg(REG_STEPS, [0], tmp_path, modes=("none", "reg"))
     print(f"\nguided velocity change after {REG_STEPS} steps: {r}")
     assert r["reg"]["class"] < 0.8 * r["none"]["class"], r
-    assert r["reg"]["trigger"] > 0.8 * r["none"]["trigger"], r  # the subject is still learned
+    assert r["reg"]["trigger"] > 0.9 * r["none"]["trigger"], r  # the subject is learned (almost) as without the set
