@@ -71,9 +71,24 @@ MASK_STEPS = 80
 def test_masks_keep_the_clutter_outside_them_from_changing_the_lora_as_much(tmp_path):
     from scripts import datasets_eval as de
 
-    r = de.masks(MASK_STEPS, [0], tmp_path, aligned=True)["per_seed"][0]
+    r = de.masks(MASK_STEPS, [0], tmp_path, aligned=True, gradients=False)["per_seed"][0]
     print(f"\nmasked / unmasked difference after {MASK_STEPS} steps: {r}")
-    assert r["ratio_lora"] < 0.8 and r["ratio_inside"] < 0.9, r
+    assert r["ratio_lora"] < 0.7 and r["ratio_inside"] < 0.8, r
+
+
+# The first step at 128 px (8 x 8 tokens), masks as a user draws them (the star + 3 px): the loss
+# gradients at the LoRA's initialisation, summed over the 16 images (one noise draw each), of the plain
+# and the cluttered images differ GRAD_RATIO x as much with the masks as without; with the clutter put
+# into the latents of the tokens of weight 0 only (no VAE encoder mixing it into the weighed tokens:
+# what is left is what attention carries, which no loss mask removes) LATENT_RATIO x.
+# Measured: GRAD_MEASURED.
+def test_masks_cut_the_first_step_gradient_of_the_clutter_at_128_px(tmp_path):
+    from scripts import datasets_eval as de
+
+    r = de.masks(0, [0], tmp_path, size=128, draws=1)
+    print(f"\nfirst-step gradient difference: {r}")
+    assert r["ratio_gradient"] < 0.6 and r["ratio_gradient_latent_clutter"] < 0.4, r
+    assert r["gradient"]["unmasked"] > 0.05, r  # the clutter is there
 
 
 # ---- a regularisation set keeps the class prompts closer to the base model (the toy model) -----------
