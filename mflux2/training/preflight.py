@@ -331,6 +331,14 @@ def preflight(cfg, out=print, err=None, memory_gb: float | None = None, resume=T
     samples = _scan(cfg, rep, validation=False)
     if samples:
         _dataset_lines(samples, rep, cfg)
+        if any(s.is_reg for s in samples):  # the run pairs every subject batch with reg images of its bucket
+            from mflux2.training import data as data_mod
+
+            try:
+                data_mod.PairedSampler(samples, cfg.training.batch_size, cfg.training.seed)
+            except data_mod.DataError as e:
+                rep.line(f"error: {e}")
+                rep.problems.append(str(e))
     val_samples = []
     if any(d.validation_path for d in cfg.dataset_list):
         rep.line(f"validation set {', '.join(d.validation_path for d in cfg.dataset_list if d.validation_path)}:")
