@@ -579,6 +579,14 @@ def test_the_dry_run_lists_each_dataset_and_warns_about_an_imbalance(tiny, tmp_p
     out = capsys.readouterr().out
     assert "datasets (an epoch = 42 samples):" in out and "2 image(s) × repeats 20 = 40 (95% of an epoch)" in out
     assert "warning: subject is 95% of every epoch" in out
+    # a reg set with no image in the subject's bucket (at 128 px: the subject 128x128, the wide reg images
+    # 192x80): the run could not pair them, the dry run stops on it
+    data["datasets"][1].update(is_reg=True, path=str(images(tmp_path / "wide_reg", 2, size=(128, 64), captions=["a thing"])))
+    data["memory"]["bucketing"]["resolutions"] = [128]
+    path.write_text(yaml.safe_dump(data))
+    assert main([str(path), "--dry-run"]) == 1
+    out = capsys.readouterr().out
+    assert "error: the regularisation set has no image in bucket(s) 128x128 that the subject trains at (it has 192x80)" in out
     # a missing mask: the dry run names the file, as the run would stop on it
     (tmp_path / "data" / "masks" / "im1.png").unlink()
     assert main([str(path), "--dry-run"]) == 1
