@@ -84,12 +84,14 @@ MODES = {
     "reg": {"loss.diff_output_preservation": False},
     "reg-w0.5": {"loss.diff_output_preservation": False},  # the set's loss weighted 0.5
     "reg-subject-x2": {"loss.diff_output_preservation": False},  # the subject's images with repeats 2
+    "reg-w1.5": {"loss.diff_output_preservation": False},  # the set's loss weighted 1.5 (diffusers' prior_loss_weight)
 }
 REG = ROOT / "data" / "toy" / "shape-reg"
 # modes that train a `datasets:` list instead of the quickstart's one folder
 DATASETS = {"reg": [{"path": str(DATA)}, {"path": str(REG), "is_regularization": True}],
             "reg-w0.5": [{"path": str(DATA)}, {"path": str(REG), "is_regularization": True, "loss_weight": 0.5}],
-            "reg-subject-x2": [{"path": str(DATA), "repeats": 2}, {"path": str(REG), "is_regularization": True}]}
+            "reg-subject-x2": [{"path": str(DATA), "repeats": 2}, {"path": str(REG), "is_regularization": True}],
+            "reg-w1.5": [{"path": str(DATA)}, {"path": str(REG), "is_regularization": True, "loss_weight": 1.5}]}
 DEFAULT_MODES = ("none", "dop", "dop+prompts")
 # The evaluation prompts: colour pairs (red/blue and green/white occur in the subject's captions,
 # yellow/purple and white/red do not); the trigger group has four more pairs, so the subject score
@@ -212,13 +214,13 @@ def score(images: np.ndarray, base: np.ndarray, groups: dict[str, list[tuple[str
 
 
 def noised_inputs(pipe, prompts: list[str], images, noise_seed: int):
-    """(embeds, txt_ids, clean latents x0 [n, N, 128] float32, noise like x0, image ids) of 64² toy
-    images and their prompts; the text encoder is released after."""
+    """(embeds, txt_ids, clean latents x0 [n, N, 128] float32, noise like x0, image ids) of square toy
+    images (64² unless drawn larger) and their prompts; the text encoder is released after."""
     embeds, txt_ids = pipe.encode_prompt(prompts)
     pipe.release("text_encoder")
     vae = pipe.vae
     x0 = mx.concatenate([vae.pack(vae.encode(pil_to_array(im)[None])) for im in images]).astype(mx.float32)
-    return embeds, txt_ids, x0, mx.random.normal(x0.shape, key=mx.random.key(noise_seed)), image_ids(64, 64)
+    return embeds, txt_ids, x0, mx.random.normal(x0.shape, key=mx.random.key(noise_seed)), image_ids(*images[0].size)
 
 
 def velocity_drift(pipe, loras: dict[str, Path], groups: dict[str, list[tuple[str, str, str]]], timesteps: list[float],

@@ -220,6 +220,35 @@ def coordinate_image(w, h):
     return np.stack([(x * 255 // (w - 1)), (y * 255 // (h - 1)), np.full_like(x, 128)], -1).astype(np.uint8)
 
 
+def test_a_reg_set_is_drawn_beside_every_subject_batch_in_its_bucket_and_resumes(tmp_path):
+    """data.PairedSampler: the subject's epochs are those of a BatchSampler over the subject alone (the reg
+    set takes none of its steps), each batch comes with a reg batch of its bucket, the reg set cycles
+    on its own, and the state round-trips (a resumed sampler draws what an uninterrupted one does)."""
+    def sample(i, bucket, reg):
+        return data_mod.Sample(path=tmp_path / f"{'r' if reg else 's'}{i}.png", content_hash=str(i), caption="c", dop_caption="c",
+                               size=bucket, bucket=bucket, dataset="reg" if reg else "subj", is_reg=reg)
+
+    samples = [sample(i, (64, 64), False) for i in range(3)] + [sample(i, (64, 64), True) for i in range(3, 8)] \
+        + [sample(8, (96, 64), False), sample(9, (96, 64), True)]
+    paired = data_mod.PairedSampler(samples, 2, seed=5)
+    alone = data_mod.BatchSampler([s for s in samples if not s.is_reg], 2, seed=5)
+    subj_idx = [i for i, s in enumerate(samples) if not s.is_reg]
+    drawn = [next(paired) for _ in range(12)]
+    assert [subj for subj, _ in drawn] == [[subj_idx[j] for j in next(alone)] for _ in range(12)]
+    for subj, reg in drawn:
+        assert len(reg) == 2 and all(samples[i].is_reg and samples[i].bucket == samples[subj[0]].bucket for i in reg)
+    square = [i for _, reg in drawn if samples[reg[0]].bucket == (64, 64) for i in reg]
+    assert set(square) == {3, 4, 5, 6, 7}
+    state = json.loads(json.dumps(paired.state_dict()))
+    again = data_mod.PairedSampler(samples, 2, seed=5)
+    again.load_state_dict(state)
+    assert [next(again) for _ in range(9)] == [next(paired) for _ in range(9)]
+    with pytest.raises(data_mod.DataError, match="no regularisation-set state"):
+        again.load_state_dict(data_mod.BatchSampler(samples, 2, seed=5).state_dict())
+    with pytest.raises(data_mod.DataError, match=r"no image in bucket\(s\) 96x64 that the subject trains at"):
+        data_mod.PairedSampler(samples[:-1], 2, seed=5)
+
+
 @pytest.mark.parametrize("mask_scale", [1, 2])
 def test_masks_are_cropped_and_resized_exactly_like_their_image(tmp_path, mask_scale):
     """Coordinate-coded: the mask is the image's own R channel (x coordinate); after the bucket's resize
@@ -467,13 +496,58 @@ def test_a_run_with_datasets_masks_weights_and_shuffled_captions(tiny, tmp_path)
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
     labels = [label for r in rows for label in r["samples"]]
     assert set(labels) == {"subject/im0", "subject/im1", "reg/im0", "reg/im1"}
-    assert labels.count("subject/im0") + labels.count("subject/im1") == 4  # one epoch: 2 images × 2 repeats + 2 reg
+    # every step: one subject sample (the epoch: 2 images × 2 repeats), then one of the reg set beside it
+    assert [r["samples"][0].split("/")[0] for r in rows] == ["subject"] * 6
+    assert [r["samples"][1].split("/")[0] for r in rows] == ["reg"] * 6 and all(len(r["samples"]) == 2 for r in rows)
+    assert labels.count("reg/im0") == labels.count("reg/im1") == 3  # the reg set cycles on its own
+    assert t.paired
     assert t.has_masks and t.has_loss_weights
     # the text cache holds the variants (the text encoder ran once per distinct prompt)
     s0 = next(s for s in t.samples if s.variants)
     assert all(t.txt_cache.get(t.txt_cache.key(v)) is not None for v in (*s0.variants, *s0.dop_variants))
     report = (out / "report.html").read_text()
-    assert "dataset subject" in report and "4 samples drawn, mean loss" in report and "dataset reg" in report
+    assert "dataset subject" in report and "6 samples drawn, mean loss" in report and "dataset reg" in report
+
+
+def test_each_step_weighs_its_own_samples_tokens_by_their_cached_masks_and_zero_weight_drops_a_token(tiny, tmp_path):
+    """The trainer's batches, as a run draws them: each sample's token weights are its own mask read like
+    its image and pooled as docs/training.md says (mean 1, area per 16x16 token), its latents those of its
+    image, a reg sample unmasked; the loss's gradient on a token of weight 0 is exactly 0 (its target
+    cannot reach the LoRA), and on the others it is not. Sample weights: 2 x loss_weight (subject +
+    loss_weight x reg, diffusers' prior_loss_weight)."""
+    t = Trainer(load_config(datasets_config(tmp_path, tiny, training={"max_steps": 4})), log=lambda *a: None)
+    seen = []
+    draw = t._draw
+
+    def recording(step, when):
+        batch, is_dop, drawn = draw(step, when)
+        seen.append((batch, drawn))
+        return batch, is_dop, drawn
+
+    t._draw = recording
+    t.run()
+    by_label = {s.label: s for s in t.samples}
+    zero_tokens = 0
+    for batch, drawn in seen:
+        for j, label in enumerate(drawn):
+            s = by_label[label]
+            np.testing.assert_array_equal(np.array(batch.latents[j]), np.array(t._latents(s)))
+            w = np.array(batch.token_weights[j])
+            if s.is_reg:
+                assert (w == 1).all() and float(batch.sample_weights[j]) == 2.0
+                continue
+            grey = data_mod.load_mask_for_bucket(s.mask, s.size, s.bucket)
+            np.testing.assert_allclose(w, data_mod.mask_weights(grey, s.mask.minimum), rtol=1e-6)
+            cover = grey.reshape(4, 16, 4, 16).mean(axis=(1, 3)).reshape(-1)
+            np.testing.assert_allclose(w, cover / cover.mean(), rtol=1e-5)  # area per token, mean 1
+            assert float(batch.sample_weights[j]) == 4.0
+        pred = mx.random.normal(batch.latents.shape, key=mx.random.key(0))
+        t_ = mx.full((batch.latents.shape[0],), 0.5)
+        g = np.array(mx.grad(lambda p: S.main_loss(p, batch.latents, t_, "uniform", batch.token_weights, batch.sample_weights))(pred))
+        zero = np.array(batch.token_weights) == 0
+        assert (g[zero] == 0).all() and (np.abs(g[~zero]).sum(axis=-1) > 0).all()
+        zero_tokens += int(zero.sum())
+    assert len(seen) == 4 and zero_tokens > 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -486,17 +560,33 @@ def test_the_dry_run_lists_each_dataset_and_warns_about_an_imbalance(tiny, tmp_p
 
     path = datasets_config(tmp_path, tiny)
     data = yaml.safe_load(path.read_text())
-    data["datasets"][0]["repeats"] = 20  # 40 of 42 samples per epoch
+    data["datasets"][0]["repeats"] = 20
     path.write_text(yaml.safe_dump(data))
     main([str(path), "--dry-run"])
     out = capsys.readouterr().out
-    assert "datasets (an epoch = 42 samples):" in out
+    # the reg set is not in the epoch: it is drawn beside every step's subject samples
+    assert "datasets (an epoch = 40 samples; each step pairs its subject samples with as many regularisation samples):" in out
     line = next(l for l in out.splitlines() if l.strip().startswith("subject:"))
-    assert "2 image(s) × repeats 20 = 40 (95% of an epoch)" in line and "loss weight 2" in line
+    assert "2 image(s) × repeats 20 = 40 (100% of an epoch)" in line and "loss weight 2" in line
     assert "captions 2/2 (.txt)" in line and "masks 2 found, 0 missing" in line and "variants of 2 captions" in line
     reg = next(l for l in out.splitlines() if l.strip().startswith("reg:"))
-    assert "2 image(s) × repeats 1 = 2 (5% of an epoch)" in reg and "regularisation set" in reg
+    assert "2 image(s) beside the subject: 1 with every step's 1 subject sample(s), all of them every 2 steps" in reg
+    assert "regularisation set" in reg and "prior_loss_weight" in reg
+    assert "warning:" not in out.split("datasets (")[1].split("\n==")[0]  # one subject dataset: no imbalance
+    data["datasets"][1]["is_reg"] = False  # a second subject dataset: 40 of 42 samples per epoch are the first's
+    path.write_text(yaml.safe_dump(data))
+    main([str(path), "--dry-run"])
+    out = capsys.readouterr().out
+    assert "datasets (an epoch = 42 samples):" in out and "2 image(s) × repeats 20 = 40 (95% of an epoch)" in out
     assert "warning: subject is 95% of every epoch" in out
+    # a reg set with no image in the subject's bucket (at 128 px: the subject 128x128, the wide reg images
+    # 192x80): the run could not pair them, the dry run stops on it
+    data["datasets"][1].update(is_reg=True, path=str(images(tmp_path / "wide_reg", 2, size=(128, 64), captions=["a thing"])))
+    data["memory"]["bucketing"]["resolutions"] = [128]
+    path.write_text(yaml.safe_dump(data))
+    assert main([str(path), "--dry-run"]) == 1
+    out = capsys.readouterr().out
+    assert "error: the regularisation set has no image in bucket(s) 128x128 that the subject trains at (it has 192x80)" in out
     # a missing mask: the dry run names the file, as the run would stop on it
     (tmp_path / "data" / "masks" / "im1.png").unlink()
     assert main([str(path), "--dry-run"]) == 1

@@ -31,7 +31,9 @@
   controls without a target are warned about with a listed count.
 * `BatchSampler` draws batches of sample indices within one bucket and one reference count (the
   sequence length must match within a batch), epoch after epoch, in an order fixed by (seed, epoch);
-  its state is a small JSON-able dict, so a resumed run continues exactly.
+  its state is a small JSON-able dict, so a resumed run continues exactly. With a regularisation set
+  `PairedSampler` draws a reg batch of the same group beside every subject batch (the peers' prior
+  preservation).
 """
 
 from __future__ import annotations
@@ -883,3 +885,65 @@ class BatchSampler:
             raise DataError(f"sampler state out of range (epoch {epoch}, position {position})")
         self.epoch, self.position = epoch, position
         self._batches = self._epoch_batches(epoch)
+
+
+class PairedSampler:
+    """Prior preservation as the peers schedule it: every step's batch of subject samples is drawn by a
+    `BatchSampler` over the samples that are not a regularisation set, and a regularisation batch of
+    the same size and group (bucket, reference count: one sequence length) is drawn beside it, as
+    diffusers' train_dreambooth_lora (`--with_prior_preservation`: instance and class images in one
+    batch, loss = instance + prior_loss_weight × class) and ai-toolkit's `is_reg` (a reg batch whose
+    gradient is accumulated with a subject batch's) do. The subject loses no steps to the set; a step
+    costs two samples' forward and backward. Each group's reg samples cycle in their own BatchSampler
+    (seeded from `seed`); the state of all of them goes into the checkpoint."""
+
+    def __init__(self, samples: Sequence[Sample], batch_size: int, seed: int):
+        self.subject = [i for i, s in enumerate(samples) if not s.is_reg]
+        reg = [i for i, s in enumerate(samples) if s.is_reg]
+        if not self.subject:
+            raise DataError("every dataset is a regularisation set (is_regularization: true): nothing to train the subject on")
+        self.main = BatchSampler([samples[i] for i in self.subject], batch_size, seed)
+        by_group: dict[tuple, list[int]] = {}
+        for i in reg:
+            by_group.setdefault(samples[i].group, []).append(i)
+        missing = sorted({samples[i].group for i in self.subject} - set(by_group))
+        if missing:
+            label = lambda g: f"{g[0]}x{g[1]}" + (f" with {g[2]} reference(s)" if g[2] else "")  # noqa: E731
+            have = ", ".join(label(g) for g in sorted(by_group))
+            raise DataError(f"the regularisation set has no image in bucket(s) {', '.join(label(g) for g in missing)} "
+                            f"that the subject trains at (it has {have}): each subject batch is paired with reg images "
+                            f"of its bucket; add reg images of that size or aspect ratio")
+        self._reg_idx = {g: idx for g, idx in by_group.items()}
+        self.reg = {g: BatchSampler([samples[i] for i in idx], batch_size, seed + 1 + k)
+                    for k, (g, idx) in enumerate(sorted(by_group.items()))}
+        self.batch_size, self.seed = batch_size, seed
+        self._samples = samples
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return self.main.batches_per_epoch
+
+    @property
+    def epoch(self) -> int:
+        return self.main.epoch
+
+    def __iter__(self) -> "PairedSampler":
+        return self
+
+    def __next__(self) -> tuple[list[int], list[int]]:
+        """(subject indices, reg indices) into the samples the sampler was made with."""
+        subject = [self.subject[j] for j in next(self.main)]
+        g = self._samples[subject[0]].group
+        return subject, [self._reg_idx[g][j] for j in next(self.reg[g])]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**self.main.state_dict(), "reg": {"x".join(map(str, g)): r.state_dict() for g, r in self.reg.items()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        reg = state.get("reg")
+        if not isinstance(reg, dict) or set(reg) != {"x".join(map(str, g)) for g in self.reg}:
+            raise DataError("sampler state has no regularisation-set state for this run's buckets (written by a run "
+                            "without a regularisation set, or with other buckets)")
+        self.main.load_state_dict({k: v for k, v in state.items() if k != "reg"})
+        for g, r in self.reg.items():
+            r.load_state_dict(reg["x".join(map(str, g))])

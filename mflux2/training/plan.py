@@ -291,7 +291,8 @@ class RunPlan:
 
 def _run_args(cfg, resolution: int | None = None) -> dict:
     """estimate_peak_gb's arguments for the run (its largest training resolution)."""
-    return dict(resolution=resolution or max(cfg.resolutions), batch=cfg.training.batch_size, rank=cfg.lora.rank,
+    reg = any(d.is_regularization for d in cfg.dataset_list)  # a reg batch beside every subject batch (PairedSampler)
+    return dict(resolution=resolution or max(cfg.resolutions), batch=cfg.training.batch_size * (2 if reg else 1), rank=cfg.lora.rank,
                 targets=cfg.lora.target_layers, dop=bool(cfg.loss.diff_output_preservation),
                 references=max(len(d.control_path or ()) for d in cfg.dataset_list))
 

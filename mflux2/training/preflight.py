@@ -12,6 +12,7 @@ much unified memory instead of this machine, before any download: the answer is 
 
 from __future__ import annotations
 
+import math
 import shutil
 import sys
 import time
@@ -257,14 +258,20 @@ def _dataset_lines(samples, rep: Report, cfg):
     keys = ("repeats", "loss_weight", "is_regularization", "mask_path", "alpha_mask", "shuffle_tokens", "caption_dropout")
     if not cfg.datasets and all(getattr(cfg.dataset, k) == getattr(plain, k) for k in keys):
         return
-    epoch = sum(s.repeats for s in samples)
-    rep.line(f"datasets (an epoch = {epoch} samples):")
+    # a regularisation set is not in the epoch: a reg batch is drawn beside every subject batch (data.PairedSampler)
+    epoch = sum(s.repeats for s in samples if not s.is_reg)
+    rep.line(f"datasets (an epoch = {epoch} samples{'; each step pairs its subject samples with as many regularisation samples' if any(s.is_reg for s in samples) else ''}):")
     for d in cfg.dataset_list:
         mine = [s for s in samples if s.dataset == (d.name or "")]
         if not mine:
             continue
-        n, share = len(mine), sum(s.repeats for s in mine) / epoch
-        parts = [f"{n} image(s) × repeats {d.repeats} = {n * d.repeats} ({share:.0%} of an epoch)"]
+        n, share = len(mine), sum(s.repeats for s in mine) / max(epoch, 1)
+        if d.is_regularization:
+            bs = cfg.training.batch_size
+            parts = [f"{n} image(s) beside the subject: {bs} with every step's {bs} subject sample(s), all of them every "
+                     f"{math.ceil(n / bs)} steps (repeats do not apply)"]
+        else:
+            parts = [f"{n} image(s) × repeats {d.repeats} = {n * d.repeats} ({share:.0%} of an epoch)"]
         if d.loss_weight != 1.0:
             parts.append(f"loss weight {d.loss_weight:g}")
         if d.caption_format == "txt":
@@ -279,9 +286,9 @@ def _dataset_lines(samples, rep: Report, cfg):
         if d.caption_dropout is not None:
             parts.append(f"caption dropout {d.caption_dropout:g}")
         if d.is_regularization:
-            parts.append("regularisation set (own captions, no trigger word)")
+            parts.append("regularisation set (own captions, no trigger word; its loss weight is diffusers' prior_loss_weight)")
         rep.line(f"  {d.name}: " + "; ".join(parts))
-        if len(cfg.dataset_list) > 1 and share > IMBALANCE:
+        if sum(not x.is_regularization for x in cfg.dataset_list) > 1 and share > IMBALANCE and not d.is_regularization:
             rep.line(f"warning: {d.name} is {share:.0%} of every epoch: the other datasets are rarely drawn; "
                      f"raise their repeats (or lower this one's) if that is not intended")
 
@@ -367,6 +374,14 @@ def preflight(cfg, out=print, err=None, memory_gb: float | None = None, resume=T
     samples = _scan(cfg, rep, validation=False)
     if samples:
         _dataset_lines(samples, rep, cfg)
+        if any(s.is_reg for s in samples):  # the run pairs every subject batch with reg images of its bucket
+            from mflux2.training import data as data_mod
+
+            try:
+                data_mod.PairedSampler(samples, cfg.training.batch_size, cfg.training.seed)
+            except data_mod.DataError as e:
+                rep.line(f"error: {e}")
+                rep.problems.append(str(e))
     val_samples = []
     if any(d.validation_path for d in cfg.dataset_list):
         rep.line(f"validation set {', '.join(d.validation_path for d in cfg.dataset_list if d.validation_path)}:")

@@ -323,7 +323,10 @@ class Trainer:
             out["token_weights"] = mx.stack([self._mask_weights(s) if s.mask is not None else mx.ones((n,), mx.float32)
                                              for s in samples])
         if self.has_loss_weights:
-            out["sample_weights"] = mx.array([s.loss_weight for s in samples], mx.float32)
+            # Paired with a reg batch the step's mean runs over twice the samples: × 2 makes the loss
+            # diffusers' instance + prior_loss_weight × class (each a mean over its half).
+            k = 2.0 if self.paired else 1.0
+            out["sample_weights"] = mx.array([k * s.loss_weight for s in samples], mx.float32)
         return out
 
     def _mask_weights(self, s) -> mx.array:
@@ -657,7 +660,9 @@ class Trainer:
         self.samples = data_mod.scan_datasets(cfg)
         self.val_samples = data_mod.scan_datasets(cfg, validation=True)
         self.has_masks = any(s.mask is not None for s in self.samples)
-        self.has_loss_weights = any(s.loss_weight != 1.0 for s in self.samples)
+        self.has_loss_weights = any(s.loss_weight != 1.0 or s.is_reg for s in self.samples)
+        # A regularisation set: a reg batch beside every subject batch (data.PairedSampler), as the peers do.
+        self.paired = any(s.is_reg for s in self.samples)
 
     def _run(self, ckpt: Path | None) -> Path:
         state, step_fn = self._prepare(ckpt)
@@ -693,7 +698,8 @@ class Trainer:
             shard=(self.rank, self.world) if self.world > 1 else None, blockwise_ahead=self.blockwise_ahead,
         ), grad_accumulation=cfg.training.gradient_accumulation)
         # Every process draws the same global batch of world × batch_size and trains on its slice.
-        self.sampler = data_mod.BatchSampler(self.samples, cfg.training.batch_size * self.world, cfg.training.seed)
+        self.sampler = (data_mod.PairedSampler if self.paired else data_mod.BatchSampler)(
+            self.samples, cfg.training.batch_size * self.world, cfg.training.seed)
         self.rng = np.random.default_rng(cfg.training.seed)
         state = RunState()
         metrics = self._metrics = MetricsLog(self.output / "metrics.jsonl", enabled=self.rank == 0)
@@ -769,13 +775,17 @@ class Trainer:
         dropout), references (control dropout), loss weights, and on DOP steps the prompts DOP
         preserves; with the labels (dataset/file stem) of the whole step's samples."""
         cfg = self.cfg
-        group_batch = [self.samples[i] for i in next(self.sampler)]  # the same on every process
+        drawn = next(self.sampler)  # the same on every process
+        subject, reg = drawn if self.paired else (drawn, [])
+        group_batch = [self.samples[i] for i in subject + reg]
         # shuffled captions: one of each sample's variants (no draw for a sample without)
         group_batch = [s.with_variant(int(self.rng.integers(len(s.variants)))) if s.variants else s for s in group_batch]
         dropped = [s.caption if self.rng.random() >= (cfg.training.caption_dropout if s.caption_dropout is None
                                                       else s.caption_dropout) else "" for s in group_batch]
         lo, hi = self.rank * cfg.training.batch_size, (self.rank + 1) * cfg.training.batch_size
-        chosen, captions = group_batch[lo:hi], dropped[lo:hi]
+        # this process's slice of the subject batch, and of the reg batch after it
+        mine = list(range(lo, hi)) + [len(subject) + j for j in range(lo, hi)] if reg else list(range(lo, hi))
+        chosen, captions = [group_batch[j] for j in mine], [dropped[j] for j in mine]
         # Control dropout: one draw per (global) micro-batch that has references; dropped = text-to-image.
         use_refs = not (group_batch[0].controls and cfg.dataset.control_dropout
                         and self.rng.random() < cfg.dataset.control_dropout)
