@@ -597,6 +597,24 @@ class LoHaLinear(AdapterLinear):
         return layer
 
 
+def adapter_parameter_count(type: str, n_out: int, n_in: int, rank: int, factor: int = -1, decompose_both: bool = False) -> int:
+    """The trainable parameters one adapter layer of `type` has on an n_out x n_in block (the
+    shapes each class above creates: LoKr by LyCORIS's factorisation rule)."""
+    if type in ("lora", "dora"):
+        return rank * (n_in + n_out) + (n_out if type == "dora" else 0)
+    if type == "loha":
+        return 2 * rank * (n_in + n_out)
+    if type == "lokr":
+        (o1, o2), (i1, i2) = factorization(n_out, factor), factorization(n_in, factor)
+        w1 = rank * (o1 + i1) if decompose_both and rank < max(o1, i1) / 2 else o1 * i1
+        w2 = rank * (o2 + i2) if rank < max(o2, i2) / 2 else o2 * i2
+        return w1 + w2
+    raise LoRAError(f"unknown adapter type {type!r}; choose one of lora, lokr, loha, dora")
+
+
+# The types save_lora can write (the LoKr/LoHa/DoRA layouts are mflux2.lora_formats', in progress);
+# the trainer refuses the others up front rather than fail at its first checkpoint.
+SAVABLE_TYPES = ("lora",)
 ADAPTERS = {"lora": LoRALinear, "lokr": LoKrLinear, "loha": LoHaLinear, "dora": DoRALinear}
 WEIGHTS_TYPES = {LoRAWeights: "lora", DoRAWeights: "dora", LoKrWeights: "lokr", LoHaWeights: "loha"}
 # The trainable matrices of every type (the step casts these to the compute dtype; DoRA's magnitude

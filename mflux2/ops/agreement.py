@@ -85,7 +85,7 @@ def _flat_views() -> float:
 
 
 def _lora_stack(base, types: tuple = ("lora", "lora")):
-    """Two or three stacked, restricted adapters (innermost first) with random non-zero factors."""
+    """Two or three stacked, restricted adapters (returned outermost first) with random non-zero factors."""
     from mflux2.lora import ADAPTERS  # (mflux2.lora imports mflux2.ops)
 
     ranges = [dict(out_range=(8, 30), in_range=(10, 40)), dict(in_range=(0, 20)), dict(out_range=(4, 36))]
@@ -95,7 +95,7 @@ def _lora_stack(base, types: tuple = ("lora", "lora")):
         for k in layer.param_names():
             layer[k] = mx.random.normal(layer[k].shape) * (0.3 if k != "magnitude" else 1.0) + (layer[k] if k == "magnitude" else 0)
         layers.append(layer)
-    return layers
+    return layers[::-1]
 
 
 _STACKS = (("lora", "lora"), ("dora", "lokr", "loha"))  # DoRA rescales its base: innermost
@@ -119,7 +119,7 @@ def _linear(quantized: bool, kernel: bool = False) -> float:
             def fn(x, *params, layers=layers, names=names):
                 for (m, k), p in zip(names, params):
                     m[k] = p
-                outer = layers[-1]
+                outer = layers[0]
                 return [L.linear(outer, x), *L.linear_split(outer, x, [5, 20, 15]),
                         L.linear_concat(outer, [x[..., :16], x[..., 16:]])]
 
