@@ -221,3 +221,186 @@ def test_step_parity(klein, case):
             n_checked += 1
     assert n_checked == len(grads)  # every trainable array of ours was compared
     assert len(lora_layers(model)) == sum(len(p) for p in [params])  # one adapter layer per reference module
+
+
+# ---- every type through the training machinery (TrainStep, checkpoints, quantized bases, fuse) ----
+
+from mflux2.lora import ADAPTERS, AdapterLinear, _set, apply_lora, fuse_lora, lora_parameters, remove_lora  # noqa: E402
+from mflux2.models.transformer import Flux2Transformer, TransformerConfig  # noqa: E402
+from mflux2.training import checkpoints  # noqa: E402
+
+TYPES = ["lora", "lokr", "loha", "dora"]
+CFG = TransformerConfig(num_layers=2, num_single_layers=2, num_attention_heads=2, attention_head_dim=16,
+                        joint_attention_dim=24, in_channels=16, axes_dims_rope=(4, 4, 4, 4))
+
+
+def tiny(kind, seed=0, quantize=False, targets="attention", noise_seed=0):
+    mx.random.seed(seed)
+    model = Flux2Transformer(CFG)
+    if quantize:
+        import mlx.nn as nn
+        nn.quantize(model, group_size=32, bits=8,
+                    class_predicate=lambda p, m: isinstance(m, nn.Linear) and p.startswith(("double_blocks", "single_blocks")))
+    knobs = {"decompose_both": True, "factor": 4} if kind == "lokr" else {}
+    apply_lora(model, rank=2, targets=targets, type=kind, **knobs)
+    g = np.random.default_rng(noise_seed)
+    for _, m in lora_layers(model):  # every factor non-zero (the zero-initialised ones too)
+        for k in m.param_names():
+            noise = g.standard_normal(m[k].shape).astype(np.float32)
+            m[k] = m[k] * mx.array(1 + 0.1 * noise) if k == "magnitude" else mx.array(0.2 * noise)
+    mx.eval(model.parameters())
+    return model
+
+
+def tiny_batch(n=16, b=2, l=8, seed=1):
+    g = np.random.default_rng(seed)
+    f = lambda *s: mx.array(g.standard_normal(s).astype(np.float32))  # noqa: E731
+    return Batch(latents=f(b, n, 16), prompt_embeds=f(b, l, 24), img_ids=mx.array(g.integers(0, 4, (n, 4)).astype(np.float32)),
+                 txt_ids=mx.array(g.integers(0, 4, (l, 4)).astype(np.float32)), dop_embeds=f(b, l, 24))
+
+
+def flat(tree):
+    return {k: np.array(v) for k, v in tree_flatten(tree)}
+
+
+@pytest.mark.parametrize("kind", TYPES)
+def test_layers_parameters_and_identity_init(kind):
+    mx.random.seed(0)
+    model = Flux2Transformer(CFG)
+    inputs = [mx.array(a) for a in make_inputs(in_ch=16)]
+    before = model(*inputs)
+    paths = apply_lora(model, rank=2, targets="attention", type=kind)
+    assert all(type(m) is ADAPTERS[kind] for _, m in lora_layers(model)) and len(paths) == 4 * CFG.num_layers + 2 * CFG.num_single_layers
+    # the reference's init: the delta starts at exactly zero (DoRA: m = ‖W‖, B = 0)
+    assert rel_err(np.array(model(*inputs)), np.array(before)) <= 1e-6
+    trainable = flat(model.trainable_parameters())
+    assert set(trainable) == {f"{p}.{k}" for p, m in lora_layers(model) for k in m.param_names()} == set(flat(lora_parameters(model)))
+    remove_lora(model)
+    assert not lora_layers(model) and np.array_equal(np.array(model(*inputs)), np.array(before))
+    # the plan's count is what the layers hold (LoKr: ranks on both sides of LyCORIS's r < max/2 rule)
+    from mflux2.training.memory import lora_parameters as planned
+    knobs = [{}] if kind != "lokr" else [{}, {"decompose_both": True}, {"factor": 4}, {"factor": 2, "decompose_both": True}]
+    for rank in (1, 2, 4, 6):
+        for kw in knobs:
+            for targets in ("attention", "all"):
+                apply_lora(model, rank=rank, targets=targets, type=kind, **kw)
+                n = sum(v.size for v in flat(model.trainable_parameters()).values())
+                assert n == planned(CFG, rank, targets, kind, kw.get("factor", -1), kw.get("decompose_both", False)), (rank, kw)
+                remove_lora(model)
+
+
+@pytest.mark.parametrize("kind", TYPES)
+def test_train_step_checkpointing_dop_compile(kind):
+    """DOP with the block-by-block checkpointed backward gives the plain gradients; the compiled
+    step with checkpointing updates like the uncompiled step without."""
+    batch, key = tiny_batch(), mx.random.key(3)
+    model = tiny(kind)
+    step = TrainStep(model, optim.AdamW(1e-4), StepConfig(memory_limit=None))
+    (l0, _), g0 = step._grad_fn(True)(model, batch, key)
+    model.set_gradient_checkpointing(1)
+    (l1, *_), g1 = step._blockwise_grads(step._blockwise(), batch, key, True)
+    assert float(l1) == pytest.approx(float(l0), rel=1e-6)
+    f0, f1 = flat(g0), flat(g1)
+    assert f0.keys() == f1.keys() == set(flat(model.trainable_parameters()))
+    for k in f0:
+        assert np.abs(f0[k]).max() > 0, k
+        np.testing.assert_allclose(f1[k], f0[k], rtol=1e-5, atol=1e-5 * np.abs(f0[k]).max(), err_msg=k)
+
+    params = []
+    for every, compiled in ((0, False), (1, True)):
+        model = tiny(kind)
+        model.set_gradient_checkpointing(every)
+        step = TrainStep(model, optim.AdamW(1e-2), StepConfig(memory_limit=None, compile=compiled))
+        out = step(batch, key, dop=True)
+        mx.eval(out["loss"], step.state_arrays())
+        assert bool(out["finite"])
+        params.append(flat(model.trainable_parameters()))
+    for k in params[0]:
+        np.testing.assert_allclose(params[1][k], params[0][k], rtol=1e-5, atol=1e-6, err_msg=k)
+
+
+def _tree_lerp(ema, params, decay=0.9):
+    from mlx.utils import tree_map
+    return tree_map(lambda e, p: decay * e + (1 - decay) * p, ema, params)
+
+
+@pytest.mark.parametrize("kind", TYPES)
+def test_exact_resume_with_ema(kind, tmp_path):
+    """Three steps in one go, or one step, a checkpoint's arrays (parameters, AdamW state, EMA)
+    written and read into a fresh model, then two more: the same parameters and EMA, bit for bit."""
+    batch = tiny_batch()
+    keys = [mx.random.key(10 + i) for i in range(3)]
+
+    def run(model, step, ema, ks):
+        for k in ks:
+            out = step(batch, k)
+            mx.eval(out["loss"], step.state_arrays())
+            ema = _tree_lerp(ema, model.trainable_parameters())
+        return ema
+
+    model = tiny(kind)
+    step = TrainStep(model, optim.AdamW(1e-2), StepConfig(memory_limit=None))
+    ema = run(model, step, flat_tree(model.trainable_parameters()), keys)
+    want, want_ema = flat(model.trainable_parameters()), flat(ema)
+
+    model = tiny(kind)
+    step = TrainStep(model, optim.AdamW(1e-2), StepConfig(memory_limit=None))
+    ema = run(model, step, flat_tree(model.trainable_parameters()), keys[:1])
+    mx.save_safetensors(str(tmp_path / "state.safetensors"), checkpoints.state_arrays(model, step.optimizer, ema))
+
+    model = tiny(kind, noise_seed=5)  # other adapter values: the checkpoint must replace them all
+    step = TrainStep(model, optim.AdamW(1e-2), StepConfig(memory_limit=None))
+    ema = checkpoints.restore_arrays(tmp_path, mx.load(str(tmp_path / "state.safetensors")), model, step.optimizer,
+                                     flat_tree(model.trainable_parameters()))
+    ema = run(model, step, ema, keys[1:])
+    got, got_ema = flat(model.trainable_parameters()), flat(ema)
+    assert got.keys() == want.keys()
+    for k in want:
+        assert np.array_equal(got[k], want[k]), k
+        assert np.array_equal(got_ema[k], want_ema[k]), k
+
+
+def flat_tree(tree):
+    from mlx.utils import tree_map
+    return tree_map(lambda a: mx.array(a), tree)
+
+
+@pytest.mark.parametrize("kind", TYPES)
+def test_quantized_base_and_fuse(kind):
+    """QLoRA: an int8 base (dequantised by tiles at 256+ tokens, quantized_matmul below) trains only
+    the adapter; fuse_lora folds every type's delta into the weights (float: exactly; int8: within
+    its rounding) and leaves plain layers."""
+    import mlx.nn as nn
+
+    model = tiny(kind, quantize=True, targets="all")
+    assert isinstance(model.single_blocks[0].linear1.base, nn.QuantizedLinear)
+    for n in (16, 256):
+        batch = tiny_batch(n=n)
+        step = TrainStep(model, optim.AdamW(1e-4), StepConfig(memory_limit=None, compile=False))
+        (loss, _), grads = step._grad_fn(False)(model, batch, mx.random.key(2))
+        g = flat(grads)
+        assert set(g) == set(flat(model.trainable_parameters())) == set(flat(lora_parameters(model)))
+        assert all(np.isfinite(v).all() and np.abs(v).max() > 0 for v in g.values()) and np.isfinite(float(loss))
+    inputs = [mx.array(a) for a in make_inputs(in_ch=16)]
+    with_adapter = np.array(model(*inputs))
+    # the forward equals dense float layers W + ΔW (W dequantised, ΔW from the file-layout weights)
+    from mflux2.lora import _base_matrix, _outermost
+    dense = tiny(kind, quantize=True, targets="all")
+    for path, m in _outermost(dense):
+        plain = m
+        while not isinstance(plain, (nn.Linear, nn.QuantizedLinear)) or isinstance(plain, AdapterLinear):
+            plain = plain.base
+        w = _base_matrix(plain)
+        layer = nn.Linear(w.shape[1], w.shape[0], bias="bias" in plain)
+        layer.weight = w + m.weights().delta(w)
+        if "bias" in plain:
+            layer.bias = plain.bias
+        _set(dense, path, layer)
+    assert rel_err(np.array(dense(*inputs)), with_adapter) <= 1e-5
+    fuse_lora(model)
+    assert not lora_layers(model) and isinstance(model.single_blocks[0].linear1, nn.QuantizedLinear)
+    assert rel_err(np.array(model(*inputs)), with_adapter) <= 2e-2  # int8 requantisation
+    model = tiny(kind, targets="all")
+    with_adapter = np.array(model(*inputs))
+    fuse_lora(model)
+    assert rel_err(np.array(model(*inputs)), with_adapter) <= 1e-5
