@@ -8,6 +8,12 @@
     python scripts/benchmark.py --control 1 --checkpointing 1   # edit training: 512² target + one 512² reference
     python scripts/benchmark.py --mode dop --dop-prompts 4   # DOP with loss.diff_output_preservation_prompts
     python scripts/benchmark.py --tiny --masked   # masked loss: a random weight per image token
+    python scripts/benchmark.py --adapter lokr --factor 8   # LoKr/LoHa/DoRA (lora.type) instead of LoRA
+
+Adapter types (--adapter lokr|loha|dora, with LoKr's --factor and --decompose-both): the rank is
+chosen so that the trainable parameter count comes as close to rank-`--rank` LoRA's as the type
+allows (--adapter-rank to set it); both counts are printed (adapter_params, lora_params_at_rank).
+The FLOP count then leaves the adapter's own matmuls out (adapter_flops_counted: false).
 
 Weights are random, initialised and quantised block by block, so dev's 32B never needs its 64 GB of
 bf16 at once. Prints one JSON line: median s/step over the timed steps (after warm-up), peak memory
@@ -53,7 +59,7 @@ from mflux2.models.quantization import QUANT_BITS, QUANT_GROUP_SIZE, quantize_ou
 from mflux2.models.transformer import Flux2Transformer, TransformerConfig, preset  # noqa: E402
 from mflux2.models.vae import image_ids  # noqa: E402
 from mflux2.training.data import preservation_prompts  # noqa: E402
-from mflux2.training.memory import limit_command_batches  # noqa: E402
+from mflux2.training.memory import limit_command_batches, lora_parameters  # noqa: E402
 from mflux2.training.step import Batch, StepConfig, TrainStep  # noqa: E402
 
 # Tiny, but with enough blocks and tokens that activations (not weights) show in peak memory, so the
@@ -173,6 +179,11 @@ def main(argv=None):
     ap.add_argument("--text-len", type=int, default=512)
     ap.add_argument("--rank", type=int, default=32)
     ap.add_argument("--targets", default="attention")
+    ap.add_argument("--adapter", default="lora", choices=["lora", "lokr", "loha", "dora"], help="lora.type")
+    ap.add_argument("--factor", type=int, default=-1, help="LoKr: LyCORIS's factor (-1 = automatic)")
+    ap.add_argument("--decompose-both", action="store_true", help="LoKr: factor W1 too")
+    ap.add_argument("--adapter-rank", type=int, default=None,
+                    help="the adapter's rank (default: the one whose parameter count is closest to rank --rank LoRA's)")
     ap.add_argument("--control", type=int, default=0,
                     help="edit training: this many reference images at the target's resolution (0 = text-to-image)")
     ap.add_argument("--mode", default="plain", choices=["plain", "dop", "dop-every"])
@@ -223,9 +234,16 @@ def main(argv=None):
     dtype = getattr(mx, args.dtype)
     t0 = time.perf_counter()
     model = random_transformer(cfg, dtype, args.base, args.group_size)
-    wrapped = apply_lora(model, rank=args.rank, alpha=float(args.rank), targets=args.targets)
+    lora_count = lora_parameters(cfg, args.rank, args.targets)
+    knobs = (args.adapter, args.factor, args.decompose_both)
+    rank = args.rank if args.adapter == "lora" else args.adapter_rank or min(
+        range(1, 4 * args.rank + 1), key=lambda r: (abs(lora_parameters(cfg, r, args.targets, *knobs) - lora_count), r))
+    wrapped = apply_lora(model, rank=rank, alpha=float(rank), targets=args.targets, type=args.adapter,
+                         **({"factor": args.factor, "decompose_both": args.decompose_both} if args.adapter == "lokr" else {}))
     model.set_gradient_checkpointing(args.checkpointing)
+    adapter_count = sum(p.size for _, p in tree_flatten(model.trainable_parameters()))
     lora_io = sum(sum(p.shape) for k, p in tree_flatten(model.trainable_parameters()) if k.endswith("lora_A") or k.endswith("lora_A.weight"))
+    lora_io = lora_io if args.adapter == "lora" else 0  # (other types: their matmuls are not in the FLOP count)
     load_s = time.perf_counter() - t0
     weights = mx.get_active_memory()
 
@@ -315,6 +333,9 @@ def main(argv=None):
         "blockwise": bool(args.checkpointing) and not args.no_blockwise, "ahead": args.ahead, "base": args.base, "group_size": args.group_size or QUANT_GROUP_SIZE.get(args.base), "dtype": args.dtype,
         "pipeline_ahead": args.pipeline_ahead,
         "compiled": not args.no_compile, "lora_layers": len(wrapped),
+        "adapter": args.adapter, "adapter_rank": rank, "factor": args.factor if args.adapter == "lokr" else None,
+        "decompose_both": args.decompose_both if args.adapter == "lokr" else None,
+        "adapter_params": adapter_count, "lora_params_at_rank": lora_count, "adapter_flops_counted": args.adapter == "lora",
         "median_s_per_step": round(med, 5), "mean_s_per_step": round(statistics.mean(times), 5),
         "peak_memory_gb": round(peak / 1e9, 3), "weights_gb": round(weights / 1e9, 3), "peak_memory_bytes": peak,
         "tokens_per_s": round(b * (n_img + n_ref + args.text_len) / med, 1),
