@@ -7,7 +7,8 @@ The quickstart's data (data/toy/star, 16 captioned images) and its training sett
 DOP (subject learning only). Then the quickstart's subject score, as `scripts/train_toy_model.py
 --stage score-lora` measures it: the trigger prompts "a {colour} sks on a {colour} background" for
 its 4 colour pairs, sampled as the toy's folder says (20 steps, CFG 2.0) on 4 fixed noises each, and
-classified by tests/toy_shapes.py: the fraction drawn as stars. The base model draws none.
+classified by tests/toy_shapes.py: the fraction drawn as stars (the base model: 2 of 16, blobs the
+classifier reads as stars; an adapter that could not train scored that, 0.125).
 
 To keep it at tens of seconds a type on a CPU, the text runs on its first 32 tokens (the toy's text
 encoder is causal, so these are the 512-token embeddings' first 32 rows; the toy transformer learnt
