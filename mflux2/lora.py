@@ -289,14 +289,14 @@ class DoRALinear(LoRALinear):
             plain = plain.base
         if not isinstance(plain, (nn.Linear, nn.QuantizedLinear)):
             raise LoRAError(f"DoRA needs a Linear or QuantizedLinear base, got {type(plain).__name__}")
-        self._plain = [plain]  # (in a list: not a child module of this one)
+        object.__setattr__(self, "_plain", plain)  # a plain attribute: not a child module (no second path to the base)
         self._base_norm_sq = _row_norms_sq(plain, (self.out_start, self.out_stop))
         self.magnitude = mx.sqrt(self._base_norm_sq)
 
     @property
     def plain_base(self):
         """The Linear / QuantizedLinear under this layer (and under any split parts below it)."""
-        return self._plain[0]
+        return self._plain
 
     def row_scale(self) -> mx.array:
         """g = m / ‖W + s·B A‖ over the adapter's rows, float32; the norm carries no gradient."""
