@@ -404,3 +404,28 @@ def test_quantized_base_and_fuse(kind):
     with_adapter = np.array(model(*inputs))
     fuse_lora(model)
     assert rel_err(np.array(model(*inputs)), with_adapter) <= 1e-5
+
+
+@pytest.mark.parametrize("kind", TYPES)
+def test_weights_round_trip_with_ranges(kind):
+    """The `attention` target's restricted single-block layers in whole-layer file form (LoKr's W1 and
+    LoHa's w1 zero-padded, DoRA's m = ‖W‖ outside): loaded whole (trainable=False) they give the same
+    output, and loaded to train (mflux2's `attention` metadata) the same ranges and arrays again."""
+    model = tiny(kind)
+    inputs = [mx.array(a) for a in make_inputs(in_ch=16)]
+    want = np.array(model(*inputs))
+    weights = lora_weights(model)
+    layer = model.single_blocks[0].linear1
+    assert layer.restricted and weights["single_blocks.0.linear1"].shape == (layer.output_dims, layer.input_dims)
+    plain = tiny(kind)
+    remove_lora(plain)
+    load_adapters(plain, weights)
+    assert not plain.single_blocks[0].linear1.restricted
+    assert rel_err(np.array(plain(*inputs)), want) <= 1e-5
+    remove_lora(plain)
+    load_adapters(plain, weights, {"software": "mflux2", "targets": "attention"}, trainable=True)
+    assert rel_err(np.array(plain(*inputs)), want) <= 1e-5
+    got, ref = flat(plain.trainable_parameters()), flat(model.trainable_parameters())
+    assert got.keys() == ref.keys() and all(np.array_equal(got[k], ref[k]) for k in ref)
+    for (_, a), (_, b) in zip(lora_layers(plain), lora_layers(model)):
+        assert (a.out_start, a.out_stop, a.in_start, a.in_stop) == (b.out_start, b.out_stop, b.in_start, b.in_stop)
