@@ -429,3 +429,26 @@ def test_weights_round_trip_with_ranges(kind):
     assert got.keys() == ref.keys() and all(np.array_equal(got[k], ref[k]) for k in ref)
     for (_, a), (_, b) in zip(lora_layers(plain), lora_layers(model)):
         assert (a.out_start, a.out_stop, a.in_start, a.in_stop) == (b.out_start, b.out_stop, b.in_start, b.in_stop)
+
+
+def test_config_keys_and_plan():
+    """lora.type / factor / decompose_both are validated at load time with one line naming the key;
+    a LoRA config means what it meant (same resume signature); the plan refuses the types whose
+    files cannot be written yet, before the run starts."""
+    from mflux2.training.config import resume_signature
+    from mflux2.training.config_loading import load_config
+    from test_plan import ROOT as PLAN_ROOT, cat_toy_plan
+
+    base = load_config(PLAN_ROOT / "configs" / "cat-toy.yaml")
+    assert (base.lora.type, base.lora.factor, base.lora.decompose_both) == ("lora", -1, False)
+    assert "lora.type" not in resume_signature(base)
+    lokr = load_config(PLAN_ROOT / "configs" / "cat-toy.yaml", {"lora.type": "lokr", "lora.factor": 8})
+    assert resume_signature(lokr)["lora.type"] == "lokr" and resume_signature(lokr)["lora.factor"] == 8
+    for key, value in (("lora.type", "lycoris"), ("lora.factor", 0), ("lora.factor", -2), ("lora.decompose_both", "yes")):
+        with pytest.raises(Exception) as e:
+            load_config(PLAN_ROOT / "configs" / "cat-toy.yaml", {key: value})
+        msg = str(e.value)
+        assert key.split(".")[-1] in msg and "\n" not in msg.strip(), msg
+    assert not cat_toy_plan("configs/cat-toy.yaml").problems
+    plan = cat_toy_plan("configs/cat-toy.yaml", overrides={"lora.type": "dora"})
+    assert any("lora.type dora" in p for p in plan.problems)
