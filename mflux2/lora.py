@@ -443,13 +443,14 @@ class LoKrLinear(AdapterLinear):
         w = self.weights()
         return w.delta() * (self.scale if with_scale else 1.0)
 
-    def _pads(self):
-        """(row pad before/after, column pad before/after) of W1 that places the kron in the layer."""
-        (o1, i1), (o2, i2) = self._shapes()
+    def _pads(self, shape2=None):
+        """(W1 rows before/after, W1 columns before/after) that place the kron block in the whole
+        layer: the range edges must be multiples of W2's (o2, i2)."""
+        o2, i2 = shape2 or self._shapes()[1]
         edges = [(self.out_start, o2), (self.output_dims - self.out_stop, o2), (self.in_start, i2), (self.input_dims - self.in_stop, i2)]
         if any(e % d for e, d in edges):
-            raise LoRAError(f"a LoKr on the block out={self.out_start}:{self.out_stop}, in={self.in_start}:{self.in_stop} of a "
-                            f"{self.input_dims}->{self.output_dims} layer with W2 {o2}x{i2} cannot be written as one kron of the whole layer")
+            raise LoRAError(f"a LoKr with W2 {o2}x{i2} on the block out={self.out_start}:{self.out_stop}, in={self.in_start}:{self.in_stop} "
+                            f"of a {self.input_dims}->{self.output_dims} layer cannot be written as one kron of the whole layer")
         return [e // d for e, d in edges]
 
     def weights(self) -> LoKrWeights:
@@ -496,7 +497,7 @@ class LoKrLinear(AdapterLinear):
             raise LoRAError(f"{source}: shape mismatch for {name}: LoKr delta ({o1 * o2}, {i1 * i2}), model layer "
                             f"({layer.output_dims}, {layer.input_dims}) — an adapter for another model?")
         if out_range or in_range:  # slice W1 to the block; the rest of it must be zero
-            rb, _, cb, _ = layer._pads_of(o2, i2)
+            rb, _, cb, _ = layer._pads((o2, i2))
             rows = (rb, rb + (layer.out_stop - layer.out_start) // o2)
             cols = (cb, cb + (layer.in_stop - layer.in_start) // i2)
             if "lokr_w1" in layer:
@@ -505,13 +506,6 @@ class LoKrLinear(AdapterLinear):
                 layer.lokr_w1_a = _inside(layer.lokr_w1_a, 0, rows, source, name)
                 layer.lokr_w1_b = _inside(layer.lokr_w1_b, 1, cols, source, name)
         return layer
-
-    def _pads_of(self, o2, i2):
-        edges = [(self.out_start, o2), (self.output_dims - self.out_stop, o2), (self.in_start, i2), (self.input_dims - self.in_stop, i2)]
-        if any(e % d for e, d in edges):
-            raise LoRAError(f"a LoKr with W2 {o2}x{i2} cannot be restricted to out={self.out_start}:{self.out_stop}, "
-                            f"in={self.in_start}:{self.in_stop}; load it with trainable=False")
-        return [e // d for e, d in edges]
 
     def _extra_repr(self):
         (o1, i1), (o2, i2) = self._shapes()
