@@ -100,7 +100,7 @@ def subject_score(toy, kind: str) -> tuple[float, list[str]]:
 @pytest.fixture(scope="module")
 def lora_score(toy):
     score, shapes = subject_score(toy, "lora")
-    assert score >= 0.75, shapes  # measured 14/16 (docs/lora.md): LoRA itself learnt the star
+    assert score >= 0.75, shapes  # measured 14/16 (docs/lora.md "Adapter types"): LoRA itself learnt the star
     return score
 
 
