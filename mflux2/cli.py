@@ -40,6 +40,14 @@ def _parse_lora(value: str) -> tuple[str, float]:
     return value, 1.0
 
 
+def _resolve_loras(values: list[str]) -> list[tuple[str, float]]:
+    """--lora values -> [(local file, scale)]: local paths, or hub ids (`user/repo` with one
+    .safetensors file, `user/repo/file.safetensors`) fetched through the Hugging Face cache."""
+    from mflux2.lora_formats import resolve_lora_file
+
+    return [(str(resolve_lora_file(path)), scale) for path, scale in map(_parse_lora, values)]
+
+
 def _quant(value: str) -> str | None:
     v = value.lower()
     if v in ("none", "bf16", "bfloat16"):
@@ -73,7 +81,8 @@ def generate_parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance", type=float, help="guidance scale (default: the model folder's own, else 4.0 for klein-base and dev; klein ignores it)")
     p.add_argument("--seed", type=int, default=0, help="random seed; prompt i uses seed+i (default 0)")
     p.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
-                   help="LoRA safetensors file with optional scale (default 1.0); repeatable")
+                   help="adapter file (LoRA, DoRA, LoKr, LoHa; any common layout) with optional scale (default 1.0), or a "
+                        "Hugging Face repo id: user/repo (one .safetensors file in it) or user/repo/file.safetensors; repeatable")
     p.add_argument("--quantize", "-q", type=_quant, help="transformer precision: int8 or int4 (default bf16)")
     p.add_argument("--text-encoder-quantize", type=_quant, help="text encoder precision: int8 or int4 (default bf16)")
     p.add_argument("--low-memory", action="store_true",
@@ -148,10 +157,7 @@ def _run_generate(args) -> list[Path]:
 
     prompts = read_prompts(args.prompt)
     paths = output_paths(args.output, len(prompts))
-    loras = [_parse_lora(v) for v in args.lora]
-    for path, _ in loras:
-        if not Path(path).expanduser().is_file():
-            raise ValueError(f"--lora {path}: no such file")
+    loras = _resolve_loras(args.lora)
     for path in args.image:
         if not Path(path).expanduser().is_file():
             raise ValueError(f"--image {path}: no such file")

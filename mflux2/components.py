@@ -220,9 +220,12 @@ class PipelineComponents:
     # -- LoRA -------------------------------------------------------------------------------
 
     def load_lora(self, path: str | os.PathLike, scale: float = 1.0) -> None:
-        """Add a LoRA (ai-toolkit / diffusers / kohya / mflux2 files) to the transformer."""
+        """Add an adapter file (ai-toolkit / diffusers / kohya / LyCORIS / mflux2 layouts) to the transformer:
+        a local path, or a hub id `user/repo` (one .safetensors in it) / `user/repo/file.safetensors`."""
         from mflux2 import lora
+        from mflux2.lora_formats import resolve_lora_file
 
+        path = resolve_lora_file(path)
         if self._transformer is not None:
             lora.load_lora(self._transformer, path, scale)
         else:

@@ -94,7 +94,7 @@ def download(repo_id: str, revision: str | None = None, allow_patterns: list[str
     except RepositoryNotFoundError:
         raise ModelLoadError(
             f"{repo_id}: no such model on the Hugging Face hub (a private repo needs `hf auth login`); "
-            f"check the name, use one of {', '.join(names)}, or pass a local folder"
+            f"check the name, " + (f"use one of {', '.join(names)}, " if names else "") + "or pass a local folder"
         ) from None
     except LocalEntryNotFoundError:
         mode = "offline mode is on (HF_HUB_OFFLINE=1)" if constants.HF_HUB_OFFLINE else "the hub cannot be reached"

@@ -171,9 +171,18 @@ class LoRALinear(AdapterLinear):
     def lora_forward(self, x):
         """The delta for this layer's input columns x [..., in_stop - in_start] over its output
         rows: scale · (alpha / rank) · B(A(dropout(x))), in x's dtype."""
+        return self.lora_up(self.lora_down(x))
+
+    def lora_down(self, x):
+        """A(dropout(x)) [..., rank], in x's dtype: shared by every output part (mflux2.ops.linear_split)."""
+        return self._dropout(x) @ self.lora_A.astype(x.dtype).T
+
+    def lora_up(self, h, rows: tuple[int, int] | None = None):
+        """scale · (alpha / rank) · B h for the LoRA's output rows `rows` (relative to out_start;
+        None: all of them), in h's dtype."""
         # alpha/rank·scale folded into the small B before the cast; gradients reach the float32 params.
-        b = (self.lora_B * (self.scale * self.alpha / self.rank)).astype(x.dtype)
-        return (self._dropout(x) @ self.lora_A.astype(x.dtype).T) @ b.T
+        b = (self.lora_B * (self.scale * self.alpha / self.rank)).astype(h.dtype)
+        return h @ (b if rows is None else b[rows[0] : rows[1]]).T
 
     def full_factors(self) -> tuple[mx.array, mx.array]:
         """(A [rank, in], B [out, rank]) over the whole layer, zero outside the ranges (file layout)."""
@@ -606,9 +615,6 @@ def adapter_parameter_count(type: str, n_out: int, n_in: int, rank: int, factor:
     raise LoRAError(f"unknown adapter type {type!r}; choose one of lora, lokr, loha, dora")
 
 
-# The types save_lora can write (the LoKr/LoHa/DoRA layouts are mflux2.lora_formats', in progress);
-# the trainer refuses the others up front rather than fail at its first checkpoint.
-SAVABLE_TYPES = ("lora",)
 ADAPTERS = {"lora": LoRALinear, "lokr": LoKrLinear, "loha": LoHaLinear, "dora": DoRALinear}
 WEIGHTS_TYPES = {LoRAWeights: "lora", DoRAWeights: "dora", LoKrWeights: "lokr", LoHaWeights: "loha"}
 # The trainable matrices of every type (the step casts these to the compute dtype; DoRA's magnitude
@@ -854,22 +860,22 @@ def lora_weights(model) -> dict:
 
 
 def save_lora(path: str | Path, model, format: str = "bfl", metadata: dict | None = None, dtype: mx.Dtype = mx.float32) -> Path:
-    """Save the model's trainable LoRA. `metadata` (e.g. base_model, trigger_word, training_steps) is
-    stored as strings next to rank, alpha and targets. Default layout: BFL names, `diffusion_model.`
-    prefix, lora_A/lora_B, alpha folded into B (ai-toolkit; ComfyUI, diffusers and mflux read it)."""
+    """Save the model's trainable adapter (any type: mflux2.lora_formats writes each). `metadata` (e.g.
+    base_model, trigger_word, training_steps) is stored as strings next to rank, alpha and targets.
+    Default layout: BFL names, `diffusion_model.` prefix, lora_A/lora_B, alpha folded into B
+    (ai-toolkit; ComfyUI, diffusers and mflux read it); LoKr/LoHa/DoRA as lora_formats writes them."""
     weights = lora_weights(model)
     if not weights:
         raise LoRAError("the model has no trainable LoRA layers: call apply_lora or load_lora(trainable=True) first")
-    kinds = {getattr(w, "type", "lora") for w in weights.values()}
-    if kinds != {"lora"}:  # the LoKr/LoHa/DoRA file layouts are mflux2.lora_formats' (in progress)
-        raise LoRAError(f"saving {', '.join(sorted(kinds))} adapters to a file is not supported yet; "
-                        "lora_weights(model) returns them")
     meta = dict(metadata or {})
     targets = {m.targets for _, m in lora_layers(model) if m.trainable}
     meta.setdefault("targets", targets.pop() if len(targets) == 1 and None not in targets else "custom")
     if "base_model" not in meta and hasattr(model, "config"):
         meta["base_model"] = variant_of(model.config) or "custom"
-    return write_lora(path, weights, format, meta, dtype)
+    # DoRA in the bfl/kohya layouts is ComfyUI's dora_scale, relative to the base weight: the base
+    # layers' weights, lazily (dequantised one layer at a time as the file's tensors are computed)
+    base = {_bfl_name(p): _base_matrix(m.plain_base) for p, m in lora_layers(model) if m.trainable and isinstance(m, DoRALinear)}
+    return write_lora(path, weights, format, meta, dtype, base=base or None)
 
 
 def load_lora(model, path: str | Path, scale: float = 1.0, trainable: bool = False, strict: bool = True) -> LoadedLoRA:
@@ -877,8 +883,31 @@ def load_lora(model, path: str | Path, scale: float = 1.0, trainable: bool = Fal
     top with its own `scale`. `trainable=True` continues training it (restores rank, alpha, targets and
     the single-block ranges of mflux2's `attention` target). Unknown keys and layers this model lacks
     raise one line (strict) or are listed in a warning (strict=False); a shape mismatch always raises."""
-    weights, metadata = read_lora(path, strict=strict)
+    weights, metadata = read_lora(path, strict=strict, base=_ModelWeights(model))
     return load_adapters(model, weights, metadata, scale=scale, trainable=trainable, strict=strict, source=str(path))
+
+
+class _ModelWeights:
+    """{BFL module: its base weight in float32}, computed on demand (a DoRA file in the ComfyUI form,
+    dora_scale, is relative to the base model's weights: mflux2.lora_formats reads it with these)."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def _plain(self, name):
+        layer = _get(self.model, name)
+        while isinstance(layer, AdapterLinear):
+            layer = layer.base
+        return layer if isinstance(layer, (nn.Linear, nn.QuantizedLinear)) else None
+
+    def __contains__(self, name) -> bool:
+        return self._plain(name) is not None
+
+    def __getitem__(self, name) -> mx.array:
+        return _base_matrix(self._plain(name))
+
+    def get(self, name, default=None):
+        return self[name] if name in self else default
 
 
 def load_adapters(model, weights: dict, metadata: dict | None = None, scale: float = 1.0, trainable: bool = False,

@@ -61,6 +61,7 @@ from mflux2.lora import apply_lora  # noqa: E402
 from mflux2.models.quantization import QUANT_BITS, QUANT_GROUP_SIZE, quantize_outside_blocks, quantize_predicate  # noqa: E402
 from mflux2.models.transformer import Flux2Transformer, TransformerConfig, preset  # noqa: E402
 from mflux2.models.vae import image_ids  # noqa: E402
+from mflux2.ops import SWITCHES, is_fast  # noqa: E402
 from mflux2.training.data import preservation_prompts  # noqa: E402
 from mflux2.training.memory import limit_command_batches, lora_parameters  # noqa: E402
 from mflux2.training.step import Batch, StepConfig, TrainStep  # noqa: E402
@@ -138,6 +139,37 @@ def time_parts(step: TrainStep, batch: Batch, args) -> dict:
                 ts.append(time.perf_counter() - t)
         out[name] = round(statistics.median(ts), 5)
     return out
+
+
+class cuda_profiler_range:
+    """cuProfilerStart/Stop around a block (the CUDA driver, through ctypes; the primary context made
+    current if this thread has none): what `ncu --profile-from-start off` profiles. A no-op where
+    there is no CUDA driver."""
+
+    def __enter__(self):
+        import ctypes
+
+        try:
+            self.cuda = ctypes.CDLL("libcuda.so.1")
+        except OSError:
+            self.cuda = None
+            return self
+        ctx = ctypes.c_void_p()
+        self.cuda.cuCtxGetCurrent(ctypes.byref(ctx))
+        if not ctx.value:
+            dev = ctypes.c_int()
+            self.cuda.cuInit(0)
+            self.cuda.cuDeviceGet(ctypes.byref(dev), 0)
+            self.cuda.cuDevicePrimaryCtxRetain(ctypes.byref(ctx), dev)
+            self.cuda.cuCtxSetCurrent(ctx)
+        rc = self.cuda.cuProfilerStart()
+        print(f"cuProfilerStart: {rc}", file=sys.stderr)
+        return self
+
+    def __exit__(self, *exc):
+        if self.cuda is not None:
+            self.cuda.cuProfilerStop()
+        return False
 
 
 def trace_memory(step: TrainStep, batch: Batch, args, dop: bool) -> list:
@@ -263,6 +295,9 @@ def main(argv=None):
     ap.add_argument("--memory-limit", default="auto",
                     help="StepConfig.memory_limit: auto (calibrated on the first step, GPU), a number of GB, or none")
     ap.add_argument("--profile", action="store_true", help="also time the compiled forward alone and forward+backward alone")
+    ap.add_argument("--cuda-profile-step", action="store_true",
+                    help="after the timed steps, one more step between cuProfilerStart/Stop (for `ncu --profile-from-start off`: "
+                         "scripts/kernel_profile.py)")
     ap.add_argument("--trace-memory", action="store_true",
                     help="block-by-block path: evaluate each segment synchronously and record active/peak memory per phase")
     ap.add_argument("--base", default="bf16", choices=["bf16", "int8", "int4"])
@@ -368,6 +403,12 @@ def main(argv=None):
             losses.append(out["loss"].item())
 
     peak = mx.get_peak_memory()
+    if args.cuda_profile_step:  # one more step, alone in the profiler's range (nothing queued before it)
+        mx.synchronize()
+        with cuda_profiler_range():
+            out = step(batch_at(0), mx.random.key(99), dop=is_dop(0))
+            mx.eval(out["loss"], out["grad_norm"], step.state_arrays())
+            mx.synchronize()
     profile = time_parts(step, batch, args) if args.profile else {}
     if args.trace_memory:
         profile["memory_trace_gb"] = trace_memory(step, batch, args, is_dop(0))
@@ -401,6 +442,7 @@ def main(argv=None):
         "host_s": round(statistics.median(dispatch), 5),
         "memory_limit_gb": round(step.memory_limit / 1e9, 3) if step.memory_limit else None,
         "mlx_max_ops_per_buffer": os.environ.get("MLX_MAX_OPS_PER_BUFFER"),
+        "fast_ops": sorted(name for name in SWITCHES if is_fast(name)),  # the switches in force (mflux2.ops)
         "device": str(mx.default_device()), "mlx": mx.__version__, "machine": platform.machine(),
         "date": date.today().isoformat(),
     }

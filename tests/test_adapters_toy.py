@@ -3,7 +3,7 @@ well as LoRA does in the same number of steps.
 
 The quickstart's data (data/toy/star, 16 captioned images) and its training settings (AdamW lr 2e-3,
 10 warm-up steps then cosine decay, batch 1, "style" timesteps, uniform weighting, all target layers,
-300 steps), through TrainStep directly (the trainer cannot write LoKr/LoHa/DoRA files yet), without
+300 steps), through TrainStep directly (the trainer's own step, without its caches and files), without
 DOP (subject learning only). Then the quickstart's subject score, as `scripts/train_toy_model.py
 --stage score-lora` measures it: the trigger prompts "a {colour} sks on a {colour} background" for
 its 4 colour pairs, sampled as the toy's folder says (20 steps, CFG 2.0) on 4 fixed noises each, and

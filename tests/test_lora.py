@@ -454,7 +454,7 @@ def test_bad_lora_files(klein, tmp_path, dev):
 
     lokr = {"diffusion_model.double_blocks.0.img_attn.qkv.lokr_w1": mx.ones((2, 2))}
     mx.save_safetensors(str(tmp_path / "lokr.safetensors"), lokr)
-    with pytest.raises(LoRAError, match="lokr_w1 — not a FLUX.2 LoRA, or LoKr/LoHa/DoRA"):
+    with pytest.raises(LoRAError, match="lokr.safetensors: module diffusion_model.double_blocks.0.img_attn.qkv: a LoKr layer needs lokr_w2"):
         load_lora(fresh(klein), tmp_path / "lokr.safetensors")
 
     half = {k: v for k, v in tensors.items() if not k.endswith("single_blocks.0.linear1.lora_B.weight")}

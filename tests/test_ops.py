@@ -107,6 +107,14 @@ def sabotage(monkeypatch, op: str, how: str) -> None:
         proxy.custom_function = lambda fn: _CustomFunction(fn, how)
         monkeypatch.setattr(split, "mx", proxy)
         monkeypatch.setattr(split, "_SPLITS", {})  # (made before the sabotage)
+    elif op == "rms_frozen":
+        from mflux2.ops import norm
+
+        real_make = norm._make  # the fast path's custom function, its outputs sabotaged
+        monkeypatch.setattr(norm, "_FNS", {})  # (made before the sabotage)
+        monkeypatch.setattr(norm, "_make", lambda eps: (lambda fn: lambda *a: _sabotaged(how, fn(*a)))(real_make(eps)))
+    elif op == "qkv_parts":
+        wrap(gemm, "_qkv_parts")  # the parts' GEMMs (the fallback splits one GEMM into views)
     elif op == "linear":
         wrap(gemm, "_project")  # every fast GEMM (Linear, LoRA) starts there
     elif op == "linear_quantized":
@@ -136,7 +144,7 @@ def test_each_check_runs_its_fast_path(op, monkeypatch):
 def test_each_switch_picks_the_fallback(monkeypatch):
     """The environment variable, `using` and the per-call argument all pick the path; `using` wins
     over the environment and the argument over both."""
-    assert set(ops.SWITCHES) >= {"rope", "rope_cuda", "swiglu", "split_views", "flat_views", "linear", "dequantize_cuda",
+    assert set(ops.SWITCHES) >= {"rope", "rope_cuda", "rms_frozen", "norm_rope", "swiglu", "split_views", "flat_views", "qkv_parts", "linear", "dequantize_cuda",
                                  "conv_gemm", "group_norm"}
     for name, var in ops.SWITCHES.items():
         monkeypatch.delenv(var, raising=False)

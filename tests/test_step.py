@@ -326,3 +326,35 @@ def test_accumulated_checkpointed_steps_update_like_plain_ones():
         params.append(flat(model.trainable_parameters()))
     for k in params[0]:
         np.testing.assert_allclose(params[1][k], params[0][k], rtol=1e-5, atol=1e-7, err_msg=k)
+
+
+@pytest.mark.parametrize("dop", [False, True])
+def test_optimised_step_gradients_equal_plain_autodiff(dop):
+    """Issue 33: every fast path of mflux2.ops on (q/k/v parts with a shared LoRA down-projection, the
+    fused VJPs, flat views, the GEMMs' accumulators; the CUDA kernels where CUDA runs) against every switch off
+    (plain MLX autodiff of plain MLX ops): each of several steps' LoRA gradients, float32, then the
+    parameters after those steps through the real (compiled) TrainStep."""
+    from mflux2 import ops
+
+    on, off = ({name: v for name in ops.SWITCHES} for v in (True, False))  # (the CUDA kernels run only on CUDA)
+    for i in range(3):
+        batch, key, grads = tiny_batch(seed=10 + i), mx.random.key(20 + i), []
+        for switches in (on, off):
+            model = tiny_model()
+            step = TrainStep(model, optim.AdamW(1e-4), StepConfig(memory_limit=None))
+            with ops.using(**switches):
+                (loss, _), g = step._flat_grad_fn(dop)(dict(step.flat), batch, key)
+            mx.eval(loss, g)
+            grads.append(g)
+        assert_same_grads(grads[1], grads[0], rtol=1e-4)
+    params = []
+    for switches in (on, off):
+        model = tiny_model()
+        step = TrainStep(model, optim.AdamW(1e-2), StepConfig(memory_limit=None))
+        with ops.using(**switches):
+            for i in range(3):
+                out = step(tiny_batch(seed=10 + i), mx.random.key(20 + i), dop=dop)
+                mx.eval(out["loss"], out["grad_norm"], step.state_arrays())
+        params.append(flat(model.trainable_parameters()))
+    for k in params[0]:
+        np.testing.assert_allclose(params[0][k], params[1][k], rtol=1e-4, atol=1e-6, err_msg=k)

@@ -338,3 +338,24 @@ def test_int8_layers_use_groups_of_128_where_the_width_allows_else_64():
     assert pred("a", nn.Linear(256, 8)) == {"group_size": 128, "bits": 8, "mode": "affine"}
     assert pred("b", nn.Linear(192, 8))["group_size"] == 64 and pred("c", nn.Linear(96, 8)) is False
     assert pred("d", nn.RMSNorm(256)) is False
+
+
+def test_rope_per_stream_equals_rope_on_the_joint_tokens(monkeypatch):
+    """With ops.norm_rope's CUDA kernels (switch "norm_rope") the double blocks rotate each stream's
+    q/k on its part of the tables before joining them; here (no CUDA) norm_rope runs rms_norm + RoPE,
+    so the per-stream order itself is checked against the joint one, float32."""
+    import mflux2.models.transformer as T
+    mx.random.seed(0)
+    model = T.Flux2Transformer(T.TransformerConfig(num_layers=2, num_single_layers=2, num_attention_heads=2,
+                                                   attention_head_dim=64, joint_attention_dim=24, in_channels=16,
+                                                   axes_dims_rope=(16, 16, 16, 16)))
+    mx.eval(model.parameters())
+    x, ctx = mx.random.normal((2, 12, model.config.in_channels)), mx.random.normal((2, 5, model.config.joint_attention_dim))
+    ids = mx.random.randint(0, 6, (12, 4)).astype(mx.float32)
+    tids = mx.random.randint(0, 6, (5, 4)).astype(mx.float32)
+    joint = model(x, ctx, mx.array([0.3, 0.7]), ids, tids)
+    calls = []
+    monkeypatch.setattr(T, "norm_rope_fused", lambda *a, **k: calls.append(a) or True)
+    split = model(x, ctx, mx.array([0.3, 0.7]), ids, tids)
+    assert calls
+    np.testing.assert_allclose(np.array(split), np.array(joint), rtol=1e-5, atol=1e-5 * float(mx.abs(joint).max()))

@@ -25,7 +25,8 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from mflux2.models.quantization import load_weights, quant_settings
-from mflux2.ops import apply_rope, linear, linear_concat, linear_split, rope_table, split_views, swiglu
+from mflux2.ops import (apply_rope, linear, linear_concat, norm_rope, norm_rope_fused, qkv_split, rms_norm_frozen, rope_table,
+                        split_views, swiglu)
 from mflux2.weights import WeightsError, check_keys, iter_tensors, read_config, resolve_component, safetensors_files
 
 
@@ -141,7 +142,9 @@ class RMSNormScale(nn.Module):
         self.eps = eps
 
     def __call__(self, x):
-        return mx.fast.rms_norm(x, self.scale, self.eps)
+        if "scale" in self.trainable_parameters():  # (never under LoRA training)
+            return mx.fast.rms_norm(x, self.scale, self.eps)
+        return rms_norm_frozen(x, self.scale, self.eps)  # no gradient for the frozen scale (switch "rms_frozen")
 
 
 class QKNorm(nn.Module):
@@ -159,11 +162,20 @@ class SelfAttention(nn.Module):
         self.norm = QKNorm(dim // heads, eps)
         self.proj = nn.Linear(dim, dim, bias=False)
 
-    def qkv_heads(self, x):
-        """[B, N, D] -> normalised q, k and v, each [B, N, H, d] (views of one fused GEMM)."""
+    def qkv_heads(self, x, rope=None):
+        """[B, N, D] -> normalised q, k and v, each [B, N, H, d]: one GEMM each on row slices of the
+        fused weight (contiguous, so the norms copy nothing), or views of one fused GEMM (switch
+        "qkv_parts" off)."""
         b, n, d = x.shape
-        q, k, v = (a.reshape(b, n, self.heads, -1) for a in split_views(linear(self.qkv, x), (d, d, d)))
+        q, k, v = (a.reshape(b, n, self.heads, -1) for a in qkv_split(self.qkv, x, d))
+        if rope is not None:  # RoPE right after the norms (one CUDA kernel each: ops.norm_rope)
+            return _norm_rope(self.norm, q, k, rope) + (v,)
         return self.norm.query_norm(q), self.norm.key_norm(k), v
+
+
+def _norm_rope(norm: QKNorm, q, k, rope) -> tuple:
+    return (norm_rope(q, norm.query_norm.scale, norm.query_norm.eps, rope),
+            norm_rope(k, norm.key_norm.scale, norm.key_norm.eps, rope))
 
 
 def attention(q: mx.array, k: mx.array, v: mx.array, rope) -> mx.array:
@@ -171,7 +183,8 @@ def attention(q: mx.array, k: mx.array, v: mx.array, rope) -> mx.array:
 
     q/k/v stay in the token-major layout of the projections; SDPA reads them through transposed
     views and (on CUDA) writes its output in the same layout, so merging the heads is free."""
-    q, k = apply_rope(q, rope), apply_rope(k, rope)
+    if rope is not None:  # (None: q and k rotated already)
+        q, k = apply_rope(q, rope), apply_rope(k, rope)
     t = lambda a: a.transpose(0, 2, 1, 3)  # noqa: E731  [B, N, H, d] -> [B, H, N, d] (a view)
     out = mx.fast.scaled_dot_product_attention(t(q), t(k), t(v), scale=q.shape[-1] ** -0.5)
     b, h, n, d = out.shape
@@ -206,11 +219,17 @@ class DoubleStreamBlock(nn.Module):
     def __call__(self, img, txt, mod_img, mod_txt, rope):
         sh1_i, sc1_i, g1_i, sh2_i, sc2_i, g2_i = mod_img
         sh1_t, sc1_t, g1_t, sh2_t, sc2_t, g2_t = mod_txt
-        qi, ki, vi = self.img_attn.qkv_heads(modulate(img, sh1_i, sc1_i, self.eps))
-        qt, kt, vt = self.txt_attn.qkv_heads(modulate(txt, sh1_t, sc1_t, self.eps))
-        # Joint attention over [text; image], RoPE applied once to the joint q/k.
         cat = lambda a, b: mx.concatenate([a, b], axis=1)  # noqa: E731
-        attn = attention(cat(qt, qi), cat(kt, ki), cat(vt, vi), rope)
+        if norm_rope_fused(img.dtype, self.img_attn.norm.query_norm.scale.shape[0]):
+            # each stream's norm and RoPE in one kernel, on its part of the tables ([text; image])
+            n_txt = txt.shape[1]
+            qi, ki, vi = self.img_attn.qkv_heads(modulate(img, sh1_i, sc1_i, self.eps), tuple(a[:, n_txt:] for a in rope))
+            qt, kt, vt = self.txt_attn.qkv_heads(modulate(txt, sh1_t, sc1_t, self.eps), tuple(a[:, :n_txt] for a in rope))
+            attn = attention(cat(qt, qi), cat(kt, ki), cat(vt, vi), None)
+        else:  # joint attention over [text; image], RoPE applied once to the joint q/k
+            qi, ki, vi = self.img_attn.qkv_heads(modulate(img, sh1_i, sc1_i, self.eps))
+            qt, kt, vt = self.txt_attn.qkv_heads(modulate(txt, sh1_t, sc1_t, self.eps))
+            attn = attention(cat(qt, qi), cat(kt, ki), cat(vt, vi), rope)
         attn_txt, attn_img = split_views(attn, (txt.shape[1], img.shape[1]), axis=1)
 
         img = img + g1_i * linear(self.img_attn.proj, attn_img)
@@ -235,11 +254,15 @@ class SingleStreamBlock(nn.Module):
     def __call__(self, x, mod, rope):
         shift, scale, gate = mod
         b, n, _ = x.shape
-        # linear1's q/k/v rows and MLP rows as two GEMMs (no slicing copies of the wide output);
-        # linear2's concatenated input only a temporary (its LoRA reads the attention part).
-        qkv, mlp = linear_split(self.linear1, modulate(x, shift, scale, self.eps), [3 * self.dim, 2 * self.mlp_dim])
-        q, k, v = (a.reshape(b, n, self.heads, -1) for a in split_views(qkv, (self.dim,) * 3))
-        attn = attention(self.norm.query_norm(q), self.norm.key_norm(k), v, rope)
+        # linear1's q, k, v rows and MLP rows as separate GEMMs (no slicing copies of the wide output,
+        # q/k/v contiguous for the norms and attention; switch "qkv_parts": q/k/v as one GEMM, split
+        # into views); linear2's concatenated input only a temporary (its LoRA reads the attention part).
+        *qkv, mlp = qkv_split(self.linear1, modulate(x, shift, scale, self.eps), self.dim, (2 * self.mlp_dim,))
+        q, k, v = (a.reshape(b, n, self.heads, -1) for a in qkv)
+        if norm_rope_fused(q.dtype, q.shape[-1]):
+            attn = attention(*_norm_rope(self.norm, q, k, rope), v, None)
+        else:
+            attn = attention(self.norm.query_norm(q), self.norm.key_norm(k), v, rope)
         return x + gate * linear_concat(self.linear2, [attn, self.mlp_act(mlp)])
 
 

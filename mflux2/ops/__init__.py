@@ -3,9 +3,12 @@
 | op | module | fast path | fallback |
 | --- | --- | --- | --- |
 | rope | rope.py | one-pass custom VJP; on CUDA a kernel (rope_cuda) | autodiff of the rotation |
+| rms_frozen | norm.py | rms_norm of a frozen scale: a VJP without the scale's gradient (off until measured) | autodiff of mx.fast.rms_norm |
+| norm_rope | rope.py | q/k's RMS norm (frozen scale) + RoPE, one CUDA kernel each way, no scale gradient (CUDA only, off by default until measured) | rms_norm, then apply_rope |
 | swiglu | glu.py | custom VJP recomputing the sigmoid | autodiff of silu(gate)·up |
 | split_views | split.py | views whose VJP concatenates | plain slices |
 | flat_views | split.py | views of flat parameters, VJP concatenating per group | plain slices |
+| qkv_parts | gemm.py | q, k, v (and the single blocks' MLP part) from one GEMM each, contiguous; a LoRA's down-projection shared by the parts | one fused GEMM split into strided views |
 | linear | gemm.py | GEMMs per output part, LoRA as accumulator, quantized weights dequantised by tile; on CUDA an int8 dequantisation kernel (dequantize_cuda) | layer(x) |
 | conv2d (conv_gemm) | conv.py | convolutions as GEMMs through mx.matmul (default on the CPU only) | mx.conv2d |
 | group_norm | conv.py | GroupNorm through mx.fast.layer_norm, nothing evaluated, SiLU fused (default on CUDA only) | chunked float32 statistics, each chunk evaluated |
@@ -20,8 +23,9 @@ sabotage entry in tests/test_ops.py.
 """
 
 from mflux2.ops.conv import conv2d, conv2d_reference, group_norm, group_norm_reference
-from mflux2.ops.gemm import linear, linear_concat, linear_reference, linear_split
-from mflux2.ops.rope import apply_rope, rope_reference, rope_table
+from mflux2.ops.gemm import linear, linear_concat, linear_reference, linear_split, qkv_split
+from mflux2.ops.norm import rms_norm_frozen
+from mflux2.ops.rope import apply_rope, norm_rope, norm_rope_fused, rope_reference, rope_table
 from mflux2.ops.split import flat_views, split_views
 from mflux2.ops.glu import swiglu, swiglu_reference
 from mflux2.ops.switches import SWITCHES, cuda_available, is_fast, using

@@ -66,6 +66,36 @@ def _rope(kernel: bool) -> float:
     return max(errs)
 
 
+def _norm_rope() -> float:
+    """q/k's RMS norm + RoPE kernels against rms_norm then RoPE: values and the input gradient (the
+    frozen scale gets none), tables per sample, shared, and sliced along the tokens (a stream's part)."""
+    from mflux2.ops.rope import norm_rope
+
+    errs = []
+    for batch_tables, start in ((2, 0), (1, 0), (1, 3), (2, 3)):
+        ids = mx.random.randint(0, 50, (batch_tables, 40, 4)).astype(mx.float32)
+        rope = tuple(t[:, start:] for t in rope_table(ids, (32, 32, 32, 32), 2000.0))
+        x = mx.random.normal((2, 40 - start, 3, 128)) * 2
+        w = mx.random.normal((128,))
+        errs.append(_agree(lambda x: norm_rope(x, w, 1e-6, rope), [x], {"norm_rope": True, "rope": True, "rope_cuda": True},
+                           {"norm_rope": False}))
+    return max(errs)
+
+
+def _rms_frozen() -> float:
+    """The frozen-scale RMS norm's values and input gradient against mx.fast.rms_norm's (the scale a
+    constant of the function, as in training), then RoPE after it, as in the blocks."""
+    from mflux2.ops.norm import rms_norm_frozen
+
+    errs = []
+    for d in (16, 32):
+        x, w = mx.random.normal((2, 7, 3, d)) * 3, mx.random.normal((d,))
+        rope = rope_table(mx.random.randint(0, 9, (1, 7, 4)).astype(mx.float32), (d // 4,) * 4, 2000.0)
+        fn = lambda x, w=w, rope=rope: apply_rope(rms_norm_frozen(x, w, 1e-6), rope)  # noqa: E731
+        errs.append(_agree(fn, [x], {"rms_frozen": True}, {"rms_frozen": False}))
+    return max(errs)
+
+
 def _swiglu() -> float:
     h = mx.concatenate([mx.random.normal((3, 5, 16)) * 3, mx.random.normal((3, 5, 16))], axis=-1)
     return _agree(swiglu, [h], {"swiglu": True}, {"swiglu": False})
@@ -128,6 +158,25 @@ def _linear(quantized: bool, kernel: bool = False) -> float:
     return max(errs)
 
 
+def _qkv_parts() -> float:
+    """q, k, v (and a fourth part) of a fused projection under a LoRA restricted to the q/k/v rows
+    (the single blocks' linear1) and under a full one (the double blocks' qkv), bf16-free float32."""
+    from mflux2.lora import LoRALinear
+
+    errs = []
+    for out_range, rest in (((0, 24), (10,)), (None, ())):
+        layer = LoRALinear(nn.Linear(16, 24 + sum(rest), bias=False), 3, out_range=out_range)
+        layer.lora_B = mx.random.normal(layer.lora_B.shape)
+        x = mx.random.normal((2, 5, 16))
+
+        def fn(x, a, b, w, layer=layer, rest=rest):
+            layer.lora_A, layer.lora_B, layer.base.weight = a, b, w
+            return L.qkv_split(layer, x, 8, rest)
+
+        errs.append(_agree(fn, [x, layer.lora_A, layer.lora_B, layer.base.weight], {"qkv_parts": True}, {"qkv_parts": False}))
+    return max(errs)
+
+
 def _dequantize_tile() -> float:
     """The kernel's tiles against mx.dequantize's (bf16, exact but for the float32 rounding)."""
     w = mx.random.normal((384, 512)).astype(mx.bfloat16)
@@ -174,9 +223,12 @@ def _group_norm() -> float:
 CHECKS = {  # name -> (check, whether it needs CUDA)
     "rope": (lambda: _rope(kernel=False), False),
     "rope_cuda": (lambda: _rope(kernel=True), True),
+    "rms_frozen": (_rms_frozen, False),
+    "norm_rope": (_norm_rope, True),
     "swiglu": (_swiglu, False),
     "split_views": (_split_views, False),
     "flat_views": (_flat_views, False),
+    "qkv_parts": (_qkv_parts, False),
     "linear": (lambda: _linear(quantized=False), False),
     "linear_quantized": (lambda: _linear(quantized=True), False),
     "dequantize_cuda": (lambda: max(_linear(quantized=True, kernel=True), _dequantize_tile()), True),

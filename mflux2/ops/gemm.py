@@ -24,6 +24,7 @@ import os
 import mlx.core as mx
 import mlx.nn as nn
 
+from mflux2.ops.split import split_views
 from mflux2.ops.switches import is_fast, on_cuda
 
 DEQUANTIZE_MIN_ROWS = 256  # below this many tokens, quantized_matmul (small batch generation)
@@ -84,13 +85,21 @@ def _project(layer, xs: list, rows: list, accs: list) -> list:
             bias = layer.plain_base.get("bias")
             ys = [_dora_rows(layer, y, z, g, r0, r1, bias) for y, (r0, r1) in zip(ys, rows)]
             return [y if a is None else a + y for y, a in zip(ys, accs)]
-        z = layer.lora_forward(_lora_input(layer, xs))
+        x_in = _lora_input(layer, xs)
+        if hasattr(layer, "lora_down"):
+            # LoRA: the down-projection once for all output parts (q, k, v: one GEMM); the
+            # up-projection per part, so each part's delta is contiguous (no strided slices).
+            h = layer.lora_down(x_in)
+            up = lambda r: layer.lora_up(h, r)  # noqa: E731
+        else:  # LoKr, LoHa: one delta over the layer's rows, sliced per part
+            z = layer.lora_forward(x_in)
+            up = lambda r: z if r is None else z[..., r[0] : r[1]]  # noqa: E731
         s0, s1 = layer.out_start, layer.out_stop
         new = []
         for (r0, r1), acc in zip(rows, accs):
             o0, o1 = _overlap(r0, r1, s0, s1)
             if o0 < o1:
-                part = z if (o0, o1) == (s0, s1) else z[..., o0 - s0 : o1 - s0]
+                part = up(None if (o0, o1) == (s0, s1) else (o0 - s0, o1 - s0))
                 if (o0, o1) != (r0, r1):
                     part = mx.pad(part, [(0, 0)] * (part.ndim - 1) + [(o0 - r0, r1 - o1)])
                 acc = part if acc is None else acc + part
@@ -310,6 +319,22 @@ def linear_split(layer, x: mx.array, sizes: list[int], fast: bool | None = None)
         y = linear_reference(layer, x)
         return [y[..., a:b] for a, b in rows]
     return _project(layer, [x], rows, [None] * len(rows))
+
+
+def qkv_split(layer, x: mx.array, d: int, rest: tuple[int, ...] = (), fast: bool | None = None) -> list[mx.array]:
+    """[q, k, v, *rest] of a fused projection whose first 3·d output rows are q | k | v.
+
+    Fast path (switch "qkv_parts"): one GEMM per part on row slices of the weight, so q, k and v
+    are contiguous (the norms and attention copy nothing) and a LoRA's down-projection is computed
+    once for all parts (`_project`); fallback: q | k | v from one GEMM, split into strided views."""
+    if is_fast("qkv_parts", fast):
+        return _qkv_parts(layer, x, [d, d, d, *rest])
+    qkv, *others = linear_split(layer, x, [3 * d, *rest]) if rest else [linear(layer, x)]
+    return [*split_views(qkv, (d, d, d)), *others]
+
+
+def _qkv_parts(layer, x, sizes):
+    return linear_split(layer, x, sizes)
 
 
 def linear_concat(layer, xs: list[mx.array], fast: bool | None = None) -> mx.array:

@@ -108,3 +108,118 @@ def _rope_cuda(x: mx.array, c: mx.array, s: mx.array, sign: int) -> mx.array:
                   ("NT", table_tokens), ("NEG", int(sign < 0))],  # (template values name the kernel: no minus sign)
         grid=(n_pairs, 1, 1), threadgroup=(256, 1, 1),
     )[0]
+
+
+# ---- RMS norm + RoPE in one CUDA kernel per direction (switch "norm_rope", CUDA only) -------------
+# q and k of every block are RMS-normalised over the head dim with a frozen scale, then rotated. As
+# two ops that is, per q or k: MLX's rms_norm (forward), the RoPE kernel, and backward the RoPE VJP
+# kernel, MLX's rms_norm VJP — which also writes the scale's gradient, a full-size array reduced by
+# another kernel, though the scale is frozen. Here: one warp per (token, head) row, both reductions
+# (Σx², Σ(w·dy)·x) by warp shuffles, float32 arithmetic, no scale gradient.
+_NORM_ROPE_KERNELS = {}
+_NORM_ROPE_HEAD = """
+    size_t gid = cooperative_groups::this_grid().thread_rank();
+    size_t row = gid / 32;
+    int lane = gid % 32;
+    if (row >= NR) return;
+    size_t j0 = ((row / H) % NT) * (D / 2);
+    const float e = eps[0];
+"""
+_NORM_ROPE_FORWARD = _NORM_ROPE_HEAD + """
+    const T* xr = x + row * D;
+    T* o = out + row * D;
+    float ss = 0.f;
+    for (int k = lane; k < D / 2; k += 32) {
+        float a = static_cast<float>(xr[2 * k]), b = static_cast<float>(xr[2 * k + 1]);
+        ss += a * a + b * b;
+    }
+    for (int m = 16; m > 0; m >>= 1) ss += __shfl_xor_sync(0xffffffff, ss, m);
+    float n = rsqrtf(ss / D + e);
+    for (int k = lane; k < D / 2; k += 32) {
+        float a = static_cast<float>(xr[2 * k]) * n * static_cast<float>(w[2 * k]);
+        float b = static_cast<float>(xr[2 * k + 1]) * n * static_cast<float>(w[2 * k + 1]);
+        float c = tc[2 * (j0 + k)], s = ts[2 * (j0 + k) + 1];
+        o[2 * k] = static_cast<T>(a * c - b * s);
+        o[2 * k + 1] = static_cast<T>(b * c + a * s);
+    }
+"""
+_NORM_ROPE_BACKWARD = _NORM_ROPE_HEAD + """
+    const T* xr = x + row * D;
+    const T* gr = g + row * D;
+    T* o = out + row * D;
+    float ss = 0.f, su = 0.f;
+    for (int k = lane; k < D / 2; k += 32) {
+        float a = static_cast<float>(xr[2 * k]), b = static_cast<float>(xr[2 * k + 1]);
+        float g0 = static_cast<float>(gr[2 * k]), g1 = static_cast<float>(gr[2 * k + 1]);
+        float c = tc[2 * (j0 + k)], s = ts[2 * (j0 + k) + 1];
+        float u0 = (g0 * c + g1 * s) * static_cast<float>(w[2 * k]);
+        float u1 = (g1 * c - g0 * s) * static_cast<float>(w[2 * k + 1]);
+        ss += a * a + b * b;
+        su += u0 * a + u1 * b;
+    }
+    for (int m = 16; m > 0; m >>= 1) {
+        ss += __shfl_xor_sync(0xffffffff, ss, m);
+        su += __shfl_xor_sync(0xffffffff, su, m);
+    }
+    float n = rsqrtf(ss / D + e);
+    float t = n * n * n * su / D;
+    for (int k = lane; k < D / 2; k += 32) {
+        float a = static_cast<float>(xr[2 * k]), b = static_cast<float>(xr[2 * k + 1]);
+        float g0 = static_cast<float>(gr[2 * k]), g1 = static_cast<float>(gr[2 * k + 1]);
+        float c = tc[2 * (j0 + k)], s = ts[2 * (j0 + k) + 1];
+        float u0 = (g0 * c + g1 * s) * static_cast<float>(w[2 * k]);
+        float u1 = (g1 * c - g0 * s) * static_cast<float>(w[2 * k + 1]);
+        o[2 * k] = static_cast<T>(n * u0 - a * t);
+        o[2 * k + 1] = static_cast<T>(n * u1 - b * t);
+    }
+"""
+
+
+def norm_rope(x: mx.array, weight: mx.array, eps: float, rope: tuple[mx.array, mx.array], fast: bool | None = None) -> mx.array:
+    """apply_rope(rms_norm(x, weight, eps), rope) for x [B, N, H, d] with a frozen weight [d] (it gets
+    no gradient): on CUDA one kernel each way (switch "norm_rope"), else the two ops."""
+    if _norm_rope_on_cuda(x, fast):
+        return _norm_rope(x, weight, mx.array([eps], dtype=mx.float32), *rope)
+    return apply_rope(mx.fast.rms_norm(x, weight, eps), rope)
+
+
+def norm_rope_fused(dtype, head_dim: int, fast: bool | None = None) -> bool:
+    """Whether norm_rope runs its CUDA kernels for q/k of this dtype and head dim (else the two ops):
+    the model then applies RoPE per stream, right after each stream's norm."""
+    return (on_cuda("rope_cuda") and is_fast("norm_rope", fast) and is_fast("rope")
+            and dtype in (mx.bfloat16, mx.float16, mx.float32) and head_dim % 64 == 0)
+
+
+def _norm_rope_on_cuda(x, fast=None) -> bool:
+    return norm_rope_fused(x.dtype, x.shape[-1], fast)
+
+
+def _norm_rope_kernel(direction: str, x, w, tc, ts, eps, g=None):
+    if direction not in _NORM_ROPE_KERNELS:
+        names = ["x", "w", "tc", "ts", "eps"] + (["g"] if direction == "backward" else [])
+        source = _NORM_ROPE_FORWARD if direction == "forward" else _NORM_ROPE_BACKWARD
+        _NORM_ROPE_KERNELS[direction] = mx.fast.cuda_kernel(name=f"mflux2_norm_rope_{direction}", input_names=names,
+                                                            output_names=["out"], source=source)
+    b, n, h, d = x.shape
+    table_tokens = tc.size // d
+    if (b * n) % table_tokens or tc.size != table_tokens * d or ts.size != tc.size:
+        raise ValueError(f"RoPE tables {tc.shape} do not fit x {x.shape}")
+    rows = b * n * h
+    inputs = [x, w, tc, ts, eps] + ([g] if g is not None else [])
+    return _NORM_ROPE_KERNELS[direction](
+        inputs=inputs, output_shapes=[x.shape], output_dtypes=[x.dtype],
+        template=[("T", x.dtype), ("NR", rows), ("D", d), ("H", h), ("NT", table_tokens)],
+        grid=(rows * 32, 1, 1), threadgroup=(256, 1, 1),
+    )[0]
+
+
+@mx.custom_function
+def _norm_rope(x, w, eps, c, s):
+    return _norm_rope_kernel("forward", x, w, c, s, eps)
+
+
+@_norm_rope.vjp
+def _norm_rope_vjp(primals, cotangent, output):
+    x, w, eps, c, s = primals
+    dx = _norm_rope_kernel("backward", x, w, c, s, eps, g=cotangent)
+    return dx, mx.zeros_like(w), mx.zeros_like(eps), mx.zeros_like(c), mx.zeros_like(s)

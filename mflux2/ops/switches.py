@@ -19,8 +19,11 @@ SWITCHES = {  # op -> environment variable ("0": the fallback)
     "swiglu": "MFLUX2_FAST_SWIGLU",  # SwiGLU's recomputing VJP | autodiff of silu(gate)·up
     "split_views": "MFLUX2_FAST_SPLIT",  # split views with a concatenating VJP | plain slices
     "flat_views": "MFLUX2_FAST_FLAT_VIEWS",  # views of the flat parameters, VJP concatenating per group | plain slices
+    "qkv_parts": "MFLUX2_QKV_PARTS",  # q, k, v from one GEMM each (contiguous; a LoRA's down-projection shared) | one fused GEMM split into views
     "linear": "MFLUX2_FAST_LINEAR",  # GEMMs per output part, LoRA as accumulator, dequantised tiles | layer(x)
-    "dequantize_cuda": "MFLUX2_CUDA_DEQUANTIZE",  # (on CUDA, int8) the dequantisation kernel | mx.dequantize
+    "dequantize_cuda": "MFLUX2_CUDA_DEQUANTIZE",
+    "rms_frozen": "MFLUX2_FAST_RMS_FROZEN",  # rms_norm whose VJP forms no gradient for the frozen scale | autodiff of mx.fast.rms_norm
+    "norm_rope": "MFLUX2_CUDA_NORM_ROPE",  # (on CUDA, with "rope_cuda") q/k's RMS norm + RoPE as one kernel each way, no scale gradient | rms_norm, then RoPE  # (on CUDA, int8) the dequantisation kernel | mx.dequantize
     "conv_gemm": "MFLUX2_FAST_CONV",  # convolutions as GEMMs (mx.matmul) | mx.conv2d
     "group_norm": "MFLUX2_FAST_GROUPNORM",  # GroupNorm through mx.fast.layer_norm, unevaluated | chunked float32 statistics
 }
@@ -34,6 +37,14 @@ BACKEND_DEFAULTS = {  # measured: docs/performance.md, "The VAE" (H100, 2026-12-
     # CPU: mx.fast.layer_norm is composed of ops holding float32 copies; Metal: not measured (nor its
     # memory: a 512² decode's peak went 0.81 -> 2.24 GB on CUDA without the evaluations)
     "group_norm": {"cpu": False, "metal": False},
+    # issue 33, not measured anywhere yet (the session's GPU never started; the shared 2-core CPU was
+    # too loaded for a step-time comparison): off until `bash scripts/gpu_s10.sh ours` has timed it
+    # against the fused q/k/v GEMM (MFLUX2_QKV_PARTS=1 turns it on)
+    "qkv_parts": {"cuda": False, "metal": False, "cpu": False},
+    # issue 33, not measured yet: off until gpu_s10.sh has timed it (MFLUX2_FAST_RMS_FROZEN=1 turns it on)
+    "rms_frozen": {"cuda": False, "metal": False, "cpu": False},
+    # a CUDA kernel (it never runs elsewhere); off until measured against rms_norm + the RoPE kernel
+    "norm_rope": {"cuda": False},
 }
 _FORCED: dict[str, bool] = {}
 

@@ -175,6 +175,9 @@ class LoRAConfig:
     type: str = _f("lora", choices=("lora", "lokr", "loha", "dora"))
     factor: int = _f(-1, check=_check_lokr_factor)  # LoKr: LyCORIS's factor (-1 = automatic)
     decompose_both: bool = _f(False)  # LoKr: LyCORIS's decompose_both (factor W1 too)
+    # ours: start a new run from an existing adapter (a .safetensors file, a folder holding one, or a
+    # hub repo owner/name[/file.safetensors]); a resumed run ignores it (mflux2/training/init_from.py)
+    init_from: str | None = _f(None, check=_check_nonempty)
 
 
 @dataclass
@@ -567,6 +570,7 @@ _DEFAULT_NOTES: dict[str, str | None] = {
     "lora.type": "no Swift key; LoRA, what the Swift trainer trains",
     "lora.factor": "no Swift key; LyCORIS's default (automatic)",
     "lora.decompose_both": "no Swift key; LyCORIS's default",
+    "lora.init_from": "no Swift key; a fresh LoRA (A random, B zero)",
     "dataset.path": None,
     "dataset.validation_path": None,
     "dataset.trigger_word": None,

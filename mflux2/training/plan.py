@@ -454,10 +454,6 @@ def make_plan(cfg, source, machine: Machine, *, samples=(), val_samples=(), item
     te_q, te_phase, te_choices, te_problems = _text_encoder(f, cfg, budget)
     choices += te_choices
     problems += te_problems
-    from mflux2.lora import SAVABLE_TYPES  # (mflux2.lora imports the model)
-
-    if cfg.lora.type not in SAVABLE_TYPES:  # its checkpoints and final file could not be written
-        problems.append(f"lora.type {cfg.lora.type}: mflux2 cannot write {cfg.lora.type} files yet; train lora.type lora")
     if te_phase is not None:
         fixed.append(te_phase)
     all_samples = [*samples, *val_samples]

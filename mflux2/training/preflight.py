@@ -27,13 +27,24 @@ GB = 1e9
 # Disk
 
 
+OUTPUT_DISK_FIX = "free space, lower checkpoints.keep_last, or set checkpoints.output"
+
+
+def disk_problem(folder: Path, need: float, what: str) -> tuple[str | None, int]:
+    """(the problem line when `folder`'s disk has less than `need` bytes free, else None; the free bytes).
+    The run refuses to start on this line and the dry run lists it: one wording for both."""
+    free = _free_bytes(folder)
+    if free >= need:
+        return None, free
+    return f"not enough free disk space in {folder}: about {need / GB:.2f} GB needed {what}, {free / GB:.2f} GB free", free
+
+
 def _disk_check(rep, folder: Path, need: float, what: str, fix: str) -> None:
     """One disk line: `need` bytes `what` against the free space of `folder`; a problem and its fix if short."""
-    free = _free_bytes(folder)
-    ok = free >= need
-    rep.line(f"{folder}: {need / GB:.2f} GB {what}, {free / GB:.1f} GB free {'ok' if ok else 'TOO LITTLE'}")
-    if not ok:
-        rep.problems.append(f"not enough free disk space in {folder}: about {need / GB:.2f} GB needed, {free / GB:.2f} GB free")
+    problem, free = disk_problem(folder, need, what)
+    rep.line(f"{folder}: {need / GB:.2f} GB {what}, {free / GB:.1f} GB free {'ok' if problem is None else 'TOO LITTLE'}")
+    if problem:
+        rep.problems.append(problem)
         rep.fixes.append(fix)
 
 
@@ -275,6 +286,38 @@ def _dataset_lines(samples, rep: Report, cfg):
                      f"raise their repeats (or lower this one's) if that is not intended")
 
 
+def _init_from_lines(rep, cfg, source, ckpt) -> None:
+    """lora.init_from checked as the run checks it (the file from disk or the hub cache; nothing is
+    downloaded): rank, type, shapes and targets against the lora: section."""
+    from huggingface_hub import constants
+
+    from mflux2.hub import ModelLoadError
+    from mflux2.lora_formats import LoRAError, read_lora
+    from mflux2.training import init_from
+    from mflux2.training.memory import _source_config
+    from mflux2.weights import WeightsError
+
+    spec = cfg.lora.init_from
+    if ckpt is not None:
+        rep.line(f"lora.init_from {spec}: ignored — the run resumes from {Path(ckpt).name}, which holds the weights trained from it")
+        return
+    try:
+        path = init_from.resolve(spec, local_only=True)
+        if path is None:
+            if constants.HF_HUB_OFFLINE:
+                raise LoRAError(f"lora.init_from {spec} is not in the Hugging Face cache {constants.HF_HUB_CACHE} and offline "
+                                "mode is on (HF_HUB_OFFLINE=1): download it once with network access, or point it at a local file")
+            rep.line(f"lora.init_from {spec}: not in the Hugging Face cache — the run downloads it and checks it before the caches")
+            return
+        weights, _ = read_lora(path)
+        init_from.check(weights, init_from.expected_layers(_source_config(source), cfg.lora.target_layers), cfg.lora, spec)
+        rep.line(f"lora.init_from: {path} ({len(weights)} layers, rank {cfg.lora.rank}) matches the lora: section; "
+                 "the run starts from its weights at step 0 with a fresh optimiser")
+    except (LoRAError, ModelLoadError, WeightsError, OSError) as e:  # LoRAError is a WeightsError; named for the reader
+        rep.line(f"error: {e}")
+        rep.problems.append(str(e))
+
+
 def preflight(cfg, out=print, err=None, memory_gb: float | None = None, resume=True) -> int:
     """Print the dry-run report of `cfg` (a loaded TrainConfig); 0 when the run can start and fits
     (always 0 with `memory_gb`, a what-if for another machine), else 1 with one line on stderr."""
@@ -399,6 +442,8 @@ def preflight(cfg, out=print, err=None, memory_gb: float | None = None, resume=T
             except TrainingError as e:
                 rep.line(f"error: {e}")
                 rep.problems.append(str(e))
+        if cfg.lora.init_from:
+            _init_from_lines(rep, cfg, tsrc, ckpt)
         vsrc = None
         if val is not None:
             vsrc = val.source or (plan_mod.Preset(val.variant) if val.variant else None)
@@ -422,8 +467,7 @@ def preflight(cfg, out=print, err=None, memory_gb: float | None = None, resume=T
     rep.section("disk")
     if samples and plan is not None:
         _disk_check(rep, Path(cfg.checkpoints.output), plan.disk_gb * GB,
-                    f"for the caches and {plan.checkpoints_kept} checkpoint(s)",
-                    "free space, lower checkpoints.keep_last, or set checkpoints.output")
+                    f"for the caches and {plan.checkpoints_kept} checkpoint(s)", OUTPUT_DISK_FIX)
     else:
         rep.line("unknown (no dataset or no model)")
     if download:

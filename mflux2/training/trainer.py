@@ -201,12 +201,11 @@ class Trainer:
 
     def _check_disk_space(self, need: int, keep: int):
         """Refuse to start when the caches and the checkpoints we will keep cannot fit on the disk."""
-        free = shutil.disk_usage(self.output).free
-        if free < need:
-            raise TrainingError(
-                f"not enough free disk space in {self.output}: about {need / 1e9:.2f} GB needed for caches and "
-                f"{keep} checkpoint(s), {free / 1e9:.2f} GB free — free space, lower checkpoints.keep_last, or set checkpoints.output"
-            )
+        from mflux2.training.preflight import OUTPUT_DISK_FIX, disk_problem
+
+        problem, _ = disk_problem(self.output, need, f"for the caches and {keep} checkpoint(s)")
+        if problem:
+            raise TrainingError(f"{problem} — {OUTPUT_DISK_FIX}")
 
     def _open_models(self):
         """The training model's pipeline and, when another model renders the validation images, its
@@ -365,11 +364,12 @@ class Trainer:
         model = self.pipe.transformer
         lcfg = self.cfg.lora
         mx.random.seed(self.cfg.training.seed)  # LoRA A's initialisation
-        if lcfg.type not in lora_mod.SAVABLE_TYPES:
-            raise TrainingError(f"lora.type {lcfg.type}: mflux2 cannot write {lcfg.type} files yet (its checkpoints and final file "
-                                f"need them); train lora.type lora, or use mflux2.lora / TrainStep directly")
         lora_mod.apply_lora(model, rank=lcfg.rank, alpha=float(lcfg.alpha), targets=lcfg.target_layers, dropout=lcfg.dropout,
                             type=lcfg.type, factor=lcfg.factor, decompose_both=lcfg.decompose_both)
+        if getattr(self, "init_weights", None):  # lora.init_from on a fresh run (checked in _setup)
+            from mflux2.training import init_from
+
+            init_from.apply(model, self.init_weights)
         lora_mod.freeze_for_lora(model)
         model.set_gradient_checkpointing(self.cfg.memory.checkpoint_every)
         model.train()
@@ -399,6 +399,7 @@ class Trainer:
             "rank": str(self.cfg.lora.rank), "alpha": str(self.cfg.lora.alpha), "targets": self.cfg.lora.target_layers,
             "base_model": self.pipe.variant or "custom", "trigger_word": self.cfg.dataset.trigger_word or "",
             "training_steps": str(step), "software": "mflux2",
+            **({"init_from": self.cfg.lora.init_from} if self.cfg.lora.init_from else {}),
         }
 
     def _save_lora(self, path: Path, step: int):
@@ -603,6 +604,7 @@ class Trainer:
         self._captioned = bool(pending)
         if ckpt is not None:  # a checkpoint this run cannot continue stops it now, not after the caches
             checkpoints.check_resumable(ckpt, checkpoints.read_state(ckpt), cfg, self.model_identity, self.pipe.source.root)
+        self.init_weights = self._init_from(ckpt)
         if pending:  # the VLM is freed before anything else loads
             if self.rank == 0:
                 from mflux2.captions import auto_caption
@@ -632,6 +634,27 @@ class Trainer:
             self.scorer = Scorer(cfg, self.output, [s.path for s in self.samples], self.validation.items, self.clock, self.log,
                                  record=lambda rec: self._metrics.append(rec) if self._metrics is not None else None)
         return ckpt
+
+    def _init_from(self, ckpt: Path | None) -> dict | None:
+        """lora.init_from's weights, checked against the lora: section before anything loads; None
+        when unset or when the run resumes (the checkpoint holds the weights trained from it)."""
+        spec = self.cfg.lora.init_from
+        if not spec:
+            return None
+        if ckpt is not None:
+            self.log(f"lora.init_from {spec} ignored: the run resumes from {ckpt.name}, which holds the weights trained from it")
+            return None
+        from mflux2.lora_formats import read_lora
+        from mflux2.training import init_from
+        from mflux2.training.memory import _source_config
+
+        path = init_from.resolve(spec)
+        weights, _ = read_lora(path)
+        init_from.check(weights, init_from.expected_layers(_source_config(self.pipe.source), self.cfg.lora.target_layers),
+                        self.cfg.lora, spec)
+        self.log(f"lora.init_from: starting from {path} ({len(weights)} layers, rank {self.cfg.lora.rank}); "
+                 "fresh optimiser state, step 0")
+        return weights
 
     def _scan(self):
         cfg = self.cfg

@@ -1,0 +1,197 @@
+"""lora.init_from: a new run starts from an existing adapter (tiny FLUX.2 model, CPU)."""
+
+from __future__ import annotations
+
+import json
+
+import mlx.core as mx
+import numpy as np
+import pytest
+import yaml
+
+from mflux2 import lora as lora_mod
+from mflux2.hub import ModelLoadError
+from mflux2.lora_formats import DoRAWeights, LoRAError, LoRAWeights, read_lora
+from mflux2.models.transformer import load_transformer
+from mflux2.training import init_from
+from mflux2.training.config_loading import load_config
+from mflux2.training.memory import _source_config
+from mflux2.training.preflight import preflight
+from mflux2.training.trainer import Trainer
+from tests.tiny_flux2 import build_tiny_klein, make_images
+from test_hub import add_to_cache
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    return build_tiny_klein(root / "model"), make_images(root / "data", n=3, size=64)
+
+
+def make_lora(model_dir, path, rank=4, targets="attention", alpha=8.0, seed=3):
+    """A LoRA for the tiny model with non-zero A and B (a fresh one's B = 0 would prove nothing)."""
+    model = load_transformer(model_dir, dtype=mx.float32)
+    lora_mod.apply_lora(model, rank=rank, alpha=alpha, targets=targets)
+    g = np.random.default_rng(seed)
+    for _, layer in lora_mod.lora_layers(model):
+        layer.lora_A = mx.array(g.standard_normal(layer.lora_A.shape).astype(np.float32) * 0.3)
+        layer.lora_B = mx.array(g.standard_normal(layer.lora_B.shape).astype(np.float32) * 0.3)
+    return lora_mod.save_lora(path, model, metadata={"trigger_word": "old"})
+
+
+def write_config(folder, tiny, **lora):
+    model, data = tiny
+    folder.mkdir(parents=True, exist_ok=True)
+    cfg = {
+        "model": {"path": str(model), "quantization": "bf16", "transformer_quantization": "bf16"},
+        "lora": {"rank": 4, "alpha": 2.0, "target_layers": "attention", **lora},  # alpha 2 != the file's 8: B is rescaled
+        "dataset": {"path": str(data), "trigger_word": "sks"},
+        "training": {"max_steps": 2, "learning_rate": 1e-3, "log_every_n_steps": 1, "seed": 7},
+        "loss": {"diff_output_preservation": True, "diff_output_preservation_class": "thing"},
+        "memory": {"bucketing": {"resolutions": [64]}, "compile_training": False},
+        "checkpoints": {"output": str(folder / "out"), "save_every": 1},
+        "validation": {"prompts": []},
+    }
+    path = folder / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def rows(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+
+
+@pytest.fixture(scope="module")
+def started(tiny, tmp_path_factory):
+    """An uninterrupted 2-step run started from a LoRA file."""
+    root = tmp_path_factory.mktemp("started")
+    lora = make_lora(tiny[0], root / "init.safetensors")
+    cfg = write_config(root / "a", tiny, init_from=str(lora))
+    logs = []
+    Trainer(load_config(cfg), log=logs.append).run()
+    return lora, root / "a" / "out", logs
+
+
+def test_a_run_starts_at_step_0_from_the_files_weights(tiny, started, tmp_path, monkeypatch):
+    lora, out, logs = started
+    a = rows(out)
+    assert [r["step"] for r in a] == [1, 2]  # a fresh step count
+    assert a[0]["dop_loss"] > 0  # the preservation term is 0 at step 0 for a fresh LoRA (B = 0)
+    assert any("lora.init_from: starting from" in line for line in logs)
+    meta = mx.load(str(out / "lora_final.safetensors"), return_metadata=True)[1]
+    assert meta["init_from"] == str(lora) and meta["training_steps"] == "2"
+
+    # the same run, the file put in by load_lora(trainable=True) instead: the first step's loss is the same
+    original = Trainer._load_transformer
+
+    def with_file_loaded(self):
+        model = original(self)
+        lora_mod.remove_lora(model)
+        lora_mod.load_lora(model, lora, trainable=True)
+        return model
+
+    monkeypatch.setattr(Trainer, "_load_transformer", with_file_loaded)
+    Trainer(load_config(write_config(tmp_path / "b", tiny)), log=lambda *_: None).run()
+    b = rows(tmp_path / "b" / "out")
+    assert a[0]["loss"] == pytest.approx(b[0]["loss"], rel=1e-6)
+    assert a[0]["dop_loss"] == pytest.approx(b[0]["dop_loss"], rel=1e-5)
+
+
+def test_resume_wins_over_init_from(tiny, started, tmp_path):
+    lora, uninterrupted, _ = started
+    cfg = write_config(tmp_path, tiny, init_from=str(lora))
+
+    def stop_at_1(trainer, step):
+        if step == 1:
+            (trainer.output / ".stop").write_text("")
+
+    first = Trainer(load_config(cfg), log=lambda *_: None, on_step=stop_at_1)
+    first.run()
+    assert first.result["step"] == 1
+    logs = []
+    second = Trainer(load_config(cfg), log=logs.append)
+    second.run()
+    assert second.result["step"] == 2
+    assert any("lora.init_from" in line and "ignored" in line and "checkpoint_000001" in line for line in logs)
+    # the resumed run carries on from the checkpoint: its LoRA equals the uninterrupted run's
+    want, got = mx.load(str(uninterrupted / "lora_final.safetensors")), mx.load(str(tmp_path / "out" / "lora_final.safetensors"))
+    for k in want:
+        np.testing.assert_allclose(np.array(got[k]), np.array(want[k]), rtol=1e-5, atol=1e-7, err_msg=k)
+    # and the dry run says so
+    lines = []
+    assert preflight(load_config(cfg), out=lines.append, err=lines.append) == 0
+    assert any("lora.init_from" in line and "ignored" in line for line in lines)
+
+
+@pytest.mark.parametrize("kind", ["rank", "targets"])
+def test_a_mismatch_stops_the_run_and_the_dry_run(tiny, tmp_path, kind):
+    bad = make_lora(tiny[0], tmp_path / "bad.safetensors", **({"rank": 2} if kind == "rank" else {"targets": "all"}))
+    want = {"rank": "layer double_blocks.0.img_attn.qkv has rank 2, lora.rank is 4",
+            "targets": "layer double_blocks.0.img_mlp.0 is in the file but not in lora.target_layers 'attention'"}[kind]
+    cfg = write_config(tmp_path, tiny, init_from=str(bad))
+    lines, errs = [], []
+    assert preflight(load_config(cfg), out=lines.append, err=errs.append) == 1
+    assert any(want in line for line in lines + errs)
+    with pytest.raises(LoRAError) as e:
+        Trainer(load_config(cfg), log=lambda *_: None).run()
+    assert want in str(e.value) and "\n" not in str(e.value)
+    assert not (tmp_path / "out" / ".latent_cache").exists() or not any((tmp_path / "out" / ".latent_cache").iterdir())
+
+
+def test_check_names_the_first_mismatching_layer(tiny, tmp_path):
+    from mflux2.model_files import resolve_source
+
+    cfg = load_config(write_config(tmp_path, tiny, init_from="x"))
+    expected = init_from.expected_layers(_source_config(resolve_source(tiny[0])), "attention")
+    good, _ = read_lora(make_lora(tiny[0], tmp_path / "good.safetensors"))
+    init_from.check(good, expected, cfg.lora, "x")  # passes
+    first = "double_blocks.0.img_attn.qkv"
+    w = good[first]
+    cases = {
+        "is a dora adapter, lora.type is lora": {**good, first: DoRAWeights(w.A, w.B, w.alpha, magnitude=mx.ones(w.shape[0]))},
+        f"shape mismatch for {first}: file (48, 24)": {**good, first: LoRAWeights(w.A[:, :24], w.B[:48], w.alpha)},
+        f"layer {first} is in lora.target_layers 'attention' but not in the file": {k: v for k, v in good.items() if k != first},
+    }
+    outside = good["single_blocks.0.linear2"]
+    a = mx.array(outside.A)
+    a[:, -1] = 1.0  # a change to linear2's MLP columns, outside 'attention'
+    cases["single_blocks.0.linear2 changes weights outside"] = {**good, "single_blocks.0.linear2": LoRAWeights(a, outside.B, outside.alpha)}
+    for msg, weights in cases.items():
+        with pytest.raises(LoRAError, match="^lora.init_from x: .*" + msg.replace("(", r"\(").replace(")", r"\)")):
+            init_from.check(weights, expected, cfg.lora, "x")
+
+
+def test_resolve_files_folders_and_the_hub(tiny, tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    lora = make_lora(tiny[0], tmp_path / "run" / "lora_final.safetensors")
+    assert init_from.resolve(str(lora)) == lora
+    assert init_from.resolve(str(tmp_path / "run")) == lora  # an mflux2 output folder
+    (tmp_path / "two").mkdir()
+    for n in ("a", "b"):
+        (tmp_path / "two" / f"{n}.safetensors").write_bytes(lora.read_bytes())
+    with pytest.raises(LoRAError, match="several .safetensors files"):
+        init_from.resolve(str(tmp_path / "two"))
+    with pytest.raises(LoRAError, match="no such file or folder"):
+        init_from.resolve(str(tmp_path / "run" / "typo.safetensors"))
+
+    cache = tmp_path / "hub"
+    cache.mkdir()
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    snapshot = add_to_cache(cache, "someone/tiny-lora", {"tiny_lora.safetensors": lora.read_bytes(), "README.md": b"hi"})
+    assert init_from.resolve("someone/tiny-lora") == snapshot / "tiny_lora.safetensors"
+    assert init_from.resolve("someone/tiny-lora/tiny_lora.safetensors") == snapshot / "tiny_lora.safetensors"
+    assert init_from.resolve("someone/tiny-lora", local_only=True) == snapshot / "tiny_lora.safetensors"
+    assert init_from.resolve("someone/other", local_only=True) is None
+    with pytest.raises(ModelLoadError, match="someone/other is not .*in the Hugging Face cache .* offline mode is on"):
+        init_from.resolve("someone/other")
+    # the dry run checks a cached hub adapter, and refuses one it cannot get offline
+    lines = []
+    assert preflight(load_config(write_config(tmp_path / "c", tiny, init_from="someone/tiny-lora")), out=lines.append,
+                     err=lines.append) == 0
+    assert any("lora.init_from: " in line and "matches the lora: section" in line for line in lines)
+    lines = []
+    assert preflight(load_config(write_config(tmp_path / "d", tiny, init_from="someone/other")), out=lines.append,
+                     err=lines.append) == 1
+    assert any("someone/other is not in the Hugging Face cache" in line for line in lines)

@@ -1,0 +1,51 @@
+"""scripts/kernel_profile.py: an ncu CSV of a step is summed by category, and the shapes mode runs."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+
+import kernel_profile as K  # noqa: E402
+
+HEAD = '"ID","Process ID","Process Name","Host Name","Kernel Name","Context","Stream","Block Size","Grid Size","Device","CC","gpu__time_duration.sum","launch__grid_size"'
+UNITS = '"","","","","","","","","","","","nsecond",""'
+
+
+def _row(i, name, ns):
+    return f'"{i}","1","python3","h","{name}","1","7","(256, 1, 1)","(132, 1, 1)","0","9.0","{ns}","132"'
+
+
+def test_parse_sums_kernels_by_category(tmp_path):
+    kernels = [("nvjet_sm90_tst_192x192_64x3_2x1_v_bz_coopB_NNN", 50000), ("nvjet_sm90_tst_64x32_TNT", 4000),
+               ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16", 70000),
+               ("cudnn_generated_fort_native_sdpa_sm90_flash_bprop_wgmma_f16", 180000),
+               ("void mlx::layer_norm<__nv_bfloat16, 512, 8>(const T1 *)", 20000),
+               ("mflux2_rope", 9000), ("void mlx::copy_gg_nd<__nv_bfloat16>", 11000),
+               ("void mlx::col_reduce_looped<float>", 3000), ("void mlx::Ef4IAsTypeAFf4IBroadcast_strided<4>", 7000),
+               ("something_else", 1000)]
+    text = "==PROF== Connected\n" + "\n".join([HEAD, UNITS] + [_row(i, n, t) for i, (n, t) in enumerate(kernels)])
+    path = tmp_path / "step.csv"
+    path.write_text(text)
+    s = K.summarize(K.read_ncu_csv(str(path)), step_s=0.001)
+    c = s["categories"]
+    assert c["GEMMs"] == {"launches": 2, "ms": 0.054}
+    assert c["attention forward"]["ms"] == 0.07 and c["attention backward"]["ms"] == 0.18
+    assert c["norms (layer / RMS, forward + VJP)"]["ms"] == 0.02 and c["RoPE kernel"]["ms"] == 0.009
+    assert c["copies (concatenations, layouts)"]["ms"] == 0.011 and c["reductions"]["ms"] == 0.003
+    assert c["other"]["ms"] == 0.001 and s["kernels"] == 10 and s["kernel_ms"] == 0.355
+    assert s["gaps_ms"] == 0.645 and s["gemm_launches_under_10us"] == [1, 0.004]
+    assert "| all kernels | 10 | 0.355 |" in K.markdown(s)
+
+
+def test_shapes_mode_runs_on_the_cpu():
+    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "kernel_profile.py"), "shapes", "--tiny", "--reps", "1"],
+                         capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert out.returncode == 0, out.stderr
+    rows = [json.loads(l) for l in out.stdout.splitlines()]
+    gemms = [r for r in rows if r["what"] == "gemms alone"]
+    assert [r["qkv_parts"] for r in gemms] == [False, True]
+    assert gemms[1]["base_gemms"] > gemms[0]["base_gemms"] and all(r["lora_s"] > 0 for r in gemms)
+    assert rows[-1]["what"] == "attention alone" and rows[-1]["forward_backward_s"] > 0
