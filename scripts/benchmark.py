@@ -8,6 +8,15 @@
     python scripts/benchmark.py --control 1 --checkpointing 1   # edit training: 512² target + one 512² reference
     python scripts/benchmark.py --mode dop --dop-prompts 4   # DOP with loss.diff_output_preservation_prompts
     python scripts/benchmark.py --tiny --masked   # masked loss: a random weight per image token
+    python scripts/benchmark.py --adapter lokr --factor 8   # LoKr/LoHa/DoRA (lora.type) instead of LoRA
+
+Adapter types (--adapter lokr|loha|dora, with LoKr's --factor and --decompose-both): the rank is
+chosen so that the trainable parameter count comes as close to rank-`--rank` LoRA's as the type
+allows (--adapter-rank to set it); both counts are printed (adapter_params, lora_params_at_rank).
+The FLOP count then leaves the adapter's own matmuls out (adapter_flops_counted: false).
+`--compare lora,lokr:8,loha,dora` (TYPE or lokr:FACTOR) builds one model per entry on the same random
+base and runs their plain steps in turn, one step each per round, so all see the same machine load
+(for a busy CPU); prints each one's median s/step and its ratio to the first entry's.
 
 Weights are random, initialised and quantised block by block, so dev's 32B never needs its 64 GB of
 bf16 at once. Prints one JSON line: median s/step over the timed steps (after warm-up), peak memory
@@ -54,7 +63,7 @@ from mflux2.models.transformer import Flux2Transformer, TransformerConfig, prese
 from mflux2.models.vae import image_ids  # noqa: E402
 from mflux2.ops import SWITCHES, is_fast  # noqa: E402
 from mflux2.training.data import preservation_prompts  # noqa: E402
-from mflux2.training.memory import limit_command_batches  # noqa: E402
+from mflux2.training.memory import limit_command_batches, lora_parameters  # noqa: E402
 from mflux2.training.step import Batch, StepConfig, TrainStep  # noqa: E402
 
 # Tiny, but with enough blocks and tokens that activations (not weights) show in peak memory, so the
@@ -194,6 +203,59 @@ def trace_memory(step: TrainStep, batch: Batch, args, dop: bool) -> list:
     return rows
 
 
+def matched_rank(cfg, args, adapter, factor=-1, decompose_both=False) -> int:
+    """--adapter-rank, or the rank whose parameter count is closest to rank --rank LoRA's."""
+    if adapter == "lora":
+        return args.rank
+    target = lora_parameters(cfg, args.rank, args.targets)
+    return args.adapter_rank or min(range(1, 1025), key=lambda r: (
+        abs(lora_parameters(cfg, r, args.targets, adapter, factor, decompose_both) - target), r))
+
+
+def compare(args, cfg, dtype, limit) -> dict:
+    """Plain steps of several adapter types on one random base, in turn (one step each per round)."""
+    import copy
+
+    side = args.resolution // 16
+    n_img = side * side
+    base = random_transformer(cfg, dtype, args.base, args.group_size)
+    txt_ids = mx.concatenate([mx.zeros((args.text_len, 3)), mx.arange(args.text_len, dtype=mx.float32)[:, None]], axis=1)
+    batch = Batch(latents=mx.random.normal((args.batch, n_img, cfg.in_channels)).astype(dtype),
+                  prompt_embeds=mx.random.normal((args.batch, args.text_len, cfg.joint_attention_dim)).astype(dtype),
+                  img_ids=image_ids(args.resolution, args.resolution), txt_ids=txt_ids)
+    runs = []
+    for entry in args.compare.split(","):
+        kind, _, factor = entry.partition(":")
+        factor = int(factor) if factor else -1
+        model = copy.deepcopy(base)
+        rank = matched_rank(cfg, args, kind, factor, args.decompose_both)
+        apply_lora(model, rank=rank, alpha=float(rank), targets=args.targets, type=kind,
+                   **({"factor": factor, "decompose_both": args.decompose_both} if kind == "lokr" else {}))
+        model.set_gradient_checkpointing(args.checkpointing)
+        step = TrainStep(model, optim.AdamW(learning_rate=1e-4), StepConfig(compile=not args.no_compile, memory_limit=limit))
+        runs.append({"entry": entry, "rank": rank, "params": sum(p.size for _, p in tree_flatten(model.trainable_parameters())),
+                     "step": step, "times": []})
+    key = mx.random.key(args.seed)
+    for i in range(args.warmup + args.steps):
+        for r in runs:
+            key, sub = mx.random.split(key)
+            t = time.perf_counter()
+            out = r["step"](batch, sub)
+            mx.eval(out["loss"], out["grad_norm"], r["step"].state_arrays())
+            if i >= args.warmup:
+                r["times"].append(time.perf_counter() - t)
+    first = statistics.median(runs[0]["times"])
+    result = {"compare": [{"entry": r["entry"], "rank": r["rank"], "params": r["params"],
+                           "median_s_per_step": round(statistics.median(r["times"]), 5),
+                           "ratio_to_first": round(statistics.median(r["times"]) / first, 3)} for r in runs],
+              "lora_params_at_rank": lora_parameters(cfg, args.rank, args.targets), "model": "tiny" if args.tiny else args.model,
+              "resolution": args.resolution, "text_len": args.text_len, "targets": args.targets, "dtype": args.dtype,
+              "checkpointing": args.checkpointing, "steps": args.steps, "device": str(mx.default_device()),
+              "load_average": os.getloadavg(), "date": date.today().isoformat()}
+    print(json.dumps(result))
+    return result
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="klein-4b", help="klein-4b | klein-9b | dev (and klein-base-*)")
@@ -205,6 +267,12 @@ def main(argv=None):
     ap.add_argument("--text-len", type=int, default=512)
     ap.add_argument("--rank", type=int, default=32)
     ap.add_argument("--targets", default="attention")
+    ap.add_argument("--adapter", default="lora", choices=["lora", "lokr", "loha", "dora"], help="lora.type")
+    ap.add_argument("--factor", type=int, default=-1, help="LoKr: LyCORIS's factor (-1 = automatic)")
+    ap.add_argument("--decompose-both", action="store_true", help="LoKr: factor W1 too")
+    ap.add_argument("--compare", default=None, help="TYPE[,TYPE|lokr:FACTOR...]: interleaved plain steps of each")
+    ap.add_argument("--adapter-rank", type=int, default=None,
+                    help="the adapter's rank (default: the one whose parameter count is closest to rank --rank LoRA's)")
     ap.add_argument("--control", type=int, default=0,
                     help="edit training: this many reference images at the target's resolution (0 = text-to-image)")
     ap.add_argument("--mode", default="plain", choices=["plain", "dop", "dop-every"])
@@ -256,11 +324,18 @@ def main(argv=None):
     if args.resolution % 16:
         ap.error("--resolution must be a multiple of 16")
     dtype = getattr(mx, args.dtype)
+    if args.compare:
+        return compare(args, cfg, dtype, limit)
     t0 = time.perf_counter()
     model = random_transformer(cfg, dtype, args.base, args.group_size)
-    wrapped = apply_lora(model, rank=args.rank, alpha=float(args.rank), targets=args.targets)
+    lora_count = lora_parameters(cfg, args.rank, args.targets)
+    rank = matched_rank(cfg, args, args.adapter, args.factor, args.decompose_both)
+    wrapped = apply_lora(model, rank=rank, alpha=float(rank), targets=args.targets, type=args.adapter,
+                         **({"factor": args.factor, "decompose_both": args.decompose_both} if args.adapter == "lokr" else {}))
     model.set_gradient_checkpointing(args.checkpointing)
+    adapter_count = sum(p.size for _, p in tree_flatten(model.trainable_parameters()))
     lora_io = sum(sum(p.shape) for k, p in tree_flatten(model.trainable_parameters()) if k.endswith("lora_A") or k.endswith("lora_A.weight"))
+    lora_io = lora_io if args.adapter == "lora" else 0  # (other types: their matmuls are not in the FLOP count)
     load_s = time.perf_counter() - t0
     weights = mx.get_active_memory()
 
@@ -356,6 +431,9 @@ def main(argv=None):
         "blockwise": bool(args.checkpointing) and not args.no_blockwise, "ahead": args.ahead, "base": args.base, "group_size": args.group_size or QUANT_GROUP_SIZE.get(args.base), "dtype": args.dtype,
         "pipeline_ahead": args.pipeline_ahead,
         "compiled": not args.no_compile, "lora_layers": len(wrapped),
+        "adapter": args.adapter, "adapter_rank": rank, "factor": args.factor if args.adapter == "lokr" else None,
+        "decompose_both": args.decompose_both if args.adapter == "lokr" else None,
+        "adapter_params": adapter_count, "lora_params_at_rank": lora_count, "adapter_flops_counted": args.adapter == "lora",
         "median_s_per_step": round(med, 5), "mean_s_per_step": round(statistics.mean(times), 5),
         "peak_memory_gb": round(peak / 1e9, 3), "weights_gb": round(weights / 1e9, 3), "peak_memory_bytes": peak,
         "tokens_per_s": round(b * (n_img + n_ref + args.text_len) / med, 1),

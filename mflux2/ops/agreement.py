@@ -114,33 +114,47 @@ def _flat_views() -> float:
     return _agree(fn, flats, {"flat_views": True}, {"flat_views": False})
 
 
-def _lora_stack(base):
-    from mflux2.lora import LoRALinear  # (mflux2.lora imports mflux2.ops)
+def _lora_stack(base, types: tuple = ("lora", "lora")):
+    """Two or three stacked, restricted adapters (returned outermost first) with random non-zero factors."""
+    from mflux2.lora import ADAPTERS  # (mflux2.lora imports mflux2.ops)
 
-    inner = LoRALinear(base, 3, out_range=(8, 30), in_range=(10, 40))  # overlaps both parts of each split
-    outer = LoRALinear(inner, 2, in_range=(0, 20))
-    for m in (inner, outer):
-        m.lora_B = mx.random.normal(m.lora_B.shape)
-    return outer, inner
+    ranges = [dict(out_range=(8, 30), in_range=(10, 40)), dict(in_range=(0, 20)), dict(out_range=(4, 36))]
+    layers, layer = [], base
+    for kind, kw, rank in zip(types, ranges, (3, 2, 2)):  # the first overlaps both parts of each split
+        layer = ADAPTERS[kind](layer, rank, **kw)
+        for k in layer.param_names():
+            layer[k] = mx.random.normal(layer[k].shape) * (0.3 if k != "magnitude" else 1.0) + (layer[k] if k == "magnitude" else 0)
+        layers.append(layer)
+    return layers[::-1]
+
+
+_STACKS = (("lora", "lora"), ("dora", "lokr", "loha"))  # DoRA rescales its base: innermost
 
 
 def _linear(quantized: bool, kernel: bool = False) -> float:
-    """linear, linear_split and linear_concat through two stacked, restricted LoRAs; the base a
-    Linear, or an int8/int4 QuantizedLinear at enough tokens to be dequantised by tiles."""
+    """linear, linear_split and linear_concat through stacked, restricted adapters (two LoRAs; a DoRA
+    under a LoKr under a LoHa); the base a Linear, or an int8/int4 QuantizedLinear at enough tokens
+    to be dequantised by tiles."""
     errs = []
     for bits in ((8, 4) if quantized and not kernel else (8,) if quantized else (None,)):
-        base = nn.QuantizedLinear(64, 40, bias=False, group_size=32, bits=bits) if bits else nn.Linear(48, 40, bias=False)
-        n_in = 64 if bits else 48
-        outer, inner = _lora_stack(base)
-        x = mx.random.normal((1, max(L.DEQUANTIZE_MIN_ROWS, 8) + 44 if bits else 5, n_in))
+        for types in _STACKS:
+            base = nn.QuantizedLinear(64, 40, bias=bits == 8, group_size=32, bits=bits) if bits else nn.Linear(48, 40, bias=True)
+            n_in = 64 if bits else 48
+            if "bias" in base:
+                base.bias = mx.random.normal(base.bias.shape)  # (QuantizedLinear's starts at zero)
+            layers = _lora_stack(base, types)
+            names = [(m, k) for m in layers for k in m.param_names()]
+            x = mx.random.normal((1, max(L.DEQUANTIZE_MIN_ROWS, 8) + 44 if bits else 5, n_in))
 
-        def fn(x, a_in, b_in, a_out, b_out):
-            inner.lora_A, inner.lora_B, outer.lora_A, outer.lora_B = a_in, b_in, a_out, b_out
-            return [L.linear(outer, x), *L.linear_split(outer, x, [5, 20, 15]),
-                    L.linear_concat(outer, [x[..., :16], x[..., 16:]])]
+            def fn(x, *params, layers=layers, names=names):
+                for (m, k), p in zip(names, params):
+                    m[k] = p
+                outer = layers[0]
+                return [L.linear(outer, x), *L.linear_split(outer, x, [5, 20, 15]),
+                        L.linear_concat(outer, [x[..., :16], x[..., 16:]])]
 
-        primals = [x, inner.lora_A, inner.lora_B, outer.lora_A, outer.lora_B]
-        errs.append(_agree(fn, primals, {"linear": True, "dequantize_cuda": kernel}, {"linear": False}))
+            primals = [x] + [m[k] for m, k in names]
+            errs.append(_agree(fn, primals, {"linear": True, "dequantize_cuda": kernel}, {"linear": False}))
     return max(errs)
 
 

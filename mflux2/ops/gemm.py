@@ -3,6 +3,9 @@ QuantizedLinear or LoRALinear (stacked ones too), which the blocks call instead 
 
 - fallback (`linear_reference`): the layer's own matmul (quantized_matmul for a quantized base),
   each LoRA's delta added on its output rows, the parts sliced afterwards;
+- adapters: any layer with `lora_forward(x)` (LoRA, LoKr, LoHa) adds that delta; a layer with
+  `row_scale()` too (DoRA) rescales its base's output per row instead: y + (g − 1)⊙(y − bias) +
+  lora_forward(x, g), in both paths;
 - fast path (switch "linear"): a fused projection's output parts come from separate GEMMs on row
   slices of its weight (no slicing copies of a wide output; row slices of a weight are contiguous),
   a LoRA delta enters as the accumulator of the base GEMM (`mx.addmm`) and reads only the input
@@ -28,7 +31,42 @@ DEQUANTIZE_MIN_ROWS = 256  # below this many tokens, quantized_matmul (small bat
 
 
 def _is_lora(layer) -> bool:
-    return hasattr(layer, "lora_forward")  # a LoRALinear (duck-typed: mflux2.lora imports this module)
+    return hasattr(layer, "lora_forward")  # an adapter layer (duck-typed: mflux2.lora imports this module)
+
+
+def _is_rescaling(layer) -> bool:
+    """DoRA: the base output is rescaled per row (not an additive accumulator)."""
+    return hasattr(layer, "row_scale")
+
+
+def _dora_rows(layer, y, z, g, r0, r1, bias):
+    """y + (g − 1) ⊙ (y − bias) + z over the output rows r0:r1 (y the base's output there, z the
+    LoRA path with g folded in over the layer's rows); rows outside the layer's range are y."""
+    s0, s1 = layer.out_start, layer.out_stop
+    o0, o1 = _overlap(r0, r1, s0, s1)
+    if o0 >= o1:
+        return y
+    gm1 = (g[o0 - s0 : o1 - s0] - 1).astype(y.dtype)  # g − 1 in float32, then cast: g ≈ 1 would round in bf16
+    zp = z if (o0, o1) == (s0, s1) else z[..., o0 - s0 : o1 - s0]
+    if (o0, o1) != (r0, r1):
+        gm1 = mx.pad(gm1, [(o0 - r0, r1 - o1)])
+        zp = mx.pad(zp, [(0, 0)] * (zp.ndim - 1) + [(o0 - r0, r1 - o1)])
+    y_w = y if bias is None else y - bias[r0:r1]
+    return y + gm1 * y_w + zp
+
+
+def _lora_input(layer, xs: list):
+    """The input columns in_start:in_stop of concat(xs), read from the parts."""
+    bounds = [0]
+    for x in xs:
+        bounds.append(bounds[-1] + x.shape[-1])
+    i0, i1 = layer.in_start, layer.in_stop
+    parts = []
+    for (c0, c1), x in zip(zip(bounds, bounds[1:]), xs):
+        o0, o1 = _overlap(c0, c1, i0, i1)
+        if o0 < o1:
+            parts.append(x if (o0, o1) == (c0, c1) else x[..., o0 - c0 : o1 - c0])
+    return parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=-1)
 
 
 def _overlap(a0, a1, b0, b1):
@@ -40,24 +78,28 @@ def _project(layer, xs: list, rows: list, accs: list) -> list:
     if _is_lora(layer):
         if not layer.enabled or layer.scale == 0.0:
             return _project(layer.base, xs, rows, accs)
-        bounds = [0]
-        for x in xs:
-            bounds.append(bounds[-1] + x.shape[-1])
-        i0, i1 = layer.in_start, layer.in_stop
-        parts = []
-        for (c0, c1), x in zip(zip(bounds, bounds[1:]), xs):  # the input columns the LoRA reads
-            o0, o1 = _overlap(c0, c1, i0, i1)
-            if o0 < o1:
-                parts.append(x if (o0, o1) == (c0, c1) else x[..., o0 - c0 : o1 - c0])
-        # The down-projection once for all output parts (q, k, v: one GEMM); the up-projection per
-        # part, so each part's delta is contiguous (no strided slices of one wide delta).
-        h = layer.lora_down(parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=-1))
+        if _is_rescaling(layer):  # DoRA: the base's own output, rescaled per row, then the accumulators
+            g = layer.row_scale()
+            z = layer.lora_forward(_lora_input(layer, xs), g)
+            ys = _project(layer.base, xs, rows, [None] * len(rows))
+            bias = layer.plain_base.get("bias")
+            ys = [_dora_rows(layer, y, z, g, r0, r1, bias) for y, (r0, r1) in zip(ys, rows)]
+            return [y if a is None else a + y for y, a in zip(ys, accs)]
+        x_in = _lora_input(layer, xs)
+        if hasattr(layer, "lora_down"):
+            # LoRA: the down-projection once for all output parts (q, k, v: one GEMM); the
+            # up-projection per part, so each part's delta is contiguous (no strided slices).
+            h = layer.lora_down(x_in)
+            up = lambda r: layer.lora_up(h, r)  # noqa: E731
+        else:  # LoKr, LoHa: one delta over the layer's rows, sliced per part
+            z = layer.lora_forward(x_in)
+            up = lambda r: z if r is None else z[..., r[0] : r[1]]  # noqa: E731
         s0, s1 = layer.out_start, layer.out_stop
         new = []
         for (r0, r1), acc in zip(rows, accs):
             o0, o1 = _overlap(r0, r1, s0, s1)
             if o0 < o1:
-                part = layer.lora_up(h, None if (o0, o1) == (s0, s1) else (o0 - s0, o1 - s0))
+                part = up(None if (o0, o1) == (s0, s1) else (o0 - s0, o1 - s0))
                 if (o0, o1) != (r0, r1):
                     part = mx.pad(part, [(0, 0)] * (part.ndim - 1) + [(o0 - r0, r1 - o1)])
                 acc = part if acc is None else acc + part
@@ -310,6 +352,10 @@ def linear_reference(layer, x: mx.array) -> mx.array:
     y = linear_reference(layer.base, x)
     if not layer.enabled or layer.scale == 0.0:
         return y
+    if _is_rescaling(layer):
+        g = layer.row_scale()
+        z = layer.lora_forward(x[..., layer.in_start : layer.in_stop], g)
+        return _dora_rows(layer, y, z, g, 0, y.shape[-1], layer.plain_base.get("bias"))
     z = layer.lora_forward(x[..., layer.in_start : layer.in_stop])
     pad = [(0, 0)] * (z.ndim - 1) + [(layer.out_start, y.shape[-1] - layer.out_stop)]
     return y + mx.pad(z, pad)

@@ -86,6 +86,10 @@ def _check_resolution(v: int) -> str | None:
     return None
 
 
+def _check_lokr_factor(v: int) -> str | None:
+    return None if v == -1 or v > 0 else f"must be -1 (automatic, LyCORIS's factor) or a positive integer, got {v}"
+
+
 def _check_nonempty(v: str) -> str | None:
     return None if v.strip() else "must not be empty"
 
@@ -166,6 +170,11 @@ class LoRAConfig:
     dropout: float = _f(0.0, ge=0, lt=1)
     # Default all: what the Swift trainer trains whatever this key says (SimpleLoRATrainer.swift:396).
     target_layers: str = _f("all", choices=("attention", "attention_output", "attention_ffn", "all"))
+    # ours (no Swift key): the adapter type. lora = every existing file's meaning; lokr / loha as
+    # LyCORIS, dora as PEFT (docs/lora.md "Adapter types").
+    type: str = _f("lora", choices=("lora", "lokr", "loha", "dora"))
+    factor: int = _f(-1, check=_check_lokr_factor)  # LoKr: LyCORIS's factor (-1 = automatic)
+    decompose_both: bool = _f(False)  # LoKr: LyCORIS's decompose_both (factor W1 too)
     # ours: start a new run from an existing adapter (a .safetensors file, a folder holding one, or a
     # hub repo owner/name[/file.safetensors]); a resumed run ignores it (mflux2/training/init_from.py)
     init_from: str | None = _f(None, check=_check_nonempty)
@@ -558,6 +567,9 @@ _DEFAULT_NOTES: dict[str, str | None] = {
     "lora.alpha": None,
     "lora.dropout": None,
     "lora.target_layers": None,
+    "lora.type": "no Swift key; LoRA, what the Swift trainer trains",
+    "lora.factor": "no Swift key; LyCORIS's default (automatic)",
+    "lora.decompose_both": "no Swift key; LyCORIS's default",
     "lora.init_from": "no Swift key; a fresh LoRA (A random, B zero)",
     "dataset.path": None,
     "dataset.validation_path": None,
@@ -666,6 +678,8 @@ def resume_signature(cfg: TrainConfig, model: dict[str, str] | None = None) -> d
         "lora.alpha": cfg.lora.alpha,
         "lora.target_layers": cfg.lora.target_layers,
     })
+    if cfg.lora.type != "lora":  # (only then: a LoRA run's signature, and its checkpoints' hash, stay as they were)
+        sig.update({"lora.type": cfg.lora.type, "lora.factor": cfg.lora.factor, "lora.decompose_both": cfg.lora.decompose_both})
     return sig
 
 

@@ -57,17 +57,25 @@ def _config(variant_or_config) -> TransformerConfig:
     return preset(variant_or_config)
 
 
-def lora_parameters(cfg: TransformerConfig, rank: int, targets: str) -> int:
-    """LoRA parameter count for mflux2.lora's target sets (single blocks restricted to the
-    attention rows/columns unless the MLPs are targets too)."""
+def adapter_blocks(cfg: TransformerConfig, targets: str) -> list[tuple[int, int]]:
+    """(out, in) of the block each adapter layer of mflux2.lora's target sets covers (single blocks
+    restricted to the attention rows/columns unless the MLPs are targets too)."""
     d, m = cfg.hidden_size, cfg.mlp_hidden
     if targets in ("all", "attention_ffn"):
-        per_stream = (d + 3 * d) + (d + d) + (d + 2 * m) + (m + d)
-        single = (d + 3 * d + 2 * m) + (d + m + d)
+        stream = [(3 * d, d), (d, d), (2 * m, d), (d, m)]
+        single = [(3 * d + 2 * m, d), (d, d + m)]
     else:
-        per_stream = (d + 3 * d) + (d + d)
-        single = (d + 3 * d) + (d + d)
-    return rank * (2 * per_stream * cfg.num_layers + single * cfg.num_single_layers)
+        stream = [(3 * d, d), (d, d)]
+        single = [(3 * d, d), (d, d)]
+    return stream * (2 * cfg.num_layers) + single * cfg.num_single_layers
+
+
+def lora_parameters(cfg: TransformerConfig, rank: int, targets: str, type: str = "lora", factor: int = -1,
+                    decompose_both: bool = False) -> int:
+    """Trainable adapter parameters of a `type` adapter (lora, lokr, loha, dora) on the target set."""
+    from mflux2.lora import adapter_parameter_count  # (mflux2.lora imports the model)
+
+    return sum(adapter_parameter_count(type, o, i, rank, factor, decompose_both) for o, i in adapter_blocks(cfg, targets))
 
 
 _WEIGHED: dict = {}
@@ -110,7 +118,7 @@ def _weigh(cfg: TransformerConfig, base_quant: str) -> float:
 def estimate_peak_gb(variant_or_config, base_quant: str = "bf16", resolution: int = 512, batch: int = 1,
                      rank: int = 32, targets: str = "attention", dop: bool = False, checkpointing: int = 0,
                      text_tokens: int = TEXT_TOKENS, synchronous: bool = False, small_batches: bool | None = None,
-                     references: int = 0) -> float:
+                     references: int = 0, adapter: tuple = ("lora", -1, False)) -> float:
     """Estimated peak memory (GB) of a training step: `variant_or_config` a preset name or a
     TransformerConfig; `resolution` the (largest) square training size; `dop` a DOP step (main and
     preservation passes batched: twice the tokens); `checkpointing` every n blocks (0 = off);
@@ -123,7 +131,7 @@ def estimate_peak_gb(variant_or_config, base_quant: str = "bf16", resolution: in
     tokens = (resolution // 16) ** 2 * (1 + references) + text_tokens
     samples = batch * (2 if dop else 1)
     unit = samples * tokens * d * 2
-    lora = lora_parameters(cfg, rank, targets) * 4
+    lora = lora_parameters(cfg, rank, targets, *adapter) * 4
     tile = 0 if base_quant == "bf16" else (3 * d + 2 * cfg.mlp_hidden + d + cfg.mlp_hidden) * d * 2
     total = weights_bytes(cfg, base_quant) + lora
     # Attention falls back to the unfused kernels when the sequence is not a multiple of 128: the

@@ -294,12 +294,17 @@ def _run_args(cfg, resolution: int | None = None) -> dict:
     reg = any(d.is_regularization for d in cfg.dataset_list)  # a reg batch beside every subject batch (PairedSampler)
     return dict(resolution=resolution or max(cfg.resolutions), batch=cfg.training.batch_size * (2 if reg else 1), rank=cfg.lora.rank,
                 targets=cfg.lora.target_layers, dop=bool(cfg.loss.diff_output_preservation),
-                references=max(len(d.control_path or ()) for d in cfg.dataset_list))
+                references=max(len(d.control_path or ()) for d in cfg.dataset_list), adapter=_adapter(cfg))
+
+
+def _adapter(cfg) -> tuple:
+    """(type, factor, decompose_both) of the run's adapter, for the parameter counts."""
+    return cfg.lora.type, cfg.lora.factor, cfg.lora.decompose_both
 
 
 def _lora_state_gb(f: ModelFacts, cfg) -> float:
-    """The LoRA in float32 with AdamW's two moments (and the EMA copy)."""
-    n = memory.lora_parameters(f.transformer, cfg.lora.rank, cfg.lora.target_layers)
+    """The adapter in float32 with AdamW's two moments (and the EMA copy)."""
+    n = memory.lora_parameters(f.transformer, cfg.lora.rank, cfg.lora.target_layers, *_adapter(cfg))
     return n * 4 * (4 if cfg.ema.enabled else 3) / GB
 
 
@@ -598,9 +603,7 @@ def disk_need(cfg, t, samples, val_samples, prompts: int, total_steps: int) -> t
     """(bytes, checkpoints kept): the disk the latent and text caches and the kept checkpoints need,
     with 20% headroom. `t` a TransformerConfig; latents counted at the training samples' largest
     bucket; `prompts` the distinct prompts embedded."""
-    r, d = cfg.lora.rank, t.hidden_size
-    per = 12 * t.num_layers + 6 * t.num_single_layers  # attention targets: ~r·D·(12 per double, 6 per single)
-    lora_params = int(r * d * per * (2.5 if cfg.lora.target_layers in ("all", "attention_ffn") else 1.0))
+    lora_params = memory.lora_parameters(t, cfg.lora.rank, cfg.lora.target_layers, *_adapter(cfg))
     n_tokens = max(((s.bucket[0] // 16) * (s.bucket[1] // 16) for s in samples), default=0)
     images = sum(1 + len(s.controls) for s in list(samples) + list(val_samples))  # controls: the target's grid
     cache = images * n_tokens * 128 * 4 + prompts * 512 * t.joint_attention_dim * 2

@@ -21,7 +21,7 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 from mlx.utils import tree_flatten, tree_map, tree_map_with_path, tree_unflatten
 
-from mflux2.lora import dropout_key, lora_disabled
+from mflux2.lora import ADAPTER_MATRICES, dropout_key, lora_disabled
 from mflux2.models import transformer
 from mflux2.ops import flat_views
 from mflux2.training.timesteps import loss_weight, sample_timesteps
@@ -355,7 +355,8 @@ class FlatParameters:
     give exactly what they give per parameter. The layout runs from the last block to the first —
     the backward pass's order, so concatenating the gradients never waits on block 0's (see
     global_norm). LoRA matrices whose dtype differs from the model's are cast once, as a whole,
-    for the forward pass (`split`), instead of one cast per matrix in each LoRA layer."""
+    for the forward pass (`split`), instead of one cast per matrix in each LoRA layer (the factors
+    of every adapter type, not DoRA's magnitude, which stays float32: see mflux2.lora.ADAPTER_MATRICES)."""
 
     def __init__(self, model, compute_dtype):
         leaves = tree_flatten(model.trainable_parameters())[::-1]
@@ -366,7 +367,7 @@ class FlatParameters:
         self.dtypes = {}  # name -> dtype of the flat array
         for i, (path, a) in enumerate(leaves):
             name = str(a.dtype).split(".")[-1]
-            if path.rsplit(".", 1)[-1] in ("lora_A", "lora_B") and a.dtype != compute_dtype:
+            if path.rsplit(".", 1)[-1] in ADAPTER_MATRICES and a.dtype != compute_dtype:  # (not DoRA's magnitude)
                 name += "_lora"
                 self.casts[name] = compute_dtype
             self.dtypes[name] = a.dtype

@@ -367,7 +367,8 @@ class Trainer:
         model = self.pipe.transformer
         lcfg = self.cfg.lora
         mx.random.seed(self.cfg.training.seed)  # LoRA A's initialisation
-        lora_mod.apply_lora(model, rank=lcfg.rank, alpha=float(lcfg.alpha), targets=lcfg.target_layers, dropout=lcfg.dropout)
+        lora_mod.apply_lora(model, rank=lcfg.rank, alpha=float(lcfg.alpha), targets=lcfg.target_layers, dropout=lcfg.dropout,
+                            type=lcfg.type, factor=lcfg.factor, decompose_both=lcfg.decompose_both)
         if getattr(self, "init_weights", None):  # lora.init_from on a fresh run (checked in _setup)
             from mflux2.training import init_from
 
@@ -494,7 +495,10 @@ class Trainer:
             "loss (last 20 steps)": f"{np.mean([h[2] for h in hist[-20:]]):.4f}" if hist else "-",
             "training time": f"{state.elapsed_s / 60:.1f} min",
             "median step time": f"{np.median(step_times):.3f} s" if step_times else "-",
-            "LoRA": f"rank {self.cfg.lora.rank}, alpha {self.cfg.lora.alpha}, {self.cfg.lora.target_layers}",
+            "LoRA": (f"rank {self.cfg.lora.rank}, alpha {self.cfg.lora.alpha}, {self.cfg.lora.target_layers}"
+                     + ("" if self.cfg.lora.type == "lora" else f", {self.cfg.lora.type}")
+                     + (f", factor {self.cfg.lora.factor}{', decompose_both' if self.cfg.lora.decompose_both else ''}"
+                        if self.cfg.lora.type == "lokr" else "")),
             "transformer": self.transformer_quantization, "DOP": "on" if self.cfg.loss.diff_output_preservation else "off",
             "trigger word": self.cfg.dataset.trigger_word or "-", "non-finite steps skipped": state.skipped_nonfinite,
             "caches (this run)": f"{self.stats['latents encoded']} latent(s) encoded, {self.stats['prompts embedded']} prompt(s) embedded",

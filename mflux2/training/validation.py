@@ -139,7 +139,8 @@ class Validation:
             self.pipe.release("transformer")
             model = self.pipe.transformer
             lcfg = self.cfg.lora
-            lora_mod.apply_lora(model, rank=lcfg.rank, alpha=float(lcfg.alpha), targets=lcfg.target_layers, dropout=0.0)
+            lora_mod.apply_lora(model, rank=lcfg.rank, alpha=float(lcfg.alpha), targets=lcfg.target_layers, dropout=0.0,
+                                type=lcfg.type, factor=lcfg.factor, decompose_both=lcfg.decompose_both)
             lora_mod.freeze_for_lora(model)
             self._model = model
             if not self.keep_loaded:
