@@ -600,19 +600,38 @@ class LoHaLinear(AdapterLinear):
         return layer
 
 
-def adapter_parameter_count(type: str, n_out: int, n_in: int, rank: int, factor: int = -1, decompose_both: bool = False) -> int:
-    """The trainable parameters one adapter layer of `type` has on an n_out x n_in block (the
-    shapes each class above creates: LoKr by LyCORIS's factorisation rule)."""
+def adapter_shapes(type: str, n_out: int, n_in: int, rank: int, factor: int = -1, decompose_both: bool = False) -> dict:
+    """{parameter: shape} of one adapter layer of `type` on an n_out x n_in block: the arrays each
+    class above creates (LoKr by LyCORIS's factorisation rule)."""
     if type in ("lora", "dora"):
-        return rank * (n_in + n_out) + (n_out if type == "dora" else 0)
+        return {"lora_A": (rank, n_in), "lora_B": (n_out, rank), **({"magnitude": (n_out,)} if type == "dora" else {})}
     if type == "loha":
-        return 2 * rank * (n_in + n_out)
+        return {"hada_w1_a": (n_out, rank), "hada_w1_b": (rank, n_in), "hada_w2_a": (n_out, rank), "hada_w2_b": (rank, n_in)}
     if type == "lokr":
         (o1, o2), (i1, i2) = factorization(n_out, factor), factorization(n_in, factor)
-        w1 = rank * (o1 + i1) if decompose_both and rank < max(o1, i1) / 2 else o1 * i1
-        w2 = rank * (o2 + i2) if rank < max(o2, i2) / 2 else o2 * i2
-        return w1 + w2
+        w1 = {"lokr_w1_a": (o1, rank), "lokr_w1_b": (rank, i1)} if decompose_both and rank < max(o1, i1) / 2 else {"lokr_w1": (o1, i1)}
+        w2 = {"lokr_w2_a": (o2, rank), "lokr_w2_b": (rank, i2)} if rank < max(o2, i2) / 2 else {"lokr_w2": (o2, i2)}
+        return {**w1, **w2}
     raise LoRAError(f"unknown adapter type {type!r}; choose one of lora, lokr, loha, dora")
+
+
+def adapter_parameter_count(type: str, n_out: int, n_in: int, rank: int, factor: int = -1, decompose_both: bool = False) -> int:
+    """The trainable parameters one adapter layer of `type` has on an n_out x n_in block."""
+    return sum(math.prod(shape) for shape in adapter_shapes(type, n_out, n_in, rank, factor, decompose_both).values())
+
+
+def adapter_arrays(w) -> dict:
+    """{layer parameter name: file tensor} of one adapter's weights (whole-layer layout): the names
+    the layer classes above give their arrays."""
+    if isinstance(w, DoRAWeights):
+        return {"lora_A": w.A, "lora_B": w.B, "magnitude": w.magnitude.reshape(-1)}
+    if isinstance(w, LoRAWeights):
+        return {"lora_A": w.A, "lora_B": w.B}
+    if isinstance(w, LoHaWeights):
+        return {f"hada_{k}": getattr(w, k) for k in ("w1_a", "w1_b", "w2_a", "w2_b")}
+    if isinstance(w, LoKrWeights):
+        return {f"lokr_{k}": getattr(w, k) for k in ("w1", "w1_a", "w1_b", "w2", "w2_a", "w2_b") if getattr(w, k) is not None}
+    raise LoRAError(f"no adapter arrays for {type(w).__name__}")
 
 
 ADAPTERS = {"lora": LoRALinear, "lokr": LoKrLinear, "loha": LoHaLinear, "dora": DoRALinear}

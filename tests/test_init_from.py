@@ -28,25 +28,28 @@ def tiny(tmp_path_factory):
     return build_tiny_klein(root / "model"), make_images(root / "data", n=3, size=64)
 
 
-def make_lora(model_dir, path, rank=4, targets="attention", alpha=8.0, seed=3):
-    """A LoRA for the tiny model with non-zero A and B (a fresh one's B = 0 would prove nothing)."""
+def make_lora(model_dir, path, rank=4, targets="attention", alpha=8.0, seed=3, **knobs):
+    """An adapter (`type=` in knobs, default LoRA) for the tiny model with every parameter random and
+    non-zero (a fresh one's B = 0 would prove nothing; DoRA's magnitude off ‖W‖). The default bfl
+    layout writes DoRA in ComfyUI's form (dora_scale relative to the base weights)."""
     model = load_transformer(model_dir, dtype=mx.float32)
-    lora_mod.apply_lora(model, rank=rank, alpha=alpha, targets=targets)
+    lora_mod.apply_lora(model, rank=rank, alpha=alpha, targets=targets, **knobs)
     g = np.random.default_rng(seed)
     for _, layer in lora_mod.lora_layers(model):
-        layer.lora_A = mx.array(g.standard_normal(layer.lora_A.shape).astype(np.float32) * 0.3)
-        layer.lora_B = mx.array(g.standard_normal(layer.lora_B.shape).astype(np.float32) * 0.3)
+        for k in layer.param_names():
+            noise = mx.array(g.standard_normal(layer[k].shape).astype(np.float32))
+            layer[k] = layer[k] * (1 + 0.1 * noise) if k == "magnitude" else noise * 0.3
     return lora_mod.save_lora(path, model, metadata={"trigger_word": "old"})
 
 
-def write_config(folder, tiny, **lora):
+def write_config(folder, tiny, steps=2, **lora):
     model, data = tiny
     folder.mkdir(parents=True, exist_ok=True)
     cfg = {
         "model": {"path": str(model), "quantization": "bf16", "transformer_quantization": "bf16"},
         "lora": {"rank": 4, "alpha": 2.0, "target_layers": "attention", **lora},  # alpha 2 != the file's 8: B is rescaled
         "dataset": {"path": str(data), "trigger_word": "sks"},
-        "training": {"max_steps": 2, "learning_rate": 1e-3, "log_every_n_steps": 1, "seed": 7},
+        "training": {"max_steps": steps, "learning_rate": 1e-3, "log_every_n_steps": 1, "seed": 7},
         "loss": {"diff_output_preservation": True, "diff_output_preservation_class": "thing"},
         "memory": {"bucketing": {"resolutions": [64]}, "compile_training": False},
         "checkpoints": {"output": str(folder / "out"), "save_every": 1},
@@ -97,6 +100,38 @@ def test_a_run_starts_at_step_0_from_the_files_weights(tiny, started, tmp_path, 
     assert a[0]["dop_loss"] == pytest.approx(b[0]["dop_loss"], rel=1e-5)
 
 
+# each type with knobs that make the configured scale matter (alpha 2 vs the file's 8): a factored LoKr W2
+TYPES = {"dora": {"type": "dora"}, "lokr": {"type": "lokr", "factor": 2}, "loha": {"type": "loha"}}
+
+
+@pytest.mark.parametrize("kind", list(TYPES))
+def test_every_type_starts_from_the_files_adapter(tiny, tmp_path, monkeypatch, kind):
+    """The first step's loss (and DOP's prior-preservation loss, which is 0 for a fresh adapter)
+    equals that of the same run with the file loaded trainable by load_lora: every parameter of
+    every layer (DoRA's magnitude, read from ComfyUI's dora_scale against the model's own
+    weights; LoKr's halves; LoHa's four) comes from the file, the single blocks' ranges included."""
+    knobs = TYPES[kind]
+    lora = make_lora(tiny[0], tmp_path / f"{kind}.safetensors", **knobs)
+    logs = []
+    Trainer(load_config(write_config(tmp_path / "a", tiny, steps=1, init_from=str(lora), **knobs)), log=logs.append).run()
+    a = rows(tmp_path / "a" / "out")
+    assert any(f"lora.init_from: starting from {lora}" in line and kind in line for line in logs)
+    original = Trainer._load_transformer
+
+    def with_file_loaded(self):
+        model = original(self)
+        lora_mod.remove_lora(model)
+        lora_mod.load_lora(model, lora, trainable=True)
+        return model
+
+    monkeypatch.setattr(Trainer, "_load_transformer", with_file_loaded)
+    Trainer(load_config(write_config(tmp_path / "b", tiny, steps=1, **knobs)), log=lambda *_: None).run()
+    b = rows(tmp_path / "b" / "out")
+    assert a[0]["dop_loss"] > 0
+    assert a[0]["loss"] == pytest.approx(b[0]["loss"], rel=1e-6)
+    assert a[0]["dop_loss"] == pytest.approx(b[0]["dop_loss"], rel=1e-5)
+
+
 def test_resume_wins_over_init_from(tiny, started, tmp_path):
     lora, uninterrupted, _ = started
     cfg = write_config(tmp_path, tiny, init_from=str(lora))
@@ -123,12 +158,24 @@ def test_resume_wins_over_init_from(tiny, started, tmp_path):
     assert any("lora.init_from" in line and "ignored" in line for line in lines)
 
 
-@pytest.mark.parametrize("kind", ["rank", "targets"])
+MISMATCHES = {  # file knobs, lora: section knobs, the message
+    "rank": ({"rank": 2}, {}, "layer double_blocks.0.img_attn.qkv has rank 2, lora.rank is 4"),
+    "targets": ({"targets": "all"}, {}, "layer double_blocks.0.img_mlp.0 is in the file but not in lora.target_layers 'attention'"),
+    "type": ({"type": "loha"}, {"type": "dora"}, "layer double_blocks.0.img_attn.qkv is a loha adapter, lora.type is dora"),
+    "lokr shape": ({"type": "lokr", "factor": 2}, {"type": "lokr", "factor": 4, "decompose_both": True},
+                   "layer double_blocks.0.img_attn.qkv: lokr_w1 is (2, 2) in the file, the lora: section (lora.type lokr, rank 4, "
+                   "factor 4, decompose_both True) gives (4, 4)"),
+    "lokr halves": ({"type": "lokr", "rank": 8}, {"type": "lokr"},
+                    "layer double_blocks.0.img_attn.qkv has lokr_w1, lokr_w2 in the file, the lora: section (lora.type lokr, rank 4, "
+                    "factor -1, decompose_both False) gives lokr_w1, lokr_w2_a, lokr_w2_b"),
+}
+
+
+@pytest.mark.parametrize("kind", list(MISMATCHES))
 def test_a_mismatch_stops_the_run_and_the_dry_run(tiny, tmp_path, kind):
-    bad = make_lora(tiny[0], tmp_path / "bad.safetensors", **({"rank": 2} if kind == "rank" else {"targets": "all"}))
-    want = {"rank": "layer double_blocks.0.img_attn.qkv has rank 2, lora.rank is 4",
-            "targets": "layer double_blocks.0.img_mlp.0 is in the file but not in lora.target_layers 'attention'"}[kind]
-    cfg = write_config(tmp_path, tiny, init_from=str(bad))
+    file_knobs, cfg_knobs, want = MISMATCHES[kind]
+    bad = make_lora(tiny[0], tmp_path / "bad.safetensors", **file_knobs)
+    cfg = write_config(tmp_path, tiny, init_from=str(bad), **cfg_knobs)
     lines, errs = [], []
     assert preflight(load_config(cfg), out=lines.append, err=errs.append) == 1
     assert any(want in line for line in lines + errs)

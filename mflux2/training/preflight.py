@@ -295,11 +295,11 @@ def _dataset_lines(samples, rep: Report, cfg):
 
 def _init_from_lines(rep, cfg, source, ckpt) -> None:
     """lora.init_from checked as the run checks it (the file from disk or the hub cache; nothing is
-    downloaded): rank, type, shapes and targets against the lora: section."""
+    downloaded): type, rank, each parameter's shape and the targets against the lora: section."""
     from huggingface_hub import constants
 
     from mflux2.hub import ModelLoadError
-    from mflux2.lora_formats import LoRAError, read_lora
+    from mflux2.lora_formats import LoRAError
     from mflux2.training import init_from
     from mflux2.training.memory import _source_config
     from mflux2.weights import WeightsError
@@ -316,9 +316,9 @@ def _init_from_lines(rep, cfg, source, ckpt) -> None:
                                 "mode is on (HF_HUB_OFFLINE=1): download it once with network access, or point it at a local file")
             rep.line(f"lora.init_from {spec}: not in the Hugging Face cache — the run downloads it and checks it before the caches")
             return
-        weights, _ = read_lora(path)
+        weights = init_from.read(path, source, spec)
         init_from.check(weights, init_from.expected_layers(_source_config(source), cfg.lora.target_layers), cfg.lora, spec)
-        rep.line(f"lora.init_from: {path} ({len(weights)} layers, rank {cfg.lora.rank}) matches the lora: section; "
+        rep.line(f"lora.init_from: {path} ({len(weights)} {cfg.lora.type} layers, rank {cfg.lora.rank}) matches the lora: section; "
                  "the run starts from its weights at step 0 with a fresh optimiser")
     except (LoRAError, ModelLoadError, WeightsError, OSError) as e:  # LoRAError is a WeightsError; named for the reader
         rep.line(f"error: {e}")

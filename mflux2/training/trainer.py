@@ -372,7 +372,7 @@ class Trainer:
         if getattr(self, "init_weights", None):  # lora.init_from on a fresh run (checked in _setup)
             from mflux2.training import init_from
 
-            init_from.apply(model, self.init_weights)
+            init_from.apply(model, init_from.reread(model, self.init_path, self.init_weights))
         lora_mod.freeze_for_lora(model)
         model.set_gradient_checkpointing(self.cfg.memory.checkpoint_every)
         model.train()
@@ -647,15 +647,14 @@ class Trainer:
         if ckpt is not None:
             self.log(f"lora.init_from {spec} ignored: the run resumes from {ckpt.name}, which holds the weights trained from it")
             return None
-        from mflux2.lora_formats import read_lora
         from mflux2.training import init_from
         from mflux2.training.memory import _source_config
 
-        path = init_from.resolve(spec)
-        weights, _ = read_lora(path)
+        path = self.init_path = init_from.resolve(spec)
+        weights = init_from.read(path, self.pipe.source, spec)
         init_from.check(weights, init_from.expected_layers(_source_config(self.pipe.source), self.cfg.lora.target_layers),
                         self.cfg.lora, spec)
-        self.log(f"lora.init_from: starting from {path} ({len(weights)} layers, rank {self.cfg.lora.rank}); "
+        self.log(f"lora.init_from: starting from {path} ({len(weights)} {self.cfg.lora.type} layers, rank {self.cfg.lora.rank}); "
                  "fresh optimiser state, step 0")
         return weights
 
