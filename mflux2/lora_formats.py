@@ -92,8 +92,10 @@ _KEY = re.compile(r"^(?P<mod>.+?)\.(?:(?P<kind>lora_A|lora_B|lora_down|lora_up|l
                   r"(?:\.weight)?|(?P<kind2>alpha|dora_scale|lokr_w[12](?:_[ab])?|hada_w[12]_[ab]))$")
 
 
-def _to_bfl(module: str) -> tuple[str, int | str | None] | None:
-    """File module name (any prefix, dotted or kohya) -> (BFL module, part)."""
+def bfl_module(module: str) -> tuple[str, int | str | None] | None:
+    """File module name (any prefix, dotted or kohya; a model's or an adapter's) -> (BFL module, part):
+    part None for a whole module, 0/1/2 for the q/k/v rows of a fused qkv stored apart, "swap" for the final
+    adaLN stored as [scale; shift]; None for a name that is no FLUX.2 transformer linear layer."""
     for p in _PREFIXES:
         if module.startswith(p):
             module = module[len(p) :]
@@ -372,7 +374,7 @@ def parse_lora(tensors: dict[str, mx.array], metadata: dict | None = None, sourc
     for key, value in tensors.items():
         m = _KEY.match(key)
         module = m and m.group("mod")
-        target = _to_bfl(module) if module else None
+        target = bfl_module(module) if module else None
         if target is None:
             unknown.append(key)
             continue

@@ -30,7 +30,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from mflux2.lora_formats import FORMATS, LoRAError, LoRAWeights, _to_bfl, read_lora, write_lora
+from mflux2.lora_formats import FORMATS, LoRAError, LoRAWeights, bfl_module, read_lora, write_lora
 from mflux2.weights import WeightsError, safetensors_files
 
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
@@ -85,7 +85,7 @@ class TransformerFiles:
         """(BFL module, part) of a linear weight key; None for anything else (biases, norms, scales)."""
         if not key.endswith(".weight") or self.tensors[key].ndim != 2:
             return None
-        return _to_bfl(key[: -len(".weight")])
+        return bfl_module(key[: -len(".weight")])
 
     def quantized(self, key: str) -> bool:
         return key.endswith(".weight") and key[: -len(".weight")] + ".scales" in self.tensors
@@ -547,7 +547,7 @@ def detect_layout(keys) -> str:
         if mod.startswith(("lora_unet_", "lora_transformer_")):
             found.add("kohya")
             continue
-        t = _to_bfl(mod)
+        t = bfl_module(mod)
         if t is None:
             continue
         bare = re.sub(r"^(base_model\.model\.|model\.diffusion_model\.|diffusion_model\.|transformer\.|unet\.)", "", mod)
