@@ -292,6 +292,24 @@ def _pattern_alpha(module: str, patterns: dict) -> float | None:
 
 _LOKR = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b")
 _LOHA = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
+def scaled_delta(w, scale: float, base: mx.array | None = None) -> mx.array:
+    """The change [out, in] (float32) an adapter loaded at `scale` makes to a layer whose weight is
+    `base`: what mflux2.lora's layers compute at generation (load_lora(scale=...)), so a merge
+    agrees with them. scale · ΔW for LoRA, LoKr and LoHa; DoRA puts the scale on B A inside the
+    norm, as PEFT's adapter scale does: m · (W + scale·s·B A) / ‖W + scale·s·B A‖ − W (not
+    scale · ΔW_DoRA); scale 0 is no change at all (the layer is skipped)."""
+    if scale == 0.0:
+        return mx.zeros(w.shape)
+    if isinstance(w, SplitWeights):
+        d = mx.zeros(w.shape)
+        for (r0, r1), p in w.parts:
+            d[r0:r1] = scaled_delta(p, scale, None if base is None else base[r0:r1])
+        return d
+    if isinstance(w, DoRAWeights):
+        return replace(w, B=w.B * scale).delta(base)
+    return w.delta(base) * scale
+
+
 # mflux2's ComfyUI form of DoRA: dora_scale relative to the base weight's row norms (see _comfy_dora_scale)
 _DORA_BASE_RELATIVE = "dora_scale_relative_to_base"
 

@@ -30,7 +30,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from mflux2.lora_formats import FORMATS, LoRAError, LoRAWeights, bfl_module, read_lora, write_lora
+from mflux2.lora_formats import FORMATS, LoRAError, LoRAWeights, bfl_module, read_lora, scaled_delta, write_lora
 from mflux2.weights import WeightsError, safetensors_files
 
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
@@ -189,8 +189,9 @@ def merge(model: str | Path, out: str | Path, loras: list[tuple[str, float]], dt
     same names and keys, every other file hard-linked (or copied). Merged weights keep each
     tensor's dtype (quantised ones are requantised with their bits and group size) unless `dtype`
     names one: then every floating transformer tensor is written in it, and a quantised transformer
-    is written dequantised. Several LoRAs add up: W + Σ scale_i · ΔW_i, each ΔW_i against the
-    original W (DoRA's delta reads it)."""
+    is written dequantised. Several LoRAs add up: W + Σ ΔW_i(scale_i), each against the original W:
+    scale_i · ΔW_i, except DoRA, whose scale goes on B A inside its norm as when the file is loaded
+    at that scale (lora_formats.scaled_delta)."""
     if not loras:
         raise LoRAError("merge: give at least one --lora FILE[:SCALE]")
     if dtype is not None and dtype not in DTYPES:
@@ -232,7 +233,7 @@ def merge(model: str | Path, out: str | Path, loras: list[tuple[str, float]], dt
             total = None
             for _, scale, ws in adapters:
                 if name in ws:
-                    d = ws[name].delta(base) * scale
+                    d = scaled_delta(ws[name], scale, base)  # as load_lora(scale=...): DoRA's inside the norm
                     total = d if total is None else total + d
             cache[name] = total
         return cache[name]

@@ -2,6 +2,7 @@
 
 import json
 import subprocess
+from dataclasses import replace
 import sys
 from pathlib import Path
 
@@ -96,6 +97,30 @@ def test_merge_equals_loaded_loras_and_loads_in_diffusers(klein, tmp_path):
     with pytest.raises(LoRAError, match="not an earlier merge"):
         lora_tools.merge(klein, tmp_path, [(str(a), 1.0)], force=True, quiet=True, log=lambda *_: None)
     assert (tmp_path / "a.safetensors").is_file()  # left alone
+
+
+def test_merge_dora_at_a_scale_equals_the_file_loaded_at_it(klein, tmp_path):
+    """`merge --lora dora.safetensors:0.5` gives the model that load_lora(scale=0.5) runs at generation:
+    the scale on B A inside DoRA's norm (PEFT's adapter scale), not 0.5 · ΔW_DoRA; scale 0 changes nothing."""
+    inputs = make_inputs()
+    model = fresh(klein)
+    apply_lora(model, rank=4, alpha=8.0, targets="attention", type="dora")  # the single blocks' ranges too
+    g = np.random.default_rng(5)
+    for _, m in lora_layers(model):
+        for k in m.param_names():
+            noise = mx.array(g.standard_normal(m[k].shape).astype(np.float32))
+            m[k] = m[k] * (1 + 0.2 * noise) if k == "magnitude" else noise * 0.3
+    dora = save_lora(tmp_path / "dora.safetensors", model)  # bfl: ComfyUI's dora_scale, read against the base
+    ref = fresh(klein)
+    base = out(ref, inputs)
+    load_lora(ref, dora, scale=0.5)
+    want = out(ref, inputs)
+    assert rel_err(want, base) > 1e-2
+
+    merged = lora_tools.merge(klein, tmp_path / "m", [(str(dora), 0.5)], quiet=True, log=lambda *_: None)
+    assert rel_err(out(fresh(merged), inputs), want) <= 1e-4
+    zero = lora_tools.merge(klein, tmp_path / "z", [(str(dora), 0.0)], quiet=True, log=lambda *_: None)
+    assert rel_err(out(fresh(zero), inputs), base) <= 1e-6
 
 
 def test_merge_bfl_file_and_cli(klein, tmp_path):
@@ -376,7 +401,10 @@ def test_merge_and_resize_other_types_in_memory(klein, tmp_path, monkeypatch):
         "final_layer.adaLN_modulation.1": LoHaWeights(r(64, 2), r(2, 32), r(64, 2), r(2, 32), 4.0),  # swapped halves in diffusers
     }
     dense = dict(base.named_modules())
-    want = {n: np.array(dense[n].weight) + 0.5 * np.array(w.delta(dense[n].weight)) for n, w in fake.items()}
+    # DoRA at scale 0.5: the scale on B A inside the norm (as load_lora(scale=0.5) computes it), the others 0.5 · ΔW
+    at_half = {n: replace(w, B=w.B * 0.5) if isinstance(w, DoRAWeights) else w for n, w in fake.items()}
+    want = {n: np.array(dense[n].weight) + (1.0 if isinstance(w, DoRAWeights) else 0.5) * np.array(w.delta(dense[n].weight))
+            for n, w in at_half.items()}
     # the bfl layout holds DoRA in ComfyUI's form, relative to the base weights: written and read with them
     src = write_lora(tmp_path / "fake.safetensors", fake, "bfl", base={n: dense[n].weight for n in fake})
     merged = lora_tools.merge(klein, tmp_path / "m", [(src, 0.5)], quiet=True, log=lambda *_: None)
