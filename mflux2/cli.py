@@ -41,11 +41,11 @@ def _parse_lora(value: str) -> tuple[str, float]:
 
 
 def _resolve_loras(values: list[str]) -> list[tuple[str, float]]:
-    """--lora values -> [(local file, scale)]: local paths, or hub ids (`user/repo` with one
+    """--lora values -> [(local file, scale)]: local files or folders, or hub ids (`user/repo` with one
     .safetensors file, `user/repo/file.safetensors`) fetched through the Hugging Face cache."""
     from mflux2.lora_formats import resolve_lora_file
 
-    return [(str(resolve_lora_file(path)), scale) for path, scale in map(_parse_lora, values)]
+    return [(str(resolve_lora_file(path, label="--lora")), scale) for path, scale in map(_parse_lora, values)]
 
 
 def _quant(value: str) -> str | None:

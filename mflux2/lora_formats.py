@@ -705,47 +705,85 @@ def convert_lora(src: str | Path, dst: str | Path, format: str = "bfl", dtype: m
     return write_lora(dst, weights, format, keep, dtype, base)
 
 
-def resolve_lora_file(spec: str | os.PathLike) -> Path:
-    """A LoRA named by a local path, a Hugging Face repo id holding exactly one .safetensors file
-    (`user/repo`), or a file in a repo (`user/repo/sub/file.safetensors`) -> the local file. Hub files
-    come through the Hugging Face cache, which honours HF_HOME / HF_HUB_CACHE, HF_TOKEN and
-    HF_HUB_OFFLINE=1 (cache only), as models do (mflux2/hub.py)."""
+# The file an mflux2 output or checkpoint folder holds (picked in a folder or repo with several)
+KNOWN_NAMES = ("lora_final.safetensors", "lora.safetensors")
+
+
+def resolve_lora_file(spec: str | os.PathLike, label: str = "", local_only: bool = False) -> Path | None:
+    """The adapter file `spec` names (`--lora`, `lora.init_from`, Flux2Pipeline.load_lora): a local
+    .safetensors file; a local folder holding one (an mflux2 output / checkpoint folder: its
+    lora_final / lora.safetensors); a Hugging Face repo id `user/repo` (its one .safetensors file, or
+    lora_final / lora.safetensors) or a file in a repo `user/repo/sub/file.safetensors`. Hub files come
+    through the Hugging Face cache, which honours HF_HOME / HF_HUB_CACHE, HF_TOKEN and
+    HF_HUB_OFFLINE=1 (cache only), as models do (mflux2/hub.py). `local_only` (the dry run): the cache
+    only, None when the file is not there. Errors are one line starting with `label spec:`."""
     from mflux2 import hub
 
     text = str(spec)
+    where_from = f"{label} {text}" if label else text
     path = Path(text).expanduser()
-    if path.is_file():
-        return path
+    if path.exists():
+        return _file_in(path, where_from)
     parts = text.split("/")
-    if (path.exists() or len(parts) < 2 or not all(parts) or text.startswith((".", "~", "/")) or "\\" in text
-            or Path(parts[0]).is_dir()):
-        raise LoRAError(f"{text}: no such file{hub.missing_path_note(text)}")
+    if (len(parts) < 2 or not all(parts) or text.startswith((".", "~", "/")) or "\\" in text or Path(parts[0]).is_dir()
+            or hub.parent_folder_exists(text)):  # a mistyped local path, not a repo id
+        raise LoRAError(f"{where_from}: no such file or folder{hub.missing_path_note(text)}, and not a Hugging Face repo "
+                        "(user/repo or user/repo/file.safetensors)")
     repo, filename = "/".join(parts[:2]), "/".join(parts[2:]) or None
     import huggingface_hub
     from huggingface_hub import constants
     from huggingface_hub.errors import EntryNotFoundError, GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
 
-    where = f"the Hugging Face cache {constants.HF_HUB_CACHE} (offline mode is on)" if constants.HF_HUB_OFFLINE else "the Hugging Face hub"
+    cache_only = local_only or constants.HF_HUB_OFFLINE
+    where = f"the Hugging Face cache {constants.HF_HUB_CACHE} (offline mode is on)" if constants.HF_HUB_OFFLINE else (
+        f"the Hugging Face cache {constants.HF_HUB_CACHE}" if local_only else "the Hugging Face hub")
     try:
         if filename is None:
-            if constants.HF_HUB_OFFLINE:  # what the cached snapshot holds
-                folder = Path(huggingface_hub.snapshot_download(repo, allow_patterns=["*.safetensors"]))
+            if cache_only:  # what the cached snapshot holds
+                folder = Path(huggingface_hub.snapshot_download(repo, allow_patterns=["*.safetensors"], local_files_only=True))
                 names = sorted(str(p.relative_to(folder)) for p in folder.rglob("*.safetensors"))
             else:
                 names = sorted(f for f in huggingface_hub.list_repo_files(repo) if f.endswith(".safetensors"))
+            known = [n for n in KNOWN_NAMES if n in names]
+            if known:
+                names = known[:1]
             if len(names) != 1:
+                if not names and local_only:
+                    return None
                 found = f"{len(names)} .safetensors files ({', '.join(names[:4])}{', ...' if len(names) > 4 else ''})" if names else "no .safetensors file"
-                raise LoRAError(f"{text}: {where} has {found} in {repo}; name one as {repo}/<file>.safetensors")
+                raise LoRAError(f"{where_from}: {where} has {found} in {repo}; name one as {repo}/<file>.safetensors")
             filename = names[0]
-        return Path(huggingface_hub.hf_hub_download(repo, filename))
+        if not filename.endswith(".safetensors"):
+            raise LoRAError(f"{where_from}: {filename} is not a .safetensors adapter file")
+        return Path(huggingface_hub.hf_hub_download(repo, filename, **({"local_files_only": True} if local_only else {})))
     except GatedRepoError:  # (a subclass of RepositoryNotFoundError)
-        raise LoRAError(f"{text}: {repo} is gated: accept its licence on huggingface.co and run `hf auth login` (or set HF_TOKEN)") from None
+        raise LoRAError(f"{where_from}: {repo} is gated: accept its licence on huggingface.co and run `hf auth login` (or set HF_TOKEN)") from None
     except RepositoryNotFoundError:
-        raise LoRAError(f"{text}: no such local file, and no repo {repo} on the Hugging Face hub (a private repo needs `hf auth login`)") from None
+        raise LoRAError(f"{where_from}: no such local file, and no repo {repo} on the Hugging Face hub (a private repo needs `hf auth login`)") from None
     except LocalEntryNotFoundError:  # (a subclass of EntryNotFoundError: test it first)
-        raise LoRAError(f"{text}: {filename or repo} is not in {where}: download it once with network access, "
+        if local_only:
+            return None
+        raise LoRAError(f"{where_from}: {filename or repo} is not in {where}: download it once with network access, "
                         "or pass a local file") from None
     except EntryNotFoundError:
-        raise LoRAError(f"{text}: the hub repo {repo} has no file {filename}") from None
+        raise LoRAError(f"{where_from}: the hub repo {repo} has no file {filename}") from None
     except HfHubHTTPError as e:
-        raise LoRAError(f"{text}: downloading from {repo} failed: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from None
+        raise LoRAError(f"{where_from}: downloading from {repo} failed: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from None
+
+
+def _file_in(p: Path, where_from: str) -> Path:
+    """A .safetensors file as is; in a folder: lora_final / lora.safetensors, else its one .safetensors."""
+    if p.is_file():
+        if p.suffix != ".safetensors":
+            raise LoRAError(f"{where_from}: {p.name} is not a .safetensors adapter file")
+        return p
+    for name in KNOWN_NAMES:
+        if (p / name).is_file():
+            return p / name
+    files = sorted(p.glob("*.safetensors"))
+    if len(files) == 1:
+        return files[0]
+    if not files:
+        raise LoRAError(f"{where_from}: no .safetensors file in {p}")
+    raise LoRAError(f"{where_from}: several .safetensors files in {p} ({', '.join(f.name for f in files[:3])}"
+                    f"{', ...' if len(files) > 3 else ''}); name the one to use")

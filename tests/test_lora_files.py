@@ -642,8 +642,14 @@ def test_lora_from_hub_cache(base, tmp_path, monkeypatch):
 
     args = cli.generate_parser().parse_args(["--model", "klein-4b", "--prompt", "x", "--lora", "someone/style-lokr:0.7"])
     assert cli._resolve_loras(args.lora) == [(str(one / "style.safetensors"), 0.7)]
-    with pytest.raises(LoRAError, match="someone/two: "):
+    with pytest.raises(LoRAError, match="^--lora someone/two: "):  # the error names the option
         cli._resolve_loras(["someone/two"])
+    # the resolver lora.init_from uses too: an mflux2 output folder (lora_final.safetensors beside checkpoints)
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "lora_final.safetensors").write_bytes(lokr)
+    (tmp_path / "run" / "other.safetensors").write_bytes(lokr)
+    assert cli._resolve_loras([f"{tmp_path / 'run'}:0.5"]) == [(str(tmp_path / "run" / "lora_final.safetensors"), 0.5)]
+    assert resolve_lora_file("someone/absent", local_only=True) is None  # the dry run: the cache only
 
 
 def test_convert_script_with_base(base, dev_folder, tmp_path):

@@ -19,64 +19,13 @@ import mlx.core as mx
 
 from mflux2.lora_formats import LoRAError
 
-KNOWN_NAMES = ("lora_final.safetensors", "lora.safetensors")  # an mflux2 output or checkpoint folder
-
-
 def resolve(spec: str, local_only: bool = False) -> Path | None:
-    """The LoRA file `spec` names: a .safetensors file; a folder holding one (or an mflux2 output /
-    checkpoint folder: lora_final / lora.safetensors); or a Hugging Face repo `owner/name` (its one
-    .safetensors file) or `owner/name/path/in/repo.safetensors`, downloaded like models (mflux2.hub:
-    the cache, HF_HUB_OFFLINE, one-line errors). `local_only` (the dry run): the cache only; None
-    when the file is not there."""
-    from mflux2 import hub
+    """The adapter file `spec` names (mflux2.lora_formats.resolve_lora_file, as --lora: a file, a
+    folder, an mflux2 output folder, a hub repo or a file in one); `local_only` (the dry run): the
+    Hugging Face cache only, None when the file is not there."""
+    from mflux2.lora_formats import resolve_lora_file
 
-    p = Path(spec).expanduser()
-    if p.exists():
-        return _file_in(p, spec)
-    parts = spec.strip("/").split("/")
-    repo, inner = "/".join(parts[:2]), "/".join(parts[2:])
-    local = hub.parent_folder_exists(spec) or Path(parts[0]).expanduser().is_dir()  # a mistyped local path
-    if local or len(parts) < 2 or not hub.looks_like_repo_id(repo):
-        raise LoRAError(f"lora.init_from {spec}: no such file or folder{hub.missing_path_note(spec)}, "
-                        "and not a Hugging Face repo (owner/name or owner/name/file.safetensors)")
-    patterns = [inner] if inner else ["*.safetensors"]
-    if local_only:
-        import huggingface_hub
-        from huggingface_hub import constants
-
-        try:
-            folder = huggingface_hub.snapshot_download(repo, allow_patterns=patterns, cache_dir=constants.HF_HUB_CACHE,
-                                                       local_files_only=True)
-        except Exception:  # not cached (LocalEntryNotFoundError and kin)
-            return None
-    else:
-        folder = hub.download(repo, allow_patterns=patterns, names={})
-    folder = Path(folder)
-    target = folder / inner if inner else folder
-    if not target.exists():
-        return None if local_only else _fail(f"lora.init_from {spec}: the repo {repo} has no file {inner}")
-    return _file_in(target, spec)
-
-
-def _fail(msg: str):
-    raise LoRAError(msg)
-
-
-def _file_in(p: Path, spec: str) -> Path:
-    if p.is_file():
-        if p.suffix != ".safetensors":
-            raise LoRAError(f"lora.init_from {spec}: {p.name} is not a .safetensors LoRA file")
-        return p
-    files = sorted(p.glob("*.safetensors"))
-    for name in KNOWN_NAMES:
-        if (p / name).is_file():
-            return p / name
-    if len(files) == 1:
-        return files[0]
-    if not files:
-        raise LoRAError(f"lora.init_from {spec}: no .safetensors file in {p}")
-    raise LoRAError(f"lora.init_from {spec}: several .safetensors files in {p} ({', '.join(f.name for f in files[:3])}"
-                    f"{', ...' if len(files) > 3 else ''}); name the one to start from")
+    return resolve_lora_file(spec, label="lora.init_from", local_only=local_only)
 
 
 def read(path: Path, source, spec: str) -> dict:
