@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import mlx.core as mx
 import numpy as np
@@ -111,6 +112,10 @@ def test_every_type_starts_from_the_files_adapter(tiny, tmp_path, monkeypatch, k
     weights; LoKr's halves; LoHa's four) comes from the file, the single blocks' ranges included."""
     knobs = TYPES[kind]
     lora = make_lora(tiny[0], tmp_path / f"{kind}.safetensors", **knobs)
+    lines = []  # the dry run reads and checks it as the run does
+    assert preflight(load_config(write_config(tmp_path / "a", tiny, steps=1, init_from=str(lora), **knobs)), out=lines.append,
+                     err=lines.append) == 0
+    assert any(f"lora.init_from: {lora} (" in line and f"{kind} layers" in line and "matches the lora: section" in line for line in lines)
     logs = []
     Trainer(load_config(write_config(tmp_path / "a", tiny, steps=1, init_from=str(lora), **knobs)), log=logs.append).run()
     a = rows(tmp_path / "a" / "out")
@@ -205,6 +210,28 @@ def test_check_names_the_first_mismatching_layer(tiny, tmp_path):
     for msg, weights in cases.items():
         with pytest.raises(LoRAError, match="^lora.init_from x: .*" + msg.replace("(", r"\(").replace(")", r"\)")):
             init_from.check(weights, expected, cfg.lora, "x")
+
+
+@pytest.mark.parametrize("kind", ["lokr", "loha", "dora"])
+def test_check_other_types_outside_the_attention_range(tiny, tmp_path, kind):
+    """A file whose single-block linear2 adapter reaches the MLP columns (outside 'attention') is
+    refused for every type, naming the parameter; the file as written passes."""
+    from mflux2.model_files import resolve_source
+
+    knobs = TYPES[kind]
+    cfg = load_config(write_config(tmp_path, tiny, init_from="x", **knobs))
+    source = resolve_source(tiny[0])
+    expected = init_from.expected_layers(_source_config(source), "attention")
+    good = init_from.read(make_lora(tiny[0], tmp_path / "good.safetensors", **knobs), source, "x")
+    init_from.check(good, expected, cfg.lora, "x")  # passes
+    name = "single_blocks.0.linear2"
+    w = good[name]
+    field, param = {"lokr": ("w1", "lokr_w1"), "loha": ("w1_b", "hada_w1_b"), "dora": ("A", "lora_A")}[kind]
+    x = mx.array(getattr(w, field))
+    x[:, -1] = 1.0  # the last input column (of W1: a block of them): the MLP's
+    bad = {**good, name: replace(w, **{field: x})}
+    with pytest.raises(LoRAError, match=f"^lora.init_from x: {name} changes weights outside .*attention.*\\({param}\\)"):
+        init_from.check(bad, expected, cfg.lora, "x")
 
 
 def test_resolve_files_folders_and_the_hub(tiny, tmp_path, monkeypatch):
