@@ -36,9 +36,14 @@ def _free_port_pair() -> int:
 
 
 @pytest.mark.skipif(shutil.which("mlx.launch") is None, reason="mlx.launch not on PATH")
-def test_two_processes_equal_one_process_with_the_global_batch(tiny, tmp_path):
+@pytest.mark.parametrize("adapter", ["lora", "dora", "lokr", "loha"])
+def test_two_processes_equal_one_process_with_the_global_batch(tiny, tmp_path, adapter):
+    """Every adapter type: its gradients are averaged across ranks like LoRA's (DoRA's magnitude,
+    LoKr's and LoHa's factors are trainable parameters of the same tree)."""
     common = dict(validation={"prompts": []}, checkpoints={"save_every": 2},
                   loss={"diff_output_preservation_every_n_steps": 2})
+    if adapter != "lora":
+        common["lora"] = {"type": adapter, "rank": 4, **({"factor": 2} if adapter == "lokr" else {})}
     single_dir, dist_dir = tmp_path / "single", tmp_path / "dist"
     single_dir.mkdir()
     dist_dir.mkdir()
@@ -67,6 +72,8 @@ def test_two_processes_equal_one_process_with_the_global_batch(tiny, tmp_path):
     wa = mx.load(str(single_dir / "out" / "lora_final.safetensors"))
     wb = mx.load(str(dist_dir / "out" / "lora_final.safetensors"))
     assert wa.keys() == wb.keys()
+    marker = {"lora": "lora_A", "dora": "dora_scale", "lokr": "lokr_w", "loha": "hada_w1_a"}[adapter]
+    assert any(marker in k for k in wa), sorted(wa)[:4]  # the type asked for was trained
     moved = 0
     for k in wa:
         # float32 run: equal up to summation order (in bf16 a batch of 2 and two of 1 round differently)
