@@ -6,7 +6,7 @@
 #   ours  (call 2, after .gpu/py/stage.sh b): our rows, each with the CUDA kernels on and off, the
 #         q/k/v change on (MFLUX2_QKV_PARTS=1), the frozen-scale RMS norm (MFLUX2_FAST_RMS_FROZEN=1),
 #         the norm + RoPE kernel on (MFLUX2_CUDA_NORM_ROPE=1), all of them together,
-#         the ops agreement check
+#         the ops agreement check, the adapter types' steps (LoKr, LoHa, DoRA against LoRA; issue 32)
 #   final (call 3): the strongest peers again beside our plain / DOP / checkpointed rows (the same
 #         call), the kernel profile (ncu) of our step, the GEMMs and attention alone, klein-9b int8 +
 #         checkpointing, dev int4 + checkpointing
@@ -69,6 +69,7 @@ ours)
   run k4_ckpt_off        100 $OFF $B --model klein-4b --checkpointing 1
   run k4_dop_off         100 $OFF $B --model klein-4b --mode dop
   run k4_int8_ckpt_off   100 $OFF $B --model klein-4b --base int8 --checkpointing 1
+  run k4_adapters       150 python3 scripts/benchmark.py --model klein-4b --resolution 512 --rank 32 --targets attention --compare lora,lokr:4,loha,dora --steps 20
   run k4_ckpt_nr         100 $NR $B --model klein-4b --checkpointing 1
   run k4_dop_nr          100 $NR $B --model klein-4b --mode dop
   run k4_ckpt_parts      100 $PARTS $B --model klein-4b --checkpointing 1
