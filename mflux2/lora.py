@@ -480,19 +480,11 @@ class LoKrLinear(AdapterLinear):
 
     @classmethod
     def _from_sub(cls, base, w, rows, scale, trainable, targets):
-        rank = w.rank
-        layer = cls(base, rank or 1, w.alpha if (rank and w.alpha) else None, 0.0, scale, rows, None,
-                    trainable=trainable, targets=targets, init=False)
-        for k in ("w1", "w1_a", "w1_b", "w2", "w2_a", "w2_b"):
-            if getattr(w, k) is not None:
-                layer["lokr_" + k] = getattr(w, k).astype(mx.float32)
-        if layer.kron_scale != w.scale:
-            layer.alpha = w.scale * layer.rank
-        return layer
+        return cls._holding(base, w, scale, rows, None, trainable, targets)
 
     @classmethod
-    def from_weights(cls, base, w, scale: float = 1.0, out_range=None, in_range=None, trainable: bool = False,
-                     targets: str | None = None, source: str = "LoRA", name: str = ""):
+    def _holding(cls, base, w, scale, out_range, in_range, trainable, targets):
+        """A layer holding w's halves as they are (whole or factored) with w's kron scale."""
         rank = w.rank
         layer = cls(base, rank or 1, w.alpha if (rank and w.alpha) else None, 0.0, scale, out_range, in_range,
                     trainable=trainable, targets=targets, init=False)
@@ -501,6 +493,12 @@ class LoKrLinear(AdapterLinear):
                 layer["lokr_" + k] = getattr(w, k).astype(mx.float32)
         if layer.kron_scale != w.scale:  # e.g. a factored half without an alpha in the file: alpha = rank
             layer.alpha = w.scale * layer.rank
+        return layer
+
+    @classmethod
+    def from_weights(cls, base, w, scale: float = 1.0, out_range=None, in_range=None, trainable: bool = False,
+                     targets: str | None = None, source: str = "LoRA", name: str = ""):
+        layer = cls._holding(base, w, scale, out_range, in_range, trainable, targets)
         (o1, i1), (o2, i2) = layer._shapes()
         if (o1 * o2, i1 * i2) != (layer.output_dims, layer.input_dims):
             raise LoRAError(f"{source}: shape mismatch for {name}: LoKr delta ({o1 * o2}, {i1 * i2}), model layer "

@@ -75,6 +75,20 @@ def started(tiny, tmp_path_factory):
     return lora, root / "a" / "out", logs
 
 
+def _load_the_file_instead(monkeypatch, lora):
+    """Runs from now on put `lora` in with load_lora(trainable=True) in place of a fresh adapter: the
+    reference an init_from run must equal."""
+    original = Trainer._load_transformer
+
+    def with_file_loaded(self):
+        model = original(self)
+        lora_mod.remove_lora(model)
+        lora_mod.load_lora(model, lora, trainable=True)
+        return model
+
+    monkeypatch.setattr(Trainer, "_load_transformer", with_file_loaded)
+
+
 def test_a_run_starts_at_step_0_from_the_files_weights(tiny, started, tmp_path, monkeypatch):
     lora, out, logs = started
     a = rows(out)
@@ -85,15 +99,7 @@ def test_a_run_starts_at_step_0_from_the_files_weights(tiny, started, tmp_path, 
     assert meta["init_from"] == str(lora) and meta["training_steps"] == "2"
 
     # the same run, the file put in by load_lora(trainable=True) instead: the first step's loss is the same
-    original = Trainer._load_transformer
-
-    def with_file_loaded(self):
-        model = original(self)
-        lora_mod.remove_lora(model)
-        lora_mod.load_lora(model, lora, trainable=True)
-        return model
-
-    monkeypatch.setattr(Trainer, "_load_transformer", with_file_loaded)
+    _load_the_file_instead(monkeypatch, lora)
     Trainer(load_config(write_config(tmp_path / "b", tiny)), log=lambda *_: None).run()
     b = rows(tmp_path / "b" / "out")
     assert a[0]["loss"] == pytest.approx(b[0]["loss"], rel=1e-6)
@@ -120,15 +126,7 @@ def test_every_type_starts_from_the_files_adapter(tiny, tmp_path, monkeypatch, k
     Trainer(load_config(write_config(tmp_path / "a", tiny, steps=1, init_from=str(lora), **knobs)), log=logs.append).run()
     a = rows(tmp_path / "a" / "out")
     assert any(f"lora.init_from: starting from {lora}" in line and kind in line for line in logs)
-    original = Trainer._load_transformer
-
-    def with_file_loaded(self):
-        model = original(self)
-        lora_mod.remove_lora(model)
-        lora_mod.load_lora(model, lora, trainable=True)
-        return model
-
-    monkeypatch.setattr(Trainer, "_load_transformer", with_file_loaded)
+    _load_the_file_instead(monkeypatch, lora)
     Trainer(load_config(write_config(tmp_path / "b", tiny, steps=1, **knobs)), log=lambda *_: None).run()
     b = rows(tmp_path / "b" / "out")
     assert a[0]["dop_loss"] > 0

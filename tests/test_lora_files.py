@@ -424,18 +424,23 @@ def comfy_apply(path, base: dict) -> tuple[dict, list]:
     return {k.removeprefix("diffusion_model.").removesuffix(".weight"): v.numpy() for k, v in sd.items()}, not_loaded
 
 
+def _kind_weights(kind: str, base):
+    """A file's weights: one type on every layer, LyCORIS's split q/k/v parts ("split-TYPE"), or the
+    four types taking turns over the layers ("mixed")."""
+    if kind.startswith("split-"):
+        return _weights(kind[6:], base, "lycoris")
+    if kind == "mixed":
+        per = {t: _weights(t, base, seed=i) for i, t in enumerate(TYPES)}
+        return {n: per[TYPES[j % 4]][n] for j, n in enumerate(base)}
+    return _weights(kind, base)
+
+
 @pytest.mark.parametrize("kind", TYPES + ("split-lokr", "split-loha", "mixed"))
 @pytest.mark.parametrize("fmt", ("kohya", "bfl"))
 def test_comfyui_loads_what_we_write(base, tmp_path, kind, fmt):
     """Every key of every file mflux2 writes for ComfyUI (every type, every block type) is loaded by
     ComfyUI's loader and gives the weight change of mflux2's delta()."""
-    if kind.startswith("split-"):
-        weights = _weights(kind[6:], base, "lycoris")
-    elif kind == "mixed":
-        per = {t: _weights(t, base, seed=i) for i, t in enumerate(TYPES)}
-        weights = {n: per[TYPES[j % 4]][n] for j, n in enumerate(base)}
-    else:
-        weights = _weights(kind, base)
+    weights = _kind_weights(kind, base)
     path = write_lora(tmp_path / "c.safetensors", weights, fmt, base=base)
     new, not_loaded = comfy_apply(path, base)
     assert not_loaded == []
@@ -490,13 +495,7 @@ def test_real_comfyui_matches_transcription(base, tmp_path, kind, fmt, caplog):
     from safetensors.torch import load_file
 
     comfy = _import_comfy()
-    if kind.startswith("split-"):
-        weights = _weights(kind[6:], base, "lycoris")
-    elif kind == "mixed":
-        per = {t: _weights(t, base, seed=i) for i, t in enumerate(TYPES)}
-        weights = {n: per[TYPES[j % 4]][n] for j, n in enumerate(base)}
-    else:
-        weights = _weights(kind, base)
+    weights = _kind_weights(kind, base)
     path = write_lora(tmp_path / "c.safetensors", weights, fmt, base=base)
     sd = {f"diffusion_model.{n}.weight": torch.tensor(np.array(w)) for n, w in base.items()}
     flux = getattr(comfy.model_base, "Flux2", comfy.model_base.Flux)
@@ -767,12 +766,10 @@ def test_peft_dora_reads_as_peft_applies(dev_folder, tmp_path):
     deltas give PEFT's transformer output."""
     pytest.importorskip("peft")
     import diffusers
-    from mlx.utils import tree_unflatten
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
 
-    from mflux2.models.transformer import load_transformer
-    from test_transformer import make_inputs, make_reference, mlx_output, reference_output, rel_err
+    from test_transformer import make_reference
 
     ref = make_reference(True)
     config = LoraConfig(r=4, lora_alpha=6, use_dora=True, init_lora_weights=False, target_modules=(
@@ -788,6 +785,17 @@ def test_peft_dora_reads_as_peft_applies(dev_folder, tmp_path):
                                               transformer_lora_adapter_metadata=config.to_dict())
     weights, _ = read_lora(tmp_path / "pytorch_lora_weights.safetensors")
     assert {type(w) for w in weights.values()} == {DoRAWeights} and len(weights) == 2 * 4 + 2 * 2 + 2
+
+    _assert_base_plus_delta_matches(dev_folder, weights, ref)
+
+
+def _assert_base_plus_delta_matches(dev_folder, weights, ref):
+    """mflux2's transformer with each layer's delta(base) added equals the reference model carrying
+    the adapter (float32, rel <= 1e-4), and the adapter changes the output (> 1e-2)."""
+    from mlx.utils import tree_unflatten
+
+    from mflux2.models.transformer import load_transformer
+    from test_transformer import make_inputs, make_reference, mlx_output, reference_output, rel_err
 
     model = load_transformer(dev_folder, dtype=mx.float32)
     params = dict(tree_flatten(model.parameters()))
@@ -812,10 +820,7 @@ def test_lycoris_library_files(dev_folder, tmp_path, config):
     """Files saved by the LyCORIS library itself (lycoris-lora, wrapping diffusers' FLUX.2 transformer
     as SimpleTuner does), with random non-zero weights: mflux2's deltas give LyCORIS's own forward."""
     lycoris = pytest.importorskip("lycoris")
-    from mlx.utils import tree_unflatten
-
-    from mflux2.models.transformer import load_transformer
-    from test_transformer import make_inputs, make_reference, mlx_output, reference_output, rel_err
+    from test_transformer import make_reference
 
     algo, kw, cls = LYCORIS_CONFIGS[config]
     ref = make_reference(True)
@@ -831,10 +836,4 @@ def test_lycoris_library_files(dev_folder, tmp_path, config):
     weights, _ = read_lora(tmp_path / "l.safetensors")
     assert len(weights) == 2 * 8 + 2 * 2 + 2 and type(weights["double_blocks.1.img_attn.qkv"]) is cls
 
-    model = load_transformer(dev_folder, dtype=mx.float32)
-    params = dict(tree_flatten(model.parameters()))
-    model.update(tree_unflatten([(f"{n}.weight", params[f"{n}.weight"] + w.delta(params[f"{n}.weight"])) for n, w in weights.items()]))
-    inputs, guidance = make_inputs(), np.array([3.5, 1.0], np.float32)
-    theirs = reference_output(ref, *inputs, guidance=guidance)
-    assert rel_err(theirs, reference_output(make_reference(True), *inputs, guidance=guidance)) > 1e-2
-    assert rel_err(mlx_output(model, *inputs, guidance=guidance), theirs) <= 1e-4
+    _assert_base_plus_delta_matches(dev_folder, weights, ref)
