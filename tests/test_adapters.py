@@ -22,6 +22,7 @@ from mflux2.lora import load_adapters, lora_layers, lora_weights
 from mflux2.lora_formats import DoRAWeights, LoHaWeights, LoKrWeights, SplitWeights
 from mflux2.models.transformer import load_transformer
 from mflux2.training.step import Batch, StepConfig, TrainStep, noisy_inputs
+from test_lora import klein  # noqa: F401  (fixture: the tiny klein transformer in diffusers' layout)
 from test_transformer import make_inputs, make_reference, mlx_output, reference_output, rel_err
 
 diffusers = pytest.importorskip("diffusers")
@@ -50,13 +51,6 @@ def targets(ref):
         out += [(f"single_transformer_blocks.{i}.{k}", ref.get_submodule(f"single_transformer_blocks.{i}.{k}"),
                  f"single_blocks.{i}.{b}", p) for k, (b, p) in SINGLE.items()]
     return out
-
-
-@pytest.fixture(scope="module")
-def klein(tmp_path_factory):
-    root = tmp_path_factory.mktemp("klein")
-    make_reference(False).save_pretrained(root / "transformer")
-    return root
 
 
 def _randomize(params: dict, gen: torch.Generator, std: float):

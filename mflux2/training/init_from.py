@@ -37,6 +37,16 @@ def read(path: Path, source, spec: str) -> dict:
     return read_lora(path, base=_StoredBase(source, spec))[0]
 
 
+def read_checked(path: Path, source, lora_cfg, spec: str) -> dict:
+    """The file's layers, checked against the `lora:` section and the model `source` before anything
+    loads: what the run and the dry run both do (one line naming the first mismatch)."""
+    from mflux2.training.memory import _source_config
+
+    weights = read(path, source, spec)
+    check(weights, expected_layers(_source_config(source), lora_cfg.target_layers), lora_cfg, spec)
+    return weights
+
+
 def reread(model, path: Path, weights: dict) -> dict:
     """A file with DoRA layers read again against the loaded model's own base weights (a quantized
     base differs from the stored one), as load_lora reads it."""

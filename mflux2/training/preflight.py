@@ -301,7 +301,6 @@ def _init_from_lines(rep, cfg, source, ckpt) -> None:
     from mflux2.hub import ModelLoadError
     from mflux2.lora_formats import LoRAError
     from mflux2.training import init_from
-    from mflux2.training.memory import _source_config
     from mflux2.weights import WeightsError
 
     spec = cfg.lora.init_from
@@ -316,8 +315,7 @@ def _init_from_lines(rep, cfg, source, ckpt) -> None:
                                 "mode is on (HF_HUB_OFFLINE=1): download it once with network access, or point it at a local file")
             rep.line(f"lora.init_from {spec}: not in the Hugging Face cache — the run downloads it and checks it before the caches")
             return
-        weights = init_from.read(path, source, spec)
-        init_from.check(weights, init_from.expected_layers(_source_config(source), cfg.lora.target_layers), cfg.lora, spec)
+        weights = init_from.read_checked(path, source, cfg.lora, spec)
         rep.line(f"lora.init_from: {path} ({len(weights)} {cfg.lora.type} layers, rank {cfg.lora.rank}) matches the lora: section; "
                  "the run starts from its weights at step 0 with a fresh optimiser")
     except (LoRAError, ModelLoadError, WeightsError, OSError) as e:  # LoRAError is a WeightsError; named for the reader

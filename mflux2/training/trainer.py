@@ -648,12 +648,9 @@ class Trainer:
             self.log(f"lora.init_from {spec} ignored: the run resumes from {ckpt.name}, which holds the weights trained from it")
             return None
         from mflux2.training import init_from
-        from mflux2.training.memory import _source_config
 
         path = self.init_path = init_from.resolve(spec)
-        weights = init_from.read(path, self.pipe.source, spec)
-        init_from.check(weights, init_from.expected_layers(_source_config(self.pipe.source), self.cfg.lora.target_layers),
-                        self.cfg.lora, spec)
+        weights = init_from.read_checked(path, self.pipe.source, self.cfg.lora, spec)
         self.log(f"lora.init_from: starting from {path} ({len(weights)} {self.cfg.lora.type} layers, rank {self.cfg.lora.rank}); "
                  "fresh optimiser state, step 0")
         return weights
