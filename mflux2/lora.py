@@ -389,8 +389,8 @@ class LoKrLinear(AdapterLinear):
     Init as LyCORIS: W1 (or its factors) and lokr_w2_a Kaiming-uniform, lokr_w2 / lokr_w2_b zero.
 
     The forward never builds the kron matrix: x [..., in] viewed as X [..., i1, i2], Y = W1 X W2ᵀ
-    [..., o1, o2] (X W2ᵀ through the factors when W2 is factored), two small GEMMs and two
-    transposes. Ranges: the kron covers the block out_start:out_stop × in_start:in_stop; in the
+    [..., o1, o2] (X W2ᵀ through the factors when W2 is factored, W1 applied between them on the
+    rank-r rows), without a transpose. Ranges: the kron covers the block out_start:out_stop × in_start:in_stop; in the
     file (`weights()`) W1 is zero-padded to the whole layer, which needs the range edges to be
     multiples of o2 / i2 (true of FLUX.2's attention ranges)."""
 
@@ -441,12 +441,13 @@ class LoKrLinear(AdapterLinear):
         w1 = (self._w1(mx.float32) * s).astype(x.dtype)  # s folded into the small W1
         lead = x.shape[:-1]
         h = self._dropout(x).reshape(-1, i1, i2)
+        # W1 mixes the i1 axis by a matmul broadcast over tokens (W1 [o1, i1] @ h [N, i1, ·]), so
+        # nothing is transposed; with W2 factored it mixes the rank-r rows, before W2's up-projection.
         if "lokr_w2" in self:
-            h = h @ self.lokr_w2.astype(x.dtype).T  # [N, i1, o2]
+            y = w1 @ (h @ self.lokr_w2.astype(x.dtype).T)  # [N, o1, o2]
         else:
-            h = (h @ self.lokr_w2_b.astype(x.dtype).T) @ self.lokr_w2_a.astype(x.dtype).T
-        y = h.swapaxes(-1, -2) @ w1.T  # [N, o2, o1]
-        return y.swapaxes(-1, -2).reshape(*lead, o1 * o2)
+            y = (w1 @ (h @ self.lokr_w2_b.astype(x.dtype).T)) @ self.lokr_w2_a.astype(x.dtype).T  # [N, o1, r] -> [N, o1, o2]
+        return y.reshape(*lead, o1 * o2)
 
     def delta(self, with_scale: bool = True) -> mx.array:
         w = self.weights()

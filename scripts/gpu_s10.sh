@@ -6,7 +6,8 @@
 #   ours  (call 2, after .gpu/py/stage.sh b): our rows, each with the CUDA kernels on and off, the
 #         q/k/v change on (MFLUX2_QKV_PARTS=1), the frozen-scale RMS norm (MFLUX2_FAST_RMS_FROZEN=1),
 #         the norm + RoPE kernel on (MFLUX2_CUDA_NORM_ROPE=1), all of them together,
-#         the ops agreement check, the adapter types' steps (LoKr, LoHa, DoRA against LoRA; issue 32)
+#         the ops agreement check, the adapter types' steps (LoKr, LoHa, DoRA against LoRA; issue 32),
+#         the masked step against the plain one and the masks' clutter ratio at 512 px (issue 31)
 #   final (call 3): the strongest peers again beside our plain / DOP / checkpointed rows (the same
 #         call), the kernel profile (ncu) of our step, the GEMMs and attention alone, klein-9b int8 +
 #         checkpointing, dev int4 + checkpointing
@@ -56,20 +57,22 @@ peers)
 ours)
   python3 -c 'import mlx.core as mx; print("mlx", mx.__version__, mx.default_device(), mx.device_info().get("device_name"))' | tee -a "$OUT/gpu.txt"
   run k4_plain           300 $B --model klein-4b
+  run k4_adapters       150 python3 scripts/benchmark.py --model klein-4b --resolution 512 --rank 32 --targets attention --compare lora,lokr:4,loha,dora --steps 20
   run ops_check           90 python3 scripts/ops_check.py
   run k4_plain_parts     100 $PARTS $B --model klein-4b
   run k4_plain_nr        100 $NR $B --model klein-4b
   run k4_plain_off       100 $OFF $B --model klein-4b
-  run k4_plain_rms       100 $RMS $B --model klein-4b
   run k4_plain_off_graph 100 $OFF $PARTS $RMS $B --model klein-4b  # the graph a Mac runs, every graph change on
   run k4_plain_all       100 $PARTS $RMS $NR $B --model klein-4b
   run k4_ckpt            100 $B --model klein-4b --checkpointing 1
   run k4_dop             100 $B --model klein-4b --mode dop
   run k4_int8_ckpt       100 $B --model klein-4b --base int8 --checkpointing 1
+  run k4_masked         120 python3 scripts/benchmark.py --model klein-4b --masked-interleaved --steps 30 --warmup 4  # issue 31
+  run masks_512          150 python3 scripts/datasets_eval.py masks --size 512 --steps 80 --seed 0 --draws 1 --no-gradient
   run k4_ckpt_off        100 $OFF $B --model klein-4b --checkpointing 1
   run k4_dop_off         100 $OFF $B --model klein-4b --mode dop
   run k4_int8_ckpt_off   100 $OFF $B --model klein-4b --base int8 --checkpointing 1
-  run k4_adapters       150 python3 scripts/benchmark.py --model klein-4b --resolution 512 --rank 32 --targets attention --compare lora,lokr:4,loha,dora --steps 20
+  run k4_plain_rms       100 $RMS $B --model klein-4b
   run k4_ckpt_nr         100 $NR $B --model klein-4b --checkpointing 1
   run k4_dop_nr          100 $NR $B --model klein-4b --mode dop
   run k4_ckpt_parts      100 $PARTS $B --model klein-4b --checkpointing 1
