@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import gzip
 import json
 import re
 import statistics
@@ -55,8 +56,10 @@ def _category(name: str) -> str:
 
 
 def read_ncu_csv(path: str) -> list[dict]:
-    """Rows of `ncu --csv --page raw --print-units base`: [{name, us, grid}] in launch order."""
-    lines = Path(path).read_text(errors="replace").splitlines()
+    """Rows of `ncu --csv --page raw --print-units base`: [{name, us, grid}] in launch order
+    (a `.gz` file is read through gzip: the traces kept in docs/bench are compressed)."""
+    raw = Path(path).read_bytes()
+    lines = (gzip.decompress(raw) if path.endswith(".gz") else raw).decode(errors="replace").splitlines()
     start = next((i for i, l in enumerate(lines) if '"Kernel Name"' in l), None)
     if start is None:
         raise SystemExit(f"{path}: no ncu CSV header (\"Kernel Name\") found; is it ncu --csv --page raw output?")

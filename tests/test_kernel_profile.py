@@ -1,5 +1,6 @@
 """scripts/kernel_profile.py: an ncu CSV of a step is summed by category, and the shapes mode runs."""
 
+import gzip
 import json
 import subprocess
 import sys
@@ -38,6 +39,9 @@ def test_parse_sums_kernels_by_category(tmp_path):
     assert c["other"]["ms"] == 0.001 and s["kernels"] == 10 and s["kernel_ms"] == 0.355
     assert s["gaps_ms"] == 0.645 and s["gemm_launches_under_10us"] == [1, 0.004]
     assert "| all kernels | 10 | 0.355 |" in K.markdown(s)
+    gz = tmp_path / "step.csv.gz"  # the traces kept in docs/bench are gzipped
+    gz.write_bytes(gzip.compress(text.encode()))
+    assert K.summarize(K.read_ncu_csv(str(gz)), step_s=0.001) == s
 
 
 def test_shapes_mode_runs_on_the_cpu():
