@@ -333,6 +333,9 @@ def load_component(module: nn.Module, folder: Path, dtype: mx.Dtype, quantizatio
         for k, v in weights.items()
     ]
     module.load_weights(loaded, strict=True)
+    # The module must hold the only references: a file tensor still named in `weights` would stay in
+    # memory beside its cast once evaluated.
+    del weights, loaded
     mx.eval(module.parameters())
     module.eval()
     return module

@@ -10,6 +10,8 @@ measurement as it goes:
     python scripts/phase_peers.py ours --folder F               # mflux2's loads and text encoding of the same folder,
                                                                 #   split: file read, load, first prompt, the rest
     python scripts/phase_peers.py ours --tiny                   # the CPU smoke run (the toy model)
+    python scripts/phase_peers.py load-cpu --size-gb 2          # any machine: ours against the read floor on
+                                                                #   one random folder (--work W; written once)
 
 The prompts are cat-toy's (configs/cat-toy.yaml, no captions: the trigger word stands for them):
 7 unique prompts, each padded to 512 tokens, one at a time as the trainer embeds them. `--drop-caches`
@@ -255,6 +257,7 @@ def ours(folder: Path, variant: str, drop: bool):
     from mflux2.models.transformer import load_transformer
 
     base = {"device": mx.device_info().get("device_name", str(mx.default_device())), "mlx": mx.__version__, "folder": str(folder)}
+    mx.eval(mx.zeros(1) + 1)  # the device's start-up, outside every timing below
     dropped = drop and drop_caches()
     te_files = shards(folder / "text_encoder")
     secs, gb = read_files(te_files)
@@ -263,6 +266,18 @@ def ours(folder: Path, variant: str, drop: bool):
     secs, gb = read_files(te_files)
     emit({"what": "file read", "component": "text_encoder", "page_cache": "warm", "s": round(secs, 3), "gb": round(gb, 3),
           "gb_per_s": round(gb / secs, 2)})
+
+    # MLX's own floor on the same files (mx.load + mx.eval, all kept): what our load can approach;
+    # on the default stream (ours) and on the CPU stream (on CUDA: no host buffer + copy per tensor)
+    emit({"what": "mx.load + mx.eval floor", "component": "text_encoder", **_timed_floor(te_files)})
+    emit({"what": "mx.load(stream=mx.cpu) + mx.eval floor", "component": "text_encoder", **_timed_floor(te_files, mx.cpu)})
+    # the load's imports (mlx-lm's models bring transformers and torch), which the peers do before
+    # their timers
+    t = time.perf_counter()
+    import mlx_lm.models.qwen3  # noqa: F401
+    from transformers import AutoTokenizer  # noqa: F401
+
+    emit({"what": "import mlx-lm and transformers (torch with them), before the load", "s": round(time.perf_counter() - t, 3)})
 
     # the text-encoder phase, split as the trainer runs it: load, each prompt, release
     mx.reset_peak_memory()
@@ -287,7 +302,10 @@ def ours(folder: Path, variant: str, drop: bool):
     gc.collect()
     mx.clear_cache()
 
-    # the transformer: the training load and the validation model's (the same files again)
+    # the transformer: MLX's floor, the training load and the validation model's (the same files again)
+    emit({"what": "mx.load + mx.eval floor", "component": "transformer", **_timed_floor(shards(folder / "transformer"))})
+    emit({"what": "mx.load(stream=mx.cpu) + mx.eval floor", "component": "transformer",
+          **_timed_floor(shards(folder / "transformer"), mx.cpu)})
     for what in ("transformer load (first)", "transformer load (again: the validation model's)"):
         mx.reset_peak_memory()
         t = time.perf_counter()
@@ -297,6 +315,179 @@ def ours(folder: Path, variant: str, drop: bool):
         del model
         gc.collect()
         mx.clear_cache()
+
+
+# ------------------------------------------------------------------------------------------------
+# the loads on any machine (the CPU here): ours against the floor on the same files
+
+
+def mx_load_floor(files, stream=None) -> list:
+    """MLX's floor for a load: `mx.load` and one `mx.eval` a file, every array kept as a model keeps
+    them (freed ones would be reused by the next file: no new pages, a floor too low). `stream`:
+    mx.load's (None: the default device's; on CUDA that Load reads each tensor into a host buffer and
+    copies it to the device, on the CPU stream it reads into unified memory on MLX's I/O threads)."""
+    import mlx.core as mx
+
+    arrays = []
+    for f in files:
+        arrays.append(mx.load(str(f), stream=stream))
+        mx.eval(arrays[-1])
+    return arrays
+
+
+def _timed_floor(files, stream=None) -> dict:
+    import mlx.core as mx
+
+    mx.reset_peak_memory()
+    t = time.perf_counter()
+    arrays = mx_load_floor(files, stream)
+    out = {"s": round(time.perf_counter() - t, 3), "peak_gb": round(mx.get_peak_memory() / 1e9, 3)}
+    del arrays
+    gc.collect()
+    mx.clear_cache()
+    return out
+
+
+def _random_bf16(shape, rng):
+    """Finite random bf16 (bit 14, the exponent's top bit, cleared: |x| < 2), cheap to write."""
+    import mlx.core as mx
+    import numpy as np
+
+    bits = rng.integers(0, 1 << 16, int(np.prod(shape)), dtype=np.uint16) & np.uint16(0xBEFF)
+    return mx.array(bits).view(mx.bfloat16).reshape(shape)
+
+
+def _write_component(folder: Path, shapes: dict, stem: str, config: dict, shard_gb: float = 1.0) -> None:
+    """Sharded safetensors + index + config.json as save_pretrained writes them (1 GB shards, so that
+    even a small folder has several files, as the real ones do)."""
+    import mlx.core as mx
+    import numpy as np
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    groups, size = [[]], 0
+    for k, s in shapes.items():
+        n = int(np.prod(s)) * 2
+        if groups[-1] and size + n > shard_gb * 1e9:
+            groups.append([])
+            size = 0
+        groups[-1].append(k)
+        size += n
+    weight_map = {}
+    for i, keys in enumerate(groups):
+        name = f"{stem}-{i + 1:05d}-of-{len(groups):05d}.safetensors"
+        arrays = {k: _random_bf16(shapes[k], rng) for k in keys}
+        mx.eval(arrays)
+        mx.save_safetensors(str(folder / name), arrays, metadata={"format": "pt"})
+        weight_map.update({k: name for k in keys})
+        del arrays
+    (folder / f"{stem}.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+def write_load_folder(work: Path, size_gb: float) -> tuple[int, int]:
+    """A folder in the diffusers klein layout with ~size_gb of random bf16 weights per component:
+    transformer/ at klein-4b's widths (k double and 4k single blocks, klein-4b's ratio) and
+    text_encoder/ at Qwen3-4B's (L layers), tokenizer/ at the real vocabulary size. Returns (k, L)."""
+    from job_benchmark import _qwen3_config, _qwen3_tokenizer, _shapes_qwen3, _shapes_transformer
+
+    from mflux2.models.transformer import preset
+
+    k = max(1, round((size_gb - 0.39) / 1.47))  # klein-4b: 0.39 GB outside the blocks, 1.47 GB per (1 + 4)
+    layers = max(3, round((size_gb - 0.78) / 0.2))  # Qwen3-4B: 0.78 GB of embeddings, 0.2 GB a layer
+    done = work / "done.json"
+    if done.exists() and json.loads(done.read_text()) == [k, layers]:
+        return k, layers
+    import shutil
+
+    shutil.rmtree(work, ignore_errors=True)
+    tcfg = {**preset("klein-4b").to_dict(), "num_layers": k, "num_single_layers": 4 * k}
+    _write_component(work / "transformer", _shapes_transformer(tcfg), "diffusion_pytorch_model",
+                     {"_class_name": "Flux2Transformer2DModel", **tcfg})
+    qcfg = {**_qwen3_config("klein-4b"), "num_hidden_layers": layers}
+    _write_component(work / "text_encoder", _shapes_qwen3(qcfg), "model",
+                     {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", **qcfg})
+    _qwen3_tokenizer(work / "tokenizer")
+    done.write_text(json.dumps([k, layers]))
+    return k, layers
+
+
+def _cpu_s() -> float:
+    t = os.times()
+    return t.user + t.system
+
+
+def load_cpu(work: Path, size_gb: float, reps: int, keep: bool):
+    """Each load `reps` times, interleaved (a shared machine's noise hits all alike): the files' read
+    (page cache warm), `mx.load` + one `mx.eval` a file (MLX's floor: every byte read once into MLX
+    memory), `safetensors.torch.load_file` + `clone` (the CPU analogue of the peers' copy to cuda),
+    and ours; wall and CPU seconds (the process's user + system, every thread) and MLX's peak."""
+    import mlx.core as mx
+
+    from mflux2.models.text_encoder import load_text_encoder, load_tokenizer
+    from mflux2.models.transformer import load_transformer
+
+    import mlx_lm.models.qwen3  # noqa: F401 (imported here: their seconds of import are no load's)
+    import transformers  # noqa: F401
+    t0 = time.perf_counter()
+    k, layers = write_load_folder(work, size_gb)
+    base = {"mlx": mx.__version__, "device": str(mx.default_device()), "cpus": os.cpu_count()}
+    emit({"what": "folder", "work": str(work), "transformer_blocks": [k, 4 * k], "text_encoder_layers": layers,
+          "ready_s": round(time.perf_counter() - t0, 1), **base})
+
+    def torch_clone(files):
+        import safetensors.torch
+
+        return [{n: t.clone() for n, t in safetensors.torch.load_file(str(f)).items()} for f in files]
+
+    loads = {
+        "transformer": {
+            "ours: load_transformer": lambda: load_transformer(work, dtype=mx.bfloat16),
+            "ours: load_transformer(quantize=int8)": lambda: load_transformer(work, dtype=mx.bfloat16, quantize="int8"),
+        },
+        "text_encoder": {
+            "ours: load_tokenizer alone": lambda: load_tokenizer(work / "tokenizer"),
+            "ours: load_text_encoder (with the tokenizer)": lambda: load_text_encoder(
+                work, "klein-4b", hidden_layers=(layers - 2, layers - 1, layers)),
+        },
+    }
+    # Unrecorded: the first load after the folder was written pays the kernel's reclaim of the page
+    # cache it filled (5 s instead of 1 s for the first floor here)
+    for comp in loads:
+        warm = mx_load_floor(shards(work / comp))
+        del warm
+        gc.collect()
+        mx.clear_cache()
+    rows = {}
+    for rep in range(reps):
+        for comp, ours_loads in loads.items():
+            files = shards(work / comp)
+            gb = sum(f.stat().st_size for f in files) / 1e9
+            read_files(files)  # warm the page cache
+            cases = {"file read (page cache)": lambda: read_files(files), "mx.load + mx.eval (a file at a time, all kept)":
+                     lambda: mx_load_floor(files), "safetensors.torch.load_file + clone": lambda: torch_clone(files),
+                     **ours_loads}
+            for how, fn in cases.items():
+                gc.collect()
+                mx.clear_cache()
+                mx.reset_peak_memory()
+                c, t = _cpu_s(), time.perf_counter()
+                out = fn()  # our loaders return everything evaluated
+                wall, cpu = time.perf_counter() - t, _cpu_s() - c
+                del out
+                rows.setdefault((comp, how), []).append((wall, cpu, mx.get_peak_memory() / 1e9, gb))
+    for (comp, how), runs in rows.items():
+        walls = sorted(r[0] for r in runs)
+        gb = runs[0][3]
+        emit({"what": "load cpu", "component": comp, "how": how, "gb": round(gb, 3),
+              "wall_s_median": round(statistics.median(walls), 3), "wall_s_min": round(walls[0], 3),
+              "cpu_s_median": round(statistics.median(r[1] for r in runs), 3),
+              "gb_per_s_median": round(gb / statistics.median(walls), 2),
+              "peak_gb": round(max(r[2] for r in runs), 3), "reps": len(runs)})
+    if not keep:
+        import shutil
+
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def _mx_times(fn, reps):
@@ -310,13 +501,17 @@ def _mx_times(fn, reps):
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("what", choices=["vae-peer", "te-peer", "load-peer", "ours"])
+    ap.add_argument("what", choices=["vae-peer", "te-peer", "load-peer", "ours", "load-cpu"])
     ap.add_argument("--folder", type=Path, help="a klein model folder (diffusers layout), e.g. job_benchmark.py's")
     ap.add_argument("--variant", default="klein-4b")
     ap.add_argument("--sizes", type=int, nargs="+", default=[512, 1024])
     ap.add_argument("--vae-variants", nargs="+", default=["eager", "cudnn_benchmark", "compile"])
     ap.add_argument("--drop-caches", action="store_true")
     ap.add_argument("--tiny", action="store_true", help="the toy model / a small VAE (CPU smoke run)")
+    ap.add_argument("--size-gb", type=float, default=2.0, help="load-cpu: GB of weights per component")
+    ap.add_argument("--work", type=Path, default=Path("/tmp/mflux2-load-cpu"), help="load-cpu: the folder to write")
+    ap.add_argument("--reps", type=int, default=3, help="load-cpu: runs of each load")
+    ap.add_argument("--keep", action="store_true", help="load-cpu: keep the folder (deleted otherwise)")
     args = ap.parse_args(argv)
     folder = ROOT / "models" / "toy" if args.tiny else args.folder
     if args.what == "vae-peer":
@@ -326,6 +521,8 @@ def main(argv=None) -> int:
         te_peer(folder)
     elif args.what == "load-peer":
         load_peer(folder)
+    elif args.what == "load-cpu":
+        load_cpu(args.work, args.size_gb, args.reps, args.keep)
     else:
         ours(folder, args.variant, args.drop_caches)
     return 0

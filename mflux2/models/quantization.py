@@ -64,11 +64,15 @@ def quant_settings(quantize: str | None, group_size: int | None, dtype: mx.Dtype
 def load_weights(model, weights: dict, dtype: mx.Dtype, bits: int | None, group_size: int | None) -> None:
     """Fill a lazily built transformer with `weights` (our names) in `dtype`, module by module: the
     top-level layers (their large ones then quantized), then each block (quantized as soon as it is
-    loaded)."""
+    loaded). Empties `weights`: each tensor is dropped as its module takes it, so only one module's
+    full-precision tensors are ever held beside the model (the caller must keep no other reference)."""
 
     def load(prefix: str, module: nn.Module) -> None:
         p = prefix + "."
-        module.update(tree_unflatten([(k[len(p) :], weights[k].astype(dtype)) for k in weights if k.startswith(p)]))
+        # pop: a tensor left in `weights` would keep the file's copy alive once evaluated (all of them
+        # until the load ends, beside the quantised or cast ones the model keeps)
+        mine = [k for k in weights if k.startswith(p)]
+        module.update(tree_unflatten([(k[len(p) :], weights.pop(k).astype(dtype)) for k in mine]))
         mx.eval(module.parameters())
 
     top = {name: m for name, m in model.children().items() if isinstance(m, nn.Module)}

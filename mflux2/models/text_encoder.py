@@ -28,6 +28,7 @@ import gc
 import json
 import re
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -469,6 +470,12 @@ def load_text_encoder(
 
     built = max(depth, 1)  # layers to build and load: none past the deepest hidden state taken
     model, backbone = _build(family, lm, built)
+    tok_dir = Path(tokenizer_path) if tokenizer_path is not None else _find_tokenizer(path, te_dir)
+    # The tokenizer loads while the weights are read (mx.eval releases the GIL; neither needs the
+    # other): its vocabulary's JSON takes ~1 s, as long as reading a few GB from the page cache.
+    pool = ThreadPoolExecutor(1, thread_name_prefix="tokenizer")
+    tokenizer_loaded = pool.submit(load_tokenizer, tok_dir)
+    pool.shutdown(wait=False)  # if the weights fail, their error is raised and this one dropped
     weights = {k: v for k, v, _ in iter_tensors(safetensors_files(te_dir))}  # lazy: nothing read yet
     weights = model.sanitize(weights)  # mlx-lm: Mistral3 prefixes, drops vision tower + projector
     weights = {
@@ -500,8 +507,7 @@ def load_text_encoder(
         mx.eval(unit.parameters())
     backbone.eval()
 
-    tok_dir = Path(tokenizer_path) if tokenizer_path is not None else _find_tokenizer(path, te_dir)
-    tokenizer = load_tokenizer(tok_dir)
+    tokenizer = tokenizer_loaded.result()  # re-raises its WeightsError
     if len(tokenizer) > lm["vocab_size"]:
         raise WeightsError(f"{tok_dir}: tokenizer has {len(tokenizer)} tokens but the model only {lm['vocab_size']} embeddings")
     return TextEncoder(backbone, tokenizer, config, total, quantize or (f"int{prequant['bits']}" if prequant else None))
