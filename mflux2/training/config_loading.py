@@ -511,6 +511,8 @@ def _finalize_datasets(cfg: TrainConfig, ctx: _Ctx) -> None:
         for k in shared:
             if ("datasets", i, k) not in ctx.given:
                 setattr(d, k, copy.deepcopy(getattr(cfg.dataset, k)))
+        if d.is_regularization and ("datasets", i, "trigger_word") not in ctx.given:
+            d.trigger_word = None  # a reg set trains without one: the shared (or derived) trigger word is not its
         if d.path is None:
             raise ctx.error(("datasets", i, "path"), "is required (a folder of images or a Hugging Face dataset id)")
         p = Path(d.path).expanduser()

@@ -543,6 +543,8 @@ def scan_dataset(cfg: "TrainConfig", *, validation: bool = False, prefix: str = 
     trigger = None if reg else ds.trigger_word
     dop_class = cfg.loss.diff_output_preservation_class if cfg.loss.diff_output_preservation else None
     named: list[str] = []  # a regularisation set's captions that name the trigger word
+    # ... the trigger words of the datasets that train the subject (a reg set has none of its own)
+    subject_words = sorted({w for w in (ds.trigger_word, *(d.trigger_word for d in cfg.datasets if not d.is_regularization)) if w}) if reg else []
     bucketing = cfg.memory.bucketing.enabled
     resolutions = cfg.resolutions
 
@@ -570,7 +572,7 @@ def scan_dataset(cfg: "TrainConfig", *, validation: bool = False, prefix: str = 
             no_caption.append(rel)
             raw = ""
         caption = apply_trigger(raw, trigger)
-        if reg and (names_trigger(raw, ds.trigger_word) or re.search(r"\[trigger\]|\{trigger\}", raw, re.IGNORECASE)):
+        if reg and (any(names_trigger(raw, w) for w in subject_words) or re.search(r"\[trigger\]|\{trigger\}", raw, re.IGNORECASE)):
             named.append(rel)
         bucket = choose_bucket(size[0], size[1], resolutions, bucketing)
         if upscale_factor(size, bucket) > MAX_UPSCALE:
@@ -601,7 +603,7 @@ def scan_dataset(cfg: "TrainConfig", *, validation: bool = False, prefix: str = 
     if (ds.mask_path or ds.alpha_mask) and samples and not validation:
         samples = pair_masks(samples, ds, prefix)
     if named:
-        warnings.warn(f"{key}: {len(named)} caption(s) of this regularisation set name the trigger word {ds.trigger_word!r} "
+        warnings.warn(f"{key}: {len(named)} caption(s) of this regularisation set name the trigger word {' or '.join(map(repr, subject_words)) or '[trigger]'} "
                       f"(or [trigger]): a regularisation set trains the model's prior, so it should not name the subject: "
                       f"{_listing(named)}", DataWarning, stacklevel=2)
     if bad:
