@@ -32,7 +32,7 @@ def forward_live_bytes(hidden: int, mlp_hidden: int, tokens: int, tile_bytes: in
     """The live set of a sampling forward (no gradient) beyond the weights: one block's activations
     (a single block's linear1 output as GEMM parts and their concatenation, 2 × (3·hidden +
     2·mlp_hidden), its SwiGLU output and FORWARD_FIXED_UNITS) plus, for a quantized base, two
-    dequantised weight tiles (`ops.gemm`: one at a time, each after the GEMM before it)."""
+    dequantised weight tiles (`ops.gemm`: one in use, the next made after the GEMM before it)."""
     units = 2 * (3 + 2 * mlp_hidden / hidden) + mlp_hidden / hidden + FORWARD_FIXED_UNITS
     return units * tokens * hidden * 2 + 2 * tile_bytes
 
@@ -53,9 +53,9 @@ def model_live_bytes(model, tokens: int) -> float | None:
 
 @contextmanager
 def bounded_run_ahead(extra_bytes: float | None):
-    """MLX's memory limit at what is allocated now + `extra_bytes` (never above the limit in force),
-    restored after: MLX's evaluation waits for the device whenever more is allocated, on every
-    backend. The images are the same: only when operations run changes."""
+    """MLX's memory limit at what is allocated now + RUN_AHEAD × `extra_bytes` (never above the
+    limit in force), restored after: MLX's evaluation waits for the device whenever more is
+    allocated, on every backend. The images are the same: only when operations run changes."""
     if extra_bytes is None or RUN_AHEAD is None:
         yield
         return

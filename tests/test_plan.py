@@ -31,7 +31,7 @@ MEASURED = {
 }
 # The jobs below ran before sampling was bounded (issue 34: `sampling.bounded_run_ahead`, ordered
 # dequantisation tiles): their validations' forwards held what the fix removes (dev: 46.89 GB, the
-# plan now 36.72), so there the validation phase is checked on what the fix leaves as it was (the
+# plan now 36.97), so there the validation phase is checked on what the fix leaves as it was (the
 # validation model's load, the VAE decode + PNG); the sampling term is checked on the CPU
 # (tests/test_sampling.py) until a GPU job measures it.
 BEFORE_BOUNDED_SAMPLING = ("baseline validation", "validation 1", "validation 2")

@@ -302,6 +302,9 @@ def _make_dequantized_gemm(chunks, col_ranges, has_acc, has_qb, has_bias, group_
                 for i, c in enumerate(col_ranges):
                     wt = tile(wq, scales, qb, r, c)
                     dxs[i] = cr @ wt if dxs[i] is None else mx.addmm(dxs[i], cr, wt)
+                    if ORDERED_TILES:  # the next tile after this GEMM, as in the forward
+                        deps = mx.depends([wq, scales] + ([qb] if has_qb else []), [dxs[i]])
+                        wq, scales, qb = deps[0], deps[1], (deps[2] if has_qb else None)
         grads = [d.astype(x.dtype) for d, x in zip(dxs, xs)] + [c for c, h in zip(cots, has_acc) if h]
         grads += [mx.zeros_like(primals[n_x + n_acc]), mx.zeros_like(primals[n_x + n_acc + 1])]
         grads += [mx.zeros_like(primals[n_x + n_acc + 2])] if has_qb else []
