@@ -11,8 +11,8 @@ QuantizedLinear or LoRALinear (stacked ones too), which the blocks call instead 
   a LoRA delta enters as the accumulator of the base GEMM (`mx.addmm`) and reads only the input
   columns it covers (so a concatenated input is not kept for the backward pass), and a quantized
   base is dequantised to bf16 right before its GEMM at training/generation token counts
-  (`quantized_matmul` is slower there), tile by tile, each tile after the GEMM before it (so one is
-  alive at a time: `ORDERED_TILES`); the dequantised weight is never kept for the backward pass,
+  (`quantized_matmul` is slower there), tile by tile, in the forward each tile after the GEMM
+  before it (one alive at a time: `ORDERED_TILES`); the dequantised weight is never kept for the backward pass,
   which dequantises again (a custom function, `_make_dequantized_gemm`);
 - on CUDA (switch "dequantize_cuda", inside the fast path): int8 tiles are dequantised by one
   custom kernel (`dequantize_tile`; mx.dequantize otherwise).
@@ -302,9 +302,6 @@ def _make_dequantized_gemm(chunks, col_ranges, has_acc, has_qb, has_bias, group_
                 for i, c in enumerate(col_ranges):
                     wt = tile(wq, scales, qb, r, c)
                     dxs[i] = cr @ wt if dxs[i] is None else mx.addmm(dxs[i], cr, wt)
-                    if ORDERED_TILES:  # the next tile after this GEMM, as in the forward
-                        deps = mx.depends([wq, scales] + ([qb] if has_qb else []), [dxs[i]])
-                        wq, scales, qb = deps[0], deps[1], (deps[2] if has_qb else None)
         grads = [d.astype(x.dtype) for d, x in zip(dxs, xs)] + [c for c, h in zip(cots, has_acc) if h]
         grads += [mx.zeros_like(primals[n_x + n_acc]), mx.zeros_like(primals[n_x + n_acc + 1])]
         grads += [mx.zeros_like(primals[n_x + n_acc + 2])] if has_qb else []
