@@ -64,11 +64,11 @@ def model_bytes(model) -> int:
 def inputs(cfg, size: int, text: int, seed: int = 0, dtype=mx.bfloat16):
     from mflux2 import sampling
     from mflux2.models.vae import image_ids
-    from mflux2.training.trainer import _text_ids
 
     x = sampling.initial_noise(seed, 1, size, size)
     emb = 0.1 * mx.random.normal((1, text, cfg.joint_attention_dim), key=mx.random.key(seed + 1)).astype(dtype)
-    ids = (_text_ids(text), image_ids(size, size))
+    txt_ids = mx.concatenate([mx.zeros((text, 3)), mx.arange(text, dtype=mx.float32)[:, None]], axis=1)  # (0, 0, 0, i): the trainer's
+    ids = (txt_ids, image_ids(size, size))
     mx.eval(x, emb, *ids)
     return x, emb, *ids
 
