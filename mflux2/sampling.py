@@ -11,12 +11,60 @@ v = noise - x0; latents are packed tokens [B, H/16·W/16, 128], row-major (see `
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 
 import mlx.core as mx
 import numpy as np
 
 LATENT_CHANNELS = 128  # packed token width: 32 VAE channels x 2x2 patch
 PIXELS_PER_TOKEN = 16  # 8x VAE downsampling x 2x2 patchify
+# While sampling, MLX's memory limit is what is allocated + this × one forward's live set
+# (`forward_live_bytes`): MLX allocates an operation's output when it encodes it and frees its
+# inputs only once the device has run it, so without a limit the host runs ahead and a forward held
+# far more than its live set (issue 34: 13 GB above dev's weights on an H100). None: no limit set.
+RUN_AHEAD = 2.0
+# One block's no-grad forward, in units of tokens × hidden × 2 bytes beyond what scales with the
+# MLP: the block's input, the modulated input, the attention output, the residual and the gated sum.
+FORWARD_FIXED_UNITS = 5
+
+
+def forward_live_bytes(hidden: int, mlp_hidden: int, tokens: int, tile_bytes: int = 0) -> float:
+    """The live set of a sampling forward (no gradient) beyond the weights: one block's activations
+    (a single block's linear1 output as GEMM parts and their concatenation, 2 × (3·hidden +
+    2·mlp_hidden), its SwiGLU output and FORWARD_FIXED_UNITS) plus, for a quantized base, two
+    dequantised weight tiles (`ops.gemm`: one in use, the next made after the GEMM before it)."""
+    units = 2 * (3 + 2 * mlp_hidden / hidden) + mlp_hidden / hidden + FORWARD_FIXED_UNITS
+    return units * tokens * hidden * 2 + 2 * tile_bytes
+
+
+def model_live_bytes(model, tokens: int) -> float | None:
+    """`forward_live_bytes` of a loaded transformer (None: not a FLUX.2 transformer)."""
+    import mlx.nn as nn
+
+    from mflux2.ops.gemm import tile_bytes
+
+    cfg = getattr(model, "config", None)
+    if cfg is None or not hasattr(cfg, "hidden_size"):
+        return None
+    tiles = [tile_bytes(m.weight.shape[0], m.weight.shape[1] * 32 // m.bits, m.scales.dtype.size)
+             for _, m in model.named_modules() if isinstance(m, nn.QuantizedLinear)]
+    return forward_live_bytes(cfg.hidden_size, cfg.mlp_hidden, tokens, max(tiles, default=0))
+
+
+@contextmanager
+def bounded_run_ahead(extra_bytes: float | None):
+    """MLX's memory limit at what is allocated now + RUN_AHEAD × `extra_bytes` (never above the
+    limit in force), restored after: MLX's evaluation waits for the device whenever more is
+    allocated, on every backend. The images are the same: only when operations run changes."""
+    if extra_bytes is None or RUN_AHEAD is None:
+        yield
+        return
+    before = mx.get_memory_limit()
+    mx.set_memory_limit(min(before, mx.get_active_memory() + int(RUN_AHEAD * extra_bytes)))
+    try:
+        yield
+    finally:
+        mx.set_memory_limit(before)
 
 
 def compute_empirical_mu(image_seq_len: int, num_steps: int) -> float:
@@ -130,16 +178,18 @@ def denoise(model, x: mx.array, embeds: mx.array, txt_ids: mx.array, img_ids: mx
         v = model(inp, emb, t, img_ids, tids, g)
         return v if refs is None else v[:, :n]
 
-    for s in range(len(sigmas) - 1):
-        t = mx.full((b,), sigmas[s], dtype=mx.float32)
-        v = velocity(x, embeds, txt_ids, t, guid)
-        if cfg_scale is not None:
-            v_neg = velocity(x, neg_embeds.astype(dtype), neg_txt_ids, t, None)
-            v = cfg_combine(v.astype(mx.float32), v_neg.astype(mx.float32), cfg_scale)
-        x = euler_step(x, v, sigmas[s], sigmas[s + 1])
-        mx.eval(x)
-        if on_step is not None:
-            on_step()
+    tokens = b * (n + (0 if refs is None else refs.shape[1]) + embeds.shape[-2])
+    with bounded_run_ahead(model_live_bytes(model, tokens)):
+        for s in range(len(sigmas) - 1):
+            t = mx.full((b,), sigmas[s], dtype=mx.float32)
+            v = velocity(x, embeds, txt_ids, t, guid)
+            if cfg_scale is not None:
+                v_neg = velocity(x, neg_embeds.astype(dtype), neg_txt_ids, t, None)
+                v = cfg_combine(v.astype(mx.float32), v_neg.astype(mx.float32), cfg_scale)
+            x = euler_step(x, v, sigmas[s], sigmas[s + 1])
+            mx.eval(x)
+            if on_step is not None:
+                on_step()
     return x
 
 

@@ -29,6 +29,12 @@ MEASURED = {
     "training step": ("training steps", "first step (tracing, compiling)"),
     "validation images": ("baseline validation", "validation ", "validation: model load", "validation: VAE decode + PNG"),
 }
+# The jobs below ran before sampling was bounded (issue 34: `sampling.bounded_run_ahead`, ordered
+# dequantisation tiles): their validations' forwards held what the fix removes (dev: 46.89 GB, the
+# plan now 36.97), so there the validation phase is checked on what the fix leaves as it was (the
+# validation model's load, the VAE decode + PNG); the sampling term is checked on the CPU
+# (tests/test_sampling.py) until a GPU job measures it.
+BEFORE_BOUNDED_SAMPLING = ("baseline validation", "validation 1", "validation 2")
 H100 = P.Machine(0.9 * 85.0, "an H100", backend="cuda")  # what memory.available_gb read on the measured machine
 
 
@@ -83,8 +89,9 @@ def test_every_phase_prediction_bounds_the_measured_job_within_10_percent(job, m
             continue
         peaks = measured_job[run]["phase_peak_gb"]
         for phase, names in MEASURED.items():
-            measured = max(v for k, v in peaks.items() if k in names or (k.startswith(names) and phase == "validation images"))
-            if measured < 0.1:  # the cached run skips the encoders: nothing to compare
+            measured = max((v for k, v in peaks.items() if (k in names or (k.startswith(names) and phase == "validation images"))
+                            and not k.startswith(BEFORE_BOUNDED_SAMPLING)), default=0.0)
+            if measured < 0.1:  # the cached run skips the encoders (s6: no validation phase but sampling): nothing to compare
                 continue
             ratio = plan.phase(phase).gb / measured
             upper = 1.25 if (job, phase) == ("h100-2026-12-05-s6-1-job-klein-4b", "latent cache") else 1.10

@@ -140,3 +140,104 @@ def test_denoise_with_refs_feeds_them_to_every_pass_and_updates_only_the_target(
         denoise(Recorder(), x, pos, mx.zeros((1, 4, 4)), ids, [1.0, 0.0], refs=refs)
     with pytest.raises(ValueError, match=r"ref_ids of shape \(3, 4\) do not fit 2 reference tokens"):
         denoise(Recorder(), x, pos, mx.zeros((1, 4, 4)), ids, [1.0, 0.0], refs=refs, ref_ids=mx.zeros((3, 4)))
+
+
+# ---- Memory while sampling (issue 34): a reduced dev on the CPU
+
+
+def _probe():
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("sampling_memory", Path(__file__).resolve().parents[1] / "scripts" / "sampling_memory.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture
+def tiled(monkeypatch):
+    """The 512² path at a few tokens: quantized layers dequantised by tiles, several a layer (dev's
+    single-block linear1 is 6 tiles of 64M weights; here 1M weights a tile)."""
+    from mflux2.ops import gemm
+
+    monkeypatch.setattr(gemm, "DEQUANTIZE_MIN_ROWS", 1)
+    monkeypatch.setattr(gemm, "DEQUANTIZE_TILE", 1 << 20)
+
+
+def _before_fix(monkeypatch, tiles: bool = True, limit: bool = True):
+    """The code before issue 34's fix (or without one half of it): `tiles`, dequantised as the
+    graph allows; `limit`, no memory limit while sampling."""
+    from mflux2 import sampling
+    from mflux2.ops import gemm
+
+    if tiles:
+        monkeypatch.setattr(gemm, "ORDERED_TILES", False)
+    if limit:
+        monkeypatch.setattr(sampling, "RUN_AHEAD", None)
+
+
+def test_bounded_sampling_gives_the_same_latents(tiled, monkeypatch):
+    """Ordered tiles and the memory limit change only when operations run: the sampled latents of
+    an int8 dev-shaped model (float32, fixed seed, guidance, LoRA) are bit-identical to before."""
+    from mflux2 import sampling
+    from mflux2.ops import gemm
+
+    monkeypatch.setattr(gemm, "DEQUANTIZE_TILE", 1 << 16)  # 9 tiles for the single block's linear1
+    S = _probe()
+    model = S.reduced_model("dev", 1, 1, "int8", 4, "attention", dtype=mx.float32, num_attention_heads=2,
+                            joint_attention_dim=256)
+    x, emb, tids, iids = S.inputs(model.config, 64, 8, dtype=mx.float32)
+    sig = get_sigmas(3, x.shape[1])
+    after = sampling.denoise(model, x, emb, tids, iids, sig, guidance=4.0)
+    with monkeypatch.context() as m:
+        _before_fix(m)
+        before = sampling.denoise(model, x, emb, tids, iids, sig, guidance=4.0)
+    assert float(mx.abs(after).max()) > 0
+    np.testing.assert_array_equal(np.array(after), np.array(before))
+
+
+# Sampling's peak above the weights, × sampling.model_live_bytes (1 double + 2 single blocks,
+# hidden 1024, int8, 64 + 16 tokens, 2 steps, CPU): 2.48 with the fix; 14.8 before it, 10.6 with
+# the memory limit alone, 4.13 with the ordered tiles alone.
+LIVE_SET_FACTOR = 3.3
+
+
+@pytest.fixture(scope="module")
+def reduced_dev():
+    S = _probe()
+    model = S.reduced_model("dev", 1, 2, "int8", 8, "attention", num_attention_heads=8, joint_attention_dim=1024)
+    return S, model, S.inputs(model.config, 128, 16)
+
+
+def _sampling_excess(S, model, inputs) -> tuple[float, float, float]:
+    """(peak − what is held, the analytical live set, what is held), bytes, of `sampling.denoise`."""
+    from mflux2 import sampling
+
+    x, emb, tids, iids = inputs
+    got = S.measure("denoise", model, x, emb, tids, iids, 2, 4.0)
+    return got["excess_gb"] * 1e9, sampling.model_live_bytes(model, x.shape[1] + emb.shape[1]), got["held_gb"] * 1e9
+
+
+@pytest.mark.parametrize("broken", [None, "both", "tiles", "limit"])
+def test_sampling_holds_no_more_than_a_few_live_sets(reduced_dev, tiled, monkeypatch, broken):
+    """What sampling holds above the weights stays within LIVE_SET_FACTOR × one forward's live set;
+    the code before the fix (tiles dequantised early, MLX running ahead), or without either half
+    of it, breaks the bound: the test sees the excess come back."""
+    if broken:
+        _before_fix(monkeypatch, tiles=broken != "limit", limit=broken != "tiles")
+    excess, live, _ = _sampling_excess(*reduced_dev)
+    assert (excess <= LIVE_SET_FACTOR * live) == (broken is None), (excess / live, broken)
+
+
+def test_the_plans_sampling_term_bounds_the_measured_peak(reduced_dev, tiled):
+    """plan.sampling_bytes (the validation phase's sampling term; the dry run and the run read it)
+    + what is held predicts sampling's measured peak within [1.0, 1.15] of it (CPU; the term's
+    bound is backend-neutral: MLX's memory limit)."""
+    from mflux2.training import plan as P
+
+    S, model, inputs = reduced_dev
+    excess, _, held = _sampling_excess(S, model, inputs)
+    tokens = inputs[0].shape[1] + inputs[1].shape[1]
+    ratio = (held + P.sampling_bytes(model.config, "int8", tokens)) / (held + excess)
+    assert 1.0 <= ratio <= 1.15, ratio

@@ -11,8 +11,9 @@ QuantizedLinear or LoRALinear (stacked ones too), which the blocks call instead 
   a LoRA delta enters as the accumulator of the base GEMM (`mx.addmm`) and reads only the input
   columns it covers (so a concatenated input is not kept for the backward pass), and a quantized
   base is dequantised to bf16 right before its GEMM at training/generation token counts
-  (`quantized_matmul` is slower there); the dequantised weight is never kept for the backward
-  pass, which dequantises again (a custom function, `_make_dequantized_gemm`);
+  (`quantized_matmul` is slower there), tile by tile, in the forward each tile after the GEMM
+  before it (one alive at a time: `ORDERED_TILES`); the dequantised weight is never kept for the backward pass,
+  which dequantises again (a custom function, `_make_dequantized_gemm`);
 - on CUDA (switch "dequantize_cuda", inside the fast path): int8 tiles are dequantised by one
   custom kernel (`dequantize_tile`; mx.dequantize otherwise).
 """
@@ -133,6 +134,13 @@ _DEQUANT_FNS = {}
 # Weights dequantised at most 64M at a time (128 MB of bf16); MFLUX2_DEQUANTIZE_TILE for experiments
 # (16M took klein-4b int8's serialised checkpointed peak from 5.69 to 5.64 GB: docs/performance.md).
 DEQUANTIZE_TILE = int(os.environ.get("MFLUX2_DEQUANTIZE_TILE", 1 << 26))
+ORDERED_TILES = True  # each tile dequantised after the GEMM before it (False: as the graph allows; tests/test_sampling.py)
+
+
+def tile_bytes(out_dims: int, in_dims: int, itemsize: int = 2) -> int:
+    """The largest dequantised tile of a quantized out_dims × in_dims weight (the row chunks of
+    `_tiles`), in bytes."""
+    return min(out_dims, max(1, DEQUANTIZE_TILE // in_dims)) * in_dims * itemsize
 
 
 def _tiles(rows, cols, n_in, bits, group_size):
@@ -260,13 +268,19 @@ def _make_dequantized_gemm(chunks, col_ranges, has_acc, has_qb, has_bias, group_
     def fn(*args):
         xs, accs, wq, scales, qb, bias = unpack(args)
         outs = []
+        after = list(xs)  # what the next tile's dequantisation waits for (below)
         for row_chunks, acc in zip(chunks, accs):
             parts = []
             for j, r in enumerate(row_chunks):
                 y = None if acc is None else (acc if len(row_chunks) == 1 else acc[..., r[0] - row_chunks[0][0] : r[1] - row_chunks[0][0]])
                 for x, c in zip(xs, col_ranges):
-                    wt = tile(wq, scales, qb, r, c).T
+                    # A tile depends only on the weights, so MLX may dequantise it long before its
+                    # GEMM: a forward's graph then held most of its blocks' bf16 weights at once
+                    # (issue 34). Each tile waits for the GEMM before it (the first for the input).
+                    w = mx.depends([wq, scales] + ([qb] if has_qb else []), after) if ORDERED_TILES else [wq, scales, qb]
+                    wt = tile(w[0], w[1], w[2] if has_qb else None, r, c).T
                     y = x @ wt if y is None else mx.addmm(y, x, wt)
+                    after = [y]
                 if bias is not None:
                     y = y + bias[r[0] : r[1]]
                 parts.append(y)

@@ -21,7 +21,8 @@ docs/performance.md, "What the plan predicts"):
 - training step: `memory.estimate_peak_gb` (fitted on single steps) plus JOB_STEP_GB (what a step
   inside the whole job holds beyond a lone step), plus the validation model when it stays loaded;
 - validation images: the training model and its LoRA state, the VAE and the validation model, plus
-  the larger of one sampling forward's and the VAE decode's working set;
+  the larger of what sampling holds (`sampling_bytes`: the memory limit it runs under) and the VAE
+  decode's working set;
 - VLM captions / scoring: the VLM's weights and working set on top of what stays resident.
 """
 
@@ -51,7 +52,13 @@ VAE_BYTES_PER_PIXEL = {  # the VAE's activations per pixel (encode: of the bucke
 }
 JOB_STEP_GB = 3.1  # a step in the job beyond a lone step (3.03 GB on klein-4b)
 JOB_STEP_SHARE = 0.35  # ... and at most this share of the lone step (models below klein-4b: unmeasured)
-FORWARD_UNITS = 680  # a sampling forward's working set, in tokens × hidden × 2 bytes (678 on klein-4b, the larger of two jobs)
+# A sampling forward runs under a memory limit RUN_AHEAD × its live set above what is allocated
+# (`sampling.bounded_run_ahead`); MLX checks the limit only between the operations it hands over in
+# batches, so more passes it: on the CPU 0.48× the live set at hidden 1024 (tests/test_sampling.py)
+# and 1.26× at dev's widths with 32 tokens (docs/performance.md, "Whole job"). Before that limit
+# (and the ordered dequantisation tiles) the jobs' forwards held 680 units of tokens × hidden × 2
+# bytes: 12.9 GB on dev, 6.4 GB on klein-4b.
+SAMPLING_OVERSHOOT = 1.5
 
 
 # ------------------------------------------------------------------------------------------------
@@ -378,6 +385,22 @@ def _validation_tokens(items) -> int:
     return max((it.width // 16) * (it.height // 16) + reference_tokens(it.references) for it in items) + memory.TEXT_TOKENS
 
 
+def sampling_bytes(t, q: str, tokens: int) -> float:
+    """What sampling holds beyond the loaded models: the memory limit above them while it runs
+    (`sampling.RUN_AHEAD` × one forward's live set, `sampling.forward_live_bytes`) plus what passes
+    the limit (SAMPLING_OVERSHOOT live sets). `t` a TransformerConfig, `q` its base's precision,
+    `tokens` the sequence (image + references + text)."""
+    from mflux2 import sampling
+    from mflux2.ops.gemm import tile_bytes
+
+    d, m = t.hidden_size, t.mlp_hidden
+    tile = 0 if q == "bf16" else tile_bytes(3 * d + 2 * m, d)  # the largest layer: a single block's linear1
+    live = sampling.forward_live_bytes(d, m, tokens, tile)
+    if tokens % 128:  # unfused attention: the [B, H, N, N] scores exist
+        live += t.num_attention_heads * tokens**2 * 6
+    return ((sampling.RUN_AHEAD or 0) + SAMPLING_OVERSHOOT) * live
+
+
 def _candidate(f: ModelFacts, cfg, machine: Machine, q: str, every: int, synchronous: bool, items, tokens: int,
                fixed: list[Phase]) -> dict:
     """The phases of one choice of precision × checkpointing × segment mode (the validation
@@ -400,15 +423,12 @@ def _candidate(f: ModelFacts, cfg, machine: Machine, q: str, every: int, synchro
     if items:
         vcfg = f.validation if f.validation is not None else f.transformer
         vfam = f.validation_family or f.family
-        passes = 2 if vfam == "klein-base" and (cfg.validation.guidance or 0) > 1.0 else 1
-        fwd = passes * tokens * vcfg.hidden_size * 2 * FORWARD_UNITS
-        if tokens % 128:  # unfused attention: the [B, H, N, N] scores exist
-            fwd += passes * vcfg.num_attention_heads * tokens**2 * 6
+        fwd = sampling_bytes(vcfg, q, tokens)  # (CFG's second pass runs after the first: no more)
         decode = machine.vae_bytes_per_pixel("decode") * max(it.width * it.height for it in items)
         held = train_w + _lora_state_gb(f, cfg) + f.vae_gb + val_w
         phases.append(Phase("validation images", held + max(fwd, decode) / GB,
                             f"training model {train_w:.2f} GB + LoRA state{f' + validation model {val_w:.2f} GB' if val_w else ''}"
-                            f" + VAE + {'a sampling forward' if fwd >= decode else 'the VAE decode'} "
+                            f" + VAE + {'sampling under its memory limit' if fwd >= decode else 'the VAE decode'} "
                             f"({max(fwd, decode) / GB:.2f} GB at {max(it.width for it in items)}²)"))
     scoring = f.vlm_gb.get("scoring", "none")
     if scoring != "none":
