@@ -321,15 +321,23 @@ def linear_split(layer, x: mx.array, sizes: list[int], fast: bool | None = None)
     return _project(layer, [x], rows, [None] * len(rows))
 
 
-def qkv_split(layer, x: mx.array, d: int, rest: tuple[int, ...] = (), fast: bool | None = None) -> list[mx.array]:
-    """[q, k, v, *rest] of a fused projection whose first 3·d output rows are q | k | v.
+def qkv_split(layer, x: mx.array, d: int, rest: tuple[int, ...] = (), fast: bool | None = None,
+              heads: int | None = None) -> list[mx.array]:
+    """[q, k, v, *rest] of a fused projection whose first 3·d output rows are q | k | v; with
+    `heads`, q, k and v come as [..., heads, d / heads].
 
     Fast path (switch "qkv_parts"): one GEMM per part on row slices of the weight, so q, k and v
     are contiguous (the norms and attention copy nothing) and a LoRA's down-projection is computed
-    once for all parts (`_project`); fallback: q | k | v from one GEMM, split into strided views."""
+    once for all parts (`_project`); fallback: q | k | v from one GEMM, split into strided views —
+    with `heads`, views of its [..., 3·heads, d / heads] form, so the split's VJP concatenates the
+    cotangents in that form: v's, transposed by the attention's VJP, is copied once, by that
+    concatenation, instead of first by a reshape to [..., d] (an implicit copy per block and stream)."""
     if is_fast("qkv_parts", fast):
-        return _qkv_parts(layer, x, [d, d, d, *rest])
+        parts = _qkv_parts(layer, x, [d, d, d, *rest])
+        return [p.reshape(*p.shape[:-1], heads, -1) for p in parts[:3]] + parts[3:] if heads else parts
     qkv, *others = linear_split(layer, x, [3 * d, *rest]) if rest else [linear(layer, x)]
+    if heads:
+        return [*split_views(qkv.reshape(*qkv.shape[:-1], 3 * heads, d // heads), (heads,) * 3, axis=-2), *others]
     return [*split_views(qkv, (d, d, d)), *others]
 
 
