@@ -24,7 +24,7 @@ from mlx.utils import tree_unflatten
 from mflux2.lora_formats import (DoRAWeights, LoHaWeights, LoKrWeights, LoRAError, LoRAWeights, SplitWeights, _report, read_lora,
                                  write_lora)
 from mflux2.models.transformer import variant_of
-from mflux2.ops import linear
+from mflux2.ops import linear, split_views
 
 
 # ----------------------------------------------------------------------------------------------
@@ -183,6 +183,17 @@ class LoRALinear(AdapterLinear):
         # alpha/rank·scale folded into the small B before the cast; gradients reach the float32 params.
         b = (self.lora_B * (self.scale * self.alpha / self.rank)).astype(h.dtype)
         return h @ (b if rows is None else b[rows[0] : rows[1]]).T
+
+    def lora_up_parts(self, h, spans: list[tuple[int, int]]) -> list:
+        """[lora_up(h, span) for span in spans] (spans relative to out_start, in order). Spans that
+        tile B's rows read them as split views of Bᵀ: B's gradient is then one concatenation of the
+        parts' (their GEMMs give them as Bᵀ's column blocks, the layout the flat parameters store
+        B in) instead of a zero-padded full-size cotangent per part."""
+        edges = [a for a, _ in spans] + [spans[-1][1]]
+        if edges[0] != 0 or edges[-1] != self.lora_B.shape[0] or any(b != a for (_, b), (a, _) in zip(spans, spans[1:])):
+            return [self.lora_up(h, span) for span in spans]
+        bt = (self.lora_B * (self.scale * self.alpha / self.rank)).astype(h.dtype).T
+        return [h @ p for p in split_views(bt, [b - a for a, b in spans], axis=1)]
 
     def full_factors(self) -> tuple[mx.array, mx.array]:
         """(A [rank, in], B [out, rank]) over the whole layer, zero outside the ranges (file layout)."""

@@ -99,6 +99,12 @@ def test_census_counts_the_step_graph_and_the_removed_copies_stay_removed():
     assert after["per_block"]["double"]["fast kernels: RMSNorm"] == 4  # q and k of both streams
     assert after["per_block"]["single"]["fast kernels: RMSNorm"] == 2
     assert "| kernels (all but views) |" in G.markdown(after)
+    with using(qkv_parts=True):  # q/k/v from one GEMM each: B's rows as split views, no zero-padded slices
+        parts = G.census(cfg=K._tiny_cfg(), resolution=64, text_len=8)
+    for block in ("double", "single"):
+        assert "copies: SliceUpdate" not in parts["per_block"][block]
+        assert "copies: implicit (norm input)" not in parts["per_block"][block]  # q/k contiguous for the norms
+        assert _flattened_gradient_copies(parts, block) == 0
 
 
 def test_census_layout_rules():

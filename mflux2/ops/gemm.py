@@ -86,15 +86,22 @@ def _project(layer, xs: list, rows: list, accs: list) -> list:
             ys = [_dora_rows(layer, y, z, g, r0, r1, bias) for y, (r0, r1) in zip(ys, rows)]
             return [y if a is None else a + y for y, a in zip(ys, accs)]
         x_in = _lora_input(layer, xs)
+        s0, s1 = layer.out_start, layer.out_stop
         if hasattr(layer, "lora_down"):
             # LoRA: the down-projection once for all output parts (q, k, v: one GEMM); the
             # up-projection per part, so each part's delta is contiguous (no strided slices).
             h = layer.lora_down(x_in)
-            up = lambda r: layer.lora_up(h, r)  # noqa: E731
+            spans = [(o0 - s0, o1 - s0) for o0, o1 in (_overlap(r0, r1, s0, s1) for r0, r1 in rows) if o0 < o1]
+            if len(spans) > 1 and hasattr(layer, "lora_up_parts"):
+                # several parts: B's rows as split views, so B's gradient is one concatenation of
+                # the parts' (not a zero-padded full-size cotangent per part, summed)
+                deltas = dict(zip(spans, layer.lora_up_parts(h, spans)))
+                up = lambda r: deltas[r]  # noqa: E731
+            else:
+                up = lambda r: layer.lora_up(h, r)  # noqa: E731
         else:  # LoKr, LoHa: one delta over the layer's rows, sliced per part
             z = layer.lora_forward(x_in)
             up = lambda r: z if r is None else z[..., r[0] : r[1]]  # noqa: E731
-        s0, s1 = layer.out_start, layer.out_stop
         new = []
         for (r0, r1), acc in zip(rows, accs):
             o0, o1 = _overlap(r0, r1, s0, s1)
