@@ -66,8 +66,8 @@ def flat_views(groups: dict, casts: dict | None = None, tap=None, fast: bool | N
     """A function (flat arrays in `groups`' order) -> views, one per entry.
 
     groups: name -> [(index, offset, size, shape)], the views cut from that flat array (in offset
-    order; `index` places the view in the output list; a `Transposed` shape: stored transposed). casts: name -> the dtype the views of that
-    array read (the flat array is cast once, whole). The VJP concatenates each group's cotangents
+    order; `index` places the view in the output list; a `Transposed` shape is stored transposed).
+    casts: name -> the dtype the views of that array read (the flat array is cast once, whole). The VJP concatenates each group's cotangents
     once and casts them to the flat array's dtype. tap(cotangents), if given, sees the views'
     cotangents (in output order) as the VJP runs: the fast path only."""
     names, casts = list(groups), casts or {}
