@@ -333,7 +333,8 @@ def kernel_total(kinds: dict) -> int:
 # ---- the step -----------------------------------------------------------------------------------
 
 
-def step_graph(cfg, resolution: int = 512, text_len: int = 512, rank: int = 32, targets: str = "attention") -> list[dict]:
+def step_graph(cfg, resolution: int = 512, text_len: int = 512, rank: int = 32, targets: str = "attention",
+               alpha: float | None = None) -> list[dict]:
     """The nodes of one compiled training step (plain loss, batch 1) of a model of `cfg` with zero
     weights, traced with the GPU's fast-kernel structure; nothing is evaluated but the inputs."""
     import mlx.optimizers as optim
@@ -348,7 +349,7 @@ def step_graph(cfg, resolution: int = 512, text_len: int = 512, rank: int = 32, 
     model = Flux2Transformer(cfg)
     model.update(tree_map(lambda a: mx.zeros(a.shape, dtype), model.parameters()))
     mx.eval(model.parameters())
-    apply_lora(model, rank=rank, alpha=float(rank), targets=targets)
+    apply_lora(model, rank=rank, alpha=float(alpha or rank), targets=targets)  # alpha = rank: the default
     step = TrainStep(model, optim.AdamW(learning_rate=1e-4, weight_decay=1e-4),
                      StepConfig(compile=True, pipeline_ahead=None, memory_limit=None))
     mx.eval(model.parameters(), step.state_arrays())
@@ -366,7 +367,7 @@ def step_graph(cfg, resolution: int = 512, text_len: int = 512, rank: int = 32, 
 
 
 def census(model: str = "klein-4b", resolution: int = 512, text_len: int = 512, rank: int = 32, targets: str = "attention",
-           cfg=None) -> dict:
+           cfg=None, alpha: float | None = None) -> dict:
     """Counts per node kind for one double block, one single block and the rest (by differencing
     steps of (2, 2), (3, 2) and (2, 3) blocks), and the copies of each with their shapes and chains."""
     from dataclasses import replace
@@ -378,7 +379,7 @@ def census(model: str = "klein-4b", resolution: int = 512, text_len: int = 512, 
     # modulation's 1 + scale) into its only consumer; with two it is one kernel for all of them.
     runs = {}
     for nd, ns in ((2, 2), (3, 2), (2, 3)):
-        runs[(nd, ns)] = analyse(step_graph(replace(base, num_layers=nd, num_single_layers=ns), resolution, text_len, rank, targets))
+        runs[(nd, ns)] = analyse(step_graph(replace(base, num_layers=nd, num_single_layers=ns), resolution, text_len, rank, targets, alpha))
 
     def diff(a, b):
         keys = set(a) | set(b)

@@ -99,6 +99,10 @@ def test_census_counts_the_step_graph_and_the_removed_copies_stay_removed():
     assert after["per_block"]["double"]["fast kernels: RMSNorm"] == 4  # q and k of both streams
     assert after["per_block"]["single"]["fast kernels: RMSNorm"] == 2
     assert "| kernels (all but views) |" in G.markdown(after)
+    # alpha = rank (the default): no multiplication of B by one, forward or backward
+    scaled = G.census(cfg=K._tiny_cfg(), resolution=64, text_len=8, alpha=2 * 32)
+    for block, layers in (("double", 4), ("single", 2)):
+        assert scaled["per_block"][block]["elementwise (fused)"] == after["per_block"][block]["elementwise (fused)"] + 2 * layers
     with using(qkv_parts=True):  # q/k/v from one GEMM each: B's rows as split views, no zero-padded slices
         parts = G.census(cfg=K._tiny_cfg(), resolution=64, text_len=8)
     for block in ("double", "single"):
