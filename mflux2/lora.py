@@ -24,7 +24,7 @@ from mlx.utils import tree_unflatten
 from mflux2.lora_formats import (DoRAWeights, LoHaWeights, LoKrWeights, LoRAError, LoRAWeights, SplitWeights, _report, read_lora,
                                  write_lora)
 from mflux2.models.transformer import variant_of
-from mflux2.ops import linear
+from mflux2.ops import linear, split_views
 
 
 # ----------------------------------------------------------------------------------------------
@@ -180,9 +180,26 @@ class LoRALinear(AdapterLinear):
     def lora_up(self, h, rows: tuple[int, int] | None = None):
         """scale · (alpha / rank) · B h for the LoRA's output rows `rows` (relative to out_start;
         None: all of them), in h's dtype."""
-        # alpha/rank·scale folded into the small B before the cast; gradients reach the float32 params.
-        b = (self.lora_B * (self.scale * self.alpha / self.rank)).astype(h.dtype)
+        b = self._up_matrix(h.dtype)
         return h @ (b if rows is None else b[rows[0] : rows[1]]).T
+
+    def _up_matrix(self, dtype) -> mx.array:
+        """B·(scale·alpha/rank) in `dtype`: the factor folded into the small B before the cast
+        (gradients reach the float32 params), and left out where it is 1 — alpha = rank, the
+        default — so the step has no multiplication by one (a kernel per LoRA layer each way)."""
+        s = self.scale * self.alpha / self.rank
+        return (self.lora_B if s == 1.0 else self.lora_B * s).astype(dtype)
+
+    def lora_up_parts(self, h, spans: list[tuple[int, int]]) -> list:
+        """[lora_up(h, span) for span in spans] (spans relative to out_start, in order). Spans that
+        tile B's rows read them as split views of Bᵀ: B's gradient is then one concatenation of the
+        parts' (their GEMMs give them as Bᵀ's column blocks, the layout the flat parameters store
+        B in) instead of a zero-padded full-size cotangent per part."""
+        edges = [a for a, _ in spans] + [spans[-1][1]]
+        if edges[0] != 0 or edges[-1] != self.lora_B.shape[0] or any(b != a for (_, b), (a, _) in zip(spans, spans[1:])):
+            return [self.lora_up(h, span) for span in spans]
+        bt = self._up_matrix(h.dtype).T
+        return [h @ p for p in split_views(bt, [b - a for a, b in spans], axis=1)]
 
     def full_factors(self) -> tuple[mx.array, mx.array]:
         """(A [rank, in], B [out, rank]) over the whole layer, zero outside the ranges (file layout)."""

@@ -4,7 +4,7 @@
 #   peers (call 1, torch only, before MLX is installed): every compiled diffusers+peft variant
 #         (whole model with and without autocast, max-autotune, attention backends, DOP, checkpointing)
 #   ours  (call 2, after .gpu/py/stage.sh b): our rows, each with the CUDA kernels on and off, the
-#         q/k/v change on (MFLUX2_QKV_PARTS=1), the frozen-scale RMS norm (MFLUX2_FAST_RMS_FROZEN=1),
+#         LoRA factors stored as they are (MFLUX2_FLAT_TRANSPOSED=0), the q/k/v change on (MFLUX2_QKV_PARTS=1), the frozen-scale RMS norm (MFLUX2_FAST_RMS_FROZEN=1),
 #         the norm + RoPE kernel on (MFLUX2_CUDA_NORM_ROPE=1), all of them together,
 #         the ops agreement check, the adapter types' steps (LoKr, LoHa, DoRA against LoRA; issue 32),
 #         the masked step against the plain one and the masks' clutter ratio at 512 px (issue 31)
@@ -57,6 +57,7 @@ peers)
 ours)
   python3 -c 'import mlx.core as mx; print("mlx", mx.__version__, mx.default_device(), mx.device_info().get("device_name"))' | tee -a "$OUT/gpu.txt"
   run k4_plain           300 $B --model klein-4b
+  run k4_plain_flat_t0   100 env MFLUX2_FLAT_TRANSPOSED=0 $B --model klein-4b  # LoRA factors stored as they are: a layout copy per factor's gradient (the census's 120)
   run k4_adapters       150 python3 scripts/benchmark.py --model klein-4b --resolution 512 --rank 32 --targets attention --compare lora,lokr:4,loha,dora --steps 20
   run ops_check           90 python3 scripts/ops_check.py
   run k4_plain_parts     100 $PARTS $B --model klein-4b

@@ -11,6 +11,9 @@
     #    into base and LoRA GEMMs, which kernel names cannot tell apart):
     python3 scripts/kernel_profile.py shapes --model klein-4b
 
+    # 3. no device at all: the step's graph, node kinds per block type and every copy (scripts/graph_census.py):
+    python3 scripts/kernel_profile.py census --model klein-4b
+
 `parse` sums the kernels' durations by category (from the kernel names: cuBLAS GEMMs, cuDNN attention
 forward / backward, the norms, mflux2's RoPE and dequantisation kernels, copies, reductions, MLX's
 fused and single elementwise kernels). ncu runs the kernels one at a time, so the sum is the device's
@@ -34,6 +37,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 CATEGORIES = [  # (category, regex on the lower-cased kernel name), first match wins
     ("attention backward", r"sdpa.*bprop|fmha.*(bwd|bprop)|flash.*(bwd|bprop)"),
@@ -231,7 +235,25 @@ def main(argv=None):
     s.add_argument("--text-len", type=int, default=512)
     s.add_argument("--rank", type=int, default=32)
     s.add_argument("--reps", type=int, default=10)
+    c = sub.add_parser("census", help="the step's graph, unevaluated: node kinds per block type and the copies")
+    c.add_argument("--model", default="klein-4b")
+    c.add_argument("--tiny", action="store_true")
+    c.add_argument("--resolution", type=int, default=512)
+    c.add_argument("--text-len", type=int, default=512)
+    c.add_argument("--rank", type=int, default=32)
+    c.add_argument("--targets", default="attention")
+    c.add_argument("--markdown", action="store_true")
     args = ap.parse_args(argv)
+    if args.cmd == "census":
+        import graph_census
+
+        res = graph_census.census(args.model, 64 if args.tiny else args.resolution, 8 if args.tiny else args.text_len,
+                                  args.rank, args.targets, cfg=_tiny_cfg() if args.tiny else None)
+        res["model"] = "tiny" if args.tiny else args.model
+        print(json.dumps(res))
+        if args.markdown:
+            print(graph_census.markdown(res))
+        return res
     if args.cmd == "parse":
         summary = summarize(read_ncu_csv(args.csv), args.step_s)
         print(json.dumps(summary))

@@ -53,3 +53,71 @@ def test_shapes_mode_runs_on_the_cpu():
     assert [r["qkv_parts"] for r in gemms] == [False, True]
     assert gemms[1]["base_gemms"] > gemms[0]["base_gemms"] and all(r["lora_s"] > 0 for r in gemms)
     assert rows[-1]["what"] == "attention alone" and rows[-1]["forward_backward_s"] > 0
+
+
+def _flattened_gradient_copies(res: dict, block: str) -> int:
+    """Implicit copies made by flattening a 2-D array (a LoRA factor's gradient) for the flat gradient."""
+    return sum(r["count"] for r in res["copies"][block]
+               if r["what"] == "implicit: reshape" and r["shape"].index("->") == 2 and len(r["shape"]) == 4)
+
+
+def _merged_heads_copies(res: dict, block: str) -> int:
+    """Implicit copies of a [B, N, H, d] array reshaped to [B, N, D] (v's cotangent after the attention's VJP)."""
+    return sum(r["count"] for r in res["copies"][block] if r["what"] == "implicit: reshape" and r["shape"].index("->") == 4)
+
+
+def test_census_counts_the_step_graph_and_the_removed_copies_stay_removed():
+    """The census of a tiny model's real step (nothing evaluated): node kinds per block type, and the
+    layout copies of the LoRA factors' gradients (switch "flat_transposed") gone — with the switch
+    off the census finds them, one per factor (a double block's 4 LoRA layers, a single block's 2)."""
+    import shutil
+
+    import pytest
+
+    if shutil.which("c++") is None:
+        pytest.skip("the census builds its graph walker with a C++ compiler")
+    import graph_census as G
+
+    from mflux2.ops import using
+
+    with using(flat_transposed=False):
+        before = G.census(cfg=K._tiny_cfg(), resolution=64, text_len=8)
+    after = G.census(cfg=K._tiny_cfg(), resolution=64, text_len=8)
+    assert _flattened_gradient_copies(before, "double") == 8 and _flattened_gradient_copies(before, "single") == 4
+    assert _flattened_gradient_copies(after, "double") == 0 and _flattened_gradient_copies(after, "single") == 0
+    # q/k/v split in their [.., 3·H, d] form (ops.qkv_split(heads=...)): v's cotangent goes into the
+    # split's concatenation as it comes out of the attention's VJP, without a reshape copy first
+    assert _merged_heads_copies(before, "double") == _merged_heads_copies(after, "double") == 0
+    assert _merged_heads_copies(before, "single") == _merged_heads_copies(after, "single") == 0
+    assert after["per_block"]["double"]["copies: Concatenate"] == 6 and after["per_block"]["single"]["copies: Concatenate"] == 2
+    for block, removed in (("double", 8), ("single", 4)):
+        b, a = before["per_block"][block], after["per_block"][block]
+        assert a.get("copies: implicit (reshape)", 0) == b.get("copies: implicit (reshape)", 0) - removed
+        assert G.kernel_total(a) == G.kernel_total(b) - removed  # nothing added in their place
+        # what a block is made of, as the GPU runs it (the fast kernels kept whole)
+        assert a["fast kernels: SDPA"] == a["fast kernels: SDPA VJP"] == 1 and a["GEMMs"] > 10
+    assert after["per_block"]["double"]["fast kernels: RMSNorm"] == 4  # q and k of both streams
+    assert after["per_block"]["single"]["fast kernels: RMSNorm"] == 2
+    assert "| kernels (all but views) |" in G.markdown(after)
+    # alpha = rank (the default): no multiplication of B by one, forward or backward
+    scaled = G.census(cfg=K._tiny_cfg(), resolution=64, text_len=8, alpha=2 * 32)
+    for block, layers in (("double", 4), ("single", 2)):
+        assert scaled["per_block"][block]["elementwise (fused)"] == after["per_block"][block]["elementwise (fused)"] + 2 * layers
+    with using(qkv_parts=True):  # q/k/v from one GEMM each: B's rows as split views, no zero-padded slices
+        parts = G.census(cfg=K._tiny_cfg(), resolution=64, text_len=8)
+    for block in ("double", "single"):
+        assert "copies: SliceUpdate" not in parts["per_block"][block]
+        assert "copies: implicit (norm input)" not in parts["per_block"][block]  # q/k contiguous for the norms
+        assert _flattened_gradient_copies(parts, block) == 0
+
+
+def test_census_layout_rules():
+    """The strides the census follows: a transposed array's reshape copies, a split one's does not."""
+    import graph_census as G
+
+    assert G._reshape_strides((2, 8, 48), (384, 48, 1), (2, 8, 3, 16)) == (384, 48, 16, 1)
+    assert G._reshape_strides((1, 8, 4, 4), (128, 4, 32, 1), (1, 8, 16)) is None  # heads merged after a transpose
+    assert G._reshape_strides((32, 96), (1, 32), (3072,)) is None  # a column-major gradient flattened
+    assert G._reshape_strides((96, 32), (32, 1), (3072,)) == (1,)
+    assert G._gemm_ok((64, 32), (1, 64)) and G._gemm_ok((64, 32), (96, 1)) and not G._gemm_ok((8, 16), (32, 2))
+    assert G._norm_ok((2, 8, 4, 16), (512, 64, 16, 1)) and not G._norm_ok((2, 8, 4, 16), (1536, 192, 16, 1))

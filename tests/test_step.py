@@ -226,7 +226,7 @@ def test_optimizer_updates_flat_parameters_like_per_parameter_updates():
     batch, keys = tiny_batch(), [mx.random.key(11), mx.random.key(12)]
     model, ref = tiny_model(), tiny_model()
     step = TrainStep(model, optim.AdamW(1e-2, weight_decay=0.1), StepConfig(max_grad_norm=1e-3, memory_limit=None))
-    assert list(step.flat) == ["float32"] and step.flat["float32"].size == sum(
+    assert list(step.flat) == ["float32_t"] and step.flat["float32_t"].size == sum(  # (LoRA factors stored transposed)
         p.size for _, p in tree_flatten(model.trainable_parameters()))
     ref_step = TrainStep(ref, optim.AdamW(1e-2), StepConfig(memory_limit=None))
     opt = optim.AdamW(1e-2, weight_decay=0.1)
@@ -256,6 +256,33 @@ def test_replaced_model_arrays_become_the_flat_parameters():
     assert all(np.array_equal(got[k], want[k]) for k in want)
 
 
+def test_lora_factors_stored_transposed_give_the_same_steps():
+    """Switch "flat_transposed": LoRA's factors stored transposed in the flat parameters (their
+    gradients then flatten without a layout copy) change nothing but the storage order: two AdamW
+    steps give the same losses and parameters as the plain layout, bit for bit (the update is
+    elementwise); the gradient norm sums the same squares in another order (float32 rounding)."""
+    from mflux2.ops import using
+
+    batch, keys = tiny_batch(), [mx.random.key(21), mx.random.key(22)]
+    results = []
+    for on in (False, True):
+        with using(flat_transposed=on):
+            model = tiny_model()
+            step = TrainStep(model, optim.AdamW(1e-2), StepConfig(memory_limit=None))
+            assert all(k.endswith("_t") == on for k in step.flat)
+            outs = []
+            for key in keys:
+                out = step(batch, key)
+                mx.eval(out["loss"], out["grad_norm"], step.state_arrays())
+                outs.append((float(out["loss"]), float(out["grad_norm"])))
+            results.append((outs, flat(model.trainable_parameters())))
+    (o0, p0), (o1, p1) = results
+    assert [l for l, _ in o0] == [l for l, _ in o1]
+    assert [n for _, n in o1] == pytest.approx([n for _, n in o0], rel=1e-6)
+    for k in p0:
+        np.testing.assert_array_equal(p1[k], p0[k], err_msg=k)
+
+
 def test_lora_matrices_are_cast_once_for_a_bf16_model(tmp_path):
     """With a bf16 base the float32 LoRA matrices form their own flat group, cast to bf16 once for
     the forward pass; the gradient equals the per-matrix casts' within bf16 precision, and the
@@ -270,13 +297,13 @@ def test_lora_matrices_are_cast_once_for_a_bf16_model(tmp_path):
     batch = Batch(**{k: (v.astype(mx.bfloat16) if k in ("latents", "prompt_embeds", "dop_embeds") else v)
                      for k, v in vars(tiny_batch()).items()})
     step = TrainStep(model, optim.AdamW(1e-4), StepConfig(memory_limit=None))
-    assert list(step.flat) == ["float32_lora"] and step.params.casts["float32_lora"] == mx.bfloat16
+    assert list(step.flat) == ["float32_lora_t"] and step.params.casts["float32_lora_t"] == mx.bfloat16
     key = mx.random.key(4)
     (_, _), g_tree = step._grad_fn(False)(model, batch, key)
     (_, _), g_flat = step._flat_grad_fn(False)(dict(step.flat), batch, key)
     step._install(step.flat)
-    want = np.array(step.params.flatten(g_tree)["float32_lora"])
-    got = np.array(g_flat["float32_lora"])
+    want = np.array(step.params.flatten(g_tree)["float32_lora_t"])
+    got = np.array(g_flat["float32_lora_t"])
     assert np.abs(want).max() > 0
     np.testing.assert_allclose(got, want, atol=2e-2 * np.abs(want).max())
     out = step(batch, key)

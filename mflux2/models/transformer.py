@@ -166,8 +166,7 @@ class SelfAttention(nn.Module):
         """[B, N, D] -> normalised q, k and v, each [B, N, H, d]: one GEMM each on row slices of the
         fused weight (contiguous, so the norms copy nothing), or views of one fused GEMM (switch
         "qkv_parts" off)."""
-        b, n, d = x.shape
-        q, k, v = (a.reshape(b, n, self.heads, -1) for a in qkv_split(self.qkv, x, d))
+        q, k, v = qkv_split(self.qkv, x, x.shape[-1], heads=self.heads)
         if rope is not None:  # RoPE right after the norms (one CUDA kernel each: ops.norm_rope)
             return _norm_rope(self.norm, q, k, rope) + (v,)
         return self.norm.query_norm(q), self.norm.key_norm(k), v
@@ -253,12 +252,10 @@ class SingleStreamBlock(nn.Module):
 
     def __call__(self, x, mod, rope):
         shift, scale, gate = mod
-        b, n, _ = x.shape
         # linear1's q, k, v rows and MLP rows as separate GEMMs (no slicing copies of the wide output,
         # q/k/v contiguous for the norms and attention; switch "qkv_parts": q/k/v as one GEMM, split
         # into views); linear2's concatenated input only a temporary (its LoRA reads the attention part).
-        *qkv, mlp = qkv_split(self.linear1, modulate(x, shift, scale, self.eps), self.dim, (2 * self.mlp_dim,))
-        q, k, v = (a.reshape(b, n, self.heads, -1) for a in qkv)
+        q, k, v, mlp = qkv_split(self.linear1, modulate(x, shift, scale, self.eps), self.dim, (2 * self.mlp_dim,), heads=self.heads)
         if norm_rope_fused(q.dtype, q.shape[-1]):
             attn = attention(*_norm_rope(self.norm, q, k, rope), v, None)
         else:

@@ -8,6 +8,7 @@
 | swiglu | glu.py | custom VJP recomputing the sigmoid | autodiff of silu(gate)·up |
 | split_views | split.py | views whose VJP concatenates | plain slices |
 | flat_views | split.py | views of flat parameters, VJP concatenating per group | plain slices |
+| flat_transposed | split.py (`Transposed`), training/step.py | LoRA's factors stored transposed in the flat parameters: their gradients flatten without a layout copy (on everywhere: it only removes copies) | stored as they are |
 | qkv_parts | gemm.py | q, k, v (and the single blocks' MLP part) from one GEMM each, contiguous; a LoRA's down-projection shared by the parts | one fused GEMM split into strided views |
 | linear | gemm.py | GEMMs per output part, LoRA as accumulator, quantized weights dequantised by tile; on CUDA an int8 dequantisation kernel (dequantize_cuda) | layer(x) |
 | conv2d (conv_gemm) | conv.py | convolutions as GEMMs through mx.matmul (default on the CPU only) | mx.conv2d |

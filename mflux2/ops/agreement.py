@@ -14,7 +14,7 @@ import mlx.nn as nn
 from mflux2.ops import conv as C
 from mflux2.ops import gemm as L
 from mflux2.ops.rope import apply_rope, rope_table
-from mflux2.ops.split import flat_views, split_views
+from mflux2.ops.split import Transposed, flat_views, split_views
 from mflux2.ops.glu import swiglu
 from mflux2.ops.switches import cuda_available, using
 
@@ -108,9 +108,9 @@ def _split_views() -> float:
 
 
 def _flat_views() -> float:
-    groups = {"float32": [(0, 0, 6, (2, 3)), (2, 6, 4, (4,))], "float32_lora": [(1, 0, 12, (3, 4))]}
-    fn = flat_views(groups, {"float32_lora": mx.bfloat16})
-    flats = [mx.random.normal((10,)), mx.random.normal((12,))]
+    groups = {"float32": [(0, 0, 6, (2, 3)), (2, 6, 4, (4,))], "float32_lora": [(1, 0, 12, (3, 4)), (3, 12, 10, Transposed((5, 2)))]}
+    fn = flat_views(groups, {"float32_lora": mx.bfloat16})  # (a Transposed shape: stored transposed, as LoRA's factors)
+    flats = [mx.random.normal((10,)), mx.random.normal((22,))]
     return _agree(fn, flats, {"flat_views": True}, {"flat_views": False})
 
 

@@ -87,15 +87,22 @@ def _project(layer, xs: list, rows: list, accs: list) -> list:
             ys = [_dora_rows(layer, y, z, g, r0, r1, bias) for y, (r0, r1) in zip(ys, rows)]
             return [y if a is None else a + y for y, a in zip(ys, accs)]
         x_in = _lora_input(layer, xs)
+        s0, s1 = layer.out_start, layer.out_stop
         if hasattr(layer, "lora_down"):
             # LoRA: the down-projection once for all output parts (q, k, v: one GEMM); the
             # up-projection per part, so each part's delta is contiguous (no strided slices).
             h = layer.lora_down(x_in)
-            up = lambda r: layer.lora_up(h, r)  # noqa: E731
+            spans = [(o0 - s0, o1 - s0) for o0, o1 in (_overlap(r0, r1, s0, s1) for r0, r1 in rows) if o0 < o1]
+            if len(spans) > 1 and hasattr(layer, "lora_up_parts"):
+                # several parts: B's rows as split views, so B's gradient is one concatenation of
+                # the parts' (not a zero-padded full-size cotangent per part, summed)
+                deltas = dict(zip(spans, layer.lora_up_parts(h, spans)))
+                up = lambda r: deltas[r]  # noqa: E731
+            else:
+                up = lambda r: layer.lora_up(h, r)  # noqa: E731
         else:  # LoKr, LoHa: one delta over the layer's rows, sliced per part
             z = layer.lora_forward(x_in)
             up = lambda r: z if r is None else z[..., r[0] : r[1]]  # noqa: E731
-        s0, s1 = layer.out_start, layer.out_stop
         new = []
         for (r0, r1), acc in zip(rows, accs):
             o0, o1 = _overlap(r0, r1, s0, s1)
@@ -335,15 +342,23 @@ def linear_split(layer, x: mx.array, sizes: list[int], fast: bool | None = None)
     return _project(layer, [x], rows, [None] * len(rows))
 
 
-def qkv_split(layer, x: mx.array, d: int, rest: tuple[int, ...] = (), fast: bool | None = None) -> list[mx.array]:
-    """[q, k, v, *rest] of a fused projection whose first 3·d output rows are q | k | v.
+def qkv_split(layer, x: mx.array, d: int, rest: tuple[int, ...] = (), fast: bool | None = None,
+              heads: int | None = None) -> list[mx.array]:
+    """[q, k, v, *rest] of a fused projection whose first 3·d output rows are q | k | v; with
+    `heads`, q, k and v come as [..., heads, d / heads].
 
     Fast path (switch "qkv_parts"): one GEMM per part on row slices of the weight, so q, k and v
     are contiguous (the norms and attention copy nothing) and a LoRA's down-projection is computed
-    once for all parts (`_project`); fallback: q | k | v from one GEMM, split into strided views."""
+    once for all parts (`_project`); fallback: q | k | v from one GEMM, split into strided views —
+    with `heads`, views of its [..., 3·heads, d / heads] form, so the split's VJP concatenates the
+    cotangents in that form: v's, transposed by the attention's VJP, is copied once, by that
+    concatenation, instead of first by a reshape to [..., d] (an implicit copy per block and stream)."""
     if is_fast("qkv_parts", fast):
-        return _qkv_parts(layer, x, [d, d, d, *rest])
+        parts = _qkv_parts(layer, x, [d, d, d, *rest])
+        return [p.reshape(*p.shape[:-1], heads, -1) for p in parts[:3]] + parts[3:] if heads else parts
     qkv, *others = linear_split(layer, x, [3 * d, *rest]) if rest else [linear(layer, x)]
+    if heads:
+        return [*split_views(qkv.reshape(*qkv.shape[:-1], 3 * heads, d // heads), (heads,) * 3, axis=-2), *others]
     return [*split_views(qkv, (d, d, d)), *others]
 
 

@@ -18,6 +18,25 @@ from mflux2.ops.switches import is_fast
 _SPLITS = {}
 
 
+class Transposed(tuple):
+    """The shape of a matrix stored transposed in a flat array (its view is `reshape(shape[::-1]).T`).
+
+    A LoRA factor's gradient comes out of its GEMM transposed (column-major): flattening it for the
+    flat gradient would copy it (a layout copy per LoRA matrix: klein-4b's 120 copy_col_row kernels a
+    step on CUDA). Stored transposed, the gradient flattens as a view; the values are the same."""
+
+
+def flat_view(src: mx.array, offset: int, size: int, shape) -> mx.array:
+    """The view of `size` elements at `offset` of a flat array as `shape` (a `Transposed` one too)."""
+    piece = src[offset : offset + size]
+    return piece.reshape(tuple(shape)[::-1]).T if isinstance(shape, Transposed) else piece.reshape(shape)
+
+
+def flatten_as(a: mx.array, shape) -> mx.array:
+    """`a` flattened in the storage order of a view of `shape` (inverse of `flat_view`)."""
+    return (a.T if isinstance(shape, Transposed) else a).reshape(-1)
+
+
 def split_views(y: mx.array, sizes: tuple[int, ...], axis: int = -1, fast: bool | None = None) -> list[mx.array]:
     """y split along `axis` (the last by default) into parts of `sizes` (views)."""
     sizes, axis = tuple(int(n) for n in sizes), axis % y.ndim
@@ -47,8 +66,8 @@ def flat_views(groups: dict, casts: dict | None = None, tap=None, fast: bool | N
     """A function (flat arrays in `groups`' order) -> views, one per entry.
 
     groups: name -> [(index, offset, size, shape)], the views cut from that flat array (in offset
-    order; `index` places the view in the output list). casts: name -> the dtype the views of that
-    array read (the flat array is cast once, whole). The VJP concatenates each group's cotangents
+    order; `index` places the view in the output list; a `Transposed` shape is stored transposed).
+    casts: name -> the dtype the views of that array read (the flat array is cast once, whole). The VJP concatenates each group's cotangents
     once and casts them to the flat array's dtype. tap(cotangents), if given, sees the views'
     cotangents (in output order) as the VJP runs: the fast path only."""
     names, casts = list(groups), casts or {}
@@ -59,7 +78,7 @@ def flat_views(groups: dict, casts: dict | None = None, tap=None, fast: bool | N
         for name, src in zip(names, arrays):
             src = src.astype(casts[name]) if name in casts else src
             for i, off, size, shape in groups[name]:
-                out[i] = src[off : off + size].reshape(shape)
+                out[i] = flat_view(src, off, size, shape)
         return tuple(out)
 
     fn = mx.custom_function(views)
@@ -69,7 +88,7 @@ def flat_views(groups: dict, casts: dict | None = None, tap=None, fast: bool | N
         cots = [mx.zeros_like(o) if c is None else c for c, o in zip(cotangents, outputs)]
         if tap is not None:
             tap(cots)
-        return tuple(mx.concatenate([cots[i].reshape(-1) for i, _, _, _ in groups[name]]).astype(a.dtype)
+        return tuple(mx.concatenate([flatten_as(cots[i], shape) for i, _, _, shape in groups[name]]).astype(a.dtype)
                      for name, a in zip(names, primals))
 
     def call(*arrays):

@@ -19,6 +19,7 @@ SWITCHES = {  # op -> environment variable ("0": the fallback)
     "swiglu": "MFLUX2_FAST_SWIGLU",  # SwiGLU's recomputing VJP | autodiff of silu(gate)·up
     "split_views": "MFLUX2_FAST_SPLIT",  # split views with a concatenating VJP | plain slices
     "flat_views": "MFLUX2_FAST_FLAT_VIEWS",  # views of the flat parameters, VJP concatenating per group | plain slices
+    "flat_transposed": "MFLUX2_FLAT_TRANSPOSED",  # LoRA factors stored transposed in the flat parameters (their gradients flatten as views) | as they are (a layout copy per factor's gradient)
     "qkv_parts": "MFLUX2_QKV_PARTS",  # q, k, v from one GEMM each (contiguous; a LoRA's down-projection shared) | one fused GEMM split into views
     "linear": "MFLUX2_FAST_LINEAR",  # GEMMs per output part, LoRA as accumulator, dequantised tiles | layer(x)
     "dequantize_cuda": "MFLUX2_CUDA_DEQUANTIZE",
@@ -29,6 +30,8 @@ SWITCHES = {  # op -> environment variable ("0": the fallback)
 }
 # Where a fast path is not the faster (or not measured) on a backend, its default there is the
 # fallback; the environment variable and `using` still choose. Backends: "cuda", "metal", "cpu".
+# "flat_transposed" is on everywhere without a measurement: it only removes copies (one per LoRA
+# factor's gradient, no node added: scripts/kernel_profile.py census), the switch is for the A/B.
 BACKEND_DEFAULTS = {  # measured: docs/performance.md, "The VAE" (H100, 2026-12-07)
     # CUDA: mx.conv2d (cuDNN) is 1.2-4.2x faster than the GEMMs per convolution; CPU: the GEMMs ~1.8x
     # faster in bf16; Metal: not measured, so MLX's own convolution

@@ -23,7 +23,8 @@ from mlx.utils import tree_flatten, tree_map, tree_map_with_path, tree_unflatten
 
 from mflux2.lora import ADAPTER_MATRICES, dropout_key, lora_disabled
 from mflux2.models import transformer
-from mflux2.ops import flat_views
+from mflux2.ops import flat_views, is_fast
+from mflux2.ops.split import Transposed, flat_view, flatten_as
 from mflux2.training.timesteps import loss_weight, sample_timesteps
 
 
@@ -365,15 +366,22 @@ class FlatParameters:
         self.groups = {}  # name -> [(index, offset, size, shape)]
         self.casts = {}  # name -> dtype the forward pass reads it in
         self.dtypes = {}  # name -> dtype of the flat array
+        # LoRA's factors are stored transposed: their gradients come out of the GEMMs transposed and
+        # then flatten without a copy (switch "flat_transposed"; mflux2.ops.split.Transposed). The
+        # group's name says so ("_t"): the optimiser state saved for a resume is in this order, and a
+        # checkpoint of the other order then fails to resume by name instead of being misread.
+        transpose = is_fast("flat_transposed")
         for i, (path, a) in enumerate(leaves):
-            name = str(a.dtype).split(".")[-1]
-            if path.rsplit(".", 1)[-1] in ADAPTER_MATRICES and a.dtype != compute_dtype:  # (not DoRA's magnitude)
-                name += "_lora"
+            leaf = path.rsplit(".", 1)[-1]
+            cast = leaf in ADAPTER_MATRICES and a.dtype != compute_dtype  # (not DoRA's magnitude)
+            transposed = transpose and leaf in ("lora_A", "lora_B") and a.ndim == 2
+            name = str(a.dtype).split(".")[-1] + ("_lora" if cast else "") + ("_t" if transposed else "")
+            if cast:
                 self.casts[name] = compute_dtype
             self.dtypes[name] = a.dtype
             entries = self.groups.setdefault(name, [])
             offset = entries[-1][1] + entries[-1][2] if entries else 0
-            entries.append((i, offset, a.size, a.shape))
+            entries.append((i, offset, a.size, Transposed(a.shape) if transposed else a.shape))
         self.installed = None
         # In layout order, the last entry of each block (its gradient is computed last in the
         # block's backward pass): what the one-graph step evaluates piece by piece.
@@ -385,7 +393,7 @@ class FlatParameters:
     def concat(self, arrays: list) -> dict:
         """Arrays in path order (parameters, gradients, cotangents), as this layout's flat arrays:
         one concatenation per group, then one cast to the group's dtype."""
-        return {name: mx.concatenate([arrays[i].reshape(-1) for i, _, _, _ in entries]).astype(self.dtypes[name])
+        return {name: mx.concatenate([flatten_as(arrays[i], shape) for i, _, _, shape in entries]).astype(self.dtypes[name])
                 for name, entries in self.groups.items()}
 
     def gather(self) -> dict:
@@ -404,7 +412,7 @@ class FlatParameters:
         for name, entries in self.groups.items():
             src = flat[name].astype(self.casts[name]) if cast and name in self.casts else flat[name]
             for i, off, size, shape in entries:
-                out[i] = src[off : off + size].reshape(shape)
+                out[i] = flat_view(src, off, size, shape)
         return out
 
     def install(self, arrays: list):
