@@ -11,6 +11,7 @@ v = noise - x0; latents are packed tokens [B, H/16·W/16, 128], row-major (see `
 from __future__ import annotations
 
 import math
+import os
 from contextlib import contextmanager
 
 import mlx.core as mx
@@ -22,7 +23,9 @@ PIXELS_PER_TOKEN = 16  # 8x VAE downsampling x 2x2 patchify
 # (`forward_live_bytes`): MLX allocates an operation's output when it encodes it and frees its
 # inputs only once the device has run it, so without a limit the host runs ahead and a forward held
 # far more than its live set (issue 34: 13 GB above dev's weights on an H100). None: no limit set.
-RUN_AHEAD = 2.0
+# MFLUX2_SAMPLING_RUN_AHEAD (a number, or "none") sets it, so one GPU call can time both.
+_env = os.environ.get("MFLUX2_SAMPLING_RUN_AHEAD", "2").strip().lower()
+RUN_AHEAD = None if _env == "none" else float(_env)
 # One block's no-grad forward, in units of tokens × hidden × 2 bytes beyond what scales with the
 # MLP: the block's input, the modulated input, the attention output, the residual and the gated sum.
 FORWARD_FIXED_UNITS = 5

@@ -68,6 +68,8 @@ def _walker():
     lib = ctypes.CDLL(str(so))
     lib.graph_walk.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.c_int, ctypes.c_char_p]
     lib.graph_walk.restype = ctypes.c_int
+    lib.array_size.argtypes = [ctypes.c_void_p]
+    lib.array_size.restype = ctypes.c_longlong
     return lib
 
 
@@ -86,6 +88,9 @@ def walk(outputs: list) -> list[dict]:
     lib = _walker()
     arrs = [a for a in outputs if isinstance(a, mx.array)]
     ptrs = (ctypes.c_void_p * len(arrs))(*[_cpp_pointer(a) for a in arrs])
+    if any(lib.array_size(p) != a.size for p, a in zip(ptrs, arrs)):
+        raise RuntimeError(f"graph_walk: MLX {mx.__version__}'s Python arrays are not laid out as _cpp_pointer reads them "
+                           f"(written for MLX 0.32.4 / nanobind 2-3); update _cpp_pointer")
     with tempfile.NamedTemporaryFile(suffix=".jsonl", delete=False) as f:
         path = f.name
     try:

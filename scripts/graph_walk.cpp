@@ -81,3 +81,7 @@ extern "C" int graph_walk(void** arrays, int n, const char* path) {
   std::fclose(f);
   return count;
 }
+
+// The element count of the array behind a pointer: graph_census checks it against Python's before
+// walking, so a pointer read through another MLX's object layout fails with a message, not a crash.
+extern "C" long long array_size(void* p) { return (long long)static_cast<const array*>(p)->size(); }
