@@ -59,7 +59,7 @@ ours)
   run k4_plain           300 $B --model klein-4b
   run k4_plain_flat_t0   100 env MFLUX2_FLAT_TRANSPOSED=0 $B --model klein-4b  # LoRA factors stored as they are: a layout copy per factor's gradient (the census's 120)
   run k4_adapters       150 python3 scripts/benchmark.py --model klein-4b --resolution 512 --rank 32 --targets attention --compare lora,lokr:4,loha,dora --steps 20
-  run ops_check           90 python3 scripts/ops_check.py
+  run ops_check          200 python3 scripts/ops_check.py  # 90 s was not enough on a fresh H100 (kernel builds)
   run k4_plain_parts     100 $PARTS $B --model klein-4b
   run k4_plain_nr        100 $NR $B --model klein-4b
   run k4_plain_off       100 $OFF $B --model klein-4b
