@@ -239,3 +239,22 @@ def test_a_resumed_run_with_datasets_draws_the_same_samples_as_an_uninterrupted_
     wa, wb = mx.load(str(tmp_path / "a" / "lora_final.safetensors")), mx.load(str(tmp_path / "b" / "lora_final.safetensors"))
     for k in wa:
         np.testing.assert_allclose(np.array(wb[k]), np.array(wa[k]), rtol=1e-5, atol=1e-7)
+
+
+def test_an_optimiser_state_of_another_layout_is_refused_in_one_line_naming_init_from(tiny, tmp_path, capsys):
+    """A checkpoint whose optimiser state has another flat layout (here: the groups before the LoRA
+    factors were stored transposed, "float32" instead of "float32_t") is refused by name, never
+    misread, and the message says how to carry its LoRA on."""
+    import mlx.core as mx
+
+    cfg = write_config(tmp_path, tiny, training={"max_steps": 2}, checkpoints={"save_every": 2}, **QUIET)
+    run(cfg)
+    ck = tmp_path / "out" / "checkpoint_000002"
+    f = ck / "optimizer_state.safetensors"
+    arrays = mx.load(str(f))
+    renamed = {k.replace("_t.", ".") if k.startswith("optimizer.") else k: v for k, v in arrays.items()}
+    assert renamed.keys() != arrays.keys()  # the layout the test stands for is the one in use
+    mx.save_safetensors(str(f), renamed)
+    write_config(tmp_path, tiny, training={"max_steps": 4}, checkpoints={"save_every": 2}, **QUIET)
+    msg = one_line_error(capsys, [str(cfg), "--resume", str(ck)])
+    assert "optimizer_state.safetensors: no optimizer." in msg and f"lora.init_from: {ck / 'lora.safetensors'}" in msg

@@ -138,7 +138,8 @@ def restore_arrays(ckpt: Path, arrays: dict, model, optimizer, ema):
     if missing:
         raise TrainingError(
             f"{ckpt / 'optimizer_state.safetensors'}: no optimizer.{missing[0]} (the optimiser state of another "
-            f"mflux2 version or optimiser); use --no-resume or another checkpoints.output")
+            f"mflux2 version or optimiser); use --no-resume or another checkpoints.output, and to carry its "
+            f"LoRA on with a fresh optimiser set lora.init_from: {ckpt / 'lora.safetensors'}")
     for k, v in tree_map_with_path(lambda path, old: opt_flat[path], optimizer.state).items():
         optimizer.state[k] = v
     if ema is None:
