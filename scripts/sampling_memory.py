@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmark.py
 
 import mlx.core as mx  # noqa: E402
 from mlx.utils import tree_flatten  # noqa: E402
@@ -36,19 +37,17 @@ GB = 1e9
 
 def reduced_model(variant: str, double: int, single: int, quantize: str | None, rank: int, targets: str, seed: int = 0,
                   dtype=mx.bfloat16, **widths):
-    """The variant's widths with `double` + `single` blocks, random weights, loaded (and quantized)
-    module by module as `load_transformer` loads a checkpoint, the LoRA applied as the trainer does."""
+    """The variant's widths with `double` + `single` blocks, random weights materialised (and
+    quantized) block by block as `load_transformer` loads a checkpoint (benchmark.random_transformer),
+    the LoRA applied as the trainer does."""
+    from benchmark import random_transformer
+
     from mflux2 import lora as lora_mod
-    from mflux2.models.quantization import load_weights, quant_settings
-    from mflux2.models.transformer import Flux2Transformer, TransformerConfig, preset
+    from mflux2.models.transformer import TransformerConfig, preset
 
     mx.random.seed(seed)
     cfg = TransformerConfig(**{**preset(variant).to_dict(), "num_layers": double, "num_single_layers": single, **widths})
-    model = Flux2Transformer(cfg)  # lazy: each module's random weights exist only once it is loaded
-    weights = dict(tree_flatten(model.parameters()))
-    bits, group = quant_settings(quantize, None, dtype)
-    load_weights(model, weights, dtype, bits, group)
-    del weights
+    model = random_transformer(cfg, dtype, base=quantize or "bf16")
     model.eval()
     if rank:
         lora_mod.apply_lora(model, rank=rank, alpha=float(rank), targets=targets)
