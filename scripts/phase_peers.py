@@ -348,48 +348,11 @@ def _timed_floor(files, stream=None) -> dict:
     return out
 
 
-def _random_bf16(shape, rng):
-    """Finite random bf16 (bit 14, the exponent's top bit, cleared: |x| < 2), cheap to write."""
-    import mlx.core as mx
-    import numpy as np
-
-    bits = rng.integers(0, 1 << 16, int(np.prod(shape)), dtype=np.uint16) & np.uint16(0xBEFF)
-    return mx.array(bits).view(mx.bfloat16).reshape(shape)
-
-
-def _write_component(folder: Path, shapes: dict, stem: str, config: dict, shard_gb: float = 1.0) -> None:
-    """Sharded safetensors + index + config.json as save_pretrained writes them (1 GB shards, so that
-    even a small folder has several files, as the real ones do)."""
-    import mlx.core as mx
-    import numpy as np
-
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
-    groups, size = [[]], 0
-    for k, s in shapes.items():
-        n = int(np.prod(s)) * 2
-        if groups[-1] and size + n > shard_gb * 1e9:
-            groups.append([])
-            size = 0
-        groups[-1].append(k)
-        size += n
-    weight_map = {}
-    for i, keys in enumerate(groups):
-        name = f"{stem}-{i + 1:05d}-of-{len(groups):05d}.safetensors"
-        arrays = {k: _random_bf16(shapes[k], rng) for k in keys}
-        mx.eval(arrays)
-        mx.save_safetensors(str(folder / name), arrays, metadata={"format": "pt"})
-        weight_map.update({k: name for k in keys})
-        del arrays
-    (folder / f"{stem}.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-    (folder / "config.json").write_text(json.dumps(config))
-
-
 def write_load_folder(work: Path, size_gb: float) -> tuple[int, int]:
     """A folder in the diffusers klein layout with ~size_gb of random bf16 weights per component:
     transformer/ at klein-4b's widths (k double and 4k single blocks, klein-4b's ratio) and
     text_encoder/ at Qwen3-4B's (L layers), tokenizer/ at the real vocabulary size. Returns (k, L)."""
-    from job_benchmark import _qwen3_config, _qwen3_tokenizer, _shapes_qwen3, _shapes_transformer
+    from job_benchmark import _qwen3_config, _qwen3_tokenizer, _shapes_qwen3, _shapes_transformer, _write_shards
 
     from mflux2.models.transformer import preset
 
@@ -402,11 +365,13 @@ def write_load_folder(work: Path, size_gb: float) -> tuple[int, int]:
 
     shutil.rmtree(work, ignore_errors=True)
     tcfg = {**preset("klein-4b").to_dict(), "num_layers": k, "num_single_layers": 4 * k}
-    _write_component(work / "transformer", _shapes_transformer(tcfg), "diffusion_pytorch_model",
-                     {"_class_name": "Flux2Transformer2DModel", **tcfg})
     qcfg = {**_qwen3_config("klein-4b"), "num_hidden_layers": layers}
-    _write_component(work / "text_encoder", _shapes_qwen3(qcfg), "model",
-                     {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", **qcfg})
+    for comp, shapes, stem, config in (
+            ("transformer", _shapes_transformer(tcfg), "diffusion_pytorch_model", {"_class_name": "Flux2Transformer2DModel", **tcfg}),
+            ("text_encoder", _shapes_qwen3(qcfg), "model", {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", **qcfg})):
+        # 1 GB shards, so that even a small folder has several files, as the real ones do
+        _write_shards(work / comp, shapes, stem, f"{stem}.safetensors.index.json", shard_gb=1.0)
+        (work / comp / "config.json").write_text(json.dumps(config))
     _qwen3_tokenizer(work / "tokenizer")
     done.write_text(json.dumps([k, layers]))
     return k, layers
