@@ -603,8 +603,8 @@ def scan_dataset(cfg: "TrainConfig", *, validation: bool = False, prefix: str = 
     if (ds.mask_path or ds.alpha_mask) and samples and not validation:
         samples = pair_masks(samples, ds, prefix)
     if named:
-        warnings.warn(f"{key}: {len(named)} caption(s) of this regularisation set name the trigger word {' or '.join(map(repr, subject_words)) or '[trigger]'} "
-                      f"(or [trigger]): a regularisation set trains the model's prior, so it should not name the subject: "
+        warnings.warn(f"{key}: {len(named)} caption(s) of this regularisation set name {'the trigger word ' + ' or '.join(map(repr, subject_words)) + ' (or [trigger])' if subject_words else '[trigger]'}"
+                      f": a regularisation set trains the model's prior, so it should not name the subject: "
                       f"{_listing(named)}", DataWarning, stacklevel=2)
     if bad:
         warnings.warn(f"{key}: skipped {len(bad)} unreadable image(s) ({prefix}.skip_bad_images): {_listing(bad)}", DataWarning, stacklevel=2)
