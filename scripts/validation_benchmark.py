@@ -6,7 +6,8 @@ validation images took 5.6 s, ten times the transformer's share; docs/performanc
 
 Times, after one untimed warm-up of each (first-use kernel compilation is not the steady cost):
 the transformer forward at each size (as sampling.denoise calls it: uncompiled, one evaluation per
-step), the VAE decode and encode at each size, and the PNG write. Prints one JSON line (seconds per
+step), 4 steps of sampling.denoise itself (its memory bound on the run-ahead included: run it with
+MFLUX2_SAMPLING_RUN_AHEAD=none for the time without the bound), the VAE decode and encode at each size, and the PNG write. Prints one JSON line (seconds per
 call, peak GB per piece) and what four validation images of the job would cost from those figures.
 """
 
@@ -94,8 +95,12 @@ def main(argv=None) -> int:
         def png():
             array_to_pil(pixels[0]).save(io.BytesIO(), format="PNG")
 
+        def denoise4():  # the job's validation: 4 Euler steps through sampling.denoise (its run-ahead bound)
+            mx.eval(sampling.denoise(model, x, embeds, txt_ids, ids, [1.0, 0.75, 0.5, 0.25, 0.0]))
+
         row = {}
-        for name, fn in (("forward", forward), ("vae_decode", decode), ("vae_encode", encode), ("png", png)):
+        for name, fn in (("forward", forward), ("denoise_4_steps", denoise4), ("vae_decode", decode),
+                         ("vae_encode", encode), ("png", png)):
             sec, peak = timed(fn, args.repeat)
             row[f"{name}_s"], row[f"{name}_peak_gb"] = round(sec, 4), round(peak, 3)
         row["tokens"] = n
@@ -103,6 +108,7 @@ def main(argv=None) -> int:
     # the cat-toy job's validation: 4 images at 512², 4 steps each (distilled, no CFG)
     r = result["sizes"].get("512") or result["sizes"][str(sizes[0])]
     result["four_images_4_steps_s"] = round(4 * (4 * r["forward_s"] + r["vae_decode_s"] + r["png_s"]), 3)
+    result["sampling_run_ahead"] = sampling.RUN_AHEAD  # MFLUX2_SAMPLING_RUN_AHEAD (None: no bound)
     print(json.dumps(result))
     return 0
 
