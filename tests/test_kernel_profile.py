@@ -1,4 +1,4 @@
-"""scripts/kernel_profile.py: an ncu CSV of a step is summed by category, and the shapes mode runs."""
+"""scripts/kernel_profile.py: an ncu CSV of a step is summed by category, and the shapes and norms modes run."""
 
 import gzip
 import json
@@ -53,6 +53,25 @@ def test_shapes_mode_runs_on_the_cpu():
     assert [r["qkv_parts"] for r in gemms] == [False, True]
     assert gemms[1]["base_gemms"] > gemms[0]["base_gemms"] and all(r["lora_s"] > 0 for r in gemms)
     assert rows[-1]["what"] == "attention alone" and rows[-1]["forward_backward_s"] > 0
+
+
+def test_norms_mode_runs_on_the_cpu():
+    """The modulation's LayerNorm probe: a line per (shape, variant, pass), the CUDA kernel reported
+    as skipped off CUDA, and a summary with each variant's speed against today's formula."""
+    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "kernel_profile.py"), "norms", "--reps", "1", "--inner", "2",
+                          "--shapes", "1,8,48;2,4,96"], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert out.returncode == 0, out.stderr
+    rows = [json.loads(l) for l in out.stdout.splitlines()]
+    timed = [r for r in rows if r["what"] == "norms" and "us" in r]
+    variants = ["mlx_layer_norm+elementwise", "modulate_ln", "fold_mlx_vjp", "rms_norm"]
+    assert [(r["shape"], r["variant"], r["pass"]) for r in timed] == [
+        (sh, v, p) for sh in ([1, 8, 48], [2, 4, 96]) for v in variants for p in ("forward", "forward+vjp")]
+    assert all(r["us"] > 0 for r in timed)
+    assert [r["variant"] for r in rows if "skipped" in r] == ["layer_norm_cuda"] * 2
+    summary = rows[-1]
+    assert summary["what"] == "norms summary" and not summary["cuda"]
+    assert set(summary["us_per_norm"]) == {f"{s} {p}" for s in ("1x8x48", "2x4x96") for p in ("forward", "forward+vjp")}
+    assert "modulate_ln speedup" in summary["us_per_norm"]["1x8x48 forward"]
 
 
 def _flattened_gradient_copies(res: dict, block: str) -> int:
