@@ -4,6 +4,7 @@ run only where mx.cuda is available (the GPU machine)."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -317,6 +318,31 @@ def test_cuda_layer_norm_kernels_equal_mx_fast_layer_norm(dtype, shape):
     tol = 1e-5 if dtype == mx.float32 else 2e-2
     for got, want in ((y1, y0), (d1, d0)):
         assert np.allclose(np.array(got.astype(mx.float32)), np.array(want), atol=tol * np.abs(np.array(want)).max(), rtol=tol)
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="no CUDA compiler here")
+def test_cuda_layer_norm_source_compiles(tmp_path):
+    """Where nvcc exists but no GPU does (the CPU machine), the LayerNorm kernels' sources compile as
+    mx.fast.cuda_kernel assembles them: the header, then a __global__ function whose parameters are
+    the inputs (const pointers) and outputs, the template values as `constexpr int` / `using` lines
+    at the top of its body, then the source (MLX's own device header replaced by the CUDA headers
+    the sources use). Catches a typo before a GPU session does; says nothing of the values (the
+    agreement check and the test above do that on CUDA)."""
+    from mflux2.ops import norm
+
+    def kernel(name, source, inputs, t, d, tpb):
+        params = [f"const {ty}* {n}" for n, ty in inputs] + [f"{t}* out"]
+        return (f"__global__ void {name}({', '.join(params)}) {{\n  constexpr int D = {d};\n  constexpr int TPB = {tpb};\n"
+                f"  using T = {t};\n{source}\n}}\n")
+    src = "#include <cuda_bf16.h>\n#include <cuda_fp16.h>\n" + norm._LN_HEADER
+    for t in ("__nv_bfloat16", "float"):
+        for d, tpb in ((3072, 256), (100, 128)):
+            src += kernel(f"fwd_{t[-4:]}_{d}", norm._LN_FORWARD, [("x", t), ("eps", "float")], t, d, tpb)
+            src += kernel(f"bwd_{t[-4:]}_{d}", norm._LN_BACKWARD, [("x", t), ("eps", "float"), ("g", t)], t, d, tpb)
+    (tmp_path / "ln.cu").write_text(src)
+    out = subprocess.run(["nvcc", "-arch=sm_90", "-std=c++17", "-c", "ln.cu", "-o", "ln.o"], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
 
 
 @pytest.mark.skipif(not on_cuda_device(), reason="the dequantisation kernel is CUDA's (run on the GPU machine)")
