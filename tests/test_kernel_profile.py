@@ -117,6 +117,16 @@ def test_census_counts_the_step_graph_and_the_removed_copies_stay_removed():
         assert a["fast kernels: SDPA"] == a["fast kernels: SDPA VJP"] == 1 and a["GEMMs"] > 10
     assert after["per_block"]["double"]["fast kernels: RMSNorm"] == 4  # q and k of both streams
     assert after["per_block"]["single"]["fast kernels: RMSNorm"] == 2
+    # the modulations' weightless LayerNorms, forward and VJP (the gradient reaches the blocks before
+    # through them: a stand-in of one input once lost it, and with it those blocks' input-gradient GEMMs)
+    for block, norms in (("double", 4), ("single", 1)):
+        assert after["per_block"][block]["fast kernels: LayerNorm"] == after["per_block"][block]["fast kernels: LayerNorm VJP"] == norms
+    with using(modulate_ln=True):  # the modulation folded into LayerNorm: one elementwise kernel fewer per norm
+        folded = G.census(cfg=K._tiny_cfg(), resolution=64, text_len=8)
+    for block, norms in (("double", 4), ("single", 1)):
+        f, a = folded["per_block"][block], after["per_block"][block]
+        assert f["fast kernels: LayerNorm VJP"] == a["fast kernels: LayerNorm VJP"] and f["GEMMs"] == a["GEMMs"]
+        assert G.kernel_total(f) == G.kernel_total(a) - norms
     assert "| kernels (all but views) |" in G.markdown(after)
     # alpha = rank (the default): no multiplication of B by one, forward or backward
     scaled = G.census(cfg=K._tiny_cfg(), resolution=64, text_len=8, alpha=2 * 32)
