@@ -120,8 +120,15 @@ def gpu_fast_kernels():
         @fn.vjp
         def fn_vjp(primals, cot, out):
             cot = cot[0] if isinstance(cot, (list, tuple)) else cot
+            single = isinstance(primals, mx.array)  # (one input, a weightless norm: MLX passes it bare, not in a tuple)
+            primals = [primals] if single else list(primals)
+            # (the cotangent behind a Depends, not an elementwise node: mx.compile would fuse the marker,
+            # a unary op, into the elementwise kernel making the cotangent — the modulation's VJP before
+            # a LayerNorm's — and the norm's VJP would be counted as elementwise, not as its kernel)
+            cot = mx.depends([cot], primals[:1])[0]
             grads = [vjp_marker(cot) if p.shape == cot.shape else mx.zeros_like(p) for p in primals]
-            return tuple(mx.depends(grads, list(primals)))
+            grads = mx.depends(grads, primals)
+            return grads[0] if single else tuple(grads)
 
         return fn
 

@@ -11,7 +11,10 @@
     #    into base and LoRA GEMMs, which kernel names cannot tell apart):
     python3 scripts/kernel_profile.py shapes --model klein-4b
 
-    # 3. no device at all: the step's graph, node kinds per block type and every copy (scripts/graph_census.py):
+    # 3. the modulation's LayerNorm alone at the step's shapes, each way (MLX's, folded, our CUDA kernel):
+    python3 scripts/kernel_profile.py norms --reps 50
+
+    # 4. no device at all: the step's graph, node kinds per block type and every copy (scripts/graph_census.py):
     python3 scripts/kernel_profile.py census --model klein-4b
 
 `parse` sums the kernels' durations by category (from the kernel names: cuBLAS GEMMs, cuDNN attention
@@ -214,6 +217,73 @@ def time_shapes(model: str, resolution: int, text_len: int, rank: int, reps: int
     return out
 
 
+# ---- the modulation's LayerNorm alone (mflux2.ops.modulate) -------------------------------------
+
+NORM_SHAPES = ((1, 512, 3072), (1, 1024, 3072), (1, 1536, 3072), (1, 1536, 6144))  # text, image, both (klein-4b, dev)
+
+
+def time_norms(reps: int, shapes=NORM_SHAPES, inner: int = 8, eps: float = 1e-6) -> list[dict]:
+    """Each way of computing layer_norm(x)·(1 + scale) + shift, bf16, shift/scale [1, 1, D], compiled:
+    forward alone, and forward + VJP w.r.t. x alone (as under LoRA training, where the modulation
+    needs no gradient). One evaluation runs `inner` copies on distinct inputs (the step runs ~40), so
+    launch and synchronisation costs spread over them; the figure is per copy, the median of `reps`.
+    Variants: today's formula (MLX's LayerNorm, then an elementwise kernel), modulate_ln (the fold, our
+    VJP), the fold with MLX's own VJP (which forms the weight/bias gradients), layer_norm_cuda (CUDA
+    only) and, for scale, mx.fast.rms_norm of the same x."""
+    import mlx.core as mx
+
+    from mflux2.ops import modulate, using
+    from mflux2.ops.switches import cuda_available
+
+    cuda = cuda_available() and mx.default_device() == mx.gpu
+    dt = mx.bfloat16
+
+    def with_switches(**sw):
+        def run(x, sh, sc):
+            with using(**sw):  # (read while tracing: mx.compile keeps the path it took)
+                return modulate(x, sh, sc, eps)
+        return run
+
+    def fold_mlx_vjp(x, sh, sc):
+        d = x.shape[-1]
+        return mx.fast.layer_norm(x, (1 + sc).reshape(d), sh.reshape(d), eps)
+
+    variants = {
+        "mlx_layer_norm+elementwise": with_switches(modulate_ln=False, layer_norm_cuda=False),
+        "modulate_ln": with_switches(modulate_ln=True, layer_norm_cuda=False),
+        "fold_mlx_vjp": fold_mlx_vjp,
+        "layer_norm_cuda": with_switches(layer_norm_cuda=True) if cuda else None,
+        "rms_norm": lambda x, sh, sc: mx.fast.rms_norm(x, None, eps),
+    }
+    out, us = [], {}
+    for shape in shapes:
+        xs = [mx.random.normal(shape).astype(dt) for _ in range(inner)]
+        gs = [mx.random.normal(shape).astype(dt) for _ in range(inner)]
+        sh, sc = (mx.random.normal((1, 1, shape[-1])).astype(dt) * 0.5 for _ in range(2))
+        mx.eval(xs, gs, sh, sc)
+        for name, f in variants.items():
+            if f is None:
+                out.append({"what": "norms", "shape": list(shape), "variant": name, "skipped": "a CUDA kernel: no CUDA device here"})
+                continue
+            fwd = mx.compile(lambda xs, sh, sc, f=f: [f(x, sh, sc) for x in xs])
+            vjp = mx.compile(lambda xs, gs, sh, sc, f=f: [mx.vjp(lambda x: f(x, sh, sc), [x], [g]) for x, g in zip(xs, gs)])
+            for pass_, fn, args in (("forward", fwd, (xs, sh, sc)), ("forward+vjp", vjp, (xs, gs, sh, sc))):
+                t = _time(fn, args, reps) / inner * 1e6
+                us[(shape, name, pass_)] = t
+                out.append({"what": "norms", "shape": list(shape), "variant": name, "pass": pass_, "us": round(t, 2)})
+        del xs, gs
+    base = "mlx_layer_norm+elementwise"
+    summary = {f"{'x'.join(map(str, shape))} {pass_}": {name: round(t, 2) for (s_, name, p_), t in us.items() if s_ == shape and p_ == pass_}
+               for shape in shapes for pass_ in ("forward", "forward+vjp")}
+    for row in summary.values():
+        for name in list(row):
+            if name != base and row.get(base):
+                row[f"{name} speedup"] = round(row[base] / row[name], 2)
+    out.append({"what": "norms summary", "device": str(mx.default_device()), "cuda": cuda, "inner": inner, "reps": reps,
+                "us_per_norm": summary})
+    return out
+
+
 def _tiny_cfg():
     from mflux2.models.transformer import TransformerConfig
 
@@ -229,6 +299,10 @@ def main(argv=None):
     p.add_argument("--step-s", type=float, default=None, help="the step's median wall time (s), measured without ncu")
     p.add_argument("--markdown", action="store_true")
     s = sub.add_parser("shapes", help="the step's GEMMs and attention, each set alone")
+    n = sub.add_parser("norms", help="the modulation's LayerNorm alone: MLX's, folded, our CUDA kernel, RMS norm for scale")
+    n.add_argument("--reps", type=int, default=20)
+    n.add_argument("--inner", type=int, default=8, help="norms per evaluation, each on its own input (default 8)")
+    n.add_argument("--shapes", default=None, help="B,N,D;B,N,D;... (default: the klein-4b step's, and one at dev's width)")
     c = sub.add_parser("census", help="the step's graph, unevaluated: node kinds per block type and the copies")
     for q in (s, c):  # the step both build
         q.add_argument("--model", default="klein-4b")
@@ -249,6 +323,12 @@ def main(argv=None):
         print(json.dumps(res))
         if args.markdown:
             print(graph_census.markdown(res))
+        return res
+    if args.cmd == "norms":
+        shapes = tuple(tuple(int(v) for v in sh.split(",")) for sh in args.shapes.split(";")) if args.shapes else NORM_SHAPES
+        res = time_norms(args.reps, shapes, args.inner)
+        for r in res:
+            print(json.dumps(r))
         return res
     if args.cmd == "parse":
         summary = summarize(read_ncu_csv(args.csv), args.step_s)

@@ -1,4 +1,4 @@
-"""scripts/kernel_profile.py: an ncu CSV of a step is summed by category, and the shapes mode runs."""
+"""scripts/kernel_profile.py: an ncu CSV of a step is summed by category, and the shapes and norms modes run."""
 
 import gzip
 import json
@@ -55,6 +55,25 @@ def test_shapes_mode_runs_on_the_cpu():
     assert rows[-1]["what"] == "attention alone" and rows[-1]["forward_backward_s"] > 0
 
 
+def test_norms_mode_runs_on_the_cpu():
+    """The modulation's LayerNorm probe: a line per (shape, variant, pass), the CUDA kernel reported
+    as skipped off CUDA, and a summary with each variant's speed against today's formula."""
+    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "kernel_profile.py"), "norms", "--reps", "1", "--inner", "2",
+                          "--shapes", "1,8,48;2,4,96"], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert out.returncode == 0, out.stderr
+    rows = [json.loads(l) for l in out.stdout.splitlines()]
+    timed = [r for r in rows if r["what"] == "norms" and "us" in r]
+    variants = ["mlx_layer_norm+elementwise", "modulate_ln", "fold_mlx_vjp", "rms_norm"]
+    assert [(r["shape"], r["variant"], r["pass"]) for r in timed] == [
+        (sh, v, p) for sh in ([1, 8, 48], [2, 4, 96]) for v in variants for p in ("forward", "forward+vjp")]
+    assert all(r["us"] > 0 for r in timed)
+    assert [r["variant"] for r in rows if "skipped" in r] == ["layer_norm_cuda"] * 2
+    summary = rows[-1]
+    assert summary["what"] == "norms summary" and not summary["cuda"]
+    assert set(summary["us_per_norm"]) == {f"{s} {p}" for s in ("1x8x48", "2x4x96") for p in ("forward", "forward+vjp")}
+    assert "modulate_ln speedup" in summary["us_per_norm"]["1x8x48 forward"]
+
+
 def _flattened_gradient_copies(res: dict, block: str) -> int:
     """Implicit copies made by flattening a 2-D array (a LoRA factor's gradient) for the flat gradient."""
     return sum(r["count"] for r in res["copies"][block]
@@ -98,6 +117,16 @@ def test_census_counts_the_step_graph_and_the_removed_copies_stay_removed():
         assert a["fast kernels: SDPA"] == a["fast kernels: SDPA VJP"] == 1 and a["GEMMs"] > 10
     assert after["per_block"]["double"]["fast kernels: RMSNorm"] == 4  # q and k of both streams
     assert after["per_block"]["single"]["fast kernels: RMSNorm"] == 2
+    # the modulations' weightless LayerNorms, forward and VJP (the gradient reaches the blocks before
+    # through them: a stand-in of one input once lost it, and with it those blocks' input-gradient GEMMs)
+    for block, norms in (("double", 4), ("single", 1)):
+        assert after["per_block"][block]["fast kernels: LayerNorm"] == after["per_block"][block]["fast kernels: LayerNorm VJP"] == norms
+    with using(modulate_ln=True):  # the modulation folded into LayerNorm: one elementwise kernel fewer per norm
+        folded = G.census(cfg=K._tiny_cfg(), resolution=64, text_len=8)
+    for block, norms in (("double", 4), ("single", 1)):
+        f, a = folded["per_block"][block], after["per_block"][block]
+        assert f["fast kernels: LayerNorm VJP"] == a["fast kernels: LayerNorm VJP"] and f["GEMMs"] == a["GEMMs"]
+        assert G.kernel_total(f) == G.kernel_total(a) - norms
     assert "| kernels (all but views) |" in G.markdown(after)
     # alpha = rank (the default): no multiplication of B by one, forward or backward
     scaled = G.census(cfg=K._tiny_cfg(), resolution=64, text_len=8, alpha=2 * 32)

@@ -4,6 +4,7 @@ run only where mx.cuda is available (the GPU machine)."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -113,6 +114,10 @@ def sabotage(monkeypatch, op: str, how: str) -> None:
         real_make = norm._make  # the fast path's custom function, its outputs sabotaged
         monkeypatch.setattr(norm, "_FNS", {})  # (made before the sabotage)
         monkeypatch.setattr(norm, "_make", lambda eps: (lambda fn: lambda *a: _sabotaged(how, fn(*a)))(real_make(eps)))
+    elif op == "modulate_ln":
+        from mflux2.ops import norm
+
+        wrap(norm, "_folded")  # the modulation as LayerNorm's weight and bias, with its VJP
     elif op == "qkv_parts":
         wrap(gemm, "_qkv_parts")  # the parts' GEMMs (the fallback splits one GEMM into views)
     elif op == "linear":
@@ -144,8 +149,8 @@ def test_each_check_runs_its_fast_path(op, monkeypatch):
 def test_each_switch_picks_the_fallback(monkeypatch):
     """The environment variable, `using` and the per-call argument all pick the path; `using` wins
     over the environment and the argument over both."""
-    assert set(ops.SWITCHES) >= {"rope", "rope_cuda", "rms_frozen", "norm_rope", "swiglu", "split_views", "flat_views", "qkv_parts", "linear", "dequantize_cuda",
-                                 "conv_gemm", "group_norm"}
+    assert set(ops.SWITCHES) >= {"rope", "rope_cuda", "rms_frozen", "norm_rope", "modulate_ln", "layer_norm_cuda", "swiglu", "split_views", "flat_views",
+                                 "qkv_parts", "linear", "dequantize_cuda", "conv_gemm", "group_norm"}
     for name, var in ops.SWITCHES.items():
         monkeypatch.delenv(var, raising=False)
         assert ops.is_fast(name) == switches.BACKEND_DEFAULTS.get(name, {}).get(switches.backend(), True)
@@ -292,6 +297,52 @@ def test_cuda_rope_kernel_equals_the_elementwise_formula(dtype, batch_tables):
     y1, (d1,) = ops.apply_rope(x, rope), mx.vjp(lambda x: ops.apply_rope(x, rope), [x], [cot])[1]
     assert np.allclose(np.array(y1.astype(mx.float32)), np.array(y0), atol=tol, rtol=tol)
     assert np.allclose(np.array(d1.astype(mx.float32)), np.array(d0), atol=tol, rtol=tol)
+
+
+@pytest.mark.skipif(not on_cuda_device(), reason="the LayerNorm kernels are CUDA's (run on the GPU machine)")
+@pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16, mx.float32])
+@pytest.mark.parametrize("shape", [(1, 512, 3072), (2, 7, 6144), (3, 5, 48), (1, 4, 100)])
+def test_cuda_layer_norm_kernels_equal_mx_fast_layer_norm(dtype, shape):
+    """Our weightless LayerNorm, forward and VJP, against MLX's on float32 copies of the same inputs
+    (rows whose width is not a multiple of the block's threads included)."""
+    from mflux2.ops import norm
+
+    x = (mx.random.normal(shape) * 2 + 3).astype(dtype)
+    cot = mx.random.normal(shape).astype(dtype)
+    with ops.using(layer_norm_cuda=True):
+        assert norm._layer_norm_on_cuda(x)
+    ref = lambda x: mx.fast.layer_norm(x, None, None, 1e-6)  # noqa: E731
+    y0, (d0,) = ref(x.astype(mx.float32)), mx.vjp(ref, [x.astype(mx.float32)], [cot.astype(mx.float32)])[1]
+    y1, (d1,) = mx.vjp(lambda x: norm.layer_norm_cuda(x, 1e-6), [x], [cot])
+    assert y1.dtype == d1.dtype == dtype and y1.shape == d1.shape == x.shape
+    tol = 1e-5 if dtype == mx.float32 else 2e-2
+    for got, want in ((y1, y0), (d1, d0)):
+        assert np.allclose(np.array(got.astype(mx.float32)), np.array(want), atol=tol * np.abs(np.array(want)).max(), rtol=tol)
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="no CUDA compiler here")
+def test_cuda_layer_norm_source_compiles(tmp_path):
+    """Where nvcc exists but no GPU does (the CPU machine), the LayerNorm kernels' sources compile as
+    mx.fast.cuda_kernel assembles them: the header, then a __global__ function whose parameters are
+    the inputs (const pointers) and outputs, the template values as `constexpr int` / `using` lines
+    at the top of its body, then the source (MLX's own device header replaced by the CUDA headers
+    the sources use). Catches a typo before a GPU session does; says nothing of the values (the
+    agreement check and the test above do that on CUDA)."""
+    from mflux2.ops import norm
+
+    def kernel(name, source, inputs, t, d, tpb):
+        params = [f"const {ty}* {n}" for n, ty in inputs] + [f"{t}* out"]
+        return (f"__global__ void {name}({', '.join(params)}) {{\n  constexpr int D = {d};\n  constexpr int TPB = {tpb};\n"
+                f"  using T = {t};\n{source}\n}}\n")
+    src = "#include <cuda_bf16.h>\n#include <cuda_fp16.h>\n" + norm._LN_HEADER
+    for t in ("__nv_bfloat16", "float"):
+        for d, tpb in ((3072, 256), (100, 128)):
+            src += kernel(f"fwd_{t[-4:]}_{d}", norm._LN_FORWARD, [("x", t), ("eps", "float")], t, d, tpb)
+            src += kernel(f"bwd_{t[-4:]}_{d}", norm._LN_BACKWARD, [("x", t), ("eps", "float"), ("g", t)], t, d, tpb)
+    (tmp_path / "ln.cu").write_text(src)
+    out = subprocess.run(["nvcc", "-arch=sm_90", "-std=c++17", "-c", "ln.cu", "-o", "ln.o"], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
 
 
 @pytest.mark.skipif(not on_cuda_device(), reason="the dequantisation kernel is CUDA's (run on the GPU machine)")

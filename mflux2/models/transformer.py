@@ -8,7 +8,7 @@ LoRA files in BFL names (ai-toolkit, ComfyUI) address our modules directly. q/k/
 matmul and the single blocks keep the fused qkv+MLP weight (run as two GEMMs on its row slices).
 Diffusers checkpoints are mapped on load (`sanitize`). The facts and their public sources:
 docs/architecture.md ("Transformer sizes", "Embeddings, RoPE and blocks", "Weight layouts").
-The fast paths (RoPE, SwiGLU, split views, the GEMMs of `linear`) live in mflux2.ops, each beside
+The fast paths (RoPE, SwiGLU, split views, the GEMMs of `linear`, the modulation's LayerNorm) live in mflux2.ops, each beside
 its plain-MLX fallback; quantization in mflux2.models.quantization. Why: docs/performance.md.
 """
 
@@ -25,7 +25,7 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from mflux2.models.quantization import load_weights, quant_settings
-from mflux2.ops import (apply_rope, linear, linear_concat, norm_rope, norm_rope_fused, qkv_split, rms_norm_frozen, rope_table,
+from mflux2.ops import (apply_rope, linear, linear_concat, modulate, norm_rope, norm_rope_fused, qkv_split, rms_norm_frozen, rope_table,
                         split_views, swiglu)
 from mflux2.weights import WeightsError, check_keys, iter_tensors, read_config, resolve_component, safetensors_files
 
@@ -124,10 +124,6 @@ class Modulation(nn.Module):
 
     def __call__(self, vec):
         return mx.split(self.lin(nn.silu(vec))[:, None, :], self.n, axis=-1)
-
-
-def modulate(x: mx.array, shift: mx.array, scale: mx.array, eps: float) -> mx.array:
-    return mx.fast.layer_norm(x, None, None, eps) * (1 + scale) + shift
 
 
 # ---- Attention and MLP

@@ -4,6 +4,8 @@
 | --- | --- | --- | --- |
 | rope | rope.py | one-pass custom VJP; on CUDA a kernel (rope_cuda) | autodiff of the rotation |
 | rms_frozen | norm.py | rms_norm of a frozen scale: a VJP without the scale's gradient (off until measured) | autodiff of mx.fast.rms_norm |
+| modulate_ln | norm.py (`modulate`) | the blocks' modulation folded into LayerNorm's weight and bias where shift/scale are one row (B = 1): one kernel, a VJP forming shift's/scale's gradients only if used (off until measured) | layer_norm(x)·(1 + scale) + shift |
+| layer_norm_cuda | norm.py (`modulate`) | LayerNorm without affine as a CUDA kernel pair, one block per row, the modulation elementwise (CUDA only, off until measured; wins over modulate_ln) | MLX's layer_norm |
 | norm_rope | rope.py | q/k's RMS norm (frozen scale) + RoPE, one CUDA kernel each way, no scale gradient (CUDA only, off by default until measured) | rms_norm, then apply_rope |
 | swiglu | glu.py | custom VJP recomputing the sigmoid | autodiff of silu(gate)·up |
 | split_views | split.py | views whose VJP concatenates | plain slices |
@@ -25,12 +27,12 @@ sabotage entry in tests/test_ops.py.
 
 from mflux2.ops.conv import conv2d, conv2d_reference, group_norm, group_norm_reference
 from mflux2.ops.gemm import linear, linear_concat, linear_reference, linear_split, qkv_split
-from mflux2.ops.norm import rms_norm_frozen
+from mflux2.ops.norm import modulate, rms_norm_frozen
 from mflux2.ops.rope import apply_rope, norm_rope, norm_rope_fused, rope_reference, rope_table
 from mflux2.ops.split import flat_views, split_views
 from mflux2.ops.glu import swiglu, swiglu_reference
 from mflux2.ops.switches import SWITCHES, cuda_available, is_fast, using
 
 __all__ = ["SWITCHES", "apply_rope", "conv2d", "conv2d_reference", "cuda_available", "group_norm", "group_norm_reference", "flat_views", "is_fast", "linear", "linear_concat",
-           "linear_reference", "linear_split", "rope_reference", "rope_table", "split_views", "swiglu",
+           "linear_reference", "linear_split", "modulate", "rms_norm_frozen", "rope_reference", "rope_table", "split_views", "swiglu",
            "swiglu_reference", "using"]

@@ -96,6 +96,22 @@ def _rms_frozen() -> float:
     return max(errs)
 
 
+def _modulate(fast: dict, slow: dict) -> float:
+    """The blocks' modulation, layer_norm(x)·(1 + scale) + shift, values and the gradients of x,
+    shift and scale (LoRA may target the modulation layers): shift/scale one row shared by the batch
+    (B = 1, and B = 2 with [1, 1, D]) and per sample (B = 2, [2, 1, D]), at klein-4b's width and a
+    small one, x with a mean far from zero."""
+    from mflux2.ops.norm import modulate
+
+    errs = []
+    for d in (3072, 48):
+        for b, bm in ((1, 1), (2, 1), (2, 2)):
+            x = mx.random.normal((b, 6, d)) * 2 + 3
+            shift, scale = mx.random.normal((bm, 1, d)), mx.random.normal((bm, 1, d)) * 0.5
+            errs.append(_agree(lambda x, sh, sc: modulate(x, sh, sc, 1e-6), [x, shift, scale], fast, slow))
+    return max(errs)
+
+
 def _swiglu() -> float:
     h = mx.concatenate([mx.random.normal((3, 5, 16)) * 3, mx.random.normal((3, 5, 16))], axis=-1)
     return _agree(swiglu, [h], {"swiglu": True}, {"swiglu": False})
@@ -225,6 +241,8 @@ CHECKS = {  # name -> (check, whether it needs CUDA)
     "rope_cuda": (lambda: _rope(kernel=True), True),
     "rms_frozen": (_rms_frozen, False),
     "norm_rope": (_norm_rope, True),
+    "modulate_ln": (lambda: _modulate({"modulate_ln": True, "layer_norm_cuda": False}, {"modulate_ln": False, "layer_norm_cuda": False}), False),
+    "layer_norm_cuda": (lambda: _modulate({"layer_norm_cuda": True}, {"modulate_ln": False, "layer_norm_cuda": False}), True),
     "swiglu": (_swiglu, False),
     "split_views": (_split_views, False),
     "flat_views": (_flat_views, False),

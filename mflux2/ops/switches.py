@@ -22,9 +22,11 @@ SWITCHES = {  # op -> environment variable ("0": the fallback)
     "flat_transposed": "MFLUX2_FLAT_TRANSPOSED",  # LoRA factors stored transposed in the flat parameters (their gradients flatten as views) | as they are (a layout copy per factor's gradient)
     "qkv_parts": "MFLUX2_QKV_PARTS",  # q, k, v from one GEMM each (contiguous; a LoRA's down-projection shared) | one fused GEMM split into views
     "linear": "MFLUX2_FAST_LINEAR",  # GEMMs per output part, LoRA as accumulator, dequantised tiles | layer(x)
-    "dequantize_cuda": "MFLUX2_CUDA_DEQUANTIZE",
+    "dequantize_cuda": "MFLUX2_CUDA_DEQUANTIZE",  # (on CUDA, int8) the dequantisation kernel | mx.dequantize
     "rms_frozen": "MFLUX2_FAST_RMS_FROZEN",  # rms_norm whose VJP forms no gradient for the frozen scale | autodiff of mx.fast.rms_norm
-    "norm_rope": "MFLUX2_CUDA_NORM_ROPE",  # (on CUDA, with "rope_cuda") q/k's RMS norm + RoPE as one kernel each way, no scale gradient | rms_norm, then RoPE  # (on CUDA, int8) the dequantisation kernel | mx.dequantize
+    "norm_rope": "MFLUX2_CUDA_NORM_ROPE",  # (on CUDA, with "rope_cuda") q/k's RMS norm + RoPE as one kernel each way, no scale gradient | rms_norm, then RoPE
+    "modulate_ln": "MFLUX2_FAST_MODULATE_LN",  # the modulation as LayerNorm's weight and bias (one kernel; where shift/scale are one row, B = 1) | layer_norm(x)·(1 + scale) + shift
+    "layer_norm_cuda": "MFLUX2_CUDA_LAYER_NORM",  # (on CUDA; wins over "modulate_ln") our weightless LayerNorm kernel pair, the modulation elementwise | MLX's layer_norm
     "conv_gemm": "MFLUX2_FAST_CONV",  # convolutions as GEMMs (mx.matmul) | mx.conv2d
     "group_norm": "MFLUX2_FAST_GROUPNORM",  # GroupNorm through mx.fast.layer_norm, unevaluated | chunked float32 statistics
 }
@@ -48,6 +50,11 @@ BACKEND_DEFAULTS = {  # measured: docs/performance.md, "The VAE" (H100, 2026-12-
     "rms_frozen": {"cuda": False, "metal": False, "cpu": False},
     # a CUDA kernel (it never runs elsewhere); off until measured against rms_norm + the RoPE kernel
     "norm_rope": {"cuda": False},
+    # not measured yet: off until `scripts/kernel_profile.py norms` (and a step) has timed them on the
+    # GPU against MLX's LayerNorm + the elementwise modulation (MFLUX2_FAST_MODULATE_LN=1,
+    # MFLUX2_CUDA_LAYER_NORM=1 turn them on); layer_norm_cuda never runs off CUDA
+    "modulate_ln": {"cuda": False, "metal": False, "cpu": False},
+    "layer_norm_cuda": {"cuda": False},
 }
 _FORCED: dict[str, bool] = {}
 
