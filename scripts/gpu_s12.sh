@@ -87,7 +87,7 @@ ours)
   run k4_plain_off       100 env $OFF $B --model klein-4b
   run k4_plain_off_mln   100 env $OFF $MLN $B --model klein-4b
   run k4_plain_2         100 $B --model klein-4b
-  run k4_plain_nolimit   100 $B --model klein-4b --memory-limit none  # MLX waits for the device when the limit is near
+  run k4_plain_pa4       100 $B --model klein-4b --pipeline-ahead 4  # the host 4 pieces ahead instead of 2 (fewer waits, more memory)
   BEST=$(best); echo "best switches: '$BEST'" | tee -a "$OUT/log.txt"
   run k4_ckpt_best       100 env $BEST $B --model klein-4b --checkpointing 1
   run k4_dop_best        100 env $BEST $B --model klein-4b --mode dop
