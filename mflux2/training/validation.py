@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import gc
 import json
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -173,18 +174,27 @@ class Validation:
             model = self.model(training_model, lora_state)
             mx.eval(model.parameters())
         model.eval()
-        for it in self.items:
-            n = sampling.image_seq_len(it.height, it.width)  # the target's tokens: refs do not shift mu
-            neg = cond.embeds("")[None] if self.cfg_scale else None
-            refs, ref_ids = self.encoded_references(it)
-            x = sampling.denoise(model, sampling.initial_noise(it.seed, 1, it.height, it.width),
-                                 cond.embeds(it.prompt)[None], cond.txt_ids, cond.img_ids((it.width, it.height)),
-                                 sampling.get_sigmas(self.cfg.validation.steps, n), guidance=self.guidance,
-                                 neg_embeds=neg, neg_txt_ids=cond.txt_ids, cfg_scale=self.cfg_scale,
-                                 refs=refs, ref_ids=ref_ids)
+        # PNG encoding (zlib, which releases the GIL) runs on a thread while the next image denoises:
+        # 0.05 s a 512² image and 0.26 s a 1024² one on the H100's host, a quarter of an image's time.
+        # The progression strips below read the files, so every write is finished (or raised) first.
+        writes = []
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mflux2-png") as writer:
+            for it in self.items:
+                n = sampling.image_seq_len(it.height, it.width)  # the target's tokens: refs do not shift mu
+                neg = cond.embeds("")[None] if self.cfg_scale else None
+                refs, ref_ids = self.encoded_references(it)
+                x = sampling.denoise(model, sampling.initial_noise(it.seed, 1, it.height, it.width),
+                                     cond.embeds(it.prompt)[None], cond.txt_ids, cond.img_ids((it.width, it.height)),
+                                     sampling.get_sigmas(self.cfg.validation.steps, n), guidance=self.guidance,
+                                     neg_embeds=neg, neg_txt_ids=cond.txt_ids, cfg_scale=self.cfg_scale,
+                                     refs=refs, ref_ids=ref_ids)
+                with clock("validation: VAE decode + PNG"):
+                    pil = self.train_pipe.decode(x, it.height, it.width)[0]
+                    writes.append(writer.submit(atomic_write, folder / it.file_name,
+                                                lambda tmp, pil=pil: pil.save(tmp, format="PNG")))
             with clock("validation: VAE decode + PNG"):
-                pil = self.train_pipe.decode(x, it.height, it.width)[0]
-                atomic_write(folder / it.file_name, lambda tmp: pil.save(tmp, format="PNG"))
+                for w in writes:
+                    w.result()  # the last write waited for; a failed one raises here, as it did inline
         model.train()
         if model is not training_model and not self.keep_loaded:
             self._model = None  # loaded again at the next validation: it does not stay beside training
