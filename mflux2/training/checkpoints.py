@@ -126,15 +126,22 @@ def check_resumable(ckpt: Path, tstate: dict, cfg, identity: dict, model_root) -
         f"{', '.join(f'{old.get(k)!r} → {new.get(k)!r}' for k in diff)}); use --no-resume or another checkpoints.output")
 
 
-def restore_arrays(ckpt: Path, arrays: dict, model, optimizer, ema):
+def restore_arrays(ckpt: Path, arrays: dict, model, optimizer, ema, layout=None):
     """Put the checkpoint's parameters into `model` and its optimiser state into `optimizer`, in
-    place (mx.compile captures these very dicts); returns the restored EMA (None without EMA)."""
+    place (mx.compile captures these very dicts); returns the restored EMA (None without EMA).
+    `layout` (the step's FlatParameters) converts an optimiser state of the other flat layout (the
+    LoRA factors stored as they are, or transposed: switch "flat_transposed")."""
     pick = lambda prefix: [(k[len(prefix):], v) for k, v in arrays.items() if k.startswith(prefix)]  # noqa: E731
     model.update(tree_unflatten(pick("params.")))
     # Fill the already-initialised trees path by path (empty sub-trees, e.g. a LoRA layer's frozen
     # `base`, do not survive a flat file).
     opt_flat = dict(pick("optimizer."))
     missing = [path for path, _ in tree_flatten(optimizer.state) if path not in opt_flat]
+    if missing and layout is not None:
+        converted = layout.from_other_layout(opt_flat)
+        if converted is not None:
+            opt_flat = {**{k: v for k, v in opt_flat.items() if "." not in k}, **converted}
+            missing = [path for path, _ in tree_flatten(optimizer.state) if path not in opt_flat]
     if missing:
         raise TrainingError(
             f"{ckpt / 'optimizer_state.safetensors'}: no optimizer.{missing[0]} (the optimiser state of another "

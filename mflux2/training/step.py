@@ -371,6 +371,7 @@ class FlatParameters:
         # group's name says so ("_t"): the optimiser state saved for a resume is in this order, and a
         # checkpoint of the other order then fails to resume by name instead of being misread.
         transpose = is_fast("flat_transposed")
+        self.model, self.compute_dtype, self.transposed = model, compute_dtype, transpose
         for i, (path, a) in enumerate(leaves):
             leaf = path.rsplit(".", 1)[-1]
             cast = leaf in ADAPTER_MATRICES and a.dtype != compute_dtype  # (not DoRA's magnitude)
@@ -418,6 +419,28 @@ class FlatParameters:
     def install(self, arrays: list):
         for (owner, key), a in zip(self.owners, arrays):
             owner[key] = a
+
+    def from_other_layout(self, flat_state: dict[str, mx.array]) -> dict[str, mx.array] | None:
+        """Flat optimiser state ({"<group>.<key>": array}, e.g. "float32.m") saved under the other
+        setting of "flat_transposed" (a checkpoint of an earlier mflux2, or of a run with the switch
+        set otherwise), re-laid out for this layout: each parameter's slice of every group is moved to
+        its place here, transposed where one layout stores it transposed — exact, since the
+        optimisers' state is elementwise per parameter. None when the state fits neither layout."""
+        from mflux2.ops.switches import using
+
+        with using(flat_transposed=not self.transposed):
+            other = FlatParameters(self.model, self.compute_dtype)
+        keys = {k.split(".", 1)[1] for k in flat_state if "." in k and k.split(".", 1)[0] in other.groups}
+        if not keys or any(f"{name}.{k}" not in flat_state for name in other.groups for k in keys):
+            return None
+        out = {}
+        for k in sorted(keys):
+            old = {name: flat_state[f"{name}.{k}"] for name in other.groups}
+            if any(old[name].size != sum(size for _, _, size, _ in entries) for name, entries in other.groups.items()):
+                return None
+            for name, a in self.concat(other.views(old)).items():
+                out[f"{name}.{k}"] = a
+        return out
 
     def remember(self):
         self.installed = self.current()

@@ -451,9 +451,9 @@ class Trainer:
         self.log(f"saved {final}")
         return final
 
-    def _restore(self, ckpt: Path, state: RunState):
+    def _restore(self, ckpt: Path, state: RunState, layout=None):
         tstate, arrays = checkpoints.read(ckpt)
-        self.ema = checkpoints.restore_arrays(ckpt, arrays, self.model, self.optimizer, self.ema)
+        self.ema = checkpoints.restore_arrays(ckpt, arrays, self.model, self.optimizer, self.ema, layout=layout)
         sampler = dict(tstate["sampler"])
         bs = self.cfg.training.batch_size
         world = int(tstate.get("world") or max(1, int(sampler.get("batch_size", bs * self.world)) // bs))
@@ -705,7 +705,7 @@ class Trainer:
         metrics = self._metrics = MetricsLog(self.output / "metrics.jsonl", enabled=self.rank == 0)
         if ckpt is not None:
             with clock("resume"):
-                self._restore(ckpt, state)
+                self._restore(ckpt, state, layout=step_fn.params)
             metrics.truncate_after(state.step)
         else:  # starting over: an earlier run's step records are not this run's
             metrics.truncate_after(0)
