@@ -17,25 +17,9 @@
 # Run from the root of the checkout: bash scripts/gpu_s12.sh MODE [PEERS_DIR]
 # A CPU check of the plumbing: DRY=1 OUT=/tmp/o bash scripts/gpu_s12.sh ours
 set -uo pipefail
-export PYTHONUNBUFFERED=1
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-KEEP=${KEEP:-/tmp/gpu-s12}; mkdir -p "$KEEP"
+KEEP=${KEEP:-/tmp/gpu-s12}  # rows of this machine's earlier calls (best() reads them)
 P=${2:-.gpu/peers}
-T0=$SECONDS
-BUDGET=${BUDGET:-570}  # seconds this call may use; a row gets at most what is left (minus 10 s)
-left() { echo $((BUDGET - (SECONDS - T0) - 10)); }
-run() {  # name, limit (s), command...: the last JSON line of its stdout -> results.jsonl
-  local name=$1 limit=$2; shift 2
-  local l; l=$(left); [ "$l" -lt "$limit" ] && limit=$l
-  if [ "$limit" -lt 20 ]; then echo "-- $name skipped: $l s left" | tee -a "$OUT/log.txt"; return 0; fi
-  echo "== $name (limit $limit s, at $((SECONDS - T0)) s): $*" | tee -a "$OUT/log.txt"
-  local t=$SECONDS
-  timeout "$limit" "$@" > "$OUT/row.log" 2>&1
-  local rc=$?
-  grep '^{' "$OUT/row.log" | tail -n 1 | sed "s/^{/{\"run\": \"$name\", \"rc\": $rc, \"wall_s\": $((SECONDS - t)), /" | tee -a "$KEEP/results.jsonl" >> "$OUT/results.jsonl"
-  echo "   rc=$rc $((SECONDS - t)) s $(grep '^{' "$OUT/row.log" | tail -n 1 | cut -c1-260)" | tee -a "$OUT/log.txt"
-  [ $rc -eq 0 ] || tail -n 6 "$OUT/row.log" | cut -c1-400 | tee -a "$OUT/log.txt"
-}
+. "$(dirname "$0")/gpu_rows.sh"  # OUT, BUDGET, left, run
 B="python3 scripts/benchmark.py --steps ${STEPS:-10} --warmup ${WARMUP:-3}"
 [ -n "${DRY:-}" ] && B="python3 scripts/benchmark.py --steps 1 --warmup 1 --tiny"
 TS="python3 $P/torch_step.py"
