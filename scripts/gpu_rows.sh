@@ -25,3 +25,11 @@ run() {  # name, limit (s), command...: the last JSON line of its stdout -> resu
   echo "   rc=$rc $((SECONDS - t)) s $(grep '^{' "$OUT/row.log" | tail -n 1 | cut -c1-260)" | tee -a "$OUT/log.txt"
   [ $rc -eq 0 ] || tail -n 6 "$OUT/row.log" | cut -c1-400 | tee -a "$OUT/log.txt"
 }
+machine_info() {  # the date and the card, to $OUT/gpu.txt and the call's output
+  { date -u; nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader; } >> "$OUT/gpu.txt" 2>&1
+  cat "$OUT/gpu.txt"
+}
+peer_wheels() {  # the peers' wheels staged in $1/wheels (diffusers and its few missing dependencies)
+  python3 -m pip install -q --no-deps --no-index "$1"/wheels/*.whl 2>&1 | tail -n 3 | tee -a "$OUT/log.txt"
+  python3 -c 'import torch, diffusers, peft; print("torch", torch.__version__, "diffusers", diffusers.__version__, "peft", peft.__version__)' | tee -a "$OUT/gpu.txt"
+}

@@ -14,7 +14,7 @@
 # Run from the root of the checkout holding the code: [EXTRA="VAR=1 ..."] bash scripts/gpu_s10.sh MODE [PEERS_DIR]
 set -uo pipefail
 P=${2:-.gpu/peers}
-. "$(dirname "$0")/gpu_rows.sh"  # OUT, BUDGET, left, run
+. "$(dirname "$0")/gpu_rows.sh"  # OUT, BUDGET, left, run, machine_info, peer_wheels
 B="env ${EXTRA:-} python3 scripts/benchmark.py --steps ${STEPS:-10} --warmup ${WARMUP:-3}"  # EXTRA: switches for every row (final)
 [ -n "${DRY:-}" ] && B="python3 scripts/benchmark.py --steps 1 --warmup 1 --tiny"  # a CPU check of the plumbing
 TS="python3 $P/torch_step.py"
@@ -22,12 +22,10 @@ OFF="env MFLUX2_CUDA_ROPE=0 MFLUX2_CUDA_DEQUANTIZE=0"  # our CUDA kernels off: t
 PARTS="env MFLUX2_QKV_PARTS=1"  # q/k/v as one GEMM each (switch qkv_parts)
 RMS="env MFLUX2_FAST_RMS_FROZEN=1"  # q/k's RMS norm without the frozen scale's gradient (switch rms_frozen)
 NR="env MFLUX2_CUDA_NORM_ROPE=1"  # q/k's RMS norm + RoPE as one CUDA kernel each way (off by default until measured)
-{ date -u; nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader; } >> "$OUT/gpu.txt" 2>&1
-cat "$OUT/gpu.txt"
+machine_info
 case ${1:-} in
 peers)
-  python3 -m pip install -q --no-deps --no-index "$P"/wheels/*.whl 2>&1 | tail -n 3 | tee -a "$OUT/log.txt"
-  python3 -c 'import torch, diffusers, peft; print("torch", torch.__version__, "diffusers", diffusers.__version__, "peft", peft.__version__)' | tee -a "$OUT/gpu.txt"
+  peer_wheels "$P"
   run peer_compile        240 $TS --compile
   run peer_compile_ckpt   200 $TS --compile --gradient-checkpointing
   run peer_compile_dop    200 $TS --compile --dop

@@ -19,7 +19,7 @@
 set -uo pipefail
 KEEP=${KEEP:-/tmp/gpu-s12}  # rows of this machine's earlier calls (best() reads them)
 P=${2:-.gpu/peers}
-. "$(dirname "$0")/gpu_rows.sh"  # OUT, BUDGET, left, run
+. "$(dirname "$0")/gpu_rows.sh"  # OUT, BUDGET, left, run, machine_info, peer_wheels
 B="python3 scripts/benchmark.py --steps ${STEPS:-10} --warmup ${WARMUP:-3}"
 [ -n "${DRY:-}" ] && B="python3 scripts/benchmark.py --steps 1 --warmup 1 --tiny"
 TS="python3 $P/torch_step.py"
@@ -45,12 +45,10 @@ except FileNotFoundError:
 print(env[min(rows, key=lambda k: min(rows[k]))] if rows else "")
 EOF
 }
-{ date -u; nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader; } >> "$OUT/gpu.txt" 2>&1
-cat "$OUT/gpu.txt"
+machine_info
 case ${1:-} in
 peers)
-  python3 -m pip install -q --no-deps --no-index "$P"/wheels/*.whl 2>&1 | tail -n 3 | tee -a "$OUT/log.txt"
-  python3 -c 'import torch, diffusers, peft; print("torch", torch.__version__, "diffusers", diffusers.__version__, "peft", peft.__version__)' | tee -a "$OUT/gpu.txt"
+  peer_wheels "$P"
   run peer_compile        200 $TS --compile
   run peer_compile_ckpt   180 $TS --compile --gradient-checkpointing
   run peer_compile_dop    150 $TS --compile --dop
