@@ -13,7 +13,8 @@
 #   more  (call 3): checkpointed / DOP / int8 rows with today's defaults and with the fastest switches
 #         of call 2, the adapter types interleaved (issue 32) and each alone for its peak, dev int4 +
 #         checkpointing, klein-9b int8 + checkpointing
-#   jobs  (call 4, issue 34): the validation pieces with and without the sampling memory bound
+#   jobs  (call 4, issue 34): the validation pieces with and without the sampling memory bound, the VLM
+#   job   (issue 34): the klein-4b cat-toy job, cold and with its caches
 # Run from the root of the checkout: bash scripts/gpu_s12.sh MODE [PEERS_DIR]
 # A CPU check of the plumbing: DRY=1 OUT=/tmp/o bash scripts/gpu_s12.sh ours
 set -uo pipefail
@@ -91,7 +92,14 @@ more)
 jobs)
   run validation          200 python3 scripts/validation_benchmark.py
   run validation_noahead  200 env MFLUX2_SAMPLING_RUN_AHEAD=none python3 scripts/validation_benchmark.py
+  # issue 34's VLM at full size: the default VLM's architecture with random 4-bit weights (mlx-vlm is
+  # staged beside the MLX wheels and installed by stage.sh b without its dependencies)
+  run vlm                 300 python3 scripts/vlm_benchmark.py --random-4b
   ;;
-*) echo "usage: gpu_s12.sh peers|ours|more|jobs [PEERS_DIR]" >&2; exit 2 ;;
+job)  # issue 34: the klein-4b cat-toy job, cold then with its caches (the cold run builds this machine's kernels)
+  run job_klein4b         560 python3 scripts/job_benchmark.py --model klein-4b --work /tmp/job-k4 --runs 2
+  cp /tmp/job-k4/*.json "$OUT/" 2>/dev/null
+  ;;
+*) echo "usage: gpu_s12.sh peers|ours|more|jobs|job [PEERS_DIR]" >&2; exit 2 ;;
 esac
 echo "done at $((SECONDS - T0)) s"
