@@ -410,7 +410,7 @@ def run_job(config: str, model: Path, validation_model: Path | None, dataset: Pa
     steps = [r for r in records if "step_time_s" in r]
     step_times = [r["step_time_s"] for r in steps]
     train = phases.get("training steps", 0.0)
-    return {
+    return {**_step_spread(records, step_times),
         "wall_s": round(wall, 2), "phases": {k: round(v, 3) for k, v in phases.items()},
         "phases_sum_s": round(sum(phases.values()), 2), "phase_peak_gb": peaks,
         "peak_gb": max(peaks.values(), default=0.0), "steps": len(steps),
@@ -419,6 +419,21 @@ def run_job(config: str, model: Path, validation_model: Path | None, dataset: Pa
         "wall_over_250_median": round(wall / (len(steps) * float(np.median(step_times))), 3) if step_times else None,
         "log_tail": out.stderr.strip().splitlines()[-3:],
     }
+
+
+def _step_spread(records: list[dict], step_times: list[float]) -> dict:
+    """Where the steps' time above their median goes: the steps slower than twice the median (the
+    first step, a new bucket's first step — a trace and compile of its own shape —, a step after a
+    validation), each with its samples, and what all the others add above the median."""
+    if not step_times:
+        return {}
+    med = float(np.median(step_times))
+    samples = {r["step"]: r["samples"] for r in records if "samples" in r and "step" in r}
+    timed = [(r["step"], r["step_time_s"]) for r in records if "step_time_s" in r]
+    slow = [{"step": st, "s": round(t, 3), "samples": samples.get(st)} for st, t in timed if t > 2 * med]
+    rest = sum(t - med for _, t in timed if med < t <= 2 * med)
+    return {"slow_steps": slow, "slow_steps_excess_s": round(sum(x["s"] - med for x in slow), 2),
+            "other_steps_excess_s": round(rest, 2)}
 
 
 def main(argv=None) -> int:
