@@ -161,8 +161,9 @@ def _transformer_files(root: Path) -> tuple[str, list[Path], int | None]:
         return "diffusers", safetensors_files(root / "transformer"), None
     if (root / "config.json").is_file():  # the transformer folder itself
         return "diffusers", safetensors_files(root), None
-    singles = sorted(f for f in root.glob("*.safetensors")
-                     if not f.name.startswith(("ae", "diffusion_pytorch_model", "model-")))
+    from mflux2.model_files import bfl_transformer_files
+
+    singles = bfl_transformer_files(root)
     if len(singles) == 1:  # a BFL folder: the transformer file beside ae.safetensors
         return "bfl", singles, None
     if len(singles) > 1:

@@ -139,7 +139,7 @@ def _resolve_source(path_or_repo_id: str | os.PathLike, variant: str | None, rev
         return _resolve_mflux2(p, variant)
     if (p / "model_index.json").is_file():
         return _resolve_diffusers(p, variant)
-    singles = _bfl_transformer_files(p)
+    singles = bfl_transformer_files(p)
     if singles:
         if len(singles) > 1:
             raise ModelLoadError(
@@ -151,8 +151,11 @@ def _resolve_source(path_or_repo_id: str | os.PathLike, variant: str | None, rev
     )
 
 
-def _bfl_transformer_files(folder: Path) -> list[Path]:
-    return sorted(f for f in folder.glob("*.safetensors") if f.name != "ae.safetensors" and not f.name.startswith("model-"))
+def bfl_transformer_files(folder: Path) -> list[Path]:
+    """The transformer files a BFL folder may hold: its .safetensors but the VAE (ae.safetensors), a
+    text encoder's shards (model-*) and a diffusers component's (diffusion_pytorch_model*)."""
+    return sorted(f for f in folder.glob("*.safetensors")
+                  if f.name != "ae.safetensors" and not f.name.startswith(("model-", "diffusion_pytorch_model")))
 
 
 def _tokenizer_folder(root: Path, text_encoder: Path) -> Path | None:
