@@ -71,8 +71,10 @@ def _rescale_grads(cot, out, g, bias):
     gm1 = (g - 1).astype(cot.dtype)
     du = cot + cot * gm1
     lead = tuple(range(cot.ndim - 1))
-    w = out.astype(mx.float32) if bias is None else out.astype(mx.float32) - bias.astype(mx.float32)
-    dg = (cot.astype(mx.float32) * w).sum(axis=lead) / g
+    # the product in the compute dtype (one temporary of its size; each term rounded, not the
+    # sum), the Σ over the tokens in float32; out − bias in float32 (it may cancel)
+    w = out if bias is None else out.astype(mx.float32) - bias.astype(mx.float32)
+    dg = (cot * w).astype(mx.float32).sum(axis=lead) / g
     return du, dg
 
 
