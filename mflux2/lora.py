@@ -284,8 +284,11 @@ def _base_times(layer, a: mx.array) -> mx.array:
 
 class DoRALinear(LoRALinear):
     """DoRA as PEFT does it (`use_dora=True`): W' = m · V / ‖V‖_row with V = W + s·B A, s = scale ·
-    alpha / rank. The forward never builds W': y = base(x) + (g − 1) ⊙ (x Wᵀ) + g ⊙ s·B A x with
-    g = m / ‖V‖ per output row, i.e. the base output rescaled per row plus the scaled LoRA path.
+    alpha / rank. The forward never builds W': y = g ⊙ (x Wᵀ + s·B A x) + bias with g = m / ‖V‖
+    per output row, i.e. a LoRA's output (`lora_forward`, `lora_down`/`lora_up` are LoRALinear's:
+    the path without g) rescaled per row by mflux2.ops.gemm (`row_scale()` marks the layer as
+    rescaling). The rescale's VJP reads its output, not the un-rescaled sum, so the backward pass
+    keeps no [tokens, rows] array per layer beyond what LoRA keeps (mflux2.ops.gemm `_rescale`).
 
     The norm ‖V‖ is detached from the gradient (PEFT, after the DoRA paper §4.3): gradients reach m
     through g and A, B through the LoRA path only. LyCORIS's DoRA (`weight_decompose`, `dora_scale`)
@@ -332,12 +335,6 @@ class DoRALinear(LoRALinear):
         wa = _base_times(self.plain_base, a_full)[:, self.out_start : self.out_stop].T  # [rows, rank] = W A^T
         norm_sq = self._base_norm_sq + (2 * s) * (wa * b).sum(axis=1) + (s * s) * ((b @ (a @ a.T)) * b).sum(axis=1)
         return self.magnitude.astype(mx.float32) / mx.stop_gradient(mx.sqrt(mx.maximum(norm_sq, 0.0)))
-
-    def lora_forward(self, x, g: mx.array | None = None):
-        """g ⊙ s·B A dropout(x) over the adapter's rows, in x's dtype (g folded into the small B)."""
-        g = self.row_scale() if g is None else g
-        b = (self.lora_B * (g[:, None] * (self.scale * self.alpha / self.rank))).astype(x.dtype)
-        return (self._dropout(x) @ self.lora_A.astype(x.dtype).T) @ b.T
 
     def delta(self, with_scale: bool = True) -> mx.array:
         """W' − W [out, in] in float32 (needs the dense base weight: fusing, tests)."""

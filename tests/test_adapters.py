@@ -471,3 +471,70 @@ def test_file_round_trip(kind, tmp_path):
             assert got.keys() == arrays.keys()
             for k in arrays:
                 np.testing.assert_allclose(got[k], arrays[k], rtol=1e-5, atol=1e-6, err_msg=f"{fmt} {quantize} {k}")
+
+
+@pytest.mark.parametrize("fast", [True, False])
+@pytest.mark.parametrize("bias", [False, True])
+def test_dora_gradients_against_dense(fast, bias):
+    """DoRA's output and every gradient — the magnitude's above all, which the rescale's custom VJP
+    derives from the output (mflux2.ops.gemm `_rescale`) — against autodiff through the dense
+    W' = m ⊙ V / ‖V‖ (V = W + s·B A, the norm detached as in PEFT), float32, on a fused layer's
+    output parts that cut the adapter's row range, with restricted input columns, with and without
+    a bias, in the fast path and the fallback."""
+    import mlx.nn as nn
+
+    from mflux2.lora import DoRALinear
+    from mflux2.ops.gemm import linear_split
+
+    mx.random.seed(3)
+    base = nn.Linear(24, 32, bias=bias)
+    if bias:
+        base.bias = mx.random.normal((32,))
+    base.freeze()
+    layer = DoRALinear(base, 4, alpha=8, out_range=(4, 20), in_range=(2, 22))
+    layer.lora_B = 0.3 * mx.random.normal(layer.lora_B.shape)
+    layer.magnitude = layer.magnitude * (1 + 0.1 * mx.random.normal(layer.magnitude.shape))
+    x, wts = mx.random.normal((2, 5, 24)), mx.random.normal((2, 5, 32))
+    sizes = [10, 12, 10]  # parts 0:10, 10:22, 22:32: the first two cut the range 4:20
+
+    def dense(p):
+        v = base.weight[4:20] + 2.0 * mx.pad(p["lora_B"] @ p["lora_A"], [(0, 0), (2, 2)])  # s = alpha / rank
+        g = p["magnitude"] / mx.stop_gradient(mx.sqrt(mx.square(v).sum(axis=1)))
+        y = x @ mx.concatenate([base.weight[:4], g[:, None] * v, base.weight[20:]]).T + (base.bias if bias else 0)
+        return (y * wts).sum(), y
+
+    def ours():
+        y = mx.concatenate(linear_split(layer, x, sizes, fast=fast), axis=-1)
+        return (y * wts).sum(), y
+
+    params = {k: layer[k] for k in layer.param_names()}
+    want, y_want = dense(params)
+    g_want = mx.grad(lambda p: dense(p)[0])(params)
+    (got, y_got), g_got = nn.value_and_grad(layer, ours)()
+    g_got = dict(tree_flatten(g_got))
+    assert rel_err(np.array(y_got), np.array(y_want)) <= 1e-5
+    assert abs(got.item() - want.item()) <= 1e-5 * abs(want.item())
+    assert set(g_got) == {"lora_A", "lora_B", "magnitude"}
+    for k, v in g_want.items():
+        assert rel_err(np.array(g_got[k]), np.array(v)) <= 1e-5, (k, rel_err(np.array(g_got[k]), np.array(v)))
+
+
+def test_dora_bf16_keeps_small_magnitude_changes():
+    """In bf16 the rescale forms g − 1 in float32 before the cast: a magnitude 1 % above ‖W‖ scales
+    the output by 1.01 on average (g itself in bf16 would be 1.0078, the nearest bf16 number)."""
+    import mlx.nn as nn
+
+    from mflux2.lora import DoRALinear
+    from mflux2.ops.gemm import linear
+
+    mx.random.seed(4)
+    base = nn.Linear(64, 48, bias=False)
+    base.set_dtype(mx.bfloat16)
+    base.freeze()
+    layer = DoRALinear(base, 4)  # B = 0: V = W, g = m / ‖W‖
+    layer.magnitude = layer.magnitude * 1.01
+    x = mx.random.normal((128, 64)).astype(mx.bfloat16)
+    for fast in (True, False):
+        y, y0 = linear(layer, x, fast=fast).astype(mx.float32), base(x).astype(mx.float32)
+        ratio = ((y * y0).sum() / (y0 * y0).sum()).item()
+        assert abs(ratio - 1.01) <= 5e-4, (fast, ratio)

@@ -4,8 +4,9 @@ QuantizedLinear or LoRALinear (stacked ones too), which the blocks call instead 
 - fallback (`linear_reference`): the layer's own matmul (quantized_matmul for a quantized base),
   each LoRA's delta added on its output rows, the parts sliced afterwards;
 - adapters: any layer with `lora_forward(x)` (LoRA, LoKr, LoHa) adds that delta; a layer with
-  `row_scale()` too (DoRA) rescales its base's output per row instead: y + (g − 1)⊙(y − bias) +
-  lora_forward(x, g), in both paths;
+  `row_scale()` too (DoRA) rescales the sum per row: u = y + lora_forward(x), output
+  g ⊙ (u − bias) + bias, in both paths, by a custom function whose VJP reads the output rather
+  than u (`_rescale`: no [tokens, rows] array kept beyond LoRA's);
 - fast path (switch "linear"): a fused projection's output parts come from separate GEMMs on row
   slices of its weight (no slicing copies of a wide output; row slices of a weight are contiguous),
   a LoRA delta enters as the accumulator of the base GEMM (`mx.addmm`) and reads only the input
@@ -40,20 +41,71 @@ def _is_rescaling(layer) -> bool:
     return hasattr(layer, "row_scale")
 
 
-def _dora_rows(layer, y, z, g, r0, r1, bias):
-    """y + (g − 1) ⊙ (y − bias) + z over the output rows r0:r1 (y the base's output there, z the
-    LoRA path with g folded in over the layer's rows); rows outside the layer's range are y."""
+def _rescale_rows(layer, u, g, r0, r1, bias):
+    """DoRA's output over the output rows r0:r1: g ⊙ (u − bias) + bias on the layer's rows, u
+    elsewhere, where u is the base output plus the (un-rescaled) LoRA path there, bias included.
+    g is padded with ones (and the rows outside the layer then come out as u exactly)."""
     s0, s1 = layer.out_start, layer.out_stop
     o0, o1 = _overlap(r0, r1, s0, s1)
     if o0 >= o1:
-        return y
-    gm1 = (g[o0 - s0 : o1 - s0] - 1).astype(y.dtype)  # g − 1 in float32, then cast: g ≈ 1 would round in bf16
-    zp = z if (o0, o1) == (s0, s1) else z[..., o0 - s0 : o1 - s0]
+        return u
+    gp = g if (o0, o1) == (s0, s1) else g[o0 - s0 : o1 - s0]
     if (o0, o1) != (r0, r1):
-        gm1 = mx.pad(gm1, [(o0 - r0, r1 - o1)])
-        zp = mx.pad(zp, [(0, 0)] * (zp.ndim - 1) + [(o0 - r0, r1 - o1)])
-    y_w = y if bias is None else y - bias[r0:r1]
-    return y + gm1 * y_w + zp
+        gp = mx.pad(gp, [(o0 - r0, r1 - o1)], constant_values=1.0)
+    if bias is None:
+        return _rescale(u, gp)
+    return _rescale_bias(u, gp, bias if (r0, r1) == (0, bias.shape[0]) else bias[r0:r1])
+
+
+# DoRA's per-row rescale out = u + (g − 1) ⊙ (u − bias), as custom functions whose VJP reads the
+# OUTPUT instead of u: d g = Σ_tokens dy ⊙ (out − bias) / g, d u = dy ⊙ g. The plain product's VJP
+# would keep u, a [tokens, rows] array per DoRA layer, alive until the backward pass (a LoRA keeps
+# none: its delta is an addend); the output is kept anyway wherever its consumer's VJP needs it
+# (q/k norms, attention), so the rescale then costs nothing beyond LoRA's. Exact in exact
+# arithmetic. g − 1 is formed in float32 and then cast, as g ≈ 1 would round in bf16 (the rows'
+# small changes of m would vanish); the Σ runs in float32. g is never 0 in practice: g = m / ‖V‖
+# with m starting at ‖W‖ (a zero row of W already gives 0 / 0 there, as in PEFT), and a float32 m
+# moved by optimizer steps does not land on exactly 0; if it did, that row's d g would be
+# non-finite (loud), not silently wrong.
+def _rescale_grads(cot, out, g, bias):
+    gm1 = (g - 1).astype(cot.dtype)
+    du = cot + cot * gm1
+    lead = tuple(range(cot.ndim - 1))
+    # the product in the compute dtype (one temporary of its size; each term rounded, not the
+    # sum), the Σ over the tokens in float32; out − bias in float32 (it may cancel)
+    w = out if bias is None else out.astype(mx.float32) - bias.astype(mx.float32)
+    dg = (cot * w).astype(mx.float32).sum(axis=lead) / g
+    return du, dg
+
+
+@mx.custom_function
+def _rescale(u, g):
+    return u + (g - 1).astype(u.dtype) * u
+
+
+@_rescale.vjp
+def _rescale_vjp(primals, cotangent, output):
+    u, g = primals
+    cot = cotangent[0] if isinstance(cotangent, (list, tuple)) else cotangent
+    out = output[0] if isinstance(output, (list, tuple)) else output
+    du, dg = _rescale_grads(cot, out, g, None)
+    return du.astype(u.dtype), dg.astype(g.dtype)
+
+
+@mx.custom_function
+def _rescale_bias(u, g, bias):
+    return u + (g - 1).astype(u.dtype) * (u - bias)
+
+
+@_rescale_bias.vjp
+def _rescale_bias_vjp(primals, cotangent, output):
+    u, g, bias = primals
+    cot = cotangent[0] if isinstance(cotangent, (list, tuple)) else cotangent
+    out = output[0] if isinstance(output, (list, tuple)) else output
+    du, dg = _rescale_grads(cot, out, g, bias)
+    lead = tuple(range(cot.ndim - 1))
+    db = -(cot.astype(mx.float32).sum(axis=lead) * (g - 1))  # (the base is frozen; for completeness)
+    return du.astype(u.dtype), dg.astype(g.dtype), db.astype(bias.dtype)
 
 
 def _lora_input(layer, xs: list):
@@ -79,41 +131,50 @@ def _project(layer, xs: list, rows: list, accs: list) -> list:
     if _is_lora(layer):
         if not layer.enabled or layer.scale == 0.0:
             return _project(layer.base, xs, rows, accs)
-        if _is_rescaling(layer):  # DoRA: the base's own output, rescaled per row, then the accumulators
-            g = layer.row_scale()
-            z = layer.lora_forward(_lora_input(layer, xs), g)
-            ys = _project(layer.base, xs, rows, [None] * len(rows))
-            bias = layer.plain_base.get("bias")
-            ys = [_dora_rows(layer, y, z, g, r0, r1, bias) for y, (r0, r1) in zip(ys, rows)]
-            return [y if a is None else a + y for y, a in zip(ys, accs)]
-        x_in = _lora_input(layer, xs)
-        s0, s1 = layer.out_start, layer.out_stop
-        if hasattr(layer, "lora_down"):
-            # LoRA: the down-projection once for all output parts (q, k, v: one GEMM); the
-            # up-projection per part, so each part's delta is contiguous (no strided slices).
-            h = layer.lora_down(x_in)
-            spans = [(o0 - s0, o1 - s0) for o0, o1 in (_overlap(r0, r1, s0, s1) for r0, r1 in rows) if o0 < o1]
-            if len(spans) > 1 and hasattr(layer, "lora_up_parts"):
-                # several parts: B's rows as split views, so B's gradient is one concatenation of
-                # the parts' (not a zero-padded full-size cotangent per part, summed)
-                deltas = dict(zip(spans, layer.lora_up_parts(h, spans)))
-                up = lambda r: deltas[r]  # noqa: E731
-            else:
-                up = lambda r: layer.lora_up(h, r)  # noqa: E731
-        else:  # LoKr, LoHa: one delta over the layer's rows, sliced per part
-            z = layer.lora_forward(x_in)
-            up = lambda r: z if r is None else z[..., r[0] : r[1]]  # noqa: E731
-        new = []
-        for (r0, r1), acc in zip(rows, accs):
-            o0, o1 = _overlap(r0, r1, s0, s1)
-            if o0 < o1:
-                part = up(None if (o0, o1) == (s0, s1) else (o0 - s0, o1 - s0))
-                if (o0, o1) != (r0, r1):
-                    part = mx.pad(part, [(0, 0)] * (part.ndim - 1) + [(o0 - r0, r1 - o1)])
-                acc = part if acc is None else acc + part
-            new.append(acc)
-        return _project(layer.base, xs, rows, new)
+        if _is_rescaling(layer):
+            # DoRA: u = the base output plus the LoRA path (as a LoRA's, g not folded in), then
+            # rescaled per row (`_rescale_rows`); outer accumulators are added after the rescale
+            us = _project_lora(layer, xs, rows, [None] * len(rows))
+            g, bias = layer.row_scale(), layer.plain_base.get("bias")
+            outs = [_rescale_rows(layer, u, g, r0, r1, bias) for u, (r0, r1) in zip(us, rows)]
+            return [o if a is None else a + o for o, a in zip(outs, accs)]
+        return _project_lora(layer, xs, rows, accs)
+    return _project_base(layer, xs, rows, accs)
 
+
+def _project_lora(layer, xs, rows, accs):
+    """The LoRA-like branch of `_project`: the delta as the accumulator of the base GEMM."""
+    x_in = _lora_input(layer, xs)
+    s0, s1 = layer.out_start, layer.out_stop
+    if hasattr(layer, "lora_down"):
+        # LoRA: the down-projection once for all output parts (q, k, v: one GEMM); the
+        # up-projection per part, so each part's delta is contiguous (no strided slices).
+        h = layer.lora_down(x_in)
+        spans = [(o0 - s0, o1 - s0) for o0, o1 in (_overlap(r0, r1, s0, s1) for r0, r1 in rows) if o0 < o1]
+        if len(spans) > 1 and hasattr(layer, "lora_up_parts"):
+            # several parts: B's rows as split views, so B's gradient is one concatenation of
+            # the parts' (not a zero-padded full-size cotangent per part, summed)
+            deltas = dict(zip(spans, layer.lora_up_parts(h, spans)))
+            up = lambda r: deltas[r]  # noqa: E731
+        else:
+            up = lambda r: layer.lora_up(h, r)  # noqa: E731
+    else:  # LoKr, LoHa: one delta over the layer's rows, sliced per part
+        z = layer.lora_forward(x_in)
+        up = lambda r: z if r is None else z[..., r[0] : r[1]]  # noqa: E731
+    new = []
+    for (r0, r1), acc in zip(rows, accs):
+        o0, o1 = _overlap(r0, r1, s0, s1)
+        if o0 < o1:
+            part = up(None if (o0, o1) == (s0, s1) else (o0 - s0, o1 - s0))
+            if (o0, o1) != (r0, r1):
+                part = mx.pad(part, [(0, 0)] * (part.ndim - 1) + [(o0 - r0, r1 - o1)])
+            acc = part if acc is None else acc + part
+        new.append(acc)
+    return _project(layer.base, xs, rows, new)
+
+
+def _project_base(layer, xs, rows, accs):
+    """A plain base (Linear, QuantizedLinear): one GEMM per row range, accs as accumulators."""
     if isinstance(layer, nn.QuantizedLinear) and xs[0].size // xs[0].shape[-1] >= DEQUANTIZE_MIN_ROWS:
         return _dequantized_gemm(layer, xs, rows, accs)
     # A bf16 base: one GEMM per row range on the concatenated input. (A sum of GEMMs over column
@@ -381,13 +442,12 @@ def linear_reference(layer, x: mx.array) -> mx.array:
     y = linear_reference(layer.base, x)
     if not layer.enabled or layer.scale == 0.0:
         return y
-    if _is_rescaling(layer):
-        g = layer.row_scale()
-        z = layer.lora_forward(x[..., layer.in_start : layer.in_stop], g)
-        return _dora_rows(layer, y, z, g, 0, y.shape[-1], layer.plain_base.get("bias"))
     z = layer.lora_forward(x[..., layer.in_start : layer.in_stop])
     pad = [(0, 0)] * (z.ndim - 1) + [(layer.out_start, y.shape[-1] - layer.out_stop)]
-    return y + mx.pad(z, pad)
+    u = y + mx.pad(z, pad)
+    if _is_rescaling(layer):  # DoRA: base + LoRA path, rescaled per row (the fast path's `_rescale_rows`)
+        return _rescale_rows(layer, u, layer.row_scale(), 0, y.shape[-1], layer.plain_base.get("bias"))
+    return u
 
 
 def _out_dims(layer) -> int:
