@@ -112,12 +112,12 @@ def sabotage(monkeypatch, op: str, how: str) -> None:
         from mflux2.ops import norm
 
         real_make = norm._make  # the fast path's custom function, its outputs sabotaged
-        monkeypatch.setattr(norm, "_FNS", {})  # (made before the sabotage)
         monkeypatch.setattr(norm, "_make", lambda eps: (lambda fn: lambda *a: _sabotaged(how, fn(*a)))(real_make(eps)))
     elif op == "modulate_ln":
         from mflux2.ops import norm
 
-        wrap(norm, "_folded")  # the modulation as LayerNorm's weight and bias, with its VJP
+        real_fold = norm._make_fold  # the modulation as LayerNorm's weight and bias, with its VJP
+        monkeypatch.setattr(norm, "_make_fold", lambda eps: (lambda fn: lambda *a: _sabotaged(how, fn(*a)))(real_fold(eps)))
     elif op == "qkv_parts":
         wrap(gemm, "_qkv_parts")  # the parts' GEMMs (the fallback splits one GEMM into views)
     elif op == "linear":

@@ -14,22 +14,21 @@ rms_norm_frozen:
 
 from __future__ import annotations
 
+from functools import cache
+
 import mlx.core as mx
 
-from mflux2.ops.switches import cuda_available, is_fast
-
-_FNS: dict = {}
+from mflux2.ops.switches import is_fast, on_cuda
 
 
 def rms_norm_frozen(x: mx.array, scale: mx.array, eps: float, fast: bool | None = None) -> mx.array:
     """mx.fast.rms_norm(x, scale, eps) for a frozen `scale` (it gets no gradient on the fast path)."""
     if not is_fast("rms_frozen", fast):
         return mx.fast.rms_norm(x, scale, eps)
-    if eps not in _FNS:
-        _FNS[eps] = _make(eps)
-    return _FNS[eps](x, scale)
+    return _make(eps)(x, scale)
 
 
+@cache  # one custom function per eps (the VJP closes over it)
 def _make(eps: float):
     @mx.custom_function
     def fn(x, scale):
@@ -48,7 +47,9 @@ def _make(eps: float):
 # Every block modulates its inputs so: x [B, N, D], shift and scale [B, 1, D] (per sample, from the
 # timestep). An H100 profile of a klein-4b step put MLX's CUDA LayerNorm kernels at ~33-43 µs each
 # however many rows (a per-row latency cost, not bandwidth: ~3-6 µs would move the bytes), forward and
-# VJP alike. Two switches, both off until timed on the GPU (scripts/kernel_profile.py norms):
+# VJP alike. Two switches, both off: timed on an H100 (2026-12-07, docs/performance.md "Session 12"),
+# each norm alone got 1.2-2.3x faster (scripts/kernel_profile.py norms) but the step did not move
+# beyond its run-to-run spread:
 # - "modulate_ln" (every backend): where shift and scale hold one row for all of x's rows (B = 1),
 #   the modulation becomes LayerNorm's own weight and bias: one kernel instead of LayerNorm and an
 #   elementwise kernel. Its VJP is ours, not MLX's: MLX's LayerNorm VJP, given a weight and a bias,
@@ -68,7 +69,7 @@ def modulate(x: mx.array, shift: mx.array, scale: mx.array, eps: float, fast: bo
     if _layer_norm_on_cuda(x, fast):
         return layer_norm_cuda(x, eps) * (1 + scale) + shift
     if is_fast("modulate_ln", fast) and _one_row(x, shift, scale):
-        return _folded(x, shift, scale, eps)
+        return _make_fold(eps)(x, shift, scale)
     return mx.fast.layer_norm(x, None, None, eps) * (1 + scale) + shift
 
 
@@ -79,15 +80,7 @@ def _one_row(x, shift, scale) -> bool:
     return shift.size == d and scale.size == d and x.ndim >= max(shift.ndim, scale.ndim)
 
 
-_FOLDS: dict = {}
-
-
-def _folded(x, shift, scale, eps):
-    if eps not in _FOLDS:
-        _FOLDS[eps] = _make_fold(eps)
-    return _FOLDS[eps](x, shift, scale)
-
-
+@cache  # one custom function per eps, as rms_norm_frozen's
 def _make_fold(eps: float):
     @mx.custom_function
     def fold(x, shift, scale):
@@ -200,7 +193,7 @@ LN_CUDA_MAX_D = 8192  # 32 floats per thread (64 in the VJP) at 256 threads: wid
 
 def _layer_norm_on_cuda(x, fast=None) -> bool:
     """Our kernel for this x: a CUDA device, the switch on, a float dtype and a row it holds."""
-    return (mx.default_device() == mx.gpu and cuda_available() and is_fast("layer_norm_cuda", fast)
+    return (on_cuda("layer_norm_cuda", fast)
             and x.dtype in (mx.bfloat16, mx.float16, mx.float32) and 0 < x.shape[-1] <= LN_CUDA_MAX_D and x.size > 0)
 
 

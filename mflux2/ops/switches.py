@@ -50,8 +50,8 @@ BACKEND_DEFAULTS = {  # measured: docs/performance.md, "The VAE" (H100, 2026-12-
     "rms_frozen": {"cuda": False, "metal": False, "cpu": False},
     # a CUDA kernel (it never runs elsewhere); off until measured against rms_norm + the RoPE kernel
     "norm_rope": {"cuda": False},
-    # not measured yet: off until `scripts/kernel_profile.py norms` (and a step) has timed them on the
-    # GPU against MLX's LayerNorm + the elementwise modulation (MFLUX2_FAST_MODULATE_LN=1,
+    # H100 (2026-12-07): each norm alone 1.2-2.3x faster, the step within its run-to-run spread
+    # either way, so both stay off; Metal not measured (MFLUX2_FAST_MODULATE_LN=1,
     # MFLUX2_CUDA_LAYER_NORM=1 turn them on); layer_norm_cuda never runs off CUDA
     "modulate_ln": {"cuda": False, "metal": False, "cpu": False},
     "layer_norm_cuda": {"cuda": False},
@@ -99,6 +99,7 @@ def cuda_available() -> bool:
     return cuda is not None and cuda.is_available() and hasattr(mx.fast, "cuda_kernel")
 
 
-def on_cuda(name: str) -> bool:
-    """Whether the CUDA kernel of switch `name` runs here: a CUDA default device and the switch on."""
-    return mx.default_device() == mx.gpu and cuda_available() and is_fast(name)
+def on_cuda(name: str, fast: bool | None = None) -> bool:
+    """Whether the CUDA kernel of switch `name` runs here: a CUDA default device and the switch on
+    (`fast` overrides it, as in `is_fast`)."""
+    return mx.default_device() == mx.gpu and cuda_available() and is_fast(name, fast)
