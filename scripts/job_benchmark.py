@@ -410,7 +410,7 @@ def run_job(config: str, model: Path, validation_model: Path | None, dataset: Pa
     steps = [r for r in records if "step_time_s" in r]
     step_times = [r["step_time_s"] for r in steps]
     train = phases.get("training steps", 0.0)
-    return {**_step_spread(records, step_times),
+    return {**_step_spread(records),
         "wall_s": round(wall, 2), "phases": {k: round(v, 3) for k, v in phases.items()},
         "phases_sum_s": round(sum(phases.values()), 2), "phase_peak_gb": peaks,
         "peak_gb": max(peaks.values(), default=0.0), "steps": len(steps),
@@ -421,15 +421,15 @@ def run_job(config: str, model: Path, validation_model: Path | None, dataset: Pa
     }
 
 
-def _step_spread(records: list[dict], step_times: list[float]) -> dict:
+def _step_spread(records: list[dict]) -> dict:
     """Where the steps' time above their median goes: the steps slower than twice the median (the
     first step, a new bucket's first step — a trace and compile of its own shape —, a step after a
     validation), each with its samples, and what all the others add above the median."""
-    if not step_times:
-        return {}
-    med = float(np.median(step_times))
-    samples = {r["step"]: r["samples"] for r in records if "samples" in r and "step" in r}
     timed = [(r["step"], r["step_time_s"]) for r in records if "step_time_s" in r]
+    if not timed:
+        return {}
+    med = float(np.median([t for _, t in timed]))
+    samples = {r["step"]: r["samples"] for r in records if "samples" in r and "step" in r}
     slow = [{"step": st, "s": round(t, 3), "samples": samples.get(st)} for st, t in timed if t > 2 * med]
     rest = sum(t - med for _, t in timed if med < t <= 2 * med)
     return {"slow_steps": slow, "slow_steps_excess_s": round(sum(x["s"] - med for x in slow), 2),

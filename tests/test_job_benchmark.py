@@ -63,3 +63,20 @@ def test_the_dev_folder_is_a_converted_folder_the_pipeline_loads_as_stored(tmp_p
     img = np.array(img)
     assert img.shape == (64, 64, 3) and np.isfinite(img).all() and img.std() > 0
     mx.clear_cache()
+
+
+def test_step_spread_names_the_slow_steps_and_their_samples():
+    """A step slower than twice the median (a new bucket's compile) is listed with its samples; the
+    others' time above the median is summed apart."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("job_benchmark", ROOT / "scripts" / "job_benchmark.py")
+    jb = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(jb)
+    times = [1.0, 1.0, 1.2, 5.0, 0.9]
+    records = [r for i, t in enumerate(times, 1)
+               for r in ({"step": i, "samples": [f"set/{i}"]}, {"step": i, "step_time_s": t})]
+    got = jb._step_spread(records)
+    assert got["slow_steps"] == [{"step": 4, "s": 5.0, "samples": ["set/4"]}]
+    assert got["slow_steps_excess_s"] == 4.0 and got["other_steps_excess_s"] == 0.2
+    assert jb._step_spread([{"phase": "setup", "seconds": 1.0}]) == {}
