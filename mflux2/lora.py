@@ -566,16 +566,40 @@ class LoHaLinear(AdapterLinear):
         return self.rank ** 2 * (n_in + n_out) < n_in * n_out
 
     def lora_forward(self, x):
-        s = self.scale * self.alpha / self.rank
-        h = self._dropout(x)
         if self.factored:
-            n_out, n_in = self.sub_shape
-            r = self.rank
-            u = (self.hada_w1_a[:, :, None] * (self.hada_w2_a * s)[:, None, :]).reshape(n_out, r * r)
-            v = (self.hada_w1_b[:, None, :] * self.hada_w2_b[None, :, :]).reshape(r * r, n_in)
-            return (h @ v.astype(x.dtype).T) @ u.astype(x.dtype).T
+            return self.lora_up(self.lora_down(x))
+        s = self.scale * self.alpha / self.rank
         dw = (self.hada_w1_a @ self.hada_w1_b) * (self.hada_w2_a @ self.hada_w2_b) * s
-        return h @ dw.astype(x.dtype).T
+        return self._dropout(x) @ dw.astype(x.dtype).T
+
+    # The factored path as a rank-r² LoRA (V down, U up), so the fused projections treat it as they
+    # treat a LoRA (mflux2.ops.linear_split): one down-projection for q, k and v, and each part's
+    # up-projection on U's rows — no strided slices of a full-width delta, no zero-padded cotangents.
+    def lora_down(self, x):
+        """x Vᵀ [..., r²], V[(i,j), :] = w1_b[i] ⊙ w2_b[j] (the factored path only)."""
+        n_out, n_in = self.sub_shape
+        r = self.rank
+        v = (self.hada_w1_b[:, None, :] * self.hada_w2_b[None, :, :]).reshape(r * r, n_in)
+        return self._dropout(x) @ v.astype(x.dtype).T
+
+    def _up_matrix(self, dtype) -> mx.array:
+        """U·s [out, r²], U[:, (i,j)] = w1_a[:, i] ⊙ w2_a[:, j], s = scale · alpha / r folded into w2_a."""
+        n_out, _ = self.sub_shape
+        r = self.rank
+        s = self.scale * self.alpha / self.rank
+        return (self.hada_w1_a[:, :, None] * (self.hada_w2_a * s)[:, None, :]).reshape(n_out, r * r).astype(dtype)
+
+    def lora_up(self, h, rows: tuple[int, int] | None = None):
+        u = self._up_matrix(h.dtype)
+        return h @ (u if rows is None else u[rows[0] : rows[1]]).T
+
+    def lora_up_parts(self, h, spans: list[tuple[int, int]]) -> list:
+        """[lora_up(h, span) for span in spans]: U computed once, its rows as split views (as LoRA's B)."""
+        edges = [a for a, _ in spans] + [spans[-1][1]]
+        if edges[0] != 0 or edges[-1] != self.sub_shape[0] or any(b != a for (_, b), (a, _) in zip(spans, spans[1:])):
+            return [self.lora_up(h, span) for span in spans]
+        ut = self._up_matrix(h.dtype).T
+        return [h @ p for p in split_views(ut, [b - a for a, b in spans], axis=1)]
 
     def weights(self) -> LoHaWeights:
         rows = lambda m: _pad(m, 0, self.out_start, self.output_dims - self.out_stop)  # noqa: E731

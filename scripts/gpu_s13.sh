@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Session 13's GPU calls (issues 33, 32, 34), one mode per call, back to back on one warm machine; each
 # row has its own time limit and goes to $OUT as it comes (results.jsonl, log.txt).
-#   peer  (call 1, torch only, before MLX is installed): the strongest peer's plain step (whole-model
+#   stage (call 1): nothing but the first half of the MLX wheel (.gpu/py/stage.sh a)
+#   peer  (call 1 instead, torch only, before MLX is installed): the strongest peer's plain step (whole-model
 #         torch.compile + autocast), for this card's ratio
 #   graph (call 2, after .gpu/py/stage.sh b): how MLX batches the step's kernels into CUDA graphs —
 #         the graph size (MLX_MAX_OPS_PER_BUFFER / MLX_MAX_MB_PER_BUFFER), no CUDA graphs, the step in
 #         one evaluation instead of pieces — interleaved with the defaults; the checkpointed step's
-#         small batches against larger ones (time and peak); DoRA's peak beside LoRA's; klein-9b int8
+#         small batches against larger ones (time and peak); the adapter types interleaved and each
+#         one's peak (LoHa's split up-projection, DoRA's rescale); klein-9b int8
 #   job   (call 3, issue 34): the klein-4b cat-toy job, cold and with its caches
 #   vlm   (call 4, issue 34): the default VLM's architecture with random 4-bit weights
 # Run from the root of the checkout: bash scripts/gpu_s13.sh MODE [PEERS_DIR]
@@ -17,10 +19,10 @@ P=${2:-.gpu/peers}
 B="python3 scripts/benchmark.py --steps ${STEPS:-15} --warmup ${WARMUP:-3}"
 [ -n "${DRY:-}" ] && B="python3 scripts/benchmark.py --steps 1 --warmup 1 --tiny"
 BIG="MLX_MAX_OPS_PER_BUFFER=250 MLX_MAX_MB_PER_BUFFER=20000"  # graphs of up to 250 kernels (MLX: < 255)
-SMALL="MLX_MAX_OPS_PER_BUFFER=30"
 NOG="MLX_USE_CUDA_GRAPHS=0"  # every kernel launched on its own
 machine_info
 case ${1:-} in
+stage) ;;
 peer)
   peer_wheels "$P"
   run peer_compile        220 python3 "$P/torch_step.py" --compile
@@ -31,7 +33,6 @@ graph)
   for i in 1 2; do
     run k4_plain_big_$i     60 env $BIG $B --model klein-4b
     run k4_plain_nog_$i     60 env $NOG $B --model klein-4b
-    run k4_plain_small_$i   60 env $SMALL $B --model klein-4b
     run k4_plain_one_$i     60 $B --model klein-4b --pipeline-ahead none
     run k4_plain_bigone_$i  60 env $BIG $B --model klein-4b --pipeline-ahead none
     run k4_plain_def_$i     60 $B --model klein-4b
@@ -40,8 +41,11 @@ graph)
   run k4_ckpt_ops20      60 env MLX_MAX_OPS_PER_BUFFER=20 $B --model klein-4b --checkpointing 1
   run k4_ckpt_ops100     60 env MLX_MAX_OPS_PER_BUFFER=100 $B --model klein-4b --checkpointing 1
   run k4_ckpt_big        60 env $BIG $B --model klein-4b --checkpointing 1
-  run k4_peak_lora       60 $B --model klein-4b --adapter lora --memory-limit none
-  run k4_peak_dora       60 $B --model klein-4b --adapter dora --memory-limit none
+  # issue 32: LoHa's rank-r² path now split per part as LoRA's (interleaved with the others), peaks alone
+  run k4_adapters       150 python3 scripts/benchmark.py --model klein-4b --resolution 512 --rank 32 --targets attention --compare lora,lokr:4,loha,dora --steps 20
+  for a in lora loha dora; do
+    run k4_peak_$a        60 $B --model klein-4b --adapter $a --memory-limit none
+  done
   run k9_int8_ckpt      120 $B --model klein-9b --base int8 --checkpointing 1 --steps 4 --warmup 2
   run k9_int8_ckpt_ops20 60 env MLX_MAX_OPS_PER_BUFFER=20 $B --model klein-9b --base int8 --checkpointing 1 --steps 4 --warmup 2
   ;;
@@ -52,6 +56,6 @@ job)  # the klein-4b cat-toy job, cold then with its caches (the cold run builds
 vlm)
   run vlm                580 python3 scripts/vlm_benchmark.py --random-4b
   ;;
-*) echo "usage: gpu_s13.sh peer|graph|job|vlm [PEERS_DIR]" >&2; exit 2 ;;
+*) echo "usage: gpu_s13.sh stage|peer|graph|job|vlm [PEERS_DIR]" >&2; exit 2 ;;
 esac
 echo "done at $((SECONDS - T0)) s"

@@ -146,8 +146,8 @@ def _project_lora(layer, xs, rows, accs):
     """The LoRA-like branch of `_project`: the delta as the accumulator of the base GEMM."""
     x_in = _lora_input(layer, xs)
     s0, s1 = layer.out_start, layer.out_stop
-    if hasattr(layer, "lora_down"):
-        # LoRA: the down-projection once for all output parts (q, k, v: one GEMM); the
+    if hasattr(layer, "lora_down") and getattr(layer, "factored", True):
+        # LoRA (and LoHa's rank-r² form): the down-projection once for all output parts (q, k, v: one GEMM); the
         # up-projection per part, so each part's delta is contiguous (no strided slices).
         h = layer.lora_down(x_in)
         spans = [(o0 - s0, o1 - s0) for o0, o1 in (_overlap(r0, r1, s0, s1) for r0, r1 in rows) if o0 < o1]
@@ -158,7 +158,7 @@ def _project_lora(layer, xs, rows, accs):
             up = lambda r: deltas[r]  # noqa: E731
         else:
             up = lambda r: layer.lora_up(h, r)  # noqa: E731
-    else:  # LoKr, LoHa: one delta over the layer's rows, sliced per part
+    else:  # LoKr, LoHa's dense form: one delta over the layer's rows, sliced per part
         z = layer.lora_forward(x_in)
         up = lambda r: z if r is None else z[..., r[0] : r[1]]  # noqa: E731
     new = []
