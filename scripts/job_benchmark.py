@@ -11,7 +11,8 @@ the distilled folder validation images come from (its weight files are hard link
 loader reads them again); a dataset shaped like diffusers/cat_toy_example (6 JPEGs at its sizes, no
 captions); then runs the real CLI in a subprocess with only --model-path, --dataset, --output (and
 model.validation_path for the distilled folder) overridden. The second run starts a new output
-folder holding the first run's caches, so it skips the text encoder and the VAE encoder.
+folder holding the first run's caches (latents, text embeddings, baseline images), so it skips the
+text encoder, the VAE encoder and the baseline's rendering.
 
 Prints one JSON line: for each run wall_s, phases (name -> s), phase_peak_gb, peak_gb, steps,
 median_step_s, the share of the job that is not training steps, and phases_sum_s (it must match
@@ -481,8 +482,9 @@ def main(argv=None) -> int:
         out2 = work / "run2"
         shutil.rmtree(out2, ignore_errors=True)
         out2.mkdir()
-        for cache in (".latent_cache", ".text_cache"):
-            shutil.copytree(out1 / cache, out2 / cache)
+        for cache in (".latent_cache", ".text_cache", ".baseline_cache"):  # all the caches a job keeps
+            if (out1 / cache).is_dir():
+                shutil.copytree(out1 / cache, out2 / cache)
         result["cached"] = run_job(config, base, distilled, dataset, out2, extra)
     print(json.dumps(result))
     return 0

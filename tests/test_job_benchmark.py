@@ -22,7 +22,7 @@ def test_tiny_job_benchmark_phases_add_up_and_the_cached_run_skips_the_encoders(
         assert j["steps"] == 6 and j["median_step_s"] > 0
         assert abs(j["phases_sum_s"] - j["wall_s"]) <= 0.05 * j["wall_s"], j  # every second is in a phase
         for name in ("start-up", "setup", "latent cache", "text encoder: load, embed, free", "transformer load",
-                     "baseline validation", "validation 3", "validation 6", "checkpoint 3", "checkpoint 6",
+                     "validation 3", "validation 6", "checkpoint 3", "checkpoint 6",
                      "training steps", "report + learning curve"):
             assert name in j["phases"], (run, name)
         assert j["peak_gb"] == max(j["phase_peak_gb"].values()) > 0
@@ -32,6 +32,9 @@ def test_tiny_job_benchmark_phases_add_up_and_the_cached_run_skips_the_encoders(
     for row in r["preflight_vs_measured"].values():
         assert row["predicted_gb"] > 0 and row["measured_gb"] > 0 and row["ratio"] > 0, row
     cold, cached = r["cold"]["phases"], r["cached"]["phases"]
+    # the second run renders no baseline: its images come from the baseline cache copied with the others
+    assert "baseline validation" in cold and "baseline (from the cache)" not in cold
+    assert "baseline (from the cache)" in cached and "baseline validation" not in cached
     # the second run encodes nothing: neither the text encoder nor the VAE encoder is loaded
     assert cached["text encoder: load, embed, free"] < 0.1 * cold["text encoder: load, embed, free"]
     assert r["cached"]["phase_peak_gb"]["text encoder: load, embed, free"] < 0.5 * r["cold"]["phase_peak_gb"]["text encoder: load, embed, free"]

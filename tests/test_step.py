@@ -385,3 +385,32 @@ def test_optimised_step_gradients_equal_plain_autodiff(dop):
         params.append(flat(model.trainable_parameters()))
     for k in params[0]:
         np.testing.assert_allclose(params[0][k], params[1][k], rtol=1e-4, atol=1e-6, err_msg=k)
+
+
+@pytest.mark.parametrize("every", [0, 1])
+def test_a_bucket_change_traces_each_shape_once(every, monkeypatch):
+    """Batches of two token counts (two buckets), alternating as an epoch draws them: the compiled step
+    (one graph, or block by block) is traced on the first batch of each shape only; going back to a
+    shape reuses its compiled graph (MLX's compile cache keeps both)."""
+    import mflux2.models.transformer as T
+
+    traces = []
+    orig = T.SingleStreamBlock.__call__
+
+    def counted(self, *a, **k):
+        traces.append(a[0].shape[1])  # the block's joint sequence: text + image tokens
+        return orig(self, *a, **k)
+
+    monkeypatch.setattr(T.SingleStreamBlock, "__call__", counted)
+    model = tiny_model()
+    if every:
+        model.set_gradient_checkpointing(every)
+    step = TrainStep(model, optim.AdamW(1e-4), StepConfig(memory_limit=None))
+    per_shape = []
+    for i, n in enumerate([16, 16, 12, 12, 16, 12, 16, 12]):
+        before = len(traces)
+        out = step(tiny_batch(b=1, n=n, seed=i), mx.random.key(i), dop=True)
+        mx.eval(out["loss"], step.state_arrays())
+        per_shape.append(len(traces) - before)
+    assert per_shape[0] > 0 and per_shape[2] == per_shape[0]  # each shape's first step traces it whole
+    assert per_shape[1] == per_shape[3] == 0 and per_shape[4:] == [0, 0, 0, 0]  # never again

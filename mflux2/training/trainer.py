@@ -711,15 +711,46 @@ class Trainer:
             metrics.truncate_after(0)
         run_id = time.strftime("%Y-%m-%dT%H:%M:%S")
         clock.attach(lambda rec: metrics.append({**rec, "run": run_id}))
+        fresh_baseline = ckpt is None and bool(self.validation.items) and self.rank == 0
+        if fresh_baseline:  # an earlier run's baseline/ may be of other settings: made anew below (cache or render)
+            shutil.rmtree(self.output / "baseline", ignore_errors=True)
         if self.scorer is not None:
             self.scorer.resume(state.step)  # the score history up to here (the baseline is scored with the first checkpoint)
-        if ckpt is None and self.validation.items and not (self.output / "baseline").exists() and self.rank == 0:
-            base = self.output / "baseline.partial"
-            base.mkdir(exist_ok=True)
-            self._render_validation(base, 0)
-            os.replace(base, self.output / "baseline")
-            self.validation.update_progression(self.output / "baseline", 0)
+        if fresh_baseline:
+            self._baseline()
         return state, step_fn
+
+    def _baseline_parts(self) -> dict:
+        """What the baseline images depend on (`baseline.baseline_parts`): the model that renders them
+        identified as the caches identify models."""
+        from mflux2.training.baseline import baseline_parts
+
+        renderer = self.val_pipe if self.val_pipe is not None else self.pipe
+        return baseline_parts(self.cfg, self.validation, renderer_identity=weights_identity(renderer.source.transformer),
+                              transformer_quantization=self.transformer_quantization, dtype=str(self.pipe.dtype),
+                              vae_id=self.vae_id, te_id=self.te_id)
+
+    def _baseline(self) -> None:
+        """`baseline/`: from the baseline cache when an entry of these exact settings is there, else
+        rendered (and stored in the cache); then the progression strips."""
+        from mflux2.training.baseline import BaselineCache, baseline_key
+
+        parts = self._baseline_parts()
+        key, cache = baseline_key(parts), BaselineCache(self.output)
+        names = [it.file_name for it in self.validation.items]
+        base, partial = self.output / "baseline", self.output / "baseline.partial"
+        shutil.rmtree(partial, ignore_errors=True)
+        reused = cache.has(key, names)
+        if reused:
+            with self.clock("baseline (from the cache)"):
+                cache.get(key, names, partial)
+            self.log(f"baseline: reused from {cache.entry(key)} (same model, prompts, sizes, seeds and sampler)")
+        else:
+            partial.mkdir(exist_ok=True)
+            self._render_validation(partial, 0)
+            cache.put(key, parts, partial, names)
+        os.replace(partial, base)
+        self.validation.update_progression(base, 0)
 
     def _train(self, state: RunState, step_fn: TrainStep) -> str:
         """The loop: draw a batch, take a step, record it, then what the schedule asks for.
