@@ -3,8 +3,9 @@ of a variant (dev: hidden 6144, 48 heads, MLP ×3, context 15,360), few blocks, 
 the trainer's loader quantizes it, with the run's LoRA, sampled by `sampling.denoise` (the function
 the trainer's validation and the pipeline call).
 
-Each mode prints one JSON line: the peak (`mx.get_peak_memory`) minus the model's bytes and the
-inputs (`excess_gb`), beside the analytical live set of one forward (`sampling.model_live_bytes`):
+Each mode prints one JSON line: the peak (`mx.get_peak_memory`) minus what was allocated when it
+began — the model and the inputs, and whatever else the process holds (`excess_gb`) — beside the
+analytical live set of one forward (`sampling.model_live_bytes`):
   forward       one eager forward, one evaluation at the end, no memory limit
   serial        the same with MLX's memory limit at 1 byte: each operation waits for those before it
                 (the graph's live set without run-ahead; on the CPU MLX still runs ~10 operations ahead)
@@ -21,6 +22,7 @@ flight); on the CPU MLX lets ~100 operations run ahead. --before: the code befor
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import sys
 import time
@@ -80,8 +82,14 @@ def measure(mode: str, model, x, emb, tids, iids, steps: int, guidance: float | 
     t = mx.full((b,), 1.0, dtype=mx.float32)
     g = mx.full((b,), guidance, dtype=mx.float32) if guidance is not None else None
     limit = None
+    # The excess is counted above what is allocated now, not above `held`: in a test worker, arrays
+    # earlier tests left alive (1-3 MB after the training tests) would otherwise count as sampling's.
+    # Garbage goes first so that none of it is freed mid-measurement.
+    gc.collect()
+    mx.synchronize()
     mx.clear_cache()
     mx.reset_peak_memory()
+    base = mx.get_active_memory()
     t0 = time.perf_counter()
     if mode == "forward":
         out = model(x.astype(model.dtype), emb, t, iids, tids, g)
@@ -97,7 +105,8 @@ def measure(mode: str, model, x, emb, tids, iids, steps: int, guidance: float | 
     if limit is not None:
         mx.set_memory_limit(limit)
     return {"mode": mode, "s": round(time.perf_counter() - t0, 2), "held_gb": round(held / GB, 4),
-            "peak_gb": round(mx.get_peak_memory() / GB, 4), "excess_gb": round((mx.get_peak_memory() - held) / GB, 4)}
+            "peak_gb": round(mx.get_peak_memory() / GB, 4), "excess_gb": round((mx.get_peak_memory() - base) / GB, 4),
+            "others_gb": round((base - held) / GB, 4)}
 
 
 def main(argv=None) -> None:
