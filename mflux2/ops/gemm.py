@@ -6,7 +6,8 @@ QuantizedLinear or LoRALinear (stacked ones too), which the blocks call instead 
 - adapters: any layer with `lora_forward(x)` (LoRA, LoKr, LoHa) adds that delta; a layer with
   `row_scale()` too (DoRA) rescales the sum per row: u = y + lora_forward(x), output
   g ⊙ (u − bias) + bias, in both paths, by a custom function whose VJP reads the output rather
-  than u (`_rescale`: no [tokens, rows] array kept beyond LoRA's);
+  than u (`_rescale`: no un-rescaled copy kept; the output is, where its consumer keeps none — the
+  output projections — and the magnitude's gradient is computed where the backward pass passes the layer);
 - fast path (switch "linear"): a fused projection's output parts come from separate GEMMs on row
   slices of its weight (no slicing copies of a wide output; row slices of a weight are contiguous),
   a LoRA delta enters as the accumulator of the base GEMM (`mx.addmm`) and reads only the input
