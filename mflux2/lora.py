@@ -288,7 +288,8 @@ class DoRALinear(LoRALinear):
     per output row, i.e. a LoRA's output (`lora_forward`, `lora_down`/`lora_up` are LoRALinear's:
     the path without g) rescaled per row by mflux2.ops.gemm (`row_scale()` marks the layer as
     rescaling). The rescale's VJP reads its output, not the un-rescaled sum, so the backward pass
-    keeps no [tokens, rows] array per layer beyond what LoRA keeps (mflux2.ops.gemm `_rescale`).
+    keeps no un-rescaled copy (the output itself is kept for the magnitude's gradient, beyond what
+    LoRA keeps where nothing else needs it: the output projections; mflux2.ops.gemm `_rescale`).
 
     The norm ‖V‖ is detached from the gradient (PEFT, after the DoRA paper §4.3): gradients reach m
     through g and A, B through the LoRA path only. LyCORIS's DoRA (`weight_decompose`, `dora_scale`)

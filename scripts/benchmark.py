@@ -262,6 +262,9 @@ def main(argv=None):
     ap.add_argument("--tiny", action="store_true", help="a tiny random model, for CPU smoke runs")
     ap.add_argument("--blocks", default=None,
                     help="DOUBLE,SINGLE: the preset's width with only this many blocks (per-block memory probes on a CPU)")
+    ap.add_argument("--heads", type=int, default=None,
+                    help="the preset with this many attention heads (its head size and MLP ratio kept: a narrower "
+                         "model of the same structure, for quicker memory probes on a CPU)")
     ap.add_argument("--resolution", type=int, default=512)
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--text-len", type=int, default=512)
@@ -321,6 +324,8 @@ def main(argv=None):
     if args.blocks:
         n_double, n_single = (int(n) for n in args.blocks.split(","))
         cfg = TransformerConfig(**{**cfg.to_dict(), "num_layers": n_double, "num_single_layers": n_single})
+    if args.heads:
+        cfg = TransformerConfig(**{**cfg.to_dict(), "num_attention_heads": args.heads})
     if args.resolution % 16:
         ap.error("--resolution must be a multiple of 16")
     dtype = getattr(mx, args.dtype)
@@ -424,7 +429,7 @@ def main(argv=None):
         ratios = sorted(m / u for m, u in pairs)
         profile["masked_ratio_iqr"] = [round(ratios[len(ratios) // 4], 4), round(ratios[(3 * len(ratios)) // 4], 4)]
     result = {
-        "model": "tiny" if args.tiny else args.model, "blocks": args.blocks, "resolution": args.resolution, "batch": b, "rank": args.rank,
+        "model": "tiny" if args.tiny else args.model, "blocks": args.blocks, "heads": args.heads, "resolution": args.resolution, "batch": b, "rank": args.rank,
         "control": args.control, "image_tokens": n_img, "reference_tokens": n_ref,
         "targets": args.targets, "mode": args.mode, "dop_every": args.dop_every if args.mode == "dop-every" else None,
         "dop_batched": not args.dop_unbatched, "dop_prompts": args.dop_prompts, "masked": "interleaved" if args.masked_interleaved else args.masked, "checkpointing": args.checkpointing,

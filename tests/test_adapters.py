@@ -519,6 +519,31 @@ def test_dora_gradients_against_dense(fast, bias):
         assert rel_err(np.array(g_got[k]), np.array(v)) <= 1e-5, (k, rel_err(np.array(g_got[k]), np.array(v)))
 
 
+def test_dora_magnitude_gradient_is_computed_with_the_input_gradient():
+    """The rescale's VJP (mflux2.ops.gemm `_rescale`) computes the magnitude's d g when the backward
+    pass computes d u, not whenever d g itself is evaluated (the optimizer, after the whole backward
+    pass): evaluating d u alone must leave no cotangent or output [tokens, rows] alive for a later d g.
+    Untied, each DoRA layer's cotangent stayed alive until the step's end (docs/performance.md,
+    "DoRA's peak")."""
+    from mflux2.ops.gemm import _rescale, _rescale_bias
+
+    n, rows = 1024, 256
+    unit = n * rows * 4  # one [tokens, rows] float32 array
+    g = 1 + 0.1 * mx.random.normal((rows,), key=mx.random.key(1))
+    bias = mx.random.normal((rows,), key=mx.random.key(2))
+    mx.eval(g, bias)
+    for fn, extra in ((_rescale, []), (_rescale_bias, [bias])):
+        # u and the cotangent lazy (nothing of their size exists before the evaluation)
+        u = mx.random.normal((n, rows), key=mx.random.key(3))
+        cot = mx.random.normal((n, rows), key=mx.random.key(4))
+        du, dg = mx.vjp(fn, [u, g, *extra], [cot])[1][:2]  # (the output itself not held)
+        del u, cot
+        before = mx.get_active_memory()
+        mx.eval(du)
+        kept = mx.get_active_memory() - before
+        assert kept < 1.5 * unit, (len(extra), kept / unit)  # d u (1 unit) and d g ([rows]) alone
+
+
 def test_dora_bf16_keeps_small_magnitude_changes():
     """In bf16 the rescale forms g − 1 in float32 before the cast: a magnitude 1 % above ‖W‖ scales
     the output by 1.01 on average (g itself in bf16 would be 1.0078, the nearest bf16 number)."""

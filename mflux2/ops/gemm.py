@@ -6,7 +6,8 @@ QuantizedLinear or LoRALinear (stacked ones too), which the blocks call instead 
 - adapters: any layer with `lora_forward(x)` (LoRA, LoKr, LoHa) adds that delta; a layer with
   `row_scale()` too (DoRA) rescales the sum per row: u = y + lora_forward(x), output
   g ⊙ (u − bias) + bias, in both paths, by a custom function whose VJP reads the output rather
-  than u (`_rescale`: no [tokens, rows] array kept beyond LoRA's);
+  than u (`_rescale`: no un-rescaled copy kept; the output is, where its consumer keeps none — the
+  output projections — and the magnitude's gradient is computed where the backward pass passes the layer);
 - fast path (switch "linear"): a fused projection's output parts come from separate GEMMs on row
   slices of its weight (no slicing copies of a wide output; row slices of a weight are contiguous),
   a LoRA delta enters as the accumulator of the base GEMM (`mx.addmm`) and reads only the input
@@ -67,14 +68,22 @@ def _rescale_rows(layer, u, g, r0, r1, bias):
 # with m starting at ‖W‖ (a zero row of W already gives 0 / 0 there, as in PEFT), and a float32 m
 # moved by optimizer steps does not land on exactly 0; if it did, that row's d g would be
 # non-finite (loud), not silently wrong.
+#
+# d g is computed BEFORE d u, and d u's input is tied to it (`mx.depends`): nothing downstream reads
+# d g until the optimizer, so untied it was evaluated last — after every evaluated piece of the
+# step's backward pass (mflux2.training.step) or checkpointed segment — and the cotangent and the
+# output it reads, two [tokens, rows] arrays per DoRA layer, stayed alive until then. Tied, the
+# backward pass computes it where it passes the layer and frees both there; first, so the product's
+# temporary is gone before d u is formed. Same values, same kernels.
 def _rescale_grads(cot, out, g, bias):
-    gm1 = (g - 1).astype(cot.dtype)
-    du = cot + cot * gm1
     lead = tuple(range(cot.ndim - 1))
     # the product in the compute dtype (one temporary of its size; each term rounded, not the
     # sum), the Σ over the tokens in float32; out − bias in float32 (it may cancel)
     w = out if bias is None else out.astype(mx.float32) - bias.astype(mx.float32)
     dg = (cot * w).astype(mx.float32).sum(axis=lead) / g
+    cot = mx.depends(cot, dg)
+    gm1 = (g - 1).astype(cot.dtype)
+    du = cot + cot * gm1
     return du, dg
 
 
