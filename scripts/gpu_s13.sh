@@ -30,22 +30,25 @@ peer)
 graph)
   python3 -c 'import mlx.core as mx; print("mlx", mx.__version__, mx.default_device(), mx.device_info().get("device_name"))' | tee -a "$OUT/gpu.txt"
   run k4_plain           300 $B --model klein-4b
-  for i in 1 2; do
+  round() {  # the graph rows and the defaults, interleaved
+    local i=$1
     run k4_plain_big_$i     60 env $BIG $B --model klein-4b
     run k4_plain_nog_$i     60 env $NOG $B --model klein-4b
     run k4_plain_one_$i     60 $B --model klein-4b --pipeline-ahead none
     run k4_plain_bigone_$i  60 env $BIG $B --model klein-4b --pipeline-ahead none
     run k4_plain_def_$i     60 $B --model klein-4b
-  done
-  run k4_ckpt            60 $B --model klein-4b --checkpointing 1
-  run k4_ckpt_ops20      60 env MLX_MAX_OPS_PER_BUFFER=20 $B --model klein-4b --checkpointing 1
-  run k4_ckpt_ops100     60 env MLX_MAX_OPS_PER_BUFFER=100 $B --model klein-4b --checkpointing 1
-  run k4_ckpt_big        60 env $BIG $B --model klein-4b --checkpointing 1
+  }
+  round 1
   # issue 32: LoHa's rank-r² path now split per part as LoRA's (interleaved with the others), peaks alone
   run k4_adapters       150 python3 scripts/benchmark.py --model klein-4b --resolution 512 --rank 32 --targets attention --compare lora,lokr:4,loha,dora --steps 20
   for a in lora loha dora; do
     run k4_peak_$a        60 $B --model klein-4b --adapter $a --memory-limit none
   done
+  round 2
+  run k4_ckpt            60 $B --model klein-4b --checkpointing 1
+  run k4_ckpt_ops20      60 env MLX_MAX_OPS_PER_BUFFER=20 $B --model klein-4b --checkpointing 1
+  run k4_ckpt_ops100     60 env MLX_MAX_OPS_PER_BUFFER=100 $B --model klein-4b --checkpointing 1
+  run k4_ckpt_big        60 env $BIG $B --model klein-4b --checkpointing 1
   run k9_int8_ckpt      120 $B --model klein-9b --base int8 --checkpointing 1 --steps 4 --warmup 2
   run k9_int8_ckpt_ops20 60 env MLX_MAX_OPS_PER_BUFFER=20 $B --model klein-9b --base int8 --checkpointing 1 --steps 4 --warmup 2
   ;;
