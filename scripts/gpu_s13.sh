@@ -9,6 +9,7 @@
 #         one evaluation instead of pieces — interleaved with the defaults; the checkpointed step's
 #         small batches against larger ones (time and peak); the adapter types interleaved and each
 #         one's peak (LoHa's split up-projection, DoRA's rescale); klein-9b int8
+#   adapters (a short lease instead of graph): the adapter row and two peaks
 #   job   (call 3, issue 34): the klein-4b cat-toy job, cold and with its caches
 #   vlm   (call 4, issue 34): the default VLM's architecture with random 4-bit weights
 # Run from the root of the checkout: bash scripts/gpu_s13.sh MODE [PEERS_DIR]
@@ -52,6 +53,12 @@ graph)
   run k9_int8_ckpt      120 $B --model klein-9b --base int8 --checkpointing 1 --steps 4 --warmup 2
   run k9_int8_ckpt_ops20 60 env MLX_MAX_OPS_PER_BUFFER=20 $B --model klein-9b --base int8 --checkpointing 1 --steps 4 --warmup 2
   ;;
+adapters)  # a short lease: issue 32's interleaved row, then the peaks of LoRA and DoRA
+  run k4_adapters       200 python3 scripts/benchmark.py --model klein-4b --resolution 512 --rank 32 --targets attention --compare lora,lokr:4,loha,dora --steps 20
+  for a in lora dora; do
+    run k4_peak_$a        40 $B --model klein-4b --adapter $a --memory-limit none
+  done
+  ;;
 job)  # the klein-4b cat-toy job, cold then with its caches (the cold run builds this machine's kernels)
   run job_klein4b        580 python3 scripts/job_benchmark.py --model klein-4b --work /tmp/job-k4 --runs 2
   cp /tmp/job-k4/*.json "$OUT/" 2>/dev/null
@@ -59,6 +66,6 @@ job)  # the klein-4b cat-toy job, cold then with its caches (the cold run builds
 vlm)
   run vlm                580 python3 scripts/vlm_benchmark.py --random-4b
   ;;
-*) echo "usage: gpu_s13.sh stage|peer|graph|job|vlm [PEERS_DIR]" >&2; exit 2 ;;
+*) echo "usage: gpu_s13.sh stage|peer|graph|adapters|job|vlm [PEERS_DIR]" >&2; exit 2 ;;
 esac
 echo "done at $((SECONDS - T0)) s"
