@@ -147,7 +147,29 @@ class AdapterLinear(nn.Module):
         return f"type={self.type}, rank={self.rank}, alpha={self.alpha}, scale={self.scale}, enabled={self.enabled}{ranges}"
 
 
-class LoRALinear(AdapterLinear):
+class _UpProjection:
+    """The up-projection of an adapter whose delta is h Uᵀ with h = `lora_down(x)` [..., k] and
+    U = `_up_matrix(dtype)` [out, k] (LoRA's scaled B; LoHa's rank-r² U): the fused projections
+    (mflux2.ops.linear_split) call it once per output part."""
+
+    def lora_up(self, h, rows: tuple[int, int] | None = None):
+        """U h for the output rows `rows` (relative to out_start; None: all of them), in h's dtype."""
+        u = self._up_matrix(h.dtype)
+        return h @ (u if rows is None else u[rows[0] : rows[1]]).T
+
+    def lora_up_parts(self, h, spans: list[tuple[int, int]]) -> list:
+        """[lora_up(h, span) for span in spans] (spans relative to out_start, in order). Spans that
+        tile U's rows read them as split views of Uᵀ: U's gradient is then one concatenation of the
+        parts' (their GEMMs give them as Uᵀ's column blocks, the layout the flat parameters store
+        LoRA's B in) instead of a zero-padded full-size cotangent per part."""
+        edges = [a for a, _ in spans] + [spans[-1][1]]
+        if edges[0] != 0 or edges[-1] != self.sub_shape[0] or any(b != a for (_, b), (a, _) in zip(spans, spans[1:])):
+            return [self.lora_up(h, span) for span in spans]
+        ut = self._up_matrix(h.dtype).T
+        return [h @ p for p in split_views(ut, [b - a for a, b in spans], axis=1)]
+
+
+class LoRALinear(_UpProjection, AdapterLinear):
     """y = base(x) + scale · (alpha / rank) · B(A(dropout(x))).
 
     lora_A [rank, in] starts Kaiming-uniform like PEFT (bound 1/sqrt(in)), lora_B [out, rank] starts
@@ -177,29 +199,12 @@ class LoRALinear(AdapterLinear):
         """A(dropout(x)) [..., rank], in x's dtype: shared by every output part (mflux2.ops.linear_split)."""
         return self._dropout(x) @ self.lora_A.astype(x.dtype).T
 
-    def lora_up(self, h, rows: tuple[int, int] | None = None):
-        """scale · (alpha / rank) · B h for the LoRA's output rows `rows` (relative to out_start;
-        None: all of them), in h's dtype."""
-        b = self._up_matrix(h.dtype)
-        return h @ (b if rows is None else b[rows[0] : rows[1]]).T
-
     def _up_matrix(self, dtype) -> mx.array:
         """B·(scale·alpha/rank) in `dtype`: the factor folded into the small B before the cast
         (gradients reach the float32 params), and left out where it is 1 — alpha = rank, the
         default — so the step has no multiplication by one (a kernel per LoRA layer each way)."""
         s = self.scale * self.alpha / self.rank
         return (self.lora_B if s == 1.0 else self.lora_B * s).astype(dtype)
-
-    def lora_up_parts(self, h, spans: list[tuple[int, int]]) -> list:
-        """[lora_up(h, span) for span in spans] (spans relative to out_start, in order). Spans that
-        tile B's rows read them as split views of Bᵀ: B's gradient is then one concatenation of the
-        parts' (their GEMMs give them as Bᵀ's column blocks, the layout the flat parameters store
-        B in) instead of a zero-padded full-size cotangent per part."""
-        edges = [a for a, _ in spans] + [spans[-1][1]]
-        if edges[0] != 0 or edges[-1] != self.lora_B.shape[0] or any(b != a for (_, b), (a, _) in zip(spans, spans[1:])):
-            return [self.lora_up(h, span) for span in spans]
-        bt = self._up_matrix(h.dtype).T
-        return [h @ p for p in split_views(bt, [b - a for a, b in spans], axis=1)]
 
     def full_factors(self) -> tuple[mx.array, mx.array]:
         """(A [rank, in], B [out, rank]) over the whole layer, zero outside the ranges (file layout)."""
@@ -536,7 +541,7 @@ class LoKrLinear(AdapterLinear):
 
 
 # LoHa: above this rank, (w1_a ⊙ w2_a)(w1_b ⊙ w2_b) of rank r² costs more than the dense ΔW.
-class LoHaLinear(AdapterLinear):
+class LoHaLinear(_UpProjection, AdapterLinear):
     """LoHa (LyCORIS `LohaModule`, linear): ΔW = s · (w1_a w1_b) ⊙ (w2_a w2_b), s = scale · alpha / r.
     Init as LyCORIS: hada_w1_a ~ N(0, 0.1), hada_w1_b ~ N(0, 1), hada_w2_a = 0, hada_w2_b ~ N(0, 1).
 
@@ -575,32 +580,18 @@ class LoHaLinear(AdapterLinear):
 
     # The factored path as a rank-r² LoRA (V down, U up), so the fused projections treat it as they
     # treat a LoRA (mflux2.ops.linear_split): one down-projection for q, k and v, and each part's
-    # up-projection on U's rows — no strided slices of a full-width delta, no zero-padded cotangents.
+    # up-projection on U's rows (`_UpProjection`) — no strided slices of a full-width delta.
     def lora_down(self, x):
         """x Vᵀ [..., r²], V[(i,j), :] = w1_b[i] ⊙ w2_b[j] (the factored path only)."""
-        n_out, n_in = self.sub_shape
         r = self.rank
-        v = (self.hada_w1_b[:, None, :] * self.hada_w2_b[None, :, :]).reshape(r * r, n_in)
+        v = (self.hada_w1_b[:, None, :] * self.hada_w2_b[None, :, :]).reshape(r * r, self.sub_shape[1])
         return self._dropout(x) @ v.astype(x.dtype).T
 
     def _up_matrix(self, dtype) -> mx.array:
         """U·s [out, r²], U[:, (i,j)] = w1_a[:, i] ⊙ w2_a[:, j], s = scale · alpha / r folded into w2_a."""
-        n_out, _ = self.sub_shape
         r = self.rank
         s = self.scale * self.alpha / self.rank
-        return (self.hada_w1_a[:, :, None] * (self.hada_w2_a * s)[:, None, :]).reshape(n_out, r * r).astype(dtype)
-
-    def lora_up(self, h, rows: tuple[int, int] | None = None):
-        u = self._up_matrix(h.dtype)
-        return h @ (u if rows is None else u[rows[0] : rows[1]]).T
-
-    def lora_up_parts(self, h, spans: list[tuple[int, int]]) -> list:
-        """[lora_up(h, span) for span in spans]: U computed once, its rows as split views (as LoRA's B)."""
-        edges = [a for a, _ in spans] + [spans[-1][1]]
-        if edges[0] != 0 or edges[-1] != self.sub_shape[0] or any(b != a for (_, b), (a, _) in zip(spans, spans[1:])):
-            return [self.lora_up(h, span) for span in spans]
-        ut = self._up_matrix(h.dtype).T
-        return [h @ p for p in split_views(ut, [b - a for a, b in spans], axis=1)]
+        return (self.hada_w1_a[:, :, None] * (self.hada_w2_a * s)[:, None, :]).reshape(self.sub_shape[0], r * r).astype(dtype)
 
     def weights(self) -> LoHaWeights:
         rows = lambda m: _pad(m, 0, self.out_start, self.output_dims - self.out_stop)  # noqa: E731

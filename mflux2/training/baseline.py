@@ -85,14 +85,11 @@ class BaselineCache:
         e = self.entry(key)
         return all((e / n).is_file() and (e / n).stat().st_size > 0 for n in names)
 
-    def get(self, key: str, names: list[str], dst: Path) -> bool:
-        """Put the entry's images `names` into the (new) folder `dst`; False when it has not all of them."""
-        if not self.has(key, names):
-            return False
+    def get(self, key: str, names: list[str], dst: Path) -> None:
+        """Put the entry's images `names` into the (new) folder `dst` (the entry `has` them)."""
         dst.mkdir(parents=True, exist_ok=True)
         for n in names:
             _link_or_copy(self.entry(key) / n, dst / n)
-        return True
 
     def put(self, key: str, parts: dict, src: Path, names: list[str]) -> None:
         """Store the images `names` of folder `src` under `key`, atomically (an entry is whole or absent)."""

@@ -740,8 +740,7 @@ class Trainer:
         names = [it.file_name for it in self.validation.items]
         base, partial = self.output / "baseline", self.output / "baseline.partial"
         shutil.rmtree(partial, ignore_errors=True)
-        reused = cache.has(key, names)
-        if reused:
+        if cache.has(key, names):
             with self.clock("baseline (from the cache)"):
                 cache.get(key, names, partial)
             self.log(f"baseline: reused from {cache.entry(key)} (same model, prompts, sizes, seeds and sampler)")
