@@ -392,9 +392,10 @@ def compare_preflight(predicted: dict[str, float], measured: dict[str, float]) -
     return rows
 
 
-def run_job(config: str, model: Path, validation_model: Path | None, dataset: Path, output: Path, extra: list[str]) -> dict:
+def run_job(config: str, model: Path, validation_model: Path | None, dataset: Path, output: Path, extra: list[str],
+            env_extra: dict | None = None) -> dict:
     cmd = _cli(config, model, validation_model, dataset, output, extra)
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TQDM_MININTERVAL": "5"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TQDM_MININTERVAL": "5", **(env_extra or {})}
     t0 = time.perf_counter()
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
     wall = time.perf_counter() - t0
@@ -444,6 +445,9 @@ def main(argv=None) -> int:
     ap.add_argument("--work", default=None, help="where the model, data and outputs go (default: a folder in /tmp)")
     ap.add_argument("--runs", type=int, default=2, help="1: only the cold run; 2: also the run that reuses the caches")
     ap.add_argument("--set", action="append", default=[], help="extra config overrides for both runs (KEY=VALUE)")
+    ap.add_argument("--cached-env", action="append", default=[], metavar="VAR=VALUE",
+                    help="one more run with the caches per use, with this environment variable set (e.g. "
+                         "MLX_USE_CUDA_GRAPHS=1): a whole-job A/B on one machine")
     ap.add_argument("--dev-quantize", choices=["int8", "int4"], default="int8",
                     help="dev: the precision its transformer and Mistral encoder are stored (and so trained) in")
     args = ap.parse_args(argv)
@@ -478,14 +482,20 @@ def main(argv=None) -> int:
     result["cold"] = run_job(config, base, distilled, dataset, out1, extra)
     # the dry run's memory figures are the ones the run uses; here they meet the measured peaks
     result["preflight_vs_measured"] = compare_preflight(predicted, result["cold"]["phase_peak_gb"])
-    if args.runs > 1:
-        out2 = work / "run2"
+    cached_runs = [("cached", {})] if args.runs > 1 else []
+    for kv in args.cached_env:
+        var, sep, value = kv.partition("=")
+        if not sep or not var:
+            raise SystemExit(f"--cached-env {kv!r}: expected VAR=VALUE")
+        cached_runs.append((f"cached {var}={value}", {var: value}))
+    for i, (name, env_extra) in enumerate(cached_runs):
+        out2 = work / f"run{i + 2}"
         shutil.rmtree(out2, ignore_errors=True)
         out2.mkdir()
         for cache in (".latent_cache", ".text_cache", ".baseline_cache"):  # all the caches a job keeps
             if (out1 / cache).is_dir():
                 shutil.copytree(out1 / cache, out2 / cache)
-        result["cached"] = run_job(config, base, distilled, dataset, out2, extra)
+        result[name] = run_job(config, base, distilled, dataset, out2, extra, env_extra)
     print(json.dumps(result))
     return 0
 

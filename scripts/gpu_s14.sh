@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Session 14's GPU calls, back to back on one warm machine; each row has its own time limit and goes to
+# $OUT as it comes (results.jsonl, log.txt).
+#   stage (call 1): the first half of the MLX wheel only (.gpu/py/stage.sh a)
+#   job   (call 2, after .gpu/py/stage.sh b): issue 34's klein-4b cat-toy job, cold then with its caches
+#         (mflux2 now runs MLX's CUDA backend without CUDA graphs), then once more with CUDA graphs on
+#         (MLX_USE_CUDA_GRAPHS=1) for a whole-job A/B; then issue 33's step rows, graphs off (now the
+#         default) and on, interleaved: plain, checkpointed, DOP
+#   peers (call 3): the strongest checkpointed and DOP peers on this card (torch only)
+# Run from the root of the checkout: bash scripts/gpu_s14.sh MODE [PEERS_DIR]
+set -uo pipefail
+P=${2:-.gpu/peers}
+. "$(dirname "$0")/gpu_rows.sh"  # OUT, BUDGET, left, run, machine_info, peer_wheels
+B="python3 scripts/benchmark.py --steps ${STEPS:-15} --warmup ${WARMUP:-3}"
+[ -n "${DRY:-}" ] && B="python3 scripts/benchmark.py --steps 1 --warmup 1 --tiny"
+G1="MLX_USE_CUDA_GRAPHS=1"  # MLX's own default: the step's kernels batched into CUDA graphs
+machine_info
+case ${1:-} in
+stage) ;;
+job)
+  python3 -c 'import mlx.core as mx; print("mlx", mx.__version__, mx.default_device(), mx.device_info().get("device_name"))' | tee -a "$OUT/gpu.txt"
+  J="python3 scripts/job_benchmark.py --model klein-4b --work /tmp/job-k4 --runs 2 --cached-env $G1"
+  [ -n "${DRY:-}" ] && J="python3 scripts/job_benchmark.py --tiny --work /tmp/job-tiny --runs 2 --cached-env $G1"
+  run job_klein4b        430 $J
+  cp /tmp/job-k4/*.json "$OUT/" 2>/dev/null
+  for i in 1 2; do
+    run k4_plain_$i       40 $B --model klein-4b
+    run k4_plain_g1_$i    40 env $G1 $B --model klein-4b
+  done
+  run k4_ckpt            60 $B --model klein-4b --checkpointing 1
+  run k4_ckpt_g1         40 env $G1 $B --model klein-4b --checkpointing 1
+  run k4_dop             60 $B --model klein-4b --mode dop
+  run k4_dop_g1          40 env $G1 $B --model klein-4b --mode dop
+  ;;
+peers)
+  peer_wheels "$P"
+  run peer_compile        150 python3 "$P/torch_step.py" --compile
+  run peer_compile_ckpt   150 python3 "$P/torch_step.py" --compile --gradient-checkpointing
+  run peer_compile_dop    150 python3 "$P/torch_step.py" --compile --dop
+  ;;
+*) echo "usage: gpu_s14.sh stage|job|peers [PEERS_DIR]" >&2; exit 2 ;;
+esac
+echo "done at $((SECONDS - T0)) s"
