@@ -451,6 +451,12 @@ def main(argv=None) -> int:
     ap.add_argument("--dev-quantize", choices=["int8", "int4"], default="int8",
                     help="dev: the precision its transformer and Mistral encoder are stored (and so trained) in")
     args = ap.parse_args(argv)
+    cached_runs = [("cached", {})] if args.runs > 1 else []
+    for kv in args.cached_env:
+        var, sep, value = kv.partition("=")
+        if not sep or not var:
+            ap.error(f"--cached-env {kv!r}: expected VAR=VALUE")
+        cached_runs.append((f"cached {var}={value}", {var: value}))
     work = Path(args.work or f"/tmp/mflux2-job-{'tiny' if args.tiny else args.model}")
     work.mkdir(parents=True, exist_ok=True)
     config = CONFIGS[args.model]
@@ -482,12 +488,6 @@ def main(argv=None) -> int:
     result["cold"] = run_job(config, base, distilled, dataset, out1, extra)
     # the dry run's memory figures are the ones the run uses; here they meet the measured peaks
     result["preflight_vs_measured"] = compare_preflight(predicted, result["cold"]["phase_peak_gb"])
-    cached_runs = [("cached", {})] if args.runs > 1 else []
-    for kv in args.cached_env:
-        var, sep, value = kv.partition("=")
-        if not sep or not var:
-            raise SystemExit(f"--cached-env {kv!r}: expected VAR=VALUE")
-        cached_runs.append((f"cached {var}={value}", {var: value}))
     for i, (name, env_extra) in enumerate(cached_runs):
         out2 = work / f"run{i + 2}"
         shutil.rmtree(out2, ignore_errors=True)

@@ -83,3 +83,10 @@ def test_step_spread_names_the_slow_steps_and_their_samples():
     assert got["slow_steps"] == [{"step": 4, "s": 5.0, "samples": ["set/4"]}]
     assert got["slow_steps_excess_s"] == 4.0 and got["other_steps_excess_s"] == 0.2
     assert jb._step_spread([{"phase": "setup", "seconds": 1.0}]) == {}
+
+
+def test_a_malformed_cached_env_stops_before_any_run(tmp_path):
+    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "job_benchmark.py"), "--tiny", "--work", str(tmp_path),
+                          "--cached-env", "MLX_USE_CUDA_GRAPHS"], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert out.returncode == 2 and "expected VAR=VALUE" in out.stderr
+    assert not (tmp_path / "run1").exists()

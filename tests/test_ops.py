@@ -388,3 +388,16 @@ def test_qkv_parts_lora_b_gradient_is_one_concatenation(monkeypatch):
     with ops.using(qkv_parts=True), tempfile.NamedTemporaryFile(suffix=".dot") as f:
         mx.export_to_dot(f.name, mx.grad(loss)(layer.lora_B))
         assert "SliceUpdate" not in re.findall(r'label ="([^"]*)"', open(f.name).read())
+
+
+def test_importing_mflux2_turns_cuda_graphs_off_unless_the_user_chose():
+    """MLX reads MLX_USE_CUDA_GRAPHS once, at its first kernel: `import mflux2` sets it beforehand
+    (the step is faster without graphs on CUDA: docs/performance.md, "CUDA graphs off"), and a value
+    the user exported wins."""
+    code = "import os, mflux2; print(os.environ.get('MLX_USE_CUDA_GRAPHS'))"
+    env = {k: v for k, v in os.environ.items() if k != "MLX_USE_CUDA_GRAPHS"}
+    assert subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          check=True).stdout.strip() == "0"
+    env["MLX_USE_CUDA_GRAPHS"] = "1"
+    assert subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          check=True).stdout.strip() == "1"
