@@ -6,7 +6,8 @@
 #         (mflux2 now runs MLX's CUDA backend without CUDA graphs), then once more with CUDA graphs on
 #         (MLX_USE_CUDA_GRAPHS=1) for a whole-job A/B; then issue 33's step rows, graphs off (now the
 #         default) and on, interleaved: plain, checkpointed, DOP
-#   peers (call 3): the strongest checkpointed and DOP peers on this card (torch only)
+#   peers (call 1 instead of stage, torch only, before MLX is installed): the strongest checkpointed peer
+#         on this card, then the plain and DOP ones as the budget allows
 # Run from the root of the checkout: bash scripts/gpu_s14.sh MODE [PEERS_DIR]
 set -uo pipefail
 P=${2:-.gpu/peers}
@@ -23,19 +24,19 @@ job)
   [ -n "${DRY:-}" ] && J="python3 scripts/job_benchmark.py --tiny --work /tmp/job-tiny --runs 2 --cached-env $G1"
   run job_klein4b        430 $J
   cp /tmp/job-k4/*.json "$OUT/" 2>/dev/null
-  for i in 1 2; do
-    run k4_plain_$i       40 $B --model klein-4b
-    run k4_plain_g1_$i    40 env $G1 $B --model klein-4b
-  done
-  run k4_ckpt            60 $B --model klein-4b --checkpointing 1
+  run k4_plain_1         40 $B --model klein-4b
+  run k4_plain_g1_1      40 env $G1 $B --model klein-4b
+  run k4_ckpt            50 $B --model klein-4b --checkpointing 1
   run k4_ckpt_g1         40 env $G1 $B --model klein-4b --checkpointing 1
-  run k4_dop             60 $B --model klein-4b --mode dop
+  run k4_dop             50 $B --model klein-4b --mode dop
   run k4_dop_g1          40 env $G1 $B --model klein-4b --mode dop
+  run k4_plain_2         40 $B --model klein-4b
+  run k4_plain_g1_2      40 env $G1 $B --model klein-4b
   ;;
 peers)
   peer_wheels "$P"
-  run peer_compile        150 python3 "$P/torch_step.py" --compile
   run peer_compile_ckpt   150 python3 "$P/torch_step.py" --compile --gradient-checkpointing
+  run peer_compile        150 python3 "$P/torch_step.py" --compile
   run peer_compile_dop    150 python3 "$P/torch_step.py" --compile --dop
   ;;
 *) echo "usage: gpu_s14.sh stage|job|peers [PEERS_DIR]" >&2; exit 2 ;;
