@@ -3,9 +3,10 @@
 # $OUT as it comes (results.jsonl, log.txt).
 #   stage (call 1): the first half of the MLX wheel only (.gpu/py/stage.sh a)
 #   job   (call 2, after .gpu/py/stage.sh b): issue 34's klein-4b cat-toy job, cold then with its caches
-#         (mflux2 now runs MLX's CUDA backend without CUDA graphs), then once more with CUDA graphs on
-#         (MLX_USE_CUDA_GRAPHS=1) for a whole-job A/B; then issue 33's step rows, graphs off (now the
-#         default) and on, interleaved: plain, checkpointed, DOP
+#         (mflux2 runs MLX's CUDA backend without CUDA graphs unless MLX_USE_CUDA_GRAPHS is exported)
+#   ab    (call 3): the cached job again without and with CUDA graphs (MLX_USE_CUDA_GRAPHS=1), a whole-job
+#         A/B; then issue 33's step rows, graphs off (the default) and on, interleaved: plain,
+#         checkpointed, DOP; klein-9b int8 + checkpointing
 #   peers (call 1 instead of stage, torch only, before MLX is installed): the strongest checkpointed peer
 #         on this card, then the plain and DOP ones as the budget allows
 # Run from the root of the checkout: bash scripts/gpu_s14.sh MODE [PEERS_DIR]
@@ -18,18 +19,25 @@ G1="MLX_USE_CUDA_GRAPHS=1"  # MLX's own default: the step's kernels batched into
 machine_info
 case ${1:-} in
 stage) ;;
-job)
+job)  # the cold run builds this machine's kernels (~3 min on a fresh one), so the job has a call of its own
   python3 -c 'import mlx.core as mx; print("mlx", mx.__version__, mx.default_device(), mx.device_info().get("device_name"))' | tee -a "$OUT/gpu.txt"
-  J="python3 scripts/job_benchmark.py --model klein-4b --work /tmp/job-k4 --runs 2 --cached-env $G1"
-  [ -n "${DRY:-}" ] && J="python3 scripts/job_benchmark.py --tiny --work /tmp/job-tiny --runs 2 --cached-env $G1"
-  run job_klein4b        430 $J
-  cp /tmp/job-k4/*.json "$OUT/" 2>/dev/null
+  J="python3 scripts/job_benchmark.py --model klein-4b --work /tmp/job-k4 --runs 2"
+  [ -n "${DRY:-}" ] && J="python3 scripts/job_benchmark.py --tiny --work /tmp/job-k4 --runs 2"
+  run job_klein4b        580 $J
+  cp /tmp/job-k4/job_benchmark.json "$OUT/job-klein4b.json" 2>/dev/null
+  ;;
+ab)  # after `job` on the same machine: the cached job without and with CUDA graphs, then the step rows
+  J="python3 scripts/job_benchmark.py --model klein-4b --work /tmp/job-k4 --cached-only --cached-env $G1"
+  [ -n "${DRY:-}" ] && J="python3 scripts/job_benchmark.py --tiny --work /tmp/job-k4 --cached-only --cached-env $G1"
+  run job_klein4b_ab     300 $J
+  cp /tmp/job-k4/job_benchmark.json "$OUT/job-klein4b-ab.json" 2>/dev/null
   run k4_plain_1         40 $B --model klein-4b
   run k4_plain_g1_1      40 env $G1 $B --model klein-4b
   run k4_ckpt            50 $B --model klein-4b --checkpointing 1
   run k4_ckpt_g1         40 env $G1 $B --model klein-4b --checkpointing 1
   run k4_dop             50 $B --model klein-4b --mode dop
   run k4_dop_g1          40 env $G1 $B --model klein-4b --mode dop
+  run k9_int8_ckpt      100 $B --model klein-9b --base int8 --checkpointing 1 --steps 4 --warmup 2
   run k4_plain_2         40 $B --model klein-4b
   run k4_plain_g1_2      40 env $G1 $B --model klein-4b
   ;;
@@ -39,6 +47,6 @@ peers)
   run peer_compile        150 python3 "$P/torch_step.py" --compile
   run peer_compile_dop    150 python3 "$P/torch_step.py" --compile --dop
   ;;
-*) echo "usage: gpu_s14.sh stage|job|peers [PEERS_DIR]" >&2; exit 2 ;;
+*) echo "usage: gpu_s14.sh stage|peers|job|ab [PEERS_DIR]" >&2; exit 2 ;;
 esac
 echo "done at $((SECONDS - T0)) s"

@@ -438,6 +438,14 @@ def _step_spread(records: list[dict]) -> dict:
             "other_steps_excess_s": round(rest, 2)}
 
 
+def _emit(result: dict, work: Path) -> None:
+    """The result so far, after each run: a line on stdout (the last one is the whole result) and
+    work/job_benchmark.json, so a run cut off by a time limit keeps the runs it finished."""
+    line = json.dumps(result)
+    print(line, flush=True)
+    (work / "job_benchmark.json").write_text(line + "\n")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", choices=list(CONFIGS), default="klein-4b")
@@ -445,13 +453,15 @@ def main(argv=None) -> int:
     ap.add_argument("--work", default=None, help="where the model, data and outputs go (default: a folder in /tmp)")
     ap.add_argument("--runs", type=int, default=2, help="1: only the cold run; 2: also the run that reuses the caches")
     ap.add_argument("--set", action="append", default=[], help="extra config overrides for both runs (KEY=VALUE)")
+    ap.add_argument("--cached-only", action="store_true",
+                    help="skip the cold run: reuse the caches of an earlier invocation's cold run in --work")
     ap.add_argument("--cached-env", action="append", default=[], metavar="VAR=VALUE",
                     help="one more run with the caches per use, with this environment variable set (e.g. "
                          "MLX_USE_CUDA_GRAPHS=1): a whole-job A/B on one machine")
     ap.add_argument("--dev-quantize", choices=["int8", "int4"], default="int8",
                     help="dev: the precision its transformer and Mistral encoder are stored (and so trained) in")
     args = ap.parse_args(argv)
-    cached_runs = [("cached", {})] if args.runs > 1 else []
+    cached_runs = [("cached", {})] if args.runs > 1 or args.cached_only else []
     for kv in args.cached_env:
         var, sep, value = kv.partition("=")
         if not sep or not var:
@@ -483,11 +493,16 @@ def main(argv=None) -> int:
     except Exception:  # noqa: BLE001 - informative only
         pass
     out1 = work / "run1"
-    shutil.rmtree(out1, ignore_errors=True)
-    predicted = preflight_memory(config, base, distilled, dataset, out1, extra)
-    result["cold"] = run_job(config, base, distilled, dataset, out1, extra)
-    # the dry run's memory figures are the ones the run uses; here they meet the measured peaks
-    result["preflight_vs_measured"] = compare_preflight(predicted, result["cold"]["phase_peak_gb"])
+    if args.cached_only:
+        if not (out1 / ".latent_cache").is_dir():
+            ap.error(f"--cached-only: {out1} holds no caches; run once without it first (same --work)")
+    else:
+        shutil.rmtree(out1, ignore_errors=True)
+        predicted = preflight_memory(config, base, distilled, dataset, out1, extra)
+        result["cold"] = run_job(config, base, distilled, dataset, out1, extra)
+        # the dry run's memory figures are the ones the run uses; here they meet the measured peaks
+        result["preflight_vs_measured"] = compare_preflight(predicted, result["cold"]["phase_peak_gb"])
+        _emit(result, work)
     for i, (name, env_extra) in enumerate(cached_runs):
         out2 = work / f"run{i + 2}"
         shutil.rmtree(out2, ignore_errors=True)
@@ -496,7 +511,7 @@ def main(argv=None) -> int:
             if (out1 / cache).is_dir():
                 shutil.copytree(out1 / cache, out2 / cache)
         result[name] = run_job(config, base, distilled, dataset, out2, extra, env_extra)
-    print(json.dumps(result))
+        _emit(result, work)
     return 0
 
 
