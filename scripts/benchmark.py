@@ -391,7 +391,7 @@ def main(argv=None):
 
     if args.masked_interleaved:
         args.warmup += args.warmup % 2  # the timed steps start with a masked one
-    times, dispatch, losses = [], [], []
+    times, dispatch, losses, warm = [], [], [], []
     mx.reset_peak_memory()
     key = mx.random.key(args.seed)
     for i in range(args.warmup + args.steps):
@@ -402,7 +402,9 @@ def main(argv=None):
         host = time.perf_counter() - t  # graph built and handed to the device
         mx.eval(out["loss"], out["grad_norm"], step.state_arrays())
         dt = time.perf_counter() - t
-        if i >= args.warmup:
+        if i < args.warmup:
+            warm.append(round(dt, 3))  # the first: tracing, compiling, kernel builds (cuDNN plans on CUDA)
+        else:
             times.append(dt)
             dispatch.append(host)
             losses.append(out["loss"].item())
@@ -445,6 +447,7 @@ def main(argv=None):
         "tflop_per_step": round(flops / 1e12, 4), "tflops_achieved": round(flops / med / 1e12, 2),
         "loss_finite": all(l == l for l in losses), "setup_s": round(load_s, 1), **profile,
         "host_s": round(statistics.median(dispatch), 5),
+        "warmup_step_s": warm,
         "memory_limit_gb": round(step.memory_limit / 1e9, 3) if step.memory_limit else None,
         "mlx_max_ops_per_buffer": os.environ.get("MLX_MAX_OPS_PER_BUFFER"),
         "fast_ops": sorted(name for name in SWITCHES if is_fast(name)),  # the switches in force (mflux2.ops)

@@ -5,7 +5,7 @@
 #   job   (call 2, after .gpu/py/stage.sh b): issue 34's klein-4b cat-toy job, cold then with its caches
 #         (mflux2 runs MLX's CUDA backend without CUDA graphs unless MLX_USE_CUDA_GRAPHS is exported)
 #   ab    (call 3): the cached job again without and with CUDA graphs (MLX_USE_CUDA_GRAPHS=1), a whole-job
-#         A/B; then issue 33's step rows, graphs off (the default) and on, interleaved: plain,
+#         A/B, and without cuDNN's attention (the first step of each shape); then issue 33's step rows, graphs off (the default) and on, interleaved: plain,
 #         checkpointed, DOP; klein-9b int8 + checkpointing
 #   peers (call 1 instead of stage, torch only, before MLX is installed): the strongest checkpointed peer
 #         on this card, then the plain and DOP ones as the budget allows
@@ -27,9 +27,12 @@ job)  # the cold run builds this machine's kernels (~3 min on a fresh one), so t
   cp /tmp/job-k4/job_benchmark.json "$OUT/job-klein4b.json" 2>/dev/null
   ;;
 ab)  # after `job` on the same machine: the cached job without and with CUDA graphs, then the step rows
-  J="python3 scripts/job_benchmark.py --model klein-4b --work /tmp/job-k4 --cached-only --cached-env $G1"
-  [ -n "${DRY:-}" ] && J="python3 scripts/job_benchmark.py --tiny --work /tmp/job-k4 --cached-only --cached-env $G1"
-  run job_klein4b_ab     300 $J
+  # and without cuDNN's attention (MLX's own SDPA kernels): do its per-shape plans make the first step
+  # of each token count cost 8-10 s in a run whose kernels are all built?
+  NOSDPA="MLX_CUDA_USE_CUDNN_SDPA=0"
+  J="python3 scripts/job_benchmark.py --model klein-4b --work /tmp/job-k4 --cached-only --cached-env $G1 --cached-env $NOSDPA"
+  [ -n "${DRY:-}" ] && J="python3 scripts/job_benchmark.py --tiny --work /tmp/job-k4 --cached-only --cached-env $G1 --cached-env $NOSDPA"
+  run job_klein4b_ab     330 $J
   cp /tmp/job-k4/job_benchmark.json "$OUT/job-klein4b-ab.json" 2>/dev/null
   run k4_plain_1         40 $B --model klein-4b
   run k4_plain_g1_1      40 env $G1 $B --model klein-4b

@@ -32,6 +32,7 @@ def test_tiny_benchmark_prints_its_figures(plain):
     assert 0 < r["median_s_per_step"] < 60 and r["host_s"] <= r["mean_s_per_step"] * 3
     assert r["peak_memory_bytes"] > r["weights_gb"] * 1e9 > 0
     assert r["tflop_per_step"] > 0 and r["tokens_per_s"] > 0
+    assert len(r["warmup_step_s"]) == 1 and r["warmup_step_s"][0] > 0  # the first step: trace, compile, builds
     assert r["device"].startswith("Device(cpu") and r["mlx"]
 
 
