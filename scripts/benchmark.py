@@ -224,11 +224,12 @@ def compare(args, cfg, dtype, limit) -> dict:
                   prompt_embeds=mx.random.normal((args.batch, args.text_len, cfg.joint_attention_dim)).astype(dtype),
                   img_ids=image_ids(args.resolution, args.resolution), txt_ids=txt_ids)
     runs = []
-    for entry in args.compare.split(","):
-        kind, _, factor = entry.partition(":")
+    for entry in args.compare.split(","):  # TYPE[:FACTOR][@RANK] (RANK: this rank instead of the matched one)
+        spec, _, fixed = entry.partition("@")
+        kind, _, factor = spec.partition(":")
         factor = int(factor) if factor else -1
         model = copy.deepcopy(base)
-        rank = matched_rank(cfg, args, kind, factor, args.decompose_both)
+        rank = int(fixed) if fixed else matched_rank(cfg, args, kind, factor, args.decompose_both)
         apply_lora(model, rank=rank, alpha=float(rank), targets=args.targets, type=kind,
                    **({"factor": factor, "decompose_both": args.decompose_both} if kind == "lokr" else {}))
         model.set_gradient_checkpointing(args.checkpointing)
@@ -273,7 +274,8 @@ def main(argv=None):
     ap.add_argument("--adapter", default="lora", choices=["lora", "lokr", "loha", "dora"], help="lora.type")
     ap.add_argument("--factor", type=int, default=-1, help="LoKr: LyCORIS's factor (-1 = automatic)")
     ap.add_argument("--decompose-both", action="store_true", help="LoKr: factor W1 too")
-    ap.add_argument("--compare", default=None, help="TYPE[,TYPE|lokr:FACTOR...]: interleaved plain steps of each")
+    ap.add_argument("--compare", default=None, help="TYPE[,TYPE|lokr:FACTOR|TYPE@RANK...]: interleaved plain steps of each "
+                    "(at the rank matching --rank LoRA's parameter count, or @RANK)")
     ap.add_argument("--adapter-rank", type=int, default=None,
                     help="the adapter's rank (default: the one whose parameter count is closest to rank --rank LoRA's)")
     ap.add_argument("--control", type=int, default=0,

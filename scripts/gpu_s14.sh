@@ -6,7 +6,7 @@
 #         (mflux2 runs MLX's CUDA backend without CUDA graphs unless MLX_USE_CUDA_GRAPHS is exported)
 #   ab    (call 3): the cached job again without and with CUDA graphs (MLX_USE_CUDA_GRAPHS=1), a whole-job
 #         A/B, and without cuDNN's attention (the first step of each shape); then issue 33's step rows, graphs off (the default) and on, interleaved: plain,
-#         checkpointed, DOP; klein-9b int8 + checkpointing
+#         checkpointed, DOP; LoHa against a LoRA of its product's rank; klein-9b int8 + checkpointing
 #   peers (call 1 instead of stage, torch only, before MLX is installed): the strongest checkpointed peer
 #         on this card, then the plain and DOP ones as the budget allows
 # Run from the root of the checkout: bash scripts/gpu_s14.sh MODE [PEERS_DIR]
@@ -40,6 +40,8 @@ ab)  # after `job` on the same machine: the cached job without and with CUDA gra
   run k4_ckpt_g1         40 env $G1 $B --model klein-4b --checkpointing 1
   run k4_dop             50 $B --model klein-4b --mode dop
   run k4_dop_g1          40 env $G1 $B --model klein-4b --mode dop
+  # issue 32: is LoHa (rank 16: a rank-256 product) as costly as a rank-256 LoRA, i.e. at its floor?
+  run k4_loha_floor      80 python3 scripts/benchmark.py --model klein-4b --compare lora,loha,lora@256 --steps 20
   run k9_int8_ckpt      100 $B --model klein-9b --base int8 --checkpointing 1 --steps 4 --warmup 2
   run k4_plain_2         40 $B --model klein-4b
   run k4_plain_g1_2      40 env $G1 $B --model klein-4b

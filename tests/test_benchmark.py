@@ -81,3 +81,13 @@ def test_masked_interleaved_times_masked_and_unmasked_steps_in_turn():
     assert r["masked"] == "interleaved" and r["loss_finite"] is True
     assert r["masked_median_s"] > 0 and r["unmasked_median_s"] > 0 and r["masked_ratio"] > 0
     assert r["masked_ratio_iqr"][0] <= r["masked_ratio_iqr"][1]
+
+
+def test_compare_runs_each_type_at_its_matched_rank_or_the_one_given():
+    r = bench("--compare", "lora,loha,lora@4")
+    rows = {row["entry"]: row for row in r["compare"]}
+    assert list(rows) == ["lora", "loha", "lora@4"]
+    assert rows["lora"]["rank"] == 32 and rows["lora@4"]["rank"] == 4
+    assert rows["lora@4"]["params"] * 8 == rows["lora"]["params"]  # LoRA's count is linear in its rank
+    assert abs(rows["loha"]["params"] - rows["lora"]["params"]) <= 0.05 * rows["lora"]["params"]
+    assert all(row["median_s_per_step"] > 0 for row in rows.values())
