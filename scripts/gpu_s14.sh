@@ -15,7 +15,8 @@ P=${2:-.gpu/peers}
 . "$(dirname "$0")/gpu_rows.sh"  # OUT, BUDGET, left, run, machine_info, peer_wheels
 B="python3 scripts/benchmark.py --steps ${STEPS:-15} --warmup ${WARMUP:-3}"
 [ -n "${DRY:-}" ] && B="python3 scripts/benchmark.py --steps 1 --warmup 1 --tiny"
-G1="MLX_USE_CUDA_GRAPHS=1"  # MLX's own default: the step's kernels batched into CUDA graphs
+G1="MLX_USE_CUDA_GRAPHS=1"
+OFF="MFLUX2_CUDA_ROPE=0 MFLUX2_CUDA_DEQUANTIZE=0"  # our CUDA kernels off: the graph a Mac runs  # MLX's own default: the step's kernels batched into CUDA graphs
 machine_info
 case ${1:-} in
 stage) ;;
@@ -36,6 +37,7 @@ ab)  # after `job` on the same machine: the cached job without and with CUDA gra
   cp /tmp/job-k4/job_benchmark.json "$OUT/job-klein4b-ab.json" 2>/dev/null
   run k4_plain_1         40 $B --model klein-4b
   run k4_plain_g1_1      40 env $G1 $B --model klein-4b
+  run k4_plain_off       40 env $OFF $B --model klein-4b
   run k4_ckpt            50 $B --model klein-4b --checkpointing 1
   run k4_ckpt_g1         40 env $G1 $B --model klein-4b --checkpointing 1
   run k4_dop             50 $B --model klein-4b --mode dop
