@@ -7,6 +7,7 @@
 #   ab    (call 3): the cached job again without and with CUDA graphs (MLX_USE_CUDA_GRAPHS=1), a whole-job
 #         A/B, and without cuDNN's attention (the first step of each shape); then issue 33's step rows, graphs off (the default) and on, interleaved: plain,
 #         checkpointed, DOP; LoHa against a LoRA of its product's rank; klein-9b int8 + checkpointing
+#   te    (call 4): the text encoder's first prompt with and without cuDNN's attention
 #   peers (call 1 instead of stage, torch only, before MLX is installed): the strongest checkpointed peer
 #         on this card, then the plain and DOP ones as the budget allows
 # Run from the root of the checkout: bash scripts/gpu_s14.sh MODE [PEERS_DIR]
@@ -48,12 +49,21 @@ ab)  # after `job` on the same machine: the cached job without and with CUDA gra
   run k4_plain_2         40 $B --model klein-4b
   run k4_plain_g1_2      40 env $G1 $B --model klein-4b
   ;;
+te)  # after `job` on the same machine: the text encoder's first prompt (10.9 s in session 9) with and
+     # without cuDNN's attention, with the loads beside it (phase_peers.py ours, every line kept)
+  F=/tmp/job-k4/FLUX.2-klein-base-4B
+  [ -n "${DRY:-}" ] && F=/tmp/job-k4/toy-base
+  for v in default nosdpa; do
+    e=""; [ $v = nosdpa ] && e="MLX_CUDA_USE_CUDNN_SDPA=0"
+    run te_ours_$v       120 env $e sh -c "python3 scripts/phase_peers.py ours --folder $F ${DRY:+--tiny} | tee $OUT/te-ours-$v.jsonl"
+  done
+  ;;
 peers)
   peer_wheels "$P"
   run peer_compile_ckpt   150 python3 "$P/torch_step.py" --compile --gradient-checkpointing
   run peer_compile        150 python3 "$P/torch_step.py" --compile
   run peer_compile_dop    150 python3 "$P/torch_step.py" --compile --dop
   ;;
-*) echo "usage: gpu_s14.sh stage|peers|job|ab [PEERS_DIR]" >&2; exit 2 ;;
+*) echo "usage: gpu_s14.sh stage|peers|job|ab|te [PEERS_DIR]" >&2; exit 2 ;;
 esac
 echo "done at $((SECONDS - T0)) s"
