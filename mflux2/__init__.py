@@ -6,7 +6,7 @@ import os as _os
 
 # MLX's CUDA backend reads these once, at its first kernel, so they are set before any mflux2 code runs
 # one; a value the user exported wins. CUDA graphs off: on an H100 the klein-4b training step ran
-# 0.057 s without them against 0.061-0.066 s with MLX's defaults (docs/performance.md, "CUDA graphs").
+# 0.057 s without them against 0.061-0.066 s with MLX's defaults (docs/performance.md, "CUDA graphs off").
 # Only the CUDA backend reads them (Metal and the CPU ignore them).
 MLX_RUNTIME_DEFAULTS = {"MLX_USE_CUDA_GRAPHS": "0"}
 for _k, _v in MLX_RUNTIME_DEFAULTS.items():

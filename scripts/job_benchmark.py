@@ -14,7 +14,12 @@ model.validation_path for the distilled folder) overridden. The second run start
 folder holding the first run's caches (latents, text embeddings, baseline images), so it skips the
 text encoder, the VAE encoder and the baseline's rendering.
 
-Prints one JSON line: for each run wall_s, phases (name -> s), phase_peak_gb, peak_gb, steps,
+`--cached-env VAR=VALUE` adds a run with the caches per variable, with that variable set (a
+whole-job A/B on one machine, e.g. MLX_USE_CUDA_GRAPHS=1); `--cached-only` skips the cold run and
+reuses the caches an earlier invocation left in --work.
+
+Prints a JSON line after each run, the last one the whole result (also in WORK/job_benchmark.json,
+so a run cut off by a time limit keeps the runs that finished): for each run wall_s, phases (name -> s), phase_peak_gb, peak_gb, steps,
 median_step_s, the share of the job that is not training steps, and phases_sum_s (it must match
 wall_s: every second of the run is in a phase); and `preflight_vs_measured`: the peak per phase that
 `mflux2-train --dry-run` predicted for the cold run next to the one measured (they should agree
