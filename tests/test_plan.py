@@ -284,3 +284,12 @@ def test_each_problem_is_its_own_line(tmp_path, capsys):
     assert rc == 1
     problems = [line for line in text.splitlines() if line.startswith("  - ")]
     assert problems and all(";" not in p.split(":", 1)[0] for p in problems)
+
+
+def test_the_plan_says_whether_mlx_runs_cuda_graphs(monkeypatch):
+    monkeypatch.setenv("MLX_USE_CUDA_GRAPHS", "0")  # mflux2's default (set on import)
+    assert "MLX on CUDA: graphs off (MLX_USE_CUDA_GRAPHS)" in cat_toy_plan("configs/cat-toy.yaml").lines()
+    monkeypatch.setenv("MLX_USE_CUDA_GRAPHS", "1")
+    assert "MLX on CUDA: graphs on (MLX_USE_CUDA_GRAPHS)" in cat_toy_plan("configs/cat-toy.yaml").lines()
+    mac = P.mac(64)
+    assert not any(line.startswith("MLX on CUDA") for line in cat_toy_plan("configs/cat-toy.yaml", mac).lines())

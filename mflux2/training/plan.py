@@ -287,6 +287,9 @@ class RunPlan:
                f"validation images: {self.validation}" + (f" ({self.validation_model_gb:.1f} GB)" if self.validation_model_gb else ""),
                "buckets: " + (", ".join(f"{w}x{h} ({n})" for (w, h), n in sorted(self.buckets.items())) or "-"),
                f"text cache: {self.prompts} prompt(s); disk: {self.disk_gb:.2f} GB for the caches and {self.checkpoints_kept} checkpoint(s)"]
+        if self.machine.cuda:  # MLX's CUDA settings, read once per process (mflux2/__init__.py sets the default)
+            out.append("MLX on CUDA: graphs " + ("on" if os.environ.get("MLX_USE_CUDA_GRAPHS", "1") != "0" else "off")
+                       + " (MLX_USE_CUDA_GRAPHS)")
         out += self.choices
         out.append("peak memory per phase:")
         for p in self.phases:
