@@ -5,8 +5,9 @@
 #   job   (call 2, after .gpu/py/stage.sh b): issue 34's klein-4b cat-toy job, cold then with its caches
 #         (mflux2 runs MLX's CUDA backend without CUDA graphs unless MLX_USE_CUDA_GRAPHS is exported)
 #   ab    (call 3): the cached job again without and with CUDA graphs (MLX_USE_CUDA_GRAPHS=1), a whole-job
-#         A/B, and without cuDNN's attention (the first step of each shape); then issue 33's step rows, graphs off (the default) and on, interleaved: plain,
-#         checkpointed, DOP; LoHa against a LoRA of its product's rank; klein-9b int8 + checkpointing
+#         A/B, and without cuDNN's attention (the first step of each shape); then issue 33's step rows,
+#         graphs off (the default) and on, interleaved: plain, checkpointed, DOP; LoHa against a LoRA of
+#         its product's rank; klein-9b int8 + checkpointing
 #   te    (call 4): the text encoder's first prompt with and without cuDNN's attention
 #   peers (call 1 instead of stage, torch only, before MLX is installed): the strongest checkpointed peer
 #         on this card, then the plain and DOP ones as the budget allows
@@ -16,8 +17,8 @@ P=${2:-.gpu/peers}
 . "$(dirname "$0")/gpu_rows.sh"  # OUT, BUDGET, left, run, machine_info, peer_wheels
 B="python3 scripts/benchmark.py --steps ${STEPS:-15} --warmup ${WARMUP:-3}"
 [ -n "${DRY:-}" ] && B="python3 scripts/benchmark.py --steps 1 --warmup 1 --tiny"
-G1="MLX_USE_CUDA_GRAPHS=1"
-OFF="MFLUX2_CUDA_ROPE=0 MFLUX2_CUDA_DEQUANTIZE=0"  # our CUDA kernels off: the graph a Mac runs  # MLX's own default: the step's kernels batched into CUDA graphs
+G1="MLX_USE_CUDA_GRAPHS=1"  # MLX's own default: the step's kernels batched into CUDA graphs
+OFF="MFLUX2_CUDA_ROPE=0 MFLUX2_CUDA_DEQUANTIZE=0"  # our CUDA kernels off: the graph a Mac runs
 machine_info
 case ${1:-} in
 stage) ;;
@@ -28,9 +29,9 @@ job)  # the cold run builds this machine's kernels (~3 min on a fresh one), so t
   run job_klein4b        580 $J
   cp /tmp/job-k4/job_benchmark.json "$OUT/job-klein4b.json" 2>/dev/null
   ;;
-ab)  # after `job` on the same machine: the cached job without and with CUDA graphs, then the step rows
-  # and without cuDNN's attention (MLX's own SDPA kernels): do its per-shape plans make the first step
-  # of each token count cost 8-10 s in a run whose kernels are all built?
+ab)  # after `job` on the same machine: the cached job without and with CUDA graphs, and without cuDNN's
+  # attention (MLX's own SDPA): do its per-shape plans make the first step of each token count cost
+  # 8-10 s in a run whose kernels are all built? Then the step rows.
   NOSDPA="MLX_CUDA_USE_CUDNN_SDPA=0"
   J="python3 scripts/job_benchmark.py --model klein-4b --work /tmp/job-k4 --cached-only --cached-env $G1 --cached-env $NOSDPA"
   [ -n "${DRY:-}" ] && J="python3 scripts/job_benchmark.py --tiny --work /tmp/job-k4 --cached-only --cached-env $G1 --cached-env $NOSDPA"
@@ -51,8 +52,7 @@ ab)  # after `job` on the same machine: the cached job without and with CUDA gra
   ;;
 te)  # after `job` on the same machine: the text encoder's first prompt (10.9 s in session 9) with and
      # without cuDNN's attention, with the loads beside it (phase_peers.py ours, every line kept)
-  F=/tmp/job-k4/FLUX.2-klein-base-4B
-  [ -n "${DRY:-}" ] && F=/tmp/job-k4/toy-base
+  F=/tmp/job-k4/FLUX.2-klein-base-4B  # (DRY: --tiny, the toy model instead)
   for v in default nosdpa; do
     e=""; [ $v = nosdpa ] && e="MLX_CUDA_USE_CUDNN_SDPA=0"
     run te_ours_$v       120 env $e sh -c "python3 scripts/phase_peers.py ours --folder $F ${DRY:+--tiny} | tee $OUT/te-ours-$v.jsonl"

@@ -19,11 +19,11 @@ whole-job A/B on one machine, e.g. MLX_USE_CUDA_GRAPHS=1); `--cached-only` skips
 reuses the caches an earlier invocation left in --work.
 
 Prints a JSON line after each run, the last one the whole result (also in WORK/job_benchmark.json,
-so a run cut off by a time limit keeps the runs that finished): for each run wall_s, phases (name -> s), phase_peak_gb, peak_gb, steps,
-median_step_s, the share of the job that is not training steps, and phases_sum_s (it must match
-wall_s: every second of the run is in a phase); and `preflight_vs_measured`: the peak per phase that
-`mflux2-train --dry-run` predicted for the cold run next to the one measured (they should agree
-within 10%).
+so a run cut off by a time limit keeps the runs that finished): for each run wall_s, phases
+(name -> s), phase_peak_gb, peak_gb, steps, median_step_s, the share of the job that is not
+training steps, and phases_sum_s (it must match wall_s: every second of the run is in a phase); and
+`preflight_vs_measured`: the peak per phase that `mflux2-train --dry-run` predicted for the cold run
+next to the one measured (they should agree within 10%).
 """
 
 from __future__ import annotations

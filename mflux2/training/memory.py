@@ -223,10 +223,11 @@ def small_command_batches(cuda: bool | None = None) -> bool:
 def limit_command_batches(checkpointing: int, log=print) -> bool:
     """With gradient checkpointing on CUDA: MLX's command batches of at most 4 operations instead of
     its default (MLX_MAX_OPS_PER_BUFFER; 100 on an H100 or B200, 20 on most other cards). MLX frees
-    the buffers a batch's operations released only once the whole batch has run, so smaller batches free them sooner: on an H200, klein-4b's checkpointed
-    step peaked at 8.76 instead of 9.22 GB (bf16) at the same speed, 5.28 instead of 5.88 GB (int8,
-    synchronous segments); docs/performance.md. MLX reads the variable once, at its first command,
-    so this runs before anything does; a value already in the environment is kept. Not on Metal
+    the buffers a batch's operations released only once the whole batch has run, so smaller batches
+    free them sooner: on an H200, klein-4b's checkpointed step peaked at 8.76 instead of 9.22 GB
+    (bf16) at the same speed, 5.28 instead of 5.88 GB (int8, synchronous segments);
+    docs/performance.md. MLX reads the variable once, at its first command, so this runs before
+    anything does; a value already in the environment is kept. Not on Metal
     (not measured there) nor the CPU. Returns whether it set the variable."""
     from mflux2.ops.switches import cuda_available
 
