@@ -7,6 +7,7 @@
     python scripts/benchmark.py --profile       # also time the forward alone and forward+backward alone
     python scripts/benchmark.py --control 1 --checkpointing 1   # edit training: 512² target + one 512² reference
     python scripts/benchmark.py --mode dop --dop-prompts 4   # DOP with loss.diff_output_preservation_prompts
+    python scripts/benchmark.py --shapes 512x512,576x448,512x512   # each new shape's first step
     python scripts/benchmark.py --tiny --masked   # masked loss: a random weight per image token
     python scripts/benchmark.py --adapter lokr --factor 8   # LoKr/LoHa/DoRA (lora.type) instead of LoRA
 
@@ -257,6 +258,43 @@ def compare(args, cfg, dtype, limit) -> dict:
     return result
 
 
+def shapes(args, cfg, dtype, limit) -> dict:
+    """The first steps of each image shape in turn, in one process: a bucketed run meets a new token
+    count whenever a bucket first comes up, and each new shape costs what the first step of a run
+    costs less the tracing (kernels built or read from the disk cache; on CUDA cuDNN's attention
+    plans and cuBLASLt's heuristics per shape). Two steps per shape: the first and a warm one."""
+    model = random_transformer(cfg, dtype, args.base, args.group_size)
+    apply_lora(model, rank=args.rank, alpha=float(args.rank), targets=args.targets)
+    model.set_gradient_checkpointing(args.checkpointing)
+    step = TrainStep(model, optim.AdamW(learning_rate=1e-4), StepConfig(compile=not args.no_compile, memory_limit=limit))
+    txt_ids = mx.concatenate([mx.zeros((args.text_len, 3)), mx.arange(args.text_len, dtype=mx.float32)[:, None]], axis=1)
+    prompt = mx.random.normal((args.batch, args.text_len, cfg.joint_attention_dim)).astype(dtype)
+    key, rows = mx.random.key(args.seed), []
+    for spec in args.shapes.split(","):
+        w, _, h = spec.partition("x")
+        w, h = int(w), int(h or w)
+        if w % 16 or h % 16:
+            raise SystemExit(f"--shapes {spec}: width and height must be multiples of 16")
+        batch = Batch(latents=mx.random.normal((args.batch, (w // 16) * (h // 16), cfg.in_channels)).astype(dtype),
+                      prompt_embeds=prompt, img_ids=image_ids(h, w), txt_ids=txt_ids)
+        mx.eval(batch.latents)
+        times = []
+        for _ in range(2):
+            key, sub = mx.random.split(key)
+            t = time.perf_counter()
+            out = step(batch, sub)
+            mx.eval(out["loss"], out["grad_norm"], step.state_arrays())
+            times.append(round(time.perf_counter() - t, 4))
+        rows.append({"shape": f"{w}x{h}", "tokens": (w // 16) * (h // 16), "first_s": times[0], "second_s": times[1]})
+        print(json.dumps(rows[-1]), file=sys.stderr, flush=True)  # as it comes, if the run is cut
+    result = {"shapes": rows, "model": "tiny" if args.tiny else args.model, "text_len": args.text_len, "rank": args.rank,
+              "checkpointing": args.checkpointing, "device": str(mx.default_device()),
+              "env": {k: v for k, v in os.environ.items() if k.startswith(("MLX_", "MFLUX2_"))},
+              "date": date.today().isoformat()}
+    print(json.dumps(result))
+    return result
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="klein-4b", help="klein-4b | klein-9b | dev (and klein-base-*)")
@@ -276,6 +314,8 @@ def main(argv=None):
     ap.add_argument("--decompose-both", action="store_true", help="LoKr: factor W1 too")
     ap.add_argument("--compare", default=None, help="TYPE[,TYPE|lokr:FACTOR|TYPE@RANK...]: interleaved plain steps of each "
                     "(at the rank matching --rank LoRA's parameter count, or @RANK)")
+    ap.add_argument("--shapes", default=None, help="WxH[,WxH...]: the first two steps of each shape in turn, in one "
+                    "process (what a new bucket's first step costs)")
     ap.add_argument("--adapter-rank", type=int, default=None,
                     help="the adapter's rank (default: the one whose parameter count is closest to rank --rank LoRA's)")
     ap.add_argument("--control", type=int, default=0,
@@ -333,6 +373,8 @@ def main(argv=None):
     dtype = getattr(mx, args.dtype)
     if args.compare:
         return compare(args, cfg, dtype, limit)
+    if args.shapes:
+        return shapes(args, cfg, dtype, limit)
     t0 = time.perf_counter()
     model = random_transformer(cfg, dtype, args.base, args.group_size)
     lora_count = lora_parameters(cfg, args.rank, args.targets)

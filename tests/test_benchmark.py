@@ -91,3 +91,13 @@ def test_compare_runs_each_type_at_its_matched_rank_or_the_one_given():
     assert rows["lora@4"]["params"] * 8 == rows["lora"]["params"]  # LoRA's count is linear in its rank
     assert abs(rows["loha"]["params"] - rows["lora"]["params"]) <= 0.05 * rows["lora"]["params"]
     assert all(row["median_s_per_step"] > 0 for row in rows.values())
+
+
+def test_shapes_times_the_first_two_steps_of_each_shape_in_turn():
+    r = bench("--shapes", "64x64,80x48,64x64")
+    assert [row["shape"] for row in r["shapes"]] == ["64x64", "80x48", "64x64"]
+    assert [row["tokens"] for row in r["shapes"]] == [16, 15, 16]
+    assert all(row["first_s"] > 0 and row["second_s"] > 0 for row in r["shapes"])
+    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "benchmark.py"), "--tiny", "--shapes", "64x60"],
+                         capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert out.returncode != 0 and "--shapes 64x60" in out.stderr

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Session 15's GPU calls, back to back on one warm machine; each row has its own time limit and goes to
+# $OUT as it comes (results.jsonl, log.txt, shapes-*.txt).
+#   stage  (call 1): the first half of the MLX wheel only (.gpu/py/stage.sh a)
+#   shapes (call 2, after .gpu/py/stage.sh b): what each new image shape's first step costs (a bucketed
+#          job's step 2 took 8.5 s in a run whose kernels were all on disk): klein-4b, 512² then cat-toy's
+#          other buckets, one process cold (kernels built), one warm, then without cuDNN's attention
+#          (cold for MLX's own attention kernels, then warm) and with CUDA graphs; then issue 32's LoHa
+#          against a LoRA of its product's rank
+#   job    (call 3): klein-9b int8 + checkpointing (issue 33's target), then issue 34's klein-4b cat-toy
+#          job, cold then with its caches (job_benchmark.json written after each run)
+# Run from the root of the checkout: bash scripts/gpu_s15.sh MODE
+set -uo pipefail
+. "$(dirname "$0")/gpu_rows.sh"  # OUT, BUDGET, left, run, machine_info
+B="python3 scripts/benchmark.py --steps ${STEPS:-15} --warmup ${WARMUP:-3}"
+S="python3 scripts/benchmark.py --model klein-4b --shapes 512x512,576x448,448x576,640x384,512x512"
+[ -n "${DRY:-}" ] && B="python3 scripts/benchmark.py --steps 1 --warmup 1 --tiny" \
+  && S="python3 scripts/benchmark.py --tiny --shapes 64x64,80x48,48x80,64x64"
+machine_info
+case ${1:-} in
+stage) ;;
+shapes)
+  python3 -c 'import mlx.core as mx; print("mlx", mx.__version__, mx.default_device(), mx.device_info().get("device_name"))' | tee -a "$OUT/gpu.txt"
+  for v in cold warm nosdpa_cold nosdpa_warm graphs; do
+    e="MFLUX2_ROW=$v"
+    case $v in nosdpa*) e="MLX_CUDA_USE_CUDNN_SDPA=0" ;; graphs) e="MLX_USE_CUDA_GRAPHS=1" ;; esac
+    run shapes_$v 200 env $e sh -c "$S 2> $OUT/shapes-$v.txt"
+  done
+  run k4_loha_floor 80 python3 scripts/benchmark.py --model klein-4b --compare lora,loha,lora@256 --steps 20 ${DRY:+--tiny}
+  ;;
+job)
+  run k9_int8_ckpt 100 $B --model klein-9b --base int8 --checkpointing 1 --steps 4 --warmup 2
+  J="python3 scripts/job_benchmark.py --model klein-4b --work /tmp/job-k4 --runs 2"
+  [ -n "${DRY:-}" ] && J="python3 scripts/job_benchmark.py --tiny --work /tmp/job-k4 --runs 2"
+  run job_klein4b 560 $J
+  cp /tmp/job-k4/job_benchmark.json "$OUT/job-klein4b.json" 2>/dev/null
+  ;;
+*) echo "usage: gpu_s15.sh stage|shapes|job" >&2; exit 2 ;;
+esac
+echo "done at $((SECONDS - T0)) s"
