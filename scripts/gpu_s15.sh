@@ -5,8 +5,8 @@
 #   shapes (call 2, after .gpu/py/stage.sh b): what each new image shape's first step costs (a bucketed
 #          job's step 2 took 8.5 s in a run whose kernels were all on disk): klein-4b, 512² then cat-toy's
 #          other buckets, one process cold (kernels built), one warm, then without cuDNN's attention
-#          (cold for MLX's own attention kernels, then warm) and with CUDA graphs; then issue 32's LoHa
-#          against a LoRA of its product's rank
+#          (cold for MLX's own attention kernels, then warm); issue 32's LoHa against a LoRA of its
+#          product's rank; the shapes with CUDA graphs
 #   job    (call 3): klein-9b int8 + checkpointing (issue 33's target), then issue 34's klein-4b cat-toy
 #          job, cold then with its caches (job_benchmark.json written after each run)
 # Run from the root of the checkout: bash scripts/gpu_s15.sh MODE
@@ -21,12 +21,15 @@ case ${1:-} in
 stage) ;;
 shapes)
   python3 -c 'import mlx.core as mx; print("mlx", mx.__version__, mx.default_device(), mx.device_info().get("device_name"))' | tee -a "$OUT/gpu.txt"
-  for v in cold warm nosdpa_cold nosdpa_warm graphs; do
-    e="MFLUX2_ROW=$v"
-    case $v in nosdpa*) e="MLX_CUDA_USE_CUDNN_SDPA=0" ;; graphs) e="MLX_USE_CUDA_GRAPHS=1" ;; esac
-    run shapes_$v 200 env $e sh -c "$S 2> $OUT/shapes-$v.txt"
-  done
-  run k4_loha_floor 80 python3 scripts/benchmark.py --model klein-4b --compare lora,loha,lora@256 --steps 20 ${DRY:+--tiny}
+  shapes() {  # name, limit, environment
+    run shapes_$1 $2 env $3 sh -c "$S 2> $OUT/shapes-$1.txt"
+  }
+  shapes cold 220 MFLUX2_ROW=cold  # (a no-op variable: env needs one)
+  shapes warm 80 MFLUX2_ROW=warm
+  shapes nosdpa_cold 150 MLX_CUDA_USE_CUDNN_SDPA=0
+  shapes nosdpa_warm 80 MLX_CUDA_USE_CUDNN_SDPA=0
+  run k4_loha_floor 120 python3 scripts/benchmark.py --model klein-4b --compare lora,loha,lora@256 --steps 20 ${DRY:+--tiny}
+  shapes graphs 80 MLX_USE_CUDA_GRAPHS=1
   ;;
 job)
   run k9_int8_ckpt 100 $B --model klein-9b --base int8 --checkpointing 1 --steps 4 --warmup 2

@@ -14,7 +14,8 @@ the same data:
     dop-x1.5, dop-x2   (references, not run by default) DOP alone with multiplier 1.5 / 2
     reg           (not run by default) no DOP; data/toy/shape-reg, the base model's own "shape" images
                   (mflux2-regset), as a regularisation set beside the subject; reg-w0.5 with its loss
-                  weighted 0.5, reg-subject-x2 with the subject's images repeated twice
+                  weighted 0.5, reg-subject-x2 with the subject's images repeated twice, reg-48 with
+                  data/toy/shape-reg-48 (48 images of 8 class prompts: a set the size users make)
 
 then renders held-out prompts of three groups with the base model and with each LoRA, image for image
 with the same initial noise (`--seeds` per prompt), at the quickstart's validation settings (20 steps,
@@ -85,13 +86,16 @@ MODES = {
     "reg-w0.5": {"loss.diff_output_preservation": False},  # the set's loss weighted 0.5
     "reg-subject-x2": {"loss.diff_output_preservation": False},  # the subject's images with repeats 2
     "reg-w1.5": {"loss.diff_output_preservation": False},  # the set's loss weighted 1.5 (diffusers' prior_loss_weight)
+    "reg-48": {"loss.diff_output_preservation": False},  # a set of 48 images (8 prompts × 6) instead of 12
 }
 REG = ROOT / "data" / "toy" / "shape-reg"
+REG_48 = ROOT / "data" / "toy" / "shape-reg-48"
 # modes that train a `datasets:` list instead of the quickstart's one folder
 DATASETS = {"reg": [{"path": str(DATA)}, {"path": str(REG), "is_regularization": True}],
             "reg-w0.5": [{"path": str(DATA)}, {"path": str(REG), "is_regularization": True, "loss_weight": 0.5}],
             "reg-subject-x2": [{"path": str(DATA), "repeats": 2}, {"path": str(REG), "is_regularization": True}],
-            "reg-w1.5": [{"path": str(DATA)}, {"path": str(REG), "is_regularization": True, "loss_weight": 1.5}]}
+            "reg-w1.5": [{"path": str(DATA)}, {"path": str(REG), "is_regularization": True, "loss_weight": 1.5}],
+            "reg-48": [{"path": str(DATA)}, {"path": str(REG_48), "is_regularization": True}]}
 DEFAULT_MODES = ("none", "dop", "dop+prompts")
 # The evaluation prompts: colour pairs (red/blue and green/white occur in the subject's captions,
 # yellow/purple and white/red do not); the trigger group has four more pairs, so the subject score
