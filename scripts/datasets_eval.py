@@ -285,6 +285,7 @@ def main(argv=None) -> dict:
     ap.add_argument("what", choices=("masks", "reg"))
     ap.add_argument("--steps", type=int, default=150)
     ap.add_argument("--seed", default="0,1", help="training seeds, comma-separated")
+    ap.add_argument("--modes", default="none,dop,reg", help="reg: preservation_eval's modes to train (reg-48: the 48-image set)")
     ap.add_argument("--aligned", action="store_true", help="masks: snapped to the token grid, clutter only outside them")
     ap.add_argument("--size", type=int, default=64, help="masks: the images' size in pixels (a multiple of 16)")
     ap.add_argument("--no-gradient", action="store_true", help="masks: skip the first-step gradient measure")
@@ -297,7 +298,7 @@ def main(argv=None) -> dict:
     if a.what == "masks":
         result = masks(a.steps, seeds, root, a.aligned, a.size, log=log, gradients=not a.no_gradient, draws=a.draws)
     else:
-        result = reg(a.steps, seeds, root, log=log)
+        result = reg(a.steps, seeds, root, modes=tuple(a.modes.split(",")), log=log)
     print(json.dumps(result))
     return result
 

@@ -55,7 +55,7 @@ def test_the_datasets_quickstart_dry_run_lists_its_three_datasets(capsys, monkey
     assert "fits" in out
     assert "star: 16 image(s) × repeats 2 = 32" in out
     assert "cross: 8 image(s) × repeats 2 = 16" in out and "masks 8 found, 0 missing" in out
-    assert "shape-reg: 12 image(s) beside the subject: 1 with every step's 1 subject sample(s), all of them every 12 steps" in out
+    assert "shape-reg-48: 48 image(s) beside the subject: 1 with every step's 1 subject sample(s), all of them every 48 steps" in out
     assert "regularisation set" in out
 
 
