@@ -262,13 +262,18 @@ def shapes(args, cfg, dtype, limit) -> dict:
     """The first steps of each image shape in turn, in one process: a bucketed run meets a new token
     count whenever a bucket first comes up, and each new shape costs what the first step of a run
     costs less the tracing (kernels built or read from the disk cache; on CUDA cuDNN's attention
-    plans and cuBLASLt's heuristics per shape). Two steps per shape: the first and a warm one."""
+    plans and cuBLASLt's heuristics per shape). Per shape: the first step, the second, the median of
+    the second and `--shape-steps` more, and the peak of them all."""
+    if args.mode == "dop-every":
+        raise SystemExit("--shapes takes --mode plain or dop")
     model = random_transformer(cfg, dtype, args.base, args.group_size)
     apply_lora(model, rank=args.rank, alpha=float(args.rank), targets=args.targets)
     model.set_gradient_checkpointing(args.checkpointing)
-    step = TrainStep(model, optim.AdamW(learning_rate=1e-4), StepConfig(compile=not args.no_compile, memory_limit=limit))
+    step = TrainStep(model, optim.AdamW(learning_rate=1e-4),
+                     StepConfig(guidance=1.0 if cfg.guidance_embeds else None, compile=not args.no_compile, memory_limit=limit))
     txt_ids = mx.concatenate([mx.zeros((args.text_len, 3)), mx.arange(args.text_len, dtype=mx.float32)[:, None]], axis=1)
     prompt = mx.random.normal((args.batch, args.text_len, cfg.joint_attention_dim)).astype(dtype)
+    dop_prompt = mx.random.normal(prompt.shape).astype(dtype) if args.mode == "dop" else None
     key, rows = mx.random.key(args.seed), []
     for spec in args.shapes.split(","):
         w, _, h = spec.partition("x")
@@ -276,18 +281,20 @@ def shapes(args, cfg, dtype, limit) -> dict:
         if w % 16 or h % 16:
             raise SystemExit(f"--shapes {spec}: width and height must be multiples of 16")
         batch = Batch(latents=mx.random.normal((args.batch, (w // 16) * (h // 16), cfg.in_channels)).astype(dtype),
-                      prompt_embeds=prompt, img_ids=image_ids(h, w), txt_ids=txt_ids)
+                      prompt_embeds=prompt, img_ids=image_ids(h, w), txt_ids=txt_ids, dop_embeds=dop_prompt)
         mx.eval(batch.latents)
+        mx.reset_peak_memory()
         times = []
-        for _ in range(2):
+        for _ in range(2 + args.shape_steps):
             key, sub = mx.random.split(key)
             t = time.perf_counter()
-            out = step(batch, sub)
+            out = step(batch, sub, dop=args.mode == "dop")
             mx.eval(out["loss"], out["grad_norm"], step.state_arrays())
             times.append(round(time.perf_counter() - t, 4))
-        rows.append({"shape": f"{w}x{h}", "tokens": (w // 16) * (h // 16), "first_s": times[0], "second_s": times[1]})
+        rows.append({"shape": f"{w}x{h}", "tokens": (w // 16) * (h // 16), "first_s": times[0], "second_s": times[1],
+                     "median_s": round(statistics.median(times[1:]), 5), "peak_gb": round(mx.get_peak_memory() / 1e9, 3)})
         print(json.dumps(rows[-1]), file=sys.stderr, flush=True)  # as it comes, if the run is cut
-    result = {"shapes": rows, "model": "tiny" if args.tiny else args.model, "text_len": args.text_len, "rank": args.rank,
+    result = {"shapes": rows, "model": "tiny" if args.tiny else args.model, "mode": args.mode, "base": args.base, "text_len": args.text_len, "rank": args.rank,
               "checkpointing": args.checkpointing, "device": str(mx.default_device()),
               "env": {k: v for k, v in os.environ.items() if k.startswith(("MLX_", "MFLUX2_"))},
               "date": date.today().isoformat()}
@@ -316,6 +323,7 @@ def main(argv=None):
                     "(at the rank matching --rank LoRA's parameter count, or @RANK)")
     ap.add_argument("--shapes", default=None, help="WxH[,WxH...]: the first two steps of each shape in turn, in one "
                     "process (what a new bucket's first step costs)")
+    ap.add_argument("--shape-steps", type=int, default=0, help="--shapes: this many more steps per shape (their median)")
     ap.add_argument("--adapter-rank", type=int, default=None,
                     help="the adapter's rank (default: the one whose parameter count is closest to rank --rank LoRA's)")
     ap.add_argument("--control", type=int, default=0,

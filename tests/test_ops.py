@@ -127,6 +127,10 @@ def sabotage(monkeypatch, op: str, how: str) -> None:
     elif op == "conv_gemm":  # the GEMM convolutions (stride 1 and strided)
         wrap(conv, "_conv_stride1")
         wrap(conv, "_conv_im2col")
+    elif op == "sdpa_pad":
+        from mflux2.ops import attention
+
+        wrap(attention, "_padded")
     elif op == "group_norm":  # the affine step after layer_norm (the fallback has its own)
         wrap(conv, "_affine")
         wrap(conv, "_affine_silu")
@@ -150,7 +154,7 @@ def test_each_switch_picks_the_fallback(monkeypatch):
     """The environment variable, `using` and the per-call argument all pick the path; `using` wins
     over the environment and the argument over both."""
     assert set(ops.SWITCHES) >= {"rope", "rope_cuda", "rms_frozen", "norm_rope", "modulate_ln", "layer_norm_cuda", "swiglu", "split_views", "flat_views",
-                                 "qkv_parts", "linear", "dequantize_cuda", "conv_gemm", "group_norm"}
+                                 "qkv_parts", "linear", "dequantize_cuda", "conv_gemm", "group_norm", "sdpa_pad"}
     for name, var in ops.SWITCHES.items():
         monkeypatch.delenv(var, raising=False)
         assert ops.is_fast(name) == switches.BACKEND_DEFAULTS.get(name, {}).get(switches.backend(), True)

@@ -25,7 +25,7 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from mflux2.models.quantization import load_weights, quant_settings
-from mflux2.ops import (apply_rope, linear, linear_concat, modulate, norm_rope, norm_rope_fused, qkv_split, rms_norm_frozen, rope_table,
+from mflux2.ops import (apply_rope, attention_tokens, linear, linear_concat, modulate, norm_rope, norm_rope_fused, qkv_split, rms_norm_frozen, rope_table,
                         split_views, swiglu)
 from mflux2.weights import WeightsError, check_keys, iter_tensors, read_config, resolve_component, safetensors_files
 
@@ -180,10 +180,9 @@ def attention(q: mx.array, k: mx.array, v: mx.array, rope) -> mx.array:
     views and (on CUDA) writes its output in the same layout, so merging the heads is free."""
     if rope is not None:  # (None: q and k rotated already)
         q, k = apply_rope(q, rope), apply_rope(k, rope)
-    t = lambda a: a.transpose(0, 2, 1, 3)  # noqa: E731  [B, N, H, d] -> [B, H, N, d] (a view)
-    out = mx.fast.scaled_dot_product_attention(t(q), t(k), t(v), scale=q.shape[-1] ** -0.5)
-    b, h, n, d = out.shape
-    return out.transpose(0, 2, 1, 3).reshape(b, n, h * d)
+    out = attention_tokens(q, k, v, scale=q.shape[-1] ** -0.5)  # [B, N, H, d] (mflux2.ops.attention)
+    b, n, h, d = out.shape
+    return out.reshape(b, n, h * d)
 
 
 class SwiGLU(nn.Module):

@@ -14,6 +14,7 @@
 | qkv_parts | gemm.py | q, k, v (and the single blocks' MLP part) from one GEMM each, contiguous; a LoRA's down-projection shared by the parts | one fused GEMM split into strided views |
 | linear | gemm.py | GEMMs per output part, LoRA as accumulator, quantized weights dequantised by tile; on CUDA an int8 dequantisation kernel (dequantize_cuda) | layer(x) |
 | conv2d (conv_gemm) | conv.py | convolutions as GEMMs through mx.matmul (default on the CPU only) | mx.conv2d |
+| sdpa_pad | attention.py (`attention_tokens`) | attention padded to a multiple of 128 tokens, the padding hidden as keys by a mask: cuDNN's fused backward on CUDA instead of the unfused formula (off until measured) | the sequence as it is |
 | group_norm | conv.py | GroupNorm through mx.fast.layer_norm, nothing evaluated, SiLU fused (default on CUDA only) | chunked float32 statistics, each chunk evaluated |
 
 One switch per op (`switches.SWITCHES`: an environment variable each, `using(op=False)` in code,
@@ -25,6 +26,7 @@ kernels included. A new kernel goes into its op's module, behind a switch of its
 sabotage entry in tests/test_ops.py.
 """
 
+from mflux2.ops.attention import attention_reference, attention_tokens
 from mflux2.ops.conv import conv2d, conv2d_reference, group_norm, group_norm_reference
 from mflux2.ops.gemm import linear, linear_concat, linear_reference, linear_split, qkv_split
 from mflux2.ops.norm import modulate, rms_norm_frozen
@@ -33,6 +35,6 @@ from mflux2.ops.split import flat_views, split_views
 from mflux2.ops.glu import swiglu, swiglu_reference
 from mflux2.ops.switches import SWITCHES, cuda_available, is_fast, using
 
-__all__ = ["SWITCHES", "apply_rope", "conv2d", "conv2d_reference", "cuda_available", "group_norm", "group_norm_reference", "flat_views", "is_fast", "linear", "linear_concat",
+__all__ = ["SWITCHES", "apply_rope", "attention_reference", "attention_tokens", "conv2d", "conv2d_reference", "cuda_available", "group_norm", "group_norm_reference", "flat_views", "is_fast", "linear", "linear_concat",
            "linear_reference", "linear_split", "modulate", "rms_norm_frozen", "rope_reference", "rope_table", "split_views", "swiglu",
            "swiglu_reference", "using"]

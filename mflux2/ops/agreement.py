@@ -16,6 +16,7 @@ from mflux2.ops import gemm as L
 from mflux2.ops.rope import apply_rope, rope_table
 from mflux2.ops.split import Transposed, flat_views, split_views
 from mflux2.ops.glu import swiglu
+from mflux2.ops.attention import attention_tokens
 from mflux2.ops.switches import cuda_available, using
 
 TOLERANCE = 1e-4
@@ -236,6 +237,16 @@ def _group_norm() -> float:
     return max(errs)
 
 
+def _sdpa_pad() -> float:
+    """Sequences of 1 to 127 tokens past a multiple of 128 (text + image tokens as a bucket gives),
+    and an exact multiple (nothing padded)."""
+    errs = []
+    for n in (200, 130, 256):
+        q, k, v = (mx.random.normal((2, n, 3, 16)) for _ in range(3))
+        errs.append(_agree(lambda q, k, v: attention_tokens(q, k, v, 0.25), [q, k, v], {"sdpa_pad": True}, {"sdpa_pad": False}))
+    return max(errs)
+
+
 CHECKS = {  # name -> (check, whether it needs CUDA)
     "rope": (lambda: _rope(kernel=False), False),
     "rope_cuda": (lambda: _rope(kernel=True), True),
@@ -252,6 +263,7 @@ CHECKS = {  # name -> (check, whether it needs CUDA)
     "dequantize_cuda": (lambda: max(_linear(quantized=True, kernel=True), _dequantize_tile()), True),
     "conv_gemm": (_conv_gemm, False),
     "group_norm": (_group_norm, False),
+    "sdpa_pad": (_sdpa_pad, False),
 }
 
 

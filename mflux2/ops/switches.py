@@ -29,6 +29,7 @@ SWITCHES = {  # op -> environment variable ("0": the fallback)
     "layer_norm_cuda": "MFLUX2_CUDA_LAYER_NORM",  # (on CUDA; wins over "modulate_ln") our weightless LayerNorm kernel pair, the modulation elementwise | MLX's layer_norm
     "conv_gemm": "MFLUX2_FAST_CONV",  # convolutions as GEMMs (mx.matmul) | mx.conv2d
     "group_norm": "MFLUX2_FAST_GROUPNORM",  # GroupNorm through mx.fast.layer_norm, unevaluated | chunked float32 statistics
+    "sdpa_pad": "MFLUX2_SDPA_PAD",  # attention padded to 128-token multiples, the padding masked (cuDNN's backward on CUDA) | as it is
 }
 # Where a fast path is not the faster (or not measured) on a backend, its default there is the
 # fallback; the environment variable and `using` still choose. Backends: "cuda", "metal", "cpu".
@@ -55,6 +56,11 @@ BACKEND_DEFAULTS = {  # measured: docs/performance.md, "The VAE" (H100, 2026-12-
     # MFLUX2_CUDA_LAYER_NORM=1 turn them on); layer_norm_cuda never runs off CUDA
     "modulate_ln": {"cuda": False, "metal": False, "cpu": False},
     "layer_norm_cuda": {"cuda": False},
+    # the padded attention (issue 34, buckets whose sequence is not a multiple of 128): on CUDA it
+    # should turn the unfused backward into cuDNN's; not measured yet, so off until
+    # `bash scripts/gpu_s16.sh` times it (MFLUX2_SDPA_PAD=1 turns it on). Metal's backward is
+    # unfused at any length and the CPU has no fused one: there it only adds work.
+    "sdpa_pad": {"cuda": False, "metal": False, "cpu": False},
 }
 _FORCED: dict[str, bool] = {}
 
