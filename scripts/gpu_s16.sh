@@ -7,7 +7,8 @@
 #         the default, klein-4b at cat-toy's buckets (1,024, 1,008 and 960 image tokens + 512 text),
 #         20 steps each: one cold process (kernels built), then default / padded / default / padded;
 #         the same with checkpointing and with DOP at 576 × 448; klein-9b int8 + checkpointing at
-#         576 × 448 (the unfused backward's scores grow with the square of the sequence)
+#         576 × 448 (the unfused backward's scores grow with the square of the sequence); and each kind
+#         of operation's first call at a new shape alone (scripts/first_calls.py)
 #   job   (call 3, needs .gpu/peers carried for diffusers): issue 34's klein-4b cat-toy job, cold then
 #         cached, then cached with MFLUX2_SDPA_PAD=1 (job_benchmark.json written after each run)
 # Run from the root of the checkout: bash scripts/gpu_s16.sh MODE
@@ -26,6 +27,7 @@ pad)
     run $name $limit env $e sh -c "$S $* 2> $OUT/shapes-$name.txt"
   }
   shapes cold 220 MFLUX2_SDPA_PAD=0 --shapes $SH
+  run first_calls 60 python3 scripts/first_calls.py ${DRY:+--tiny}  # which operations pay per new shape
   for i in 1 2; do
     shapes default_$i 60 MFLUX2_SDPA_PAD=0 --shapes $SH
     shapes pad_$i 60 MFLUX2_SDPA_PAD=1 --shapes $SH

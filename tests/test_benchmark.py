@@ -101,3 +101,12 @@ def test_shapes_times_the_first_two_steps_of_each_shape_in_turn():
     out = subprocess.run([sys.executable, str(ROOT / "scripts" / "benchmark.py"), "--tiny", "--shapes", "64x60"],
                          capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert out.returncode != 0 and "--shapes 64x60" in out.stderr
+
+
+def test_first_calls_times_each_operation_twice_per_sequence_length():
+    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "first_calls.py"), "--tiny", "--tokens", "16,15"],
+                         capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = json.loads(out.stdout.strip().splitlines()[-1])["first_calls"]
+    assert [r["sequence"] for r in rows] == [32, 31]
+    assert all(len(r[k]) == 2 and min(r[k]) > 0 for r in rows for k in ("gemm_qkv", "attention", "attention_grad"))
