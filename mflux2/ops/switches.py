@@ -59,7 +59,8 @@ BACKEND_DEFAULTS = {  # measured: docs/performance.md, "The VAE" (H100, 2026-12-
     # the padded attention (issue 34, buckets whose sequence is not a multiple of 128): on CUDA it
     # should turn the unfused backward into cuDNN's; not measured yet, so off until
     # `bash scripts/gpu_s16.sh` times it (MFLUX2_SDPA_PAD=1 turns it on). Metal's backward is
-    # unfused at any length and the CPU has no fused one: there it only adds work.
+    # unfused at any length and the CPU has no fused one: there it only adds work. Sampling's
+    # forward is fused at any length, so where it wins it belongs to the training step only.
     "sdpa_pad": {"cuda": False, "metal": False, "cpu": False},
 }
 _FORCED: dict[str, bool] = {}
