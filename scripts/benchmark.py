@@ -98,6 +98,11 @@ def random_transformer(config: TransformerConfig, dtype=mx.bfloat16, base: str =
     return model
 
 
+def text_ids(length: int) -> mx.array:
+    """The text tokens' position ids (0, 0, 0, i), as the trainer builds them."""
+    return mx.concatenate([mx.zeros((length, 3)), mx.arange(length, dtype=mx.float32)[:, None]], axis=1)
+
+
 def step_flops(cfg: TransformerConfig, n_img: int, n_txt: int, batch: int, rank: int, n_lora_inputs: int) -> dict:
     d, m, ctx = cfg.hidden_size, cfg.mlp_hidden, cfg.joint_attention_dim
     n = n_img + n_txt
@@ -220,7 +225,7 @@ def compare(args, cfg, dtype, limit) -> dict:
     side = args.resolution // 16
     n_img = side * side
     base = random_transformer(cfg, dtype, args.base, args.group_size)
-    txt_ids = mx.concatenate([mx.zeros((args.text_len, 3)), mx.arange(args.text_len, dtype=mx.float32)[:, None]], axis=1)
+    txt_ids = text_ids(args.text_len)
     batch = Batch(latents=mx.random.normal((args.batch, n_img, cfg.in_channels)).astype(dtype),
                   prompt_embeds=mx.random.normal((args.batch, args.text_len, cfg.joint_attention_dim)).astype(dtype),
                   img_ids=image_ids(args.resolution, args.resolution), txt_ids=txt_ids)
@@ -266,20 +271,23 @@ def shapes(args, cfg, dtype, limit) -> dict:
     the second and `--shape-steps` more, and the peak of them all."""
     if args.mode == "dop-every":
         raise SystemExit("--shapes takes --mode plain or dop")
-    model = random_transformer(cfg, dtype, args.base, args.group_size)
-    apply_lora(model, rank=args.rank, alpha=float(args.rank), targets=args.targets)
-    model.set_gradient_checkpointing(args.checkpointing)
-    step = TrainStep(model, optim.AdamW(learning_rate=1e-4),
-                     StepConfig(guidance=1.0 if cfg.guidance_embeds else None, compile=not args.no_compile, memory_limit=limit))
-    txt_ids = mx.concatenate([mx.zeros((args.text_len, 3)), mx.arange(args.text_len, dtype=mx.float32)[:, None]], axis=1)
-    prompt = mx.random.normal((args.batch, args.text_len, cfg.joint_attention_dim)).astype(dtype)
-    dop_prompt = mx.random.normal(prompt.shape).astype(dtype) if args.mode == "dop" else None
-    key, rows = mx.random.key(args.seed), []
+    sizes = []
     for spec in args.shapes.split(","):
         w, _, h = spec.partition("x")
         w, h = int(w), int(h or w)
         if w % 16 or h % 16:
             raise SystemExit(f"--shapes {spec}: width and height must be multiples of 16")
+        sizes.append((w, h))
+    model = random_transformer(cfg, dtype, args.base, args.group_size)
+    apply_lora(model, rank=args.rank, alpha=float(args.rank), targets=args.targets)
+    model.set_gradient_checkpointing(args.checkpointing)
+    step = TrainStep(model, optim.AdamW(learning_rate=1e-4),
+                     StepConfig(guidance=1.0 if cfg.guidance_embeds else None, compile=not args.no_compile, memory_limit=limit))
+    txt_ids = text_ids(args.text_len)
+    prompt = mx.random.normal((args.batch, args.text_len, cfg.joint_attention_dim)).astype(dtype)
+    dop_prompt = mx.random.normal(prompt.shape).astype(dtype) if args.mode == "dop" else None
+    key, rows = mx.random.key(args.seed), []
+    for w, h in sizes:
         batch = Batch(latents=mx.random.normal((args.batch, (w // 16) * (h // 16), cfg.in_channels)).astype(dtype),
                       prompt_embeds=prompt, img_ids=image_ids(h, w), txt_ids=txt_ids, dop_embeds=dop_prompt)
         mx.eval(batch.latents)
@@ -404,7 +412,7 @@ def main(argv=None):
                                 blockwise=not args.no_blockwise, blockwise_ahead=args.ahead, memory_limit=limit,
                                 pipeline_ahead=None if args.pipeline_ahead.lower() == "none" else int(args.pipeline_ahead)))
     img_ids = image_ids(args.resolution, args.resolution)
-    txt_ids = mx.concatenate([mx.zeros((args.text_len, 3)), mx.arange(args.text_len, dtype=mx.float32)[:, None]], axis=1)
+    txt_ids = text_ids(args.text_len)
     n_ref = n_img * args.control
     batch = Batch(
         latents=mx.random.normal((b, n_img, cfg.in_channels)).astype(dtype),

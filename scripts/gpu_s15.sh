@@ -7,8 +7,7 @@
 #          other buckets, one process cold (kernels built), one warm, then without cuDNN's attention
 #          (cold for MLX's own attention kernels, then warm); issue 32's LoHa against a LoRA of its
 #          product's rank; the shapes with CUDA graphs
-#   job    (call 3): klein-9b int8 + checkpointing (issue 33's target), then issue 34's klein-4b cat-toy
-#          job, cold then with its caches (job_benchmark.json written after each run)
+#   job    (call 3): klein-9b int8 + checkpointing (issue 33's target)
 # Run from the root of the checkout: bash scripts/gpu_s15.sh MODE
 set -uo pipefail
 . "$(dirname "$0")/gpu_rows.sh"  # OUT, BUDGET, left, run, machine_info
@@ -31,12 +30,8 @@ shapes)
   run k4_loha_floor 120 python3 scripts/benchmark.py --model klein-4b --compare lora,loha,lora@256 --steps 20 ${DRY:+--tiny}
   shapes graphs 80 MLX_USE_CUDA_GRAPHS=1
   ;;
-job)
+job)  # (the job itself ran in a call of its own, as `gpu_s16.sh job` runs it: it needs the peer wheels)
   run k9_int8_ckpt 100 $B --model klein-9b --base int8 --checkpointing 1 --steps 4 --warmup 2
-  J="python3 scripts/job_benchmark.py --model klein-4b --work /tmp/job-k4 --runs 2"
-  [ -n "${DRY:-}" ] && J="python3 scripts/job_benchmark.py --tiny --work /tmp/job-k4 --runs 2"
-  run job_klein4b 560 $J
-  cp /tmp/job-k4/job_benchmark.json "$OUT/job-klein4b.json" 2>/dev/null
   ;;
 *) echo "usage: gpu_s15.sh stage|shapes|job" >&2; exit 2 ;;
 esac

@@ -26,7 +26,7 @@ kernels included. A new kernel goes into its op's module, behind a switch of its
 sabotage entry in tests/test_ops.py.
 """
 
-from mflux2.ops.attention import attention_reference, attention_tokens
+from mflux2.ops.attention import attention_tokens
 from mflux2.ops.conv import conv2d, conv2d_reference, group_norm, group_norm_reference
 from mflux2.ops.gemm import linear, linear_concat, linear_reference, linear_split, qkv_split
 from mflux2.ops.norm import modulate, rms_norm_frozen
@@ -35,6 +35,6 @@ from mflux2.ops.split import flat_views, split_views
 from mflux2.ops.glu import swiglu, swiglu_reference
 from mflux2.ops.switches import SWITCHES, cuda_available, is_fast, using
 
-__all__ = ["SWITCHES", "apply_rope", "attention_reference", "attention_tokens", "conv2d", "conv2d_reference", "cuda_available", "group_norm", "group_norm_reference", "flat_views", "is_fast", "linear", "linear_concat",
+__all__ = ["SWITCHES", "apply_rope", "attention_tokens", "conv2d", "conv2d_reference", "cuda_available", "group_norm", "group_norm_reference", "flat_views", "is_fast", "linear", "linear_concat",
            "linear_reference", "linear_split", "modulate", "rms_norm_frozen", "rope_reference", "rope_table", "split_views", "swiglu",
            "swiglu_reference", "using"]

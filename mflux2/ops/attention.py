@@ -44,9 +44,3 @@ def _padded(q, k, v, scale, n, pad):
     out = mx.fast.scaled_dot_product_attention(_heads_first(q), _heads_first(k), _heads_first(v), scale=scale, mask=mask)
     return _heads_first(out)[:, :n]
 
-
-def attention_reference(q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.array:
-    """The plain formula (float32 softmax), token-major in and out: what the tests compare with."""
-    qh, kh, vh = (_heads_first(a).astype(mx.float32) for a in (q, k, v))
-    p = mx.softmax((qh @ kh.swapaxes(-1, -2)) * scale, axis=-1)
-    return _heads_first(p @ vh).astype(q.dtype)
